@@ -1,0 +1,129 @@
+"""`hierarchy <stage> ...`: the command line of every stage.
+
+Each stage takes ``--config FILE`` (merged over conf/local.yaml) and ``section.key=value``
+overrides; the configuration is validated before any work starts. Exit codes: 0 success,
+2 bad command line / config / taxonomy, 3 the job refused to commit its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from hierarchy.config import ConfigError, load_config
+from hierarchy.taxonomy import TaxonomyError
+
+EPILOG = """\
+configuration:
+  Every command reads conf/local.yaml, then --config FILE on top, then any
+  section.key=value overrides, e.g.  ingest.val_fraction=0.2  spark.master=local[2]
+
+examples:
+  hierarchy synth --output data/synth --products 2000 --seed 1
+  hierarchy ingest --input data/synth/train.bson --categories data/synth/category_names.csv \\
+      --output data/dataset
+  hierarchy ingest --input data/synth/test.bson --categories data/synth/category_names.csv \\
+      --output data/dataset --kind test
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML merged over conf/local.yaml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, applied last")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hierarchy",
+        description="Hierarchical two-stage product-image classification on Spark "
+                    "(Cdiscount format).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="<stage>")
+
+    p = sub.add_parser("synth", help="write a synthetic catalog in the Cdiscount format",
+                       description="Write DIR/train.bson, DIR/test.bson and "
+                                   "DIR/category_names.csv in the exact Cdiscount format.")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--products", type=int, help="train products (default synth.products)")
+    p.add_argument("--test-products", type=int, help="test products (default synth.test_products)")
+    p.add_argument("--seed", type=int, help="random seed (default synth.seed)")
+    p.add_argument("--taxonomy", help="small (4/12/40), full (49/483/5270) or a "
+                                      "category_names.csv (default synth.taxonomy)")
+    _common(p)
+
+    p = sub.add_parser("ingest", help="BSON dumps -> Petastorm Parquet (images, products, "
+                                      "quarantine, manifest)",
+                       description="Decode Cdiscount BSON dumps in parallel with Spark into "
+                                   "OUTPUT/images (Petastorm), products/, quarantine/ and "
+                                   "manifest.json. Re-running replaces this kind's partitions.")
+    p.add_argument("--input", required=True, action="append", metavar="FILE.bson",
+                   help="a BSON dump (repeat for several files of the same kind)")
+    p.add_argument("--categories", required=True, metavar="CSV",
+                   help="category_names.csv")
+    p.add_argument("--output", required=True, metavar="DIR", help="dataset folder")
+    p.add_argument("--kind", choices=("train", "test"), default="train",
+                   help="train: labelled, split into train/val; test: the test split")
+    _common(p)
+    return parser
+
+
+def _synth(args, cfg) -> int:
+    from hierarchy.synth import generate
+
+    scfg = cfg["synth"]
+    stats = generate(
+        args.output,
+        products=args.products if args.products is not None else scfg["products"],
+        seed=args.seed if args.seed is not None else scfg["seed"],
+        taxonomy=args.taxonomy or scfg["taxonomy"],
+        test_products=(args.test_products if args.test_products is not None
+                       else scfg["test_products"]),
+        workers=scfg["workers"] or None,
+        progress=bool(cfg["ingest"]["progress"]),
+    )
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+def _ingest(args, cfg) -> int:
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.ingest.report import summary_lines
+    from hierarchy.spark import get_spark
+
+    spark = get_spark(cfg, "ingest")
+    try:
+        entry = run_ingest(spark, cfg, args.input, args.categories, args.output, args.kind)
+    finally:
+        spark.stop()
+    print("\n".join(summary_lines(args.output, args.kind, entry)))
+    return 0
+
+
+STAGES = {"synth": _synth, "ingest": _ingest}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return STAGES[args.stage](args, cfg)
+    except (ConfigError, TaxonomyError) as exc:
+        print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - job-level refusals get a one-line message
+        from hierarchy.ingest.manifest import DatasetNotReady
+        from hierarchy.ingest.pipeline import IngestError
+
+        if isinstance(exc, (IngestError, DatasetNotReady)):
+            print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Configuration: the embedded default (conf/local.yaml), a `--config FILE` merged over it,
+then `section.key=value` overrides. Everything is validated before any work starts.
+
+The default file is the schema: a key that is not in it is unknown, and a value must have the
+type of the default value. RULES adds ranges and choices that a type cannot express.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+DEFAULT_CONFIG = CONF_DIR / "local.yaml"
+
+# Sections whose keys are free-form (passed through to another system as-is).
+OPEN_SECTIONS = {"spark.conf"}
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message names the key and what is allowed."""
+
+
+def _range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    def check(v: float) -> Optional[str]:
+        ok_lo = v > lo if lo_open else v >= lo
+        ok_hi = v < hi if hi_open else v <= hi
+        if ok_lo and ok_hi:
+            return None
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        return f"a number in {left}{lo}, {hi}{right}"
+
+    return check
+
+
+def _choice(*allowed: str):
+    def check(v: Any) -> Optional[str]:
+        return None if v in allowed else "one of " + ", ".join(allowed)
+
+    return check
+
+
+def _taxonomy_choice(v: str) -> Optional[str]:
+    if v in ("small", "full") or v.endswith(".csv"):
+        return None
+    return "small, full or a path to a category_names.csv"
+
+
+RULES: Dict[str, Callable[[Any], Optional[str]]] = {
+    "ingest.split_mb": _range(1, 4096),
+    "ingest.row_group_mb": _range(1, 1024),
+    "ingest.val_fraction": _range(0.0, 1.0, hi_open=True),
+    "ingest.split_seed": _range(0, 2**63 - 1),
+    "ingest.max_bad_fraction": _range(0.0, 1.0),
+    "ingest.max_document_mb": _range(1, 2047),
+    "ingest.verify_jpeg": _choice("markers", "decode"),
+    "ingest.compression": _choice("none", "snappy", "zstd", "gzip"),
+    "synth.products": _range(1, 10**9),
+    "synth.test_products": _range(0, 10**9),
+    "synth.seed": _range(0, 2**32 - 1),
+    "synth.taxonomy": _taxonomy_choice,
+    "synth.workers": _range(0, 1024),
+}
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping", list: "a list"}.get(type(v), type(v).__name__)
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """Accept a value of the default's type (ints where floats are expected)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+    elif default is None or isinstance(value, type(default)):
+        return value
+    raise ConfigError(
+        f"config key '{key}': {value!r} is not {_type_name(default)} "
+        f"(default {default!r})"
+    )
+
+
+def _merge(base: dict, update: Mapping, prefix: str = "", source: str = "") -> None:
+    for k, v in update.items():
+        key = f"{prefix}{k}"
+        if prefix.rstrip(".") in OPEN_SECTIONS:
+            base[k] = v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+            continue
+        if k not in base:
+            known = ", ".join(sorted(base)) or "(none)"
+            where = f" in {source}" if source else ""
+            raise ConfigError(
+                f"unknown config key '{key}'{where}; known keys"
+                f"{' under ' + repr(prefix.rstrip('.')) if prefix else ''}: {known}"
+            )
+        if isinstance(base[k], dict) and key not in OPEN_SECTIONS:
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"config key '{key}' is a section; got {v!r}")
+            _merge(base[k], v, prefix=key + ".", source=source)
+        elif key in OPEN_SECTIONS:
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"config key '{key}' is a mapping; got {v!r}")
+            _merge(base[k], v, prefix=key + ".", source=source)
+        else:
+            base[k] = _coerce(key, base[k], v)
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    # spark.conf keys themselves contain dots: everything after spark.conf. is one key.
+    if key.startswith("spark.conf."):
+        parts = ["spark", "conf", key[len("spark.conf."):]]
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return doc
+
+
+def _validate(cfg: dict, prefix: str = "") -> None:
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in OPEN_SECTIONS:
+            _validate(v, key + ".")
+        elif key in RULES:
+            problem = RULES[key](v)
+            if problem:
+                raise ConfigError(f"config key '{key}': {v!r} is not allowed; expected {problem}")
+
+
+class Config(dict):
+    """A nested dict with dotted access: ``cfg.get_path("ingest.val_fraction")``."""
+
+    def get_path(self, dotted: str) -> Any:
+        cur: Any = self
+        for part in dotted.split("."):
+            cur = cur[part]
+        return cur
+
+    def section(self, name: str) -> dict:
+        return copy.deepcopy(self[name])
+
+
+def load_config(path: Optional[os.PathLike] = None, overrides: Iterable[str] = ()) -> Config:
+    """Default, then the file at ``path`` merged over it, then overrides; validated."""
+    cfg = _read_yaml(DEFAULT_CONFIG)
+    if path:
+        _merge(cfg, _read_yaml(Path(path)), source=str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value), source="command line")
+    _validate(cfg)
+    return Config(cfg)

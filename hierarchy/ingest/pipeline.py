@@ -1,0 +1,319 @@
+"""The ingest job as extract / transform / load.
+
+extract   scan each BSON file's length prefixes on the driver into an offset index (a few
+          bytes per document), assign splits by product id, cut byte ranges of ~split_mb;
+transform each Spark task reads only its byte range, decodes its documents and writes its
+          own Parquet part files (images per split, products, quarantine) into a staging
+          folder — JPEG bytes never travel through the JVM or the driver;
+load      swap the staged partitions of this kind (train: split=train/val, test: split=test)
+          into the output, regenerate the Petastorm metadata, write manifest.json last.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from hierarchy import storage
+from hierarchy.ingest import decode as dec
+from hierarchy.ingest.manifest import (
+    begin_kind, finish_kind, input_record, load_manifest,
+)
+from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
+from hierarchy.ingest.schema import (
+    IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE, ImagesSchema,
+)
+from hierarchy.ingest.split import SPLIT_NAMES, assign_splits
+from hierarchy.ingest.writer import PartWriter, write_table
+from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
+
+KIND_SPLITS = {"train": ("train", "val"), "test": ("test",)}
+
+
+class IngestError(RuntimeError):
+    """The job refused to commit (bad input above the threshold, taxonomy mismatch...)."""
+
+
+@dataclass
+class InputFile:
+    url: str
+    size: int
+    mtime: Optional[float]
+
+
+# ------------------------------------------------------------------------------ extract
+def describe_inputs(urls: Sequence[str]) -> List[InputFile]:
+    out = []
+    for url in urls:
+        fs, path = storage.resolve(url)
+        info = fs.get_file_info(path)
+        if info.type.name != "File":
+            raise IngestError(f"input {url}: not a readable file")
+        mtime = info.mtime.timestamp() if info.mtime else None
+        out.append(InputFile(url=url, size=info.size, mtime=mtime))
+    return out
+
+
+def scan_inputs(inputs: Sequence[InputFile], max_document: int,
+                progress: bool = True) -> List[ScanResult]:
+    from tqdm import tqdm
+
+    results = []
+    total = sum(f.size for f in inputs)
+    with tqdm(total=total, desc="scan", unit="B", unit_scale=True, disable=not progress) as bar:
+        for f in inputs:
+            fs, path = storage.resolve(f.url)
+            with fs.open_input_file(path) as fh:
+                results.append(scan_stream(fh, f.size, f.url, max_document, progress=bar.update))
+    return results
+
+
+def plan_tasks(scans: Sequence[ScanResult], kind: str, split_bytes: int, val_fraction: float,
+               seed: int) -> List[dict]:
+    """One task per byte range; each carries the split code of each of its documents."""
+    import numpy as np
+
+    pids = np.concatenate([s.product_ids for s in scans]) if scans else np.empty(0, np.int64)
+    cids = np.concatenate([s.category_ids for s in scans]) if scans else np.empty(0, np.int64)
+    codes = assign_splits(pids, cids, kind, val_fraction, seed)
+    tasks, base = [], 0
+    for scan in scans:
+        for first, end in cut_ranges(scan, split_bytes):
+            start = int(scan.offsets[first])
+            stop = int(scan.offsets[end - 1] + scan.lengths[end - 1])
+            tasks.append({
+                "range_id": len(tasks), "source": scan.path, "start": start, "end": stop,
+                "n_docs": end - first, "kind": kind,
+                "splits": codes[base + first:base + end].tobytes(),
+            })
+        base += scan.n_documents
+    return tasks
+
+
+def corrupt_rows(scans: Sequence[ScanResult]) -> List[dict]:
+    return [
+        {"source": s.path, "offset": r.offset, "length": r.length, "product_id": None,
+         "img_idx": None, "level": "region", "reason": r.reason, "detail": r.detail}
+        for s in scans for r in s.corrupt
+    ]
+
+
+# ------------------------------------------------------------------------------ transform
+_TAXONOMY_CACHE: Dict[str, Taxonomy] = {}
+
+
+def _taxonomy(text: str) -> Taxonomy:
+    # parsed once per Python worker, not once per task
+    key = str(hash(text))
+    if key not in _TAXONOMY_CACHE:
+        _TAXONOMY_CACHE[key] = Taxonomy.from_json(text)
+    return _TAXONOMY_CACHE[key]
+
+
+def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
+    """Decode one byte range and write its part files; returns small counts for the manifest."""
+    fs, path = storage.resolve(task["source"])
+    with fs.open_input_file(path) as fh:
+        data = fh.read_at(task["end"] - task["start"], task["start"])
+    staging = ctx["staging"]
+    sfs, spath = storage.resolve(staging)
+    rid = task["range_id"]
+    name = f"part-{rid:05d}.parquet"
+    images = {
+        split: PartWriter(sfs, storage.join(spath, "images", f"split={split}", name),
+                          IMAGES_FILE, ctx["compression"], ctx["row_group_bytes"], "nbytes")
+        for split in KIND_SPLITS[task["kind"]]
+    }
+    products: List[dict] = []
+    quarantine: List[dict] = []
+    stats = {"documents": 0, "bad_documents": 0, "image_bytes": 0,
+             "products": Counter(), "images": Counter()}
+    try:
+        for i, (offset, raw) in enumerate(dec.iter_documents(data, task["start"])):
+            split = SPLIT_NAMES[task["splits"][i]]
+            out = dec.decode_document(raw, source=task["source"], offset=offset,
+                                      kind=task["kind"], split=split, taxonomy=taxonomy,
+                                      verify_jpeg=ctx["verify_jpeg"])
+            stats["documents"] += 1
+            quarantine.extend(out.quarantine)
+            if out.product is None:
+                stats["bad_documents"] += 1
+                continue
+            products.append(out.product)
+            stats["products"][split] += 1
+            for img in out.images:
+                split_of_img = img.pop("split")
+                images[split_of_img].add(img)
+                stats["images"][split_of_img] += 1
+                stats["image_bytes"] += img["nbytes"]
+        if stats["documents"] != task["n_docs"]:
+            raise IngestError(
+                f"{task['source']} bytes {task['start']}-{task['end']}: decoded "
+                f"{stats['documents']} documents where the scan indexed {task['n_docs']}"
+            )
+        for writer in images.values():
+            writer.close()
+    except BaseException:
+        for writer in images.values():
+            writer.abort()
+        raise
+    kind = task["kind"]
+    if products:
+        write_table(sfs, storage.join(spath, "products", f"kind={kind}", name), products,
+                    PRODUCTS_FILE)
+    if quarantine:
+        write_table(sfs, storage.join(spath, "quarantine", f"kind={kind}", name), quarantine,
+                    QUARANTINE_FILE)
+    stats["quarantine"] = dec.count_reasons(quarantine)
+    stats["products"], stats["images"] = dict(stats["products"]), dict(stats["images"])
+    return stats
+
+
+# ------------------------------------------------------------------------------ load
+def _swap(fs, src: str, dst: str) -> None:
+    storage.remove(fs, dst)
+    if storage.exists(fs, src):
+        fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+        fs.move(src, dst)
+
+
+def write_petastorm_metadata(spark, output: str) -> None:
+    """(Re)generate the Unischema and row-group metadata over every split of images/."""
+    from petastorm.etl.dataset_metadata import materialize_dataset
+
+    url = storage.to_url(storage.join(output, "images"))
+    with materialize_dataset(spark, url, ImagesSchema):
+        pass  # the parts are already written by the tasks; only the metadata is made here
+
+
+def commit(spark, output: str, staging: str, kind: str) -> None:
+    fs, out = storage.resolve(output)
+    _, stage = storage.resolve(staging)
+    for split in KIND_SPLITS[kind]:
+        _swap(fs, storage.join(stage, "images", f"split={split}"),
+              storage.join(out, "images", f"split={split}"))
+    for table in ("products", "quarantine"):
+        _swap(fs, storage.join(stage, table, f"kind={kind}"),
+              storage.join(out, table, f"kind={kind}"))
+    if storage.exists(fs, storage.join(out, "images")):
+        write_petastorm_metadata(spark, output)
+
+
+def _check_taxonomy(fs, out: str, taxonomy: Taxonomy, categories: str) -> None:
+    path = storage.join(out, TAXONOMY_FILE)
+    if storage.exists(fs, path):
+        with fs.open_input_stream(path) as fh:
+            stored = Taxonomy.from_json(fh.read().decode("utf-8"), source=path)
+        if stored.fingerprint != taxonomy.fingerprint:
+            raise IngestError(
+                f"{categories} ({taxonomy.fingerprint[:19]}) is not the taxonomy this dataset "
+                f"was ingested with ({stored.fingerprint[:19]}, {path}): ingest into a new "
+                "output folder, or re-ingest every kind with the new table"
+            )
+
+
+def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
+               kind: str = "train") -> dict:
+    """Wire extract, transform and load; returns the manifest entry for this kind."""
+    if kind not in KIND_SPLITS:
+        raise IngestError(f"--kind {kind!r}: expected train or test")
+    icfg = cfg["ingest"]
+    progress = bool(icfg["progress"])
+    t0 = time.time()
+    taxonomy = Taxonomy.from_csv(categories)
+    fs, out = storage.resolve(output)
+    _check_taxonomy(fs, out, taxonomy, categories)
+    files = describe_inputs(inputs)
+
+    scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
+    tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
+                       icfg["val_fraction"], icfg["split_seed"])
+    t_scan = time.time()
+
+    for stale in storage.list_dir(fs, storage.join(out, "_staging")):
+        if stale.base_name.startswith(f"{kind}-"):
+            storage.remove(fs, stale.path)
+    staging = storage.join(output, "_staging", f"{kind}-{uuid.uuid4().hex[:12]}")
+    sfs, spath = storage.resolve(staging)
+    region_rows = corrupt_rows(scans)
+    write_table(sfs, storage.join(spath, "quarantine", f"kind={kind}", "part-scan.parquet"),
+                region_rows, QUARANTINE_FILE)
+    ctx = {"staging": staging, "verify_jpeg": icfg["verify_jpeg"],
+           "compression": icfg["compression"],
+           "row_group_bytes": int(icfg["row_group_mb"] * (1 << 20))}
+    tax_b = spark.sparkContext.broadcast(taxonomy.to_json())
+
+    def run_task(task):
+        return process_range(task, ctx, _taxonomy(tax_b.value))
+
+    from hierarchy.spark import collect_with_progress
+
+    results = []
+    if tasks:
+        rdd = spark.sparkContext.parallelize(tasks, len(tasks)).map(run_task)
+        results = collect_with_progress(rdd, "decode", len(tasks), progress)
+    t_decode = time.time()
+
+    counts = summarize(results, scans, region_rows)
+    bad = counts["bad_documents"] + counts["corrupt_regions"]
+    units = counts["documents"] + counts["corrupt_regions"]
+    fraction = bad / units if units else 0.0
+    if fraction > icfg["max_bad_fraction"]:
+        top = ", ".join(f"{k}: {v}" for k, v in Counter(counts["quarantine"]).most_common(5))
+        raise IngestError(
+            f"{bad} of {units} documents or regions unusable ({fraction:.2%}) is above "
+            f"ingest.max_bad_fraction={icfg['max_bad_fraction']} ({top}); nothing was "
+            f"committed, the quarantine is in {storage.join(staging, 'quarantine')}"
+        )
+
+    manifest_path = storage.join(out, "manifest.json")
+    manifest = load_manifest(fs, manifest_path)
+    begin_kind(fs, manifest_path, manifest, kind, taxonomy)
+    commit(spark, output, staging, kind)
+    storage.write_bytes_atomic(fs, storage.join(out, TAXONOMY_FILE), taxonomy.to_json().encode())
+    storage.remove(fs, spath)
+    t_commit = time.time()
+    entry = {
+        "status": "complete",
+        "inputs": [input_record(f) for f in files],
+        "counts": counts,
+        "bad_fraction": round(fraction, 6),
+        "config": dict(icfg),
+        "timings": {"scan_s": round(t_scan - t0, 3), "decode_s": round(t_decode - t_scan, 3),
+                    "commit_s": round(t_commit - t_decode, 3),
+                    "total_s": round(t_commit - t0, 3)},
+        "tasks": len(tasks),
+    }
+    finish_kind(fs, manifest_path, manifest, kind, entry, taxonomy)
+    return entry
+
+
+def summarize(results: Sequence[dict], scans: Sequence[ScanResult],
+              region_rows: Sequence[dict]) -> dict:
+    products: Counter = Counter()
+    images: Counter = Counter()
+    quarantine: Counter = Counter(dec.count_reasons(list(region_rows)))
+    docs = bad_docs = nbytes = 0
+    for r in results:
+        products.update(r["products"])
+        images.update(r["images"])
+        quarantine.update(r["quarantine"])
+        docs += r["documents"]
+        bad_docs += r["bad_documents"]
+        nbytes += r["image_bytes"]
+    return {
+        "documents": docs,
+        "bad_documents": bad_docs,
+        "corrupt_regions": len(region_rows),
+        "corrupt_bytes": sum(s.corrupt_bytes for s in scans),
+        "input_bytes": sum(s.size for s in scans),
+        "products": sum(products.values()),
+        "images": sum(images.values()),
+        "image_bytes": nbytes,
+        "per_split": {s: {"products": products.get(s, 0), "images": images.get(s, 0)}
+                      for s in sorted(set(products) | set(images))},
+        "quarantine": dict(sorted(quarantine.items())),
+    }

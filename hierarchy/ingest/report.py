@@ -1,0 +1,23 @@
+"""Human-readable summary of an ingest run (what `hierarchy ingest` and `make demo` print)."""
+
+from __future__ import annotations
+
+from typing import List
+
+
+def summary_lines(output: str, kind: str, entry: dict) -> List[str]:
+    c, t = entry["counts"], entry["timings"]
+    mb = c["input_bytes"] / 1e6
+    lines = [
+        f"ingest {kind} -> {output}  ({entry['tasks']} tasks, {t['total_s']:.1f} s, "
+        f"{mb / max(t['total_s'], 1e-9):.1f} MB/s)",
+        f"  documents {c['documents']:,}  products {c['products']:,}  images {c['images']:,}  "
+        f"({c['image_bytes'] / 1e6:.1f} MB of JPEG)",
+    ]
+    for split, n in c["per_split"].items():
+        lines.append(f"  split {split:<5} products {n['products']:,}  images {n['images']:,}")
+    bad = c["bad_documents"] + c["corrupt_regions"]
+    lines.append(f"  unusable documents/regions {bad:,} ({entry['bad_fraction']:.2%})")
+    for reason, n in c["quarantine"].items():
+        lines.append(f"  quarantine {reason:<22} {n:,}")
+    return lines

@@ -1,0 +1,73 @@
+"""SparkSession from the config, and running a job with a progress bar on the driver."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any, List
+
+from hierarchy.config import Config
+
+
+def get_spark(cfg: Config, app_suffix: str = ""):
+    """The session spark-submit already configured, or a local one from ``cfg.spark``.
+
+    Executors must run this interpreter (same numpy/pyarrow/TF), so PYSPARK_PYTHON defaults
+    to it for local runs; under spark-submit on a cluster the submitter's setting wins."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    spark_cfg = cfg["spark"]
+    builder = SparkSession.builder.appName(
+        spark_cfg["app_name"] + (f"-{app_suffix}" if app_suffix else "")
+    )
+    if not SparkConf().contains("spark.master"):  # not launched by spark-submit
+        builder = builder.master(spark_cfg["master"]).config(
+            "spark.driver.memory", spark_cfg["driver_memory"]
+        )
+    for key, value in spark_cfg["conf"].items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
+
+
+def collect_with_progress(rdd, desc: str, total: int, enabled: bool = True) -> List[Any]:
+    """``rdd.collect()`` with a tqdm bar fed by Spark's status tracker (tasks done / total).
+    Only small per-task results may come back this way: never rows of a dataset."""
+    if not enabled:
+        return rdd.collect()
+    from tqdm import tqdm
+
+    sc = rdd.context
+    group = f"hierarchy-{id(rdd)}-{time.time_ns()}"
+    box: dict = {}
+
+    def run() -> None:
+        sc.setJobGroup(group, desc)
+        try:
+            box["result"] = rdd.collect()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    tracker = sc.statusTracker()
+    with tqdm(total=total, desc=desc, unit="task") as bar:
+        while worker.is_alive():
+            worker.join(0.5)
+            done = 0
+            for job_id in tracker.getJobIdsForGroup(group):
+                job = tracker.getJobInfo(job_id)
+                for stage_id in job.stageIds if job else []:
+                    stage = tracker.getStageInfo(stage_id)
+                    done += stage.numCompletedTasks if stage else 0
+            bar.update(max(0, min(done, total) - bar.n))
+        bar.update(total - bar.n)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
