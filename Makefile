@@ -43,9 +43,9 @@ $(STAMP): requirements/base.txt requirements/dev.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/hierarchy synth --output $(DEMO)/synth
 	$(VENV)/bin/hierarchy ingest --input $(DEMO)/synth/train.bson \
-		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset
+		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1
 	$(VENV)/bin/hierarchy ingest --input $(DEMO)/synth/test.bson --kind test \
-		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset
+		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1
 	@echo "manifest: $(DEMO)/dataset/manifest.json"
 
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.

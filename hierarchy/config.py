@@ -52,8 +52,8 @@ def _taxonomy_choice(v: str) -> Optional[str]:
 
 
 RULES: Dict[str, Callable[[Any], Optional[str]]] = {
-    "ingest.split_mb": _range(1, 4096),
-    "ingest.row_group_mb": _range(1, 1024),
+    "ingest.split_mb": _range(0.0, 4096, lo_open=True),
+    "ingest.row_group_mb": _range(0.0, 1024, lo_open=True),
     "ingest.val_fraction": _range(0.0, 1.0, hi_open=True),
     "ingest.split_seed": _range(0, 2**63 - 1),
     "ingest.max_bad_fraction": _range(0.0, 1.0),
@@ -160,7 +160,8 @@ def _read_yaml(path: Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", exc)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):

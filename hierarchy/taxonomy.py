@@ -40,7 +40,7 @@ class Taxonomy:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_rows(cls, rows: Sequence[Tuple[int, str, str, str]]) -> "Taxonomy":
+    def from_rows(cls, rows: Sequence[Tuple[int, str, str, str]]) -> Taxonomy:
         rows = sorted(rows, key=lambda r: r[0])
         l1_names = tuple(sorted({r[1] for r in rows}))
         l2_names = tuple(sorted({r[2] for r in rows}))
@@ -57,14 +57,14 @@ class Taxonomy:
         )
 
     @classmethod
-    def from_csv(cls, path: str) -> "Taxonomy":
+    def from_csv(cls, path: str) -> Taxonomy:
         """Parse ``category_names.csv`` and refuse a malformed table with line and reason."""
         with open(path, "rb") as fh:
             raw = fh.read()
         return cls.from_csv_bytes(raw, source=str(path))
 
     @classmethod
-    def from_csv_bytes(cls, raw: bytes, source: str = "<bytes>") -> "Taxonomy":
+    def from_csv_bytes(cls, raw: bytes, source: str = "<bytes>") -> Taxonomy:
         try:
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -190,7 +190,7 @@ class Taxonomy:
         )
 
     @classmethod
-    def from_json(cls, text: str, source: str = "<json>") -> "Taxonomy":
+    def from_json(cls, text: str, source: str = "<json>") -> Taxonomy:
         doc = json.loads(text)
         tax = cls.from_rows([tuple(r) for r in doc["rows"]])
         if doc.get("fingerprint") not in (None, tax.fingerprint):

@@ -20,11 +20,11 @@ class DatasetNotReady(RuntimeError):
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def input_record(f) -> dict:
-    mtime = dt.datetime.fromtimestamp(f.mtime, dt.timezone.utc).isoformat() if f.mtime else None
+    mtime = dt.datetime.fromtimestamp(f.mtime, dt.UTC).isoformat() if f.mtime else None
     return {"path": f.url, "size": f.size, "mtime": mtime}
 
 

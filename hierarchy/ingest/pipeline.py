@@ -20,11 +20,17 @@ from typing import Dict, List, Optional, Sequence
 from hierarchy import storage
 from hierarchy.ingest import decode as dec
 from hierarchy.ingest.manifest import (
-    begin_kind, finish_kind, input_record, load_manifest,
+    begin_kind,
+    finish_kind,
+    input_record,
+    load_manifest,
 )
 from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
 from hierarchy.ingest.schema import (
-    IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE, ImagesSchema,
+    IMAGES_FILE,
+    PRODUCTS_FILE,
+    QUARANTINE_FILE,
+    ImagesSchema,
 )
 from hierarchy.ingest.split import SPLIT_NAMES, assign_splits
 from hierarchy.ingest.writer import PartWriter, write_table
@@ -182,11 +188,18 @@ def _swap(fs, src: str, dst: str) -> None:
 
 def write_petastorm_metadata(spark, output: str) -> None:
     """(Re)generate the Unischema and row-group metadata over every split of images/."""
+    import warnings
+
     from petastorm.etl.dataset_metadata import materialize_dataset
 
     url = storage.to_url(storage.join(output, "images"))
-    with materialize_dataset(spark, url, ImagesSchema):
-        pass  # the parts are already written by the tasks; only the metadata is made here
+    with warnings.catch_warnings():
+        # petastorm 0.13.1 uses pyarrow's legacy dataset API (pinned for it): silence its
+        # deprecation chatter, which says nothing a user can act on
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with materialize_dataset(spark, url, ImagesSchema):
+            pass  # the tasks already wrote the parts; only the metadata is made here
 
 
 def commit(spark, output: str, staging: str, kind: str) -> None:
@@ -275,6 +288,8 @@ def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
     commit(spark, output, staging, kind)
     storage.write_bytes_atomic(fs, storage.join(out, TAXONOMY_FILE), taxonomy.to_json().encode())
     storage.remove(fs, spath)
+    if not storage.list_dir(fs, storage.join(out, "_staging")):
+        storage.remove(fs, storage.join(out, "_staging"))
     t_commit = time.time()
     entry = {
         "status": "complete",

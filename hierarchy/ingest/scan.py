@@ -8,8 +8,8 @@ decodes pictures, so one pass costs about a raw read of the file.
 Where the chain breaks (a truncated tail, garbage between documents, a length prefix that
 lies, a terminator missing), the region is recorded as corrupt and the scan resynchronises at
 the next offset that holds a complete, decodable document whose first field is ``_id`` (the
-mongodump convention) and that is followed by another plausible document or the end of the
-file. Knows nothing of Spark.
+mongodump convention; a document without a leading ``_id`` is therefore treated as corrupt
+bytes). Knows nothing of Spark.
 """
 
 from __future__ import annotations
@@ -142,9 +142,10 @@ class Scanner:
 
     # ------------------------------------------------------------------ resync
     def _find_next(self, start: int) -> int:
-        """First offset >= start holding a complete decodable document followed by a plausible
-        chain; the file size when there is none. Candidates (offsets whose bytes 5..8 read
-        ``_id\\0``) are found vectorised over 1 MiB windows."""
+        """First offset >= start holding a complete, decodable document whose first field is
+        ``_id``; the file size when there is none. The next prefix is not required to be sound:
+        a good document just before another corrupt one must not be skipped. Candidates
+        (offsets whose bytes 5..8 read ``_id\\0``) are found vectorised over 1 MiB windows."""
         window = 1 << 20
         pos = start
         while pos + 9 <= self.size:
@@ -162,7 +163,7 @@ class Scanner:
                 if self._head_problem(q) is not None:
                     continue
                 length = self._length_at(q)
-                if self._decodes(q, length) and self._chain_ok(q + length):
+                if self._decodes(q, length):
                     return q
             pos += n
         return self.size

@@ -1,0 +1,45 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL = ROOT.parent / "shared" / "data" / "cdiscount"
+
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def real_file(name: str) -> Path:
+    path = REAL / name
+    if not path.exists():
+        pytest.skip(f"official sample {path} not present (the project never ships it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_bson() -> Path:
+    return real_file("train_example.bson")
+
+
+@pytest.fixture(scope="session")
+def real_categories() -> Path:
+    return real_file("category_names.csv")
+
+
+@pytest.fixture(scope="session")
+def cfg():
+    from hierarchy.config import load_config
+
+    return load_config(overrides=["spark.master=local[2]", "ingest.progress=false"])
+
+
+@pytest.fixture(scope="session")
+def spark(cfg):
+    from hierarchy.spark import get_spark
+
+    session = get_spark(cfg, "tests")
+    yield session
+    session.stop()

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import pytest
+
+from hierarchy.cli import main
+from hierarchy.config import ConfigError, load_config
+
+
+def test_default_is_the_embedded_local_config():
+    cfg = load_config()
+    assert cfg["spark"]["master"] == "local[*]"
+    assert cfg.get_path("ingest.val_fraction") == 0.1
+
+
+def test_overrides_are_typed_and_applied_last(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("ingest:\n  val_fraction: 0.3\n  split_mb: 8\n")
+    cfg = load_config(f, ["ingest.val_fraction=0.25", "spark.conf.spark.sql.shuffle.partitions=3",
+                          "ingest.progress=false"])
+    assert cfg["ingest"]["val_fraction"] == 0.25
+    assert cfg["ingest"]["split_mb"] == 8
+    assert cfg["ingest"]["progress"] is False
+    assert cfg["spark"]["conf"]["spark.sql.shuffle.partitions"] == "3"
+    assert cfg["spark"]["conf"]["spark.ui.enabled"] == "false"  # merged, not replaced
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ingest.val_fracton=0.2", "unknown config key 'ingest.val_fracton'"),
+    ("ingets.split_mb=2", "unknown config key 'ingets'"),
+    ("ingest.val_fraction=1.5", "'ingest.val_fraction': 1.5 is not allowed; expected a number "
+                                "in [0.0, 1.0)"),
+    ("ingest.split_mb=lots", "'ingest.split_mb': 'lots' is not a number"),
+    ("ingest.verify_jpeg=maybe", "expected one of markers, decode"),
+    ("ingest.progress=3", "'ingest.progress': 3 is not true/false"),
+    ("ingest", "not of the form section.key=value"),
+])
+def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value)
+
+
+def test_bad_config_file_names_file_and_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("ingest:\n  val_fraction: [0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: not valid YAML"):
+        load_config(f)
+    f.write_text("ingest:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'ingest.nope' in .*bad.yaml"):
+        load_config(f)
+
+
+def test_cli_refuses_bad_config_before_any_work(tmp_path, capsys):
+    rc = main(["ingest", "--input", str(tmp_path / "missing.bson"), "--categories", "x.csv",
+               "--output", str(tmp_path / "out"), "ingest.max_bad_fraction=2"])
+    assert rc == 2
+    assert "ingest.max_bad_fraction" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help_lists_the_stages():
+    out = subprocess.run([sys.executable, "-m", "hierarchy.cli", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "synth" in out and "ingest" in out and "section.key=value" in out
