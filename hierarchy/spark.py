@@ -29,6 +29,10 @@ def get_spark(cfg: Config, app_suffix: str = ""):
         builder = builder.master(spark_cfg["master"]).config(
             "spark.driver.memory", spark_cfg["driver_memory"]
         )
+    # petastorm 0.13.1 on the pinned pyarrow 14 warns about its own legacy-API use from every
+    # Python worker; nothing a user can act on, so keep job logs readable
+    builder = builder.config("spark.executorEnv.PYTHONWARNINGS",
+                             "ignore::FutureWarning,ignore::DeprecationWarning")
     for key, value in spark_cfg["conf"].items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

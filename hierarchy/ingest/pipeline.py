@@ -26,12 +26,7 @@ from hierarchy.ingest.manifest import (
     load_manifest,
 )
 from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
-from hierarchy.ingest.schema import (
-    IMAGES_FILE,
-    PRODUCTS_FILE,
-    QUARANTINE_FILE,
-    ImagesSchema,
-)
+from hierarchy.ingest.schema import IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE
 from hierarchy.ingest.split import SPLIT_NAMES, assign_splits
 from hierarchy.ingest.writer import PartWriter, write_table
 from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
@@ -191,6 +186,8 @@ def write_petastorm_metadata(spark, output: str) -> None:
     import warnings
 
     from petastorm.etl.dataset_metadata import materialize_dataset
+
+    from hierarchy.ingest.unischema import ImagesSchema
 
     url = storage.to_url(storage.join(output, "images"))
     with warnings.catch_warnings():

@@ -8,7 +8,7 @@ file instead of adding a second copy, and a killed task leaves no file a reader 
 from __future__ import annotations
 
 import uuid
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,21 +24,26 @@ class PartWriter:
         self.fs, self.path, self.schema = fs, path, schema
         self.compression = None if compression == "none" else compression
         self.row_group_bytes, self.size_field = row_group_bytes, size_field
-        self.rows: List[dict] = []
+        self.names = schema.names
+        self.columns: Dict[str, list] = {n: [] for n in self.names}
+        self.n_rows = 0
         self.buffered = 0
         self.written = 0
         self._writer: Optional[pq.ParquetWriter] = None
         self._tmp: Optional[str] = None
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
+        # column lists, not row dicts: building the Arrow table is then a cheap copy per column
+        for name in self.names:
+            self.columns[name].append(row[name])
+        self.n_rows += 1
         if self.size_field:
             self.buffered += row[self.size_field]
             if self.buffered >= self.row_group_bytes:
                 self._flush()
 
     def _flush(self) -> None:
-        if not self.rows:
+        if not self.n_rows:
             return
         if self._writer is None:
             parent, name = self.path.rsplit("/", 1)
@@ -48,10 +53,11 @@ class PartWriter:
                 self._tmp, self.schema, filesystem=self.fs, compression=self.compression,
                 write_statistics=[f.name for f in self.schema if f.type != pa.binary()],
             )
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        self._writer.write_table(table, row_group_size=len(self.rows))
-        self.written += len(self.rows)
-        self.rows, self.buffered = [], 0
+        table = pa.Table.from_pydict(self.columns, schema=self.schema)
+        self._writer.write_table(table, row_group_size=self.n_rows)
+        self.written += self.n_rows
+        self.columns = {n: [] for n in self.names}
+        self.n_rows, self.buffered = 0, 0
 
     def close(self) -> int:
         """Publish the file (nothing is written for zero rows); returns the row count."""
