@@ -153,7 +153,9 @@ def test_rerun_gives_the_same_rows_and_test_kind_adds_its_split(
     assert products["kind"].astype(str).value_counts().to_dict() == {"train": 82, "test": 82}
     assert products["category_id"][products.kind.astype(str) == "test"].isna().all()
     manifest = require_complete(str(out), ["train", "test"])
-    assert manifest["splits"]["test"] == {"products": 82, "images": 110}
+    assert manifest["splits"]["test"] == {"products": 82, "images": 110, "images_per_l1": {}}
+    train_split = manifest["splits"]["train"]
+    assert sum(train_split["images_per_l1"].values()) == train_split["images"]
 
 
 def test_a_different_taxonomy_is_refused(spark, cfg, real_bson, real_categories, tmp_path):

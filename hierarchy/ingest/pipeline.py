@@ -131,7 +131,7 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
     products: List[dict] = []
     quarantine: List[dict] = []
     stats = {"documents": 0, "bad_documents": 0, "image_bytes": 0,
-             "products": Counter(), "images": Counter()}
+             "products": Counter(), "images": Counter(), "images_l1": Counter()}
     try:
         for i, (offset, raw) in enumerate(dec.iter_documents(data, task["start"])):
             split = SPLIT_NAMES[task["splits"][i]]
@@ -149,6 +149,8 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
                 split_of_img = img.pop("split")
                 images[split_of_img].add(img)
                 stats["images"][split_of_img] += 1
+                if img["l1"] is not None:
+                    stats["images_l1"][f"{split_of_img}/{img['l1']}"] += 1
                 stats["image_bytes"] += img["nbytes"]
         if stats["documents"] != task["n_docs"]:
             raise IngestError(
@@ -169,7 +171,8 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
         write_table(sfs, storage.join(spath, "quarantine", f"kind={kind}", name), quarantine,
                     QUARANTINE_FILE)
     stats["quarantine"] = dec.count_reasons(quarantine)
-    stats["products"], stats["images"] = dict(stats["products"]), dict(stats["images"])
+    for key in ("products", "images", "images_l1"):
+        stats[key] = dict(stats[key])
     return stats
 
 
@@ -307,11 +310,13 @@ def summarize(results: Sequence[dict], scans: Sequence[ScanResult],
               region_rows: Sequence[dict]) -> dict:
     products: Counter = Counter()
     images: Counter = Counter()
+    images_l1: Counter = Counter()
     quarantine: Counter = Counter(dec.count_reasons(list(region_rows)))
     docs = bad_docs = nbytes = 0
     for r in results:
         products.update(r["products"])
         images.update(r["images"])
+        images_l1.update(r["images_l1"])
         quarantine.update(r["quarantine"])
         docs += r["documents"]
         bad_docs += r["bad_documents"]
@@ -325,7 +330,12 @@ def summarize(results: Sequence[dict], scans: Sequence[ScanResult],
         "products": sum(products.values()),
         "images": sum(images.values()),
         "image_bytes": nbytes,
-        "per_split": {s: {"products": products.get(s, 0), "images": images.get(s, 0)}
+        # images per level-1 branch: training sizes a branch model's epoch from it
+        "per_split": {s: {"products": products.get(s, 0), "images": images.get(s, 0),
+                          "images_per_l1": {
+                              k.split("/")[1]: v for k, v in sorted(images_l1.items(),
+                                                                    key=lambda kv: kv[0])
+                              if k.split("/")[0] == s}}
                       for s in sorted(set(products) | set(images))},
         "quarantine": dict(sorted(quarantine.items())),
     }
