@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 HOROVOD_VERSION := 0.28.1
 DEMO := data/demo
+DEMO_CONF := catalog.warehouse=$(DEMO)/warehouse catalog.metastore=$(DEMO)/warehouse/metastore_db
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -43,10 +44,14 @@ $(STAMP): requirements/base.txt requirements/dev.txt pyproject.toml
 demo: setup
 	$(VENV)/bin/hierarchy synth --output $(DEMO)/synth
 	$(VENV)/bin/hierarchy ingest --input $(DEMO)/synth/train.bson \
-		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1
+		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1 $(DEMO_CONF)
 	$(VENV)/bin/hierarchy ingest --input $(DEMO)/synth/test.bson --kind test \
-		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1
+		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1 $(DEMO_CONF)
 	@echo "manifest: $(DEMO)/dataset/manifest.json"
+	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--level 1 $(DEMO_CONF)
+	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--level 3 --mode flat $(DEMO_CONF)
 
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
 test: setup
@@ -58,6 +63,8 @@ lint: setup
 
 bench: setup
 	$(PY) bench/ingest_throughput.py
+	$(PY) bench/input_pipeline.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf data/demo .pytest_cache bench/results

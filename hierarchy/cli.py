@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -68,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("train", "test"), default="train",
                    help="train: labelled, split into train/val; test: the test split")
     _common(p)
+
+    p = sub.add_parser("train", help="train the level-1, flat level-3 or per-branch models "
+                                     "with Horovod",
+                       description="Train a model on DATA/images into MODELS/RUN_ID/ (level1/, "
+                                   "flat/, branch/<l1>/, run.json). A run interrupted after an "
+                                   "epoch resumes from its last checkpoint when re-run with "
+                                   "the same --run-id.")
+    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
+    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+    p.add_argument("--level", required=True, type=int, choices=(1, 3))
+    p.add_argument("--mode", choices=("flat", "branch"),
+                   help="level 3 only: one flat model, or one model per level-1 branch")
+    p.add_argument("--branches", metavar="ID,...",
+                   help="branch mode: only these level-1 ids (to fan branches out)")
+    p.add_argument("--np", type=int, help="Horovod workers (default train.np); > 1 runs "
+                                          "them as Spark tasks via horovod.spark.run")
+    p.add_argument("--run-id", help="model run id (default: a timestamp)")
+    _common(p)
     return parser
 
 
@@ -103,7 +122,44 @@ def _ingest(args, cfg) -> int:
     return 0
 
 
-STAGES = {"synth": _synth, "ingest": _ingest}
+def _train(args, cfg) -> int:
+    import time
+
+    from hierarchy.train.launch import TrainError, run_training
+    from hierarchy.train.loop import summary_line
+
+    if args.level == 1 and (args.mode or args.branches):
+        raise TrainError("--mode/--branches apply to --level 3 only")
+    if args.branches and args.mode != "branch":
+        raise TrainError("--branches needs --mode branch")
+    try:
+        branches = [int(b) for b in args.branches.split(",")] if args.branches else None
+    except ValueError:
+        raise TrainError(f"--branches {args.branches!r}: expected level-1 ids like 0,3,7") \
+            from None
+    run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
+    spark = {}
+
+    def spark_factory():
+        from hierarchy.spark import get_spark
+
+        spark.setdefault("s", get_spark(cfg, "train"))
+        return spark["s"]
+
+    try:
+        results = run_training(cfg, args.data, args.models, run_id, args.level, args.mode,
+                               branches, args.np, spark_factory)
+    finally:
+        if "s" in spark:
+            spark["s"].stop()
+    if os.environ.get("HOROVOD_RANK", "0") == "0":  # under horovodrun: one summary, rank 0's
+        print(f"run {run_id} -> {args.models}/{run_id}")
+        for key, result in results.items():
+            print("  " + summary_line(key, result))
+    return 0
+
+
+STAGES = {"synth": _synth, "ingest": _ingest, "train": _train}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -118,8 +174,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001 - job-level refusals get a one-line message
         from hierarchy.ingest.manifest import DatasetNotReady
         from hierarchy.ingest.pipeline import IngestError
+        from hierarchy.train.launch import TrainError
+        from hierarchy.train.models import WeightsUnavailable
 
-        if isinstance(exc, (IngestError, DatasetNotReady)):
+        if isinstance(exc, (IngestError, DatasetNotReady, TrainError, WeightsUnavailable)):
             print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
             return 3
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -65,6 +66,38 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "synth.seed": _range(0, 2**32 - 1),
     "synth.taxonomy": _taxonomy_choice,
     "synth.workers": _range(0, 1024),
+    "train.backbone": _choice("small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50",
+                              "inception_v3"),
+    "train.weights": lambda v: None if v is None or isinstance(v, str) and v
+    else "null or the path of a local weights file",
+    "train.image_size": _range(32, 1024),
+    "train.batch_size": _range(1, 65536),
+    "train.epochs": _range(1, 10000),
+    "train.head_epochs": _range(0, 10000),
+    "train.fine_tune_layers": _range(0, 10000),
+    "train.fine_tune_lr_factor": _range(0.0, 1.0, lo_open=True),
+    "train.learning_rate": _range(0.0, 10.0, lo_open=True),
+    "train.warmup_epochs": _range(0, 1000),
+    "train.label_smoothing": _range(0.0, 1.0, hi_open=True),
+    "train.dropout": _range(0.0, 1.0, hi_open=True),
+    "train.early_stopping_patience": _range(0, 10000),
+    "train.shuffle_buffer": _range(1, 10**7),
+    "train.reader_workers": _range(1, 256),
+    "catalog.database": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
+    else "a SQL identifier (letters, digits, _)",
+    "catalog.table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
+    else "a SQL identifier (letters, digits, _)",
+    "predict.strategy": _choice("flat", "two-stage", "blend"),
+    "predict.top_k": _range(0, 100000),
+    "predict.blend_weight": _range(0.0, 1.0),
+    "predict.aggregate": _choice("log_mean", "mean"),
+    "predict.batch_size": _range(1, 65536),
+    "predict.threads": _range(0, 1024),
+    "predict.partitions": _range(0, 10**6),
+    "predict.top_n": _range(1, 100),
+    "train.mixed_precision": _choice("auto", "on", "off"),
+    "train.np": _range(1, 4096),
+    "train.start_timeout": _range(1, 86400),
 }
 
 

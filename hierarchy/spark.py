@@ -33,11 +33,35 @@ def get_spark(cfg: Config, app_suffix: str = ""):
     # Python worker; nothing a user can act on, so keep job logs readable
     builder = builder.config("spark.executorEnv.PYTHONWARNINGS",
                              "ignore::FutureWarning,ignore::DeprecationWarning")
+    builder = _with_catalog(builder, cfg["catalog"])
     for key, value in spark_cfg["conf"].items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def _with_catalog(builder, catalog: dict):
+    """Tables go to a Hive metastore: the embedded Derby database named by
+    ``catalog.metastore`` (local runs), or the cluster's hive-site.xml when it is empty. Derby
+    allows one JVM at a time: a second local job waits for the first to end."""
+    if not catalog["hive"]:
+        return builder
+    if catalog["warehouse"]:
+        builder = builder.config("spark.sql.warehouse.dir", _abs_url(catalog["warehouse"]))
+    if catalog["metastore"]:
+        path = os.path.abspath(catalog["metastore"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        builder = builder.config("spark.hadoop.javax.jdo.option.ConnectionURL",
+                                 f"jdbc:derby:;databaseName={path};create=true")
+        # derby.log beside the database, not in whatever folder the job started from
+        builder = builder.config("spark.driver.extraJavaOptions",
+                                 f"-Dderby.system.home={os.path.dirname(path)}")
+    return builder.enableHiveSupport()
+
+
+def _abs_url(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
 
 
 def collect_with_progress(rdd, desc: str, total: int, enabled: bool = True) -> List[Any]:

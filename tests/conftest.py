@@ -30,10 +30,14 @@ def real_categories() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cfg():
+def cfg(tmp_path_factory):
     from hierarchy.config import load_config
 
-    return load_config(overrides=["spark.master=local[2]", "ingest.progress=false"])
+    # the test session's own metastore: Derby lets one JVM at a time open a database
+    wh = tmp_path_factory.mktemp("warehouse")
+    return load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
+                                  f"catalog.warehouse={wh}",
+                                  f"catalog.metastore={wh / 'metastore_db'}"])
 
 
 @pytest.fixture(scope="session")

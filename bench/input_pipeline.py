@@ -1,0 +1,148 @@
+"""Training input pipeline throughput against a bare JPEG decode loop, on the same pictures.
+
+    .venv/bin/python bench/input_pipeline.py [--products N] [--image-size S] [--batch B]
+                                             [--seconds T] [--workdir DIR]
+
+Generates a synthetic catalog (3000 products by default, reused while the settings stay the
+same) and ingests it under bench/results/input_pipeline/, then, side by side in one process:
+
+  baseline   the split's JPEG bytes read into memory with pyarrow first, then a Python loop of
+             tf.io.decode_jpeg over them, one picture at a time: what one core decodes;
+  pipeline   hierarchy.train.data.make_dataset (training=True: Petastorm read, shuffle, decode,
+             augmentation, batching, prefetch; and training=False: decode + resize only),
+             iterated for about T seconds after a warm-up batch.
+
+Both are also given per core (images/s divided by the cores TensorFlow may use). Figures go to
+stdout and bench/results/input_pipeline.json; they depend on the machine and are never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+import pyarrow.parquet as pq  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from hierarchy.train import data as tdata  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "input_pipeline.json"
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def prepare(workdir: Path, products: int, seed: int) -> str:
+    """Generate + ingest once; reuse while the settings are the same."""
+    stamp = workdir / "settings.json"
+    wanted = {"products": products, "seed": seed, "taxonomy": "small"}
+    data = workdir / "dataset"
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted \
+            and (data / "manifest.json").exists():
+        say(f"[data] reusing {data}")
+        return str(data)
+    from hierarchy.config import load_config
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.spark import get_spark
+    from hierarchy.synth import generate
+
+    stamp.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    generate(str(workdir / "synth"), products=products, seed=seed, taxonomy="small",
+             test_products=0, progress=False)
+    cfg = load_config(overrides=["ingest.progress=false", "ingest.split_mb=4"])
+    spark = get_spark(cfg, "bench-input")
+    try:
+        run_ingest(spark, cfg, [str(workdir / "synth" / "train.bson")],
+                   str(workdir / "synth" / "category_names.csv"), str(data), "train")
+    finally:
+        spark.stop()
+    stamp.write_text(json.dumps(wanted) + "\n")
+    say(f"[data] generated and ingested {products} products in {time.perf_counter() - t0:.1f} s")
+    return str(data)
+
+
+def bench_baseline(data: str, seconds: float) -> dict:
+    jpegs = pq.read_table(f"{data}/images/split=train", columns=["jpeg"]).column(0).to_pylist()
+    for jpeg in jpegs[:20]:  # warm-up
+        tf.io.decode_jpeg(jpeg, channels=3)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for jpeg in jpegs:
+            tf.io.decode_jpeg(jpeg, channels=3)
+        n += len(jpegs)
+    elapsed = time.perf_counter() - t0
+    return {"images": n, "seconds": round(elapsed, 3), "images_per_s": n / elapsed,
+            "distinct_pictures": len(jpegs)}
+
+
+def bench_pipeline(data: str, seconds: float, *, training: bool, image_size: int,
+                   batch_size: int, reader_workers: int) -> dict:
+    with tdata.make_dataset(data, "train", label="l3", image_size=image_size,
+                            batch_size=batch_size, training=training, augment=training,
+                            reader_workers=reader_workers, repeat=True, seed=0) as ds:
+        it = iter(ds)
+        for _ in range(3):  # warm-up: reader threads started, tf.data autotune
+            next(it)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            images, _ = next(it)
+            n += int(images.shape[0])
+        elapsed = time.perf_counter() - t0
+    return {"images": n, "seconds": round(elapsed, 3), "images_per_s": n / elapsed}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--products", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--image-size", type=int, default=160)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--reader-workers", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "results" / "input_pipeline")
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    data = prepare(args.workdir, args.products, args.seed)
+    manifest = json.loads(Path(data, "manifest.json").read_text())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    say(f"[setup] {manifest['splits']['train']['images']} train pictures, {cores} cores, "
+        f"image_size {args.image_size}, batch {args.batch}, ~{args.seconds:.0f} s each")
+
+    base = bench_baseline(data, args.seconds)
+    say(f"baseline  bare decode_jpeg loop (1 thread)    {base['images_per_s']:9.0f} img/s")
+    results = {"baseline": base}
+    for name, training in (("train", True), ("val", False)):
+        res = bench_pipeline(data, args.seconds, training=training, image_size=args.image_size,
+                             batch_size=args.batch, reader_workers=args.reader_workers)
+        res["per_core"] = res["images_per_s"] / cores
+        res["ratio_total_vs_baseline"] = res["images_per_s"] / base["images_per_s"]
+        res["ratio_per_core_vs_baseline"] = res["per_core"] / base["images_per_s"]
+        results[name] = res
+        what = ("read+decode+augment+batch" if training else "read+decode+resize+batch")
+        say(f"pipeline  {name:5s} {what:27s} {res['images_per_s']:9.0f} img/s "
+            f"({res['per_core']:.0f}/core) = {res['ratio_total_vs_baseline']:.2f}x baseline, "
+            f"{res['ratio_per_core_vs_baseline']:.2f}x per core")
+    results["settings"] = {**vars(args), "workdir": str(args.workdir), "cores": cores,
+                           "python": platform.python_version(), "tensorflow": tf.__version__,
+                           "machine": platform.machine()}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    say(f"[saved] {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

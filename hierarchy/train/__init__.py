@@ -1,0 +1,1 @@
+"""Training: tf.data input from Petastorm, Keras models, the Horovod loop."""

@@ -1,0 +1,79 @@
+"""Keras callbacks of the training loop: checkpoints and experiment tracking (rank 0 only),
+and the averaging of non-trainable state (every rank)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import tensorflow as tf
+
+from hierarchy.train import store
+
+# HDF5 is chosen on purpose (see store.MODEL_FILE); Keras says it is legacy on every save
+warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+
+
+class CheckpointCallback(tf.keras.callbacks.Callback):
+    """After every epoch: history.json, a TF checkpoint ``last-<epoch>`` (weights and optimizer
+    state: a Keras file cannot hold Horovod's wrapped optimizer), ``best.h5`` when val_loss
+    (averaged over workers) improved, and ``state.json`` written last — it is what a resume
+    trusts, so a crash mid-save resumes from the previous complete epoch."""
+
+    def __init__(self, ckpt_dir: str, out_dir: str, history: dict, phase: str):
+        super().__init__()
+        self.ckpt_dir, self.out_dir, self.history, self.phase = ckpt_dir, out_dir, history, phase
+        os.makedirs(ckpt_dir, exist_ok=True)
+
+    def _save_model(self, name: str) -> None:
+        path = os.path.join(self.ckpt_dir, name)
+        tmp = path + ".tmp.h5"
+        self.model.save(tmp, include_optimizer=False)
+        os.replace(tmp, path)
+
+    def _save_state(self, epoch: int) -> str:
+        prefix = os.path.join(self.ckpt_dir, f"last-{epoch}")
+        tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer).write(prefix)
+        return prefix
+
+    def _drop_older(self, keep: str) -> None:
+        for name in os.listdir(self.ckpt_dir):
+            if name.startswith("last-") and not name.startswith(os.path.basename(keep) + "."):
+                os.remove(os.path.join(self.ckpt_dir, name))
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        previous = list(self.history.get("val_loss", []))
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(float(value))
+        store.write_json(os.path.join(self.out_dir, "history.json"), self.history)
+        prefix = self._save_state(epoch + 1)
+        if "val_loss" not in logs or not previous or logs["val_loss"] < min(previous):
+            self._save_model("best.h5")
+        store.write_json(os.path.join(self.ckpt_dir, store.STATE_FILE),
+                         {"epoch": epoch + 1, "phase": self.phase, "checkpoint": prefix})
+        self._drop_older(prefix)
+
+
+class TrackingCallback(tf.keras.callbacks.Callback):
+    def __init__(self, tracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.tracker.log_epoch(epoch + 1, logs or {})
+
+
+class SyncNonTrainableCallback(tf.keras.callbacks.Callback):
+    """Average non-trainable variables (BatchNorm moving mean and variance) across workers at
+    the end of every epoch. DistributedOptimizer only averages gradients, so each worker's
+    moving statistics drift on its own shard; averaged, they describe the whole split and the
+    model rank 0 saves is the one every worker holds. A collective: every rank must run it."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        import horovod.tensorflow as hvd
+
+        for i, var in enumerate(self.model.non_trainable_variables):
+            if var.dtype.is_floating:
+                var.assign(hvd.allreduce(var.read_value(), op=hvd.Average,
+                                         name=f"sync_non_trainable.{i}"))

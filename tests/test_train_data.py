@@ -1,0 +1,264 @@
+"""hierarchy.train.data: Petastorm -> tf.data on a small ingested synthetic catalog."""
+
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from hierarchy.train import data as tdata  # noqa: E402
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, spark):
+    """200 synthetic products ingested with small byte ranges: several row groups per split."""
+    from hierarchy.config import load_config
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.synth import generate
+    from hierarchy.taxonomy import Taxonomy
+
+    root = tmp_path_factory.mktemp("train_data")
+    generate(str(root / "synth"), products=200, seed=1, taxonomy="small", test_products=20,
+             workers=1, progress=False)
+    cfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
+                                 "ingest.split_mb=0.3"])
+    out = str(root / "ds")
+    run_ingest(spark, cfg, [str(root / "synth" / "train.bson")],
+               str(root / "synth" / "category_names.csv"), out, "train")
+    from hierarchy.ingest.manifest import require_complete
+
+    manifest = require_complete(out, ["train"])
+    taxonomy = Taxonomy.from_json((root / "ds" / "taxonomy.json").read_text())
+    return out, manifest, taxonomy
+
+
+def parquet_rows(data, split):
+    """{(product_id, img_idx): (l1, l3)} read with plain pyarrow."""
+    table = pq.read_table(f"{data}/images/split={split}",
+                          columns=["product_id", "img_idx", "l1", "l3"]).to_pydict()
+    return {(p, i): (a, b) for p, i, a, b in zip(table["product_id"], table["img_idx"],
+                                                   table["l1"], table["l3"])}
+
+
+def collect(data, split, **kwargs):
+    """{key: label} of one pass (repeat=False), keys as (product_id, img_idx); also asserts
+    no key comes twice."""
+    kwargs = {"image_size": SIZE, "batch_size": 4, "training": False, "repeat": False,
+              **kwargs}
+    out = {}
+    with tdata.make_dataset(data, split, return_keys=True, **kwargs) as ds:
+        for _, labels, keys in ds:
+            for key, y in zip(keys.numpy().tolist(), labels.numpy().tolist()):
+                assert tuple(key) not in out, f"{key} read twice"
+                out[tuple(key)] = y
+    return out
+
+
+# ------------------------------------------------------------------------------ pure
+def test_steps_per_epoch():
+    manifest = {"splits": {"train": {"images": 1000, "images_per_l1": {"0": 10, "3": 257}},
+                           "val": {"images": 0}}}
+    assert tdata.steps_per_epoch(manifest, "train", 32, 1) == 32       # ceil(1000 / 32)
+    assert tdata.steps_per_epoch(manifest, "train", 32, 4) == 8        # ceil(1000 / 128)
+    assert tdata.steps_per_epoch(manifest, "train", 100, 10) == 1
+    assert tdata.steps_per_epoch(manifest, "train", 16, 2, branch=3) == 9   # ceil(257 / 32)
+    assert tdata.steps_per_epoch(manifest, "train", 16, 2, branch=0) == 1
+    assert tdata.steps_per_epoch(manifest, "train", 16, 2, branch=1) == 1   # absent: still 1
+    assert tdata.steps_per_epoch(manifest, "val", 16, 2) == 1
+    assert tdata.steps_per_epoch(manifest, "test", 16, 2) == 1
+    with pytest.raises(ValueError):
+        tdata.steps_per_epoch(manifest, "train", 0, 1)
+
+
+def test_class_count(dataset):
+    _, _, tax = dataset
+    assert tdata.class_count(tax, "l1") == tax.n_l1 == 4
+    assert tdata.class_count(tax, "l3") == tax.n_l3 == 40
+    assert sum(tdata.class_count(tax, "branch", b) for b in range(tax.n_l1)) == tax.n_l3
+    with pytest.raises(ValueError):
+        tdata.class_count(tax, "branch")
+    with pytest.raises(ValueError):
+        tdata.class_count(tax, "l2")
+
+
+def test_warp_identity_is_resize_and_mirror_is_flip():
+    rng = np.random.default_rng(0)
+    image = tf.constant(rng.integers(0, 256, (180, 180, 3)), tf.uint8)
+    resized = tf.image.resize(image, [SIZE, SIZE]).numpy()
+    plain = tdata.warp(image, SIZE, 1.0, [0.0, 0.0], 0.0, False).numpy()
+    np.testing.assert_allclose(plain, resized, atol=1e-3)
+    mirrored = tdata.warp(image, SIZE, 1.0, [0.0, 0.0], 0.0, True).numpy()
+    np.testing.assert_allclose(mirrored, resized[:, ::-1], atol=1e-3)
+    # a crop of the top-left corner: frac 0.5 moved fully up and left = image[:90, :90]
+    corner = tdata.warp(image, 90, 0.5, [-1.0, -1.0], 0.0, False).numpy()
+    np.testing.assert_allclose(corner, image.numpy()[:90, :90].astype(np.float32), atol=1e-3)
+    # a quarter turn moves the top row to the left column (either direction: check one)
+    turned = tdata.warp(image, 180, 1.0, [0.0, 0.0], np.pi / 2, False).numpy()
+    src = image.numpy().astype(np.float32)
+    assert (np.allclose(turned[:, 0], src[0, ::-1], atol=1e-2)
+            or np.allclose(turned[:, 0], src[0], atol=1e-2))
+
+
+def test_augment_image_is_seeded_and_bounded():
+    rng = np.random.default_rng(1)
+    image = tf.constant(rng.integers(0, 256, (180, 180, 3)), tf.uint8)
+    seed = tf.constant([3, 4], tf.int64)
+    a = tdata.augment_image(image, SIZE, seed).numpy()
+    b = tdata.augment_image(image, SIZE, seed).numpy()
+    c = tdata.augment_image(image, SIZE, tf.constant([3, 5], tf.int64)).numpy()
+    assert a.shape == (SIZE, SIZE, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert a.min() >= 0.0 and a.max() <= 255.0
+
+
+# ------------------------------------------------------------------------------ dataset
+def test_batch_shapes_and_dtypes(dataset):
+    data, _, _ = dataset
+    with tdata.make_dataset(data, "train", label="l3", image_size=SIZE, batch_size=8,
+                            training=True, seed=3) as ds:
+        images_spec, labels_spec = ds.element_spec
+        assert images_spec.shape.as_list() == [8, SIZE, SIZE, 3]   # static: drop_remainder
+        assert images_spec.dtype == tf.float32 and labels_spec.dtype == tf.int32
+        batches = list(ds.take(3))
+    for images, labels in batches:
+        assert images.shape == (8, SIZE, SIZE, 3) and labels.shape == (8,)
+        assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
+        assert 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < 40
+    # a custom preprocess sees [0, 255] float pixels
+    with tdata.make_dataset(data, "val", label="l1", image_size=SIZE, batch_size=4,
+                            training=False, repeat=False,
+                            preprocess=lambda x: x - 127.5) as ds:
+        images, _ = next(iter(ds))
+    assert float(tf.reduce_min(images)) >= -127.5 and float(tf.reduce_max(images)) > 1.0
+
+
+@pytest.mark.parametrize("label", ["l1", "l3"])
+def test_one_pass_labels_match_parquet(dataset, label):
+    data, manifest, _ = dataset
+    expected = parquet_rows(data, "val")
+    got = collect(data, "val", label=label)
+    assert len(got) == len(expected) == manifest["splits"]["val"]["images"]
+    column = 0 if label == "l1" else 1
+    assert got == {k: v[column] for k, v in expected.items()}
+
+
+def test_branch_reads_only_its_rows_with_local_labels(dataset):
+    data, manifest, tax = dataset
+    per_l1 = manifest["splits"]["val"]["images_per_l1"]
+    branch = int(max(per_l1, key=per_l1.get))
+    local = tax.local_of_l3()
+    expected = {k: int(local[l3]) for k, (l1, l3) in parquet_rows(data, "val").items()
+                if l1 == branch}
+    got = collect(data, "val", label="branch", branch=branch, taxonomy=tax)
+    assert got == expected and len(got) == per_l1[str(branch)]
+    n_leaves = tdata.class_count(tax, "branch", branch)
+    # training stream of another branch: only its rows, local labels in range
+    train_branch = int(max(manifest["splits"]["train"]["images_per_l1"],
+                           key=manifest["splits"]["train"]["images_per_l1"].get))
+    n_leaves = tdata.class_count(tax, "branch", train_branch)
+    with tdata.make_dataset(data, "train", label="branch", branch=train_branch, taxonomy=tax,
+                            image_size=SIZE, batch_size=8, training=True) as ds:
+        labels = np.concatenate([y.numpy() for _, y in ds.take(10)])
+    assert labels.min() >= 0 and labels.max() < n_leaves
+    # level-3 labels of a branch reader are leaves of that branch
+    got_l3 = collect(data, "train", label="l3", branch=train_branch, taxonomy=tax)
+    assert set(got_l3.values()) <= set(tax.branch(train_branch).tolist())
+    assert len(got_l3) == manifest["splits"]["train"]["images_per_l1"][str(train_branch)]
+
+
+def test_branch_without_rows(dataset):
+    data, manifest, tax = dataset
+    present = {int(b) for b, n in manifest["splits"]["val"]["images_per_l1"].items() if n}
+    missing = sorted(set(range(tax.n_l1)) - present)
+    if not missing:
+        pytest.skip("every branch has validation images in this catalog")
+    kwargs = dict(label="branch", branch=missing[0], taxonomy=tax, image_size=SIZE,
+                  batch_size=4)
+    with tdata.make_dataset(data, "val", training=False, **kwargs) as ds:   # repeat=True
+        assert list(ds) == []
+    with pytest.raises(tdata.EmptySplitError, match="no images"):
+        with tdata.make_dataset(data, "val", training=True, **kwargs):
+            pass
+
+
+@pytest.mark.parametrize("world_size", [2, 5])
+def test_shards_cover_the_split_once(dataset, world_size):
+    data, _, _ = dataset
+    expected = parquet_rows(data, "val")
+    groups = tdata.split_row_groups(data, "val")
+    # world 2: Petastorm shards row groups; world 5 > row groups: every worker reads all
+    # and tf.data keeps 1/5 of the rows
+    assert tdata._petastorm_can_shard(groups, world_size) == (world_size <= len(groups))
+    shards = [collect(data, "val", label="l3", rank=r, world_size=world_size)
+              for r in range(world_size)]
+    seen = Counter(k for shard in shards for k in shard)
+    assert set(seen) == set(expected) and max(seen.values()) == 1
+    assert sum(len(s) for s in shards) == len(expected)
+
+
+def test_training_shards_are_disjoint_row_groups(dataset):
+    data, _, _ = dataset
+    shards = [collect(data, "train", label="l1", rank=r, world_size=2, training=True,
+                      augment=False) for r in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    # drop_remainder drops at most batch_size - 1 rows per worker
+    assert len(parquet_rows(data, "train")) - sum(map(len, shards)) < 2 * 4
+
+
+def test_augmentation_in_training_only(dataset):
+    data, _, _ = dataset
+    common = dict(label="l3", image_size=SIZE, batch_size=8, shuffle_buffer=1,
+                  reader_workers=1, repeat=False, return_keys=True, seed=5)
+
+    def first(split, **kwargs):
+        with tdata.make_dataset(data, split, **{**common, **kwargs}) as ds:
+            images, labels, keys = next(iter(ds))
+        return images.numpy(), keys.numpy()
+
+    plain, keys_a = first("train", training=True, augment=False)
+    augmented, keys_b = first("train", training=True, augment=True)
+    again, keys_c = first("train", training=True, augment=True)
+    np.testing.assert_array_equal(keys_a, keys_b)          # same rows, same order
+    assert np.abs(plain - augmented).mean() > 0.01         # pixels changed
+    np.testing.assert_array_equal(keys_b, keys_c)
+    np.testing.assert_allclose(augmented, again)           # same seed, same pictures
+    other, keys_d = first("train", training=True, augment=True, seed=6)
+    assert keys_d.tolist() != keys_b.tolist() or not np.allclose(other, augmented)
+
+    # validation: no augmentation, same output on every pass (with several reader threads
+    # the row order may change, so compare per key)
+    def val_pass():
+        out = {}
+        with tdata.make_dataset(data, "val", label="l3", image_size=SIZE, batch_size=3,
+                                training=False, repeat=False, return_keys=True) as ds:
+            for images, _, keys in ds:
+                for image, key in zip(images.numpy(), keys.numpy().tolist()):
+                    out[tuple(key)] = image
+        return out
+
+    one, two = val_pass(), val_pass()
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_array_equal(one[key], two[key])
+
+
+def test_bad_arguments(dataset):
+    data, _, tax = dataset
+    common = dict(image_size=SIZE, batch_size=4, training=False)
+    with pytest.raises(ValueError, match="unknown label"):
+        with tdata.make_dataset(data, "val", label="l2", **common):
+            pass
+    with pytest.raises(ValueError, match="needs branch"):
+        with tdata.make_dataset(data, "val", label="branch", **common):
+            pass
+    with pytest.raises(ValueError, match="out of range"):
+        with tdata.make_dataset(data, "val", label="branch", branch=99, taxonomy=tax, **common):
+            pass
+    with pytest.raises(ValueError, match="no labels"):
+        with tdata.make_dataset(data, "test", label="l1", **common):
+            pass
