@@ -14,9 +14,10 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: setup demo test lint bench clean help
 
 help:
-	@echo "make demo   - set up, generate a small synthetic catalog, ingest it, print the manifest"
+	@echo "make demo   - set up, then the whole pipeline on a small synthetic catalog: synth, ingest,"
+	@echo "              train (level 1, flat, branches), predict (submission + table), evaluate"
 	@echo "make test   - set up and run the test suite"
-	@echo "make bench  - ingest throughput against the sequential baseline and a raw read"
+	@echo "make bench  - ingest, input-pipeline, training and scoring throughput against baselines"
 	@echo "make lint   - ruff"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
 
@@ -52,6 +53,18 @@ demo: setup
 		--level 1 $(DEMO_CONF)
 	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
 		--level 3 --mode flat $(DEMO_CONF)
+	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--level 3 --mode branch $(DEMO_CONF)
+	$(VENV)/bin/hierarchy predict --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--split test --strategy two-stage --output $(DEMO)/output $(DEMO_CONF)
+	$(VENV)/bin/hierarchy evaluate --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--output $(DEMO)/output $(DEMO_CONF)
+	@echo
+	@echo "demo done:"
+	@echo "  submission   $(DEMO)/output/submission.csv"
+	@echo "  table        hierarchy.predictions (Parquet at $(DEMO)/output/predictions; metastore $(DEMO)/warehouse)"
+	@echo "  report       $(DEMO)/output/evaluation/demo/report.md"
+	@echo "  notebook     notebooks/analyst.ipynb (overrides: $(DEMO_CONF))"
 
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
 test: setup
@@ -65,6 +78,7 @@ bench: setup
 	$(PY) bench/ingest_throughput.py
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/predict_throughput.py
 
 clean:
 	rm -rf data/demo .pytest_cache bench/results

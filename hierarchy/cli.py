@@ -87,6 +87,34 @@ def build_parser() -> argparse.ArgumentParser:
                                           "them as Spark tasks via horovod.spark.run")
     p.add_argument("--run-id", help="model run id (default: a timestamp)")
     _common(p)
+
+    p = sub.add_parser("predict", help="score a split with a trained run: predictions table "
+                                       "(+ submission.csv for the test split)",
+                       description="Score DATA's test or val split with the models of "
+                                   "MODELS/RUN_ID. Writes OUTPUT/predictions (Parquet, "
+                                   "registered as the catalog's predictions table; a re-run "
+                                   "replaces its own run/split/strategy partition) and, for "
+                                   "the test split, OUTPUT/submission.csv (_id,category_id).")
+    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
+    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+    p.add_argument("--run-id", required=True, help="the trained run to score with")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--strategy", choices=("flat", "two-stage", "blend"),
+                   help="default predict.strategy")
+    p.add_argument("--output", required=True, metavar="DIR")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="score the val split with every strategy the run "
+                                        "has and write the metrics report",
+                       description="Accuracy at levels 1-3, top-5, hierarchical P/R/F1, "
+                                   "per-branch accuracy, level-1 confusion and training "
+                                   "curves, flat and two-stage side by side, into "
+                                   "OUTPUT/evaluation/RUN_ID/ (report.json, report.md, PNGs).")
+    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
+    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+    p.add_argument("--run-id", required=True, help="the trained run to evaluate")
+    p.add_argument("--output", required=True, metavar="DIR")
+    _common(p)
     return parser
 
 
@@ -159,7 +187,36 @@ def _train(args, cfg) -> int:
     return 0
 
 
-STAGES = {"synth": _synth, "ingest": _ingest, "train": _train}
+def _predict(args, cfg) -> int:
+    from hierarchy.infer.pipeline import run_predict, summary
+    from hierarchy.spark import get_spark
+
+    spark = get_spark(cfg, "predict")
+    try:
+        result = run_predict(spark, cfg, args.data, args.models, args.run_id, args.split,
+                             args.strategy or cfg["predict"]["strategy"], args.output)
+    finally:
+        spark.stop()
+    print(summary(result))
+    return 0
+
+
+def _evaluate(args, cfg) -> int:
+    from hierarchy.evaluate.pipeline import headline, run_evaluate
+    from hierarchy.spark import get_spark
+
+    spark = get_spark(cfg, "evaluate")
+    try:
+        result = run_evaluate(spark, cfg, args.data, args.models, args.run_id, args.output)
+    finally:
+        spark.stop()
+    print(headline(result))
+    print(f"report: {result['files']['report_md']}")
+    return 0
+
+
+STAGES = {"synth": _synth, "ingest": _ingest, "train": _train, "predict": _predict,
+          "evaluate": _evaluate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -172,12 +229,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - job-level refusals get a one-line message
+        from hierarchy.infer.modelset import PredictError
         from hierarchy.ingest.manifest import DatasetNotReady
         from hierarchy.ingest.pipeline import IngestError
         from hierarchy.train.launch import TrainError
         from hierarchy.train.models import WeightsUnavailable
 
-        if isinstance(exc, (IngestError, DatasetNotReady, TrainError, WeightsUnavailable)):
+        if isinstance(exc, (IngestError, DatasetNotReady, TrainError, WeightsUnavailable,
+                            PredictError)):
             print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
             return 3
         raise

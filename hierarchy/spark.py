@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, List
+from typing import Any, Callable, List, Optional
 
 from hierarchy.config import Config
 
@@ -67,18 +67,25 @@ def _abs_url(path: str) -> str:
 def collect_with_progress(rdd, desc: str, total: int, enabled: bool = True) -> List[Any]:
     """``rdd.collect()`` with a tqdm bar fed by Spark's status tracker (tasks done / total).
     Only small per-task results may come back this way: never rows of a dataset."""
+    return run_with_progress(rdd.context, desc, rdd.collect, enabled=enabled, total=total)
+
+
+def run_with_progress(spark_or_sc, desc: str, fn: Callable[[], Any], enabled: bool = True,
+                      total: Optional[int] = None) -> Any:
+    """Run ``fn`` (which starts Spark jobs: a write, a collect) with a tqdm bar of the tasks
+    its jobs completed. Without ``total`` the bar grows as Spark plans new stages."""
     if not enabled:
-        return rdd.collect()
+        return fn()
     from tqdm import tqdm
 
-    sc = rdd.context
-    group = f"hierarchy-{id(rdd)}-{time.time_ns()}"
+    sc = getattr(spark_or_sc, "sparkContext", spark_or_sc)
+    group = f"hierarchy-{id(fn)}-{time.time_ns()}"
     box: dict = {}
 
     def run() -> None:
         sc.setJobGroup(group, desc)
         try:
-            box["result"] = rdd.collect()
+            box["result"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
             box["error"] = exc
 
@@ -88,14 +95,20 @@ def collect_with_progress(rdd, desc: str, total: int, enabled: bool = True) -> L
     with tqdm(total=total, desc=desc, unit="task") as bar:
         while worker.is_alive():
             worker.join(0.5)
-            done = 0
+            done = planned = 0
             for job_id in tracker.getJobIdsForGroup(group):
                 job = tracker.getJobInfo(job_id)
                 for stage_id in job.stageIds if job else []:
                     stage = tracker.getStageInfo(stage_id)
-                    done += stage.numCompletedTasks if stage else 0
-            bar.update(max(0, min(done, total) - bar.n))
-        bar.update(total - bar.n)
+                    if stage:
+                        done += stage.numCompletedTasks
+                        planned += stage.numTasks
+            if total is None and planned > (bar.total or 0):
+                bar.total = planned
+                bar.refresh()
+            bar.update(max(0, min(done, bar.total or done) - bar.n))
+        if bar.total is not None:
+            bar.update(bar.total - bar.n)
     if "error" in box:
         raise box["error"]
     return box["result"]

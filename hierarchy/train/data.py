@@ -343,6 +343,13 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool):
     return record
 
 
+def resize_for_model(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Decoded uint8 picture -> float32 [S, S, 3] in [0, 255]: what validation feeds the model,
+    and what the predict stage feeds it too (the same function, so scores match)."""
+    return tf.ensure_shape(tf.image.resize(image, [image_size, image_size]),
+                           [image_size, image_size, 3])
+
+
 def _decode_fn(image_size: int, augmenting: bool, preprocess, seed: int):
     base = tf.constant([seed, 0x5EED], dtype=tf.int64)
 
@@ -351,10 +358,9 @@ def _decode_fn(image_size: int, augmenting: bool, preprocess, seed: int):
         image = tf.io.decode_jpeg(jpeg, channels=3)
         if augmenting:
             image = augment_image(image, image_size,
-                            tf.random.experimental.stateless_fold_in(base, position))
+                                  tf.random.experimental.stateless_fold_in(base, position))
         else:
-            image = tf.ensure_shape(
-                tf.image.resize(image, [image_size, image_size]), [image_size, image_size, 3])
+            image = resize_for_model(image, image_size)
         return (tf.cast(preprocess(image), tf.float32), *rest)
 
     return decode

@@ -1,0 +1,192 @@
+"""The evaluation report of one run: report.json, report.md and its PNG figures.
+
+``hierarchy evaluate`` writes them under ``<output>/evaluation/<run_id>/`` (see
+:func:`evaluation_dir`); :func:`write_report` writes into whatever folder it is given.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import os
+import re
+from typing import Dict, List, Optional
+
+from hierarchy.evaluate.plots import plot_confusion, plot_training_curves
+
+HEADLINE = (
+    ("accuracy L1", "accuracy_l1"),
+    ("accuracy L2", "accuracy_l2"),
+    ("accuracy L3", "accuracy_l3"),
+    ("top-5 accuracy", "top5_accuracy"),
+    ("hierarchical F1", "hierarchical_f1"),
+)
+HISTORY_FILE = "history.json"
+
+
+def evaluation_dir(output: str, run_id: str) -> str:
+    return os.path.join(output, "evaluation", run_id)
+
+
+def confusion_file(strategy: str) -> str:
+    # strategy names go into a file name: keep them to safe characters
+    return f"confusion_l1_{re.sub(r'[^A-Za-z0-9_.-]', '_', strategy)}.png"
+
+
+def load_histories(models_dir: str, run_id: str) -> Dict[str, dict]:
+    """``{model key: history}`` of ``<models>/<run_id>/{level1,flat,branch/*}/history.json``
+    that exist, keyed like the model store (``level1``, ``flat``, ``branch/<l1>``), branches
+    in numeric order. A missing run gives ``{}``: the report then says there is no history."""
+    root = os.path.join(models_dir, run_id)
+    found: List[tuple] = []
+    for key in ("level1", "flat"):
+        found.append((key, os.path.join(root, key, HISTORY_FILE)))
+    branches = glob.glob(os.path.join(root, "branch", "*", HISTORY_FILE))
+
+    def order(path: str):
+        name = os.path.basename(os.path.dirname(path))
+        return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+    for path in sorted(branches, key=order):
+        found.append((f"branch/{os.path.basename(os.path.dirname(path))}", path))
+    histories = {}
+    for key, path in found:
+        if os.path.isfile(path):
+            with open(path) as fh:
+                histories[key] = json.load(fh)
+    return histories
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _table(header: List[str], rows: List[List[str]],
+           align: Optional[List[str]] = None) -> List[str]:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _branch_rows(metrics: dict, order: List[str]) -> tuple:
+    strategies = metrics["strategies"]
+    branches: Dict[int, dict] = {}
+    for s in order:
+        for b in strategies[s]["per_branch"]:
+            branches.setdefault(b["l1"], {"name": b["name"], "by": {}})["by"][s] = b
+    same_counts = all(
+        len({b["by"][s]["products"] for s in b["by"]}) == 1 and len(b["by"]) == len(order)
+        for b in branches.values()
+    )
+    count_cols = ["products"] if same_counts else [f"products {s}" for s in order]
+    header = ["level 1", "name"] + count_cols + [f"acc L3 {s}" for s in order]
+
+    def size(item):
+        return -max(x["products"] for x in item[1]["by"].values())
+
+    rows = []
+    for l1, b in sorted(branches.items(), key=lambda item: (size(item), item[0])):
+        by = b["by"]
+        if same_counts:
+            counts = [str(next(iter(by.values()))["products"])]
+        else:
+            counts = [str(by[s]["products"]) if s in by else "0" for s in order]
+        accs = [_fmt(by[s]["accuracy_l3"]) if s in by else "n/a" for s in order]
+        rows.append([str(l1), b["name"].replace("|", "\\|")] + counts + accs)
+    return header, rows
+
+
+def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
+    order = metrics.get("strategy_order") or list(metrics["strategies"])
+    strategies = metrics["strategies"]
+    lines = [f"# Evaluation of run `{run_id}`", ""]
+    lines.append(
+        "Validation split, scored per strategy. Accuracy at each level compares the predicted "
+        "level-1/2/3 class with the true one; top-5 counts the true category among the five "
+        "best candidates; hierarchical F1 (Kiritchenko et al.) gives partial credit for a "
+        "correct ancestor (in this 3-level tree hP = hR = hF1)."
+    )
+    lines.append("")
+    if not order:
+        lines += ["No validation predictions for this run.", ""]
+    else:
+        rows = [[label] + [_fmt(strategies[s][key]) for s in order] for label, key in HEADLINE]
+        rows.append(["products"] + [str(strategies[s]["products"]) for s in order])
+        rows.append(["fallback (no image scored)"] + [str(strategies[s]["fallback"])
+                                                       for s in order])
+        rows.append(["excluded (no true label)"] + [str(strategies[s]["excluded_unlabeled"])
+                                                     for s in order])
+        lines += ["## Headline", ""] + _table(["metric"] + order, rows) + [""]
+
+        header, rows = _branch_rows(metrics, order)
+        lines += ["## Per-branch accuracy (level 3, by true level-1 branch)", ""]
+        lines += _table(header, rows, ["---:", "---"] + ["---:"] * (len(header) - 2)) + [""]
+
+        lines += ["## Level-1 confusion", "",
+                  "Rows are the true level-1 class, normalized to sum 1.", ""]
+        for s in order:
+            name = os.path.basename(files[f"confusion_l1_{s}"])
+            lines += [f"### {s}", "", f"[{name}]({name})", "", f"![level-1 confusion, {s}]({name})",
+                      ""]
+
+    lines += ["## Training curves", ""]
+    if histories:
+        lines.append("Models: " + ", ".join(f"`{k}`" for k in histories) + ".")
+        lines.append("")
+    else:
+        lines += ["No training history found for this run.", ""]
+    name = os.path.basename(files["training_curves"])
+    lines += [f"[{name}]({name})", "", f"![training curves]({name})", ""]
+    return "\n".join(lines)
+
+
+def _training_summary(histories: dict) -> dict:
+    out = {}
+    for key, h in histories.items():
+        epochs = len(h.get("loss") or [])
+        out[key] = {
+            "epochs": epochs,
+            "last": {k: v[-1] for k, v in h.items() if isinstance(v, list) and v},
+        }
+    return out
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(metrics: dict, histories: dict, output_dir: str, run_id: str) -> dict:
+    """Write report.json, report.md, ``confusion_l1_<strategy>.png`` per strategy and
+    training_curves.png into ``output_dir``; return ``{name: path}`` of everything written
+    (keys ``report_json``, ``report_md``, ``confusion_l1_<strategy>``, ``training_curves``)."""
+    os.makedirs(output_dir, exist_ok=True)
+    order = metrics.get("strategy_order") or list(metrics["strategies"])
+    files: Dict[str, str] = {}
+    for s in order:
+        conf = metrics["strategies"][s]["confusion_l1"]
+        path = os.path.join(output_dir, confusion_file(s))
+        plot_confusion(conf["matrix"], conf["labels"], path,
+                       f"Level-1 confusion — {s} (run {run_id})")
+        files[f"confusion_l1_{s}"] = path
+    files["training_curves"] = plot_training_curves(
+        histories, os.path.join(output_dir, "training_curves.png")
+    )
+
+    files["report_md"] = os.path.join(output_dir, "report.md")
+    files["report_json"] = os.path.join(output_dir, "report.json")
+    doc = {
+        "run_id": run_id,
+        "split": "val",
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        **metrics,
+        "training": _training_summary(histories),
+        "files": {k: os.path.basename(v) for k, v in files.items()},
+    }
+    _write_text(files["report_json"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    _write_text(files["report_md"], _markdown(metrics, histories, run_id, files))
+    return files

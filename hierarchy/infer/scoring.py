@@ -1,0 +1,261 @@
+"""Scoring inside a Spark task: JPEG bytes in, one row per product out.
+
+:func:`score_partitions` is what ``DataFrame.mapInPandas`` runs. Its input must hold each
+product's images contiguously and in ascending ``product_id`` order within a partition (the
+predict job repartitions by ``product_id`` and sorts within partitions), so a product whose
+images straddle two Arrow batches is carried over and aggregated once; products never straddle
+partitions. Models are loaded once per Python worker process and reused by every batch and
+every task that worker runs (Spark reuses Python workers by default).
+
+JPEGs are decoded and resized exactly as training's validation input
+(:func:`hierarchy.train.data.resize_for_model`), then preprocessed for each model's backbone.
+A picture TensorFlow cannot decode is counted, not fatal; a product none of whose pictures
+decodes gets the training prior's most frequent category and ``fallback = true``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from hierarchy import storage
+from hierarchy.infer import combine
+from hierarchy.infer.modelset import ModelRef, ModelSet
+from hierarchy.taxonomy import Taxonomy
+
+# What mapInPandas returns (the job adds top5 structs, scored_at and the partition columns).
+SCORED_SCHEMA = (
+    "product_id long, category_id long, category_level1 string, category_level2 string, "
+    "category_level3 string, l1 int, l2 int, l3 int, confidence double, "
+    "top_category_id array<long>, top_probability array<double>, level1_id int, "
+    "level1_name string, level1_probability double, image_count int, bad_image_count int, "
+    "fallback boolean, true_category_id long, true_l1 int, true_l2 int, true_l3 int"
+)
+INPUT_COLUMNS = ["product_id", "img_idx", "jpeg", "category_id", "l1", "l2", "l3"]
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """Everything an executor needs, shipped once in the task closure (small: paths, not
+    weights)."""
+
+    models: ModelSet
+    taxonomy_json: str
+    prior_category_id: int      # most frequent category of the training split
+    prior_share: float          # its share of training products (the fallback's confidence)
+    top_k: int
+    blend_weight: float
+    aggregate: str
+    tta_flip: bool
+    top_n: int
+    threads: int
+
+
+# ----------------------------------------------------------------------------- per worker
+_CACHE: Dict[str, object] = {}
+
+
+def _local_copy(path: str) -> str:
+    """Keras reads local files only: a model on HDFS/S3 is copied once per worker."""
+    if "://" not in path or path.startswith("file://"):
+        return path.replace("file://", "", 1)
+    fs, inner = storage.resolve(path)
+    target = os.path.join(tempfile.mkdtemp(prefix="hierarchy-model-"), os.path.basename(inner))
+    with fs.open_input_stream(inner) as src, open(target, "wb") as dst:
+        dst.write(src.read())
+    return target
+
+
+def _model(ref: ModelRef):
+    if ref.path not in _CACHE:
+        import tensorflow as tf
+
+        from hierarchy.train.models import custom_objects
+
+        _CACHE[ref.path] = tf.keras.models.load_model(
+            _local_copy(ref.path), custom_objects=custom_objects(), compile=False)
+    return _CACHE[ref.path]
+
+
+def _configure_tf(threads: int) -> None:
+    if _CACHE.get("_configured"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass  # this worker already ran TensorFlow with its own setting
+    _CACHE["_configured"] = True
+
+
+# ----------------------------------------------------------------------------- one batch
+class BatchScorer:
+    """Leaf probabilities [n_decoded, n_l3] for a batch of JPEGs under the plan's strategy."""
+
+    def __init__(self, plan: ScoringPlan):
+        _configure_tf(plan.threads)
+        self.plan = plan
+        self.taxonomy = Taxonomy.from_json(plan.taxonomy_json)
+        for ref in plan.models.refs():
+            _model(ref)  # load now: a broken model file fails the first task, not the 1000th
+
+    @staticmethod
+    def decode(jpegs) -> List[Optional[object]]:
+        import tensorflow as tf
+
+        out = []
+        for raw in jpegs:
+            try:
+                out.append(tf.io.decode_jpeg(raw, channels=3))
+            except (tf.errors.InvalidArgumentError, ValueError, TypeError):
+                out.append(None)
+        return out
+
+    def _inputs(self, images: list, ref: ModelRef, cache: dict) -> np.ndarray:
+        key = (ref.image_size, ref.backbone)
+        if key not in cache:
+            import tensorflow as tf
+
+            from hierarchy.train.data import resize_for_model
+            from hierarchy.train.models import preprocess_for
+
+            x = tf.stack([resize_for_model(im, ref.image_size) for im in images])
+            cache[key] = tf.cast(preprocess_for(ref.backbone)(x), tf.float32).numpy()
+        return cache[key]
+
+    def _predict(self, ref: ModelRef, x: np.ndarray) -> np.ndarray:
+        model = _model(ref)
+        p = model(x, training=False).numpy()
+        if self.plan.tta_flip:
+            p = combine.flip_average(p, model(x[:, :, ::-1, :], training=False).numpy())
+        return p
+
+    def probs(self, images: list) -> np.ndarray:
+        """``images``: decoded pictures (no None). Returns float64 [len(images), n_l3]."""
+        plan, cache = self.plan, {}
+        ms = plan.models
+        p_flat = p_two = None
+        if ms.flat is not None:
+            p_flat = np.asarray(self._predict(ms.flat, self._inputs(images, ms.flat, cache)),
+                                dtype=np.float64)
+        if ms.level1 is not None:
+            p_l1 = self._predict(ms.level1, self._inputs(images, ms.level1, cache))
+
+            def branch_probs(b: int, rows: np.ndarray) -> Optional[np.ndarray]:
+                ref = ms.branches.get(b)
+                if ref is None:
+                    return None  # no training images for it: uniform over its leaves
+                return self._predict(ref, self._inputs(images, ref, cache)[rows])
+
+            p_two = combine.two_stage(p_l1, branch_probs, self.taxonomy, plan.top_k)
+        if ms.strategy == "flat":
+            return p_flat
+        if ms.strategy == "two-stage":
+            return p_two
+        return combine.blend(p_two, p_flat, plan.blend_weight)
+
+
+# ----------------------------------------------------------------------------- partitions
+@dataclass
+class _Product:
+    decoded: int = 0
+    bad: int = 0
+    truth: Tuple = (None, None, None, None)
+
+
+def score_partitions(plan: ScoringPlan):
+    """The function ``mapInPandas`` runs: an iterator of image batches (sorted by product
+    within the partition) -> an iterator of product rows (:data:`SCORED_SCHEMA`)."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        scorer = BatchScorer(plan)
+        tax = scorer.taxonomy
+        acc = combine.ProductAccumulator(tax.n_l3, plan.aggregate)
+        seen: Dict[int, _Product] = {}
+        last: Optional[int] = None
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            pids = pdf["product_id"].to_numpy(np.int64)
+            if (np.diff(pids) < 0).any() or (last is not None and pids[0] < last):
+                raise RuntimeError("scoring input must be sorted by product_id within each "
+                                   "partition (repartition + sortWithinPartitions)")
+            images = scorer.decode(pdf["jpeg"])
+            ok = np.array([im is not None for im in images], dtype=bool)
+            truth = pdf[["category_id", "l1", "l2", "l3"]].to_numpy(object)
+            for i, pid in enumerate(pids.tolist()):
+                p = seen.get(pid)
+                if p is None:
+                    p = seen[pid] = _Product(truth=tuple(_none(v) for v in truth[i]))
+                if ok[i]:
+                    p.decoded += 1
+                else:
+                    p.bad += 1
+            if ok.any():
+                acc.add(pids[ok], scorer.probs([im for im in images if im is not None]))
+            last = int(pids[-1])
+            out = _rows(plan, tax, acc.pop_all_except(last), seen, keep=last)
+            if out is not None:
+                yield out
+        out = _rows(plan, tax, acc.finish(), seen, keep=None)
+        if out is not None:
+            yield out
+
+    return run
+
+
+def _none(v):
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else int(v)
+
+
+def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
+          keep: Optional[int]) -> Optional[pd.DataFrame]:
+    """Product rows for every product seen and finished (all but ``keep``)."""
+    ids, probs, _ = finished
+    done = [pid for pid in seen if pid != keep]
+    if not done:
+        return None
+    scored = {int(pid): i for i, pid in enumerate(ids.tolist())}
+    top_idx, top_p = combine.top_n(probs, plan.top_n)
+    marg = combine.marginal_l1(probs, tax) if len(ids) else np.zeros((0, tax.n_l1))
+    cat_ids = np.asarray(tax.category_ids, dtype=np.int64)
+    prior_l3 = tax.l3_of_category(plan.prior_category_id)
+    records = []
+    for pid in sorted(done):
+        meta = seen.pop(pid)
+        i = scored.get(pid)
+        if i is None:  # no picture decoded: the training prior, flagged
+            l3, conf = prior_l3, plan.prior_share
+            tops, top_probs = [int(cat_ids[l3])], [plan.prior_share]
+            l1 = int(tax.l1_of_l3[l3])
+            l1_p = plan.prior_share
+        else:
+            l3, conf = int(top_idx[i, 0]), float(top_p[i, 0])
+            tops = cat_ids[top_idx[i]].tolist()
+            top_probs = top_p[i].tolist()
+            l1 = int(np.argmax(marg[i]))
+            l1_p = float(marg[i, l1])
+        names = tax.names_of_l3(l3)
+        records.append((pid, int(cat_ids[l3]), *names, int(tax.l1_of_l3[l3]),
+                        int(tax.l2_of_l3[l3]), l3, conf, tops, top_probs, l1,
+                        tax.l1_names[l1], l1_p, meta.decoded, meta.bad, i is None,
+                        *meta.truth))
+    df = pd.DataFrame.from_records(records, columns=[
+        "product_id", "category_id", "category_level1", "category_level2", "category_level3",
+        "l1", "l2", "l3", "confidence", "top_category_id", "top_probability", "level1_id",
+        "level1_name", "level1_probability", "image_count", "bad_image_count", "fallback",
+        "true_category_id", "true_l1", "true_l2", "true_l3"])
+    for col in ("true_category_id",):
+        df[col] = df[col].astype("Int64")
+    for col in ("true_l1", "true_l2", "true_l3"):
+        df[col] = df[col].astype("Int32")
+    return df

@@ -1,0 +1,109 @@
+"""Where predictions land: the ``predictions`` table and the Kaggle submission file.
+
+The table is Parquet under ``<output>/predictions``, partitioned by ``run_id``, ``split`` and
+``strategy``, registered as an external table in the Spark catalog (a Hive metastore: embedded
+Derby locally, the cluster's when configured). Writes use dynamic partition overwrite, so
+re-running a run id replaces exactly its own partition and never duplicates rows.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from hierarchy import storage
+from hierarchy.infer.modelset import PredictError
+
+PARTITIONS = ("run_id", "split", "strategy")
+COLUMNS = [
+    "product_id", "category_id", "category_level1", "category_level2", "category_level3",
+    "l1", "l2", "l3", "confidence", "top5", "level1_id", "level1_name", "level1_probability",
+    "image_count", "bad_image_count", "fallback", "true_category_id", "true_l1", "true_l2",
+    "true_l3", "scored_at", *PARTITIONS,
+]
+
+
+def table_name(catalog: dict) -> str:
+    return f"{catalog['database']}.{catalog['table']}"
+
+
+def predictions_path(output: str) -> str:
+    return storage.to_url(storage.join(output, "predictions"))
+
+
+def _location(spark, name: str) -> str:
+    rows = spark.sql(f"DESCRIBE TABLE EXTENDED {name}").collect()
+    for row in rows:
+        if row.col_name == "Location":
+            return row.data_type
+    return ""
+
+
+def _same_place(a: str, b: str) -> bool:
+    strip = lambda u: u.replace("file://", "").replace("file:", "").rstrip("/")  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def write_predictions(spark, df, output: str, catalog: dict) -> str:
+    """Write ``df`` (one run_id/split/strategy) and make the catalog see it; returns the
+    table name."""
+    path = predictions_path(output)
+    name = table_name(catalog)
+    if spark.catalog.tableExists(name):
+        where = _location(spark, name)
+        if where and not _same_place(where, path):
+            raise PredictError(
+                f"table {name} lives at {where}, not {path}: score into that --output, or "
+                f"name another table with catalog.table=... / catalog.database=...")
+    (df.select(*COLUMNS).write.mode("overwrite")
+       .option("partitionOverwriteMode", "dynamic")
+       .partitionBy(*PARTITIONS).parquet(path))
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
+    # schema and partition columns are inferred from the files just written
+    spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING parquet LOCATION '{path}'")
+    spark.sql(f"ALTER TABLE {name} RECOVER PARTITIONS")
+    spark.sql(f"REFRESH TABLE {name}")
+    return name
+
+
+def check_submission_rows(spark, sub, products) -> Tuple[int, int]:
+    """Exactly one row per product of the input: (rows, products), else PredictError."""
+    from pyspark.sql import functions as F
+
+    ids = products.select(F.col("product_id").alias("_id"))
+    stats = sub.agg(F.count("*").alias("rows"), F.countDistinct("_id").alias("ids")).first()
+    n_products = ids.count()
+    missing = ids.join(sub, "_id", "left_anti").count()
+    extra = sub.join(ids, "_id", "left_anti").count()
+    if stats.rows != stats.ids or missing or extra or stats.rows != n_products:
+        raise PredictError(
+            f"submission check failed: {stats.rows} rows for {n_products} products "
+            f"({stats.rows - stats.ids} duplicated ids, {missing} products missing, {extra} "
+            f"unknown ids); nothing was published")
+    return stats.rows, n_products
+
+
+def write_submission(spark, sub, output: str, gzip: bool) -> str:
+    """One CSV file ``_id,category_id`` sorted by ``_id`` (as Kaggle's sample is), written
+    by Spark to a staging folder and moved into place, so a reader never sees half a file."""
+    import uuid
+
+    name = "submission.csv.gz" if gzip else "submission.csv"
+    fs, root = storage.resolve(output)
+    staging = storage.join(root, f"_staging-submission-{uuid.uuid4().hex}")
+    target = storage.join(root, name)
+    writer = (sub.select("_id", "category_id").orderBy("_id").coalesce(1)
+                 .write.option("header", True))
+    if gzip:
+        writer = writer.option("compression", "gzip")
+    url = storage.to_url(staging) if "://" not in output else \
+        storage.join(output, staging.rsplit("/", 1)[1])
+    writer.csv(url)
+    parts = [f.path for f in storage.list_dir(fs, staging)
+             if f.base_name.startswith("part-")]
+    if len(parts) != 1:
+        raise PredictError(f"{staging}: expected one CSV part, found {len(parts)}")
+    if storage.exists(fs, target):
+        fs.delete_file(target)
+    fs.move(parts[0], target)
+    storage.remove(fs, staging)
+    return storage.join(output, name)

@@ -1,0 +1,182 @@
+"""Predict and evaluate end to end on a tiny synthetic catalog: ingest -> train -> predict."""
+
+import json
+import re
+import shutil
+
+import bson
+import numpy as np
+import pandas as pd
+import pytest
+from corrupt import JPEG_OK, split_docs
+
+from hierarchy.config import load_config
+from hierarchy.infer.modelset import PredictError, load_modelset
+from hierarchy.infer.pipeline import load_taxonomy, read_images, run_predict, score
+from hierarchy.infer.scoring import ScoringPlan
+from hierarchy.train.launch import run_training
+
+pytestmark = pytest.mark.spark
+
+RUN = "p1"
+ALL_BAD_AT_INGEST = 990001    # its only picture is not a JPEG: quarantined, no image row
+ALL_BAD_AT_SCORING = 990002   # JPEG markers but no picture: ingested, undecodable later
+
+
+def predict_cfg(tmp_path, **predict):
+    """The session's metastore is shared: a database per test keeps their tables apart."""
+    db = "t_" + re.sub(r"\W", "_", tmp_path.name)
+    over = ["spark.master=local[2]", "ingest.progress=false", "predict.progress=false",
+            f"catalog.database={db}"]
+    return load_config(overrides=over + [f"predict.{k}={v}" for k, v in predict.items()])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, spark, cfg):
+    """A dataset (train + test, two broken test products) and a run with every model."""
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.synth import generate
+
+    root = tmp_path_factory.mktemp("predict")
+    syn = root / "syn"
+    generate(str(syn), products=300, seed=5, taxonomy="small", test_products=40, workers=1,
+             progress=False)
+    test_bytes = (syn / "test.bson").read_bytes()
+    test_bytes += bson.encode({"_id": ALL_BAD_AT_INGEST, "imgs": [{"picture": b"GIF89a..."}]})
+    test_bytes += bson.encode({"_id": ALL_BAD_AT_SCORING, "imgs": [{"picture": JPEG_OK},
+                                                                   {"picture": JPEG_OK}]})
+    (syn / "test.bson").write_bytes(test_bytes)
+    icfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
+                                  "ingest.split_mb=0.4", "ingest.val_fraction=0.2",
+                                  "ingest.max_bad_fraction=0.1"])
+    data = root / "ds"
+    for kind in ("train", "test"):
+        run_ingest(spark, icfg, [str(syn / f"{kind}.bson")], str(syn / "category_names.csv"),
+                   str(data), kind)
+    tcfg = load_config(overrides=[
+        "train.backbone=small_cnn", "train.image_size=48", "train.batch_size=16",
+        "train.learning_rate=0.003", "train.warmup_epochs=0", "train.shuffle_buffer=256",
+        "train.reader_workers=1", "train.augment=false", "train.epochs=3"])
+    models = str(root / "models")
+    run_training(tcfg, str(data), models, RUN, level=1)
+    run_training(tcfg, str(data), models, RUN, level=3, mode="flat")
+    run_training(tcfg, str(data), models, RUN, level=3, mode="branch")
+    n_test = len(split_docs(test_bytes))
+    return {"root": root, "syn": syn, "data": str(data), "models": models, "n_test": n_test}
+
+
+def test_two_stage_submission_has_one_row_per_test_product_and_the_table_answers_sql(
+        world, spark, tmp_path):
+    out = tmp_path / "out"
+    pcfg = predict_cfg(tmp_path)
+    res = run_predict(spark, pcfg, world["data"], world["models"], RUN, "test", "two-stage",
+                      str(out))
+    sub = pd.read_csv(out / "submission.csv")
+    assert list(sub.columns) == ["_id", "category_id"]
+    assert len(sub) == world["n_test"] == res["products"] and sub["_id"].is_unique
+    assert sub["_id"].is_monotonic_increasing
+    tax = load_taxonomy(world["data"])
+    assert set(sub["category_id"]) <= set(tax.category_ids)
+
+    table = res["table"]
+    row = spark.sql(f"SELECT count(*) AS n, sum(CAST(fallback AS INT)) AS fb, "
+                    f"min(size(top5)) AS k FROM {table} WHERE run_id = '{RUN}' "
+                    f"AND split = 'test' AND strategy = 'two-stage'").first()
+    assert (row.n, row.fb, row.k) == (world["n_test"], 2, 1)  # fallbacks have one candidate
+    scored = spark.sql(f"SELECT top5, confidence, category_id, level1_probability FROM {table}"
+                       f" WHERE NOT fallback").toPandas()
+    for _, r in scored.iterrows():
+        probs = [c["probability"] for c in r.top5]
+        assert probs == sorted(probs, reverse=True) and r.top5[0]["category_id"] == r.category_id
+        assert r.confidence == pytest.approx(probs[0]) and sum(probs) <= 1 + 1e-9
+        assert r.level1_probability >= r.confidence - 1e-9  # the leaf's branch holds its mass
+
+    # a re-run replaces its own partition: same rows, no duplicates
+    run_predict(spark, pcfg, world["data"], world["models"], RUN, "test", "two-stage", str(out))
+    assert spark.sql(f"SELECT count(*) FROM {table} WHERE run_id = '{RUN}'").first()[0] == \
+        world["n_test"]
+
+
+def test_products_without_a_usable_picture_still_get_a_flagged_row(world, spark, tmp_path):
+    res = run_predict(spark, predict_cfg(tmp_path), world["data"], world["models"], RUN,
+                      "test", "flat", str(tmp_path / "out"))
+    rows = spark.table(res["table"]).where(
+        f"product_id IN ({ALL_BAD_AT_INGEST}, {ALL_BAD_AT_SCORING})").toPandas() \
+        .set_index("product_id")
+    assert rows["fallback"].all()
+    # the training prior: the most frequent category among training products
+    products = pd.read_parquet(f"{world['data']}/products/kind=train")
+    prior = products[products.split == "train"].category_id.value_counts()
+    assert set(rows["category_id"]) == {int(prior.index[0])}
+    assert rows.loc[ALL_BAD_AT_SCORING, "bad_image_count"] == 2
+    assert rows.loc[ALL_BAD_AT_SCORING, "image_count"] == 0
+    assert res["fallback"] == 2 and res["bad_images"] >= 2
+
+
+def test_a_product_spread_over_partitions_and_batches_is_aggregated_once(world, spark, cfg):
+    tax = load_taxonomy(world["data"])
+    models = load_modelset(world["models"], RUN, "two-stage", tax)
+    plan = ScoringPlan(models=models, taxonomy_json=tax.to_json(),
+                       prior_category_id=tax.category_ids[0], prior_share=0.1, top_k=0,
+                       blend_weight=0.5, aggregate="log_mean", tta_flip=False, top_n=5,
+                       threads=0)
+    images = read_images(spark, world["data"], "val")
+    per_product = images.groupBy("product_id").count().toPandas().set_index("product_id")
+    assert (per_product["count"] > 1).any()
+    # round-robin spreads a product's pictures over partitions; 3-row Arrow batches split it
+    spread = images.repartition(5)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "3")
+    try:
+        many = score(spread, plan, partitions=3).toPandas().set_index("product_id")
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "10000")
+        one = score(images.coalesce(1), plan, partitions=1).toPandas().set_index("product_id")
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    assert many.index.is_unique and len(many) == len(per_product)
+    assert (many["image_count"] == per_product.loc[many.index, "count"]).all()
+    # same answer whatever the partitioning (k = all: the exact P(l1) * P(l3 | l1))
+    np.testing.assert_allclose(many.loc[one.index, "confidence"], one["confidence"], rtol=1e-5)
+    assert (many.loc[one.index, "category_id"] == one["category_id"]).all()
+
+
+def test_models_of_another_taxonomy_are_refused_before_scoring(world, spark, tmp_path):
+    from hierarchy.ingest.pipeline import run_ingest
+
+    csv = (world["syn"] / "category_names.csv").read_text().splitlines()
+    csv[1] = csv[1].rsplit(",", 1)[0] + ",Renamed leaf"
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(csv) + "\n")
+    data = tmp_path / "ds"
+    run_ingest(spark, load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
+                                             "ingest.max_bad_fraction=0.1"]),
+               [str(world["syn"] / "test.bson")], str(other), str(data), "test")
+    with pytest.raises(PredictError, match="taxonomy"):
+        run_predict(spark, predict_cfg(tmp_path), str(data), world["models"], RUN,
+                    "test", "flat", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused before anything was scored or written
+
+
+def test_two_stage_refuses_a_run_without_its_branch_models(world, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(world["models"], models, ignore=shutil.ignore_patterns("mlruns"))
+    run = json.loads((models / RUN / "run.json").read_text())
+    del run["models"]["branch/1"]
+    (models / RUN / "run.json").write_text(json.dumps(run))
+    with pytest.raises(PredictError, match="--mode branch --branches 1"):
+        load_modelset(str(models), RUN, "two-stage", load_taxonomy(world["data"]))
+
+
+def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_path):
+    from hierarchy.evaluate.pipeline import run_evaluate
+
+    res = run_evaluate(spark, predict_cfg(tmp_path), world["data"], world["models"],
+                       RUN, str(tmp_path / "out"))
+    assert res["strategies"] == ["flat", "two-stage", "blend"]
+    report = json.loads((tmp_path / "out" / "evaluation" / RUN / "report.json").read_text())
+    for name in res["strategies"]:
+        m = report["strategies"][name]
+        assert m["accuracy_l1"] > 0.5, (name, m)  # four level-1 classes: chance is 0.25
+        assert m["accuracy_l1"] >= m["accuracy_l3"]
+    md = (tmp_path / "out" / "evaluation" / RUN / "report.md").read_text()
+    assert "two-stage" in md and "flat" in md
+    assert (tmp_path / "out" / "evaluation" / RUN / "training_curves.png").stat().st_size > 0
