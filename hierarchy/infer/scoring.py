@@ -133,10 +133,13 @@ class BatchScorer:
         return cache[key]
 
     def _predict(self, ref: ModelRef, x: np.ndarray) -> np.ndarray:
+        # predict_on_batch runs Keras' compiled predict function: ~30% faster than an eager
+        # model(x) call here (bench/predict_throughput.py)
         model = _model(ref)
-        p = model(x, training=False).numpy()
+        p = model.predict_on_batch(x)
         if self.plan.tta_flip:
-            p = combine.flip_average(p, model(x[:, :, ::-1, :], training=False).numpy())
+            p = combine.flip_average(p, model.predict_on_batch(np.ascontiguousarray(
+                x[:, :, ::-1, :])))
         return p
 
     def probs(self, images: list) -> np.ndarray:
