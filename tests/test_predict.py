@@ -180,3 +180,38 @@ def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_
     md = (tmp_path / "out" / "evaluation" / RUN / "report.md").read_text()
     assert "two-stage" in md and "flat" in md
     assert (tmp_path / "out" / "evaluation" / RUN / "training_curves.png").stat().st_size > 0
+
+
+def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
+    import gzip
+
+    from hierarchy.infer.scoring import BatchScorer
+
+    tax = load_taxonomy(world["data"])
+    models = load_modelset(world["models"], RUN, "blend", tax)
+    plan = dict(models=models, taxonomy_json=tax.to_json(),
+                prior_category_id=tax.category_ids[0], prior_share=0.1, top_k=2,
+                blend_weight=0.3, aggregate="mean", top_n=5, threads=0)
+    jpegs = read_images(spark, world["data"], "val").limit(6).toPandas()["jpeg"]
+    plain = BatchScorer(ScoringPlan(tta_flip=False, **plan))
+    images = plain.decode(jpegs)
+    p = plain.probs(images)
+    tta = BatchScorer(ScoringPlan(tta_flip=True, **plan)).probs(images)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(tta.sum(axis=1), 1.0, atol=1e-6)
+    assert not np.allclose(tta, p)  # the mirrored pictures changed something
+    # blend is linear in the flat part; two-stage is not, so only the flat model's share can be
+    # checked in closed form: with weight 0 blend is flat, and flat TTA is the mean
+    flat_plan = dict(plan, blend_weight=0.0)
+    f_plain = BatchScorer(ScoringPlan(tta_flip=False, **flat_plan))
+    expected = 0.5 * (f_plain.probs(images) + f_plain.probs([im[:, ::-1, :] for im in images]))
+    got = BatchScorer(ScoringPlan(tta_flip=True, **flat_plan)).probs(images)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+    out = tmp_path / "out"
+    cfg = predict_cfg(tmp_path, tta_flip="true", submission_gzip="true")
+    res = run_predict(spark, cfg, world["data"], world["models"], RUN, "test", "flat", str(out))
+    assert res["submission"].endswith("submission.csv.gz") and not (out / "submission.csv").exists()
+    with gzip.open(out / "submission.csv.gz", "rt") as fh:
+        sub = pd.read_csv(fh)
+    assert list(sub.columns) == ["_id", "category_id"] and len(sub) == world["n_test"]

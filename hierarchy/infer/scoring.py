@@ -115,6 +115,8 @@ class BatchScorer:
         out = []
         for raw in jpegs:
             try:
+                if isinstance(raw, (bytearray, memoryview)):  # toPandas() gives bytearray
+                    raw = bytes(raw)
                 out.append(tf.io.decode_jpeg(raw, channels=3))
             except (tf.errors.InvalidArgumentError, ValueError, TypeError):
                 out.append(None)
