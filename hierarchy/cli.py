@@ -136,16 +136,23 @@ def _synth(args, cfg) -> int:
     return 0
 
 
+def _with_spark(cfg, stage: str, job):
+    """Run ``job(spark)`` in a session named after the stage, stopped whatever happens."""
+    from hierarchy.spark import get_spark
+
+    spark = get_spark(cfg, stage)
+    try:
+        return job(spark)
+    finally:
+        spark.stop()
+
+
 def _ingest(args, cfg) -> int:
     from hierarchy.ingest.pipeline import run_ingest
     from hierarchy.ingest.report import summary_lines
-    from hierarchy.spark import get_spark
 
-    spark = get_spark(cfg, "ingest")
-    try:
-        entry = run_ingest(spark, cfg, args.input, args.categories, args.output, args.kind)
-    finally:
-        spark.stop()
+    entry = _with_spark(cfg, "ingest", lambda spark: run_ingest(
+        spark, cfg, args.input, args.categories, args.output, args.kind))
     print("\n".join(summary_lines(args.output, args.kind, entry)))
     return 0
 
@@ -189,27 +196,19 @@ def _train(args, cfg) -> int:
 
 def _predict(args, cfg) -> int:
     from hierarchy.infer.pipeline import run_predict, summary
-    from hierarchy.spark import get_spark
 
-    spark = get_spark(cfg, "predict")
-    try:
-        result = run_predict(spark, cfg, args.data, args.models, args.run_id, args.split,
-                             args.strategy or cfg["predict"]["strategy"], args.output)
-    finally:
-        spark.stop()
+    result = _with_spark(cfg, "predict", lambda spark: run_predict(
+        spark, cfg, args.data, args.models, args.run_id, args.split,
+        args.strategy or cfg["predict"]["strategy"], args.output))
     print(summary(result))
     return 0
 
 
 def _evaluate(args, cfg) -> int:
     from hierarchy.evaluate.pipeline import headline, run_evaluate
-    from hierarchy.spark import get_spark
 
-    spark = get_spark(cfg, "evaluate")
-    try:
-        result = run_evaluate(spark, cfg, args.data, args.models, args.run_id, args.output)
-    finally:
-        spark.stop()
+    result = _with_spark(cfg, "evaluate", lambda spark: run_evaluate(
+        spark, cfg, args.data, args.models, args.run_id, args.output))
     print(headline(result))
     print(f"report: {result['files']['report_md']}")
     return 0
