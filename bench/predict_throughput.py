@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         partitions = int(pcfg["partitions"])
         say(f"[spark] {spark.sparkContext.master}, {read_parts} read partitions, scoring in "
             f"{partitions or read_parts} tasks, Arrow batches of {pcfg['batch_size']}, "
-            f"TF threads {pcfg['threads'] or 'default'}")
+            f"TF threads {pcfg['threads'] or 'spark.task.cpus'}")
         sp = bench_spark(spark, images, plan, partitions, n, repeat)
         sp["read_partitions"] = read_parts
         sp["scoring_partitions"] = partitions or read_parts

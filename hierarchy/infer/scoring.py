@@ -82,12 +82,27 @@ def _model(ref: ModelRef):
     return _CACHE[ref.path]
 
 
+def _task_cpus() -> int:
+    """The cores Spark gave this task (spark.task.cpus), 1 when unknown."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        return max(1, int(ctx.cpus())) if ctx is not None else 1
+    except Exception:  # noqa: BLE001 - older Spark or outside a task: be conservative
+        return 1
+
+
 def _configure_tf(threads: int) -> None:
+    """Spark runs one Python worker per concurrent task: left to itself, TensorFlow in each
+    would use every core of the machine, cores x cores threads in all. By default
+    (``predict.threads: 0``) each worker gets the cores Spark gave its task."""
     if _CACHE.get("_configured"):
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
+    threads = threads or _task_cpus()
     if threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
