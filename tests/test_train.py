@@ -74,6 +74,9 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(dataset, tmp_path):
     assert best.output_shape[-1] == 40
     again = run_training(train_cfg(epochs=2), str(dataset), models, "r2", level=3, mode="flat")
     assert again["flat"]["status"] == "already trained"
+    # the re-run leaves the run's record of the model as the training wrote it
+    run = json.loads(open(os.path.join(models, "r2", "run.json")).read())
+    assert run["models"]["flat"]["metrics"] == res["flat"]["metrics"]
 
 
 def test_branch_mode_trains_requested_branches_with_local_labels(dataset, tmp_path):

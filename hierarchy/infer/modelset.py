@@ -17,6 +17,10 @@ class PredictError(RuntimeError):
     """The job refuses to run or to publish: the message says what and where."""
 
 
+class ModelMissing(PredictError):
+    """A model the strategy needs was never trained (or its files are gone)."""
+
+
 @dataclass(frozen=True)
 class ModelRef:
     key: str          # level1 | flat | branch/<l1>
@@ -41,13 +45,14 @@ class ModelSet:
 
 def available_strategies(models: str, run_id: str) -> List[str]:
     """The strategies this run's models can serve (evaluate scores each of them)."""
-    run = _read_run(models, run_id, required=False) or {}
-    have = run.get("models", {})
-    out = []
-    if "flat" in have and "metrics" in have["flat"]:
-        out.append("flat")
-    if "level1" in have and any(k.startswith("branch/") and "metrics" in v
-                                for k, v in have.items()):
+    fs, root = storage.resolve(models)
+
+    def has(key: str) -> bool:
+        return storage.exists(fs, storage.join(root, run_id, *key.split("/"), store.MODEL_FILE))
+
+    branches = [f.base_name for f in storage.list_dir(fs, storage.join(root, run_id, "branch"))]
+    out = ["flat"] if has("flat") else []
+    if has("level1") and any(has(f"branch/{b}") for b in branches):
         out.append("two-stage")
     if len(out) == 2:
         out.append("blend")
@@ -66,23 +71,28 @@ def _read_run(models: str, run_id: str, required: bool = True) -> Optional[dict]
 
 
 def _ref(models: str, run: dict, run_id: str, key: str, fingerprint: str) -> ModelRef:
-    entry = run.get("models", {}).get(key)
     fs, root = storage.resolve(models)
-    path = storage.join(root, run_id, *key.split("/"), store.MODEL_FILE)
-    if not entry or "metrics" not in entry or not storage.exists(fs, path):
+    folder = storage.join(root, run_id, *key.split("/"))
+    path = storage.join(folder, store.MODEL_FILE)
+    # the model's own folder describes it (metrics.json is written beside model.h5); run.json
+    # is the run's summary of its models
+    metrics_file = storage.join(folder, "metrics.json")
+    metrics = storage.read_json(fs, metrics_file) if storage.exists(fs, metrics_file) else \
+        run.get("models", {}).get(key, {}).get("metrics")
+    if not metrics or not storage.exists(fs, path):
         hint = "--level 1" if key == "level1" else \
             "--level 3 --mode flat" if key == "flat" else \
             f"--level 3 --mode branch --branches {key.split('/')[1]}"
-        raise PredictError(f"run {run_id}: model {key} is missing ({path}); train it with "
+        raise ModelMissing(f"run {run_id}: model {key} is missing ({path}); train it with "
                            f"`hierarchy train ... --run-id {run_id} {hint}`")
-    got = entry["metrics"].get("taxonomy_fingerprint") or run.get("taxonomy_fingerprint")
+    got = metrics.get("taxonomy_fingerprint") or run.get("taxonomy_fingerprint")
     if got != fingerprint:
         raise PredictError(
             f"run {run_id}: model {key} was trained on taxonomy {str(got)[:19]}, but the "
             f"dataset has {fingerprint[:19]}: its class ids would mean other categories. "
             f"Score with a run trained on this dataset's category table.")
     cfg = run.get("config", {}).get(key, {})
-    return ModelRef(key=key, path=path if "://" in models else path,
+    return ModelRef(key=key, path=path,
                     backbone=cfg.get("backbone", "small_cnn"),
                     image_size=int(cfg.get("image_size", 64)))
 
@@ -111,9 +121,10 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
             entry = run.get("models", {}).get(f"branch/{b}", {})
             if entry.get("status") == "no training images":
                 untrained.append(b)
-            elif "metrics" in entry:
+                continue
+            try:
                 branches[b] = _ref(models, run, run_id, f"branch/{b}", fingerprint)
-            else:
+            except ModelMissing:
                 missing.append(b)
         if missing:
             ids = ",".join(str(b) for b in missing)

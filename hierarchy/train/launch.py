@@ -94,6 +94,12 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
         lead = min(per_rank, key=lambda r: r["rank"])
         lead["ranks"] = [{"rank": r["rank"], "checksum": r["checksum"]} for r in per_rank]
         results[spec["key"]] = lead
+        if lead.get("status") == "already trained":
+            # a re-run of a finished model: run.json keeps what the training recorded
+            done = (store.read_json(os.path.join(store.run_dir(models, run_id), "run.json"),
+                                    {}) or {}).get("models", {}).get(spec["key"], {})
+            lead["metrics"] = done.get("metrics", {})
+            continue
         if lead["rank"] == 0:  # under horovodrun the other processes write nothing
             store.update_run(models, run_id, config=spec["train"], fingerprint=fingerprint,
                              data=data, manifest=manifest, key=spec["key"],
@@ -102,7 +108,7 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
     for b, info in skipped.items():
         results[f"branch/{b}"] = info
         if is_lead:
-                store.update_run(models, run_id, config=dict(cfg["train"]),
+            store.update_run(models, run_id, config=dict(cfg["train"]),
                              fingerprint=fingerprint, data=data, manifest=manifest,
                              key=f"branch/{b}", result=info)
     return results

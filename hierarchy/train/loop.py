@@ -178,7 +178,9 @@ def _finish(model, spec, history, ckpt_dir, out_dir, taxonomy, n_classes, steps,
 def summary_line(key: str, result: dict) -> str:
     m = result.get("metrics", {})
     if result.get("status"):
-        return f"{key}: {result['status']}"
+        acc = m.get("val_accuracy")
+        return f"{key}: {result['status']}" + ("" if acc is None else
+                                                 f" (val accuracy {acc:.3f})")
     acc = m.get("val_accuracy")
     return (f"{key}: val accuracy {acc:.3f}" if acc is not None else f"{key}: trained") + \
         f" (top-5 {m.get('val_top5', float('nan')):.3f}, {m.get('epochs')} epochs, " \
