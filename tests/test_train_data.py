@@ -262,3 +262,35 @@ def test_bad_arguments(dataset):
     with pytest.raises(ValueError, match="no labels"):
         with tdata.make_dataset(data, "test", label="l1", **common):
             pass
+
+
+def test_an_undecodable_picture_is_dropped_not_fatal(tmp_path, spark):
+    """JPEG markers around no picture pass ingest's default check (markers only): training and
+    validation skip that picture and go on with every other one."""
+    import bson
+    from corrupt import JPEG_OK
+
+    from hierarchy.config import load_config
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.synth import generate
+
+    generate(str(tmp_path / "syn"), products=40, seed=2, taxonomy="small", test_products=0,
+             workers=1, progress=False)
+    dump = tmp_path / "syn" / "train.bson"
+    first_category = int((tmp_path / "syn" / "category_names.csv").read_text()
+                         .splitlines()[1].split(",")[0])
+    broken = {"_id": 999999, "category_id": first_category, "imgs": [{"picture": JPEG_OK}]}
+    dump.write_bytes(bson.encode(broken) + dump.read_bytes())
+    cfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
+                                 "ingest.val_fraction=0.0"])
+    data = str(tmp_path / "ds")
+    run_ingest(spark, cfg, [str(dump)], str(tmp_path / "syn" / "category_names.csv"), data,
+               "train")
+    rows = parquet_rows(data, "train")
+    assert (999999, 0) in rows  # it did reach images/
+    with tdata.make_dataset(data, "train", label="l1", image_size=SIZE, batch_size=8,
+                            training=True, seed=1) as ds:
+        seen = sum(int(labels.shape[0]) for _, labels in ds.take(2 * len(rows) // 8 + 2))
+    assert seen > len(rows)  # more than one pass over the split, no error
+    got = collect(data, "train", label="l1")
+    assert set(got) == set(rows) - {(999999, 0)}

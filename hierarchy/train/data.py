@@ -53,6 +53,7 @@ MAX_ROTATION_DEG = 10.0
 BRIGHTNESS = 0.08          # +- fraction of full scale
 CONTRAST = (0.85, 1.15)
 SATURATION = (0.85, 1.15)
+DECODE_CHUNK = 16          # pictures per inner decode dataset (see make_dataset)
 
 # petastorm 0.13 drives pyarrow's legacy ParquetDataset and warns about it on every row group
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
@@ -316,8 +317,16 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
-        ds = ds.map(_decode_fn(image_size, training and augment, preprocess, seed),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        decode = _decode_fn(image_size, training and augment, preprocess, seed)
+        # a picture TensorFlow cannot decode (ingest's default check looks at the JPEG
+        # markers only) is dropped with a warning instead of ending the training. Pictures
+        # are decoded in small inner datasets of DECODE_CHUNK, so ignore_errors only ever
+        # sees decode errors, never an error of the reader upstream (which must stay fatal)
+        ds = ds.batch(DECODE_CHUNK).interleave(
+            lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(decode)
+            .ignore_errors(log_warning=True),
+            cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch_size, drop_remainder=training)
         yield ds.prefetch(tf.data.AUTOTUNE)
     finally:
