@@ -62,7 +62,7 @@ demo: setup
 	@echo
 	@echo "demo done:"
 	@echo "  submission   $(DEMO)/output/submission.csv"
-	@echo "  table        hierarchy.predictions (Parquet at $(DEMO)/output/predictions; metastore $(DEMO)/warehouse)"
+	@echo "  table        predictions (Parquet at $(DEMO)/output/predictions; metastore $(DEMO)/warehouse)"
 	@echo "  report       $(DEMO)/output/evaluation/demo/report.md"
 	@echo "  notebook     notebooks/analyst.ipynb (overrides: $(DEMO_CONF))"
 

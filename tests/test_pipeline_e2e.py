@@ -84,6 +84,16 @@ def test_submission_matches_the_kaggle_format(pipeline):
     assert "submission: out/submission.csv" in pipeline["stdout"]["predict"]
 
 
+def test_an_analyst_queries_the_table_by_its_plain_name(pipeline):
+    query = ("from hierarchy.config import load_config; from hierarchy.spark import get_spark; "
+             "import sys; s = get_spark(load_config(overrides=sys.argv[1:])); "
+             "print('ROWS', s.sql(\"SELECT count(*) FROM predictions WHERE run_id = 'e2e' "
+             "AND split = 'test'\").first()[0]); s.stop()")
+    out = run(sys.executable, "-c", query, cwd=pipeline["root"], conf=pipeline["conf"])
+    n_test = len((pipeline["root"] / "out" / "submission.csv").read_text().splitlines()) - 1
+    assert f"ROWS {n_test}" in out
+
+
 def test_level1_trained_on_two_workers_under_spark_submit(pipeline):
     run_json = json.loads((pipeline["root"] / "models" / "e2e" / "run.json").read_text())
     assert run_json["models"]["level1"]["size"] == 2
