@@ -27,6 +27,11 @@ examples:
       --output data/dataset
   hierarchy ingest --input data/synth/test.bson --categories data/synth/category_names.csv \\
       --output data/dataset --kind test
+  hierarchy train --data data/dataset --models data/models --run-id r1 --level 1
+  hierarchy train --data data/dataset --models data/models --run-id r1 --level 3 --mode branch
+  hierarchy predict --data data/dataset --models data/models --run-id r1 --split test \\
+      --strategy two-stage --output data/output
+  hierarchy evaluate --data data/dataset --models data/models --run-id r1 --output data/output
 """
 
 
