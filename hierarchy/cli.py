@@ -234,13 +234,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - job-level refusals get a one-line message
         from hierarchy.infer.modelset import PredictError
+        from hierarchy.ingest.lock import OutputLocked
         from hierarchy.ingest.manifest import DatasetNotReady
         from hierarchy.ingest.pipeline import IngestError
         from hierarchy.train.launch import TrainError
         from hierarchy.train.models import WeightsUnavailable
 
         if isinstance(exc, (IngestError, DatasetNotReady, TrainError, WeightsUnavailable,
-                            PredictError)):
+                            PredictError, OutputLocked)):
             print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
             return 3
         raise

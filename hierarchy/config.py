@@ -59,6 +59,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "ingest.split_seed": _range(0, 2**63 - 1),
     "ingest.max_bad_fraction": _range(0.0, 1.0),
     "ingest.max_document_mb": _range(1, 2047),
+    "ingest.lock_stale_hours": _range(0.0, 100000, lo_open=True),
     "ingest.verify_jpeg": _choice("markers", "decode"),
     "ingest.compression": _choice("none", "snappy", "zstd", "gzip"),
     "synth.products": _range(1, 10**9),

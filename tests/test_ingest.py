@@ -222,3 +222,29 @@ def test_synthetic_catalog_round_trips_through_ingest(spark, cfg, tmp_path):
             for i, p in enumerate(d["imgs"])}
     assert {(r.product_id, r.img_idx): r.md5 for r in got.itertuples()} == want
     assert set(got["split"].astype(str)) == {"train", "val", "test"}
+
+
+def test_a_second_ingest_into_a_busy_folder_is_refused_and_a_dead_ones_lock_taken_over(
+        spark, cfg, real_bson, real_categories, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from hierarchy.ingest.lock import LOCK_FILE, OutputLocked
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "kind": "test", "since": 0}
+    lock.write_text(json.dumps(live))
+    with pytest.raises(OutputLocked, match=f"pid {os.getpid()}"):
+        ingest(spark, cfg, [real_bson], real_categories, out)
+    assert not (out / "manifest.json").exists() and lock.exists()  # nothing touched
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    lock.write_text(json.dumps({**live, "pid": int(gone)}))  # its process has ended
+    entry = ingest(spark, cfg, [real_bson], real_categories, out)
+    assert entry["counts"]["products"] == 82
+    assert not lock.exists()  # released when the job ended

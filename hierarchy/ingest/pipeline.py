@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 from hierarchy import storage
 from hierarchy.ingest import decode as dec
+from hierarchy.ingest.lock import output_lock
 from hierarchy.ingest.manifest import (
     begin_kind,
     finish_kind,
@@ -230,9 +231,16 @@ def _check_taxonomy(fs, out: str, taxonomy: Taxonomy, categories: str) -> None:
 
 def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
                kind: str = "train") -> dict:
-    """Wire extract, transform and load; returns the manifest entry for this kind."""
+    """Wire extract, transform and load; returns the manifest entry for this kind. The whole
+    job holds the output folder's lock (:mod:`hierarchy.ingest.lock`)."""
     if kind not in KIND_SPLITS:
         raise IngestError(f"--kind {kind!r}: expected train or test")
+    with output_lock(output, kind, cfg["ingest"]["lock_stale_hours"]):
+        return _ingest_locked(spark, cfg, inputs, categories, output, kind)
+
+
+def _ingest_locked(spark, cfg, inputs: Sequence[str], categories: str, output: str,
+                   kind: str) -> dict:
     icfg = cfg["ingest"]
     progress = bool(icfg["progress"])
     t0 = time.time()
