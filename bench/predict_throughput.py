@@ -47,8 +47,9 @@ from input_pipeline import prepare  # noqa: E402
 
 from hierarchy.config import load_config  # noqa: E402
 from hierarchy.infer.modelset import ModelRef, ModelSet  # noqa: E402
-from hierarchy.infer.pipeline import load_taxonomy, read_images, score, training_prior  # noqa: E402
+from hierarchy.infer.pipeline import read_images, score, training_prior  # noqa: E402
 from hierarchy.infer.scoring import ScoringPlan  # noqa: E402
+from hierarchy.ingest.manifest import load_taxonomy  # noqa: E402
 from hierarchy.train import store  # noqa: E402
 from hierarchy.train.data import resize_for_model  # noqa: E402
 from hierarchy.train.models import custom_objects, preprocess_for  # noqa: E402

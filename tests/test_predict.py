@@ -12,8 +12,9 @@ from corrupt import JPEG_OK, split_docs
 
 from hierarchy.config import load_config
 from hierarchy.infer.modelset import PredictError, load_modelset
-from hierarchy.infer.pipeline import load_taxonomy, read_images, run_predict, score
+from hierarchy.infer.pipeline import read_images, run_predict, score
 from hierarchy.infer.scoring import ScoringPlan
+from hierarchy.ingest.manifest import load_taxonomy
 from hierarchy.train.launch import run_training
 
 pytestmark = pytest.mark.spark

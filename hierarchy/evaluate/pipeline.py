@@ -7,7 +7,8 @@ from __future__ import annotations
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, load_histories, write_report
 from hierarchy.infer.modelset import PredictError, available_strategies
-from hierarchy.infer.pipeline import load_taxonomy, run_predict
+from hierarchy.infer.pipeline import run_predict
+from hierarchy.ingest.manifest import load_taxonomy
 
 
 def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,

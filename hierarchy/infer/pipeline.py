@@ -18,19 +18,13 @@ from hierarchy import storage
 from hierarchy.infer import tables
 from hierarchy.infer.modelset import PredictError, load_modelset
 from hierarchy.infer.scoring import INPUT_COLUMNS, SCORED_SCHEMA, ScoringPlan, score_partitions
-from hierarchy.ingest.manifest import require_complete
-from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
+from hierarchy.ingest.manifest import load_taxonomy, require_complete
+from hierarchy.taxonomy import Taxonomy
 
 SPLIT_KIND = {"test": "test", "val": "train"}
 
 
 # ----------------------------------------------------------------------------- extract
-def load_taxonomy(data: str) -> Taxonomy:
-    fs, root = storage.resolve(data)
-    with fs.open_input_stream(storage.join(root, TAXONOMY_FILE)) as fh:
-        return Taxonomy.from_json(fh.read().decode("utf-8"))
-
-
 def read_images(spark, data: str, split: str):
     from pyspark.sql import functions as F
 

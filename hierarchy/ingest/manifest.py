@@ -10,7 +10,7 @@ import datetime as dt
 from typing import Iterable
 
 from hierarchy import storage
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
 
 FORMAT = "hierarchy-dataset/1"
 
@@ -63,6 +63,15 @@ def finish_kind(fs, path: str, manifest: dict, kind: str, entry: dict,
     manifest["kinds"][kind] = entry
     _stamp(manifest, taxonomy)
     storage.write_json_atomic(fs, path, manifest)
+
+
+def load_taxonomy(data: str) -> Taxonomy:
+    """The taxonomy a dataset was ingested with (``taxonomy.json`` beside its manifest), on any
+    filesystem :mod:`hierarchy.storage` knows."""
+    fs, root = storage.resolve(data)
+    path = storage.join(root, TAXONOMY_FILE)
+    with fs.open_input_stream(path) as fh:
+        return Taxonomy.from_json(fh.read().decode("utf-8"), source=path)
 
 
 def require_complete(data: str, kinds: Iterable[str]) -> dict:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
-from hierarchy.ingest.manifest import require_complete
-from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
+from hierarchy.ingest.manifest import load_taxonomy, require_complete
 from hierarchy.train import store
 from hierarchy.train.tracking import tracking_uri
 
@@ -27,11 +26,9 @@ def _under_horovodrun() -> bool:
 
 
 def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[str],
-         branches: Optional[Sequence[int]]) -> tuple:
+         branches: Optional[Sequence[int]], manifest: dict) -> tuple:
     """(specs to train, branches recorded without a model)."""
-    manifest = require_complete(data, ["train"])
-    with open(os.path.join(data, TAXONOMY_FILE)) as fh:
-        taxonomy = Taxonomy.from_json(fh.read())
+    taxonomy = load_taxonomy(data)
     tcfg = dict(cfg["train"])
     base = {"data": data, "models": models, "run_id": run_id, "train": tcfg, "level": level,
             "tracking": {"uri": tracking_uri(tcfg["tracking_uri"], models),
@@ -83,8 +80,8 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
     if level == 3 and mode not in ("flat", "branch"):
         raise TrainError("--level 3 needs --mode flat or --mode branch")
     np_ = np_ or cfg["train"]["np"]
-    specs, skipped = plan(cfg, data, models, run_id, level, mode, branches)
     manifest = require_complete(data, ["train"])
+    specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest)
     fingerprint = manifest["taxonomy"]["fingerprint"]
     results = {}
     for spec in specs:

@@ -35,8 +35,7 @@ def train_model(spec: dict) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from hierarchy.ingest.manifest import require_complete
-    from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
+    from hierarchy.ingest.manifest import load_taxonomy, require_complete
     from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
     from hierarchy.train.callbacks import (
@@ -53,8 +52,7 @@ def train_model(spec: dict) -> dict:
 
     # ---- data
     manifest = require_complete(spec["data"], ["train"])
-    with open(os.path.join(spec["data"], TAXONOMY_FILE)) as fh:
-        taxonomy = Taxonomy.from_json(fh.read())
+    taxonomy = load_taxonomy(spec["data"])
     label, branch = spec["label"], spec.get("branch")
     n_classes = tdata.class_count(taxonomy, label, branch)
     steps = tdata.steps_per_epoch(manifest, "train", tcfg["batch_size"], size, branch)
