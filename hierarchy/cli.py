@@ -35,6 +35,11 @@ examples:
 """
 
 
+def _dataset_and_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
+    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML merged over conf/local.yaml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -81,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "flat/, branch/<l1>/, run.json). A run interrupted after an "
                                    "epoch resumes from its last checkpoint when re-run with "
                                    "the same --run-id.")
-    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
-    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+    _dataset_and_models(p)
     p.add_argument("--level", required=True, type=int, choices=(1, 3))
     p.add_argument("--mode", choices=("flat", "branch"),
                    help="level 3 only: one flat model, or one model per level-1 branch")
@@ -100,8 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "registered as the catalog's predictions table; a re-run "
                                    "replaces its own run/split/strategy partition) and, for "
                                    "the test split, OUTPUT/submission.csv (_id,category_id).")
-    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
-    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+    _dataset_and_models(p)
     p.add_argument("--run-id", required=True, help="the trained run to score with")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--strategy", choices=("flat", "two-stage", "blend"),
@@ -115,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per-branch accuracy, level-1 confusion and training "
                                    "curves, flat and two-stage side by side, into "
                                    "OUTPUT/evaluation/RUN_ID/ (report.json, report.md, PNGs).")
-    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
-    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+    _dataset_and_models(p)
     p.add_argument("--run-id", required=True, help="the trained run to evaluate")
     p.add_argument("--output", required=True, metavar="DIR")
     _common(p)
