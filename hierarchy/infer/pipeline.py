@@ -13,6 +13,7 @@ load       the ``predictions`` table partition of (run id, split, strategy), the
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from hierarchy import storage
 from hierarchy.infer import tables
@@ -32,11 +33,12 @@ def read_images(spark, data: str, split: str):
     return df.where(F.col("split") == split).select(*INPUT_COLUMNS)
 
 
-def read_products(spark, data: str, split: str):
+def read_products(spark, data: str, split: str, kind: Optional[str] = None):
+    """Products of one split (of ingest kind ``kind``, by default the split's own)."""
     from pyspark.sql import functions as F
 
     df = spark.read.parquet(storage.to_url(storage.join(data, "products")))
-    return df.where((F.col("kind") == SPLIT_KIND[split]) & (F.col("split") == split))
+    return df.where((F.col("kind") == (kind or SPLIT_KIND[split])) & (F.col("split") == split))
 
 
 def training_prior(spark, data: str):
@@ -44,9 +46,7 @@ def training_prior(spark, data: str):
     product with no usable picture. An aggregate: nothing but one row reaches the driver."""
     from pyspark.sql import functions as F
 
-    train = spark.read.parquet(storage.to_url(storage.join(data, "products"))).where(
-        (F.col("kind") == "train") & (F.col("split") == "train"))
-    counts = train.groupBy("category_id").count()
+    counts = read_products(spark, data, "train", kind="train").groupBy("category_id").count()
     best = counts.orderBy(F.desc("count"), F.asc("category_id")).first()
     if best is None:
         raise PredictError(f"{data}: no training products, so no prior for products without "
@@ -66,7 +66,7 @@ def score(images, plan: ScoringPlan, partitions: int):
                   .mapInPandas(score_partitions(plan), SCORED_SCHEMA))
 
 
-def fallback_rows(spark, products, images, taxonomy: Taxonomy, prior: tuple):
+def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple):
     """Products of the split with no row in images/ (every picture quarantined at ingest):
     the training prior, flagged. Only the product_id column of images/ is read."""
     from pyspark.sql import functions as F
@@ -131,7 +131,7 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
     images = read_images(spark, data, split)
     products = read_products(spark, data, split)
     rows = score(images, plan, int(pcfg["partitions"])).unionByName(
-        fallback_rows(spark, products, images, taxonomy, prior))
+        fallback_rows(products, images, taxonomy, prior))
     final = finish_rows(rows, run_id, split, strategy)
     echo(f"scoring split {split} with run {run_id} ({strategy}"
          + (f", top-{plan.top_k} branches" if strategy != "flat" and plan.top_k else "")
@@ -154,8 +154,8 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
               "untrained_branches": modelset.untrained_branches}
     if split == "test":
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
-        tables.check_submission_rows(spark, sub, products)
-        result["submission"] = tables.write_submission(spark, sub, output,
+        tables.check_submission_rows(sub, products)
+        result["submission"] = tables.write_submission(sub, output,
                                                        bool(pcfg["submission_gzip"]))
     result["seconds"] = round(time.time() - t0, 2)
     return result

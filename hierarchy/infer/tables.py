@@ -65,7 +65,7 @@ def write_predictions(spark, df, output: str, catalog: dict) -> str:
     return name
 
 
-def check_submission_rows(spark, sub, products) -> Tuple[int, int]:
+def check_submission_rows(sub, products) -> Tuple[int, int]:
     """Exactly one row per product of the input: (rows, products), else PredictError."""
     from pyspark.sql import functions as F
 
@@ -82,7 +82,7 @@ def check_submission_rows(spark, sub, products) -> Tuple[int, int]:
     return stats.rows, n_products
 
 
-def write_submission(spark, sub, output: str, gzip: bool) -> str:
+def write_submission(sub, output: str, gzip: bool) -> str:
     """One CSV file ``_id,category_id`` sorted by ``_id`` (as Kaggle's sample is), written
     by Spark to a staging folder and moved into place, so a reader never sees half a file."""
     import uuid
