@@ -1,8 +1,10 @@
 """`hierarchy <stage> ...`: the command line of every stage.
 
 Each stage takes ``--config FILE`` (merged over conf/local.yaml) and ``section.key=value``
-overrides; the configuration is validated before any work starts. Exit codes: 0 success,
-2 bad command line / config / taxonomy, 3 the job refused to commit its output.
+overrides; the configuration, and every path a command is given, is checked before Spark
+starts. Exit codes (:mod:`hierarchy.errors`): 0 done, 2 the command cannot run as given
+(command line, config, category table, paths), 3 the job refused (bad input, not ready,
+missing model, locked); anything else is a crash with its traceback.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import os
 import sys
 from typing import List, Optional
 
-from hierarchy.config import ConfigError, load_config
-from hierarchy.taxonomy import TaxonomyError
+from hierarchy.config import load_config
+from hierarchy.errors import HierarchyError, UsageError
 
 EPILOG = """\
 configuration:
@@ -33,6 +35,21 @@ examples:
       --strategy two-stage --output data/output
   hierarchy evaluate --data data/dataset --models data/models --run-id r1 --output data/output
 """
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (argparse turns the ValueError into exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 def _dataset_and_models(p: argparse.ArgumentParser) -> None:
@@ -59,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write DIR/train.bson, DIR/test.bson and "
                                    "DIR/category_names.csv in the exact Cdiscount format.")
     p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--products", type=int, help="train products (default synth.products)")
-    p.add_argument("--test-products", type=int, help="test products (default synth.test_products)")
-    p.add_argument("--seed", type=int, help="random seed (default synth.seed)")
+    p.add_argument("--products", type=_count(1), help="train products (default synth.products)")
+    p.add_argument("--test-products", type=_count(0),
+                   help="test products (default synth.test_products)")
+    p.add_argument("--seed", type=_count(0), help="random seed (default synth.seed)")
     p.add_argument("--taxonomy", help="small (4/12/40), full (49/483/5270) or a "
                                       "category_names.csv (default synth.taxonomy)")
     _common(p)
@@ -92,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="level 3 only: one flat model, or one model per level-1 branch")
     p.add_argument("--branches", metavar="ID,...",
                    help="branch mode: only these level-1 ids (to fan branches out)")
-    p.add_argument("--np", type=int, help="Horovod workers (default train.np); > 1 runs "
+    p.add_argument("--np", type=_count(1), help="Horovod workers (default train.np); > 1 runs "
                                           "them as Spark tasks via horovod.spark.run")
     p.add_argument("--run-id", help="model run id (default: a timestamp)")
     _common(p)
@@ -155,8 +173,10 @@ def _with_spark(cfg, stage: str, job):
 
 
 def _ingest(args, cfg) -> int:
-    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.ingest.pipeline import check_ingest, run_ingest
     from hierarchy.ingest.report import summary_lines
+
+    check_ingest(cfg, args.input, args.categories, args.output, args.kind)  # before Spark
 
     entry = _with_spark(cfg, "ingest", lambda spark: run_ingest(
         spark, cfg, args.input, args.categories, args.output, args.kind))
@@ -167,18 +187,21 @@ def _ingest(args, cfg) -> int:
 def _train(args, cfg) -> int:
     import time
 
-    from hierarchy.train.launch import TrainError, run_training
+    from hierarchy.train.launch import check_training, run_training
     from hierarchy.train.loop import summary_line
 
     if args.level == 1 and (args.mode or args.branches):
-        raise TrainError("--mode/--branches apply to --level 3 only")
+        raise UsageError("--mode/--branches apply to --level 3 only")
+    if args.level == 3 and not args.mode:
+        raise UsageError("--level 3 needs --mode flat or --mode branch")
     if args.branches and args.mode != "branch":
-        raise TrainError("--branches needs --mode branch")
+        raise UsageError("--branches needs --mode branch")
     try:
         branches = [int(b) for b in args.branches.split(",")] if args.branches else None
     except ValueError:
-        raise TrainError(f"--branches {args.branches!r}: expected level-1 ids like 0,3,7") \
+        raise UsageError(f"--branches {args.branches!r}: expected level-1 ids like 0,3,7") \
             from None
+    check_training(cfg, args.data, args.models, args.level, args.mode, branches)
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
     spark = {}
 
@@ -202,7 +225,10 @@ def _train(args, cfg) -> int:
 
 
 def _predict(args, cfg) -> int:
-    from hierarchy.infer.pipeline import run_predict, summary
+    from hierarchy.infer.pipeline import check_predict, run_predict, summary
+
+    check_predict(args.data, args.models, args.run_id, args.split,
+                  args.strategy or cfg["predict"]["strategy"], args.output)  # before Spark
 
     result = _with_spark(cfg, "predict", lambda spark: run_predict(
         spark, cfg, args.data, args.models, args.run_id, args.split,
@@ -212,7 +238,9 @@ def _predict(args, cfg) -> int:
 
 
 def _evaluate(args, cfg) -> int:
-    from hierarchy.evaluate.pipeline import headline, run_evaluate
+    from hierarchy.evaluate.pipeline import check_evaluate, headline, run_evaluate
+
+    check_evaluate(args.data, args.models, args.run_id, args.output)  # before Spark
 
     result = _with_spark(cfg, "evaluate", lambda spark: run_evaluate(
         spark, cfg, args.data, args.models, args.run_id, args.output))
@@ -231,22 +259,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return STAGES[args.stage](args, cfg)
-    except (ConfigError, TaxonomyError) as exc:
+    except HierarchyError as exc:  # one line a user can act on; anything else is a crash
         print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - job-level refusals get a one-line message
-        from hierarchy.infer.modelset import PredictError
-        from hierarchy.ingest.lock import OutputLocked
-        from hierarchy.ingest.manifest import DatasetNotReady
-        from hierarchy.ingest.pipeline import IngestError
-        from hierarchy.train.launch import TrainError
-        from hierarchy.train.models import WeightsUnavailable
-
-        if isinstance(exc, (IngestError, DatasetNotReady, TrainError, WeightsUnavailable,
-                            PredictError, OutputLocked)):
-            print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
-            return 3
-        raise
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import yaml
 
+from hierarchy.errors import UsageError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "local.yaml"
 
@@ -22,7 +24,7 @@ DEFAULT_CONFIG = CONF_DIR / "local.yaml"
 OPEN_SECTIONS = {"spark.conf"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config value or key that cannot be used; the message names the key and what is allowed."""
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from typing import Any, Tuple
 
 import pyarrow.fs as pafs
+
+from hierarchy.errors import UsageError
 
 
 def resolve(url: str) -> Tuple[pafs.FileSystem, str]:
@@ -65,3 +68,76 @@ def read_json(fs: pafs.FileSystem, path: str) -> Any:
 def list_dir(fs: pafs.FileSystem, path: str):
     """FileInfo of the entries directly under path (empty when path does not exist)."""
     return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+
+
+# ------------------------------------------------------------------ command-line paths
+class PathError(UsageError):
+    """A path given to a command that cannot be used as asked; the message names it."""
+
+
+def _reason(exc: OSError) -> str:
+    """"Permission denied" rather than pyarrow's "Failed to open local file '...'. Detail:
+    [errno 13] Permission denied" (the path is already in the message)."""
+    text = str(exc)
+    found = re.search(r"\[errno \d+\] (.+)", text)
+    if found:
+        return found.group(1).strip()
+    return exc.strerror or (text.splitlines()[0] if text else type(exc).__name__)
+
+
+def _require(url: str, what: str, want: pafs.FileType) -> pafs.FileInfo:
+    fs, path = resolve(url)
+    info = fs.get_file_info(path)
+    noun = "file" if want == pafs.FileType.File else "folder"
+    if info.type == pafs.FileType.NotFound:
+        raise PathError(f"{what} {url}: no such {noun}")
+    if info.type != want:
+        other = "folder" if noun == "file" else "file"
+        raise PathError(f"{what} {url}: is a {other}, not a {noun}")
+    return info
+
+
+def require_file(url: str, what: str = "input") -> pafs.FileInfo:
+    """The file at ``url``, checked to exist, be a file and be readable."""
+    info = _require(url, what, pafs.FileType.File)
+    fs, path = resolve(url)
+    try:
+        with fs.open_input_stream(path) as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise PathError(f"{what} {url}: cannot be read ({_reason(exc)})") from None
+    return info
+
+
+def require_dir(url: str, what: str) -> None:
+    """``url`` exists and is a folder (an input folder such as --data or --models)."""
+    _require(url, what, pafs.FileType.Directory)
+
+
+def require_writable_dir(url: str, what: str) -> None:
+    """``url`` is a folder this process can write into, or one it can create. Nothing is left
+    behind: the check writes and deletes a probe file in the folder, or in its nearest
+    existing ancestor when the folder does not exist yet."""
+    fs, path = resolve(url)
+    probe_dir = path
+    while True:
+        info = fs.get_file_info(probe_dir)
+        if info.type == pafs.FileType.Directory:
+            break
+        if info.type == pafs.FileType.File:
+            if probe_dir == path:
+                raise PathError(f"{what} {url}: is a file, not a folder")
+            raise PathError(f"{what} {url}: cannot be created, {probe_dir} is a file")
+        parent = probe_dir.rsplit("/", 1)[0] if "/" in probe_dir.rstrip("/") else ""
+        if not parent or parent == probe_dir:
+            break  # a bucket root or a scheme without folders: let the write below tell
+        probe_dir = parent
+    probe = join(probe_dir, f".hierarchy-write-probe-{uuid.uuid4().hex}")
+    try:
+        with fs.open_output_stream(probe) as out:
+            out.write(b"")
+        fs.delete_file(probe)
+    except OSError as exc:
+        where = "" if probe_dir == path else f" (in {probe_dir})"
+        verb = "is not writable" if probe_dir == path else "cannot be created"
+        raise PathError(f"{what} {url}: {verb}{where}: {_reason(exc)}") from None

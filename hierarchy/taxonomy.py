@@ -18,11 +18,13 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from hierarchy.errors import UsageError
+
 COLUMNS = ("category_id", "category_level1", "category_level2", "category_level3")
 TAXONOMY_FILE = "taxonomy.json"
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(UsageError, ValueError):
     """A category table that cannot be used: names the file, the line and the reason."""
 
 

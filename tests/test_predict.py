@@ -157,6 +157,38 @@ def test_models_of_another_taxonomy_are_refused_before_scoring(world, spark, tmp
     assert not (tmp_path / "out").exists()  # refused before anything was scored or written
 
 
+def test_duplicated_product_ids_are_refused_before_scoring_naming_the_ids(
+        world, spark, tmp_path, monkeypatch):
+    from hierarchy.infer import pipeline
+
+    # a dataset ingested before duplicate ids were quarantined at ingest
+    data = tmp_path / "ds"
+    shutil.copytree(world["data"], data)
+    part = sorted((data / "products" / "kind=test").glob("part-*.parquet"))[0]
+    shutil.copy(part, part.with_name("part-99999.parquet"))
+    ids = sorted(pd.read_parquet(part).product_id)[:3]
+    monkeypatch.setattr(pipeline, "score",
+                        lambda *a, **k: pytest.fail("scored before the duplicate check"))
+    with pytest.raises(PredictError, match=r"product id\(s\) appear more than once \(e\.g\. "
+                                           + ", ".join(map(str, ids))):
+        run_predict(spark, predict_cfg(tmp_path), str(data), world["models"], RUN, "test",
+                    "flat", str(tmp_path / "out"))
+
+
+def test_the_submission_check_names_the_offending_ids(spark):
+    from hierarchy.infer.tables import check_submission_rows
+
+    products = spark.createDataFrame([(1,), (2,), (3,), (4,)], "product_id long")
+    sub = spark.createDataFrame([(1, 10), (1, 10), (2, 10), (9, 10)],
+                                "_id long, category_id long")
+    with pytest.raises(PredictError, match=r"4 rows for 4 products: 1 duplicated \(e\.g\. 1\);"
+                                           r" 2 missing \(e\.g\. 3, 4\); 1 unknown \(e\.g\. 9\);"
+                                           r" nothing was published"):
+        check_submission_rows(sub, products)
+    assert check_submission_rows(sub.limit(0).union(spark.createDataFrame(
+        [(i, 10) for i in (1, 2, 3, 4)], "_id long, category_id long")), products) == (4, 4)
+
+
 def test_two_stage_refuses_a_run_without_its_branch_models(world, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(world["models"], models, ignore=shutil.ignore_patterns("mlruns"))

@@ -4,21 +4,34 @@ table with Spark aggregations and write the report, plots included."""
 
 from __future__ import annotations
 
+from hierarchy import storage
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, load_histories, write_report
 from hierarchy.infer.modelset import PredictError, available_strategies
-from hierarchy.infer.pipeline import run_predict
+from hierarchy.infer.pipeline import check_predict, run_predict
 from hierarchy.ingest.manifest import load_taxonomy
+
+
+def check_evaluate(data: str, models: str, run_id: str, output: str) -> list:
+    """The strategies to evaluate, after every check that needs no Spark (paths: exit 2; no
+    model, a model or dataset that cannot be used: exit 3)."""
+    storage.require_dir(data, "--data")
+    storage.require_dir(models, "--models")
+    storage.require_writable_dir(output, "--output")
+    strategies = available_strategies(models, run_id)
+    if not strategies:
+        raise PredictError(f"run {run_id} in {models}: no flat model and no level-1 + branch "
+                           f"models to evaluate — train them first")
+    for strategy in strategies:
+        check_predict(data, models, run_id, "val", strategy, output)
+    return strategies
 
 
 def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
                  echo=print) -> dict:
     from pyspark.sql import functions as F
 
-    strategies = available_strategies(models, run_id)
-    if not strategies:
-        raise PredictError(f"run {run_id} in {models}: no flat model and no level-1 + branch "
-                           f"models to evaluate — train them first")
+    strategies = check_evaluate(data, models, run_id, output)
     scored = {}
     for strategy in strategies:
         scored[strategy] = run_predict(spark, cfg, data, models, run_id, "val", strategy,

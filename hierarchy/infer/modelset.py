@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from hierarchy import storage
+from hierarchy.errors import Refused
 from hierarchy.taxonomy import Taxonomy
 from hierarchy.train import store
 
 STRATEGIES = ("flat", "two-stage", "blend")
 
 
-class PredictError(RuntimeError):
+class PredictError(Refused, RuntimeError):
     """The job refuses to run or to publish: the message says what and where."""
 
 

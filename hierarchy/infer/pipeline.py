@@ -13,11 +13,13 @@ load       the ``predictions`` table partition of (run id, split, strategy), the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 from hierarchy import storage
+from hierarchy.errors import UsageError
 from hierarchy.infer import tables
-from hierarchy.infer.modelset import PredictError, load_modelset
+from hierarchy.infer.modelset import ModelSet, PredictError, load_modelset
 from hierarchy.infer.scoring import INPUT_COLUMNS, SCORED_SCHEMA, ScoringPlan, score_partitions
 from hierarchy.ingest.manifest import load_taxonomy, require_complete
 from hierarchy.taxonomy import Taxonomy
@@ -105,22 +107,42 @@ def finish_rows(rows, run_id: str, split: str, strategy: str):
 
 
 # ----------------------------------------------------------------------------- the job
+@dataclass(frozen=True)
+class CheckedPredict:
+    manifest: dict
+    taxonomy: Taxonomy
+    modelset: ModelSet
+
+
+def check_predict(data: str, models: str, run_id: str, split: str, strategy: str,
+                  output: str) -> CheckedPredict:
+    """Everything predict can refuse without Spark: the folders (exit 2), a dataset that is
+    not complete, a missing model or one of another taxonomy (exit 3)."""
+    if split not in SPLIT_KIND:
+        raise UsageError(f"--split {split!r}: expected test or val")
+    storage.require_dir(data, "--data")
+    storage.require_dir(models, "--models")
+    storage.require_writable_dir(output, "--output")
+    manifest = require_complete(data, [SPLIT_KIND[split]])
+    taxonomy = load_taxonomy(data)
+    if manifest["taxonomy"]["fingerprint"] != taxonomy.fingerprint:
+        raise PredictError(f"{data}: taxonomy.json does not match manifest.json")
+    return CheckedPredict(manifest, taxonomy, load_modelset(models, run_id, strategy, taxonomy))
+
+
 def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, strategy: str,
                 output: str, echo=print) -> dict:
     from pyspark.sql import functions as F
 
     from hierarchy.spark import run_with_progress
 
-    if split not in SPLIT_KIND:
-        raise PredictError(f"--split {split!r}: expected test or val")
     pcfg = cfg["predict"]
     t0 = time.time()
-    manifest = require_complete(data, [SPLIT_KIND[split]])
-    taxonomy = load_taxonomy(data)
-    if manifest["taxonomy"]["fingerprint"] != taxonomy.fingerprint:
-        raise PredictError(f"{data}: taxonomy.json does not match manifest.json")
-    # refused before any scoring: missing models, another taxonomy
-    modelset = load_modelset(models, run_id, strategy, taxonomy)
+    checked = check_predict(data, models, run_id, split, strategy, output)
+    taxonomy, modelset = checked.taxonomy, checked.modelset
+    products = read_products(spark, data, split)
+    # before any scoring: a submission must hold one row per product id
+    tables.check_unique_products(products, f"{data} products of split {split}")
     prior = training_prior(spark, data)
     plan = ScoringPlan(models=modelset, taxonomy_json=taxonomy.to_json(),
                        prior_category_id=prior[0], prior_share=prior[1],
@@ -129,7 +151,6 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
                        top_n=int(pcfg["top_n"]), threads=int(pcfg["threads"]))
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg["batch_size"]))
     images = read_images(spark, data, split)
-    products = read_products(spark, data, split)
     rows = score(images, plan, int(pcfg["partitions"])).unionByName(
         fallback_rows(products, images, taxonomy, prior))
     final = finish_rows(rows, run_id, split, strategy)

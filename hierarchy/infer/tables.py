@@ -65,20 +65,51 @@ def write_predictions(spark, df, output: str, catalog: dict) -> str:
     return name
 
 
-def check_submission_rows(sub, products) -> Tuple[int, int]:
-    """Exactly one row per product of the input: (rows, products), else PredictError."""
+SAMPLE_IDS = 10  # ids named in a failed check's message
+
+
+def _sample(df, column: str) -> str:
+    """Up to SAMPLE_IDS values of ``column``, ascending, for a message (never a whole set)."""
     from pyspark.sql import functions as F
 
-    ids = products.select(F.col("product_id").alias("_id"))
+    ids = [r[0] for r in df.select(column).orderBy(F.asc(column)).limit(SAMPLE_IDS).collect()]
+    return ", ".join(str(i) for i in ids)
+
+
+def check_unique_products(products, what: str) -> None:
+    """Refuse products/ rows that repeat a product id (a dataset ingested before duplicate ids
+    were quarantined): the submission could not hold one row per product."""
+    from pyspark.sql import functions as F
+
+    dups = products.groupBy("product_id").count().where(F.col("count") > 1)
+    n = dups.count()
+    if n:
+        raise PredictError(
+            f"{what}: {n} product id(s) appear more than once (e.g. {_sample(dups, 'product_id')})"
+            f"; re-ingest that dump: ingest keeps the first occurrence and quarantines the "
+            f"others as duplicate_id")
+
+
+def check_submission_rows(sub, products) -> Tuple[int, int]:
+    """Exactly one row per product of the input: (rows, products), else PredictError naming
+    the offending ids."""
+    from pyspark.sql import functions as F
+
+    ids = products.select(F.col("product_id").alias("_id")).distinct()
     stats = sub.agg(F.count("*").alias("rows"), F.countDistinct("_id").alias("ids")).first()
     n_products = ids.count()
-    missing = ids.join(sub, "_id", "left_anti").count()
-    extra = sub.join(ids, "_id", "left_anti").count()
-    if stats.rows != stats.ids or missing or extra or stats.rows != n_products:
+    duplicated = sub.groupBy("_id").count().where(F.col("count") > 1)
+    missing = ids.join(sub, "_id", "left_anti")
+    extra = sub.join(ids, "_id", "left_anti")
+    problems = []
+    for name, df in (("duplicated", duplicated), ("missing", missing), ("unknown", extra)):
+        n = df.count()
+        if n:
+            problems.append(f"{n} {name} (e.g. {_sample(df, '_id')})")
+    if problems:
         raise PredictError(
-            f"submission check failed: {stats.rows} rows for {n_products} products "
-            f"({stats.rows - stats.ids} duplicated ids, {missing} products missing, {extra} "
-            f"unknown ids); nothing was published")
+            f"submission check failed: {stats.rows} rows for {n_products} products: "
+            + "; ".join(problems) + "; nothing was published")
     return stats.rows, n_products
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import bson
+from bson.int64 import Int64
 
 from hierarchy.taxonomy import Taxonomy
 
@@ -22,14 +23,26 @@ EOI = b"\xff\xd9"
 # Quarantine reason codes (stable: the manifest counts them, analysts filter on them).
 UNDECODABLE_DOCUMENT = "undecodable_document"
 MISSING_ID = "missing_id"
-NO_PICTURES = "no_pictures"
-NO_USABLE_PICTURES = "no_usable_pictures"
+BAD_ID = "bad_id"
+DUPLICATE_ID = "duplicate_id"
 MISSING_CATEGORY = "missing_category"
+BAD_CATEGORY = "bad_category"
 UNKNOWN_CATEGORY = "unknown_category"
+NO_PICTURES = "no_pictures"
+BAD_IMGS = "bad_imgs"
+BAD_IMAGE_ENTRY = "bad_image_entry"
+NO_USABLE_PICTURES = "no_usable_pictures"
 BAD_PICTURE_FIELD = "bad_picture_field"
 NOT_JPEG = "not_jpeg"
 TRUNCATED_JPEG = "truncated_jpeg"
 UNDECODABLE_JPEG = "undecodable_jpeg"
+
+# Quarantine levels: a corrupt byte region, a document that was not used, a product that was
+# kept with something dropped (a test product's unusable label, its missing pictures), a
+# picture. Regions and unused documents tile the bytes that products do not cover.
+REGION, DOCUMENT, PRODUCT, IMAGE = "region", "document", "product", "image"
+
+_INT_TYPES = (int, Int64)  # what BSON int32 and int64 decode to; bool (BSON 0x08) is excluded
 
 
 @dataclass
@@ -44,7 +57,7 @@ class Outcome:
 def jpeg_problem(data: bytes, verify: str = "markers") -> Optional[Tuple[str, str]]:
     """(reason, detail) when ``data`` is not a usable JPEG, else None."""
     if not isinstance(data, (bytes, bytearray)):
-        return BAD_PICTURE_FIELD, f"picture is {type(data).__name__}, not binary"
+        return BAD_PICTURE_FIELD, f"picture is {bson_type(data)}, not binary"
     if not data.startswith(SOI):
         return NOT_JPEG, f"no JPEG start-of-image marker (first bytes {bytes(data[:4]).hex()})"
     if not data.rstrip(b"\x00").endswith(EOI):
@@ -60,61 +73,121 @@ def jpeg_problem(data: bytes, verify: str = "markers") -> Optional[Tuple[str, st
     return None
 
 
+def bson_type(value) -> str:
+    """The BSON type a decoded value came from, for messages ("a string", "a double")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if type(value) is int:
+        return "an int32"
+    if isinstance(value, Int64):
+        return "an int64"
+    names = {float: "a double", str: "a string", list: "an array", dict: "a document",
+             bytes: "binary"}
+    for t, name in names.items():
+        if isinstance(value, t):
+            return name
+    return f"a {type(value).__name__}"
+
+
+def is_bson_int(value) -> bool:
+    return type(value) in _INT_TYPES
+
+
 def _q(source: str, offset: int, length: int, product_id, img_idx, level: str, reason: str,
        detail: str) -> dict:
     return {"source": source, "offset": offset, "length": length, "product_id": product_id,
             "img_idx": img_idx, "level": level, "reason": reason, "detail": detail}
 
 
+def _head_id(raw: bytes) -> Optional[int]:
+    """The ``_id`` the offset index read from the document's first field (int32/int64)."""
+    if len(raw) >= 13 and raw[4] == 0x10 and raw[5:9] == b"_id\x00":
+        return struct.unpack_from("<i", raw, 9)[0]
+    if len(raw) >= 17 and raw[4] == 0x12 and raw[5:9] == b"_id\x00":
+        return struct.unpack_from("<q", raw, 9)[0]
+    return None
+
+
+def _label(doc: dict, kind: str, taxonomy: Taxonomy):
+    """(category_id, (l1, l2, l3), problem) where problem is (reason, detail) or None.
+    Types are checked, never coerced: "1000010653" and 1000010653.5 are not category ids."""
+    if "category_id" not in doc:
+        if kind == "train":
+            return None, (None, None, None), (MISSING_CATEGORY, "train product without "
+                                                                "category_id")
+        return None, (None, None, None), None
+    value = doc["category_id"]
+    if not is_bson_int(value):
+        return None, (None, None, None), (
+            BAD_CATEGORY, f"category_id {value!r} is {bson_type(value)}, not an int32/int64")
+    try:
+        return int(value), taxonomy.levels_of_category(value), None
+    except KeyError:
+        return None, (None, None, None), (
+            UNKNOWN_CATEGORY, f"category_id {int(value)} is not in the category table")
+
+
 def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: str,
                     taxonomy: Taxonomy, verify_jpeg: str = "markers") -> Outcome:
-    """Turn one document's bytes into rows; never raises for bad data."""
+    """Turn one document's bytes into rows; never raises for bad data.
+
+    Every field is checked for its BSON type: ``_id`` an int32/int64 (and the only ``_id``),
+    ``category_id`` an int32/int64 in the taxonomy (train; a test product keeps its row and
+    drops an unusable label), ``imgs`` a non-empty array of documents whose ``picture`` is
+    binary JPEG data."""
     length = len(raw)
 
     def doc_bad(reason: str, detail: str, product_id=None) -> Outcome:
-        return Outcome(None, [], [_q(source, offset, length, product_id, None, "document",
+        return Outcome(None, [], [_q(source, offset, length, product_id, None, DOCUMENT,
                                      reason, detail)])
 
     try:
         doc = bson.decode(raw)
     except Exception as exc:  # noqa: BLE001 - bson raises InvalidBSON and others
         return doc_bad(UNDECODABLE_DOCUMENT, f"bson cannot decode it: {exc}")
-    product_id = doc.get("_id")
-    if not isinstance(product_id, int) or isinstance(product_id, bool):
-        return doc_bad(MISSING_ID, f"_id is {product_id!r}, not an integer")
+    if "_id" not in doc:
+        return doc_bad(MISSING_ID, "no _id field")
+    product_id = doc["_id"]
+    if not is_bson_int(product_id):
+        return doc_bad(BAD_ID, f"_id {product_id!r} is {bson_type(product_id)}, not an "
+                               "int32/int64")
+    head = _head_id(raw)
+    if head is not None and head != product_id:
+        # the offset index (and the split) used the first _id; bson kept the last one
+        return doc_bad(BAD_ID, f"two _id fields ({head} and {int(product_id)})")
+    product_id = int(product_id)
 
-    category_id, levels = doc.get("category_id"), (None, None, None)
-    if kind == "train":
-        if category_id is None:
-            return doc_bad(MISSING_CATEGORY, "train product without category_id", product_id)
-        try:
-            levels = taxonomy.levels_of_category(category_id)
-        except (KeyError, TypeError, ValueError):
-            return doc_bad(UNKNOWN_CATEGORY,
-                           f"category_id {category_id!r} is not in the taxonomy", product_id)
-    else:
-        # test dumps carry no labels; keep one when it is present and known
-        try:
-            levels = taxonomy.levels_of_category(category_id) if category_id is not None \
-                else levels
-        except (KeyError, TypeError, ValueError):
-            category_id = None
+    out = Outcome(None)
+    category_id, levels, problem = _label(doc, kind, taxonomy)
+    if problem is not None:
+        if kind == "train":
+            return doc_bad(*problem, product_id=product_id)
+        # a test product stays (the submission needs its row); its label is dropped, loudly
+        out.quarantine.append(_q(source, offset, length, product_id, None, PRODUCT, *problem))
     l1, l2, l3 = levels
 
     pictures = doc.get("imgs")
-    out = Outcome(None)
-    if not isinstance(pictures, list) or not pictures:
-        out.quarantine.append(_q(source, offset, length, product_id, None, "document",
-                                 NO_PICTURES, f"imgs is {_describe(pictures)}"))
+    if not isinstance(pictures, list):
+        reason = NO_PICTURES if pictures is None else BAD_IMGS
+        out.quarantine.append(_q(source, offset, length, product_id, None, PRODUCT, reason,
+                                 f"imgs is {_describe(pictures)}"))
         pictures = []
+    elif not pictures:
+        out.quarantine.append(_q(source, offset, length, product_id, None, PRODUCT,
+                                 NO_PICTURES, "imgs is an empty array"))
     for idx, pic in enumerate(pictures):
-        data = pic.get("picture") if isinstance(pic, dict) else None
-        problem = jpeg_problem(data, verify_jpeg) if data is not None else \
-            (BAD_PICTURE_FIELD, f"imgs[{idx}] has no picture field")
+        if not isinstance(pic, dict):
+            problem = BAD_IMAGE_ENTRY, f"imgs[{idx}] is {bson_type(pic)}, not a document"
+        elif "picture" not in pic:
+            problem = BAD_PICTURE_FIELD, f"imgs[{idx}] has no picture field"
+        else:
+            problem = jpeg_problem(pic["picture"], verify_jpeg)
         if problem:
-            out.quarantine.append(_q(source, offset, length, product_id, idx, "image", *problem))
+            out.quarantine.append(_q(source, offset, length, product_id, idx, IMAGE, *problem))
             continue
-        data = bytes(data)
+        data = bytes(pic["picture"])
         out.images.append({
             "product_id": product_id, "img_idx": idx, "category_id": category_id,
             "l1": l1, "l2": l2, "l3": l3, "split": split, "nbytes": len(data),
@@ -122,11 +195,15 @@ def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: s
         })
 
     if not out.images and kind == "train":
+        # the document is not used: one document-level row says why, pictures keep theirs
+        rows = [q for q in out.quarantine if q["level"] == IMAGE]
         if pictures:
-            out.quarantine.append(_q(source, offset, length, product_id, None, "document",
-                                     NO_USABLE_PICTURES,
-                                     f"none of its {len(pictures)} picture(s) is usable"))
-        return Outcome(None, [], out.quarantine)
+            rows.append(_q(source, offset, length, product_id, None, DOCUMENT,
+                           NO_USABLE_PICTURES, f"none of its {len(pictures)} picture(s) is "
+                                               "usable"))
+        else:
+            rows += [{**q, "level": DOCUMENT} for q in out.quarantine if q["level"] == PRODUCT]
+        return Outcome(None, [], rows)
     # A test product stays even with no usable picture: the submission needs its row.
     out.product = {
         "product_id": product_id, "category_id": category_id, "l1": l1, "l2": l2, "l3": l3,
@@ -140,9 +217,7 @@ def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: s
 def _describe(value) -> str:
     if value is None:
         return "missing"
-    if isinstance(value, list):
-        return "an empty list"
-    return f"a {type(value).__name__}, not a list"
+    return f"{bson_type(value)}, not an array"
 
 
 _LEN = struct.Struct("<i")

@@ -21,11 +21,12 @@ import uuid
 from typing import Iterator, Optional
 
 from hierarchy import storage
+from hierarchy.errors import Refused
 
 LOCK_FILE = "_ingest.lock"
 
 
-class OutputLocked(RuntimeError):
+class OutputLocked(Refused, RuntimeError):
     """Another ingest is writing the same output folder."""
 
 
@@ -78,6 +79,19 @@ def _describe(holder: dict) -> str:
         if isinstance(since, (int, float)) else "?"
     return (f"kind {holder.get('kind', '?')}, host {holder.get('host', '?')}, "
             f"pid {holder.get('pid', '?')}, since {when}")
+
+
+def check_unlocked(output: str, stale_hours: float) -> None:
+    """Refuse at once (before Spark starts) when a live ingest holds the folder; the lock is
+    still taken for real by :func:`output_lock`, this only saves a doomed start."""
+    fs, out = storage.resolve(output)
+    path = storage.join(out, LOCK_FILE)
+    holder = _read(fs, path) if storage.exists(fs, path) else None
+    if holder is not None and not _stale(holder, stale_hours):
+        raise OutputLocked(
+            f"{storage.join(output, LOCK_FILE)}: another ingest is writing this folder "
+            f"({_describe(holder)}); wait for it to finish, or delete the lock file if "
+            f"that job is gone")
 
 
 @contextlib.contextmanager

@@ -10,13 +10,14 @@ import datetime as dt
 from typing import Iterable
 
 from hierarchy import storage
+from hierarchy.errors import Refused
 from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
 
 FORMAT = "hierarchy-dataset/1"
 
 
-class DatasetNotReady(RuntimeError):
-    pass
+class DatasetNotReady(Refused, RuntimeError):
+    """A dataset folder a stage cannot use yet: no manifest, or a kind not committed."""
 
 
 def _now() -> str:

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from hierarchy import storage
+from hierarchy.errors import Refused, UsageError
 from hierarchy.ingest import decode as dec
-from hierarchy.ingest.lock import output_lock
+from hierarchy.ingest import duplicates
+from hierarchy.ingest.lock import check_unlocked, output_lock
 from hierarchy.ingest.manifest import (
     begin_kind,
     finish_kind,
@@ -35,8 +37,9 @@ from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
 KIND_SPLITS = {"train": ("train", "val"), "test": ("test",)}
 
 
-class IngestError(RuntimeError):
-    """The job refused to commit (bad input above the threshold, taxonomy mismatch...)."""
+class IngestError(Refused, RuntimeError):
+    """The job refused to commit (bad input above the threshold, an input without a usable
+    document, taxonomy mismatch...)."""
 
 
 @dataclass
@@ -48,15 +51,43 @@ class InputFile:
 
 # ------------------------------------------------------------------------------ extract
 def describe_inputs(urls: Sequence[str]) -> List[InputFile]:
+    """Each input checked to be a readable, non-empty file (before Spark starts)."""
     out = []
     for url in urls:
-        fs, path = storage.resolve(url)
-        info = fs.get_file_info(path)
-        if info.type.name != "File":
-            raise IngestError(f"input {url}: not a readable file")
+        info = storage.require_file(url, "input")
+        if info.size == 0:
+            raise IngestError(f"input {url}: empty file (0 bytes), no document to ingest")
         mtime = info.mtime.timestamp() if info.mtime else None
         out.append(InputFile(url=url, size=info.size, mtime=mtime))
+    seen = set()
+    for f in out:
+        if f.url in seen:
+            raise UsageError(f"input {f.url}: given twice")
+        seen.add(f.url)
     return out
+
+
+@dataclass(frozen=True)
+class CheckedIngest:
+    files: List[InputFile]
+    categories: str
+    taxonomy: Taxonomy
+
+
+def check_ingest(cfg, inputs: Sequence[str], categories: str, output: str,
+                 kind: str) -> CheckedIngest:
+    """Everything that can be refused without Spark, cheapest first: the kind, the inputs,
+    the category table, the output folder, the dataset's taxonomy, another ingest's lock."""
+    if kind not in KIND_SPLITS:
+        raise UsageError(f"--kind {kind!r}: expected train or test")
+    files = describe_inputs(inputs)
+    storage.require_file(categories, "--categories")
+    taxonomy = Taxonomy.from_csv(categories)
+    storage.require_writable_dir(output, "--output")
+    fs, out = storage.resolve(output)
+    _check_taxonomy(fs, out, taxonomy, categories)
+    check_unlocked(output, cfg["ingest"]["lock_stale_hours"])
+    return CheckedIngest(files, categories, taxonomy)
 
 
 def scan_inputs(inputs: Sequence[InputFile], max_document: int,
@@ -122,8 +153,7 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
         data = fh.read_at(task["end"] - task["start"], task["start"])
     staging = ctx["staging"]
     sfs, spath = storage.resolve(staging)
-    rid = task["range_id"]
-    name = f"part-{rid:05d}.parquet"
+    name = duplicates.part_name(task["range_id"])
     images = {
         split: PartWriter(sfs, storage.join(spath, "images", f"split={split}", name),
                           IMAGES_FILE, ctx["compression"], ctx["row_group_bytes"], "nbytes")
@@ -133,12 +163,14 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
     quarantine: List[dict] = []
     stats = {"documents": 0, "bad_documents": 0, "image_bytes": 0,
              "products": Counter(), "images": Counter(), "images_l1": Counter()}
+    dedup = duplicates.RangeDeduplicator(task["source"])
     try:
         for i, (offset, raw) in enumerate(dec.iter_documents(data, task["start"])):
             split = SPLIT_NAMES[task["splits"][i]]
             out = dec.decode_document(raw, source=task["source"], offset=offset,
                                       kind=task["kind"], split=split, taxonomy=taxonomy,
                                       verify_jpeg=ctx["verify_jpeg"])
+            out = dedup.check(out, offset, len(raw))
             stats["documents"] += 1
             quarantine.extend(out.quarantine)
             if out.product is None:
@@ -151,7 +183,7 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
                 images[split_of_img].add(img)
                 stats["images"][split_of_img] += 1
                 if img["l1"] is not None:
-                    stats["images_l1"][f"{split_of_img}/{img['l1']}"] += 1
+                    stats["images_l1"][(split_of_img, img["l1"])] += 1
                 stats["image_bytes"] += img["nbytes"]
         if stats["documents"] != task["n_docs"]:
             raise IngestError(
@@ -174,6 +206,8 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
     stats["quarantine"] = dec.count_reasons(quarantine)
     for key in ("products", "images", "images_l1"):
         stats[key] = dict(stats[key])
+    stats["products_by_source"] = {task["source"]: len(products)}
+    stats["quarantine_by_source"] = {task["source"]: stats["quarantine"]}
     return stats
 
 
@@ -233,21 +267,19 @@ def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
                kind: str = "train") -> dict:
     """Wire extract, transform and load; returns the manifest entry for this kind. The whole
     job holds the output folder's lock (:mod:`hierarchy.ingest.lock`)."""
-    if kind not in KIND_SPLITS:
-        raise IngestError(f"--kind {kind!r}: expected train or test")
+    checked = check_ingest(cfg, inputs, categories, output, kind)
     with output_lock(output, kind, cfg["ingest"]["lock_stale_hours"]):
-        return _ingest_locked(spark, cfg, inputs, categories, output, kind)
+        return _ingest_locked(spark, cfg, checked, output, kind)
 
 
-def _ingest_locked(spark, cfg, inputs: Sequence[str], categories: str, output: str,
-                   kind: str) -> dict:
+def _ingest_locked(spark, cfg, checked: CheckedIngest, output: str, kind: str) -> dict:
     icfg = cfg["ingest"]
     progress = bool(icfg["progress"])
     t0 = time.time()
-    taxonomy = Taxonomy.from_csv(categories)
+    taxonomy, files = checked.taxonomy, checked.files
     fs, out = storage.resolve(output)
-    _check_taxonomy(fs, out, taxonomy, categories)
-    files = describe_inputs(inputs)
+    # again under the lock: another ingest may have committed since the check
+    _check_taxonomy(fs, out, taxonomy, checked.categories)
 
     scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
     tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
@@ -270,15 +302,22 @@ def _ingest_locked(spark, cfg, inputs: Sequence[str], categories: str, output: s
     def run_task(task):
         return process_range(task, ctx, _taxonomy(tax_b.value))
 
-    from hierarchy.spark import collect_with_progress
+    from hierarchy.spark import collect_with_progress, run_with_progress
 
     results = []
     if tasks:
         rdd = spark.sparkContext.parallelize(tasks, len(tasks)).map(run_task)
         results = collect_with_progress(rdd, "decode", len(tasks), progress)
     t_decode = time.time()
+    if len(tasks) > 1:  # one range: its task already kept the first of each id
+        results += run_with_progress(
+            spark, "duplicate ids", lambda: duplicates.resolve(
+                spark, staging, kind, [f.url for f in files], KIND_SPLITS[kind]),
+            enabled=progress)
+    t_dedup = time.time()
 
     counts = summarize(results, scans, region_rows)
+    _refuse_empty_inputs(files, counts, storage.join(staging, "quarantine"))
     bad = counts["bad_documents"] + counts["corrupt_regions"]
     units = counts["documents"] + counts["corrupt_regions"]
     fraction = bad / units if units else 0.0
@@ -299,6 +338,7 @@ def _ingest_locked(spark, cfg, inputs: Sequence[str], categories: str, output: s
     if not storage.list_dir(fs, storage.join(out, "_staging")):
         storage.remove(fs, storage.join(out, "_staging"))
     t_commit = time.time()
+    counts.pop("by_source")
     entry = {
         "status": "complete",
         "inputs": [input_record(f) for f in files],
@@ -306,7 +346,8 @@ def _ingest_locked(spark, cfg, inputs: Sequence[str], categories: str, output: s
         "bad_fraction": round(fraction, 6),
         "config": dict(icfg),
         "timings": {"scan_s": round(t_scan - t0, 3), "decode_s": round(t_decode - t_scan, 3),
-                    "commit_s": round(t_commit - t_decode, 3),
+                    "duplicates_s": round(t_dedup - t_decode, 3),
+                    "commit_s": round(t_commit - t_dedup, 3),
                     "total_s": round(t_commit - t0, 3)},
         "tasks": len(tasks),
     }
@@ -314,21 +355,50 @@ def _ingest_locked(spark, cfg, inputs: Sequence[str], categories: str, output: s
     return entry
 
 
+def _refuse_empty_inputs(files: Sequence[InputFile], counts: dict,
+                         staging_quarantine: str) -> None:
+    """An input that gave no product is refused whatever ``max_bad_fraction`` says: it is
+    the wrong file, or a broken copy, and committing "complete" without it would hide that."""
+    for f in files:
+        mine = counts["by_source"].get(f.url, {})
+        if mine.get("products", 0) > 0:
+            continue
+        reasons = ", ".join(f"{k}: {v}" for k, v in
+                            Counter(mine.get("quarantine", {})).most_common(5))
+        raise IngestError(
+            f"input {f.url}: no usable document in {f.size:,} bytes"
+            + (f" ({reasons})" if reasons else "") + "; nothing was committed, the "
+            f"quarantine is in {staging_quarantine}")
+
+
 def summarize(results: Sequence[dict], scans: Sequence[ScanResult],
-              region_rows: Sequence[dict]) -> dict:
+               region_rows: Sequence[dict]) -> dict:
+    """Manifest counts from the decode tasks' stats (and the duplicate step's deltas)."""
     products: Counter = Counter()
     images: Counter = Counter()
     images_l1: Counter = Counter()
     quarantine: Counter = Counter(dec.count_reasons(list(region_rows)))
+    by_source: Dict[str, dict] = {}
+
+    def source(name: str) -> dict:
+        return by_source.setdefault(name, {"products": 0, "quarantine": Counter()})
+
+    for row in region_rows:
+        source(row["source"])["quarantine"][row["reason"]] += 1
     docs = bad_docs = nbytes = 0
     for r in results:
         products.update(r["products"])
         images.update(r["images"])
         images_l1.update(r["images_l1"])
         quarantine.update(r["quarantine"])
+        for name, n in r["products_by_source"].items():
+            source(name)["products"] += n
+        for name, reasons in r["quarantine_by_source"].items():
+            source(name)["quarantine"].update(reasons)
         docs += r["documents"]
         bad_docs += r["bad_documents"]
         nbytes += r["image_bytes"]
+    splits = sorted(s for s in set(products) | set(images) if products[s] or images[s])
     return {
         "documents": docs,
         "bad_documents": bad_docs,
@@ -340,10 +410,9 @@ def summarize(results: Sequence[dict], scans: Sequence[ScanResult],
         "image_bytes": nbytes,
         # images per level-1 branch: training sizes a branch model's epoch from it
         "per_split": {s: {"products": products.get(s, 0), "images": images.get(s, 0),
-                          "images_per_l1": {
-                              k.split("/")[1]: v for k, v in sorted(images_l1.items(),
-                                                                    key=lambda kv: kv[0])
-                              if k.split("/")[0] == s}}
-                      for s in sorted(set(products) | set(images))},
-        "quarantine": dict(sorted(quarantine.items())),
+                          "images_per_l1": {str(l1): n for (sp, l1), n in
+                                            sorted(images_l1.items()) if sp == s and n}}
+                      for s in splits},
+        "quarantine": dict(sorted((k, v) for k, v in quarantine.items() if v)),
+        "by_source": by_source,
     }

@@ -43,6 +43,7 @@ import tensorflow as tf
 
 import hierarchy.petastorm_fix  # noqa: F401 - one-pass readers could end with no rows
 from hierarchy import storage
+from hierarchy.errors import Refused
 from hierarchy.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ DECODE_CHUNK = 16          # pictures per inner decode dataset (see make_dataset
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(Refused, ValueError):
     """No row of the split (or of the branch in it) to train on."""
 
 

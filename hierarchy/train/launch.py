@@ -12,13 +12,36 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
+from hierarchy import storage
+from hierarchy.errors import Refused, UsageError
 from hierarchy.ingest.manifest import load_taxonomy, require_complete
 from hierarchy.train import store
 from hierarchy.train.tracking import tracking_uri
 
 
-class TrainError(RuntimeError):
-    pass
+class TrainError(Refused, RuntimeError):
+    """Training refused: nothing to train on, a run of another taxonomy..."""
+
+
+def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
+                   branches: Optional[Sequence[int]]) -> dict:
+    """What can be refused before Spark or Horovod start: the arguments, the folders, a
+    dataset that is not complete or has nothing to train on. Returns the manifest."""
+    if level == 3 and mode not in ("flat", "branch"):
+        raise UsageError("--level 3 needs --mode flat or --mode branch")
+    storage.require_dir(data, "--data")
+    storage.require_writable_dir(models, "--models")
+    manifest = require_complete(data, ["train"])
+    if level == 3 and mode == "branch" and branches:
+        n_l1 = manifest["taxonomy"]["level1"]
+        bad = [b for b in branches if not 0 <= b < n_l1]
+        if bad:
+            raise UsageError(f"--branches {','.join(map(str, bad))}: level-1 ids run from 0 "
+                             f"to {n_l1 - 1}")
+    if not manifest["splits"].get("train", {}).get("images"):
+        raise TrainError(f"{data}: the train split has no images to train on (see its "
+                         f"manifest.json and quarantine/)")
+    return manifest
 
 
 def _under_horovodrun() -> bool:
@@ -40,7 +63,8 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]
     if bad:
-        raise TrainError(f"--branches {bad}: level-1 ids run from 0 to {taxonomy.n_l1 - 1}")
+        raise UsageError(f"--branches {','.join(map(str, bad))}: level-1 ids run from 0 to "
+                         f"{taxonomy.n_l1 - 1}")
     level1 = os.path.join(store.model_dir(models, run_id, "level1"), store.MODEL_FILE)
     init_from = level1 if os.path.exists(level1) else None
     counts = manifest["splits"].get("train", {}).get("images_per_l1", {})
@@ -77,10 +101,8 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
                  mode: Optional[str] = None, branches: Optional[Sequence[int]] = None,
                  np_: Optional[int] = None, spark_factory=None, echo=print) -> dict:
     """Train every model of the call; returns {model key: rank-0 result}."""
-    if level == 3 and mode not in ("flat", "branch"):
-        raise TrainError("--level 3 needs --mode flat or --mode branch")
+    manifest = check_training(cfg, data, models, level, mode, branches)
     np_ = np_ or cfg["train"]["np"]
-    manifest = require_complete(data, ["train"])
     specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest)
     fingerprint = manifest["taxonomy"]["fingerprint"]
     results = {}

@@ -14,6 +14,8 @@ from typing import Callable, Optional, Union
 
 import tensorflow as tf
 
+from hierarchy.errors import Refused
+
 WEIGHTS_KEY = "train.weights"
 
 
@@ -73,7 +75,7 @@ BACKBONES: dict[str, Callable[[int], tf.keras.Model]] = {
 }
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(Refused, RuntimeError):
     """Pretrained weights were asked for but no local file provides them."""
 
 

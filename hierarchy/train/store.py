@@ -9,6 +9,13 @@ import json
 import os
 from typing import Optional
 
+from hierarchy.errors import Refused
+
+
+class RunMismatch(Refused, RuntimeError):
+    """A model would join a run it does not belong to (another taxonomy)."""
+
+
 MODEL_FILE = "model.h5"  # HDF5: the .keras format cannot leave out Horovod's optimizer
 STATE_FILE = "state.json"
 
@@ -56,7 +63,7 @@ def update_run(models: str, run_id: str, *, config: dict, fingerprint: str, data
     path = os.path.join(run_dir(models, run_id), "run.json")
     run = read_json(path, {}) or {}
     if run.get("taxonomy_fingerprint") not in (None, fingerprint):
-        raise RuntimeError(
+        raise RunMismatch(
             f"{path}: run {run_id} was trained on taxonomy {run['taxonomy_fingerprint'][:19]}, "
             f"this dataset has {fingerprint[:19]}; use another --run-id"
         )

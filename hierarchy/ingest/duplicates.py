@@ -1,0 +1,183 @@
+"""Duplicate product ids: the first usable occurrence in file order is kept.
+
+Inputs of one kind are ordered as given on the command line, documents by offset inside a file.
+A later document whose ``_id`` is already a kept product becomes a ``duplicate_id`` quarantine
+row naming the kept one's file and offset; an earlier occurrence that was itself unusable
+(quarantined for another reason) does not count, so the good copy survives.
+
+Two steps, because a decode task only sees its own byte range:
+
+1. inside a range, the task itself keeps the first occurrence (:class:`RangeDeduplicator`);
+   after that a range holds at most one product per id;
+2. across ranges and files, a Spark window over the staged ``products`` (no JPEGs: a few
+   columns per product) ranks each id's occurrences, and one task per affected range drops
+   the later ones from that range's part files (Parquet rows filtered and rewritten per row
+   group: picture bytes are copied, never decoded) and writes their quarantine rows.
+
+Duplicates are rare in real dumps, so step 2 usually rewrites nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from hierarchy import storage
+from hierarchy.ingest import decode as dec
+
+RANGE_PART = r"part-(\d+)\.parquet$"
+
+
+def part_name(range_id: int, suffix: str = "") -> str:
+    return f"part-{range_id:05d}{suffix}.parquet"
+
+
+def duplicate_row(source: str, offset: int, length: int, product_id: int,
+                  first_source: str, first_offset: int) -> dict:
+    where = "" if first_source == source else f" of {first_source}"
+    return {"source": source, "offset": offset, "length": length, "product_id": product_id,
+            "img_idx": None, "level": dec.DOCUMENT, "reason": dec.DUPLICATE_ID,
+            "detail": f"_id {product_id} was already taken by the document at offset "
+                      f"{first_offset}{where}; the first occurrence in file order is kept"}
+
+
+class RangeDeduplicator:
+    """Step 1, inside a decode task: the first kept document of an id wins."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.first: Dict[int, int] = {}
+
+    def check(self, out: dec.Outcome, offset: int, length: int) -> dec.Outcome:
+        if out.product is None:
+            return out
+        pid = out.product["product_id"]
+        if pid not in self.first:
+            self.first[pid] = offset
+            return out
+        return dec.Outcome(None, [], [duplicate_row(self.source, offset, length, pid,
+                                                    self.source, self.first[pid])])
+
+
+def find_cross_range(spark, products_url: str, sources: Sequence[str]):
+    """Step 2a: staged product rows that repeat an id kept earlier in file order, with the
+    kept one's place. A Spark window over ids: nothing but the duplicates leaves it."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    order = F.create_map(*[F.lit(x) for i, s in enumerate(sources) for x in (s, i)])[
+        F.col("source")]
+    products = (spark.read.parquet(products_url)
+                .select("product_id", "split", "l1", "n_images", "source", "offset", "length",
+                        F.regexp_extract(F.input_file_name(), RANGE_PART, 1).cast("int")
+                        .alias("range_id"))
+                .withColumn("file_order", order))
+    w = Window.partitionBy("product_id").orderBy("file_order", "offset")
+    return (products.withColumn("rank", F.row_number().over(w))
+                    .withColumn("first_source", F.first("source").over(w))
+                    .withColumn("first_offset", F.first("offset").over(w))
+                    .where(F.col("rank") > 1)
+                    .drop("rank", "file_order"))
+
+
+def _filter_part(fs, path: str, drop: set) -> Dict[str, int]:
+    """Rewrite a part file without the rows of ``drop`` product ids, row group by row group;
+    returns {"rows": removed, "bytes": their nbytes} (nothing is written when none match)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not storage.exists(fs, path):
+        return {"rows": 0, "bytes": 0}
+    ids = pa.array(sorted(drop), pa.int64())
+    with fs.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        column = pf.read(columns=["product_id"]).column(0)
+        if not pc.any(pc.is_in(column, value_set=ids)).as_py():
+            return {"rows": 0, "bytes": 0}
+        removed = {"rows": 0, "bytes": 0}
+        parent, name = path.rsplit("/", 1)
+        tmp = f"{parent}/.{name}.dedup.tmp"
+        writer: Optional[pq.ParquetWriter] = None
+        try:
+            for i in range(pf.metadata.num_row_groups):
+                group = pf.read_row_group(i)
+                hit = pc.is_in(group.column("product_id"), value_set=ids)
+                removed["rows"] += pc.sum(hit).as_py() or 0
+                if "nbytes" in group.column_names:
+                    removed["bytes"] += pc.sum(pc.filter(group.column("nbytes"), hit)).as_py() \
+                        or 0
+                kept = group.filter(pc.invert(hit))
+                if writer is None:
+                    # the codec the file was written with (ingest.compression for images/)
+                    codec = pf.metadata.row_group(0).column(0).compression
+                    writer = pq.ParquetWriter(
+                        tmp, pf.schema_arrow, filesystem=fs,
+                        compression=None if codec == "UNCOMPRESSED" else codec.lower(),
+                        write_statistics=[f.name for f in pf.schema_arrow
+                                          if f.type != pa.binary()])
+                if kept.num_rows:
+                    writer.write_table(kept, row_group_size=kept.num_rows)
+        finally:
+            if writer is not None:
+                writer.close()
+    fs.move(tmp, path)  # atomic: a retried task finds either the old or the filtered file
+    return removed
+
+
+def drop_in_range(range_id: int, rows: Iterable[dict], staging: str, kind: str,
+                  splits: Sequence[str]) -> dict:
+    """Step 2b, one task per affected range: drop the duplicates from its part files and
+    write their quarantine rows. Returns the change to the manifest counts (the shape of a
+    decode task's stats, with negative product/image counts)."""
+    from hierarchy.ingest.schema import QUARANTINE_FILE
+    from hierarchy.ingest.writer import write_table
+
+    rows = list(rows)
+    fs, root = storage.resolve(staging)
+    drop = {int(r["product_id"]) for r in rows}
+    # the quarantine rows first: a retry after a crash rewrites the same file
+    write_table(fs, storage.join(root, "quarantine", f"kind={kind}",
+                                 part_name(range_id, "-duplicates")),
+                [duplicate_row(r["source"], r["offset"], r["length"], r["product_id"],
+                               r["first_source"], r["first_offset"]) for r in rows],
+                QUARANTINE_FILE)
+    image_bytes = 0
+    for split in splits:
+        image_bytes += _filter_part(fs, storage.join(root, "images", f"split={split}",
+                                                     part_name(range_id)), drop)["bytes"]
+    _filter_part(fs, storage.join(root, "products", f"kind={kind}", part_name(range_id)), drop)
+    products: Counter = Counter()
+    images: Counter = Counter()
+    images_l1: Counter = Counter()
+    dropped: Counter = Counter()
+    for r in rows:
+        products[r["split"]] -= 1
+        images[r["split"]] -= r["n_images"]
+        if r["l1"] is not None:
+            images_l1[(r["split"], r["l1"])] -= r["n_images"]
+        dropped[r["source"]] += 1
+    return {"documents": 0, "bad_documents": len(rows), "image_bytes": -image_bytes,
+            "products": dict(products), "images": dict(images),
+            "images_l1": dict(images_l1),
+            "products_by_source": {s: -n for s, n in dropped.items()},
+            "quarantine": {dec.DUPLICATE_ID: len(rows)},
+            "quarantine_by_source": {s: {dec.DUPLICATE_ID: n} for s, n in dropped.items()}}
+
+
+def resolve(spark, staging: str, kind: str, sources: Sequence[str],
+            splits: Sequence[str]) -> List[dict]:
+    """Steps 2a and 2b over a staged ingest; returns one stats delta per rewritten range."""
+    fs, root = storage.resolve(staging)
+    products = storage.join(root, "products", f"kind={kind}")
+    if not storage.list_dir(fs, products):
+        return []
+    dups = find_cross_range(
+        spark, storage.to_url(storage.join(staging, "products", f"kind={kind}")), sources)
+
+    def fix(item):
+        range_id, group = item
+        return drop_in_range(range_id, [r.asDict() for r in group], staging, kind, splits)
+
+    return (dups.rdd.map(lambda r: (r.range_id, r)).groupByKey()
+                .map(fix).collect())
