@@ -46,11 +46,11 @@ import tensorflow as tf  # noqa: E402
 from input_pipeline import prepare  # noqa: E402
 
 from hierarchy.config import load_config  # noqa: E402
+from hierarchy.dataset import Dataset  # noqa: E402
 from hierarchy.infer.modelset import ModelRef, ModelSet  # noqa: E402
 from hierarchy.infer.pipeline import read_images, score, training_prior  # noqa: E402
 from hierarchy.infer.scoring import ScoringPlan  # noqa: E402
-from hierarchy.ingest.manifest import load_taxonomy  # noqa: E402
-from hierarchy.train import store  # noqa: E402
+from hierarchy.modelstore import FLAT, ModelStore  # noqa: E402
 from hierarchy.train.data import resize_for_model  # noqa: E402
 from hierarchy.train.models import custom_objects, preprocess_for  # noqa: E402
 
@@ -66,18 +66,17 @@ def say(text: str) -> None:
 
 def flat_model(cfg, data: str, models: str) -> ModelRef:
     """The bench's flat model: trained once (1 epoch, small_cnn 64 px), then reused."""
-    path = os.path.join(store.model_dir(models, RUN_ID, "flat"), store.MODEL_FILE)
+    run = ModelStore(models).run(RUN_ID)
+    path = run.model_file(FLAT)
     if os.path.exists(path):
         say(f"[model] reusing {path}")
     else:
         from hierarchy.train.launch import run_training
 
         t0 = time.perf_counter()
-        run_training(cfg, data, models, RUN_ID, level=3, mode="flat", np_=1,
-                     echo=lambda s: say(f"[model] {s}"))
+        run_training(cfg, data, models, RUN_ID, level=3, mode="flat", np_=1)
         say(f"[model] trained in {time.perf_counter() - t0:.1f} s -> {path}")
-    run = store.read_json(os.path.join(store.run_dir(models, RUN_ID), "run.json"), {}) or {}
-    tcfg = run.get("config", {}).get("flat", cfg["train"])
+    tcfg = run.read().get("config", {}).get(FLAT, cfg["train"])
     return ModelRef(key="flat", path=path, backbone=tcfg["backbone"],
                     image_size=int(tcfg["image_size"]))
 
@@ -202,7 +201,7 @@ def main(argv=None) -> int:
     spark = get_spark(cfg, "bench-predict")
     try:
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg["batch_size"]))
-        taxonomy = load_taxonomy(data)
+        taxonomy = Dataset(data).taxonomy()
         prior = training_prior(spark, data)
         plan = ScoringPlan(models=ModelSet(run_id=RUN_ID, strategy="flat", flat=ref),
                            taxonomy_json=taxonomy.to_json(), prior_category_id=prior[0],

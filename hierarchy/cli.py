@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -52,15 +53,62 @@ def _count(minimum: int):
     return parse
 
 
+# which `paths:` config key stands in for a folder flag a command was not given
+PATH_DEFAULTS = {
+    "synth": {"output": "synth"},
+    "ingest": {"output": "data"},
+    "train": {"data": "data", "models": "models"},
+    "predict": {"data": "data", "models": "models", "output": "output"},
+    "evaluate": {"data": "data", "models": "models", "output": "output"},
+}
+
+
 def _dataset_and_models(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, metavar="DIR", help="ingest output folder")
-    p.add_argument("--models", required=True, metavar="DIR", help="model store")
+    p.add_argument("--data", metavar="DIR", help="ingest output folder (default paths.data)")
+    p.add_argument("--models", metavar="DIR", help="model store (default paths.models)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML merged over conf/local.yaml")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="warnings and errors only, no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, applied last")
+
+
+def _fill_paths(args, cfg) -> None:
+    """Folder flags a command was not given come from the config's ``paths:`` section."""
+    for attr, key in PATH_DEFAULTS[args.stage].items():
+        if getattr(args, attr, None) is None:
+            setattr(args, attr, cfg["paths"][key])
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message is logged (a notebook or a test
+    harness swaps it), never to a stream that has been closed since."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """One plain format on stderr for every stage's ``logging`` messages (stdout keeps each
+    command's result: its summary lines)."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger("hierarchy")
+    root.setLevel(level)
+    if not any(getattr(h, "_hierarchy", False) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s", datefmt="%H:%M:%S"))
+        handler._hierarchy = True
+        root.addHandler(handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="write a synthetic catalog in the Cdiscount format",
                        description="Write DIR/train.bson, DIR/test.bson and "
                                    "DIR/category_names.csv in the exact Cdiscount format.")
-    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--output", metavar="DIR", help="default paths.synth")
     p.add_argument("--products", type=_count(1), help="train products (default synth.products)")
     p.add_argument("--test-products", type=_count(0),
                    help="test products (default synth.test_products)")
@@ -93,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a BSON dump (repeat for several files of the same kind)")
     p.add_argument("--categories", required=True, metavar="CSV",
                    help="category_names.csv")
-    p.add_argument("--output", required=True, metavar="DIR", help="dataset folder")
+    p.add_argument("--output", metavar="DIR", help="dataset folder (default paths.data)")
     p.add_argument("--kind", choices=("train", "test"), default="train",
                    help="train: labelled, split into train/val; test: the test split")
     _common(p)
@@ -127,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--strategy", choices=("flat", "two-stage", "blend"),
                    help="default predict.strategy")
-    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--output", metavar="DIR", help="default paths.output")
     _common(p)
 
     p = sub.add_parser("evaluate", help="score the val split with every strategy the run "
@@ -138,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUTPUT/evaluation/RUN_ID/ (report.json, report.md, PNGs).")
     _dataset_and_models(p)
     p.add_argument("--run-id", required=True, help="the trained run to evaluate")
-    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--output", metavar="DIR", help="default paths.output")
     _common(p)
     return parser
 
@@ -201,8 +249,8 @@ def _train(args, cfg) -> int:
     except ValueError:
         raise UsageError(f"--branches {args.branches!r}: expected level-1 ids like 0,3,7") \
             from None
-    check_training(cfg, args.data, args.models, args.level, args.mode, branches)
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
+    check_training(cfg, args.data, args.models, args.level, args.mode, branches, run_id)
     spark = {}
 
     def spark_factory():
@@ -256,8 +304,13 @@ STAGES = {"synth": _synth, "ingest": _ingest, "train": _train, "predict": _predi
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.quiet:
+            overrides = ["ingest.progress=false", "predict.progress=false", *overrides]
+        cfg = load_config(args.config, overrides)
+        _fill_paths(args, cfg)
         return STAGES[args.stage](args, cfg)
     except HierarchyError as exc:  # one line a user can act on; anything else is a crash
         print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)

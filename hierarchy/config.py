@@ -7,7 +7,6 @@ type of the default value. RULES adds ranges and choices that a type cannot expr
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 from pathlib import Path
@@ -224,9 +223,6 @@ class Config(dict):
         for part in dotted.split("."):
             cur = cur[part]
         return cur
-
-    def section(self, name: str) -> dict:
-        return copy.deepcopy(self[name])
 
 
 def load_config(path: Optional[os.PathLike] = None, overrides: Iterable[str] = ()) -> Config:

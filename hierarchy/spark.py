@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
+from hierarchy import storage
 from hierarchy.config import Config
 
 
@@ -48,7 +49,7 @@ def _with_catalog(builder, catalog: dict):
     if not catalog["hive"]:
         return builder
     if catalog["warehouse"]:
-        builder = builder.config("spark.sql.warehouse.dir", _abs_url(catalog["warehouse"]))
+        builder = builder.config("spark.sql.warehouse.dir", storage.absolute(catalog["warehouse"]))
     if catalog["metastore"]:
         path = os.path.abspath(catalog["metastore"])
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -58,10 +59,6 @@ def _with_catalog(builder, catalog: dict):
         builder = builder.config("spark.driver.extraJavaOptions",
                                  f"-Dderby.system.home={os.path.dirname(path)}")
     return builder.enableHiveSupport()
-
-
-def _abs_url(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
 
 
 def collect_with_progress(rdd, desc: str, total: int, enabled: bool = True) -> List[Any]:

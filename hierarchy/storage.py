@@ -1,24 +1,69 @@
-"""Paths and files on any filesystem pyarrow knows (local, HDFS, S3, GCS): the stages read
-and write through these helpers so the same code runs on a laptop and on a cluster."""
+"""Files on any filesystem pyarrow knows (local, HDFS, S3, GCS), addressed by one string.
+
+Every stage reads and writes through these helpers, so the same code runs on a laptop and on a
+cluster. A location is a plain local path (``data/ds``) or a URL (``hdfs:///ds``,
+``file:///tmp/ds``); the helpers take that string and resolve it themselves, so callers never
+carry ``(filesystem, path)`` pairs around. This module is also the only place that
+
+- tells local from remote (:func:`is_remote`), and
+- writes a file atomically (write beside the target under a temporary name, then rename), so a
+  reader or a resumed job never sees half a file: :func:`write_bytes_atomic` and friends for
+  small files, :func:`atomic_output` for pyarrow writers, :func:`atomic_local_file` for
+  libraries that only write local paths (Keras, h5py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import tempfile
 import uuid
-from typing import Any, Tuple
+from typing import Any, Iterator, List, Tuple
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from hierarchy.errors import UsageError
 
+_MISSING = object()
+
+
+# ------------------------------------------------------------------ locations
+def is_remote(url: str) -> bool:
+    """True for a URL whose filesystem is not this machine's (``hdfs://``, ``s3://``...)."""
+    return "://" in url and not url.startswith("file://")
+
 
 def resolve(url: str) -> Tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a URL or a plain local path."""
+    """(filesystem, path inside it), for pyarrow APIs that take both. Schemes pyarrow does
+    not know itself (``memory://``, ``abfs://``, ...) go through fsspec when it has them."""
     if "://" not in url:
         return pafs.LocalFileSystem(), os.path.abspath(url)
-    return pafs.FileSystem.from_uri(url)
+    try:
+        return pafs.FileSystem.from_uri(url)
+    except pa.ArrowInvalid:
+        import fsspec
+
+        scheme = url.split("://", 1)[0]
+        try:
+            fs = fsspec.filesystem(scheme)
+        except (ImportError, ValueError) as exc:
+            raise UsageError(f"{url}: no filesystem for {scheme}:// ({exc})") from None
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs._strip_protocol(url)
+
+
+def local_path(url: str) -> str:
+    """The local path of a local location (``file://`` stripped); refuses a remote one."""
+    if is_remote(url):
+        raise ValueError(f"{url} is not on a local or mounted filesystem")
+    return os.path.abspath(url[len("file://"):] if url.startswith("file://") else url)
+
+
+def absolute(url: str) -> str:
+    """A URL as it is, a local path made absolute (not relative to whoever reads it)."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def to_url(url: str) -> str:
@@ -27,47 +72,188 @@ def to_url(url: str) -> str:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return "/".join([base.rstrip("/"), *[str(p).strip("/") for p in parts]])
 
 
-def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def is_dir(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+def parent(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[0]
 
 
-def remove(fs: pafs.FileSystem, path: str) -> None:
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
+# ------------------------------------------------------------------ queries
+def _type(url: str) -> pafs.FileType:
+    fs, path = resolve(url)
+    return fs.get_file_info(path).type
+
+
+def exists(url: str) -> bool:
+    return _type(url) != pafs.FileType.NotFound
+
+
+def is_dir(url: str) -> bool:
+    return _type(url) == pafs.FileType.Directory
+
+
+def is_file(url: str) -> bool:
+    return _type(url) == pafs.FileType.File
+
+
+def file_info(url: str) -> pafs.FileInfo:
+    fs, path = resolve(url)
+    return fs.get_file_info(path)
+
+
+def list_dir(url: str) -> List[Tuple[str, str, bool]]:
+    """(name, location, is_file) of the entries directly under ``url``, sorted by name; empty
+    when it does not exist. Locations keep ``url``'s form, so they can be passed on."""
+    fs, path = resolve(url)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted((i.base_name, join(url, i.base_name), i.is_file) for i in infos)
+
+
+def list_files(url: str, suffix: str = "") -> List[str]:
+    """Locations of the files directly under ``url`` ending with ``suffix``, sorted."""
+    return [loc for name, loc, is_file in list_dir(url) if is_file and name.endswith(suffix)]
+
+
+# ------------------------------------------------------------------ changes
+def make_dir(url: str) -> None:
+    fs, path = resolve(url)
+    fs.create_dir(path, recursive=True)
+
+
+def remove(url: str) -> None:
+    """Delete a file or a folder with everything in it; nothing when it does not exist."""
+    fs, path = resolve(url)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
         fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
+    elif kind == pafs.FileType.File:
         fs.delete_file(path)
 
 
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
-    parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.{path.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        out.write(data)
-    fs.move(tmp, path)
+def move(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst`` (same filesystem), creating ``dst``'s parent."""
+    fs, s = resolve(src)
+    _, d = resolve(dst)
+    fs.create_dir(d.rsplit("/", 1)[0], recursive=True)
+    fs.move(s, d)
 
 
-def write_json_atomic(fs: pafs.FileSystem, path: str, obj: Any) -> None:
-    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def replace(src: str, dst: str) -> None:
+    """``dst`` becomes ``src``: whatever was at ``dst`` is removed first (a folder swap)."""
+    remove(dst)
+    if exists(src):
+        move(src, dst)
 
 
-def read_json(fs: pafs.FileSystem, path: str) -> Any:
+# ------------------------------------------------------------------ reading
+def read_bytes(url: str) -> bytes:
+    fs, path = resolve(url)
     with fs.open_input_stream(path) as fh:
-        return json.loads(fh.read().decode("utf-8"))
+        return fh.read()
 
 
-def list_dir(fs: pafs.FileSystem, path: str):
-    """FileInfo of the entries directly under path (empty when path does not exist)."""
-    return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def read_json(url: str, default: Any = _MISSING) -> Any:
+    """The JSON document at ``url``; ``default`` when given and the file does not exist."""
+    if default is not _MISSING and not exists(url):
+        return default
+    return json.loads(read_text(url))
+
+
+def copy_to_local(url: str) -> str:
+    """A local path holding the file at ``url`` (itself when already local): for libraries
+    that only read local files, e.g. Keras loading a model kept on HDFS."""
+    if not is_remote(url):
+        return local_path(url)
+    target = os.path.join(tempfile.mkdtemp(prefix="hierarchy-"), basename(url))
+    with open(target, "wb") as out:
+        out.write(read_bytes(url))
+    return target
+
+
+# ------------------------------------------------------------------ atomic writing
+def _temp_beside(path: str) -> str:
+    head, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    return f"{head}/.{name}.{uuid.uuid4().hex[:12]}.tmp" if head else \
+        f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+class AtomicOutput:
+    """A file written under a temporary name beside ``url`` and renamed onto it by
+    :meth:`commit` (or deleted by :meth:`discard`). As a context manager it yields
+    ``(filesystem, temporary path)`` for a pyarrow writer and commits when the block ends
+    without error."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.path = resolve(url)
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        self.tmp = _temp_beside(self.path)
+
+    def commit(self) -> None:
+        self.fs.move(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self.fs.get_file_info(self.tmp).type == pafs.FileType.File:
+            self.fs.delete_file(self.tmp)
+
+    def __enter__(self) -> Tuple[pafs.FileSystem, str]:
+        return self.fs, self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def atomic_output(url: str) -> AtomicOutput:
+    return AtomicOutput(url)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    with atomic_output(url) as (fs, tmp):
+        with fs.open_output_stream(tmp) as out:
+            out.write(data)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"))
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    write_text_atomic(url, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_local_file(url: str) -> Iterator[str]:
+    """A temporary local path (same extension) for a library that writes only local files;
+    it replaces ``url`` when the block ends without error. Models live on a local or mounted
+    filesystem (every training worker sees it), so a remote ``url`` is refused."""
+    path = local_path(url)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.{uuid.uuid4().hex[:12]}.tmp{ext}"
+    try:
+        yield tmp
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def remove_local(path: str) -> None:
+    """Delete a local file (checkpoints that a newer one replaced)."""
+    os.remove(local_path(path))
 
 
 # ------------------------------------------------------------------ command-line paths
@@ -86,8 +272,7 @@ def _reason(exc: OSError) -> str:
 
 
 def _require(url: str, what: str, want: pafs.FileType) -> pafs.FileInfo:
-    fs, path = resolve(url)
-    info = fs.get_file_info(path)
+    info = file_info(url)
     noun = "file" if want == pafs.FileType.File else "folder"
     if info.type == pafs.FileType.NotFound:
         raise PathError(f"{what} {url}: no such {noun}")
@@ -128,11 +313,11 @@ def require_writable_dir(url: str, what: str) -> None:
             if probe_dir == path:
                 raise PathError(f"{what} {url}: is a file, not a folder")
             raise PathError(f"{what} {url}: cannot be created, {probe_dir} is a file")
-        parent = probe_dir.rsplit("/", 1)[0] if "/" in probe_dir.rstrip("/") else ""
-        if not parent or parent == probe_dir:
+        up = probe_dir.rsplit("/", 1)[0] if "/" in probe_dir.rstrip("/") else ""
+        if not up or up == probe_dir:
             break  # a bucket root or a scheme without folders: let the write below tell
-        probe_dir = parent
-    probe = join(probe_dir, f".hierarchy-write-probe-{uuid.uuid4().hex}")
+        probe_dir = up
+    probe = f"{probe_dir.rstrip('/')}/.hierarchy-write-probe-{uuid.uuid4().hex}"
     try:
         with fs.open_output_stream(probe) as out:
             out.write(b"")

@@ -21,7 +21,6 @@ import numpy as np
 from hierarchy.errors import UsageError
 
 COLUMNS = ("category_id", "category_level1", "category_level2", "category_level3")
-TAXONOMY_FILE = "taxonomy.json"
 
 
 class TaxonomyError(UsageError, ValueError):

@@ -27,10 +27,17 @@ from corrupt import JPEG_OK, split_docs
 import hierarchy.petastorm_fix  # noqa: F401
 from hierarchy.cli import main
 from hierarchy.config import load_config
+from hierarchy.dataset import DatasetNotReady
 from hierarchy.errors import Refused
+from hierarchy.infer.modelset import PredictError
 from hierarchy.ingest.decode import decode_document
+from hierarchy.ingest.lock import OutputLocked
 from hierarchy.ingest.pipeline import IngestError, run_ingest
+from hierarchy.modelstore import RunMismatch
 from hierarchy.taxonomy import Taxonomy
+from hierarchy.train.data import EmptySplitError
+from hierarchy.train.launch import TrainError
+from hierarchy.train.models import WeightsUnavailable
 
 CAT = 1000010653  # a real category of the sample's table
 TAX = Taxonomy.from_rows([(10, "A", "A1", "x"), (20, "A", "A2", "y"), (30, "B", "B1", "z")])
@@ -262,14 +269,6 @@ def test_train_on_an_empty_split_exits_3_with_a_message(tmp_path, capsys, no_spa
 
 
 def test_the_error_family_maps_every_refusal_to_exit_3():
-    from hierarchy.infer.modelset import PredictError
-    from hierarchy.ingest.lock import OutputLocked
-    from hierarchy.ingest.manifest import DatasetNotReady
-    from hierarchy.train.data import EmptySplitError
-    from hierarchy.train.launch import TrainError
-    from hierarchy.train.models import WeightsUnavailable
-    from hierarchy.train.store import RunMismatch
-
     for cls in (IngestError, DatasetNotReady, OutputLocked, TrainError, WeightsUnavailable,
                 PredictError, EmptySplitError, RunMismatch):
         assert issubclass(cls, Refused) and cls("x").exit_code == 3, cls

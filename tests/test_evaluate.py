@@ -7,7 +7,8 @@ import json
 import pytest
 
 from hierarchy.evaluate.metrics import evaluate_predictions
-from hierarchy.evaluate.report import load_histories, write_report
+from hierarchy.evaluate.report import write_report
+from hierarchy.modelstore import ModelStore
 from hierarchy.taxonomy import Taxonomy
 
 pytestmark = pytest.mark.spark
@@ -178,10 +179,10 @@ def test_load_histories(tmp_path):
         (run / key / "history.json").write_text(json.dumps(HISTORY))
     (run / "flat").mkdir()  # a model folder without history yet
     (run / "branch" / "5").mkdir()
-    got = load_histories(str(tmp_path), "r1")
+    got = ModelStore(str(tmp_path)).run("r1").histories()
     assert list(got) == ["level1", "branch/2", "branch/10"]
     assert got["level1"] == HISTORY
-    assert load_histories(str(tmp_path), "missing") == {}
+    assert ModelStore(str(tmp_path)).run("missing").histories() == {}
 
 
 def test_write_report(metrics, tmp_path):
@@ -214,3 +215,27 @@ def test_write_report_without_history_or_predictions(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "No validation predictions" in md and "No training history" in md
     assert set(files) == {"report_json", "report_md", "training_curves"}
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_write_report_on_a_non_local_filesystem(metrics, scheme, tmp_path, monkeypatch):
+    """The report goes wherever --output points (as on hdfs:// with the cluster config), never
+    to a local folder named after the scheme."""
+    from hierarchy import storage
+
+    monkeypatch.chdir(tmp_path)
+    base = f"memory://reports-{tmp_path.name}" if scheme == "memory" else \
+        f"file://{tmp_path}/out"
+    out = storage.join(base, "evaluation", "r1")
+    files = write_report(metrics, {"level1": HISTORY}, out, "r1")
+    assert files["report_json"] == f"{out}/report.json"
+    assert storage.read_json(files["report_json"])["strategies"]["flat"]["accuracy_l3"] == \
+        pytest.approx(0.5)
+    assert "| accuracy L1 | 0.8333 | 0.8333 |" in storage.read_text(files["report_md"])
+    for key in ("confusion_l1_flat", "training_curves"):
+        assert storage.read_bytes(files[key])[:8] == b"\x89PNG\r\n\x1a\n"
+    names = [name for name, _, _ in storage.list_dir(out)]
+    assert not [n for n in names if ".tmp" in n]
+    assert not (tmp_path / f"{scheme}:").exists()
+    if scheme == "file":
+        assert (tmp_path / "out" / "evaluation" / "r1" / "report.md").is_file()

@@ -10,7 +10,7 @@ from corrupt import catalogue_of_failures, split_docs
 
 import hierarchy.petastorm_fix  # noqa: F401
 from hierarchy.config import load_config
-from hierarchy.ingest.manifest import DatasetNotReady, require_complete
+from hierarchy.dataset import Dataset, DatasetNotReady
 from hierarchy.ingest.pipeline import IngestError, run_ingest
 from hierarchy.taxonomy import Taxonomy
 
@@ -135,7 +135,7 @@ def test_above_the_bad_fraction_nothing_is_committed(spark, cfg, real_bson, real
         ingest(spark, cfg, [bad], real_categories, out)
     assert not (out / "images").exists() and not (out / "manifest.json").exists()
     with pytest.raises(DatasetNotReady, match="no manifest.json"):
-        require_complete(str(out), ["train"])
+        Dataset(str(out)).require_complete(["train"])
 
 
 def test_rerun_gives_the_same_rows_and_test_kind_adds_its_split(
@@ -161,7 +161,7 @@ def test_rerun_gives_the_same_rows_and_test_kind_adds_its_split(
     products = pq.read_table(out / "products").to_pandas()
     assert products["kind"].astype(str).value_counts().to_dict() == {"train": 82, "test": 82}
     assert products["category_id"][products.kind.astype(str) == "test"].isna().all()
-    manifest = require_complete(str(out), ["train", "test"])
+    manifest = Dataset(str(out)).require_complete(["train", "test"])
     assert manifest["splits"]["test"] == {"products": 82, "images": 110, "images_per_l1": {}}
     train_split = manifest["splits"]["train"]
     assert sum(train_split["images_per_l1"].values()) == train_split["images"]
@@ -192,10 +192,10 @@ def test_interrupted_commit_is_not_mistaken_for_complete(spark, cfg, real_bson,
     with pytest.raises(KeyboardInterrupt):
         ingest(spark, cfg, [real_bson], real_categories, out)
     with pytest.raises(DatasetNotReady, match="the train ingest is committing, not complete"):
-        require_complete(str(out), ["train"])
+        Dataset(str(out)).require_complete(["train"])
     monkeypatch.undo()
     ingest(spark, cfg, [real_bson], real_categories, out)  # a re-run repairs it
-    assert require_complete(str(out), ["train"])["splits"]["train"]["images"] > 0
+    assert Dataset(str(out)).require_complete(["train"])["splits"]["train"]["images"] > 0
     assert len(images(out, ["product_id"])) == 110
 
 
@@ -231,7 +231,8 @@ def test_a_second_ingest_into_a_busy_folder_is_refused_and_a_dead_ones_lock_take
     import subprocess
     import sys
 
-    from hierarchy.ingest.lock import LOCK_FILE, OutputLocked
+    from hierarchy.dataset import LOCK_FILE
+    from hierarchy.ingest.lock import OutputLocked
 
     out = tmp_path / "ds"
     out.mkdir()

@@ -11,10 +11,10 @@ import pytest
 from corrupt import JPEG_OK, split_docs
 
 from hierarchy.config import load_config
+from hierarchy.dataset import Dataset
 from hierarchy.infer.modelset import PredictError, load_modelset
 from hierarchy.infer.pipeline import read_images, run_predict, score
 from hierarchy.infer.scoring import ScoringPlan
-from hierarchy.ingest.manifest import load_taxonomy
 from hierarchy.train.launch import run_training
 
 pytestmark = pytest.mark.spark
@@ -76,7 +76,7 @@ def test_two_stage_submission_has_one_row_per_test_product_and_the_table_answers
     assert list(sub.columns) == ["_id", "category_id"]
     assert len(sub) == world["n_test"] == res["products"] and sub["_id"].is_unique
     assert sub["_id"].is_monotonic_increasing
-    tax = load_taxonomy(world["data"])
+    tax = Dataset(world["data"]).taxonomy()
     assert set(sub["category_id"]) <= set(tax.category_ids)
 
     table = res["table"]
@@ -115,7 +115,7 @@ def test_products_without_a_usable_picture_still_get_a_flagged_row(world, spark,
 
 
 def test_a_product_spread_over_partitions_and_batches_is_aggregated_once(world, spark, cfg):
-    tax = load_taxonomy(world["data"])
+    tax = Dataset(world["data"]).taxonomy()
     models = load_modelset(world["models"], RUN, "two-stage", tax)
     plan = ScoringPlan(models=models, taxonomy_json=tax.to_json(),
                        prior_category_id=tax.category_ids[0], prior_share=0.1, top_k=0,
@@ -194,7 +194,7 @@ def test_two_stage_refuses_a_run_without_its_branch_models(world, tmp_path):
     shutil.copytree(world["models"], models, ignore=shutil.ignore_patterns("mlruns"))
     shutil.rmtree(models / RUN / "branch" / "1")
     with pytest.raises(PredictError, match="--mode branch --branches 1"):
-        load_modelset(str(models), RUN, "two-stage", load_taxonomy(world["data"]))
+        load_modelset(str(models), RUN, "two-stage", Dataset(world["data"]).taxonomy())
 
 
 def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_path):
@@ -218,7 +218,7 @@ def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
 
     from hierarchy.infer.scoring import BatchScorer
 
-    tax = load_taxonomy(world["data"])
+    tax = Dataset(world["data"]).taxonomy()
     models = load_modelset(world["models"], RUN, "blend", tax)
     plan = dict(models=models, taxonomy_json=tax.to_json(),
                 prior_category_id=tax.category_ids[0], prior_share=0.1, top_k=2,

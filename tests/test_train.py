@@ -6,7 +6,7 @@ import os
 import pytest
 
 from hierarchy.config import load_config
-from hierarchy.train import store
+from hierarchy.modelstore import ModelStore
 from hierarchy.train.launch import run_training
 
 pytestmark = pytest.mark.spark
@@ -69,7 +69,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(dataset, tmp_path):
     steps = res["flat"]["metrics"]["steps_per_epoch"]
     assert res["flat"]["iterations"] == 2 * steps  # optimizer state carried on
     best = tf.keras.models.load_model(
-        os.path.join(store.checkpoint_dir(models, "r2", "flat"), "best.h5"),
+        ModelStore(models).run("r2").best_file("flat"),
         custom_objects=custom_objects())
     assert best.output_shape[-1] == 40
     again = run_training(train_cfg(epochs=2), str(dataset), models, "r2", level=3, mode="flat")

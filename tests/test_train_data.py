@@ -29,9 +29,9 @@ def dataset(tmp_path_factory, spark):
     out = str(root / "ds")
     run_ingest(spark, cfg, [str(root / "synth" / "train.bson")],
                str(root / "synth" / "category_names.csv"), out, "train")
-    from hierarchy.ingest.manifest import require_complete
+    from hierarchy.dataset import Dataset
 
-    manifest = require_complete(out, ["train"])
+    manifest = Dataset(out).require_complete(["train"])
     taxonomy = Taxonomy.from_json((root / "ds" / "taxonomy.json").read_text())
     return out, manifest, taxonomy
 

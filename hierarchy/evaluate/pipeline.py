@@ -5,11 +5,12 @@ table with Spark aggregations and write the report, plots included."""
 from __future__ import annotations
 
 from hierarchy import storage
+from hierarchy.dataset import VAL, Dataset
 from hierarchy.evaluate.metrics import evaluate_predictions
-from hierarchy.evaluate.report import evaluation_dir, load_histories, write_report
+from hierarchy.evaluate.report import evaluation_dir, write_report
 from hierarchy.infer.modelset import PredictError, available_strategies
 from hierarchy.infer.pipeline import check_predict, run_predict
-from hierarchy.ingest.manifest import load_taxonomy
+from hierarchy.modelstore import ModelStore
 
 
 def check_evaluate(data: str, models: str, run_id: str, output: str) -> list:
@@ -23,25 +24,24 @@ def check_evaluate(data: str, models: str, run_id: str, output: str) -> list:
         raise PredictError(f"run {run_id} in {models}: no flat model and no level-1 + branch "
                            f"models to evaluate — train them first")
     for strategy in strategies:
-        check_predict(data, models, run_id, "val", strategy, output)
+        check_predict(data, models, run_id, VAL, strategy, output)
     return strategies
 
 
-def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
-                 echo=print) -> dict:
+def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str) -> dict:
     from pyspark.sql import functions as F
 
     strategies = check_evaluate(data, models, run_id, output)
     scored = {}
     for strategy in strategies:
-        scored[strategy] = run_predict(spark, cfg, data, models, run_id, "val", strategy,
-                                       output, echo=echo)
+        scored[strategy] = run_predict(spark, cfg, data, models, run_id, VAL, strategy,
+                                       output)
     table = scored[strategies[0]]["table"]
-    df = spark.table(table).where((F.col("run_id") == run_id) & (F.col("split") == "val")
+    df = spark.table(table).where((F.col("run_id") == run_id) & (F.col("split") == VAL)
                                   & F.col("strategy").isin(strategies))
-    metrics = evaluate_predictions(df, load_taxonomy(data))
+    metrics = evaluate_predictions(df, Dataset(data).taxonomy())
     out_dir = evaluation_dir(output, run_id)
-    files = write_report(metrics, load_histories(models, run_id), out_dir, run_id)
+    files = write_report(metrics, ModelStore(models).run(run_id).histories(), out_dir, run_id)
     return {"run_id": run_id, "strategies": strategies, "metrics": metrics,
             "files": files, "output": out_dir, "table": table}
 

@@ -7,8 +7,10 @@ backend switch that would disturb a notebook importing this module.
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Dict, Sequence
+
+from hierarchy import storage
 
 MAX_LABEL = 28  # level-1 names run long ("ELECTROMENAGER - ..."): keep the axes readable
 METRICS = (("loss", "loss"), ("accuracy", "accuracy"))
@@ -24,10 +26,11 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    os.replace(tmp, path)  # a re-run never leaves a half-written figure behind
+    """PNG bytes written atomically to ``path`` (any filesystem): a re-run never leaves a
+    half-written figure behind."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    storage.write_bytes_atomic(path, buf.getvalue())
     return path
 
 

@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import json
-import os
 import re
 from typing import Dict, List, Optional
 
+from hierarchy import storage
 from hierarchy.evaluate.plots import plot_confusion, plot_training_curves
 
 HEADLINE = (
@@ -22,40 +21,15 @@ HEADLINE = (
     ("top-5 accuracy", "top5_accuracy"),
     ("hierarchical F1", "hierarchical_f1"),
 )
-HISTORY_FILE = "history.json"
 
 
 def evaluation_dir(output: str, run_id: str) -> str:
-    return os.path.join(output, "evaluation", run_id)
+    return storage.join(output, "evaluation", run_id)
 
 
 def confusion_file(strategy: str) -> str:
     # strategy names go into a file name: keep them to safe characters
     return f"confusion_l1_{re.sub(r'[^A-Za-z0-9_.-]', '_', strategy)}.png"
-
-
-def load_histories(models_dir: str, run_id: str) -> Dict[str, dict]:
-    """``{model key: history}`` of ``<models>/<run_id>/{level1,flat,branch/*}/history.json``
-    that exist, keyed like the model store (``level1``, ``flat``, ``branch/<l1>``), branches
-    in numeric order. A missing run gives ``{}``: the report then says there is no history."""
-    root = os.path.join(models_dir, run_id)
-    found: List[tuple] = []
-    for key in ("level1", "flat"):
-        found.append((key, os.path.join(root, key, HISTORY_FILE)))
-    branches = glob.glob(os.path.join(root, "branch", "*", HISTORY_FILE))
-
-    def order(path: str):
-        name = os.path.basename(os.path.dirname(path))
-        return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-    for path in sorted(branches, key=order):
-        found.append((f"branch/{os.path.basename(os.path.dirname(path))}", path))
-    histories = {}
-    for key, path in found:
-        if os.path.isfile(path):
-            with open(path) as fh:
-                histories[key] = json.load(fh)
-    return histories
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -127,7 +101,7 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
         lines += ["## Level-1 confusion", "",
                   "Rows are the true level-1 class, normalized to sum 1.", ""]
         for s in order:
-            name = os.path.basename(files[f"confusion_l1_{s}"])
+            name = storage.basename(files[f"confusion_l1_{s}"])
             lines += [f"### {s}", "", f"[{name}]({name})", "", f"![level-1 confusion, {s}]({name})",
                       ""]
 
@@ -137,7 +111,7 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
         lines.append("")
     else:
         lines += ["No training history found for this run.", ""]
-    name = os.path.basename(files["training_curves"])
+    name = storage.basename(files["training_curves"])
     lines += [f"[{name}]({name})", "", f"![training curves]({name})", ""]
     return "\n".join(lines)
 
@@ -153,40 +127,33 @@ def _training_summary(histories: dict) -> dict:
     return out
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(metrics: dict, histories: dict, output_dir: str, run_id: str) -> dict:
     """Write report.json, report.md, ``confusion_l1_<strategy>.png`` per strategy and
     training_curves.png into ``output_dir``; return ``{name: path}`` of everything written
     (keys ``report_json``, ``report_md``, ``confusion_l1_<strategy>``, ``training_curves``)."""
-    os.makedirs(output_dir, exist_ok=True)
     order = metrics.get("strategy_order") or list(metrics["strategies"])
     files: Dict[str, str] = {}
     for s in order:
         conf = metrics["strategies"][s]["confusion_l1"]
-        path = os.path.join(output_dir, confusion_file(s))
+        path = storage.join(output_dir, confusion_file(s))
         plot_confusion(conf["matrix"], conf["labels"], path,
                        f"Level-1 confusion — {s} (run {run_id})")
         files[f"confusion_l1_{s}"] = path
     files["training_curves"] = plot_training_curves(
-        histories, os.path.join(output_dir, "training_curves.png")
+        histories, storage.join(output_dir, "training_curves.png")
     )
 
-    files["report_md"] = os.path.join(output_dir, "report.md")
-    files["report_json"] = os.path.join(output_dir, "report.json")
+    files["report_md"] = storage.join(output_dir, "report.md")
+    files["report_json"] = storage.join(output_dir, "report.json")
     doc = {
         "run_id": run_id,
         "split": "val",
         "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         **metrics,
         "training": _training_summary(histories),
-        "files": {k: os.path.basename(v) for k, v in files.items()},
+        "files": {k: storage.basename(v) for k, v in files.items()},
     }
-    _write_text(files["report_json"], json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    _write_text(files["report_md"], _markdown(metrics, histories, run_id, files))
+    storage.write_text_atomic(files["report_json"],
+                              json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    storage.write_text_atomic(files["report_md"], _markdown(metrics, histories, run_id, files))
     return files

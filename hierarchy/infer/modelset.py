@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from hierarchy import storage
+from hierarchy import modelstore, storage
 from hierarchy.errors import Refused
+from hierarchy.modelstore import ModelStore, Run
 from hierarchy.taxonomy import Taxonomy
-from hierarchy.train import store
 
 STRATEGIES = ("flat", "two-stage", "blend")
 
@@ -46,54 +46,33 @@ class ModelSet:
 
 def available_strategies(models: str, run_id: str) -> List[str]:
     """The strategies this run's models can serve (evaluate scores each of them)."""
-    fs, root = storage.resolve(models)
-
-    def has(key: str) -> bool:
-        return storage.exists(fs, storage.join(root, run_id, *key.split("/"), store.MODEL_FILE))
-
-    branches = [f.base_name for f in storage.list_dir(fs, storage.join(root, run_id, "branch"))]
-    out = ["flat"] if has("flat") else []
-    if has("level1") and any(has(f"branch/{b}") for b in branches):
+    run = ModelStore(models).run(run_id)
+    out = ["flat"] if run.has_model(modelstore.FLAT) else []
+    if run.has_model(modelstore.LEVEL1) and any(
+            run.has_model(modelstore.branch_key(b)) for b in run.branch_ids()):
         out.append("two-stage")
     if len(out) == 2:
         out.append("blend")
     return out
 
 
-def _read_run(models: str, run_id: str, required: bool = True) -> Optional[dict]:
-    fs, root = storage.resolve(models)
-    path = storage.join(root, run_id, "run.json")
-    if not storage.exists(fs, path):
-        if required:
-            raise PredictError(f"{storage.join(models, run_id)}: no run.json — train run "
-                               f"{run_id!r} first (hierarchy train --run-id {run_id})")
-        return None
-    return storage.read_json(fs, path)
-
-
-def _ref(models: str, run: dict, run_id: str, key: str, fingerprint: str) -> ModelRef:
-    fs, root = storage.resolve(models)
-    folder = storage.join(root, run_id, *key.split("/"))
-    path = storage.join(folder, store.MODEL_FILE)
+def _ref(run: Run, recorded: dict, key: str, fingerprint: str) -> ModelRef:
     # the model's own folder describes it (metrics.json is written beside model.h5); run.json
     # is the run's summary of its models
-    metrics_file = storage.join(folder, "metrics.json")
-    metrics = storage.read_json(fs, metrics_file) if storage.exists(fs, metrics_file) else \
-        run.get("models", {}).get(key, {}).get("metrics")
-    if not metrics or not storage.exists(fs, path):
-        hint = "--level 1" if key == "level1" else \
-            "--level 3 --mode flat" if key == "flat" else \
-            f"--level 3 --mode branch --branches {key.split('/')[1]}"
-        raise ModelMissing(f"run {run_id}: model {key} is missing ({path}); train it with "
-                           f"`hierarchy train ... --run-id {run_id} {hint}`")
-    got = metrics.get("taxonomy_fingerprint") or run.get("taxonomy_fingerprint")
+    metrics = storage.read_json(run.metrics_file(key), None) or \
+        recorded.get("models", {}).get(key, {}).get("metrics")
+    if not metrics or not run.has_model(key):
+        raise ModelMissing(f"run {run.run_id}: model {key} is missing ({run.model_file(key)}); "
+                           f"train it with `hierarchy train ... --run-id {run.run_id} "
+                           f"{modelstore.train_command(key)}`")
+    got = metrics.get("taxonomy_fingerprint") or recorded.get("taxonomy_fingerprint")
     if got != fingerprint:
         raise PredictError(
-            f"run {run_id}: model {key} was trained on taxonomy {str(got)[:19]}, but the "
+            f"run {run.run_id}: model {key} was trained on taxonomy {str(got)[:19]}, but the "
             f"dataset has {fingerprint[:19]}: its class ids would mean other categories. "
             f"Score with a run trained on this dataset's category table.")
-    cfg = run.get("config", {}).get(key, {})
-    return ModelRef(key=key, path=path,
+    cfg = recorded.get("config", {}).get(key, {})
+    return ModelRef(key=key, path=run.model_file(key),
                     backbone=cfg.get("backbone", "small_cnn"),
                     image_size=int(cfg.get("image_size", 64)))
 
@@ -102,29 +81,34 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
     """Every model ``strategy`` needs, or :class:`PredictError` naming what is wrong."""
     if strategy not in STRATEGIES:
         raise PredictError(f"--strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
-    run = _read_run(models, run_id)
+    run = ModelStore(models).run(run_id)
+    if not run.exists():
+        raise PredictError(f"{run.path}: no {modelstore.RUN_FILE} — train run {run_id!r} "
+                           f"first (hierarchy train --run-id {run_id})")
+    recorded = run.read()
     fingerprint = taxonomy.fingerprint
-    if run.get("taxonomy_fingerprint") not in (None, fingerprint):
+    if recorded.get("taxonomy_fingerprint") not in (None, fingerprint):
         raise PredictError(
-            f"run {run_id} was trained on taxonomy {run['taxonomy_fingerprint'][:19]}, but the "
-            f"dataset has {fingerprint[:19]}: refusing to score with another category table")
+            f"run {run_id} was trained on taxonomy {recorded['taxonomy_fingerprint'][:19]}, "
+            f"but the dataset has {fingerprint[:19]}: refusing to score with another category "
+            f"table")
     level1 = flat = None
     branches: Dict[int, ModelRef] = {}
     untrained: List[int] = []
     if strategy in ("flat", "blend"):
-        flat = _ref(models, run, run_id, "flat", fingerprint)
+        flat = _ref(run, recorded, modelstore.FLAT, fingerprint)
     if strategy in ("two-stage", "blend"):
-        level1 = _ref(models, run, run_id, "level1", fingerprint)
+        level1 = _ref(run, recorded, modelstore.LEVEL1, fingerprint)
         missing = []
         for b in range(taxonomy.n_l1):
             if len(taxonomy.branch(b)) < 2:
                 continue  # P(l3 | b) = 1: nothing was trained, nothing is needed
-            entry = run.get("models", {}).get(f"branch/{b}", {})
+            entry = recorded.get("models", {}).get(modelstore.branch_key(b), {})
             if entry.get("status") == "no training images":
                 untrained.append(b)
                 continue
             try:
-                branches[b] = _ref(models, run, run_id, f"branch/{b}", fingerprint)
+                branches[b] = _ref(run, recorded, modelstore.branch_key(b), fingerprint)
             except ModelMissing:
                 missing.append(b)
         if missing:

@@ -12,26 +12,27 @@ load       the ``predictions`` table partition of (run id, split, strategy), the
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from hierarchy import storage
+from hierarchy.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
 from hierarchy.errors import UsageError
-from hierarchy.infer import tables
+from hierarchy.infer import schema, tables
 from hierarchy.infer.modelset import ModelSet, PredictError, load_modelset
-from hierarchy.infer.scoring import INPUT_COLUMNS, SCORED_SCHEMA, ScoringPlan, score_partitions
-from hierarchy.ingest.manifest import load_taxonomy, require_complete
+from hierarchy.infer.scoring import INPUT_COLUMNS, ScoringPlan, score_partitions
 from hierarchy.taxonomy import Taxonomy
 
-SPLIT_KIND = {"test": "test", "val": "train"}
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- extract
 def read_images(spark, data: str, split: str):
     from pyspark.sql import functions as F
 
-    df = spark.read.parquet(storage.to_url(storage.join(data, "images")))
+    df = spark.read.parquet(Dataset(data).url("images"))
     return df.where(F.col("split") == split).select(*INPUT_COLUMNS)
 
 
@@ -39,8 +40,8 @@ def read_products(spark, data: str, split: str, kind: Optional[str] = None):
     """Products of one split (of ingest kind ``kind``, by default the split's own)."""
     from pyspark.sql import functions as F
 
-    df = spark.read.parquet(storage.to_url(storage.join(data, "products")))
-    return df.where((F.col("kind") == (kind or SPLIT_KIND[split])) & (F.col("split") == split))
+    df = spark.read.parquet(Dataset(data).url("products"))
+    return df.where((F.col("kind") == (kind or kind_of_split(split))) & (F.col("split") == split))
 
 
 def training_prior(spark, data: str):
@@ -48,7 +49,7 @@ def training_prior(spark, data: str):
     product with no usable picture. An aggregate: nothing but one row reaches the driver."""
     from pyspark.sql import functions as F
 
-    counts = read_products(spark, data, "train", kind="train").groupBy("category_id").count()
+    counts = read_products(spark, data, TRAIN).groupBy("category_id").count()
     best = counts.orderBy(F.desc("count"), F.asc("category_id")).first()
     if best is None:
         raise PredictError(f"{data}: no training products, so no prior for products without "
@@ -65,31 +66,26 @@ def score(images, plan: ScoringPlan, partitions: int):
     parts = partitions or max(1, images.rdd.getNumPartitions())
     return (images.repartition(parts, "product_id")
                   .sortWithinPartitions("product_id", "img_idx")
-                  .mapInPandas(score_partitions(plan), SCORED_SCHEMA))
+                  .mapInPandas(score_partitions(plan), schema.SCORED_DDL))
 
 
 def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple):
     """Products of the split with no row in images/ (every picture quarantined at ingest):
-    the training prior, flagged. Only the product_id column of images/ is read."""
+    the same row the scorer gives a product none of whose pictures decodes
+    (:func:`hierarchy.infer.schema.fallback_prediction`). Only the product_id column of
+    images/ is read."""
     from pyspark.sql import functions as F
 
-    cid, share = prior
-    l3 = taxonomy.l3_of_category(cid)
-    n1, n2, n3 = taxonomy.names_of_l3(l3)
-    l1, l2 = int(taxonomy.l1_of_l3[l3]), int(taxonomy.l2_of_l3[l3])
+    row = schema.fallback_prediction(taxonomy, *prior)
+    per_product = {"product_id": F.col("product_id"),
+                   "bad_image_count": F.col("n_bad_images"),
+                   "true_category_id": F.col("category_id"), "true_l1": F.col("l1"),
+                   "true_l2": F.col("l2"), "true_l3": F.col("l3")}
     missing = products.join(images.select("product_id").distinct(), "product_id", "left_anti")
-    return missing.select(
-        "product_id", F.lit(cid).cast("long").alias("category_id"),
-        F.lit(n1).alias("category_level1"), F.lit(n2).alias("category_level2"),
-        F.lit(n3).alias("category_level3"), F.lit(l1).alias("l1"), F.lit(l2).alias("l2"),
-        F.lit(l3).alias("l3"), F.lit(share).alias("confidence"),
-        F.array(F.lit(cid).cast("long")).alias("top_category_id"),
-        F.array(F.lit(share)).alias("top_probability"), F.lit(l1).alias("level1_id"),
-        F.lit(n1).alias("level1_name"), F.lit(share).alias("level1_probability"),
-        F.lit(0).alias("image_count"), F.col("n_bad_images").alias("bad_image_count"),
-        F.lit(True).alias("fallback"), F.col("category_id").alias("true_category_id"),
-        F.col("l1").alias("true_l1"), F.col("l2").alias("true_l2"),
-        F.col("l3").alias("true_l3"))
+    return missing.select(*[
+        (per_product[name] if name in per_product else F.lit(row[name]))
+        .cast(schema.SCORED_TYPES[name]).alias(name)
+        for name in schema.SCORED_COLUMNS])
 
 
 def finish_rows(rows, run_id: str, split: str, strategy: str):
@@ -103,7 +99,7 @@ def finish_rows(rows, run_id: str, split: str, strategy: str):
                 .withColumn("run_id", F.lit(run_id))
                 .withColumn("split", F.lit(split))
                 .withColumn("strategy", F.lit(strategy))
-                .select(*tables.COLUMNS))
+                .select(*schema.TABLE_COLUMNS))
 
 
 # ----------------------------------------------------------------------------- the job
@@ -118,20 +114,21 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
                   output: str) -> CheckedPredict:
     """Everything predict can refuse without Spark: the folders (exit 2), a dataset that is
     not complete, a missing model or one of another taxonomy (exit 3)."""
-    if split not in SPLIT_KIND:
+    if split not in (TEST, VAL):
         raise UsageError(f"--split {split!r}: expected test or val")
     storage.require_dir(data, "--data")
     storage.require_dir(models, "--models")
     storage.require_writable_dir(output, "--output")
-    manifest = require_complete(data, [SPLIT_KIND[split]])
-    taxonomy = load_taxonomy(data)
+    dataset = Dataset(data)
+    manifest = dataset.require_complete([kind_of_split(split)])
+    taxonomy = dataset.taxonomy()
     if manifest["taxonomy"]["fingerprint"] != taxonomy.fingerprint:
         raise PredictError(f"{data}: taxonomy.json does not match manifest.json")
     return CheckedPredict(manifest, taxonomy, load_modelset(models, run_id, strategy, taxonomy))
 
 
 def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, strategy: str,
-                output: str, echo=print) -> dict:
+                output: str) -> dict:
     from pyspark.sql import functions as F
 
     from hierarchy.spark import run_with_progress
@@ -154,9 +151,8 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
     rows = score(images, plan, int(pcfg["partitions"])).unionByName(
         fallback_rows(products, images, taxonomy, prior))
     final = finish_rows(rows, run_id, split, strategy)
-    echo(f"scoring split {split} with run {run_id} ({strategy}"
-         + (f", top-{plan.top_k} branches" if strategy != "flat" and plan.top_k else "")
-         + ")")
+    log.info("scoring split %s with run %s (%s%s)", split, run_id, strategy,
+             f", top-{plan.top_k} branches" if strategy != "flat" and plan.top_k else "")
     name = run_with_progress(spark, f"predict {split}",
                              lambda: tables.write_predictions(spark, final, output,
                                                               cfg["catalog"]),
@@ -173,7 +169,7 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
               "products": int(stats.products), "images": int(stats.images or 0),
               "bad_images": int(stats.bad_images or 0), "fallback": int(stats.fallback or 0),
               "untrained_branches": modelset.untrained_branches}
-    if split == "test":
+    if split == TEST:
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
         tables.check_submission_rows(sub, products)
         result["submission"] = tables.write_submission(sub, output,

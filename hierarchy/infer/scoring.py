@@ -16,7 +16,6 @@ decodes gets the training prior's most frequent category and ``fallback = true``
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -24,18 +23,10 @@ import numpy as np
 import pandas as pd
 
 from hierarchy import storage
-from hierarchy.infer import combine
+from hierarchy.infer import combine, schema
 from hierarchy.infer.modelset import ModelRef, ModelSet
 from hierarchy.taxonomy import Taxonomy
 
-# What mapInPandas returns (the job adds top5 structs, scored_at and the partition columns).
-SCORED_SCHEMA = (
-    "product_id long, category_id long, category_level1 string, category_level2 string, "
-    "category_level3 string, l1 int, l2 int, l3 int, confidence double, "
-    "top_category_id array<long>, top_probability array<double>, level1_id int, "
-    "level1_name string, level1_probability double, image_count int, bad_image_count int, "
-    "fallback boolean, true_category_id long, true_l1 int, true_l2 int, true_l3 int"
-)
 INPUT_COLUMNS = ["product_id", "img_idx", "jpeg", "category_id", "l1", "l2", "l3"]
 
 
@@ -60,25 +51,15 @@ class ScoringPlan:
 _CACHE: Dict[str, object] = {}
 
 
-def _local_copy(path: str) -> str:
-    """Keras reads local files only: a model on HDFS/S3 is copied once per worker."""
-    if "://" not in path or path.startswith("file://"):
-        return path.replace("file://", "", 1)
-    fs, inner = storage.resolve(path)
-    target = os.path.join(tempfile.mkdtemp(prefix="hierarchy-model-"), os.path.basename(inner))
-    with fs.open_input_stream(inner) as src, open(target, "wb") as dst:
-        dst.write(src.read())
-    return target
-
-
 def _model(ref: ModelRef):
     if ref.path not in _CACHE:
         import tensorflow as tf
 
         from hierarchy.train.models import custom_objects
 
+        # Keras reads local files only: a model on HDFS/S3 is copied once per worker
         _CACHE[ref.path] = tf.keras.models.load_model(
-            _local_copy(ref.path), custom_objects=custom_objects(), compile=False)
+            storage.copy_to_local(ref.path), custom_objects=custom_objects(), compile=False)
     return _CACHE[ref.path]
 
 
@@ -194,7 +175,7 @@ class _Product:
 
 def score_partitions(plan: ScoringPlan):
     """The function ``mapInPandas`` runs: an iterator of image batches (sorted by product
-    within the partition) -> an iterator of product rows (:data:`SCORED_SCHEMA`)."""
+    within the partition) -> an iterator of product rows (:data:`schema.SCORED_DDL`)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         scorer = BatchScorer(plan)
@@ -248,34 +229,19 @@ def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
     top_idx, top_p = combine.top_n(probs, plan.top_n)
     marg = combine.marginal_l1(probs, tax) if len(ids) else np.zeros((0, tax.n_l1))
     cat_ids = np.asarray(tax.category_ids, dtype=np.int64)
-    prior_l3 = tax.l3_of_category(plan.prior_category_id)
+    fallback = schema.fallback_prediction(tax, plan.prior_category_id, plan.prior_share)
     records = []
     for pid in sorted(done):
         meta = seen.pop(pid)
         i = scored.get(pid)
         if i is None:  # no picture decoded: the training prior, flagged
-            l3, conf = prior_l3, plan.prior_share
-            tops, top_probs = [int(cat_ids[l3])], [plan.prior_share]
-            l1 = int(tax.l1_of_l3[l3])
-            l1_p = plan.prior_share
+            predicted = fallback
         else:
-            l3, conf = int(top_idx[i, 0]), float(top_p[i, 0])
-            tops = cat_ids[top_idx[i]].tolist()
-            top_probs = top_p[i].tolist()
             l1 = int(np.argmax(marg[i]))
-            l1_p = float(marg[i, l1])
-        names = tax.names_of_l3(l3)
-        records.append((pid, int(cat_ids[l3]), *names, int(tax.l1_of_l3[l3]),
-                        int(tax.l2_of_l3[l3]), l3, conf, tops, top_probs, l1,
-                        tax.l1_names[l1], l1_p, meta.decoded, meta.bad, i is None,
-                        *meta.truth))
-    df = pd.DataFrame.from_records(records, columns=[
-        "product_id", "category_id", "category_level1", "category_level2", "category_level3",
-        "l1", "l2", "l3", "confidence", "top_category_id", "top_probability", "level1_id",
-        "level1_name", "level1_probability", "image_count", "bad_image_count", "fallback",
-        "true_category_id", "true_l1", "true_l2", "true_l3"])
-    for col in ("true_category_id",):
-        df[col] = df[col].astype("Int64")
-    for col in ("true_l1", "true_l2", "true_l3"):
-        df[col] = df[col].astype("Int32")
-    return df
+            predicted = {**schema.leaf_prediction(
+                tax, int(top_idx[i, 0]), top_p[i, 0], cat_ids[top_idx[i]], top_p[i], l1,
+                marg[i, l1]), "image_count": meta.decoded, "fallback": False}
+        records.append({"product_id": pid, **predicted, "bad_image_count": meta.bad,
+                        **dict(zip(schema.TRUTH, meta.truth))})
+    df = pd.DataFrame.from_records(records, columns=schema.SCORED_COLUMNS)
+    return df.astype(schema.PANDAS_DTYPES)

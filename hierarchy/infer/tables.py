@@ -12,14 +12,7 @@ from typing import Tuple
 
 from hierarchy import storage
 from hierarchy.infer.modelset import PredictError
-
-PARTITIONS = ("run_id", "split", "strategy")
-COLUMNS = [
-    "product_id", "category_id", "category_level1", "category_level2", "category_level3",
-    "l1", "l2", "l3", "confidence", "top5", "level1_id", "level1_name", "level1_probability",
-    "image_count", "bad_image_count", "fallback", "true_category_id", "true_l1", "true_l2",
-    "true_l3", "scored_at", *PARTITIONS,
-]
+from hierarchy.infer.schema import PARTITIONS, TABLE_COLUMNS
 
 
 def table_name(catalog: dict) -> str:
@@ -54,7 +47,7 @@ def write_predictions(spark, df, output: str, catalog: dict) -> str:
             raise PredictError(
                 f"table {name} lives at {where}, not {path}: score into that --output, or "
                 f"name another table with catalog.table=... / catalog.database=...")
-    (df.select(*COLUMNS).write.mode("overwrite")
+    (df.select(*TABLE_COLUMNS).write.mode("overwrite")
        .option("partitionOverwriteMode", "dynamic")
        .partitionBy(*PARTITIONS).parquet(path))
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
@@ -119,22 +112,17 @@ def write_submission(sub, output: str, gzip: bool) -> str:
     import uuid
 
     name = "submission.csv.gz" if gzip else "submission.csv"
-    fs, root = storage.resolve(output)
-    staging = storage.join(root, f"_staging-submission-{uuid.uuid4().hex}")
-    target = storage.join(root, name)
+    staging = storage.join(output, f"_staging-submission-{uuid.uuid4().hex}")
     writer = (sub.select("_id", "category_id").orderBy("_id").coalesce(1)
                  .write.option("header", True))
     if gzip:
         writer = writer.option("compression", "gzip")
-    url = storage.to_url(staging) if "://" not in output else \
-        storage.join(output, staging.rsplit("/", 1)[1])
-    writer.csv(url)
-    parts = [f.path for f in storage.list_dir(fs, staging)
-             if f.base_name.startswith("part-")]
+    writer.csv(storage.to_url(staging))
+    parts = [loc for name_, loc, _ in storage.list_dir(staging) if name_.startswith("part-")]
     if len(parts) != 1:
         raise PredictError(f"{staging}: expected one CSV part, found {len(parts)}")
-    if storage.exists(fs, target):
-        fs.delete_file(target)
-    fs.move(parts[0], target)
-    storage.remove(fs, staging)
+    # a rename: a reader never sees a half-written file (HDFS cannot rename onto a file,
+    # so the old one is removed first)
+    storage.replace(parts[0], storage.join(output, name))
+    storage.remove(staging)
     return storage.join(output, name)

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from hierarchy import storage
+from hierarchy.dataset import KIND_SPLITS, Dataset
 from hierarchy.ingest import decode as dec
 
 RANGE_PART = r"part-(\d+)\.parquet$"
@@ -80,24 +81,24 @@ def find_cross_range(spark, products_url: str, sources: Sequence[str]):
                     .drop("rank", "file_order"))
 
 
-def _filter_part(fs, path: str, drop: set) -> Dict[str, int]:
+def _filter_part(url: str, drop: set) -> Dict[str, int]:
     """Rewrite a part file without the rows of ``drop`` product ids, row group by row group;
     returns {"rows": removed, "bytes": their nbytes} (nothing is written when none match)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    if not storage.exists(fs, path):
+    if not storage.exists(url):
         return {"rows": 0, "bytes": 0}
     ids = pa.array(sorted(drop), pa.int64())
+    fs, path = storage.resolve(url)
     with fs.open_input_file(path) as fh:
         pf = pq.ParquetFile(fh)
         column = pf.read(columns=["product_id"]).column(0)
         if not pc.any(pc.is_in(column, value_set=ids)).as_py():
             return {"rows": 0, "bytes": 0}
         removed = {"rows": 0, "bytes": 0}
-        parent, name = path.rsplit("/", 1)
-        tmp = f"{parent}/.{name}.dedup.tmp"
+        out = storage.atomic_output(url)  # a retried task finds the old or the filtered file
         writer: Optional[pq.ParquetWriter] = None
         try:
             for i in range(pf.metadata.num_row_groups):
@@ -112,21 +113,23 @@ def _filter_part(fs, path: str, drop: set) -> Dict[str, int]:
                     # the codec the file was written with (ingest.compression for images/)
                     codec = pf.metadata.row_group(0).column(0).compression
                     writer = pq.ParquetWriter(
-                        tmp, pf.schema_arrow, filesystem=fs,
+                        out.tmp, pf.schema_arrow, filesystem=out.fs,
                         compression=None if codec == "UNCOMPRESSED" else codec.lower(),
                         write_statistics=[f.name for f in pf.schema_arrow
                                           if f.type != pa.binary()])
                 if kept.num_rows:
                     writer.write_table(kept, row_group_size=kept.num_rows)
-        finally:
+        except BaseException:
             if writer is not None:
                 writer.close()
-    fs.move(tmp, path)  # atomic: a retried task finds either the old or the filtered file
+            out.discard()
+            raise
+        writer.close()
+    out.commit()
     return removed
 
 
-def drop_in_range(range_id: int, rows: Iterable[dict], staging: str, kind: str,
-                  splits: Sequence[str]) -> dict:
+def drop_in_range(range_id: int, rows: Iterable[dict], staging: Dataset, kind: str) -> dict:
     """Step 2b, one task per affected range: drop the duplicates from its part files and
     write their quarantine rows. Returns the change to the manifest counts (the shape of a
     decode task's stats, with negative product/image counts)."""
@@ -134,19 +137,17 @@ def drop_in_range(range_id: int, rows: Iterable[dict], staging: str, kind: str,
     from hierarchy.ingest.writer import write_table
 
     rows = list(rows)
-    fs, root = storage.resolve(staging)
     drop = {int(r["product_id"]) for r in rows}
     # the quarantine rows first: a retry after a crash rewrites the same file
-    write_table(fs, storage.join(root, "quarantine", f"kind={kind}",
-                                 part_name(range_id, "-duplicates")),
+    write_table(storage.join(staging.quarantine(kind), part_name(range_id, "-duplicates")),
                 [duplicate_row(r["source"], r["offset"], r["length"], r["product_id"],
                                r["first_source"], r["first_offset"]) for r in rows],
                 QUARANTINE_FILE)
     image_bytes = 0
-    for split in splits:
-        image_bytes += _filter_part(fs, storage.join(root, "images", f"split={split}",
-                                                     part_name(range_id)), drop)["bytes"]
-    _filter_part(fs, storage.join(root, "products", f"kind={kind}", part_name(range_id)), drop)
+    for split in KIND_SPLITS[kind]:
+        image_bytes += _filter_part(storage.join(staging.images(split), part_name(range_id)),
+                                    drop)["bytes"]
+    _filter_part(storage.join(staging.products(kind), part_name(range_id)), drop)
     products: Counter = Counter()
     images: Counter = Counter()
     images_l1: Counter = Counter()
@@ -165,19 +166,15 @@ def drop_in_range(range_id: int, rows: Iterable[dict], staging: str, kind: str,
             "quarantine_by_source": {s: {dec.DUPLICATE_ID: n} for s, n in dropped.items()}}
 
 
-def resolve(spark, staging: str, kind: str, sources: Sequence[str],
-            splits: Sequence[str]) -> List[dict]:
+def resolve(spark, staging: Dataset, kind: str, sources: Sequence[str]) -> List[dict]:
     """Steps 2a and 2b over a staged ingest; returns one stats delta per rewritten range."""
-    fs, root = storage.resolve(staging)
-    products = storage.join(root, "products", f"kind={kind}")
-    if not storage.list_dir(fs, products):
+    if not storage.list_dir(staging.products(kind)):
         return []
-    dups = find_cross_range(
-        spark, storage.to_url(storage.join(staging, "products", f"kind={kind}")), sources)
+    dups = find_cross_range(spark, storage.to_url(staging.products(kind)), sources)
 
     def fix(item):
         range_id, group = item
-        return drop_in_range(range_id, [r.asDict() for r in group], staging, kind, splits)
+        return drop_in_range(range_id, [r.asDict() for r in group], staging, kind)
 
     return (dups.rdd.map(lambda r: (r.range_id, r)).groupByKey()
                 .map(fix).collect())

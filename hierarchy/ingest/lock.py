@@ -2,7 +2,7 @@
 
 Two ingests into one folder would race: each clears stale staging of its kind (the other's
 live staging among it), both rewrite manifest.json from what they read, both regenerate the
-Petastorm metadata. ``output_lock`` holds ``<output>/_ingest.lock`` for the whole job. A lock
+Petastorm metadata. ``output_lock`` holds the dataset's ``_ingest.lock`` for the whole job. A lock
 left by a job that died is taken over when it is provably stale: same host and its process is
 gone, or older than ``ingest.lock_stale_hours`` (a holder on another host cannot be probed).
 Local folders get an atomic exclusive create; on HDFS/S3 the create is write-then-read-back,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import socket
 import time
@@ -21,9 +22,10 @@ import uuid
 from typing import Iterator, Optional
 
 from hierarchy import storage
+from hierarchy.dataset import Dataset
 from hierarchy.errors import Refused
 
-LOCK_FILE = "_ingest.lock"
+log = logging.getLogger(__name__)
 
 
 class OutputLocked(Refused, RuntimeError):
@@ -46,9 +48,9 @@ def _stale(holder: dict, stale_hours: float) -> bool:
     return time.time() - float(holder.get("since", 0)) > stale_hours * 3600
 
 
-def _read(fs, path: str) -> Optional[dict]:
+def _read(path: str) -> Optional[dict]:
     try:
-        holder = storage.read_json(fs, path)
+        holder = storage.read_json(path)
         return holder if isinstance(holder, dict) else {}
     except FileNotFoundError:
         return None
@@ -56,21 +58,22 @@ def _read(fs, path: str) -> Optional[dict]:
         return {}  # unreadable (half written): judged by age only
 
 
-def _create(fs, path: str, record: dict) -> bool:
+def _create(path: str, record: dict) -> bool:
     data = (json.dumps(record) + "\n").encode()
-    if "://" not in path and os.path.isabs(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not storage.is_remote(path):
+        local = storage.local_path(path)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         return True
-    if storage.exists(fs, path):
+    if storage.exists(path):
         return False
-    storage.write_bytes_atomic(fs, path, data)
-    return (_read(fs, path) or {}).get("token") == record["token"]
+    storage.write_bytes_atomic(path, data)
+    return (_read(path) or {}).get("token") == record["token"]
 
 
 def _describe(holder: dict) -> str:
@@ -81,43 +84,40 @@ def _describe(holder: dict) -> str:
             f"pid {holder.get('pid', '?')}, since {when}")
 
 
-def check_unlocked(output: str, stale_hours: float) -> None:
+def _held(path: str, holder: dict) -> OutputLocked:
+    return OutputLocked(f"{path}: another ingest is writing this folder ({_describe(holder)})"
+                        f"; wait for it to finish, or delete the lock file if that job is gone")
+
+
+def check_unlocked(dataset: Dataset, stale_hours: float) -> None:
     """Refuse at once (before Spark starts) when a live ingest holds the folder; the lock is
     still taken for real by :func:`output_lock`, this only saves a doomed start."""
-    fs, out = storage.resolve(output)
-    path = storage.join(out, LOCK_FILE)
-    holder = _read(fs, path) if storage.exists(fs, path) else None
+    path = dataset.lock_path
+    holder = _read(path) if storage.exists(path) else None
     if holder is not None and not _stale(holder, stale_hours):
-        raise OutputLocked(
-            f"{storage.join(output, LOCK_FILE)}: another ingest is writing this folder "
-            f"({_describe(holder)}); wait for it to finish, or delete the lock file if "
-            f"that job is gone")
+        raise _held(path, holder)
 
 
 @contextlib.contextmanager
-def output_lock(output: str, kind: str, stale_hours: float, echo=print) -> Iterator[None]:
-    fs, out = storage.resolve(output)
-    path = storage.join(out, LOCK_FILE)
+def output_lock(dataset: Dataset, kind: str, stale_hours: float) -> Iterator[None]:
+    path = dataset.lock_path
     record = {"host": socket.gethostname(), "pid": os.getpid(), "kind": kind,
               "since": time.time(), "token": uuid.uuid4().hex}
-    fs.create_dir(out, recursive=True)
+    storage.make_dir(dataset.root)
     for _ in range(2):  # a second try after removing a stale lock
-        if _create(fs, path, record):
+        if _create(path, record):
             break
-        holder = _read(fs, path)
+        holder = _read(path)
         if holder is None:
             continue  # released in between
         if not _stale(holder, stale_hours):
-            raise OutputLocked(
-                f"{storage.join(output, LOCK_FILE)}: another ingest is writing this folder "
-                f"({_describe(holder)}); wait for it to finish, or delete the lock file if "
-                f"that job is gone")
-        echo(f"taking over a stale ingest lock ({_describe(holder)})")
-        storage.remove(fs, path)
+            raise _held(path, holder)
+        log.warning("taking over a stale ingest lock (%s)", _describe(holder))
+        storage.remove(path)
     else:
-        raise OutputLocked(f"{storage.join(output, LOCK_FILE)}: could not take the lock")
+        raise OutputLocked(f"{path}: could not take the lock")
     try:
         yield
     finally:
-        if (_read(fs, path) or {}).get("token") == record["token"]:
-            storage.remove(fs, path)
+        if (_read(path) or {}).get("token") == record["token"]:
+            storage.remove(path)

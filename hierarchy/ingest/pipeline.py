@@ -1,16 +1,20 @@
 """The ingest job as extract / transform / load.
 
+check     everything that can be refused without Spark: inputs, category table, output
+          folder, the dataset's taxonomy, another ingest's lock;
 extract   scan each BSON file's length prefixes on the driver into an offset index (a few
           bytes per document), assign splits by product id, cut byte ranges of ~split_mb;
 transform each Spark task reads only its byte range, decodes its documents and writes its
           own Parquet part files (images per split, products, quarantine) into a staging
-          folder — JPEG bytes never travel through the JVM or the driver;
+          dataset — JPEG bytes never travel through the JVM or the driver; then duplicate
+          product ids across ranges are resolved (:mod:`hierarchy.ingest.duplicates`);
 load      swap the staged partitions of this kind (train: split=train/val, test: split=test)
           into the output, regenerate the Petastorm metadata, write manifest.json last.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections import Counter
@@ -18,23 +22,18 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from hierarchy import storage
+from hierarchy.dataset import KIND_SPLITS, SPLITS, Dataset
 from hierarchy.errors import Refused, UsageError
 from hierarchy.ingest import decode as dec
 from hierarchy.ingest import duplicates
 from hierarchy.ingest.lock import check_unlocked, output_lock
-from hierarchy.ingest.manifest import (
-    begin_kind,
-    finish_kind,
-    input_record,
-    load_manifest,
-)
 from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
 from hierarchy.ingest.schema import IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE
-from hierarchy.ingest.split import SPLIT_NAMES, assign_splits
+from hierarchy.ingest.split import assign_splits
 from hierarchy.ingest.writer import PartWriter, write_table
-from hierarchy.taxonomy import TAXONOMY_FILE, Taxonomy
+from hierarchy.taxonomy import Taxonomy
 
-KIND_SPLITS = {"train": ("train", "val"), "test": ("test",)}
+log = logging.getLogger(__name__)
 
 
 class IngestError(Refused, RuntimeError):
@@ -42,14 +41,51 @@ class IngestError(Refused, RuntimeError):
     document, taxonomy mismatch...)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class InputFile:
     url: str
     size: int
     mtime: Optional[float]
 
+    def record(self) -> dict:
+        import datetime as dt
 
-# ------------------------------------------------------------------------------ extract
+        mtime = dt.datetime.fromtimestamp(self.mtime, dt.UTC).isoformat() if self.mtime \
+            else None
+        return {"path": self.url, "size": self.size, "mtime": mtime}
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    """One Spark task: a contiguous byte range of one input, and each document's split."""
+
+    range_id: int
+    source: str
+    start: int
+    end: int
+    n_docs: int
+    kind: str
+    splits: bytes      # one code per document: an index into hierarchy.dataset.SPLITS
+
+
+@dataclass(frozen=True)
+class IngestContext:
+    """What every task of one ingest shares (shipped once in the task closure)."""
+
+    staging: str
+    verify_jpeg: str
+    compression: str
+    row_group_bytes: int
+
+
+@dataclass(frozen=True)
+class CheckedIngest:
+    files: List[InputFile]
+    categories: str
+    taxonomy: Taxonomy
+
+
+# ------------------------------------------------------------------------------ check
 def describe_inputs(urls: Sequence[str]) -> List[InputFile]:
     """Each input checked to be a readable, non-empty file (before Spark starts)."""
     out = []
@@ -67,13 +103,6 @@ def describe_inputs(urls: Sequence[str]) -> List[InputFile]:
     return out
 
 
-@dataclass(frozen=True)
-class CheckedIngest:
-    files: List[InputFile]
-    categories: str
-    taxonomy: Taxonomy
-
-
 def check_ingest(cfg, inputs: Sequence[str], categories: str, output: str,
                  kind: str) -> CheckedIngest:
     """Everything that can be refused without Spark, cheapest first: the kind, the inputs,
@@ -84,12 +113,23 @@ def check_ingest(cfg, inputs: Sequence[str], categories: str, output: str,
     storage.require_file(categories, "--categories")
     taxonomy = Taxonomy.from_csv(categories)
     storage.require_writable_dir(output, "--output")
-    fs, out = storage.resolve(output)
-    _check_taxonomy(fs, out, taxonomy, categories)
-    check_unlocked(output, cfg["ingest"]["lock_stale_hours"])
+    _check_taxonomy(Dataset(output), taxonomy, categories)
+    check_unlocked(Dataset(output), cfg["ingest"]["lock_stale_hours"])
     return CheckedIngest(files, categories, taxonomy)
 
 
+def _check_taxonomy(dataset: Dataset, taxonomy: Taxonomy, categories: str) -> None:
+    if not dataset.has_taxonomy():
+        return
+    stored = dataset.taxonomy()
+    if stored.fingerprint != taxonomy.fingerprint:
+        raise IngestError(
+            f"{categories} ({taxonomy.fingerprint[:19]}) is not the taxonomy this dataset "
+            f"was ingested with ({stored.fingerprint[:19]}, {dataset.taxonomy_path}): ingest "
+            "into a new output folder, or re-ingest every kind with the new table")
+
+
+# ------------------------------------------------------------------------------ extract
 def scan_inputs(inputs: Sequence[InputFile], max_document: int,
                 progress: bool = True) -> List[ScanResult]:
     from tqdm import tqdm
@@ -105,7 +145,7 @@ def scan_inputs(inputs: Sequence[InputFile], max_document: int,
 
 
 def plan_tasks(scans: Sequence[ScanResult], kind: str, split_bytes: int, val_fraction: float,
-               seed: int) -> List[dict]:
+               seed: int) -> List[IngestTask]:
     """One task per byte range; each carries the split code of each of its documents."""
     import numpy as np
 
@@ -115,13 +155,10 @@ def plan_tasks(scans: Sequence[ScanResult], kind: str, split_bytes: int, val_fra
     tasks, base = [], 0
     for scan in scans:
         for first, end in cut_ranges(scan, split_bytes):
-            start = int(scan.offsets[first])
-            stop = int(scan.offsets[end - 1] + scan.lengths[end - 1])
-            tasks.append({
-                "range_id": len(tasks), "source": scan.path, "start": start, "end": stop,
-                "n_docs": end - first, "kind": kind,
-                "splits": codes[base + first:base + end].tobytes(),
-            })
+            tasks.append(IngestTask(
+                range_id=len(tasks), source=scan.path, start=int(scan.offsets[first]),
+                end=int(scan.offsets[end - 1] + scan.lengths[end - 1]), n_docs=end - first,
+                kind=kind, splits=codes[base + first:base + end].tobytes()))
         base += scan.n_documents
     return tasks
 
@@ -129,7 +166,7 @@ def plan_tasks(scans: Sequence[ScanResult], kind: str, split_bytes: int, val_fra
 def corrupt_rows(scans: Sequence[ScanResult]) -> List[dict]:
     return [
         {"source": s.path, "offset": r.offset, "length": r.length, "product_id": None,
-         "img_idx": None, "level": "region", "reason": r.reason, "detail": r.detail}
+         "img_idx": None, "level": dec.REGION, "reason": r.reason, "detail": r.detail}
         for s in scans for r in s.corrupt
     ]
 
@@ -146,30 +183,29 @@ def _taxonomy(text: str) -> Taxonomy:
     return _TAXONOMY_CACHE[key]
 
 
-def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
+def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> dict:
     """Decode one byte range and write its part files; returns small counts for the manifest."""
-    fs, path = storage.resolve(task["source"])
+    fs, path = storage.resolve(task.source)
     with fs.open_input_file(path) as fh:
-        data = fh.read_at(task["end"] - task["start"], task["start"])
-    staging = ctx["staging"]
-    sfs, spath = storage.resolve(staging)
-    name = duplicates.part_name(task["range_id"])
+        data = fh.read_at(task.end - task.start, task.start)
+    staging = Dataset(ctx.staging)
+    name = duplicates.part_name(task.range_id)
     images = {
-        split: PartWriter(sfs, storage.join(spath, "images", f"split={split}", name),
-                          IMAGES_FILE, ctx["compression"], ctx["row_group_bytes"], "nbytes")
-        for split in KIND_SPLITS[task["kind"]]
+        split: PartWriter(storage.join(staging.images(split), name), IMAGES_FILE,
+                          ctx.compression, ctx.row_group_bytes, "nbytes")
+        for split in KIND_SPLITS[task.kind]
     }
     products: List[dict] = []
     quarantine: List[dict] = []
     stats = {"documents": 0, "bad_documents": 0, "image_bytes": 0,
              "products": Counter(), "images": Counter(), "images_l1": Counter()}
-    dedup = duplicates.RangeDeduplicator(task["source"])
+    dedup = duplicates.RangeDeduplicator(task.source)
     try:
-        for i, (offset, raw) in enumerate(dec.iter_documents(data, task["start"])):
-            split = SPLIT_NAMES[task["splits"][i]]
-            out = dec.decode_document(raw, source=task["source"], offset=offset,
-                                      kind=task["kind"], split=split, taxonomy=taxonomy,
-                                      verify_jpeg=ctx["verify_jpeg"])
+        for i, (offset, raw) in enumerate(dec.iter_documents(data, task.start)):
+            split = SPLITS[task.splits[i]]
+            out = dec.decode_document(raw, source=task.source, offset=offset, kind=task.kind,
+                                      split=split, taxonomy=taxonomy,
+                                      verify_jpeg=ctx.verify_jpeg)
             out = dedup.check(out, offset, len(raw))
             stats["documents"] += 1
             quarantine.extend(out.quarantine)
@@ -185,41 +221,31 @@ def process_range(task: dict, ctx: dict, taxonomy: Taxonomy) -> dict:
                 if img["l1"] is not None:
                     stats["images_l1"][(split_of_img, img["l1"])] += 1
                 stats["image_bytes"] += img["nbytes"]
-        if stats["documents"] != task["n_docs"]:
+        if stats["documents"] != task.n_docs:
             raise IngestError(
-                f"{task['source']} bytes {task['start']}-{task['end']}: decoded "
-                f"{stats['documents']} documents where the scan indexed {task['n_docs']}"
-            )
+                f"{task.source} bytes {task.start}-{task.end}: decoded {stats['documents']} "
+                f"documents where the scan indexed {task.n_docs}")
         for writer in images.values():
             writer.close()
     except BaseException:
         for writer in images.values():
             writer.abort()
         raise
-    kind = task["kind"]
     if products:
-        write_table(sfs, storage.join(spath, "products", f"kind={kind}", name), products,
-                    PRODUCTS_FILE)
+        write_table(storage.join(staging.products(task.kind), name), products, PRODUCTS_FILE)
     if quarantine:
-        write_table(sfs, storage.join(spath, "quarantine", f"kind={kind}", name), quarantine,
+        write_table(storage.join(staging.quarantine(task.kind), name), quarantine,
                     QUARANTINE_FILE)
     stats["quarantine"] = dec.count_reasons(quarantine)
     for key in ("products", "images", "images_l1"):
         stats[key] = dict(stats[key])
-    stats["products_by_source"] = {task["source"]: len(products)}
-    stats["quarantine_by_source"] = {task["source"]: stats["quarantine"]}
+    stats["products_by_source"] = {task.source: len(products)}
+    stats["quarantine_by_source"] = {task.source: stats["quarantine"]}
     return stats
 
 
 # ------------------------------------------------------------------------------ load
-def _swap(fs, src: str, dst: str) -> None:
-    storage.remove(fs, dst)
-    if storage.exists(fs, src):
-        fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-        fs.move(src, dst)
-
-
-def write_petastorm_metadata(spark, output: str) -> None:
+def write_petastorm_metadata(spark, dataset: Dataset) -> None:
     """(Re)generate the Unischema and row-group metadata over every split of images/."""
     import warnings
 
@@ -227,40 +253,22 @@ def write_petastorm_metadata(spark, output: str) -> None:
 
     from hierarchy.ingest.unischema import ImagesSchema
 
-    url = storage.to_url(storage.join(output, "images"))
     with warnings.catch_warnings():
         # petastorm 0.13.1 uses pyarrow's legacy dataset API (pinned for it): silence its
         # deprecation chatter, which says nothing a user can act on
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        with materialize_dataset(spark, url, ImagesSchema):
+        with materialize_dataset(spark, dataset.url("images"), ImagesSchema):
             pass  # the tasks already wrote the parts; only the metadata is made here
 
 
-def commit(spark, output: str, staging: str, kind: str) -> None:
-    fs, out = storage.resolve(output)
-    _, stage = storage.resolve(staging)
+def commit(spark, dataset: Dataset, staging: Dataset, kind: str) -> None:
     for split in KIND_SPLITS[kind]:
-        _swap(fs, storage.join(stage, "images", f"split={split}"),
-              storage.join(out, "images", f"split={split}"))
-    for table in ("products", "quarantine"):
-        _swap(fs, storage.join(stage, table, f"kind={kind}"),
-              storage.join(out, table, f"kind={kind}"))
-    if storage.exists(fs, storage.join(out, "images")):
-        write_petastorm_metadata(spark, output)
-
-
-def _check_taxonomy(fs, out: str, taxonomy: Taxonomy, categories: str) -> None:
-    path = storage.join(out, TAXONOMY_FILE)
-    if storage.exists(fs, path):
-        with fs.open_input_stream(path) as fh:
-            stored = Taxonomy.from_json(fh.read().decode("utf-8"), source=path)
-        if stored.fingerprint != taxonomy.fingerprint:
-            raise IngestError(
-                f"{categories} ({taxonomy.fingerprint[:19]}) is not the taxonomy this dataset "
-                f"was ingested with ({stored.fingerprint[:19]}, {path}): ingest into a new "
-                "output folder, or re-ingest every kind with the new table"
-            )
+        storage.replace(staging.images(split), dataset.images(split))
+    storage.replace(staging.products(kind), dataset.products(kind))
+    storage.replace(staging.quarantine(kind), dataset.quarantine(kind))
+    if storage.exists(dataset.images()):
+        write_petastorm_metadata(spark, dataset)
 
 
 def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
@@ -268,38 +276,37 @@ def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
     """Wire extract, transform and load; returns the manifest entry for this kind. The whole
     job holds the output folder's lock (:mod:`hierarchy.ingest.lock`)."""
     checked = check_ingest(cfg, inputs, categories, output, kind)
-    with output_lock(output, kind, cfg["ingest"]["lock_stale_hours"]):
-        return _ingest_locked(spark, cfg, checked, output, kind)
+    dataset = Dataset(output)
+    with output_lock(dataset, kind, cfg["ingest"]["lock_stale_hours"]):
+        return _ingest_locked(spark, cfg, checked, dataset, kind)
 
 
-def _ingest_locked(spark, cfg, checked: CheckedIngest, output: str, kind: str) -> dict:
+def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: str) -> dict:
     icfg = cfg["ingest"]
     progress = bool(icfg["progress"])
     t0 = time.time()
     taxonomy, files = checked.taxonomy, checked.files
-    fs, out = storage.resolve(output)
     # again under the lock: another ingest may have committed since the check
-    _check_taxonomy(fs, out, taxonomy, checked.categories)
+    _check_taxonomy(dataset, taxonomy, checked.categories)
 
     scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
     tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
                        icfg["val_fraction"], icfg["split_seed"])
     t_scan = time.time()
 
-    for stale in storage.list_dir(fs, storage.join(out, "_staging")):
-        if stale.base_name.startswith(f"{kind}-"):
-            storage.remove(fs, stale.path)
-    staging = storage.join(output, "_staging", f"{kind}-{uuid.uuid4().hex[:12]}")
-    sfs, spath = storage.resolve(staging)
+    for name, location, _ in storage.list_dir(dataset.staging().root):
+        if name.startswith(f"{kind}-"):
+            storage.remove(location)
+    staging = dataset.staging(f"{kind}-{uuid.uuid4().hex[:12]}")
     region_rows = corrupt_rows(scans)
-    write_table(sfs, storage.join(spath, "quarantine", f"kind={kind}", "part-scan.parquet"),
-                region_rows, QUARANTINE_FILE)
-    ctx = {"staging": staging, "verify_jpeg": icfg["verify_jpeg"],
-           "compression": icfg["compression"],
-           "row_group_bytes": int(icfg["row_group_mb"] * (1 << 20))}
+    write_table(storage.join(staging.quarantine(kind), "part-scan.parquet"), region_rows,
+                QUARANTINE_FILE)
+    ctx = IngestContext(staging=staging.root, verify_jpeg=icfg["verify_jpeg"],
+                        compression=icfg["compression"],
+                        row_group_bytes=int(icfg["row_group_mb"] * (1 << 20)))
     tax_b = spark.sparkContext.broadcast(taxonomy.to_json())
 
-    def run_task(task):
+    def run_task(task: IngestTask) -> dict:
         return process_range(task, ctx, _taxonomy(tax_b.value))
 
     from hierarchy.spark import collect_with_progress, run_with_progress
@@ -312,12 +319,12 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, output: str, kind: str) -
     if len(tasks) > 1:  # one range: its task already kept the first of each id
         results += run_with_progress(
             spark, "duplicate ids", lambda: duplicates.resolve(
-                spark, staging, kind, [f.url for f in files], KIND_SPLITS[kind]),
+                spark, staging, kind, [f.url for f in files]),
             enabled=progress)
     t_dedup = time.time()
 
     counts = summarize(results, scans, region_rows)
-    _refuse_empty_inputs(files, counts, storage.join(staging, "quarantine"))
+    _refuse_empty_inputs(files, counts, staging.quarantine())
     bad = counts["bad_documents"] + counts["corrupt_regions"]
     units = counts["documents"] + counts["corrupt_regions"]
     fraction = bad / units if units else 0.0
@@ -326,22 +333,20 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, output: str, kind: str) -
         raise IngestError(
             f"{bad} of {units} documents or regions unusable ({fraction:.2%}) is above "
             f"ingest.max_bad_fraction={icfg['max_bad_fraction']} ({top}); nothing was "
-            f"committed, the quarantine is in {storage.join(staging, 'quarantine')}"
-        )
+            f"committed, the quarantine is in {staging.quarantine()}")
 
-    manifest_path = storage.join(out, "manifest.json")
-    manifest = load_manifest(fs, manifest_path)
-    begin_kind(fs, manifest_path, manifest, kind, taxonomy)
-    commit(spark, output, staging, kind)
-    storage.write_bytes_atomic(fs, storage.join(out, TAXONOMY_FILE), taxonomy.to_json().encode())
-    storage.remove(fs, spath)
-    if not storage.list_dir(fs, storage.join(out, "_staging")):
-        storage.remove(fs, storage.join(out, "_staging"))
+    manifest = dataset.manifest()
+    dataset.begin_kind(manifest, kind, taxonomy)
+    commit(spark, dataset, staging, kind)
+    dataset.write_taxonomy(taxonomy)
+    storage.remove(staging.root)
+    if not storage.list_dir(dataset.staging().root):
+        storage.remove(dataset.staging().root)
     t_commit = time.time()
     counts.pop("by_source")
     entry = {
         "status": "complete",
-        "inputs": [input_record(f) for f in files],
+        "inputs": [f.record() for f in files],
         "counts": counts,
         "bad_fraction": round(fraction, 6),
         "config": dict(icfg),
@@ -351,7 +356,8 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, output: str, kind: str) -
                     "total_s": round(t_commit - t0, 3)},
         "tasks": len(tasks),
     }
-    finish_kind(fs, manifest_path, manifest, kind, entry, taxonomy)
+    dataset.finish_kind(manifest, kind, entry, taxonomy)
+    log.debug("ingest %s committed into %s", kind, dataset.root)
     return entry
 
 
@@ -372,7 +378,7 @@ def _refuse_empty_inputs(files: Sequence[InputFile], counts: dict,
 
 
 def summarize(results: Sequence[dict], scans: Sequence[ScanResult],
-               region_rows: Sequence[dict]) -> dict:
+              region_rows: Sequence[dict]) -> dict:
     """Manifest counts from the decode tasks' stats (and the duplicate step's deltas)."""
     products: Counter = Counter()
     images: Counter = Counter()

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SPLITS = ("train", "val", "test")
-KINDS = ("train", "test")
-
 # What a file under images/split=*/ holds (the partition column lives in the path).
 IMAGES_FILE = pa.schema([
     pa.field("product_id", pa.int64(), nullable=False),

@@ -19,6 +19,7 @@ import bson
 import numpy as np
 from tqdm import tqdm
 
+from hierarchy import storage
 from hierarchy.synth.images import render_product
 from hierarchy.synth.taxonomy import make_taxonomy
 from hierarchy.taxonomy import Taxonomy
@@ -122,8 +123,8 @@ def generate(
 ) -> dict:
     """Write ``train.bson``, ``test.bson`` and ``category_names.csv`` under ``output_dir``.
 
-    Each file is written under a ``.partial`` name and renamed when complete, so an interrupted
-    run never leaves a file that looks finished. Returns counts, sizes and timing.
+    Each file is written under a temporary name and renamed when all are complete, so an
+    interrupted run never leaves a file that looks finished. Returns counts, sizes and timing.
     """
     started = time.perf_counter()
     if test_products is None:
@@ -143,13 +144,18 @@ def generate(
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {s: os.path.join(output_dir, name) for s, name in FILES.items()}
-    partial = {s: p + ".partial" for s, p in paths.items()}
+    csv_path = os.path.join(output_dir, "category_names.csv")
     images = {TRAIN: 0, TEST: 0}
     used = np.zeros(tax.n_l3, dtype=bool)
-    try:
+    # each file under a temporary name, all renamed only when everything was written
+    with (
+        storage.atomic_local_file(paths[TRAIN]) as train_tmp,
+        storage.atomic_local_file(paths[TEST]) as test_tmp,
+        storage.atomic_local_file(csv_path) as csv_tmp,
+    ):
         with (
-            open(partial[TRAIN], "wb") as f_train,
-            open(partial[TEST], "wb") as f_test,
+            open(train_tmp, "wb") as f_train,
+            open(test_tmp, "wb") as f_test,
             tqdm(
                 total=products + test_products, unit="product", disable=not progress, desc="synth"
             ) as bar,
@@ -161,15 +167,7 @@ def generate(
                 if split == TRAIN:
                     used[leaves] = True
                 bar.update(len(leaves))
-        csv_path = os.path.join(output_dir, "category_names.csv")
-        tax.to_csv(csv_path + ".partial")
-        for split in FILES:
-            os.replace(partial[split], paths[split])
-        os.replace(csv_path + ".partial", csv_path)
-    finally:
-        for p in list(partial.values()) + [os.path.join(output_dir, "category_names.csv.partial")]:
-            if os.path.exists(p):
-                os.remove(p)
+        tax.to_csv(csv_tmp)
 
     seconds = time.perf_counter() - started
     files = dict(FILES, csv="category_names.csv")

@@ -8,7 +8,8 @@ import warnings
 
 import tensorflow as tf
 
-from hierarchy.train import store
+from hierarchy import storage
+from hierarchy.modelstore import Run
 
 # HDF5 is chosen on purpose (see store.MODEL_FILE); Keras says it is legacy on every save
 warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
@@ -20,16 +21,12 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
     (averaged over workers) improved, and ``state.json`` written last — it is what a resume
     trusts, so a crash mid-save resumes from the previous complete epoch."""
 
-    def __init__(self, ckpt_dir: str, out_dir: str, history: dict, phase: str):
+    def __init__(self, run: Run, key: str, history: dict, phase: str):
         super().__init__()
-        self.ckpt_dir, self.out_dir, self.history, self.phase = ckpt_dir, out_dir, history, phase
-        os.makedirs(ckpt_dir, exist_ok=True)
-
-    def _save_model(self, name: str) -> None:
-        path = os.path.join(self.ckpt_dir, name)
-        tmp = path + ".tmp.h5"
-        self.model.save(tmp, include_optimizer=False)
-        os.replace(tmp, path)
+        self.run, self.key, self.history, self.phase = run, key, history, phase
+        # TF checkpoints and Keras files are written by path: the store is local or mounted
+        self.ckpt_dir = storage.local_path(run.checkpoint_dir(key))
+        os.makedirs(self.ckpt_dir, exist_ok=True)
 
     def _save_state(self, epoch: int) -> str:
         prefix = os.path.join(self.ckpt_dir, f"last-{epoch}")
@@ -37,21 +34,22 @@ class CheckpointCallback(tf.keras.callbacks.Callback):
         return prefix
 
     def _drop_older(self, keep: str) -> None:
-        for name in os.listdir(self.ckpt_dir):
+        for name, location, _ in storage.list_dir(self.ckpt_dir):
             if name.startswith("last-") and not name.startswith(os.path.basename(keep) + "."):
-                os.remove(os.path.join(self.ckpt_dir, name))
+                storage.remove(location)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         previous = list(self.history.get("val_loss", []))
         for key, value in logs.items():
             self.history.setdefault(key, []).append(float(value))
-        store.write_json(os.path.join(self.out_dir, "history.json"), self.history)
+        storage.write_json_atomic(self.run.history_file(self.key), self.history)
         prefix = self._save_state(epoch + 1)
         if "val_loss" not in logs or not previous or logs["val_loss"] < min(previous):
-            self._save_model("best.h5")
-        store.write_json(os.path.join(self.ckpt_dir, store.STATE_FILE),
-                         {"epoch": epoch + 1, "phase": self.phase, "checkpoint": prefix})
+            with storage.atomic_local_file(self.run.best_file(self.key)) as tmp:
+                self.model.save(tmp, include_optimizer=False)
+        storage.write_json_atomic(self.run.state_file(self.key),
+                                  {"epoch": epoch + 1, "phase": self.phase, "checkpoint": prefix})
         self._drop_older(prefix)
 
 

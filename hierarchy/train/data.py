@@ -43,8 +43,10 @@ import tensorflow as tf
 
 import hierarchy.petastorm_fix  # noqa: F401 - one-pass readers could end with no rows
 from hierarchy import storage
+from hierarchy.dataset import Dataset, images_in
 from hierarchy.errors import Refused
 from hierarchy.taxonomy import Taxonomy
+from hierarchy.train.models import scale_01
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +88,7 @@ def steps_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int
     (``images_per_l1``) for a branch model."""
     if batch_size < 1 or world_size < 1:
         raise ValueError(f"batch_size {batch_size} and world_size {world_size} must be >= 1")
-    counts = manifest.get("splits", {}).get(split, {})
-    if branch is None:
-        n = counts.get("images", 0)
-    else:
-        n = counts.get("images_per_l1", {}).get(str(int(branch)), 0)
-    return max(1, math.ceil(n / (batch_size * world_size)))
+    return max(1, math.ceil(images_in(manifest, split, branch) / (batch_size * world_size)))
 
 
 # ------------------------------------------------------------------------------ row groups
@@ -111,12 +108,11 @@ def split_row_groups(data: str, split: str, branch: Optional[int] = None) -> Lis
     whose statistics cannot tell whether they hold the branch."""
     import pyarrow.parquet as pq
 
-    fs, root = storage.resolve(storage.join(data, "images", f"split={split}"))
-    files = sorted(info.path for info in storage.list_dir(fs, root)
-                   if info.is_file and info.base_name.endswith(".parquet"))
+    files = storage.list_files(Dataset(data).images(split), ".parquet")
     groups: List[RowGroup] = []
     for path in files:
-        with fs.open_input_file(path) as fh:
+        fs, inner = storage.resolve(path)
+        with fs.open_input_file(inner) as fh:
             pf = pq.ParquetFile(fh)
             meta = pf.metadata
             col = meta.schema.names.index("l1") if branch is not None else None
@@ -218,11 +214,6 @@ def augment_image(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tens
     return _colour(_geometry(image, image_size, s[0]), s[1])
 
 
-def default_preprocess(images: tf.Tensor) -> tf.Tensor:
-    """[0, 255] -> [0, 1]."""
-    return images / 255.0
-
-
 # ------------------------------------------------------------------------------ dataset
 @contextlib.contextmanager
 def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_size: int,
@@ -267,7 +258,7 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         raise ValueError(f"image_size {image_size} and batch_size {batch_size} must be >= 1")
     if split == "test":
         raise ValueError("the test split has no labels: score it with the predict stage")
-    preprocess = preprocess or default_preprocess
+    preprocess = preprocess or scale_01
     branch = None if branch is None else int(branch)
 
     groups = split_row_groups(data, split, branch)
@@ -299,7 +290,7 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         warnings.filterwarnings("ignore", message="Please use make_reader")
         warnings.filterwarnings("ignore", category=FutureWarning)
         reader = make_batch_reader(
-            storage.to_url(storage.join(data, "images")),
+            Dataset(data).url("images"),
             schema_fields=fields,
             filters=[("split", "=", split)],
             predicate=predicate,

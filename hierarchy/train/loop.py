@@ -8,12 +8,12 @@ across workers, and only rank 0 writes files.
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import time
-from typing import Optional
 
-from hierarchy.train import store
+from hierarchy import storage
+from hierarchy.train.spec import TrainSpec
 
 
 def _phases(tcfg: dict) -> list:
@@ -28,14 +28,15 @@ def _phases(tcfg: dict) -> list:
     return [("full", 0, epochs, lr)]
 
 
-def train_model(spec: dict) -> dict:
+def train_model(spec: TrainSpec) -> dict:
     """Train (or resume) the model described by ``spec``; returns a summary per worker."""
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import horovod.tensorflow.keras as hvd
     import numpy as np
     import tensorflow as tf
 
-    from hierarchy.ingest.manifest import load_taxonomy, require_complete
+    from hierarchy.dataset import VAL, Dataset, images_in
     from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
     from hierarchy.train.callbacks import (
@@ -47,118 +48,117 @@ def train_model(spec: dict) -> dict:
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
-    tcfg = spec["train"]
+    tcfg = spec.train
     tf.keras.utils.set_random_seed(tcfg["seed"] + rank)
 
     # ---- data
-    manifest = require_complete(spec["data"], ["train"])
-    taxonomy = load_taxonomy(spec["data"])
-    label, branch = spec["label"], spec.get("branch")
+    dataset = Dataset(spec.data)
+    manifest = dataset.require_complete(["train"])
+    taxonomy = dataset.taxonomy()
+    label, branch = spec.label, spec.branch
     n_classes = tdata.class_count(taxonomy, label, branch)
     steps = tdata.steps_per_epoch(manifest, "train", tcfg["batch_size"], size, branch)
     val_steps = tdata.steps_per_epoch(manifest, "val", tcfg["batch_size"], size, branch)
-    val_counts = manifest["splits"].get("val", {})
-    has_val = (val_counts.get("images", 0) if branch is None else
-               val_counts.get("images_per_l1", {}).get(str(branch), 0)) > 0
+    has_val = images_in(manifest, VAL, branch) > 0
 
     # ---- model: resume from the last checkpoint, else build (branch: level-1 backbone)
     policy = tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
-    ckpt_dir = store.checkpoint_dir(spec["models"], spec["run_id"], spec["key"])
-    out_dir = store.model_dir(spec["models"], spec["run_id"], spec["key"])
-    state = store.read_json(os.path.join(ckpt_dir, store.STATE_FILE), {}) or {}
+    run = spec.run
+    state = storage.read_json(run.state_file(spec.key), {}) or {}
     initial_epoch = int(state.get("epoch", 0))
     phases = _phases(tcfg)
     if initial_epoch >= tcfg["epochs"]:
         return {"rank": rank, "status": "already trained", "epochs": initial_epoch,
-                "checksum": None, "key": spec["key"]}
+                "checksum": None, "key": spec.key}
     if initial_epoch == 0:
         tmodels.check_weights(tcfg["backbone"], tcfg["weights"])
     model = tmodels.build_model(tcfg["backbone"], n_classes, tcfg["image_size"],
                                 weights=tcfg["weights"] if initial_epoch == 0 else None,
-                                dropout=tcfg["dropout"], name=spec["key"].replace("/", "_"))
-    if initial_epoch == 0 and spec.get("init_from"):
-        source = tf.keras.models.load_model(spec["init_from"],
+                                dropout=tcfg["dropout"], name=spec.key.replace("/", "_"))
+    if initial_epoch == 0 and spec.init_from:
+        source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
                                             custom_objects=tmodels.custom_objects())
         tmodels.copy_backbone(source, model)
 
-    tracker = Tracker(spec["tracking"], enabled=rank == 0)
+    tracker = Tracker(spec.tracking_uri, spec.experiment, enabled=rank == 0)
     tracker.start(spec, resumed_at=initial_epoch)
-    history: dict = store.read_json(os.path.join(out_dir, "history.json"), {}) or {}
-    # epochs logged after the last complete checkpoint are trained again: drop them
-    history = {k: v[:initial_epoch] for k, v in history.items()}
-    t0 = time.time()
-    preprocess = tmodels.preprocess_for(tcfg["backbone"])
-    common = dict(label=label, image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
-                  preprocess=preprocess, branch=branch, taxonomy=taxonomy, rank=rank,
-                  world_size=size, reader_workers=tcfg["reader_workers"])
-    with tdata.make_dataset(spec["data"], "train", training=True, augment=tcfg["augment"],
-                            shuffle_buffer=tcfg["shuffle_buffer"], seed=tcfg["seed"] + rank,
-                            **common) as train_ds, \
-            tdata.make_dataset(spec["data"], "val", training=False, **common) as val_ds:
-        for phase, first, end, lr in phases:
-            if end <= initial_epoch:
-                continue
-            tmodels.set_phase(model, phase, tcfg["fine_tune_layers"])
-            # scaled by workers: the global batch grows with them (Goyal et al. 2017)
-            opt = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr * size))
-            tmodels.compile_model(model, lr * size, tcfg["label_smoothing"], optimizer=opt)
-            if initial_epoch > first:
-                # resume inside this phase: weights and optimizer state (moments, step count)
-                # from the last complete epoch; rank 0's copy is then broadcast as usual
-                opt.build(model.trainable_variables)
-                tf.train.Checkpoint(model=model, optimizer=opt).read(
-                    state["checkpoint"]).assert_existing_objects_matched()
-            callbacks = [
-                hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-                hvd.callbacks.MetricAverageCallback(),
-            ]
-            if size > 1:
-                # before any checkpoint: every rank then holds (and rank 0 saves) the same model
-                callbacks.append(SyncNonTrainableCallback())
-            if phase != "fine_tune" and tcfg["warmup_epochs"] > 0:
-                callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-                    initial_lr=lr * size, warmup_epochs=tcfg["warmup_epochs"],
-                    steps_per_epoch=steps, verbose=0))
-            if tcfg["early_stopping_patience"] > 0 and has_val:
-                # every worker sees the same averaged val_loss, so all stop together
-                callbacks.append(tf.keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=tcfg["early_stopping_patience"],
-                    restore_best_weights=False))
-            if rank == 0:
-                callbacks += [CheckpointCallback(ckpt_dir, out_dir, history, phase),
-                              TrackingCallback(tracker)]
-            model.fit(train_ds, steps_per_epoch=steps, epochs=end,
-                      initial_epoch=max(first, initial_epoch),
-                      validation_data=val_ds if has_val else None,
-                      validation_steps=val_steps if has_val else None,
-                      callbacks=callbacks, verbose=2 if rank == 0 else 0)
-            if model.stop_training:
-                break
-            initial_epoch = end
+    try:
+        history: dict = storage.read_json(run.history_file(spec.key), {}) or {}
+        # epochs logged after the last complete checkpoint are trained again: drop them
+        history = {k: v[:initial_epoch] for k, v in history.items()}
+        t0 = time.time()
+        preprocess = tmodels.preprocess_for(tcfg["backbone"])
+        common = dict(label=label, image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
+                      preprocess=preprocess, branch=branch, taxonomy=taxonomy, rank=rank,
+                      world_size=size, reader_workers=tcfg["reader_workers"])
+        with tdata.make_dataset(spec.data, "train", training=True, augment=tcfg["augment"],
+                                shuffle_buffer=tcfg["shuffle_buffer"], seed=tcfg["seed"] + rank,
+                                **common) as train_ds, \
+                tdata.make_dataset(spec.data, "val", training=False, **common) as val_ds:
+            for phase, first, end, lr in phases:
+                if end <= initial_epoch:
+                    continue
+                tmodels.set_phase(model, phase, tcfg["fine_tune_layers"])
+                # scaled by workers: the global batch grows with them (Goyal et al. 2017)
+                opt = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr * size))
+                tmodels.compile_model(model, lr * size, tcfg["label_smoothing"], optimizer=opt)
+                if initial_epoch > first:
+                    # resume inside this phase: weights and optimizer state (moments, step count)
+                    # from the last complete epoch; rank 0's copy is then broadcast as usual
+                    opt.build(model.trainable_variables)
+                    tf.train.Checkpoint(model=model, optimizer=opt).read(
+                        state["checkpoint"]).assert_existing_objects_matched()
+                callbacks = [
+                    hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                    hvd.callbacks.MetricAverageCallback(),
+                ]
+                if size > 1:
+                    # before any checkpoint: every rank then holds (and rank 0 saves) the same model
+                    callbacks.append(SyncNonTrainableCallback())
+                if phase != "fine_tune" and tcfg["warmup_epochs"] > 0:
+                    callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
+                        initial_lr=lr * size, warmup_epochs=tcfg["warmup_epochs"],
+                        steps_per_epoch=steps, verbose=0))
+                if tcfg["early_stopping_patience"] > 0 and has_val:
+                    # every worker sees the same averaged val_loss, so all stop together
+                    callbacks.append(tf.keras.callbacks.EarlyStopping(
+                        monitor="val_loss", patience=tcfg["early_stopping_patience"],
+                        restore_best_weights=False))
+                if rank == 0:
+                    callbacks += [CheckpointCallback(run, spec.key, history, phase),
+                                  TrackingCallback(tracker)]
+                model.fit(train_ds, steps_per_epoch=steps, epochs=end,
+                          initial_epoch=max(first, initial_epoch),
+                          validation_data=val_ds if has_val else None,
+                          validation_steps=val_steps if has_val else None,
+                          callbacks=callbacks, verbose=2 if rank == 0 else 0)
+                if model.stop_training:
+                    break
+                initial_epoch = end
 
-    checksum = float(sum(np.sum(np.abs(w), dtype=np.float64) for w in model.get_weights()))
-    result = {"rank": rank, "size": size, "key": spec["key"], "checksum": checksum,
-              "iterations": int(model.optimizer.iterations.numpy()),
-              "policy": policy, "seconds": round(time.time() - t0, 2)}
-    if rank == 0:
-        result.update(_finish(model, spec, history, ckpt_dir, out_dir, taxonomy, n_classes,
-                              steps, tracker))
+        checksum = float(sum(np.sum(np.abs(w), dtype=np.float64) for w in model.get_weights()))
+        result = {"rank": rank, "size": size, "key": spec.key, "checksum": checksum,
+                  "iterations": int(model.optimizer.iterations.numpy()),
+                  "policy": policy, "seconds": round(time.time() - t0, 2)}
+        if rank == 0:
+            result.update(_finish(model, spec, history, taxonomy, n_classes, steps, tracker))
+    except BaseException:
+        tracker.end(failed=True)  # a run that failed is not left open in MLflow
+        raise
     tracker.end()
     return result
 
 
-def _finish(model, spec, history, ckpt_dir, out_dir, taxonomy, n_classes, steps,
-            tracker) -> dict:
+def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker) -> dict:
     """Rank 0: publish the best checkpoint (by val_loss) as the model, with its metrics."""
-    best = os.path.join(ckpt_dir, "best.h5")
-    final = os.path.join(out_dir, store.MODEL_FILE)
-    tmp = final + ".tmp.h5"
-    if os.path.exists(best):
-        with open(best, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(src.read())
-    else:
-        model.save(tmp, include_optimizer=False)
-    os.replace(tmp, final)
+    run = spec.run
+    best = storage.local_path(run.best_file(spec.key))
+    final = run.model_file(spec.key)
+    with storage.atomic_local_file(final) as tmp:
+        if storage.exists(best):
+            shutil.copyfile(best, tmp)
+        else:
+            model.save(tmp, include_optimizer=False)
     val_loss = history.get("val_loss") or []
     best_epoch = int(min(range(len(val_loss)), key=val_loss.__getitem__)) if val_loss else \
         len(history.get("loss", [])) - 1
@@ -166,10 +166,9 @@ def _finish(model, spec, history, ckpt_dir, out_dir, taxonomy, n_classes, steps,
     metrics.update({"best_epoch": best_epoch + 1, "epochs": len(history.get("loss", [])),
                     "classes": n_classes, "steps_per_epoch": steps,
                     "taxonomy_fingerprint": taxonomy.fingerprint,
-                    "label": spec["label"], "branch": spec.get("branch")})
-    store.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    tracker.log_final(metrics, [os.path.join(out_dir, "history.json"),
-                                os.path.join(out_dir, "metrics.json")])
+                    "label": spec.label, "branch": spec.branch})
+    storage.write_json_atomic(run.metrics_file(spec.key), metrics)
+    tracker.log_final(metrics, [run.history_file(spec.key), run.metrics_file(spec.key)])
     return {"metrics": metrics, "model": final}
 
 
@@ -183,7 +182,3 @@ def summary_line(key: str, result: dict) -> str:
     return (f"{key}: val accuracy {acc:.3f}" if acc is not None else f"{key}: trained") + \
         f" (top-5 {m.get('val_top5', float('nan')):.3f}, {m.get('epochs')} epochs, " \
         f"{result.get('seconds', 0):.0f} s) -> {result.get('model')}"
-
-
-def dumps(obj: Optional[dict]) -> str:
-    return json.dumps(obj, indent=2, default=str)

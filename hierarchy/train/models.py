@@ -123,11 +123,12 @@ def preprocess_for(backbone: str) -> Callable[[tf.Tensor], tf.Tensor]:
     """float32 pixels in [0, 255] -> what the backbone was trained on (pure TF ops)."""
     _check_backbone(backbone)
     if backbone == "small_cnn":
-        return _scale_01
+        return scale_01
     return getattr(tf.keras.applications, _APPS[backbone].family).preprocess_input
 
 
-def _scale_01(x: tf.Tensor) -> tf.Tensor:
+def scale_01(x: tf.Tensor) -> tf.Tensor:
+    """[0, 255] -> [0, 1]: small_cnn's input, trained from scratch."""
     return tf.cast(x, tf.float32) / 255.0
 
 

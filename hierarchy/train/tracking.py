@@ -1,18 +1,14 @@
 """Experiment tracking with MLflow: every trained model is a run with its parameters, metrics
 per epoch and artifacts, so experiments are compared in MLflow, not in a spreadsheet. The
-default is a file store under ``<models>/mlruns`` (``mlflow ui --backend-store-uri`` on it);
-``train.tracking_uri`` points at a tracking server instead."""
+default is a file store under ``<models>/mlruns`` (``mlflow ui --backend-store-uri`` on it,
+see :attr:`hierarchy.modelstore.ModelStore.mlruns`); ``train.tracking_uri`` points at a
+tracking server instead."""
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Optional
 
-
-def tracking_uri(cfg_uri: str, models: str) -> str:
-    if cfg_uri:
-        return cfg_uri
-    return "file://" + os.path.abspath(os.path.join(models, "mlruns"))
+from hierarchy import storage
 
 
 def _flat(prefix: str, obj, out: dict) -> dict:
@@ -27,18 +23,19 @@ def _flat(prefix: str, obj, out: dict) -> dict:
 class Tracker:
     """No-op on ranks other than 0 (``enabled=False``)."""
 
-    def __init__(self, info: dict, enabled: bool = True):
-        self.info, self.enabled = info, enabled
+    def __init__(self, uri: str, experiment: str, enabled: bool = True):
+        self.uri, self.experiment, self.enabled = uri, experiment, enabled
         self.run_id: Optional[str] = None
 
-    def start(self, spec: dict, resumed_at: int = 0) -> None:
+    def start(self, spec, resumed_at: int = 0) -> None:
+        """``spec``: the :class:`hierarchy.train.spec.TrainSpec` being trained."""
         if not self.enabled:
             return
         import mlflow
 
-        mlflow.set_tracking_uri(self.info["uri"])
-        mlflow.set_experiment(self.info["experiment"])
-        name = f"{spec['run_id']}/{spec['key']}"
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(self.experiment)
+        name = f"{spec.run_id}/{spec.key}"
         # a resumed training continues its MLflow run instead of opening a second one
         found = mlflow.search_runs(filter_string=f"tags.hierarchy_model = '{name}'",
                                    output_format="list", max_results=1)
@@ -46,10 +43,10 @@ class Tracker:
                                run_name=None if found else name)
         self.run_id = run.info.run_id
         if not found:
-            mlflow.set_tags({"hierarchy_model": name, "hierarchy_run_id": spec["run_id"],
-                             "level": spec["level"], "label": spec["label"]})
-            params = _flat("", {"train": spec["train"], "branch": spec.get("branch"),
-                                "data": spec["data"]}, {})
+            mlflow.set_tags({"hierarchy_model": name, "hierarchy_run_id": spec.run_id,
+                             "level": spec.level, "label": spec.label})
+            params = _flat("", {"train": dict(spec.train), "branch": spec.branch,
+                                "data": spec.data}, {})
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         if resumed_at:
             mlflow.set_tag(f"resumed_at_epoch_{resumed_at}", "true")
@@ -68,11 +65,11 @@ class Tracker:
         mlflow.log_metrics({f"best_{k}": float(v) for k, v in metrics.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for path in artifacts:
-            if os.path.exists(path):
-                mlflow.log_artifact(path)
+            if storage.exists(path):
+                mlflow.log_artifact(storage.copy_to_local(path))
 
-    def end(self) -> None:
+    def end(self, failed: bool = False) -> None:
         if self.enabled and self.run_id:
             import mlflow
 
-            mlflow.end_run()
+            mlflow.end_run(status="FAILED" if failed else "FINISHED")

@@ -1,0 +1,186 @@
+"""The model store: the contract between training and prediction.
+
+```
+<models>/
+  <run_id>/
+    run.json                 config of each model, taxonomy fingerprint, dataset manifest
+    level1/                  the level-1 (49-class) model
+    flat/                    the flat level-3 model
+    branch/<l1 id>/          one level-3 model per level-1 branch
+      model.h5               the published model (HDF5: see MODEL_FILE)
+      history.json           metrics per epoch
+      metrics.json           validation metrics of the best epoch
+      checkpoints/           last-<epoch>.* (weights + optimizer), best.h5, state.json
+  mlruns/                    the default MLflow file store
+```
+
+A model is named by its *key*: ``level1``, ``flat`` or ``branch/<l1 id>``. Keras writes models
+with plain file I/O, so training needs the store on a filesystem every worker sees (local disk,
+NFS, a mounted bucket); prediction also reads models from HDFS/S3 URLs (copied locally once
+per worker). Everything else goes through :mod:`hierarchy.storage`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from hierarchy import storage
+from hierarchy.errors import Refused
+
+LEVEL1, FLAT, BRANCH = "level1", "flat", "branch"
+RUN_FILE = "run.json"
+MODEL_FILE = "model.h5"  # HDF5: the .keras format cannot leave out Horovod's optimizer
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"
+CHECKPOINTS = "checkpoints"
+BEST_FILE = "best.h5"
+STATE_FILE = "state.json"
+MLRUNS = "mlruns"
+
+
+class RunMismatch(Refused, RuntimeError):
+    """A model would join a run it does not belong to (another taxonomy)."""
+
+
+def branch_key(branch: int) -> str:
+    return f"{BRANCH}/{int(branch)}"
+
+
+def model_key(level: int, mode: Optional[str] = None, branch: Optional[int] = None) -> str:
+    """``level1``, ``flat`` or ``branch/<id>``: how a `hierarchy train` call names its model."""
+    if level == 1:
+        return LEVEL1
+    if mode == "flat":
+        return FLAT
+    if branch is None:
+        raise ValueError("a branch model needs its level-1 id")
+    return branch_key(branch)
+
+
+def branch_of(key: str) -> Optional[int]:
+    """The level-1 id of a ``branch/<id>`` key, None for the others."""
+    head, _, tail = key.partition("/")
+    return int(tail) if head == BRANCH else None
+
+
+def train_command(key: str) -> str:
+    """The `hierarchy train` arguments that make the model ``key``."""
+    if key == LEVEL1:
+        return "--level 1"
+    if key == FLAT:
+        return "--level 3 --mode flat"
+    return f"--level 3 --mode branch --branches {branch_of(key)}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's folder: the models trained with the same ``--run-id``."""
+
+    store: str
+    run_id: str
+
+    @property
+    def path(self) -> str:
+        return storage.join(self.store, self.run_id)
+
+    @property
+    def run_file(self) -> str:
+        return storage.join(self.path, RUN_FILE)
+
+    def model_dir(self, key: str) -> str:
+        return storage.join(self.path, *key.split("/"))
+
+    def model_file(self, key: str) -> str:
+        return storage.join(self.model_dir(key), MODEL_FILE)
+
+    def history_file(self, key: str) -> str:
+        return storage.join(self.model_dir(key), HISTORY_FILE)
+
+    def metrics_file(self, key: str) -> str:
+        return storage.join(self.model_dir(key), METRICS_FILE)
+
+    def checkpoint_dir(self, key: str) -> str:
+        return storage.join(self.model_dir(key), CHECKPOINTS)
+
+    def best_file(self, key: str) -> str:
+        return storage.join(self.checkpoint_dir(key), BEST_FILE)
+
+    def state_file(self, key: str) -> str:
+        return storage.join(self.checkpoint_dir(key), STATE_FILE)
+
+    # ---------------------------------------------------------------- run.json
+    def read(self) -> dict:
+        """run.json, or {} for a run nothing was recorded in yet."""
+        return storage.read_json(self.run_file, {}) or {}
+
+    def exists(self) -> bool:
+        return storage.exists(self.run_file)
+
+    def check_taxonomy(self, fingerprint: str) -> None:
+        """Refuse a dataset of another taxonomy than the run's (before anything trains)."""
+        got = self.read().get("taxonomy_fingerprint")
+        if got not in (None, fingerprint):
+            raise RunMismatch(
+                f"{self.run_file}: run {self.run_id} was trained on taxonomy {got[:19]}, this "
+                f"dataset has {fingerprint[:19]}; use another --run-id")
+
+    def record(self, *, key: str, config: dict, fingerprint: str, data: str, manifest: dict,
+               result: dict) -> dict:
+        """Merge one trained model into run.json (level-1 and level-3 models share a run)."""
+        self.check_taxonomy(fingerprint)
+        run = self.read()
+        run.update({
+            "run_id": self.run_id,
+            "taxonomy_fingerprint": fingerprint,
+            "dataset": {"path": data if storage.is_remote(data) else storage.local_path(data),
+                        "manifest_updated": manifest.get("updated"),
+                        "splits": manifest.get("splits")},
+            "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        })
+        run.setdefault("models", {})[key] = result
+        run.setdefault("config", {})[key] = config
+        storage.write_json_atomic(self.run_file, run)
+        return run
+
+    def recorded(self, key: str) -> dict:
+        """What run.json holds of model ``key`` ({} when nothing)."""
+        return self.read().get("models", {}).get(key, {})
+
+    # ---------------------------------------------------------------- models present
+    def has_model(self, key: str) -> bool:
+        return storage.exists(self.model_file(key))
+
+    def branch_ids(self) -> List[int]:
+        """Level-1 ids with a branch folder, ascending."""
+        names = [name for name, _, is_file in storage.list_dir(storage.join(self.path, BRANCH))
+                 if not is_file and name.isdigit()]
+        return sorted(int(n) for n in names)
+
+    def keys(self) -> List[str]:
+        """Keys of the models whose folders exist, in report order."""
+        found = [k for k in (LEVEL1, FLAT) if storage.exists(self.model_dir(k))]
+        return found + [branch_key(b) for b in self.branch_ids()]
+
+    def histories(self) -> Dict[str, dict]:
+        """{key: history} of the models that have one ({} for a run that does not exist)."""
+        out = {}
+        for key in self.keys():
+            history = storage.read_json(self.history_file(key), None)
+            if history is not None:
+                out[key] = history
+        return out
+
+
+@dataclass(frozen=True)
+class ModelStore:
+    root: str
+
+    def run(self, run_id: str) -> Run:
+        return Run(self.root, run_id)
+
+    @property
+    def mlruns(self) -> str:
+        """The default MLflow tracking URI: a file store inside the model store."""
+        return storage.to_url(storage.join(self.root, MLRUNS))

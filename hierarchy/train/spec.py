@@ -1,0 +1,37 @@
+"""What one Horovod worker receives: everything it needs to train one model, and nothing
+it would have to look up on the driver. Frozen and picklable, so ``horovod.spark.run`` can
+ship it to Spark tasks and a resumed run rebuilds the same one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from hierarchy import modelstore
+
+LABELS = ("l1", "l3", "branch")
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    data: str                      # dataset folder (path or URL)
+    models: str                    # model store root (a filesystem every worker sees)
+    run_id: str
+    key: str                       # level1 | flat | branch/<l1>
+    label: str                     # l1 | l3 | branch (branch-local level-3 ids)
+    level: int                     # 1 or 3
+    train: Mapping                 # the validated `train:` config section
+    tracking_uri: str              # MLflow
+    experiment: str
+    branch: Optional[int] = None   # the level-1 branch of a branch model
+    init_from: Optional[str] = None  # a model whose backbone starts this one (branch models)
+
+    def __post_init__(self):
+        if self.label not in LABELS:
+            raise ValueError(f"label {self.label!r}: one of {', '.join(LABELS)}")
+        if (self.label == "branch") != (self.branch is not None):
+            raise ValueError("a branch model, and only one, has a branch")
+
+    @property
+    def run(self) -> modelstore.Run:
+        return modelstore.ModelStore(self.models).run(self.run_id)

@@ -1,0 +1,228 @@
+"""The contracts as code: the dataset layout, the model store, the predictions schema, atomic
+writes on any filesystem, the error family and the command line's defaults."""
+
+import json
+import logging
+import shutil
+
+import pandas as pd
+import pytest
+
+from hierarchy import modelstore, storage
+from hierarchy.cli import main
+from hierarchy.dataset import KIND_SPLITS, SPLITS, Dataset, kind_of_split
+from hierarchy.infer import schema
+from hierarchy.modelstore import ModelStore
+from hierarchy.taxonomy import Taxonomy
+
+TAX = Taxonomy.from_rows([(10, "A", "A1", "x"), (20, "A", "A2", "y"), (30, "B", "B1", "z")])
+
+
+# ------------------------------------------------------------------ layouts
+def test_dataset_layout_on_a_url_and_a_path():
+    for root in ("data/ds", "hdfs://nn:8020/ds"):
+        ds = Dataset(root)
+        assert ds.images("val") == f"{root}/images/split=val"
+        assert ds.products("test") == f"{root}/products/kind=test"
+        assert ds.staging("train-x").quarantine("train") == \
+            f"{root}/_staging/train-x/quarantine/kind=train"
+        assert ds.manifest_path == f"{root}/manifest.json"
+    assert Dataset("hdfs://nn:8020/ds").url("images") == "hdfs://nn:8020/ds/images"
+    assert Dataset("/d").url("images") == "file:///d/images"
+    assert [kind_of_split(s) for s in SPLITS] == ["train", "train", "test"]
+    assert sum(KIND_SPLITS.values(), ()) == SPLITS
+
+
+def test_manifest_commit_protocol(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    manifest = ds.manifest()
+    assert manifest["kinds"] == {}
+    ds.begin_kind(manifest, "train", TAX)
+    with pytest.raises(Exception, match="the train ingest is committing, not complete"):
+        ds.require_complete(["train"])
+    entry = {"status": "complete", "counts": {"per_split": {"train": {"images": 3}}}}
+    ds.finish_kind(manifest, "train", entry, TAX)
+    got = ds.require_complete(["train"])
+    assert got["splits"] == {"train": {"images": 3}}
+    assert got["taxonomy"]["fingerprint"] == TAX.fingerprint
+    ds.write_taxonomy(TAX)
+    assert ds.taxonomy().fingerprint == TAX.fingerprint
+
+
+def test_model_store_layout_and_run_record(tmp_path):
+    run = ModelStore(str(tmp_path)).run("r1")
+    assert run.model_file("branch/3") == f"{tmp_path}/r1/branch/3/model.h5"
+    assert run.best_file("flat") == f"{tmp_path}/r1/flat/checkpoints/best.h5"
+    assert modelstore.model_key(1) == "level1" and modelstore.model_key(3, "flat") == "flat"
+    assert modelstore.model_key(3, "branch", 7) == "branch/7"
+    assert modelstore.branch_of("branch/7") == 7 and modelstore.branch_of("flat") is None
+    assert modelstore.train_command("branch/7") == "--level 3 --mode branch --branches 7"
+    assert run.read() == {} and not run.exists()
+    run.record(key="flat", config={"epochs": 1}, fingerprint="sha256:aa", data="d",
+               manifest={}, result={"metrics": {"val_accuracy": 0.5}})
+    assert run.recorded("flat")["metrics"] == {"val_accuracy": 0.5}
+    with pytest.raises(modelstore.RunMismatch, match="use another --run-id"):
+        run.check_taxonomy("sha256:bb")
+    for key in ("branch/10", "branch/2", "level1"):
+        storage.write_json_atomic(run.history_file(key), {"loss": [1.0]})
+    assert list(run.histories()) == ["level1", "branch/2", "branch/10"]
+    assert run.branch_ids() == [2, 10]
+
+
+# ------------------------------------------------------------------ storage
+def test_atomic_writes_leave_nothing_behind_on_failure(tmp_path):
+    target = str(tmp_path / "a" / "file.bin")
+    storage.write_bytes_atomic(target, b"old")
+    with pytest.raises(RuntimeError):
+        with storage.atomic_output(target) as (fs, tmp):
+            with fs.open_output_stream(tmp) as out:
+                out.write(b"half")
+            raise RuntimeError("killed")
+    assert storage.read_bytes(target) == b"old"
+    with pytest.raises(RuntimeError):
+        with storage.atomic_local_file(str(tmp_path / "m.h5")) as tmp:
+            open(tmp, "wb").write(b"x")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "file.bin"]
+
+
+def test_storage_speaks_urls_and_paths_alike(tmp_path):
+    for base in (str(tmp_path / "p"), f"file://{tmp_path}/u", f"memory://t-{tmp_path.name}"):
+        storage.write_json_atomic(storage.join(base, "x", "doc.json"), {"a": 1})
+        assert storage.read_json(storage.join(base, "x", "doc.json")) == {"a": 1}
+        assert storage.read_json(storage.join(base, "nope.json"), None) is None
+        assert [n for n, _, _ in storage.list_dir(storage.join(base, "x"))] == ["doc.json"]
+        storage.remove(storage.join(base, "x"))
+        assert not storage.exists(storage.join(base, "x"))
+    assert storage.is_remote("hdfs:///x") and not storage.is_remote("file:///x")
+    assert not storage.is_remote("rel/path")
+
+
+# ------------------------------------------------------------------ predictions schema
+def test_predictions_columns_derive_from_one_declaration():
+    assert schema.TABLE_COLUMNS[:9] == schema.SCORED_COLUMNS[:9]
+    assert "top5" in schema.TABLE_COLUMNS and "top_category_id" not in schema.TABLE_COLUMNS
+    assert schema.TABLE_COLUMNS[-3:] == list(schema.PARTITIONS)
+    assert schema.SCORED_DDL.startswith("product_id long, category_id long")
+    row = schema.fallback_prediction(TAX, 20, 0.25)
+    assert (row["category_id"], row["category_level3"], row["l1"], row["confidence"],
+            row["top_category_id"], row["fallback"]) == (20, "y", 0, 0.25, [20], True)
+    assert set(row) | {"product_id", "bad_image_count", *schema.TRUTH} == \
+        set(schema.SCORED_COLUMNS)
+
+
+@pytest.mark.spark
+def test_the_spark_fallback_row_is_the_scorer_fallback_row(spark):
+    from hierarchy.infer.pipeline import fallback_rows
+
+    products = spark.createDataFrame(
+        [(7, 30, 1, 2, 2, 3)], "product_id long, category_id long, l1 int, l2 int, l3 int, "
+                               "n_bad_images int")
+    images = spark.createDataFrame([(8,)], "product_id long")
+    got = fallback_rows(products, images, TAX, (20, 0.25)).toPandas()
+    assert list(got.columns) == schema.SCORED_COLUMNS
+    want = {"product_id": 7, **schema.fallback_prediction(TAX, 20, 0.25),
+            "bad_image_count": 3, "true_category_id": 30, "true_l1": 1, "true_l2": 2,
+            "true_l3": 2}
+    row = got.iloc[0].to_dict()
+    for key in ("top_category_id", "top_probability"):
+        row[key] = list(row[key])
+    assert row == want
+
+
+# ------------------------------------------------------------------ command line
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory, spark):
+    from hierarchy.config import load_config
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.synth import generate
+
+    root = tmp_path_factory.mktemp("contracts")
+    generate(str(root / "syn"), products=60, seed=3, taxonomy="small", test_products=5,
+             workers=1, progress=False)
+    cfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false"])
+    run_ingest(spark, cfg, [str(root / "syn" / "train.bson")],
+               str(root / "syn" / "category_names.csv"), str(root / "ds"), "train")
+    return root / "ds"
+
+
+@pytest.mark.spark
+def test_a_run_of_another_taxonomy_is_refused_before_training_with_exit_3(
+        small_dataset, tmp_path, capsys):
+    run = ModelStore(str(tmp_path / "m")).run("r")
+    storage.write_json_atomic(run.run_file, {"run_id": "r", "taxonomy_fingerprint":
+                                             "sha256:" + "0" * 64})
+    rc = main(["train", "--data", str(small_dataset), "--models", str(tmp_path / "m"),
+               "--run-id", "r", "--level", "1", "train.epochs=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1 and "use another --run-id" in err[0], err
+    assert not storage.exists(run.model_dir("level1"))  # nothing was trained
+
+
+@pytest.mark.spark
+def test_a_split_whose_files_are_gone_exits_3_not_a_traceback(small_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "ds"
+    shutil.copytree(small_dataset, data)
+    for part in (data / "images" / "split=train").glob("*.parquet"):
+        part.unlink()
+    # the real command, as a scheduler runs it (in-process training would share TensorFlow's
+    # log handlers with the test harness)
+    r = subprocess.run([sys.executable, "-m", "hierarchy.cli", "train", "--data", str(data),
+                        "--models", str(tmp_path / "m"), "--level", "1", "-q",
+                        "train.epochs=1", "train.image_size=32"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"hierarchy train: error: {data}: split 'train': no images to train on"
+    assert "Traceback" not in r.stderr
+
+
+def test_paths_config_is_the_default_of_the_folder_flags(tmp_path, capsys):
+    conf = tmp_path / "site.yaml"
+    conf.write_text(f"paths:\n  data: {tmp_path}/nods\n  models: {tmp_path}/m\n"
+                    f"  output: {tmp_path}/out\n")
+    assert main(["train", "--config", str(conf), "--level", "1"]) == 2
+    assert f"--data {tmp_path}/nods: no such folder" in capsys.readouterr().err
+    # a flag still wins over the config
+    (tmp_path / "other").mkdir()
+    assert main(["predict", "--config", str(conf), "--data", str(tmp_path / "other"),
+                 "--run-id", "r"]) == 2
+    assert f"--models {tmp_path}/m: no such folder" in capsys.readouterr().err
+
+
+def test_quiet_and_verbose_set_one_logging_level(tmp_path):
+    from hierarchy.cli import setup_logging
+
+    log = logging.getLogger("hierarchy")
+    setup_logging(quiet=True)
+    assert log.level == logging.WARNING
+    setup_logging(verbose=True)
+    assert log.level == logging.DEBUG
+    setup_logging()
+    assert log.level == logging.INFO
+    assert sum(getattr(h, "_hierarchy", False) for h in log.handlers) == 1
+
+
+def test_a_predictions_frame_has_the_declared_pandas_types():
+    import numpy as np
+
+    from hierarchy.infer.scoring import (
+        ScoringPlan,  # noqa: F401 - documents the input
+        _Product,
+        _rows,
+    )
+
+    class Plan:
+        top_n, prior_category_id, prior_share = 2, 20, 0.25
+
+    probs = np.array([[0.1, 0.2, 0.7]])
+    seen = {5: _Product(decoded=1, truth=(30, 1, 2, 2)), 6: _Product(bad=2)}
+    df = _rows(Plan(), TAX, (np.array([5]), probs, np.array([1])), seen, keep=None)
+    assert list(df.columns) == schema.SCORED_COLUMNS
+    assert df.loc[0, "category_id"] == 30 and df.loc[0, "top_category_id"] == [30, 20]
+    assert bool(df.loc[1, "fallback"]) and df.loc[1, "category_id"] == 20
+    assert str(df["true_l1"].dtype) == "Int32" and pd.isna(df.loc[1, "true_l1"])
+    assert json.dumps(df.loc[0, "top_probability"])  # plain floats, not numpy scalars
