@@ -128,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-products", type=_count(0),
                    help="test products (default synth.test_products)")
     p.add_argument("--seed", type=_count(0), help="random seed (default synth.seed)")
-    p.add_argument("--taxonomy", help="small (4/12/40), full (49/483/5270) or a "
-                                      "category_names.csv (default synth.taxonomy)")
+    p.add_argument("--taxonomy", help="small (4/12/40), hard (6/18/108), full (49/483/5270) "
+                                      "or a category_names.csv (default: the preset's)")
+    p.add_argument("--preset", choices=("fast", "hard"),
+                   help="fast: learnt in seconds (the demo); hard: confusable siblings, long "
+                        "tail, noisy labels, filler views, clutter (default synth.preset)")
     _common(p)
 
     p = sub.add_parser("ingest", help="BSON dumps -> Petastorm Parquet (images, products, "
@@ -199,7 +202,8 @@ def _synth(args, cfg) -> int:
         args.output,
         products=args.products if args.products is not None else scfg["products"],
         seed=args.seed if args.seed is not None else scfg["seed"],
-        taxonomy=args.taxonomy or scfg["taxonomy"],
+        taxonomy=args.taxonomy or scfg["taxonomy"] or None,
+        preset=args.preset or scfg["preset"],
         test_products=(args.test_products if args.test_products is not None
                        else scfg["test_products"]),
         workers=scfg["workers"] or None,

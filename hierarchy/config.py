@@ -48,9 +48,9 @@ def _choice(*allowed: str):
 
 
 def _taxonomy_choice(v: str) -> Optional[str]:
-    if v in ("small", "full") or v.endswith(".csv"):
+    if v in ("", "small", "hard", "full") or v.endswith(".csv"):
         return None
-    return "small, full or a path to a category_names.csv"
+    return "empty (the preset's), small, hard, full or a path to a category_names.csv"
 
 
 RULES: Dict[str, Callable[[Any], Optional[str]]] = {
@@ -67,6 +67,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "synth.test_products": _range(0, 10**9),
     "synth.seed": _range(0, 2**32 - 1),
     "synth.taxonomy": _taxonomy_choice,
+    "synth.preset": _choice("fast", "hard"),
     "synth.workers": _range(0, 1024),
     "train.backbone": _choice("small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50",
                               "inception_v3"),

@@ -358,3 +358,111 @@ def test_accumulator_pop_forgets_and_rejects_bad_input():
     acc.add(np.zeros(0, dtype=np.int64), np.zeros((0, 3)))
     ids, probs, counts = acc.finish()
     assert ids.shape == (0,) and probs.shape == (0, 3) and counts.shape == (0,)
+
+
+# --------------------------------------------------------------------------- issue 13: the
+# combination done at the product level, the correction of flat, calibration, smoothing
+from hierarchy.infer.combine import (  # noqa: E402
+    apply_temperature,
+    fit_temperature,
+    group_mean_log,
+    hierarchical_correction,
+    kinship_smoothing,
+    leaf_conditional,
+    nll,
+    product_branches,
+    smoothing_targets,
+)
+
+
+def test_product_level_top_k_at_k_all_is_the_exact_product():
+    rng = np.random.default_rng(3)
+    p_l1 = dirichlet(rng, 7, 3)
+    groups = np.array([5, 5, 9, 9, 9, 2, 4])
+    fake = Branches(rng, 7)
+    mask = product_branches(p_l1, groups, k=3)
+    assert mask.all()
+    got = two_stage(p_l1, fake, TAX, expanded=mask)
+    np.testing.assert_allclose(got, two_stage(p_l1, fake, TAX, k=0), atol=1e-12)
+
+
+def test_every_picture_of_a_product_expands_the_product_top_branches():
+    # picture 0 prefers A, picture 1 prefers C; the product as a whole prefers C
+    p_l1 = np.array([[0.55, 0.0, 0.45], [0.05, 0.0, 0.95]])
+    groups = np.array([1, 1])
+    mask = product_branches(p_l1, groups, k=1)
+    assert mask.tolist() == [[False, False, True], [False, False, True]]
+    fake = Branches(np.random.default_rng(0), 2)
+    per_product = ProductAccumulator(6)
+    per_product.add(groups, two_stage(p_l1, fake, TAX, expanded=mask))
+    product, _ = per_product.pop(1)
+    # per-picture truncation: each picture vetoes the other's branch (eps on all its leaves)
+    per_image = ProductAccumulator(6)
+    per_image.add(groups, two_stage(p_l1, fake, TAX, k=1))
+    vetoed, _ = per_image.pop(1)
+    assert product[[3, 5]].sum() == pytest.approx(1.0)
+    assert vetoed[[3, 5]].sum() < 0.9  # mass leaked to the branch picture 1 ruled out
+    # the geometric mean of the pictures' level-1 rows, per product
+    np.testing.assert_allclose(group_mean_log(p_l1[:, [0, 2]], groups)[0],
+                               [np.sqrt(.55 * .05), np.sqrt(.45 * .95)]
+                               / (np.sqrt(.55 * .05) + np.sqrt(.45 * .95)))
+
+
+def test_the_correction_is_flat_at_zero_weights_and_rows_sum_to_one():
+    rng = np.random.default_rng(4)
+    flat = dirichlet(rng, 20, 6)
+    branch = leaf_conditional(dirichlet(rng, 20, 6), TAX)
+    branch[:5, [0, 2, 4]] = np.nan  # branch A not scored for the first five pictures
+    l1 = dirichlet(rng, 20, 3)
+    np.testing.assert_allclose(hierarchical_correction(flat, TAX, 0, 0, branch, l1), flat,
+                               atol=1e-12)
+    for w, v in ((1, 0), (0, 1), (0.7, 1.3)):
+        got = hierarchical_correction(flat, TAX, w, v, branch, l1)
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-12)
+        assert (got >= 0).all()
+    # w = 1, v = 1 with every branch scored: exactly the two-stage product P(b) P(l3 | b)
+    full = leaf_conditional(dirichlet(rng, 20, 6), TAX)
+    got = hierarchical_correction(flat, TAX, 1, 1, full, l1)
+    np.testing.assert_allclose(got, l1[:, TAX.l1_of_l3] * full, atol=1e-9)
+    # an unscored branch keeps flat's conditional inside it
+    cond = leaf_conditional(hierarchical_correction(flat, TAX, 1, 0, branch, l1), TAX)
+    np.testing.assert_allclose(cond[:5, [0, 2, 4]], leaf_conditional(flat, TAX)[:5, [0, 2, 4]],
+                               atol=1e-9)
+
+
+def test_temperature_fitting_lowers_the_nll_of_an_overconfident_model():
+    rng = np.random.default_rng(5)
+    n, c = 2000, 10
+    labels = rng.integers(0, c, n)
+    logits = rng.normal(0, 1, (n, c))
+    logits[np.arange(n), labels] += 1.0  # informative, but far from certain
+    exp = np.exp(5.0 * logits)  # then made five times too confident
+    overconfident = exp / exp.sum(axis=1, keepdims=True)
+    t = fit_temperature(overconfident, labels)
+    assert 3.0 < t < 7.0
+    assert nll(apply_temperature(overconfident, t), labels) < nll(overconfident, labels) - 0.5
+    # ranking (so accuracy) is unchanged by a temperature
+    assert (apply_temperature(overconfident, t).argmax(1) == overconfident.argmax(1)).all()
+    calibrated = apply_temperature(overconfident, t)
+    assert fit_temperature(calibrated, labels) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("rows", [ROWS, [(1, "A", "A1", "x"), *[(10 + i, "B", "B1", f"b{i}")
+                                                                 for i in range(12)],
+                                         (2, "C", "C1", "y")]])
+def test_kinship_smoothing_rows_sum_to_one_and_favour_siblings(rows):
+    tax = Taxonomy.from_rows(rows)
+    k = kinship_smoothing(tax, 0.1)
+    full = smoothing_targets(k, tax, np.arange(tax.n_l3))
+    np.testing.assert_allclose(full.sum(axis=1), 1.0, atol=1e-12)
+    l1, l2 = tax.l1_of_l3, tax.l2_of_l3
+    for i in range(tax.n_l3):
+        assert full[i, i] >= 0.9 - 1e-12
+        sib = [j for j in range(tax.n_l3) if j != i and l2[j] == l2[i]]
+        strangers = [j for j in range(tax.n_l3) if l1[j] != l1[i]]
+        if sib and strangers:
+            assert min(full[i, sib]) >= max(full[i, strangers])
+        if sib and strangers and len(sib) <= len(strangers):
+            assert min(full[i, sib]) > max(full[i, strangers])
+    assert (smoothing_targets(kinship_smoothing(tax, 0.0), tax, [0]) ==
+            np.eye(tax.n_l3)[0]).all()

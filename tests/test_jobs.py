@@ -36,7 +36,7 @@ def catalog(tmp_path_factory):
 
 def test_synth_command_writes_the_three_files(catalog):
     assert {p.name for p in catalog.iterdir()} == {"train.bson", "test.bson",
-                                                    "category_names.csv"}
+                                                    "category_names.csv", "test_solution.csv"}
 
 
 def test_spark_submit_ingest_job(catalog, tmp_path):

@@ -186,3 +186,38 @@ def test_level1_families_have_distinct_average_pictures():
     dist = np.array([[np.sqrt(((a - b) ** 2).mean()) for b in halves[1]] for a in halves[0]])
     assert (dist.argmin(axis=1) == np.arange(4)).all(), dist
     assert (dist.argmin(axis=0) == np.arange(4)).all(), dist
+
+
+def test_hard_preset_has_a_long_tail_noisy_labels_and_a_solution_file(tmp_path):
+    import pandas as pd
+
+    stats = generate(str(tmp_path), 600, seed=4, test_products=100, workers=1, progress=False,
+                     preset="hard")
+    tax = Taxonomy.from_csv(str(tmp_path / "category_names.csv"))
+    assert (tax.n_l1, tax.n_l2, tax.n_l3) == (6, 18, 108) and stats["preset"] == "hard"
+    train = read_docs(tmp_path / "train.bson")
+    counts = pd.Series([d["category_id"] for d in train]).value_counts()
+    assert counts.iloc[0] >= 8 * counts.median()  # a long tail behind a few big leaves
+    # the test dump stays unlabelled; its truth sits in the solution file, one row a product
+    test = read_docs(tmp_path / "test.bson")
+    solution = pd.read_csv(tmp_path / "test_solution.csv")
+    assert list(solution.columns) == ["_id", "category_id"]
+    assert sorted(solution["_id"]) == sorted(d["_id"] for d in test)
+    assert set(solution["category_id"]) <= set(tax.category_ids)
+    assert all("category_id" not in d for d in test)
+
+
+def test_hard_labels_move_only_to_siblings():
+    from hierarchy.synth.catalog import PRESETS, Plan, leaf_looks, render_block, sibling_table
+
+    tax = make_taxonomy("hard", 1)
+    plan = Plan(seed=1, looks=leaf_looks(tax), category_ids=np.asarray(tax.category_ids),
+                weights=np.full(tax.n_l3, 1 / tax.n_l3), preset=PRESETS["hard"],
+                siblings=sibling_table(tax))
+    catalog._init_worker(plan)
+    _, blob, _, leaves = render_block(("train", 0, np.arange(2000)))
+    written = [tax.l3_of_category(d["category_id"]) for d in bson.decode_all(blob)]
+    moved = [(a, b) for a, b in zip(leaves.tolist(), written) if a != b]
+    assert 0.02 < len(moved) / len(written) < 0.06
+    assert all(tax.l2_of_l3[a] == tax.l2_of_l3[b] or tax.l1_of_l3[a] == tax.l1_of_l3[b]
+               for a, b in moved)

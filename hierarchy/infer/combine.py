@@ -9,6 +9,7 @@ lose too much in float32 to keep the "rows sum to one" invariant the predictions
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -82,7 +83,8 @@ def top_n(p: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- combinations
 def two_stage(
-    p_l1: np.ndarray, branch_probs: BranchProbs, taxonomy: Taxonomy, k: int = 0
+    p_l1: np.ndarray, branch_probs: BranchProbs, taxonomy: Taxonomy, k: int = 0,
+    expanded: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """Leaf distribution [N, n_l3] from the level-1 model and the per-branch models.
 
@@ -92,6 +94,9 @@ def two_stage(
     then divided by the mass of the expanded branches, so every row sums to one. With all
     branches expanded and a normalized ``p_l1`` this is exactly ``P(l1) * P(l3 | l1)``.
     If the expanded branches all have probability zero they are weighted equally.
+    ``expanded`` [N, n_l1] bool, when given, says which branches each image expands instead
+    of its own top ``k`` (:func:`product_branches`: the same branches for every picture of
+    a product, chosen from the product's level-1 distribution).
 
     ``branch_probs(b, rows)`` must return branch ``b``'s probabilities for the images at
     ``rows`` (ascending int64 positions in this batch), shaped ``[len(rows), len(branch(b))]``
@@ -103,17 +108,20 @@ def two_stage(
     """
     p_l1 = _as_batch(p_l1, "p_l1", taxonomy.n_l1)
     rows_n, n_l1 = p_l1.shape
-    k = n_l1 if k <= 0 or k >= n_l1 else int(k)
-    if k == n_l1:
-        expanded = np.ones_like(p_l1, dtype=bool)
+    if expanded is not None:
+        expanded = np.asarray(expanded, dtype=bool)
+        if expanded.shape != p_l1.shape or not expanded.any(axis=1).all():
+            raise ValueError("expanded: one row per image, at least one branch in each")
     else:
+        k = n_l1 if k <= 0 or k >= n_l1 else int(k)
         expanded = np.zeros_like(p_l1, dtype=bool)
         best, _ = top_n(p_l1, k)
         np.put_along_axis(expanded, best, True, axis=1)
     masked = np.where(expanded, np.clip(p_l1, 0.0, None), 0.0)
     mass = masked.sum(axis=1, keepdims=True)
     # all expanded branches at zero: weigh them equally (the fallback stays on the top-k)
-    weight = np.where(mass > 0, masked / np.where(mass > 0, mass, 1.0), expanded / k)
+    weight = np.where(mass > 0, masked / np.where(mass > 0, mass, 1.0),
+                      expanded / expanded.sum(axis=1, keepdims=True))
 
     out = np.zeros((rows_n, taxonomy.n_l3), dtype=np.float64)
     for b in range(n_l1):
@@ -266,3 +274,186 @@ class ProductAccumulator:
     def finish(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Pop everything still held (end of a partition); same arrays as :meth:`pop_all_except`."""
         return self.pop_all_except(None)
+
+
+# --------------------------------------------------------------------------- hierarchy-aware
+def _log(p: np.ndarray, eps: float) -> np.ndarray:
+    return np.log(np.maximum(p, eps))
+
+
+def softmax_rows(logp: np.ndarray) -> np.ndarray:
+    """Rows of log-weights -> rows of probabilities (max-shifted, so no overflow)."""
+    e = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def group_mean_log(p: np.ndarray, groups: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """Per row, the renormalised geometric mean of the rows of its group (a product's
+    pictures): what :class:`ProductAccumulator` gives with ``log_mean``, broadcast back to
+    every row of the group. ``groups`` [N] are product ids (any order)."""
+    p = _as_batch(p, "p")
+    ids = np.asarray(groups).reshape(-1)
+    if ids.size != p.shape[0]:
+        raise ValueError(f"{ids.size} group ids for {p.shape[0]} rows")
+    _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    sums = np.zeros((counts.size, p.shape[1]))
+    np.add.at(sums, inverse, _log(p, eps))
+    return softmax_rows(sums[inverse] / counts[inverse][:, None])
+
+
+def product_branches(p_l1: np.ndarray, groups: np.ndarray, k: int,
+                     eps: float = 1e-7) -> np.ndarray:
+    """Which level-1 branches each row expands [N, n_l1] bool: the top ``k`` of its
+    *product's* level-1 distribution (the geometric mean over the product's pictures), so
+    every picture of a product expands the same branches and no picture can veto a branch
+    the product needs by not expanding it. ``k <= 0`` or ``k >= n_l1``: every branch."""
+    p_l1 = _as_batch(p_l1, "p_l1")
+    n = p_l1.shape[1]
+    if k <= 0 or k >= n:
+        return np.ones(p_l1.shape, dtype=bool)
+    best, _ = top_n(group_mean_log(p_l1, groups, eps), k)
+    mask = np.zeros(p_l1.shape, dtype=bool)
+    np.put_along_axis(mask, best, True, axis=1)
+    return mask
+
+
+def leaf_conditional(p_l3: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+    """P(l3 | its level-1 branch) from a leaf distribution: each leaf divided by its
+    branch's total (a branch with no mass gives its leaves a uniform conditional)."""
+    p = _as_batch(p_l3, "p_l3", taxonomy.n_l3)
+    branch_mass = marginal_l1(p, taxonomy)[:, taxonomy.l1_of_l3]
+    sizes = np.bincount(taxonomy.l1_of_l3, minlength=taxonomy.n_l1)[taxonomy.l1_of_l3]
+    return np.where(branch_mass > 0, p / np.where(branch_mass > 0, branch_mass, 1.0),
+                    1.0 / sizes)
+
+
+def hierarchical_correction(p_flat: np.ndarray, taxonomy: Taxonomy, w: float = 0.0,
+                            v: float = 0.0, p_branch: Optional[np.ndarray] = None,
+                            p_l1: Optional[np.ndarray] = None,
+                            eps: float = 1e-7) -> np.ndarray:
+    """The flat distribution corrected by the hierarchy's own experts:
+
+        log P(l3) = log P_flat(l3) + w [log P_branch(l3 | b) - log P_flat(l3 | b)]
+                                   + v [log P_l1(b) - log P_flat(b)],   b = branch of l3
+
+    renormalised over the leaves. ``p_branch`` [N, n_l3] holds each leaf's branch-model
+    conditional, NaN where that branch was not scored (its leaves keep the flat
+    conditional); ``p_l1`` [N, n_l1] is the level-1 model's distribution. At ``w = v = 0``
+    (or without the experts) this is the flat distribution itself, so fitted on validation
+    data it cannot do worse there than flat."""
+    flat = _as_batch(p_flat, "p_flat", taxonomy.n_l3)
+    logp = _log(flat, eps)
+    if w and p_branch is not None:
+        branch = _as_batch(p_branch, "p_branch", taxonomy.n_l3)
+        delta = _log(np.nan_to_num(branch, nan=1.0), eps) - _log(leaf_conditional(flat, taxonomy),
+                                                                 eps)
+        logp = logp + w * np.where(np.isnan(branch), 0.0, delta)
+    if v and p_l1 is not None:
+        l1 = _as_batch(p_l1, "p_l1", taxonomy.n_l1)
+        delta = _log(l1, eps) - _log(marginal_l1(flat, taxonomy), eps)
+        logp = logp + v * delta[:, taxonomy.l1_of_l3]
+    return softmax_rows(logp)
+
+
+# --------------------------------------------------------------------------- calibration
+def apply_temperature(p: np.ndarray, temperature: float, eps: float = 1e-7) -> np.ndarray:
+    """softmax(log p / T): T > 1 softens an over-confident model, T = 1 changes nothing."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    p = _as_batch(p, "p")
+    if temperature == 1.0:
+        return _normalize_rows(np.clip(p, 0.0, None))
+    return softmax_rows(_log(p, eps) / temperature)
+
+
+def nll(p: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean negative log-likelihood of the true classes."""
+    p = _as_batch(p, "p")
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    return float(-np.mean(np.log(np.maximum(p[np.arange(y.size), y], eps))))
+
+
+def fit_temperature(p: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0,
+                    iters: int = 60) -> float:
+    """The temperature that minimises validation NLL (golden-section search on log T; the
+    NLL of a temperature-scaled softmax is unimodal in it)."""
+    a, b = math.log(lo), math.log(hi)
+    g = (math.sqrt(5) - 1) / 2
+
+    def f(log_t: float) -> float:
+        return nll(apply_temperature(p, math.exp(log_t)), labels)
+
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    best = math.exp((a + b) / 2)
+    return best if f(math.log(best)) < f(0.0) else 1.0
+
+
+# --------------------------------------------------------------------------- training targets
+KINSHIP = ("sibling", "cousin", "stranger")
+
+
+def kinship_smoothing(taxonomy: Taxonomy, epsilon: float,
+                      shares: Tuple[float, float, float] = (0.6, 0.3, 0.1)) -> np.ndarray:
+    """Hierarchy-aware label smoothing, compactly: per leaf [n_l3, 4] the target mass of the
+    leaf itself and of *each* sibling (same level 2), cousin (same level 1, other level 2)
+    and stranger (other level 1).
+
+    ``epsilon`` is spread over the other leaves by ``shares`` of it per group, evenly inside
+    a group; an empty group passes its share on to the next (the last back to the leaf).
+    Each member of a closer group gets at least as much as each member of a farther one: where
+    group sizes would break that (few strangers, many siblings), the groups are pooled
+    (pool-adjacent-violators), so the order always holds and rows always sum to one.
+    :func:`smoothing_targets` expands rows of it; the training loss builds the same rows."""
+    if not 0.0 <= epsilon < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+    l1, l2 = taxonomy.l1_of_l3, taxonomy.l2_of_l3
+    n_l2 = np.bincount(l2, minlength=taxonomy.n_l2)[l2]
+    n_l1 = np.bincount(l1, minlength=taxonomy.n_l1)[l1]
+    sizes = np.stack([n_l2 - 1, n_l1 - n_l2, taxonomy.n_l3 - n_l1], axis=1).astype(float)
+    out = np.zeros((taxonomy.n_l3, 4))
+    for i, size in enumerate(sizes):
+        mass = [epsilon * s for s in shares]
+        for g in range(3):  # an empty group's share moves on to the next group
+            if size[g] == 0 and g < 2:
+                mass[g + 1] += mass[g]
+                mass[g] = 0.0
+        keep = 1.0 - epsilon + (mass[2] if size[2] == 0 else 0.0)
+        if size[2] == 0:
+            mass[2] = 0.0
+        # blocks of (total mass, members), merged while a closer block gets less per member
+        blocks = [[mass[g], size[g], [g]] for g in range(3) if size[g] > 0]
+        j = 0
+        while j < len(blocks) - 1:
+            a, b = blocks[j], blocks[j + 1]
+            if a[0] / a[1] < b[0] / b[1] - 1e-15:
+                blocks[j:j + 2] = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]]]
+                j = max(j - 1, 0)
+            else:
+                j += 1
+        out[i, 0] = keep
+        for total, members, gs in blocks:
+            for g in gs:
+                out[i, 1 + g] = total / members
+    return out
+
+
+def smoothing_targets(kinship: np.ndarray, taxonomy: Taxonomy, leaves: np.ndarray) -> np.ndarray:
+    """Full target rows [len(leaves), n_l3] of :func:`kinship_smoothing` for some leaves."""
+    leaves = np.asarray(leaves, dtype=np.int64).reshape(-1)
+    l1, l2 = taxonomy.l1_of_l3, taxonomy.l2_of_l3
+    same_l2 = l2[leaves][:, None] == l2[None, :]
+    same_l1 = l1[leaves][:, None] == l1[None, :]
+    k = kinship[leaves]
+    rows = np.where(same_l2, k[:, 1:2], np.where(same_l1, k[:, 2:3], k[:, 3:4]))
+    rows[np.arange(leaves.size), leaves] = k[:, 0]
+    return rows

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hierarchy import storage
-from hierarchy.synth.images import render_product
+from hierarchy.synth.images import FAST, HARD, DrawStyle, render_product
 from hierarchy.synth.taxonomy import make_taxonomy
 from hierarchy.taxonomy import Taxonomy
 
@@ -29,6 +29,35 @@ BLOCK = 256
 VIEWS_P = (0.55, 0.25, 0.10, 0.10)
 TRAIN, TEST = "train", "test"
 FILES = {TRAIN: "train.bson", TEST: "test.bson"}
+# the test dump's true categories, as Kaggle keeps a solution file: benchmarks score test with
+# it; the pipeline never reads it (test.bson stays unlabelled, as the real one)
+SOLUTION = "test_solution.csv"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How hard a synthetic catalog is.
+
+    fast  every level leaves a clear trace: the demo's and the tests' catalog, learnt in
+          seconds (a small CNN reaches ~100% level-3 accuracy);
+    hard  a benchmark that can tell strategies apart: confusable siblings (they share their
+          level-2 pattern and differ by orientation, density, badges, blurred by pose
+          jitter), a long tail (Zipf ~0.9 over leaves), a few % of train labels moved to a
+          sibling, extra views that are packaging or a box's back, clutter, scale and pose
+          variation."""
+
+    name: str
+    taxonomy: str            # the tree when none is given
+    zipf: float              # leaf frequency ~ (rank + offset) ** -zipf
+    zipf_offset: float
+    label_noise: float       # share of train labels moved to a sibling leaf
+    look: DrawStyle
+
+
+PRESETS = {
+    "fast": Preset("fast", "small", 1.1, 20.0, 0.0, FAST),
+    "hard": Preset("hard", "hard", 0.9, 1.0, 0.04, HARD),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +68,8 @@ class Plan:
     looks: np.ndarray  # (n_l3, 3): level-1, level-2 rank in its branch, leaf rank in its level-2
     category_ids: np.ndarray  # int64, by level-3 id
     weights: np.ndarray  # probability of each leaf
+    preset: Preset = PRESETS["fast"]
+    siblings: Tuple[np.ndarray, ...] = ()  # per leaf, the leaves a noisy label may move to
 
 
 def leaf_looks(tax: Taxonomy) -> np.ndarray:
@@ -55,14 +86,29 @@ def leaf_looks(tax: Taxonomy) -> np.ndarray:
     return looks
 
 
-def category_weights(n_l3: int, seed: int) -> np.ndarray:
+def category_weights(n_l3: int, seed: int, exponent: float = 1.1,
+                     offset: float = 20.0) -> np.ndarray:
     """Zipf-like leaf frequencies in a seeded random order; every leaf keeps a nonzero share.
 
-    With 5270 leaves the most frequent gets ~1.1% of the products, as in the real train set.
+    With 5270 leaves (fast preset) the most frequent gets ~1.1% of the products, as in the
+    real train set.
     """
     rank = np.random.default_rng([seed, 7002]).permutation(n_l3)
-    w = (rank + 20.0) ** -1.1
+    w = (rank + offset) ** -exponent
     return w / w.sum()
+
+
+def sibling_table(tax: Taxonomy) -> Tuple[np.ndarray, ...]:
+    """Per leaf, where a noisy label goes: its level-2 siblings, else its level-1 cousins,
+    else nowhere (itself)."""
+    out = []
+    for l3 in range(tax.n_l3):
+        same = np.flatnonzero(tax.l2_of_l3 == tax.l2_of_l3[l3])
+        if len(same) < 2:
+            same = np.flatnonzero(tax.l1_of_l3 == tax.l1_of_l3[l3])
+        others = same[same != l3]
+        out.append(others if len(others) else np.array([l3]))
+    return tuple(out)
 
 
 def product_ids(n_train: int, n_test: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -90,14 +136,18 @@ def render_block(task: Tuple[str, int, np.ndarray]) -> Tuple[str, bytes, int, np
     rng = np.random.default_rng([plan.seed, 0 if split == TRAIN else 1, block])
     leaves = rng.choice(len(plan.weights), size=len(ids), p=plan.weights)
     views = rng.choice(len(VIEWS_P), size=len(ids), p=VIEWS_P) + 1
+    noisy = plan.preset.label_noise
+    # drawn only when the preset has label noise: the fast preset's bytes stay what they were
+    flips = rng.uniform(size=len(ids)) < noisy if noisy else np.zeros(len(ids), dtype=bool)
     chunks = []
-    for pid, l3, n in zip(ids.tolist(), leaves.tolist(), views.tolist()):
+    for pid, l3, n, flip in zip(ids.tolist(), leaves.tolist(), views.tolist(), flips.tolist()):
         l1, l2_local, l3_local = plan.looks[l3].tolist()
-        pictures = render_product(l1, l2_local, l3_local, n, rng)
+        pictures = render_product(l1, l2_local, l3_local, n, rng, plan.preset.look)
         # Key order matters: _id first and category_id last, as in the real files.
         doc = {"_id": pid, "imgs": [{"picture": p} for p in pictures]}
         if split == TRAIN:
-            doc["category_id"] = int(plan.category_ids[l3])
+            label = int(rng.choice(plan.siblings[l3])) if flip else l3
+            doc["category_id"] = int(plan.category_ids[label])
         chunks.append(bson.encode(doc))
     return split, b"".join(chunks), int(views.sum()), leaves
 
@@ -116,10 +166,11 @@ def generate(
     output_dir: str,
     products: int,
     seed: int = 0,
-    taxonomy: Union[str, Taxonomy] = "small",
+    taxonomy: Union[str, Taxonomy, None] = None,
     test_products: Optional[int] = None,
     workers: Optional[int] = None,
     progress: bool = True,
+    preset: str = "fast",
 ) -> dict:
     """Write ``train.bson``, ``test.bson`` and ``category_names.csv`` under ``output_dir``.
 
@@ -131,12 +182,17 @@ def generate(
         test_products = max(1, products // 4)
     if products < 0 or test_products < 0:
         raise ValueError(f"products ({products}) and test_products ({test_products}) must be >= 0")
-    tax = _resolve(taxonomy, seed)
+    if preset not in PRESETS:
+        raise ValueError(f"preset {preset!r}: one of {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    tax = _resolve(taxonomy or chosen.taxonomy, seed)
     plan = Plan(
         seed=seed,
         looks=leaf_looks(tax),
         category_ids=np.asarray(tax.category_ids, dtype=np.int64),
-        weights=category_weights(tax.n_l3, seed),
+        weights=category_weights(tax.n_l3, seed, chosen.zipf, chosen.zipf_offset),
+        preset=chosen,
+        siblings=sibling_table(tax) if chosen.label_noise else (),
     )
     train_ids, test_ids = product_ids(products, test_products, seed)
     n_blocks = -(-products // BLOCK) + -(-test_products // BLOCK)
@@ -152,16 +208,20 @@ def generate(
         storage.atomic_local_file(paths[TRAIN]) as train_tmp,
         storage.atomic_local_file(paths[TEST]) as test_tmp,
         storage.atomic_local_file(csv_path) as csv_tmp,
+        storage.atomic_local_file(os.path.join(output_dir, SOLUTION)) as solution_tmp,
     ):
         with (
             open(train_tmp, "wb") as f_train,
             open(test_tmp, "wb") as f_test,
+            open(solution_tmp, "w") as f_solution,
             tqdm(
                 total=products + test_products, unit="product", disable=not progress, desc="synth"
             ) as bar,
         ):
             out = {TRAIN: f_train, TEST: f_test}
-            for split, blob, n_images, leaves in _run(plan, train_ids, test_ids, workers):
+            f_solution.write("_id,category_id\n")
+            for split, blob, n_images, leaves in _run(plan, train_ids, test_ids, workers,
+                                                      solution=f_solution):
                 out[split].write(blob)
                 images[split] += n_images
                 if split == TRAIN:
@@ -170,10 +230,11 @@ def generate(
         tax.to_csv(csv_tmp)
 
     seconds = time.perf_counter() - started
-    files = dict(FILES, csv="category_names.csv")
+    files = dict(FILES, csv="category_names.csv", solution=SOLUTION)
     return {
         "output_dir": str(output_dir),
         "seed": seed,
+        "preset": preset,
         "taxonomy": tax.summary(),
         "products": {TRAIN: products, TEST: test_products},
         "images": images,
@@ -186,15 +247,27 @@ def generate(
     }
 
 
-def _run(plan: Plan, train_ids: np.ndarray, test_ids: np.ndarray, workers: int):
-    tasks = _tasks(train_ids, test_ids)
+def _run(plan: Plan, train_ids: np.ndarray, test_ids: np.ndarray, workers: int, solution):
+    """Blocks in order; the test blocks' true categories go to ``solution``."""
+    tasks = list(_tasks(train_ids, test_ids))
     if workers == 1:
         # In-process: no pool start-up cost; also the reference a pool run must match byte for byte.
         _init_worker(plan)
-        yield from map(render_block, tasks)
-        return
-    # forkserver, not fork: callers (tests, notebooks) may already run JVM or TF threads,
-    # and forking a threaded process can deadlock.
-    ctx = multiprocessing.get_context("forkserver")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(plan,)) as pool:
-        yield from pool.imap(render_block, tasks)
+        results = map(render_block, tasks)
+    else:
+        # forkserver, not fork: callers (tests, notebooks) may already run JVM or TF threads,
+        # and forking a threaded process can deadlock.
+        ctx = multiprocessing.get_context("forkserver")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(plan,))
+        results = pool.imap(render_block, tasks)
+    try:
+        for (split, _, ids), result in zip(tasks, results):
+            if split == TEST:
+                leaves = result[3]
+                solution.writelines(f"{pid},{plan.category_ids[l3]}\n"
+                                    for pid, l3 in zip(ids.tolist(), leaves.tolist()))
+            yield result
+    finally:
+        if workers != 1:
+            pool.terminate()
+            pool.join()

@@ -112,6 +112,33 @@ def marks_of(l3_local: int) -> Tuple[str, int, bool, int]:
 
 
 @dataclass(frozen=True)
+class DrawStyle:
+    """How hard the pictures are. The default is the fast preset's look (every level leaves
+    a clear trace); the hard preset makes siblings confusable and adds the nuisances of real
+    catalog photos (see :data:`HARD`)."""
+
+    confusable: bool = False     # siblings share their pattern; they differ by finer marks
+    filler_views: float = 0.0    # chance that an extra view is packaging or a box's back
+    clutter: int = 0             # up to this many distractor shapes behind the product
+    pose_deg: float = 8.0        # rotation jitter of a view
+    scale: Tuple[float, float] = (0.88, 1.12)
+    shift: float = 0.12          # position jitter, share of the picture
+
+
+FAST = DrawStyle()
+HARD = DrawStyle(confusable=True, filler_views=0.5, clutter=3, pose_deg=20.0,
+                 scale=(0.65, 1.25), shift=0.17)
+
+
+def marks_of_confusable(l2_local: int, l3_local: int) -> Tuple[str, int, bool, int]:
+    """The hard preset's marks: the pattern belongs to the level 2 (all siblings share it);
+    siblings differ only by orientation, density and badge count, which pose jitter and
+    scale blur."""
+    k = l3_local % 32
+    return PATTERNS[l2_local % 4], k % 4, (k // 4) % 2 == 1, (k // 8) % 4 + 1
+
+
+@dataclass(frozen=True)
 class Item:
     """What all views of one product share: the category look plus its own colour cast."""
 
@@ -126,12 +153,14 @@ class Item:
     scale: float
 
 
-def make_item(l1: int, l2_local: int, l3_local: int, rng: np.random.Generator) -> Item:
+def make_item(l1: int, l2_local: int, l3_local: int, rng: np.random.Generator,
+              look: DrawStyle = FAST) -> Item:
     shape, style = family_of(l1)
     hue, sat, val = palette_of(l1, l2_local)
     hue += rng.uniform(-0.02, 0.02)
     val += rng.uniform(-0.06, 0.06)
-    pattern, orient, fine, badges = marks_of(l3_local)
+    pattern, orient, fine, badges = marks_of_confusable(l2_local, l3_local) \
+        if look.confusable else marks_of(l3_local)
     # Square lattices repeat every 90 degrees, line patterns every 180.
     step = 22.5 if pattern in ("dots", "grid") else 45.0
     return Item(
@@ -192,12 +221,12 @@ def _draw_pattern(draw: ImageDraw.ImageDraw, item: Item, cx, cy, radius, size, r
             draw.line(pts, fill=item.second, width=width)
 
 
-def render_view(item: Item, rng: np.random.Generator) -> bytes:
-    """One JPEG view of an item: its own position, scale, small rotation, quality and noise."""
-    size = SIZE * 0.33 * item.scale * rng.uniform(0.88, 1.12)
-    cx = SIZE / 2 + rng.uniform(-0.12, 0.12) * SIZE
-    cy = SIZE / 2 + rng.uniform(-0.12, 0.12) * SIZE
-    rot = math.radians(rng.uniform(-8.0, 8.0))
+def render_view(item: Item, rng: np.random.Generator, look: DrawStyle = FAST) -> bytes:
+    """One JPEG view of an item: its own position, scale, rotation, quality and noise."""
+    size = SIZE * 0.33 * item.scale * rng.uniform(*look.scale)
+    cx = SIZE / 2 + rng.uniform(-look.shift, look.shift) * SIZE
+    cy = SIZE / 2 + rng.uniform(-look.shift, look.shift) * SIZE
+    rot = math.radians(rng.uniform(-look.pose_deg, look.pose_deg))
     poly = _POLYGONS[item.shape]
     sx = sy = size
     if item.style == "tall":
@@ -215,6 +244,8 @@ def render_view(item: Item, rng: np.random.Generator) -> bytes:
 
     canvas = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    if look.clutter:
+        _draw_clutter(draw, int(rng.integers(0, look.clutter + 1)), rng)
     if item.style == "shadow":
         off = 0.14 * size
         draw.polygon([(x + off, y + off) for x, y in outlines[0]], fill=(150, 150, 150))
@@ -231,12 +262,53 @@ def render_view(item: Item, rng: np.random.Generator) -> bytes:
         draw.polygon(outlines[0], outline=(30, 30, 30), width=5)
     _draw_badges(draw, item.badges, cx, cy, size, rot)
 
+    return _jpeg(canvas, rng)
+
+
+def _jpeg(canvas: Image.Image, rng: np.random.Generator) -> bytes:
     ox, oy = rng.integers(0, SIZE, 2)
     pixels = np.asarray(canvas, dtype=np.int16) + _NOISE[oy : oy + SIZE, ox : ox + SIZE]
     out = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=int(rng.integers(70, 96)))
     return buf.getvalue()
+
+
+def _draw_clutter(draw: ImageDraw.ImageDraw, count: int, rng: np.random.Generator) -> None:
+    """Small shapes of any family and colour around the product: a model must not read the
+    category off them."""
+    for _ in range(count):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        size = SIZE * rng.uniform(0.06, 0.14)
+        cx, cy = rng.uniform(0, SIZE, 2)
+        fill = _hsv(rng.uniform(), rng.uniform(0.2, 0.9), rng.uniform(0.4, 0.95))
+        draw.polygon(_place(_POLYGONS[shape], cx, cy, size, size,
+                            math.radians(rng.uniform(0, 360))), fill=fill)
+
+
+def render_filler(item: Item, rng: np.random.Generator) -> bytes:
+    """A view that says little of the category: the product's packaging (a plain carton with
+    print and a barcode: nothing) or the back of its box (its main colour: the level-2
+    palette at most), as catalogs hold beside the product shot."""
+    canvas = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    back = rng.uniform() < 0.4
+    fill = item.main if back else _hsv(0.09 + rng.uniform(-0.02, 0.02), 0.45,
+                                       rng.uniform(0.55, 0.8))
+    w, h = SIZE * rng.uniform(0.45, 0.75), SIZE * rng.uniform(0.45, 0.75)
+    cx, cy = SIZE / 2 + rng.uniform(-15, 15), SIZE / 2 + rng.uniform(-15, 15)
+    rot = math.radians(rng.uniform(-15, 15))
+    box = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=float)
+    draw.polygon(_place(box, cx, cy, w / 2, h / 2, rot), fill=fill, outline=(60, 50, 40))
+    for i in range(int(rng.integers(2, 6))):  # lines of print
+        y = cy - h / 3 + i * h / 9
+        draw.line([(cx - w / 3, y), (cx + w * rng.uniform(-0.1, 0.3), y)], fill=(30, 30, 30),
+                  width=2)
+    for i in range(12):  # a barcode
+        x = cx - 20 + i * 3.5
+        draw.line([(x, cy + h / 4), (x, cy + h / 4 + 12)], fill=(0, 0, 0),
+                  width=int(rng.integers(1, 3)))
+    return _jpeg(canvas, rng)
 
 
 def _draw_badges(draw: ImageDraw.ImageDraw, count: int, cx, cy, size, rot) -> None:
@@ -253,11 +325,19 @@ def _draw_badges(draw: ImageDraw.ImageDraw, count: int, cx, cy, size, rot) -> No
 
 
 def render_product(
-    l1: int, l2_local: int, l3_local: int, n_views: int, rng: np.random.Generator
+    l1: int, l2_local: int, l3_local: int, n_views: int, rng: np.random.Generator,
+    look: DrawStyle = FAST,
 ) -> List[bytes]:
-    """JPEG bytes of ``n_views`` views of one product of the given leaf."""
-    item = make_item(l1, l2_local, l3_local, rng)
-    return [render_view(item, rng) for _ in range(n_views)]
+    """JPEG bytes of ``n_views`` views of one product of the given leaf. The first view
+    always shows the product; with ``look.filler_views`` an extra view may be a filler."""
+    item = make_item(l1, l2_local, l3_local, rng, look)
+    views = []
+    for i in range(n_views):
+        if i and look.filler_views and rng.uniform() < look.filler_views:
+            views.append(render_filler(item, rng))
+        else:
+            views.append(render_view(item, rng, look))
+    return views
 
 
 def render_picture(l1: int, l2_local: int, l3_local: int, rng: np.random.Generator) -> bytes:

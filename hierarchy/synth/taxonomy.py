@@ -18,6 +18,7 @@ from hierarchy.taxonomy import Taxonomy
 # (level-1, level-2, leaves, lognormal sigma of level-2 per level-1, of leaves per level-2)
 SHAPES = {
     "small": (4, 12, 40, 0.0, 0.6),
+    "hard": (6, 18, 108, 0.3, 0.5),   # the hard preset's tree: ~6 confusable leaves per level 2
     "full": (49, 483, 5270, 0.9, 1.0),
 }
 FIRST_CATEGORY_ID = 1_000_000_000
@@ -58,7 +59,8 @@ def tree_rows(
 
 
 def make_taxonomy(kind: str = "small", seed: int = 0) -> Taxonomy:
-    """``"small"`` (4/12/40), ``"full"`` (49/483/5270, uneven) or a category_names.csv path."""
+    """``"small"`` (4/12/40), ``"hard"`` (6/18/108), ``"full"`` (49/483/5270, uneven) or a
+    category_names.csv path."""
     if kind in SHAPES:
         return Taxonomy.from_rows(tree_rows(*SHAPES[kind], seed=seed))
     if os.path.exists(kind):
