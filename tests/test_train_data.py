@@ -1,7 +1,6 @@
 """hierarchy.train.data: Petastorm -> tf.data on a small ingested synthetic catalog."""
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -170,40 +169,6 @@ def test_branch_reads_only_its_rows_with_local_labels(dataset):
     got_l3 = collect(data, "train", label="l3", branch=train_branch, taxonomy=tax)
     assert set(got_l3.values()) <= set(tax.branch(train_branch).tolist())
     assert len(got_l3) == manifest["splits"]["train"]["images_per_l1"][str(train_branch)]
-
-
-def test_a_branch_reader_loads_the_pictures_of_its_own_row_groups_only(dataset, monkeypatch):
-    """Ingest writes row groups that each hold one level-1 branch, so the branch's reader
-    loads JPEG bytes from its row groups and from no other (at 49 branches, a 49th of the
-    split's bytes instead of nearly all of them)."""
-    import pyarrow.parquet as pq
-    from petastorm.arrow_reader_worker import ArrowReaderWorker
-
-    data, manifest, tax = dataset
-    per_l1 = manifest["splits"]["train"]["images_per_l1"]
-    branch = int(max(per_l1, key=per_l1.get))
-    branch_groups, other_groups = set(), set()
-    for path in sorted((Path(data) / "images" / "split=train").glob("*.parquet")):
-        meta = pq.ParquetFile(path).metadata
-        col = meta.schema.names.index("l1")
-        for i in range(meta.num_row_groups):
-            stats = meta.row_group(i).column(col).statistics
-            assert stats.min == stats.max  # one branch per row group
-            (branch_groups if stats.min == branch else other_groups).add((path.name, i))
-    assert branch_groups and other_groups
-
-    jpeg_reads = []
-    original = ArrowReaderWorker._read_with_shuffle_row_drop
-
-    def spy(self, piece, pq_file, column_names, shuffle_row_drop_partition):
-        if "jpeg" in column_names:
-            jpeg_reads.append((Path(piece.path).name, piece.row_group))
-        return original(self, piece, pq_file, column_names, shuffle_row_drop_partition)
-
-    monkeypatch.setattr(ArrowReaderWorker, "_read_with_shuffle_row_drop", spy)
-    got = collect(data, "train", label="branch", branch=branch, taxonomy=tax)
-    assert len(got) == per_l1[str(branch)]
-    assert set(jpeg_reads) == branch_groups and len(jpeg_reads) == len(branch_groups)
 
 
 def test_branch_without_rows(dataset):

@@ -192,7 +192,7 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
     name = duplicates.part_name(task.range_id)
     images = {
         split: PartWriter(storage.join(staging.images(split), name), IMAGES_FILE,
-                          ctx.compression, ctx.row_group_bytes, "nbytes", group_field="l1")
+                          ctx.compression, ctx.row_group_bytes, "nbytes")
         for split in KIND_SPLITS[task.kind]
     }
     products: List[dict] = []

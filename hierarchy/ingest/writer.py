@@ -16,54 +16,35 @@ import pyarrow.parquet as pq
 from hierarchy import storage
 
 
-class _Buffer:
-    def __init__(self, names):
-        self.columns: Dict[str, list] = {n: [] for n in names}
-        self.rows = 0
-        self.bytes = 0
-
-
 class PartWriter:
     """Rows in, one Parquet file out; a row group closes once ``row_group_bytes`` of the
-    ``size_field`` column (e.g. JPEG bytes) are buffered, so readers get even row groups.
-
-    With ``group_field`` (images: ``l1``) every row group holds one value of that column:
-    rows are buffered per value and each buffer becomes its own row groups. A level-1
-    branch's training reader then loads the JPEG column of its own row groups only (Petastorm
-    reads the other columns of a row group only when its predicate matches a row there, and
-    the column statistics say min == max), instead of nearly every row group of the split.
-    Memory stays bounded by the task's byte range, which the task holds anyway."""
+    ``size_field`` column (e.g. JPEG bytes) are buffered, so readers get even row groups."""
 
     def __init__(self, url: str, schema: pa.Schema, compression: str,
-                 row_group_bytes: int = 0, size_field: Optional[str] = None,
-                 group_field: Optional[str] = None):
+                 row_group_bytes: int = 0, size_field: Optional[str] = None):
         self.url, self.schema = url, schema
         self.compression = None if compression == "none" else compression
         self.row_group_bytes, self.size_field = row_group_bytes, size_field
-        self.group_field = group_field
         self.names = schema.names
-        self._buffers: Dict[object, _Buffer] = {}
+        self.columns: Dict[str, list] = {n: [] for n in self.names}
+        self.n_rows = 0
+        self.buffered = 0
         self.written = 0
         self._writer: Optional[pq.ParquetWriter] = None
         self._out: Optional[storage.AtomicOutput] = None
 
     def add(self, row: dict) -> None:
-        key = row[self.group_field] if self.group_field else None
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = _Buffer(self.names)
         # column lists, not row dicts: building the Arrow table is then a cheap copy per column
         for name in self.names:
-            buf.columns[name].append(row[name])
-        buf.rows += 1
+            self.columns[name].append(row[name])
+        self.n_rows += 1
         if self.size_field:
-            buf.bytes += row[self.size_field]
-            if buf.bytes >= self.row_group_bytes:
-                self._flush(key)
+            self.buffered += row[self.size_field]
+            if self.buffered >= self.row_group_bytes:
+                self._flush()
 
-    def _flush(self, key) -> None:
-        buf = self._buffers.pop(key, None)
-        if buf is None or not buf.rows:
+    def _flush(self) -> None:
+        if not self.n_rows:
             return
         if self._writer is None:
             self._out = storage.atomic_output(self.url)
@@ -71,14 +52,15 @@ class PartWriter:
                 self._out.tmp, self.schema, filesystem=self._out.fs, compression=self.compression,
                 write_statistics=[f.name for f in self.schema if f.type != pa.binary()],
             )
-        table = pa.Table.from_pydict(buf.columns, schema=self.schema)
-        self._writer.write_table(table, row_group_size=buf.rows)
-        self.written += buf.rows
+        table = pa.Table.from_pydict(self.columns, schema=self.schema)
+        self._writer.write_table(table, row_group_size=self.n_rows)
+        self.written += self.n_rows
+        self.columns = {n: [] for n in self.names}
+        self.n_rows, self.buffered = 0, 0
 
     def close(self) -> int:
         """Publish the file (nothing is written for zero rows); returns the row count."""
-        for key in sorted(self._buffers, key=lambda k: (k is None, k)):
-            self._flush(key)
+        self._flush()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
