@@ -466,3 +466,17 @@ def test_kinship_smoothing_rows_sum_to_one_and_favour_siblings(rows):
             assert min(full[i, sib]) > max(full[i, strangers])
     assert (smoothing_targets(kinship_smoothing(tax, 0.0), tax, [0]) ==
             np.eye(tax.n_l3)[0]).all()
+
+
+def test_whole_products_never_split_a_product_across_chunks():
+    import pandas as pd
+
+    from hierarchy.infer.scoring import whole_products
+
+    ids = [1, 1, 2, 2, 2, 3, 4, 4, 5]
+    batches = [pd.DataFrame({"product_id": ids[i:j], "x": range(i, j)})
+               for i, j in ((0, 3), (3, 4), (4, 4), (4, 7), (7, 9))]
+    chunks = list(whole_products(iter(batches)))
+    assert [c["product_id"].tolist() for c in chunks] == [[1, 1], [2, 2, 2, 3], [4, 4], [5]]
+    assert sum(len(c) for c in chunks) == len(ids)
+    assert pd.concat(chunks)["x"].tolist() == list(range(9))

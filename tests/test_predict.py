@@ -226,8 +226,9 @@ def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
     jpegs = read_images(spark, world["data"], "val").limit(6).toPandas()["jpeg"]
     plain = BatchScorer(ScoringPlan(tta_flip=False, **plan))
     images = plain.decode(jpegs)
-    p = plain.probs(images)
-    tta = BatchScorer(ScoringPlan(tta_flip=True, **plan)).probs(images)
+    own = np.arange(len(images))  # each picture its own product
+    p = plain.probs(images, own)
+    tta = BatchScorer(ScoringPlan(tta_flip=True, **plan)).probs(images, own)
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(tta.sum(axis=1), 1.0, atol=1e-6)
     assert not np.allclose(tta, p)  # the mirrored pictures changed something
@@ -235,8 +236,9 @@ def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
     # checked in closed form: with weight 0 blend is flat, and flat TTA is the mean
     flat_plan = dict(plan, blend_weight=0.0)
     f_plain = BatchScorer(ScoringPlan(tta_flip=False, **flat_plan))
-    expected = 0.5 * (f_plain.probs(images) + f_plain.probs([im[:, ::-1, :] for im in images]))
-    got = BatchScorer(ScoringPlan(tta_flip=True, **flat_plan)).probs(images)
+    expected = 0.5 * (f_plain.probs(images, own)
+                      + f_plain.probs([im[:, ::-1, :] for im in images], own))
+    got = BatchScorer(ScoringPlan(tta_flip=True, **flat_plan)).probs(images, own)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
     out = tmp_path / "out"

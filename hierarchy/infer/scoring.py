@@ -140,8 +140,10 @@ class BatchScorer:
                 x[:, :, ::-1, :])))
         return p
 
-    def probs(self, images: list) -> np.ndarray:
-        """``images``: decoded pictures (no None). Returns float64 [len(images), n_l3]."""
+    def probs(self, images: list, product_ids: np.ndarray) -> np.ndarray:
+        """``images``: decoded pictures (no None), with the product of each; every picture
+        of a product is in the call (two-stage picks a product's branches from all of them).
+        Returns float64 [len(images), n_l3]."""
         plan, cache = self.plan, {}
         ms = plan.models
         p_flat = p_two = None
@@ -157,7 +159,9 @@ class BatchScorer:
                     return None  # no training images for it: uniform over its leaves
                 return self._predict(ref, self._inputs(images, ref, cache)[rows])
 
-            p_two = combine.two_stage(p_l1, branch_probs, self.taxonomy, plan.top_k)
+            # the product's top-k branches, from the level-1 distribution of all its pictures
+            expanded = combine.product_branches(p_l1, product_ids, plan.top_k)
+            p_two = combine.two_stage(p_l1, branch_probs, self.taxonomy, expanded=expanded)
         if ms.strategy == "flat":
             return p_flat
         if ms.strategy == "two-stage":
@@ -183,9 +187,7 @@ def score_partitions(plan: ScoringPlan):
         acc = combine.ProductAccumulator(tax.n_l3, plan.aggregate)
         seen: Dict[int, _Product] = {}
         last: Optional[int] = None
-        for pdf in batches:
-            if pdf.empty:
-                continue
+        for pdf in whole_products(batches):
             pids = pdf["product_id"].to_numpy(np.int64)
             if (np.diff(pids) < 0).any() or (last is not None and pids[0] < last):
                 raise RuntimeError("scoring input must be sorted by product_id within each "
@@ -202,7 +204,8 @@ def score_partitions(plan: ScoringPlan):
                 else:
                     p.bad += 1
             if ok.any():
-                acc.add(pids[ok], scorer.probs([im for im in images if im is not None]))
+                acc.add(pids[ok], scorer.probs([im for im in images if im is not None],
+                                               pids[ok]))
             last = int(pids[-1])
             out = _rows(plan, tax, acc.pop_all_except(last), seen, keep=last)
             if out is not None:
@@ -212,6 +215,25 @@ def score_partitions(plan: ScoringPlan):
             yield out
 
     return run
+
+
+def whole_products(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Re-cut Arrow batches (sorted by product) so that no product straddles two: the rows of
+    a batch's last product wait for the next batch. A product has a handful of pictures, so
+    batches keep about their size."""
+    pending: Optional[pd.DataFrame] = None
+    for pdf in batches:
+        if pdf.empty:
+            continue
+        if pending is not None:
+            pdf = pd.concat([pending, pdf], ignore_index=True)
+        pids = pdf["product_id"].to_numpy(np.int64)
+        cut = int(np.searchsorted(pids, pids[-1], side="left"))
+        pending = pdf.iloc[cut:]
+        if cut:
+            yield pdf.iloc[:cut].reset_index(drop=True)
+    if pending is not None and len(pending):
+        yield pending.reset_index(drop=True)
 
 
 def _none(v):
