@@ -18,6 +18,7 @@ from typing import Callable, Dict, List
 
 import bson
 from bson.int64 import Int64
+from corrupt import split_docs
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
 GIF = b"GIF89a" + b"\x01" * 40
@@ -51,15 +52,6 @@ class Dump:
                 out[s.intact_id] = pos
             pos += len(s.data)
         return out
-
-
-def split_docs(data: bytes) -> List[bytes]:
-    docs, pos = [], 0
-    while pos < len(data):
-        (n,) = struct.unpack_from("<i", data, pos)
-        docs.append(data[pos:pos + n])
-        pos += n
-    return docs
 
 
 def _doc_index(rng: random.Random, dump: Dump) -> int:
