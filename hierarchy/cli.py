@@ -228,10 +228,9 @@ def _ingest(args, cfg) -> int:
     from hierarchy.ingest.pipeline import check_ingest, run_ingest
     from hierarchy.ingest.report import summary_lines
 
-    check_ingest(cfg, args.input, args.categories, args.output, args.kind)  # before Spark
-
+    checked = check_ingest(cfg, args.input, args.categories, args.output, args.kind)
     entry = _with_spark(cfg, "ingest", lambda spark: run_ingest(
-        spark, cfg, args.input, args.categories, args.output, args.kind))
+        spark, cfg, args.input, args.categories, args.output, args.kind, checked))
     print("\n".join(summary_lines(args.output, args.kind, entry)))
     return 0
 
@@ -254,7 +253,8 @@ def _train(args, cfg) -> int:
         raise UsageError(f"--branches {args.branches!r}: expected level-1 ids like 0,3,7") \
             from None
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
-    check_training(cfg, args.data, args.models, args.level, args.mode, branches, run_id)
+    manifest = check_training(cfg, args.data, args.models, args.level, args.mode, branches,
+                              run_id)
     spark = {}
 
     def spark_factory():
@@ -265,7 +265,7 @@ def _train(args, cfg) -> int:
 
     try:
         results = run_training(cfg, args.data, args.models, run_id, args.level, args.mode,
-                               branches, args.np, spark_factory)
+                               branches, args.np, spark_factory, manifest)
     finally:
         if "s" in spark:
             spark["s"].stop()
@@ -279,12 +279,12 @@ def _train(args, cfg) -> int:
 def _predict(args, cfg) -> int:
     from hierarchy.infer.pipeline import check_predict, run_predict, summary
 
-    check_predict(args.data, args.models, args.run_id, args.split,
-                  args.strategy or cfg["predict"]["strategy"], args.output)  # before Spark
-
+    strategy = args.strategy or cfg["predict"]["strategy"]
+    checked = check_predict(args.data, args.models, args.run_id, args.split, strategy,
+                            args.output)
     result = _with_spark(cfg, "predict", lambda spark: run_predict(
-        spark, cfg, args.data, args.models, args.run_id, args.split,
-        args.strategy or cfg["predict"]["strategy"], args.output))
+        spark, cfg, args.data, args.models, args.run_id, args.split, strategy, args.output,
+        checked))
     print(summary(result))
     return 0
 
@@ -292,10 +292,9 @@ def _predict(args, cfg) -> int:
 def _evaluate(args, cfg) -> int:
     from hierarchy.evaluate.pipeline import check_evaluate, headline, run_evaluate
 
-    check_evaluate(args.data, args.models, args.run_id, args.output)  # before Spark
-
+    checked = check_evaluate(args.data, args.models, args.run_id, args.output)
     result = _with_spark(cfg, "evaluate", lambda spark: run_evaluate(
-        spark, cfg, args.data, args.models, args.run_id, args.output))
+        spark, cfg, args.data, args.models, args.run_id, args.output, checked))
     print(headline(result))
     print(f"report: {result['files']['report_md']}")
     return 0

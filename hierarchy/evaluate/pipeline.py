@@ -4,6 +4,8 @@ table with Spark aggregations and write the report, plots included."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from hierarchy import storage
 from hierarchy.dataset import VAL, Dataset
 from hierarchy.evaluate.metrics import evaluate_predictions
@@ -13,9 +15,9 @@ from hierarchy.infer.pipeline import check_predict, run_predict
 from hierarchy.modelstore import ModelStore
 
 
-def check_evaluate(data: str, models: str, run_id: str, output: str) -> list:
-    """The strategies to evaluate, after every check that needs no Spark (paths: exit 2; no
-    model, a model or dataset that cannot be used: exit 3)."""
+def check_evaluate(data: str, models: str, run_id: str, output: str) -> dict:
+    """{strategy: its checked predict} of the strategies to evaluate, after every check that
+    needs no Spark (paths: exit 2; no model, a model or dataset that cannot be used: exit 3)."""
     storage.require_dir(data, "--data")
     storage.require_dir(models, "--models")
     storage.require_writable_dir(output, "--output")
@@ -23,19 +25,21 @@ def check_evaluate(data: str, models: str, run_id: str, output: str) -> list:
     if not strategies:
         raise PredictError(f"run {run_id} in {models}: no flat model and no level-1 + branch "
                            f"models to evaluate — train them first")
-    for strategy in strategies:
-        check_predict(data, models, run_id, VAL, strategy, output)
-    return strategies
+    return {strategy: check_predict(data, models, run_id, VAL, strategy, output)
+            for strategy in strategies}
 
 
-def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str) -> dict:
+def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
+                 checked: Optional[dict] = None) -> dict:
+    """``checked``: what :func:`check_evaluate` already returned for these arguments."""
     from pyspark.sql import functions as F
 
-    strategies = check_evaluate(data, models, run_id, output)
+    checked = checked or check_evaluate(data, models, run_id, output)
+    strategies = list(checked)
     scored = {}
     for strategy in strategies:
         scored[strategy] = run_predict(spark, cfg, data, models, run_id, VAL, strategy,
-                                       output)
+                                       output, checked=checked[strategy])
     table = scored[strategies[0]]["table"]
     df = spark.table(table).where((F.col("run_id") == run_id) & (F.col("split") == VAL)
                                   & F.col("strategy").isin(strategies))

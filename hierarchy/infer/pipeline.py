@@ -128,14 +128,15 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
 
 
 def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, strategy: str,
-                output: str) -> dict:
+                output: str, checked: Optional[CheckedPredict] = None) -> dict:
+    """``checked``: what :func:`check_predict` already returned for these arguments."""
     from pyspark.sql import functions as F
 
     from hierarchy.spark import run_with_progress
 
     pcfg = cfg["predict"]
     t0 = time.time()
-    checked = check_predict(data, models, run_id, split, strategy, output)
+    checked = checked or check_predict(data, models, run_id, split, strategy, output)
     taxonomy, modelset = checked.taxonomy, checked.modelset
     products = read_products(spark, data, split)
     # before any scoring: a submission must hold one row per product id

@@ -272,10 +272,11 @@ def commit(spark, dataset: Dataset, staging: Dataset, kind: str) -> None:
 
 
 def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
-               kind: str = "train") -> dict:
+               kind: str = "train", checked: Optional[CheckedIngest] = None) -> dict:
     """Wire extract, transform and load; returns the manifest entry for this kind. The whole
-    job holds the output folder's lock (:mod:`hierarchy.ingest.lock`)."""
-    checked = check_ingest(cfg, inputs, categories, output, kind)
+    job holds the output folder's lock (:mod:`hierarchy.ingest.lock`). ``checked``: what
+    :func:`check_ingest` already returned for these arguments (else it runs here)."""
+    checked = checked or check_ingest(cfg, inputs, categories, output, kind)
     dataset = Dataset(output)
     with output_lock(dataset, kind, cfg["ingest"]["lock_stale_hours"]):
         return _ingest_locked(spark, cfg, checked, dataset, kind)

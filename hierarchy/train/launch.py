@@ -109,9 +109,11 @@ def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
 
 def run_training(cfg, data: str, models: str, run_id: str, level: int,
                  mode: Optional[str] = None, branches: Optional[Sequence[int]] = None,
-                 np_: Optional[int] = None, spark_factory=None) -> dict:
-    """Train every model of the call; returns {model key: rank-0 result}."""
-    manifest = check_training(cfg, data, models, level, mode, branches, run_id)
+                 np_: Optional[int] = None, spark_factory=None,
+                 manifest: Optional[dict] = None) -> dict:
+    """Train every model of the call; returns {model key: rank-0 result}. ``manifest``:
+    what :func:`check_training` already returned for these arguments."""
+    manifest = manifest or check_training(cfg, data, models, level, mode, branches, run_id)
     np_ = np_ or cfg["train"]["np"]
     specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest)
     fingerprint = manifest["taxonomy"]["fingerprint"]
