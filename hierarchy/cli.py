@@ -17,6 +17,7 @@ import sys
 from typing import List, Optional
 
 from hierarchy.config import load_config
+from hierarchy.dataset import KINDS
 from hierarchy.errors import HierarchyError, UsageError
 
 EPILOG = """\
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--categories", required=True, metavar="CSV",
                    help="category_names.csv")
     p.add_argument("--output", metavar="DIR", help="dataset folder (default paths.data)")
-    p.add_argument("--kind", choices=("train", "test"), default="train",
+    p.add_argument("--kind", choices=KINDS, default="train",
                    help="train: labelled, split into train/val; test: the test split")
     _common(p)
 

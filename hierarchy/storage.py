@@ -79,31 +79,14 @@ def basename(url: str) -> str:
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
-def parent(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[0]
-
-
 # ------------------------------------------------------------------ queries
-def _type(url: str) -> pafs.FileType:
-    fs, path = resolve(url)
-    return fs.get_file_info(path).type
-
-
-def exists(url: str) -> bool:
-    return _type(url) != pafs.FileType.NotFound
-
-
-def is_dir(url: str) -> bool:
-    return _type(url) == pafs.FileType.Directory
-
-
-def is_file(url: str) -> bool:
-    return _type(url) == pafs.FileType.File
-
-
 def file_info(url: str) -> pafs.FileInfo:
     fs, path = resolve(url)
     return fs.get_file_info(path)
+
+
+def exists(url: str) -> bool:
+    return file_info(url).type != pafs.FileType.NotFound
 
 
 def list_dir(url: str) -> List[Tuple[str, str, bool]]:
@@ -249,11 +232,6 @@ def atomic_local_file(url: str) -> Iterator[str]:
             os.remove(tmp)
         raise
     os.replace(tmp, path)
-
-
-def remove_local(path: str) -> None:
-    """Delete a local file (checkpoints that a newer one replaced)."""
-    os.remove(local_path(path))
 
 
 # ------------------------------------------------------------------ command-line paths

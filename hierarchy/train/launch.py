@@ -69,9 +69,9 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
                          experiment=tcfg["experiment"], **extra)
 
     if level == 1:
-        return [spec(modelstore.LEVEL1, "l1")], {}
+        return [spec(modelstore.model_key(1), "l1")], {}
     if mode == "flat":
-        return [spec(modelstore.FLAT, "l3")], {}
+        return [spec(modelstore.model_key(3, "flat"), "l3")], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]
     if bad:
@@ -89,7 +89,7 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
         elif not images_in(manifest, TRAIN, b):
             skipped[b] = {"status": "no training images"}
         else:
-            specs.append(spec(modelstore.branch_key(b), "branch", branch=b,
+            specs.append(spec(modelstore.model_key(3, "branch", b), "branch", branch=b,
                               init_from=init_from))
     return specs, skipped
 
