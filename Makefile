@@ -11,13 +11,14 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test lint bench clean help
+.PHONY: setup demo test lint bench bench-quality clean help
 
 help:
 	@echo "make demo   - set up, then the whole pipeline on a small synthetic catalog: synth, ingest,"
 	@echo "              train (level 1, flat, branches), predict (submission + table), evaluate"
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - ingest, input-pipeline, training and scoring throughput against baselines"
+	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset (~15 min)"
 	@echo "make lint   - ruff"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
 
@@ -55,10 +56,12 @@ demo: setup
 		--level 3 --mode flat $(DEMO_CONF)
 	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
 		--level 3 --mode branch $(DEMO_CONF)
-	$(VENV)/bin/hierarchy predict --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
-		--split test --strategy two-stage --output $(DEMO)/output $(DEMO_CONF)
+	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--level 3 --mode multi $(DEMO_CONF)
 	$(VENV)/bin/hierarchy evaluate --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
 		--output $(DEMO)/output $(DEMO_CONF)
+	$(VENV)/bin/hierarchy predict --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--split test --output $(DEMO)/output $(DEMO_CONF)
 	@echo
 	@echo "demo done:"
 	@echo "  submission   $(DEMO)/output/submission.csv"
@@ -79,6 +82,10 @@ bench: setup
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/predict_throughput.py
+
+# every strategy trained at the same image-epochs on the hard preset, scored on its test dump
+bench-quality: setup
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf data/demo .pytest_cache bench/results

@@ -16,9 +16,11 @@ import os
 import sys
 from typing import List, Optional
 
+from hierarchy import modelstore
 from hierarchy.config import load_config
 from hierarchy.dataset import KINDS
 from hierarchy.errors import HierarchyError, UsageError
+from hierarchy.infer.modelset import AUTO, STRATEGIES, resolve_strategy
 
 EPILOG = """\
 configuration:
@@ -158,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same --run-id.")
     _dataset_and_models(p)
     p.add_argument("--level", required=True, type=int, choices=(1, 3))
-    p.add_argument("--mode", choices=("flat", "branch"),
-                   help="level 3 only: one flat model, or one model per level-1 branch")
+    p.add_argument("--mode", choices=modelstore.MODES,
+                   help="level 3 only: one flat model, one model per level-1 branch, or one "
+                        "multi-level model (levels 1, 2 and 3 on one backbone)")
     p.add_argument("--branches", metavar="ID,...",
                    help="branch mode: only these level-1 ids (to fan branches out)")
     p.add_argument("--np", type=_count(1), help="Horovod workers (default train.np); > 1 runs "
@@ -177,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_and_models(p)
     p.add_argument("--run-id", required=True, help="the trained run to score with")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--strategy", choices=("flat", "two-stage", "blend"),
-                   help="default predict.strategy")
+    p.add_argument("--strategy", choices=(AUTO,) + STRATEGIES,
+                   help="default predict.strategy (auto: the run's recommended strategy)")
     p.add_argument("--output", metavar="DIR", help="default paths.output")
     _common(p)
 
@@ -245,7 +248,7 @@ def _train(args, cfg) -> int:
     if args.level == 1 and (args.mode or args.branches):
         raise UsageError("--mode/--branches apply to --level 3 only")
     if args.level == 3 and not args.mode:
-        raise UsageError("--level 3 needs --mode flat or --mode branch")
+        raise UsageError(f"--level 3 needs --mode {' or '.join(modelstore.MODES)}")
     if args.branches and args.mode != "branch":
         raise UsageError("--branches needs --mode branch")
     try:
@@ -280,7 +283,8 @@ def _train(args, cfg) -> int:
 def _predict(args, cfg) -> int:
     from hierarchy.infer.pipeline import check_predict, run_predict, summary
 
-    strategy = args.strategy or cfg["predict"]["strategy"]
+    strategy = resolve_strategy(args.models, args.run_id,
+                                args.strategy or cfg["predict"]["strategy"])
     checked = check_predict(args.data, args.models, args.run_id, args.split, strategy,
                             args.output)
     result = _with_spark(cfg, "predict", lambda spark: run_predict(

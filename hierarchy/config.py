@@ -83,6 +83,12 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "train.warmup_epochs": _range(0, 1000),
     "train.label_smoothing": _range(0.0, 1.0, hi_open=True),
     "train.dropout": _range(0.0, 1.0, hi_open=True),
+    "train.kinship_shares": lambda v: None if len(v) == 3 and all(
+        isinstance(x, (int, float)) and x >= 0 for x in v) and sum(v) > 0
+    else "three non-negative numbers (siblings, cousins, strangers), not all zero",
+    "train.multi_head_weight": _range(0.0, 100.0),
+    "train.multi_marginal_weight": _range(0.0, 100.0),
+    "train.multi_conditional_weight": _range(0.0, 100.0),
     "train.early_stopping_patience": _range(0, 10000),
     "train.shuffle_buffer": _range(1, 10**7),
     "train.reader_workers": _range(1, 256),
@@ -90,7 +96,14 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     else "a SQL identifier (letters, digits, _)",
     "catalog.table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
     else "a SQL identifier (letters, digits, _)",
-    "predict.strategy": _choice("flat", "two-stage", "blend"),
+    "predict.strategy": _choice("auto", "flat", "two-stage", "blend", "multi", "hierarchical"),
+    "calibrate.max_products": _range(1, 10**9),
+    "calibrate.temperatures": lambda v: None if v and all(
+        isinstance(x, (int, float)) and x > 0 for x in v) else "a list of positive numbers",
+    "calibrate.w": lambda v: None if v and all(isinstance(x, (int, float)) for x in v)
+    else "a list of numbers",
+    "calibrate.v": lambda v: None if v and all(isinstance(x, (int, float)) for x in v)
+    else "a list of numbers",
     "predict.top_k": _range(0, 100000),
     "predict.blend_weight": _range(0.0, 1.0),
     "predict.aggregate": _choice("log_mean", "mean"),

@@ -3,9 +3,11 @@
 ```
 <models>/
   <run_id>/
-    run.json                 config of each model, taxonomy fingerprint, dataset manifest
+    run.json                 config of each model, taxonomy fingerprint, dataset manifest;
+                             evaluate adds the fitted calibration and the recommended strategy
     level1/                  the level-1 (49-class) model
     flat/                    the flat level-3 model
+    multi/                   the multi-level model (levels 1, 2, 3 on one backbone)
     branch/<l1 id>/          one level-3 model per level-1 branch
       model.h5               the published model (HDF5: see MODEL_FILE)
       history.json           metrics per epoch
@@ -14,10 +16,10 @@
   mlruns/                    the default MLflow file store
 ```
 
-A model is named by its *key*: ``level1``, ``flat`` or ``branch/<l1 id>``. Keras writes models
-with plain file I/O, so training needs the store on a filesystem every worker sees (local disk,
-NFS, a mounted bucket); prediction also reads models from HDFS/S3 URLs (copied locally once
-per worker). Everything else goes through :mod:`hierarchy.storage`.
+A model is named by its *key*: ``level1``, ``flat``, ``multi`` or ``branch/<l1 id>``. Keras
+writes models with plain file I/O, so training needs the store on a filesystem every worker
+sees (local disk, NFS, a mounted bucket); prediction also reads models from HDFS/S3 URLs
+(copied locally once per worker). Everything else goes through :mod:`hierarchy.storage`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Dict, List, Optional
 from hierarchy import storage
 from hierarchy.errors import Refused
 
-LEVEL1, FLAT, BRANCH = "level1", "flat", "branch"
+LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
+MODES = (FLAT, BRANCH, MULTI)  # `hierarchy train --level 3 --mode ...`
 RUN_FILE = "run.json"
 MODEL_FILE = "model.h5"  # HDF5: the .keras format cannot leave out Horovod's optimizer
 HISTORY_FILE = "history.json"
@@ -49,11 +52,12 @@ def branch_key(branch: int) -> str:
 
 
 def model_key(level: int, mode: Optional[str] = None, branch: Optional[int] = None) -> str:
-    """``level1``, ``flat`` or ``branch/<id>``: how a `hierarchy train` call names its model."""
+    """``level1``, ``flat``, ``multi`` or ``branch/<id>``: how a `hierarchy train` call names
+    its model."""
     if level == 1:
         return LEVEL1
-    if mode == "flat":
-        return FLAT
+    if mode in (FLAT, MULTI):
+        return mode
     if branch is None:
         raise ValueError("a branch model needs its level-1 id")
     return branch_key(branch)
@@ -69,8 +73,8 @@ def train_command(key: str) -> str:
     """The `hierarchy train` arguments that make the model ``key``."""
     if key == LEVEL1:
         return "--level 1"
-    if key == FLAT:
-        return "--level 3 --mode flat"
+    if key in (FLAT, MULTI):
+        return f"--level 3 --mode {key}"
     return f"--level 3 --mode branch --branches {branch_of(key)}"
 
 
@@ -144,6 +148,28 @@ class Run:
         storage.write_json_atomic(self.run_file, run)
         return run
 
+    def record_evaluation(self, *, calibration: Optional[dict] = None,
+                          recommended: Optional[str] = None, scores: Optional[dict] = None
+                          ) -> dict:
+        """What evaluate fitted and chose on the val split: the ``hierarchical`` strategy's
+        ``calibration`` (temperature, w, v, the grid and its val figures) and the
+        ``recommended_strategy`` that predict uses unless told otherwise."""
+        run = self.read()
+        if calibration is not None:
+            run["calibration"] = calibration
+        if recommended is not None:
+            run["recommended_strategy"] = recommended
+            run["strategy_scores"] = scores or {}
+        run["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        storage.write_json_atomic(self.run_file, run)
+        return run
+
+    def calibration(self) -> Optional[dict]:
+        return self.read().get("calibration")
+
+    def recommended_strategy(self) -> Optional[str]:
+        return self.read().get("recommended_strategy")
+
     def recorded(self, key: str) -> dict:
         """What run.json holds of model ``key`` ({} when nothing)."""
         return self.read().get("models", {}).get(key, {})
@@ -160,7 +186,7 @@ class Run:
 
     def keys(self) -> List[str]:
         """Keys of the models whose folders exist, in report order."""
-        found = [k for k in (LEVEL1, FLAT) if storage.exists(self.model_dir(k))]
+        found = [k for k in (LEVEL1, FLAT, MULTI) if storage.exists(self.model_dir(k))]
         return found + [branch_key(b) for b in self.branch_ids()]
 
     def histories(self) -> Dict[str, dict]:

@@ -480,3 +480,59 @@ def test_whole_products_never_split_a_product_across_chunks():
     assert [c["product_id"].tolist() for c in chunks] == [[1, 1], [2, 2, 2, 3], [4, 4], [5]]
     assert sum(len(c) for c in chunks) == len(ids)
     assert pd.concat(chunks)["x"].tolist() == list(range(9))
+
+
+# --------------------------------------------------------------------------- the fitted
+# correction of the hierarchical strategy (what evaluate's calibration sums per task)
+from hierarchy.infer.combine import (  # noqa: E402
+    best_correction,
+    corrected,
+    correction_grid,
+    correction_stats,
+)
+
+
+def test_grid_starts_with_the_uncorrected_model_once():
+    grid = correction_grid([0.5, 1.0], [0.0, 1.0], [0.0])
+    assert tuple(grid[0]) == (1.0, 0.0, 0.0)
+    assert len(grid) == len({tuple(g) for g in grid}) == 4
+
+
+def test_correction_stats_sum_over_tasks_and_match_the_product_aggregate():
+    rng = np.random.default_rng(5)
+    n = 40
+    products = rng.integers(0, 15, n)
+    p3 = dirichlet(rng, n, TAX.n_l3)
+    p1 = dirichlet(rng, n, TAX.n_l1)
+    cond = np.stack([leaf_conditional(dirichlet(rng, n, TAX.n_l3), TAX)[i] for i in range(n)])
+    truth = rng.integers(0, TAX.n_l3, 15)
+    labels = truth[products]
+    grid = correction_grid([0.5, 1.0, 2.0], [0.0, 0.5, 1.0], [0.0, 1.0])
+    hits, nlls, count = correction_stats(p3, TAX, grid, products, labels, cond, p1)
+    assert count == len(np.unique(products))
+    # identity point = the model's own product-level (log_mean) answer
+    ids, first = np.unique(products, return_index=True)
+    agg = group_mean_log(p3, products)[first]
+    assert hits[0] == np.sum(agg.argmax(1) == truth[ids])
+    assert nlls[0] == pytest.approx(-np.sum(np.log(agg[np.arange(ids.size), truth[ids]])))
+    # the products split over two "tasks" give the same sums
+    part = np.isin(products, ids[:7])
+    a = correction_stats(p3[part], TAX, grid, products[part], labels[part], cond[part], p1[part])
+    b = correction_stats(p3[~part], TAX, grid, products[~part], labels[~part], cond[~part],
+                         p1[~part])
+    np.testing.assert_allclose(a[0] + b[0], hits)
+    np.testing.assert_allclose(a[1] + b[1], nlls)
+    # the chosen point never has fewer hits than the uncorrected model
+    best = best_correction(grid, hits, nlls)
+    assert hits[best] >= hits[0] and hits[best] == hits.max()
+
+
+def test_corrected_at_identity_is_the_model_and_at_w1_v1_the_experts_product():
+    rng = np.random.default_rng(8)
+    p3 = dirichlet(rng, 6, TAX.n_l3)
+    p1 = dirichlet(rng, 6, TAX.n_l1)
+    cond = leaf_conditional(dirichlet(rng, 6, TAX.n_l3), TAX)
+    np.testing.assert_allclose(corrected(p3, TAX, 1.0, 0.0, 0.0, cond, p1), p3, atol=1e-12)
+    # w = v = 1 replaces both halves of P(l3) = P(b) P(l3|b) by the experts'
+    full = corrected(p3, TAX, 1.0, 1.0, 1.0, cond, p1)
+    np.testing.assert_allclose(full, p1[:, TAX.l1_of_l3] * cond, atol=1e-6)

@@ -66,11 +66,15 @@ def pipeline(tmp_path_factory):
                          "1", "--np", "2", cwd=root, conf=conf)}
     run("hierarchy", "train", *models, "--level", "3", "--mode", "flat", cwd=root, conf=conf)
     run("hierarchy", "train", *models, "--level", "3", "--mode", "branch", cwd=root, conf=conf)
+    run("hierarchy", "train", *models, "--level", "3", "--mode", "multi", cwd=root, conf=conf)
     out["predict"] = run(*spark_submit, str(ROOT / "jobs" / "predict.py"), *models, "--split",
                          "test", "--strategy", "two-stage", "--output", "out", cwd=root,
                          conf=conf)
     out["evaluate"] = run(str(BIN / "hierarchy"), "evaluate", *models, "--output", "out",
                           cwd=root, conf=conf)
+    # no --strategy: the one evaluate recommended
+    out["predict_auto"] = run("hierarchy", "predict", *models, "--split", "val", "--output",
+                              "out", cwd=root, conf=conf)
     return {"root": root, "conf": conf, "ids": ids, "stdout": out}
 
 
@@ -106,7 +110,7 @@ def test_evaluation_report_and_notebook_on_the_pipeline_output(pipeline, tmp_pat
     root = pipeline["root"]
     assert "two-stage" in pipeline["stdout"]["evaluate"]
     report = json.loads((root / "out" / "evaluation" / "e2e" / "report.json").read_text())
-    assert set(report["strategies"]) == {"flat", "two-stage", "blend"}
+    assert set(report["strategies"]) == {"flat", "two-stage", "blend", "multi", "hierarchical"}
     executed = execute(ROOT / "notebooks" / "analyst.ipynb", tmp_path / "run.ipynb",
                        {"overrides": pipeline["conf"], "run_id": "e2e", "split": "val",
                         "evaluation_dir": str(root / "out" / "evaluation" / "e2e"),
@@ -116,3 +120,18 @@ def test_evaluation_report_and_notebook_on_the_pipeline_output(pipeline, tmp_pat
     assert not [o for o in outputs if o.get("output_type") == "error"]
     pngs = sum("image/png" in o.get("data", {}) for o in outputs)
     assert pngs >= 4, f"{pngs} figures"
+
+
+def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pick(pipeline):
+    run = json.loads((pipeline["root"] / "models" / "e2e" / "run.json").read_text())
+    c = run["calibration"]
+    assert c["products"] > 0 and c["temperature"] > 0
+    # fitted on val accuracy: never below the multi-level model's own level 3 there
+    assert c["val_accuracy_l3"] >= c["val_accuracy_l3_uncorrected"]
+    scores = run["strategy_scores"]
+    assert set(scores) == {"flat", "two-stage", "blend", "multi", "hierarchical"}
+    best = run["recommended_strategy"]
+    assert scores[best] == max(scores.values())
+    assert scores["hierarchical"] == pytest.approx(c["val_accuracy_l3"])
+    assert f"recommended strategy (predict's default): {best}" in pipeline["stdout"]["evaluate"]
+    assert f"strategy={best})" in pipeline["stdout"]["predict_auto"]

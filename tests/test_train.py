@@ -125,3 +125,22 @@ def test_same_command_runs_under_horovodrun(dataset, tmp_path):
     run = json.loads((tmp_path / "m" / "hr" / "run.json").read_text())
     assert run["models"]["level1"]["size"] == 2
     assert (tmp_path / "m" / "hr" / "level1" / "model.h5").exists()
+
+
+def test_multi_mode_trains_one_model_with_every_level(dataset, tmp_path):
+    from hierarchy.train.models import MULTI_OUTPUTS
+
+    models = str(tmp_path / "models")
+    res = run_training(train_cfg(epochs=2), str(dataset), models, "r5", level=3, mode="multi")
+    m = res["multi"]["metrics"]
+    assert m["label"] == "levels" and m["classes"] == 40
+    # level 3's figures under the usual names, the heads' under their output's
+    assert 0.0 <= m["val_accuracy"] <= 1.0 and "val_probs_l1_accuracy" in m
+    run = json.loads((tmp_path / "models" / "r5" / "run.json").read_text())
+    assert set(run["models"]) == {"multi"}
+    h5 = ModelStore(models).run("r5").model_file("multi")
+    import h5py
+
+    with h5py.File(h5) as f:  # every output, including the frozen sums, is in the file
+        config = f.attrs["model_config"]
+    assert all(f'"{name}"' in config for name in MULTI_OUTPUTS)

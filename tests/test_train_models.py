@@ -282,3 +282,69 @@ def test_saved_model_reloads_with_same_predictions(tmp_path):
     again = tf.keras.models.load_model(str(path), custom_objects=models.custom_objects())
     np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- multi-level model
+from hierarchy.infer.combine import kinship_smoothing, marginal_l1, smoothing_targets  # noqa
+from hierarchy.taxonomy import Taxonomy  # noqa: E402
+
+MULTI_ROWS = [(10 + i, f"L{i % 3}", f"M{i % 6}", f"leaf{i}") for i in range(18)]
+MULTI_TAX = Taxonomy.from_rows(MULTI_ROWS)
+
+
+def test_multi_model_outputs_agree_with_the_taxonomy(tmp_path):
+    model = models.build_multi_model("small_cnn", MULTI_TAX, 32)
+    assert tuple(model.output_names) == models.MULTI_OUTPUTS
+    x = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)
+    out = dict(zip(model.output_names, model.predict_on_batch(x)))
+    p3 = out[models.L3_OUTPUT]
+    np.testing.assert_allclose(out[models.L1_SUM], marginal_l1(p3, MULTI_TAX), atol=1e-6)
+    node, n_nodes = models.level2_nodes(MULTI_TAX)
+    assert out[models.L2_SUM].shape == (5, n_nodes) == out[models.L2_HEAD].shape
+    cond = out[models.CONDITIONAL]
+    for b in range(MULTI_TAX.n_l1):  # one softmax per level-1 branch
+        np.testing.assert_allclose(cond[:, MULTI_TAX.branch(b)].sum(1), 1.0, atol=1e-5)
+    # the HDF5 file the store publishes loads back with the same answers
+    path = str(tmp_path / "multi.h5")
+    model.save(path, include_optimizer=False)
+    again = tf.keras.models.load_model(path, custom_objects=models.custom_objects(),
+                                       compile=False)
+    for a, b in zip(model.predict_on_batch(x), again.predict_on_batch(x)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_no_training_phase_unfreezes_the_summing_layers():
+    model = models.build_multi_model("small_cnn", MULTI_TAX, 32)
+    for phase in models.PHASES:
+        models.set_phase(model, phase, 2)
+        assert not model.get_layer(models.L1_SUM).trainable_weights
+
+
+def test_kinship_loss_builds_the_smoothing_targets():
+    node, _ = models.level2_nodes(MULTI_TAX)
+    kin = kinship_smoothing(MULTI_TAX, 0.2)
+    loss = models.KinshipCrossentropy(kin, MULTI_TAX.l1_of_l3, node)
+    y = np.array([0, 5, 17])
+    np.testing.assert_allclose(loss.targets(tf.constant(y)).numpy(),
+                               smoothing_targets(kin, MULTI_TAX, y), atol=1e-6)
+    again = models.KinshipCrossentropy.from_config(loss.get_config())
+    np.testing.assert_allclose(again.targets(tf.constant(y)).numpy(),
+                               loss.targets(tf.constant(y)).numpy())
+
+
+def test_branch_loss_is_the_conditional_nll_inside_the_true_branch():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, MULTI_TAX.n_l3)).astype(np.float32)
+    cond = models.BranchSoftmax(MULTI_TAX.l1_of_l3, MULTI_TAX.n_l1)(logits).numpy()
+    y = np.array([0, 4, 9, 17])
+    got = models.BranchCrossentropy(MULTI_TAX.l1_of_l3)(tf.constant(y), cond).numpy()
+    assert got == pytest.approx(-np.mean(np.log(cond[np.arange(4), y])), rel=1e-5)
+    # smoothing spreads over the true branch's leaves only
+    eps = 0.3
+    smooth = models.BranchCrossentropy(MULTI_TAX.l1_of_l3, eps)
+    per = smooth.call(tf.constant(y), cond).numpy()
+    for i, leaf in enumerate(y):
+        leaves = MULTI_TAX.branch(MULTI_TAX.l1_of_l3[leaf])
+        target = np.full(len(leaves), eps / len(leaves))
+        target[list(leaves).index(leaf)] += 1 - eps
+        assert per[i] == pytest.approx(-np.sum(target * np.log(cond[i, leaves])), rel=1e-5)

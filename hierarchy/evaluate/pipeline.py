@@ -4,14 +4,16 @@ table with Spark aggregations and write the report, plots included."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from hierarchy import storage
 from hierarchy.dataset import VAL, Dataset
+from hierarchy.evaluate import calibrate
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, write_report
-from hierarchy.infer.modelset import PredictError, available_strategies
-from hierarchy.infer.pipeline import check_predict, run_predict
+from hierarchy.infer.modelset import IDENTITY, PREFERENCE, PredictError, available_strategies
+from hierarchy.infer.pipeline import check_predict, run_predict, scoring_plan
 from hierarchy.modelstore import ModelStore
 
 
@@ -34,8 +36,19 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     """``checked``: what :func:`check_evaluate` already returned for these arguments."""
     from pyspark.sql import functions as F
 
-    checked = checked or check_evaluate(data, models, run_id, output)
+    checked = dict(checked or check_evaluate(data, models, run_id, output))
     strategies = list(checked)
+    run = ModelStore(models).run(run_id)
+    calibration = None
+    if "hierarchical" in checked:
+        # fitted before anything is scored: the hierarchical rows use the fitted values
+        c = checked["hierarchical"]
+        plan = scoring_plan(spark, cfg, data, c.taxonomy,
+                            calibrate.modelset_for_calibration(c.modelset))
+        calibration = calibrate.fit(spark, cfg, data, c.manifest, plan)
+        run.record_evaluation(calibration=calibration)
+        fitted = {k: calibration[k] for k in IDENTITY}
+        checked["hierarchical"] = replace(c, modelset=replace(c.modelset, calibration=fitted))
     scored = {}
     for strategy in strategies:
         scored[strategy] = run_predict(spark, cfg, data, models, run_id, VAL, strategy,
@@ -44,10 +57,24 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     df = spark.table(table).where((F.col("run_id") == run_id) & (F.col("split") == VAL)
                                   & F.col("strategy").isin(strategies))
     metrics = evaluate_predictions(df, Dataset(data).taxonomy())
+    scores = {s: metrics["strategies"].get(s, {}).get("accuracy_l3") for s in strategies}
+    recommended = recommend(scores)
+    run.record_evaluation(recommended=recommended, scores=scores)
     out_dir = evaluation_dir(output, run_id)
-    files = write_report(metrics, ModelStore(models).run(run_id).histories(), out_dir, run_id)
+    files = write_report(metrics, run.histories(), out_dir, run_id)
     return {"run_id": run_id, "strategies": strategies, "metrics": metrics,
-            "files": files, "output": out_dir, "table": table}
+            "files": files, "output": out_dir, "table": table, "recommended": recommended,
+            "calibration": calibration}
+
+
+def recommend(scores: dict) -> Optional[str]:
+    """The strategy with the best val level-3 accuracy; among equals, the first of
+    :data:`PREFERENCE` (the one that needs fewest models to serve comes later there)."""
+    known = [s for s in scores if scores[s] is not None]
+    if not known:
+        return None
+    rank = {s: i for i, s in enumerate(PREFERENCE)}
+    return min(known, key=lambda s: (-scores[s], rank.get(s, len(rank))))
 
 
 def headline(result: dict) -> str:
@@ -62,4 +89,11 @@ def headline(result: dict) -> str:
         lines.append(f"  {name:<9} level-1 {pct('accuracy_l1')}  level-2 {pct('accuracy_l2')}"
                      f"  level-3 {pct('accuracy_l3')}  top-5 {pct('top5_accuracy')}"
                      f"  hF1 {pct('hierarchical_f1')}  ({m.get('products', 0)} products)")
+    c = result.get("calibration")
+    if c and c.get("products"):
+        lines.append(f"  hierarchical fitted on these val products: temperature "
+                     f"{c['temperature']:g}, w {c['w']:g}, v {c['v']:g} (its val figure is "
+                     f"in-sample; bench/quality.py scores it on test)")
+    if result.get("recommended"):
+        lines.append(f"  recommended strategy (predict's default): {result['recommended']}")
     return "\n".join(lines)

@@ -398,6 +398,61 @@ def fit_temperature(p: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: flo
     return best if f(math.log(best)) < f(0.0) else 1.0
 
 
+# --------------------------------------------------------------------------- fitted correction
+def correction_grid(temperatures, ws, vs) -> np.ndarray:
+    """Every (temperature, w, v) to try, [G, 3]; (1, 0, 0) — the uncorrected model — first."""
+    grid = [(1.0, 0.0, 0.0)] + [(float(t), float(w), float(v)) for t in temperatures
+                                for w in ws for v in vs]
+    seen, out = set(), []
+    for point in grid:
+        if point not in seen:
+            seen.add(point)
+            out.append(point)
+    return np.asarray(out, dtype=np.float64)
+
+
+def corrected(p3: np.ndarray, taxonomy: Taxonomy, temperature: float, w: float, v: float,
+              p_branch: Optional[np.ndarray] = None, p_l1: Optional[np.ndarray] = None,
+              eps: float = 1e-7) -> np.ndarray:
+    """The ``hierarchical`` strategy of one picture: the level-3 distribution softened by
+    ``temperature``, then :func:`hierarchical_correction` by its experts and level-1 head."""
+    return hierarchical_correction(apply_temperature(p3, temperature, eps), taxonomy, w, v,
+                                   p_branch, p_l1, eps)
+
+
+def correction_stats(p3: np.ndarray, taxonomy: Taxonomy, grid: np.ndarray,
+                     groups: np.ndarray, labels: np.ndarray,
+                     p_branch: Optional[np.ndarray] = None, p_l1: Optional[np.ndarray] = None,
+                     eps: float = 1e-7) -> Tuple[np.ndarray, np.ndarray, int]:
+    """For every grid point, over the *products* of these pictures (``groups``: a product's
+    pictures must all be here): (level-3 hits [G], summed negative log-likelihood [G],
+    products). Each picture is corrected, then a product's pictures are aggregated as predict
+    does (``log_mean``). Sums, so that Spark tasks' stats add up to the whole split's.
+    ``labels``: the level-3 id of each picture's product."""
+    ids = np.asarray(groups).reshape(-1)
+    _, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)[first]
+    hits = np.zeros(len(grid))
+    nlls = np.zeros(len(grid))
+    for g, (t, w, v) in enumerate(grid):
+        per_image = corrected(p3, taxonomy, t, w, v, p_branch, p_l1, eps)
+        sums = np.zeros((first.size, taxonomy.n_l3))
+        np.add.at(sums, inverse, _log(per_image, eps))
+        product = softmax_rows(sums / counts[:, None])  # ProductAccumulator's log_mean
+        hits[g] = float(np.sum(product.argmax(axis=1) == y))
+        nlls[g] = -float(np.sum(np.log(np.maximum(product[np.arange(y.size), y], eps))))
+    return hits, nlls, int(first.size)
+
+
+def best_correction(grid: np.ndarray, hits: np.ndarray, nlls: np.ndarray) -> int:
+    """The grid point with the most validation hits; among equals, the lowest NLL; among
+    those, the first (the uncorrected model comes first). Picked on accuracy, so the fitted
+    strategy never scores below the uncorrected one on the data it was fitted on."""
+    order = sorted(range(len(grid)), key=lambda g: (-hits[g], nlls[g], g))
+    return int(order[0])
+
+
 # --------------------------------------------------------------------------- training targets
 KINSHIP = ("sibling", "cousin", "stranger")
 

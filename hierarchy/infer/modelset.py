@@ -11,7 +11,11 @@ from hierarchy.errors import Refused
 from hierarchy.modelstore import ModelStore, Run
 from hierarchy.taxonomy import Taxonomy
 
-STRATEGIES = ("flat", "two-stage", "blend")
+STRATEGIES = ("flat", "two-stage", "blend", "multi", "hierarchical")
+AUTO = "auto"  # the run's recommended strategy (evaluate records it)
+# when a run recommends nothing (not evaluated yet): the first of these its models can serve
+PREFERENCE = ("hierarchical", "multi", "flat", "two-stage", "blend")
+IDENTITY = {"temperature": 1.0, "w": 0.0, "v": 0.0}  # an uncalibrated hierarchical = multi
 
 
 class PredictError(Refused, RuntimeError):
@@ -24,7 +28,7 @@ class ModelMissing(PredictError):
 
 @dataclass(frozen=True)
 class ModelRef:
-    key: str          # level1 | flat | branch/<l1>
+    key: str          # level1 | flat | multi | branch/<l1>
     path: str         # model.h5 (any filesystem pyarrow knows)
     backbone: str     # decides the pixel preprocessing
     image_size: int
@@ -36,12 +40,16 @@ class ModelSet:
     strategy: str
     level1: Optional[ModelRef] = None
     flat: Optional[ModelRef] = None
+    multi: Optional[ModelRef] = None
+    # hierarchical: temperature, w, v fitted on val (IDENTITY until evaluate fits them)
+    calibration: Dict[str, float] = field(default_factory=lambda: dict(IDENTITY))
     branches: Dict[int, ModelRef] = field(default_factory=dict)
     # branches with >= 2 leaves but no model (no training images): uniform over their leaves
     untrained_branches: List[int] = field(default_factory=list)
 
     def refs(self) -> List[ModelRef]:
-        return [m for m in (self.level1, self.flat) if m] + list(self.branches.values())
+        return [m for m in (self.level1, self.flat, self.multi) if m] + \
+            list(self.branches.values())
 
 
 def available_strategies(models: str, run_id: str) -> List[str]:
@@ -53,7 +61,24 @@ def available_strategies(models: str, run_id: str) -> List[str]:
         out.append("two-stage")
     if len(out) == 2:
         out.append("blend")
+    if run.has_model(modelstore.MULTI):
+        out += ["multi", "hierarchical"]
     return out
+
+
+def resolve_strategy(models: str, run_id: str, strategy: str) -> str:
+    """``auto`` -> the strategy evaluate recommended for the run, or (not evaluated yet) the
+    first of :data:`PREFERENCE` its models can serve; any other name as given."""
+    if strategy != AUTO:
+        return strategy
+    recommended = ModelStore(models).run(run_id).recommended_strategy()
+    if recommended:
+        return recommended
+    available = available_strategies(models, run_id)
+    for name in PREFERENCE:
+        if name in available:
+            return name
+    return "two-stage"  # nothing trained: load_modelset names the models to train
 
 
 def _ref(run: Run, recorded: dict, key: str, fingerprint: str) -> ModelRef:
@@ -92,9 +117,15 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
             f"run {run_id} was trained on taxonomy {recorded['taxonomy_fingerprint'][:19]}, "
             f"but the dataset has {fingerprint[:19]}: refusing to score with another category "
             f"table")
-    level1 = flat = None
+    level1 = flat = multi = None
+    calibration = dict(IDENTITY)
     branches: Dict[int, ModelRef] = {}
     untrained: List[int] = []
+    if strategy in ("multi", "hierarchical"):
+        multi = _ref(run, recorded, modelstore.MULTI, fingerprint)
+    if strategy == "hierarchical":
+        fitted = recorded.get("calibration") or {}
+        calibration = {k: float(fitted.get(k, IDENTITY[k])) for k in IDENTITY}
     if strategy in ("flat", "blend"):
         flat = _ref(run, recorded, modelstore.FLAT, fingerprint)
     if strategy in ("two-stage", "blend"):
@@ -117,5 +148,5 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
                 f"run {run_id}: two-stage needs a model per level-1 branch with two or more "
                 f"leaves; branches {ids} have none. Train them with `hierarchy train ... "
                 f"--run-id {run_id} --level 3 --mode branch --branches {ids}`")
-    return ModelSet(run_id=run_id, strategy=strategy, level1=level1, flat=flat,
-                    branches=branches, untrained_branches=untrained)
+    return ModelSet(run_id=run_id, strategy=strategy, level1=level1, flat=flat, multi=multi,
+                    calibration=calibration, branches=branches, untrained_branches=untrained)

@@ -127,6 +127,18 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
     return CheckedPredict(manifest, taxonomy, load_modelset(models, run_id, strategy, taxonomy))
 
 
+def scoring_plan(spark, cfg, data: str, taxonomy: Taxonomy, modelset: ModelSet) -> ScoringPlan:
+    """What every scoring task gets (and sets the Arrow batch size it is fed with)."""
+    pcfg = cfg["predict"]
+    prior = training_prior(spark, data)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg["batch_size"]))
+    return ScoringPlan(models=modelset, taxonomy_json=taxonomy.to_json(),
+                       prior_category_id=prior[0], prior_share=prior[1],
+                       top_k=int(pcfg["top_k"]), blend_weight=float(pcfg["blend_weight"]),
+                       aggregate=pcfg["aggregate"], tta_flip=bool(pcfg["tta_flip"]),
+                       top_n=int(pcfg["top_n"]), threads=int(pcfg["threads"]))
+
+
 def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, strategy: str,
                 output: str, checked: Optional[CheckedPredict] = None) -> dict:
     """``checked``: what :func:`check_predict` already returned for these arguments."""
@@ -141,13 +153,8 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
     products = read_products(spark, data, split)
     # before any scoring: a submission must hold one row per product id
     tables.check_unique_products(products, f"{data} products of split {split}")
-    prior = training_prior(spark, data)
-    plan = ScoringPlan(models=modelset, taxonomy_json=taxonomy.to_json(),
-                       prior_category_id=prior[0], prior_share=prior[1],
-                       top_k=int(pcfg["top_k"]), blend_weight=float(pcfg["blend_weight"]),
-                       aggregate=pcfg["aggregate"], tta_flip=bool(pcfg["tta_flip"]),
-                       top_n=int(pcfg["top_n"]), threads=int(pcfg["threads"]))
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg["batch_size"]))
+    plan = scoring_plan(spark, cfg, data, taxonomy, modelset)
+    prior = (plan.prior_category_id, plan.prior_share)
     images = read_images(spark, data, split)
     rows = score(images, plan, int(pcfg["partitions"])).unionByName(
         fallback_rows(products, images, taxonomy, prior))

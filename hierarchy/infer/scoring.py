@@ -130,15 +130,34 @@ class BatchScorer:
             cache[key] = tf.cast(preprocess_for(ref.backbone)(x), tf.float32).numpy()
         return cache[key]
 
-    def _predict(self, ref: ModelRef, x: np.ndarray) -> np.ndarray:
+    def _outputs(self, ref: ModelRef, x: np.ndarray) -> Dict[str, np.ndarray]:
+        """{output name: probabilities} of one model (a flat model has one output, named
+        ``probs`` like a multi-level model's level 3)."""
         # predict_on_batch runs Keras' compiled predict function: ~30% faster than an eager
         # model(x) call here (bench/predict_throughput.py)
         model = _model(ref)
-        p = model.predict_on_batch(x)
+        names = model.output_names
+        out = model.predict_on_batch(x)
+        out = dict(zip(names, out if isinstance(out, (list, tuple)) else [out]))
         if self.plan.tta_flip:
-            p = combine.flip_average(p, model.predict_on_batch(np.ascontiguousarray(
-                x[:, :, ::-1, :])))
-        return p
+            flipped = model.predict_on_batch(np.ascontiguousarray(x[:, :, ::-1, :]))
+            flipped = flipped if isinstance(flipped, (list, tuple)) else [flipped]
+            out = {n: combine.flip_average(out[n], f) for n, f in zip(names, flipped)}
+        return out
+
+    def _predict(self, ref: ModelRef, x: np.ndarray) -> np.ndarray:
+        return next(iter(self._outputs(ref, x).values()))
+
+    def components(self, images: list, cache: Optional[dict] = None) -> Dict[str, np.ndarray]:
+        """The multi-level model's level-3, level-1 head and per-branch conditional outputs
+        (float64) for decoded pictures: what the ``multi`` and ``hierarchical`` strategies, and
+        the calibration that fits the latter, are computed from."""
+        from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
+
+        ref = self.plan.models.multi
+        out = self._outputs(ref, self._inputs(images, ref, {} if cache is None else cache))
+        return {name: np.asarray(out[name], dtype=np.float64)
+                for name in (L3_OUTPUT, L1_HEAD, CONDITIONAL)}
 
     def probs(self, images: list, product_ids: np.ndarray) -> np.ndarray:
         """``images``: decoded pictures (no None), with the product of each; every picture
@@ -146,6 +165,15 @@ class BatchScorer:
         Returns float64 [len(images), n_l3]."""
         plan, cache = self.plan, {}
         ms = plan.models
+        if ms.strategy in ("multi", "hierarchical"):
+            from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
+
+            out = self.components(images, cache)
+            if ms.strategy == "multi":
+                return out[L3_OUTPUT]
+            c = ms.calibration
+            return combine.corrected(out[L3_OUTPUT], self.taxonomy, c["temperature"], c["w"],
+                                     c["v"], out[CONDITIONAL], out[L1_HEAD])
         p_flat = p_two = None
         if ms.flat is not None:
             p_flat = np.asarray(self._predict(ms.flat, self._inputs(images, ms.flat, cache)),

@@ -75,3 +75,19 @@ class SyncNonTrainableCallback(tf.keras.callbacks.Callback):
             if var.dtype.is_floating:
                 var.assign(hvd.allreduce(var.read_value(), op=hvd.Average,
                                          name=f"sync_non_trainable.{i}"))
+
+
+class LevelThreeAliases(tf.keras.callbacks.Callback):
+    """A multi-level model logs ``probs_accuracy``; copy its level-3 figures to ``accuracy``,
+    ``top5`` (and ``val_``) so its history, metrics.json and summary read like any model's.
+    Runs before the callbacks that record the logs (they share one dict)."""
+
+    ALIASES = {"accuracy": "probs_accuracy", "top5": "probs_top5"}
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for prefix in ("", "val_"):
+            for name, source in self.ALIASES.items():
+                if prefix + source in logs:
+                    logs[prefix + name] = logs[prefix + source]

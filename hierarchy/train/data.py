@@ -50,7 +50,7 @@ from hierarchy.train.models import scale_01
 
 log = logging.getLogger(__name__)
 
-LABELS = ("l1", "l3", "branch")
+LABELS = ("l1", "l3", "branch", "levels")
 CROP_MIN = 0.85            # random crop keeps 85-100 % of the picture's side
 MAX_ROTATION_DEG = 10.0
 BRIGHTNESS = 0.08          # +- fraction of full scale
@@ -71,7 +71,7 @@ def class_count(taxonomy: Taxonomy, label: str, branch: Optional[int] = None) ->
     """Number of classes of the model trained on ``label``."""
     if label == "l1":
         return taxonomy.n_l1
-    if label == "l3":
+    if label in ("l3", "levels"):
         return taxonomy.n_l3
     if label == "branch":
         if branch is None:
@@ -225,8 +225,9 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
     """Yield a ``tf.data.Dataset`` of ``(images float32 [B, S, S, 3], labels int32 [B])``.
 
     data        dataset folder (path or URL) holding ``images/``.
-    label       ``l1`` (level-1 id), ``l3`` (level-3 id) or ``branch`` (branch-local level-3
-                id, ``taxonomy.local_of_l3()``, of the rows of level-1 ``branch`` only).
+    label       ``l1`` (level-1 id), ``l3`` (level-3 id), ``branch`` (branch-local level-3
+                id, ``taxonomy.local_of_l3()``, of the rows of level-1 ``branch`` only) or
+                ``levels`` (a multi-level model's label dict, from the level-3 id).
     branch      read only this level-1 branch's rows (filtered in the reader, before decoding);
                 required for ``label="branch"``, allowed with ``l3`` too.
     training    shuffle row groups and rows, augment (when ``augment``), drop the last partial
@@ -249,6 +250,8 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         raise ValueError(f"unknown label {label!r}: expected one of {', '.join(LABELS)}")
     if label == "branch" and (branch is None or taxonomy is None):
         raise ValueError("label='branch' needs branch (a level-1 id) and taxonomy")
+    if label == "levels" and taxonomy is None:
+        raise ValueError("label='levels' needs the taxonomy")
     if taxonomy is not None and branch is not None and not 0 <= branch < taxonomy.n_l1:
         raise ValueError(f"branch {branch} out of range: the taxonomy has {taxonomy.n_l1} "
                          f"level-1 categories")
@@ -320,6 +323,11 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
             cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch_size, drop_remainder=training)
+        if label == "levels":
+            from hierarchy.train.models import level_targets
+
+            targets = level_targets(taxonomy)
+            ds = ds.map(lambda x, y, *keys: (x, targets(y), *keys))
         yield ds.prefetch(tf.data.AUTOTUNE)
     finally:
         reader.stop()
@@ -335,7 +343,7 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool):
         if label == "branch":
             y = tf.gather(table, tf.cast(row.l3, tf.int32))
         else:
-            y = tf.cast(getattr(row, label), tf.int32)
+            y = tf.cast(getattr(row, "l3" if label == "levels" else label), tf.int32)
         if return_keys:
             key = tf.stack([tf.cast(row.product_id, tf.int64), tf.cast(row.img_idx, tf.int64)])
             return row.jpeg, y, key

@@ -31,8 +31,8 @@ def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
     """What can be refused before Spark or Horovod start: the arguments, the folders, a
     dataset that is not complete or has nothing to train on, a run of another taxonomy.
     Returns the manifest."""
-    if level == 3 and mode not in ("flat", "branch"):
-        raise UsageError("--level 3 needs --mode flat or --mode branch")
+    if level == 3 and mode not in modelstore.MODES:
+        raise UsageError(f"--level 3 needs --mode {' or '.join(modelstore.MODES)}")
     storage.require_dir(data, "--data")
     storage.require_writable_dir(models, "--models")
     manifest = Dataset(data).require_complete(["train"])
@@ -70,8 +70,10 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
 
     if level == 1:
         return [spec(modelstore.model_key(1), "l1")], {}
-    if mode == "flat":
-        return [spec(modelstore.model_key(3, "flat"), "l3")], {}
+    if mode == modelstore.FLAT:
+        return [spec(modelstore.model_key(3, mode), "l3")], {}
+    if mode == modelstore.MULTI:
+        return [spec(modelstore.model_key(3, mode), "levels")], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]
     if bad:

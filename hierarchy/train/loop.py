@@ -41,6 +41,7 @@ def train_model(spec: TrainSpec) -> dict:
     from hierarchy.train import models as tmodels
     from hierarchy.train.callbacks import (
         CheckpointCallback,
+        LevelThreeAliases,
         SyncNonTrainableCallback,
         TrackingCallback,
     )
@@ -72,9 +73,12 @@ def train_model(spec: TrainSpec) -> dict:
                 "checksum": None, "key": spec.key}
     if initial_epoch == 0:
         tmodels.check_weights(tcfg["backbone"], tcfg["weights"])
-    model = tmodels.build_model(tcfg["backbone"], n_classes, tcfg["image_size"],
-                                weights=tcfg["weights"] if initial_epoch == 0 else None,
-                                dropout=tcfg["dropout"], name=spec.key.replace("/", "_"))
+    multi = label == "levels"
+    build = dict(image_size=tcfg["image_size"],
+                 weights=tcfg["weights"] if initial_epoch == 0 else None,
+                 dropout=tcfg["dropout"], name=spec.key.replace("/", "_"))
+    model = (tmodels.build_multi_model(tcfg["backbone"], taxonomy, **build) if multi else
+             tmodels.build_model(tcfg["backbone"], n_classes, **build))
     if initial_epoch == 0 and spec.init_from:
         source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
                                             custom_objects=tmodels.custom_objects())
@@ -101,7 +105,13 @@ def train_model(spec: TrainSpec) -> dict:
                 tmodels.set_phase(model, phase, tcfg["fine_tune_layers"])
                 # scaled by workers: the global batch grows with them (Goyal et al. 2017)
                 opt = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr * size))
-                tmodels.compile_model(model, lr * size, tcfg["label_smoothing"], optimizer=opt)
+                if multi:
+                    tmodels.compile_multi_model(model, taxonomy, lr * size,
+                                                tcfg["label_smoothing"], tcfg,
+                                                optimizer=opt)
+                else:
+                    tmodels.compile_model(model, lr * size, tcfg["label_smoothing"],
+                                          optimizer=opt)
                 if initial_epoch > first:
                     # resume inside this phase: weights and optimizer state (moments, step count)
                     # from the last complete epoch; rank 0's copy is then broadcast as usual
@@ -112,6 +122,9 @@ def train_model(spec: TrainSpec) -> dict:
                     hvd.callbacks.BroadcastGlobalVariablesCallback(0),
                     hvd.callbacks.MetricAverageCallback(),
                 ]
+                if multi:
+                    # level 3's figures under the names every model's history uses
+                    callbacks.append(LevelThreeAliases())
                 if size > 1:
                     # before any checkpoint: every rank then holds (and rank 0 saves) the same model
                     callbacks.append(SyncNonTrainableCallback())

@@ -248,7 +248,13 @@ class SmoothedSparseCrossentropy(tf.keras.losses.Loss):
 def custom_objects() -> dict:
     """For ``tf.keras.models.load_model`` (registration already covers ``.keras`` files)."""
     return {"SmoothedSparseCrossentropy": SmoothedSparseCrossentropy,
-            "hierarchy>SmoothedSparseCrossentropy": SmoothedSparseCrossentropy}
+            "hierarchy>SmoothedSparseCrossentropy": SmoothedSparseCrossentropy,
+            "KinshipCrossentropy": KinshipCrossentropy,
+            "hierarchy>KinshipCrossentropy": KinshipCrossentropy,
+            "NodeSum": NodeSum, "hierarchy>NodeSum": NodeSum,
+            "BranchSoftmax": BranchSoftmax, "hierarchy>BranchSoftmax": BranchSoftmax,
+            "BranchCrossentropy": BranchCrossentropy,
+            "hierarchy>BranchCrossentropy": BranchCrossentropy}
 
 
 def compile_model(model: tf.keras.Model, learning_rate: float, label_smoothing: float,
@@ -261,3 +267,214 @@ def compile_model(model: tf.keras.Model, learning_rate: float, label_smoothing: 
         metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                  tf.keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, n), name="top5")],
     )
+
+
+# ------------------------------------------------------------------------------ multi-level
+# Output names of a multi-level model. "probs" is the level-3 distribution, named as the flat
+# model's only output so that every scorer reads level 3 the same way; the others train it.
+L3_OUTPUT = "probs"
+L1_HEAD, L2_HEAD = "probs_l1", "probs_l2"        # heads of their own on the shared features
+L1_SUM, L2_SUM = "marginal_l1", "marginal_l2"    # the level-3 distribution summed per node
+CONDITIONAL = "conditional"    # P(l3 | its level-1 branch): one softmax per branch (experts)
+MULTI_OUTPUTS = (L3_OUTPUT, L1_HEAD, L2_HEAD, L1_SUM, L2_SUM, CONDITIONAL)
+
+
+def level2_nodes(taxonomy) -> tuple:
+    """(node of every leaf [n_l3], node count): a level-2 node is the path (l1, l2) — a few
+    level-2 names sit under two level-1 parents and are two nodes of the tree."""
+    import numpy as np
+
+    pairs = taxonomy.l1_of_l3.astype(np.int64) * (taxonomy.n_l2 + 1) + taxonomy.l2_of_l3
+    _, node = np.unique(pairs, return_inverse=True)
+    return node.astype(np.int32), int(node.max()) + 1
+
+
+@tf.keras.utils.register_keras_serializable(package="hierarchy")
+class BranchSoftmax(tf.keras.layers.Layer):
+    """[B, n_l3] logits -> P(l3 | branch of l3): a softmax inside each level-1 branch, so each
+    row sums to one per branch (to n_l1 in all). A head of per-branch experts on the shared
+    features, trained only to tell a branch's leaves apart (:class:`BranchCrossentropy`)."""
+
+    def __init__(self, groups, n_groups: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.groups = [int(g) for g in groups]
+        self.n_groups = int(n_groups)
+        self._groups = tf.constant(self.groups, tf.int32)
+
+    def call(self, logits):
+        z = tf.transpose(tf.cast(logits, tf.float32))                        # [n_l3, B]
+        top = tf.math.unsorted_segment_max(z, self._groups, self.n_groups)   # [n_l1, B]
+        e = tf.exp(z - tf.gather(top, self._groups))
+        total = tf.math.unsorted_segment_sum(e, self._groups, self.n_groups)
+        return tf.transpose(e / tf.gather(total, self._groups))
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "n_groups": self.n_groups}
+
+
+@tf.keras.utils.register_keras_serializable(package="hierarchy")
+class BranchCrossentropy(tf.keras.losses.Loss):
+    """-log P(y | branch of y) of a :class:`BranchSoftmax` output, the target smoothed by
+    ``label_smoothing`` over the true branch's leaves only (the other branches' columns are
+    other softmaxes and take no part)."""
+
+    def __init__(self, l1_of_l3, label_smoothing: float = 0.0, name: str = "branch_ce",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.l1_of_l3 = [int(v) for v in l1_of_l3]
+        self.label_smoothing = float(label_smoothing)
+        self._l1 = tf.constant(self.l1_of_l3, tf.int32)
+
+    def call(self, y_true, y_pred):
+        y = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        same = tf.cast(tf.equal(tf.gather(self._l1, y)[:, None], self._l1[None, :]), tf.float32)
+        own = tf.one_hot(y, tf.shape(self._l1)[0], dtype=tf.float32)
+        eps = self.label_smoothing
+        target = (1.0 - eps) * own + eps * same / tf.reduce_sum(same, axis=1, keepdims=True)
+        logp = tf.math.log(tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0))
+        return -tf.reduce_sum(target * logp, axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "l1_of_l3": self.l1_of_l3,
+                "label_smoothing": self.label_smoothing}
+
+
+@tf.keras.utils.register_keras_serializable(package="hierarchy")
+class NodeSum(tf.keras.layers.Layer):
+    """[B, n_l3] leaf probabilities -> [B, n_nodes]: each leaf's probability added into its
+    node. A layer without weights (a constant one-hot matmul), so no training phase can
+    unfreeze it, and its config — the node of each leaf — is all a saved model needs."""
+
+    def __init__(self, groups, n_groups: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.groups = [int(g) for g in groups]
+        self.n_groups = int(n_groups)
+        self._onehot = tf.one_hot(self.groups, self.n_groups, dtype=tf.float32)
+
+    def call(self, p):
+        return tf.matmul(tf.cast(p, tf.float32), self._onehot)
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "n_groups": self.n_groups}
+
+
+def build_multi_model(backbone: str, taxonomy, image_size: int,
+                      weights: Optional[Union[str, os.PathLike]] = None,
+                      dropout: float = 0.2, name: str = "multi") -> tf.keras.Model:
+    """One backbone, three heads (levels 1, 2 and 3) and the level-3 distribution summed into
+    levels 1 and 2: coarse classes learnt from a fine model's sums are better than a coarse
+    model's own (Chen et al. 2019), and the heads give the shared features a coarse signal.
+    Outputs, by name: :data:`MULTI_OUTPUTS`."""
+    body = build_backbone(backbone, image_size, weights)
+    inputs = tf.keras.Input((image_size, image_size, 3), dtype="float32", name="image")
+    features = tf.keras.layers.Dropout(dropout, name="dropout")(body(inputs))
+    node, n_nodes = level2_nodes(taxonomy)
+
+    def head(n: int, logits: str, probs: str):
+        x = tf.keras.layers.Dense(n, name=logits)(features)
+        return tf.keras.layers.Activation("softmax", dtype="float32", name=probs)(x)
+
+    p3 = head(taxonomy.n_l3, "logits", L3_OUTPUT)
+    p1 = head(taxonomy.n_l1, "logits_l1", L1_HEAD)
+    p2 = head(n_nodes, "logits_l2", L2_HEAD)
+    s1 = NodeSum(taxonomy.l1_of_l3, taxonomy.n_l1, name=L1_SUM)(p3)
+    s2 = NodeSum(node, n_nodes, name=L2_SUM)(p3)
+    cond = BranchSoftmax(taxonomy.l1_of_l3, taxonomy.n_l1, name=CONDITIONAL)(
+        tf.keras.layers.Dense(taxonomy.n_l3, name="logits_conditional")(features))
+    return tf.keras.Model(inputs, [p3, p1, p2, s1, s2, cond], name=name)
+
+
+def output_by_name(model: tf.keras.Model, outputs, name: str = L3_OUTPUT):
+    """One output of ``model.predict_on_batch``: the only one of a single-output model."""
+    if not isinstance(outputs, (list, tuple)):
+        return outputs
+    return outputs[model.output_names.index(name)]
+
+
+@tf.keras.utils.register_keras_serializable(package="hierarchy")
+class KinshipCrossentropy(tf.keras.losses.Loss):
+    """Cross-entropy against hierarchy-aware smoothed targets: of the smoothing mass
+    ``epsilon``, siblings (same level-2 node) get more per leaf than cousins (same level 1),
+    cousins more than strangers. ``kinship`` is
+    :func:`hierarchy.infer.combine.kinship_smoothing`'s [n_l3, 4] table; the full [B, n_l3]
+    target rows are built per batch, never stored."""
+
+    def __init__(self, kinship, l1_of_l3, l2_node_of_l3, name: str = "kinship_ce", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.kinship = [[float(v) for v in row] for row in kinship]
+        self.l1_of_l3 = [int(v) for v in l1_of_l3]
+        self.l2_node_of_l3 = [int(v) for v in l2_node_of_l3]
+        self._k = tf.constant(self.kinship, tf.float32)
+        self._l1 = tf.constant(self.l1_of_l3, tf.int32)
+        self._l2 = tf.constant(self.l2_node_of_l3, tf.int32)
+
+    def targets(self, y_true):
+        y = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        k = tf.gather(self._k, y)                                     # [B, 4]
+        same_l2 = tf.equal(tf.gather(self._l2, y)[:, None], self._l2[None, :])
+        same_l1 = tf.equal(tf.gather(self._l1, y)[:, None], self._l1[None, :])
+        rows = tf.where(same_l2, k[:, 1:2], tf.where(same_l1, k[:, 2:3], k[:, 3:4]))
+        own = tf.equal(y[:, None], tf.range(tf.shape(self._l1)[0])[None, :])
+        return tf.where(own, k[:, 0:1], rows)
+
+    def call(self, y_true, y_pred):
+        return tf.keras.losses.categorical_crossentropy(
+            self.targets(y_true), tf.cast(y_pred, tf.float32))
+
+    def get_config(self):
+        return {**super().get_config(), "kinship": self.kinship, "l1_of_l3": self.l1_of_l3,
+                "l2_node_of_l3": self.l2_node_of_l3}
+
+
+def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
+                        label_smoothing: float, tcfg: dict, optimizer=None) -> None:
+    """Level 3 against kinship-smoothed targets; the level-1 and level-2 heads and the summed
+    level-3 distribution against their node, weighted by the ``train`` config's
+    ``multi_head_weight`` and ``multi_marginal_weight``; the per-branch head by
+    ``multi_conditional_weight``. With ``kinship_smoothing`` level 3's smoothing mass goes
+    mostly to siblings (``kinship_shares``): milder mistakes, but on the hard preset it cost
+    ~5 points of level-3 accuracy, so it is off by default (plain smoothing)."""
+    from hierarchy.infer.combine import kinship_smoothing
+
+    node, _ = level2_nodes(taxonomy)
+    if tcfg["kinship_smoothing"]:
+        shares = [float(x) for x in tcfg["kinship_shares"]]
+        level3 = KinshipCrossentropy(
+            kinship_smoothing(taxonomy, label_smoothing, tuple(x / sum(shares) for x in shares)),
+            taxonomy.l1_of_l3, node)
+    else:
+        level3 = SmoothedSparseCrossentropy(label_smoothing)
+    heads, sums = float(tcfg["multi_head_weight"]), float(tcfg["multi_marginal_weight"])
+    model.compile(
+        optimizer=optimizer if optimizer is not None else tf.keras.optimizers.Adam(learning_rate),
+        loss={L3_OUTPUT: level3,
+              L1_HEAD: SmoothedSparseCrossentropy(label_smoothing),
+              L2_HEAD: SmoothedSparseCrossentropy(label_smoothing),
+              # no smoothing on sums: kinship already spreads level 3's mass inside a node
+              L1_SUM: SmoothedSparseCrossentropy(0.0),
+              L2_SUM: SmoothedSparseCrossentropy(0.0),
+              CONDITIONAL: BranchCrossentropy(taxonomy.l1_of_l3, label_smoothing)},
+        loss_weights={L3_OUTPUT: 1.0, L1_HEAD: heads, L2_HEAD: heads, L1_SUM: sums,
+                      L2_SUM: sums, CONDITIONAL: float(tcfg["multi_conditional_weight"])},
+        metrics={L3_OUTPUT: [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+                             tf.keras.metrics.SparseTopKCategoricalAccuracy(
+                                 k=min(5, taxonomy.n_l3), name="top5")],
+                 L1_HEAD: [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]},
+    )
+
+
+def level_targets(taxonomy):
+    """level-3 ids [B] -> the label dict a multi-level model trains on (TF ops, for tf.data)."""
+    node, _ = level2_nodes(taxonomy)
+    l1 = tf.constant(taxonomy.l1_of_l3, tf.int32)
+    l2 = tf.constant(node, tf.int32)
+
+    def targets(y3):
+        y3 = tf.cast(y3, tf.int32)
+        y1, y2 = tf.gather(l1, y3), tf.gather(l2, y3)
+        return {L3_OUTPUT: y3, L1_HEAD: y1, L2_HEAD: y2, L1_SUM: y1, L2_SUM: y2,
+                CONDITIONAL: y3}
+
+    return targets

@@ -9,7 +9,7 @@ from typing import Mapping, Optional
 
 from hierarchy import modelstore
 
-LABELS = ("l1", "l3", "branch")
+LABELS = ("l1", "l3", "branch", "levels")
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,8 @@ class TrainSpec:
     data: str                      # dataset folder (path or URL)
     models: str                    # model store root (a filesystem every worker sees)
     run_id: str
-    key: str                       # level1 | flat | branch/<l1>
-    label: str                     # l1 | l3 | branch (branch-local level-3 ids)
+    key: str                       # level1 | flat | multi | branch/<l1>
+    label: str                     # l1 | l3 | branch (branch-local level-3 ids) | levels
     level: int                     # 1 or 3
     train: Mapping                 # the validated `train:` config section
     tracking_uri: str              # MLflow
