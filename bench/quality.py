@@ -52,8 +52,11 @@ def say(text: str) -> None:
 def hierarchy(*args: str, conf: list) -> float:
     """Run one `hierarchy` command; returns its wall time in seconds."""
     t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "hierarchy"), *args, "-q", *conf], capture_output=True,
-                          text=True)
+    # key=value overrides are one trailing positional list: the command's own go after conf
+    flags = [a for a in args if a.startswith("-") or "=" not in a]
+    own = [a for a in args if a not in flags]
+    proc = subprocess.run([str(BIN / "hierarchy"), *flags, "-q", *conf, *own],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"hierarchy {' '.join(args)} failed ({proc.returncode}):\n"
                  f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -96,14 +99,14 @@ def read_test_predictions(output: Path, strategy: str, ids: np.ndarray, taxonomy
     table = pds.dataset(str(output / "predictions"), partitioning="hive").to_table(
         filter=(pds.field("run_id") == RUN_ID) & (pds.field("split") == "test")
         & (pds.field("strategy") == strategy),
-        columns=["product_id", "l1", "l2", "l3", "top_category_id"])
+        columns=["product_id", "l1", "l2", "l3", "top5"])
     pid = table.column("product_id").to_numpy()
     order = {int(p): i for i, p in enumerate(pid)}
     missing = [int(p) for p in ids if int(p) not in order]
     if missing:
         sys.exit(f"{strategy}: {len(missing)} test products have no prediction")
     idx = np.array([order[int(p)] for p in ids])
-    top = table.column("top_category_id").to_pylist()
+    top = [[c["category_id"] for c in row] for row in table.column("top5").to_pylist()]
     return {"l1": table.column("l1").to_numpy()[idx], "l2": table.column("l2").to_numpy()[idx],
             "l3": table.column("l3").to_numpy()[idx], "top": [top[i] for i in idx]}
 
@@ -116,10 +119,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "results" / "quality"))
+    ap.add_argument("--score-only", action="store_true",
+                    help="reuse DIR's trained, evaluated and predicted run: only score it")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every command")
     args = ap.parse_args()
-
     work = Path(args.workdir).resolve()
+    if args.score_only:
+        compute = json.loads((work / "compute.json").read_text())
+        score(args, work, compute["compute"], compute["train_images"])
+        return
+
     work.mkdir(parents=True, exist_ok=True)
     conf = [f"catalog.warehouse={work / 'warehouse'}",
             f"catalog.metastore={work / 'warehouse' / 'metastore_db'}",
@@ -160,11 +169,19 @@ def main() -> None:
     say(f"[train] {train_images} training pictures; flat {seconds['flat']:.0f} s, multi "
         f"{seconds['multi']:.0f} s, level-1 + branches {seconds['level1'] + seconds['branch']:.0f}"
         " s")
+    (work / "compute.json").write_text(json.dumps({"compute": compute,
+                                                    "train_images": train_images}))
     hierarchy("evaluate", *run, "--output", str(out), conf=conf)
     for strategy in STRATEGIES:
         hierarchy("predict", *run, "--split", "test", "--strategy", strategy, "--output",
                   str(out), conf=conf)
+    score(args, work, compute, train_images)
 
+
+def score(args, work: Path, compute: dict, train_images: int) -> None:
+    """Score the run's test predictions against the solution file; print and save."""
+    syn, data, models, out = work / "synth", work / "dataset", work / "models", work / "output"
+    e = args.epochs
     sys.path.insert(0, str(ROOT))
     from hierarchy.dataset import Dataset
 
