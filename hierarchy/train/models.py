@@ -386,13 +386,6 @@ def build_multi_model(backbone: str, taxonomy, image_size: int,
     return tf.keras.Model(inputs, [p3, p1, p2, s1, s2, cond], name=name)
 
 
-def output_by_name(model: tf.keras.Model, outputs, name: str = L3_OUTPUT):
-    """One output of ``model.predict_on_batch``: the only one of a single-output model."""
-    if not isinstance(outputs, (list, tuple)):
-        return outputs
-    return outputs[model.output_names.index(name)]
-
-
 @tf.keras.utils.register_keras_serializable(package="hierarchy")
 class KinshipCrossentropy(tf.keras.losses.Loss):
     """Cross-entropy against hierarchy-aware smoothed targets: of the smoothing mass
