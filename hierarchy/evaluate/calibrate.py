@@ -66,7 +66,7 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan) -> dict:
     """The fitted calibration, as run.json records it."""
     from pyspark.sql import functions as F
 
-    from hierarchy.infer.pipeline import read_images
+    from hierarchy.infer.pipeline import by_product, read_images
 
     ccfg = cfg["calibrate"]
     grid = grid_of(ccfg)
@@ -77,11 +77,9 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan) -> dict:
     if share < 1.0:
         # a fixed hash sample of products (all of a product's pictures, or none)
         images = images.where((F.abs(F.xxhash64("product_id")) % 1000003) < share * 1000003)
-    parts = int(cfg["predict"]["partitions"]) or max(1, images.rdd.getNumPartitions())
-    stats = (images.repartition(parts, "product_id")
-                   .sortWithinPartitions("product_id", "img_idx")
-                   .mapInPandas(calibration_partitions(plan, grid), STATS_DDL)
-                   .collect())  # one small row per partition
+    stats = (by_product(images, int(cfg["predict"]["partitions"]))
+             .mapInPandas(calibration_partitions(plan, grid), STATS_DDL)
+             .collect())  # one small row per partition
     hits = np.sum([r.hits for r in stats], axis=0) if stats else np.zeros(len(grid))
     nlls = np.sum([r.nll for r in stats], axis=0) if stats else np.zeros(len(grid))
     products = int(sum(r.products for r in stats))

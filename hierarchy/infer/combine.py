@@ -430,16 +430,13 @@ def correction_stats(p3: np.ndarray, taxonomy: Taxonomy, grid: np.ndarray,
     does (``log_mean``). Sums, so that Spark tasks' stats add up to the whole split's.
     ``labels``: the level-3 id of each picture's product."""
     ids = np.asarray(groups).reshape(-1)
-    _, first, inverse, counts = np.unique(ids, return_index=True, return_inverse=True,
-                                          return_counts=True)
+    _, first = np.unique(ids, return_index=True)
     y = np.asarray(labels, dtype=np.int64).reshape(-1)[first]
     hits = np.zeros(len(grid))
     nlls = np.zeros(len(grid))
     for g, (t, w, v) in enumerate(grid):
         per_image = corrected(p3, taxonomy, t, w, v, p_branch, p_l1, eps)
-        sums = np.zeros((first.size, taxonomy.n_l3))
-        np.add.at(sums, inverse, _log(per_image, eps))
-        product = softmax_rows(sums / counts[:, None])  # ProductAccumulator's log_mean
+        product = group_mean_log(per_image, ids, eps)[first]  # predict's log_mean
         hits[g] = float(np.sum(product.argmax(axis=1) == y))
         nlls[g] = -float(np.sum(np.log(np.maximum(product[np.arange(y.size), y], eps))))
     return hits, nlls, int(first.size)

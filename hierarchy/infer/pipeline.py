@@ -59,14 +59,18 @@ def training_prior(spark, data: str):
 
 
 # ----------------------------------------------------------------------------- transform
-def score(images, plan: ScoringPlan, partitions: int):
-    """Product rows from image rows, whatever their partitioning on input: repartitioning by
-    product_id puts all of a product's pictures in one task, sorting makes them contiguous so
-    the scorer can aggregate a product that spans Arrow batches exactly once."""
+def by_product(images, partitions: int):
+    """Image rows whatever their partitioning on input -> every product's pictures in one
+    task (repartition by product_id), contiguous and in order (sorted), so a scorer can
+    aggregate a product that spans Arrow batches exactly once. ``partitions`` 0: as read."""
     parts = partitions or max(1, images.rdd.getNumPartitions())
-    return (images.repartition(parts, "product_id")
-                  .sortWithinPartitions("product_id", "img_idx")
-                  .mapInPandas(score_partitions(plan), schema.SCORED_DDL))
+    return images.repartition(parts, "product_id").sortWithinPartitions("product_id", "img_idx")
+
+
+def score(images, plan: ScoringPlan, partitions: int):
+    """Product rows from image rows (:func:`by_product`, then the scorer)."""
+    return by_product(images, partitions).mapInPandas(score_partitions(plan),
+                                                      schema.SCORED_DDL)
 
 
 def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple):

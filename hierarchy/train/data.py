@@ -47,10 +47,10 @@ from hierarchy.dataset import Dataset, images_in
 from hierarchy.errors import Refused
 from hierarchy.taxonomy import Taxonomy
 from hierarchy.train.models import scale_01
+from hierarchy.train.spec import LABELS
 
 log = logging.getLogger(__name__)
 
-LABELS = ("l1", "l3", "branch", "levels")
 CROP_MIN = 0.85            # random crop keeps 85-100 % of the picture's side
 MAX_ROTATION_DEG = 10.0
 BRIGHTNESS = 0.08          # +- fraction of full scale
