@@ -8,6 +8,9 @@
     level1/                  the level-1 (49-class) model
     flat/                    the flat level-3 model
     multi/                   the multi-level model (levels 1, 2, 3 on one backbone)
+    experts/                 per-branch expert heads over the multi (or flat) model's
+                             frozen trunk, in one model with that model's own heads
+      features/              the trunk's features of train and val, split=*/l1=*/ (Parquet)
     branch/<l1 id>/          one level-3 model per level-1 branch
       model.h5               the published model (HDF5: see MODEL_FILE)
       history.json           metrics per epoch
@@ -16,7 +19,8 @@
   mlruns/                    the default MLflow file store
 ```
 
-A model is named by its *key*: ``level1``, ``flat``, ``multi`` or ``branch/<l1 id>``. Keras
+A model is named by its *key*: ``level1``, ``flat``, ``multi``, ``experts`` or
+``branch/<l1 id>``. Keras
 writes models with plain file I/O, so training needs the store on a filesystem every worker
 sees (local disk, NFS, a mounted bucket); prediction also reads models from HDFS/S3 URLs
 (copied locally once per worker). Everything else goes through :mod:`hierarchy.storage`.
@@ -32,7 +36,9 @@ from hierarchy import storage
 from hierarchy.errors import Refused
 
 LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
-MODES = (FLAT, BRANCH, MULTI)  # `hierarchy train --level 3 --mode ...`
+EXPERTS = "experts"
+MODES = (FLAT, BRANCH, MULTI, EXPERTS)  # `hierarchy train --level 3 --mode ...`
+SINGLE = (FLAT, MULTI, EXPERTS)         # level-3 modes that make one model, keyed by the mode
 RUN_FILE = "run.json"
 MODEL_FILE = "model.h5"  # HDF5: the .keras format cannot leave out Horovod's optimizer
 HISTORY_FILE = "history.json"
@@ -52,11 +58,11 @@ def branch_key(branch: int) -> str:
 
 
 def model_key(level: int, mode: Optional[str] = None, branch: Optional[int] = None) -> str:
-    """``level1``, ``flat``, ``multi`` or ``branch/<id>``: how a `hierarchy train` call names
-    its model."""
+    """``level1``, ``flat``, ``multi``, ``experts`` or ``branch/<id>``: how a `hierarchy train`
+    call names its model."""
     if level == 1:
         return LEVEL1
-    if mode in (FLAT, MULTI):
+    if mode in SINGLE:
         return mode
     if branch is None:
         raise ValueError("a branch model needs its level-1 id")
@@ -73,7 +79,7 @@ def train_command(key: str) -> str:
     """The `hierarchy train` arguments that make the model ``key``."""
     if key == LEVEL1:
         return "--level 1"
-    if key in (FLAT, MULTI):
+    if key in SINGLE:
         return f"--level 3 --mode {key}"
     return f"--level 3 --mode branch --branches {branch_of(key)}"
 
@@ -186,7 +192,7 @@ class Run:
 
     def keys(self) -> List[str]:
         """Keys of the models whose folders exist, in report order."""
-        found = [k for k in (LEVEL1, FLAT, MULTI) if storage.exists(self.model_dir(k))]
+        found = [k for k in (LEVEL1, FLAT, MULTI, EXPERTS) if storage.exists(self.model_dir(k))]
         return found + [branch_key(b) for b in self.branch_ids()]
 
     def histories(self) -> Dict[str, dict]:

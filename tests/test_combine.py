@@ -536,3 +536,21 @@ def test_corrected_at_identity_is_the_model_and_at_w1_v1_the_experts_product():
     # w = v = 1 replaces both halves of P(l3) = P(b) P(l3|b) by the experts'
     full = corrected(p3, TAX, 1.0, 1.0, 1.0, cond, p1)
     np.testing.assert_allclose(full, p1[:, TAX.l1_of_l3] * cond, atol=1e-6)
+
+
+def test_correction_within_expert_groups():
+    """One group of every leaf (experts = a refit of the whole head): w = 1 gives the experts'
+    distribution itself; level-1 groups (the default) keep the flat branch mass at w = 1."""
+    rng = np.random.default_rng(7)
+    flat = rng.dirichlet(np.ones(TAX.n_l3), size=5)
+    refit = rng.dirichlet(np.ones(TAX.n_l3), size=5)
+    one = np.zeros(TAX.n_l3, np.int64)
+    np.testing.assert_allclose(leaf_conditional(flat, TAX, one), flat, atol=1e-12)
+    got = hierarchical_correction(flat, TAX, w=1.0, p_branch=refit, expert_groups=one)
+    np.testing.assert_allclose(got, refit, atol=1e-9)
+    np.testing.assert_allclose(hierarchical_correction(flat, TAX, p_branch=refit,
+                                                       expert_groups=one), flat, atol=1e-12)
+    branch_cond = leaf_conditional(refit, TAX)
+    kept = hierarchical_correction(flat, TAX, w=1.0, p_branch=branch_cond)
+    np.testing.assert_allclose(marginal_l1(kept, TAX), marginal_l1(flat, TAX), atol=1e-9)
+    np.testing.assert_allclose(leaf_conditional(kept, TAX), branch_cond, atol=1e-9)

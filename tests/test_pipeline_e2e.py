@@ -67,6 +67,8 @@ def pipeline(tmp_path_factory):
     run("hierarchy", "train", *models, "--level", "3", "--mode", "flat", cwd=root, conf=conf)
     run("hierarchy", "train", *models, "--level", "3", "--mode", "branch", cwd=root, conf=conf)
     run("hierarchy", "train", *models, "--level", "3", "--mode", "multi", cwd=root, conf=conf)
+    out["experts"] = run("hierarchy", "train", *models, "--level", "3", "--mode", "experts",
+                         "train.expert_epochs=3", cwd=root, conf=conf)
     out["predict"] = run(*spark_submit, str(ROOT / "jobs" / "predict.py"), *models, "--split",
                          "test", "--strategy", "two-stage", "--output", "out", cwd=root,
                          conf=conf)
@@ -126,6 +128,9 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
     run = json.loads((pipeline["root"] / "models" / "e2e" / "run.json").read_text())
     c = run["calibration"]
     assert c["products"] > 0 and c["temperature"] > 0
+    # the run has branch experts over the multi-level trunk: hierarchical reads them
+    assert c["model"] == "experts" and "experts" in run["models"]
+    assert "experts: trained (val accuracy within the true group" in pipeline["stdout"]["experts"]
     # fitted on val accuracy: never below the multi-level model's own level 3 there
     assert c["val_accuracy_l3"] >= c["val_accuracy_l3_uncorrected"]
     scores = run["strategy_scores"]

@@ -144,3 +144,67 @@ def test_multi_mode_trains_one_model_with_every_level(dataset, tmp_path):
     with h5py.File(h5) as f:  # every output, including the frozen sums, is in the file
         config = f.attrs["model_config"]
     assert all(f'"{name}"' in config for name in MULTI_OUTPUTS)
+
+
+def test_experts_read_only_their_branch_and_start_from_the_multi_model(dataset, spark,
+                                                                       tmp_path, monkeypatch):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from hierarchy.dataset import Dataset
+    from hierarchy.train import experts
+    from hierarchy.train.launch import TrainError
+
+    models = str(tmp_path / "models")
+    cfg = train_cfg(epochs=2, expert_epochs=3, expert_hidden=16)
+    with pytest.raises(TrainError, match="--mode multi"):
+        run_training(cfg, str(dataset), models, "r6", level=3, mode="experts")
+    run_training(cfg, str(dataset), models, "r6", level=3, mode="multi")
+    res = run_training(cfg, str(dataset), models, "r6", level=3, mode="experts", np_=2,
+                       spark_factory=lambda: spark)["experts"]
+    assert [r["rank"] for r in res["ranks"]] == [0, 1]
+    m = res["metrics"]
+    assert m["source"].endswith(os.path.join("r6", "multi", "model.h5"))
+    assert 0.0 <= m["val_conditional_accuracy_source"] <= 1.0
+    run = ModelStore(models).run("r6")
+    assert run.has_model("experts") and "experts" in run.read()["models"]
+
+    # the features: written once by both workers together, each branch in its own folder
+    tax = Dataset(str(dataset)).taxonomy()
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    root = os.path.join(models, "r6", "experts", "features")
+    seen = []
+    for b in range(tax.n_l1):
+        for path, i in experts.branch_row_groups(root, "train", b):
+            t = pq.ParquetFile(path).read_row_group(i).to_pandas()
+            assert set(tax.l1_of_l3[t["l3"].to_numpy()]) == {b}
+            seen += list(zip(t["product_id"], t["img_idx"]))
+    assert len(seen) == len(set(seen)) == manifest["splits"]["train"]["images"]
+
+    # a branch's head opens the row groups of its own folder and nothing else
+    reads = []
+    real = pq.ParquetFile.read_row_group
+
+    def spy(self, i, *args, **kwargs):
+        table = real(self, i, *args, **kwargs)
+        reads.append(table.num_rows)
+        assert set(tax.l1_of_l3[table.column("l3").to_numpy()]) == {2}
+        return table
+
+    path, _ = experts.branch_row_groups(root, "train", 2)[0]
+    dim = pq.ParquetFile(path).schema_arrow.field("features").type.list_size
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    trained = experts.train_group(root, tax.branch(2), [2],
+                                  np.zeros((dim, tax.n_l3), np.float32),
+                                  np.zeros(tax.n_l3, np.float32),
+                                  {**cfg["train"], "expert_epochs": 2}, seed=1)
+    monkeypatch.undo()
+    assert trained is not None and trained["leaves"] == len(tax.branch(2))
+    per_l1 = manifest["splits"]
+    # 2 epochs of the branch's train rows, its val rows twice (before and after training)
+    assert sum(reads) == 2 * per_l1["train"]["images_per_l1"]["2"] + \
+        2 * per_l1["val"]["images_per_l1"].get("2", 0)
+
+    # re-running over its own output trains nothing again
+    again = run_training(cfg, str(dataset), models, "r6", level=3, mode="experts")["experts"]
+    assert again["status"] == "already trained"

@@ -348,3 +348,76 @@ def test_branch_loss_is_the_conditional_nll_inside_the_true_branch():
         target = np.full(len(leaves), eps / len(leaves))
         target[list(leaves).index(leaf)] += 1 - eps
         assert per[i] == pytest.approx(-np.sum(target * np.log(cond[i, leaves])), rel=1e-5)
+
+
+# ---------------------------------------------------------------- branch experts
+from hierarchy.infer.combine import leaf_conditional  # noqa: E402
+
+
+def _randomised(model, seed: int):
+    """Non-trivial head weights (a fresh Dense bias is zero; the test must see real rows);
+    the backbone is left alone, so the softmaxes do not saturate."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.name != "backbone" and layer.weights:
+            layer.set_weights([w + rng.normal(0, 0.5, w.shape).astype(w.dtype)
+                               for w in layer.get_weights()])
+    return model
+
+
+def test_experts_start_as_the_multi_models_conditional(tmp_path):
+    multi = _randomised(models.build_multi_model("small_cnn", MULTI_TAX, 32), 2)
+    experts = models.build_experts_model(multi, MULTI_TAX, hidden=8)
+    assert tuple(experts.output_names) == (models.L3_OUTPUT, models.L1_HEAD, models.CONDITIONAL)
+    x = np.random.default_rng(3).random((6, 32, 32, 3), dtype=np.float32)
+    want = dict(zip(multi.output_names, multi.predict_on_batch(x)))
+    got = dict(zip(experts.output_names, experts.predict_on_batch(x)))
+    for name in experts.output_names:  # before training: the multi-level model, exactly
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5)
+    # one branch's expert, as trained alone, from the same rows: the same conditional
+    layer = experts.get_layer("branch_experts")
+    features = multi.get_layer("backbone").predict_on_batch(x)
+    for b in range(MULTI_TAX.n_l1):
+        head = layer.head(b)
+        np.testing.assert_allclose(head.predict_on_batch(features),
+                                   want[models.CONDITIONAL][:, MULTI_TAX.branch(b)], atol=1e-5)
+    # a trained head copied back changes its branch only, and the file keeps it
+    head = _randomised(layer.head(1), 4)
+    layer.set_branch(1, head)
+    after = dict(zip(experts.output_names, experts.predict_on_batch(x)))[models.CONDITIONAL]
+    np.testing.assert_allclose(after[:, MULTI_TAX.branch(1)], head.predict_on_batch(features),
+                               atol=1e-5)
+    others = [leaf for b in (0, 2) for leaf in MULTI_TAX.branch(b)]
+    np.testing.assert_allclose(after[:, others], want[models.CONDITIONAL][:, others], atol=1e-6)
+    assert not np.allclose(after[:, MULTI_TAX.branch(1)],
+                           want[models.CONDITIONAL][:, MULTI_TAX.branch(1)], atol=1e-3)
+    path = str(tmp_path / "experts.h5")
+    experts.save(path, include_optimizer=False)
+    again = tf.keras.models.load_model(path, custom_objects=models.custom_objects(),
+                                       compile=False)
+    for a, b in zip(experts.predict_on_batch(x), again.predict_on_batch(x)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_experts_over_a_flat_model_start_as_its_conditional():
+    flat = _randomised(models.build_model("small_cnn", MULTI_TAX.n_l3, 32), 5)
+    experts = models.build_experts_model(flat, MULTI_TAX, hidden=0)
+    x = np.random.default_rng(6).random((4, 32, 32, 3), dtype=np.float32)
+    p_flat = flat.predict_on_batch(x)
+    out = dict(zip(experts.output_names, experts.predict_on_batch(x)))
+    np.testing.assert_allclose(out[models.L3_OUTPUT], p_flat, atol=1e-6)
+    np.testing.assert_allclose(out[models.L1_HEAD], marginal_l1(p_flat, MULTI_TAX), atol=1e-5)
+    np.testing.assert_allclose(out[models.CONDITIONAL], leaf_conditional(p_flat, MULTI_TAX),
+                               atol=1e-5)
+
+
+def test_one_expert_over_every_leaf_starts_as_the_flat_model():
+    flat = _randomised(models.build_model("small_cnn", MULTI_TAX.n_l3, 32), 8)
+    experts = models.build_experts_model(flat, MULTI_TAX, hidden=4, groups="all")
+    layer = experts.get_layer(models.EXPERTS_LAYER)
+    assert layer.n_groups == 1 and set(layer.groups) == {0}
+    x = np.random.default_rng(9).random((4, 32, 32, 3), dtype=np.float32)
+    out = dict(zip(experts.output_names, experts.predict_on_batch(x)))
+    np.testing.assert_allclose(out[models.CONDITIONAL], flat.predict_on_batch(x), atol=1e-5)
+    with pytest.raises(ValueError, match="branch, all"):
+        models.expert_groups(MULTI_TAX, "level2")

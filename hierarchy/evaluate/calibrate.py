@@ -40,6 +40,7 @@ def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
         from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
         scorer = BatchScorer(plan)
+        expert_groups = scorer.expert_groups()
         hits, nlls = np.zeros(len(grid)), np.zeros(len(grid))
         products = pictures = 0
         for pdf in whole_products(batches):
@@ -51,7 +52,7 @@ def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
             h, n, count = combine.correction_stats(
                 out[L3_OUTPUT], scorer.taxonomy, grid, pdf["product_id"].to_numpy()[ok],
                 pdf["l3"].to_numpy(np.int64)[ok], p_branch=out[CONDITIONAL],
-                p_l1=out[L1_HEAD])
+                p_l1=out[L1_HEAD], expert_groups=expert_groups)
             hits += h
             nlls += n
             products += count
@@ -86,10 +87,11 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan) -> dict:
     if products == 0:
         log.warning("calibration: no val product to fit on; the hierarchical strategy stays "
                     "the multi-level model's level 3")
-        return {**IDENTITY, "products": 0}
+        return {**IDENTITY, "model": plan.models.multi.key, "products": 0}
     best = combine.best_correction(grid, hits, nlls)
     t, w, v = (float(x) for x in grid[best])
-    return {"temperature": t, "w": w, "v": v, "products": products,
+    return {"temperature": t, "w": w, "v": v, "model": plan.models.multi.key,
+            "products": products,
             "pictures": int(sum(r.pictures for r in stats)),
             "sampled_share": share,
             "val_accuracy_l3": float(hits[best] / products),

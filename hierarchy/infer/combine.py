@@ -317,20 +317,26 @@ def product_branches(p_l1: np.ndarray, groups: np.ndarray, k: int,
     return mask
 
 
-def leaf_conditional(p_l3: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
-    """P(l3 | its level-1 branch) from a leaf distribution: each leaf divided by its
-    branch's total (a branch with no mass gives its leaves a uniform conditional)."""
+def leaf_conditional(p_l3: np.ndarray, taxonomy: Taxonomy,
+                     expert_groups: Optional[np.ndarray] = None) -> np.ndarray:
+    """P(l3 | its group) from a leaf distribution: each leaf divided by its group's total (a
+    group with no mass gives its leaves a uniform conditional). ``expert_groups`` [n_l3]: the
+    group of every leaf, by default its level-1 branch."""
     p = _as_batch(p_l3, "p_l3", taxonomy.n_l3)
-    branch_mass = marginal_l1(p, taxonomy)[:, taxonomy.l1_of_l3]
-    sizes = np.bincount(taxonomy.l1_of_l3, minlength=taxonomy.n_l1)[taxonomy.l1_of_l3]
-    return np.where(branch_mass > 0, p / np.where(branch_mass > 0, branch_mass, 1.0),
-                    1.0 / sizes)
+    g = taxonomy.l1_of_l3 if expert_groups is None else np.asarray(expert_groups, np.int64)
+    n = int(g.max()) + 1
+    onehot = np.zeros((taxonomy.n_l3, n), dtype=np.float64)
+    onehot[np.arange(taxonomy.n_l3), g] = 1.0
+    mass = (p @ onehot)[:, g]
+    sizes = np.bincount(g, minlength=n)[g]
+    return np.where(mass > 0, p / np.where(mass > 0, mass, 1.0), 1.0 / sizes)
 
 
 def hierarchical_correction(p_flat: np.ndarray, taxonomy: Taxonomy, w: float = 0.0,
                             v: float = 0.0, p_branch: Optional[np.ndarray] = None,
                             p_l1: Optional[np.ndarray] = None,
-                            eps: float = 1e-7) -> np.ndarray:
+                            eps: float = 1e-7, expert_groups: Optional[np.ndarray] = None
+                            ) -> np.ndarray:
     """The flat distribution corrected by the hierarchy's own experts:
 
         log P(l3) = log P_flat(l3) + w [log P_branch(l3 | b) - log P_flat(l3 | b)]
@@ -338,15 +344,18 @@ def hierarchical_correction(p_flat: np.ndarray, taxonomy: Taxonomy, w: float = 0
 
     renormalised over the leaves. ``p_branch`` [N, n_l3] holds each leaf's branch-model
     conditional, NaN where that branch was not scored (its leaves keep the flat
-    conditional); ``p_l1`` [N, n_l1] is the level-1 model's distribution. At ``w = v = 0``
+    conditional); with ``expert_groups`` (the experts' group of every leaf) it is a
+    conditional within those groups instead of the level-1 branches — one group of every leaf
+    makes ``w = 1`` the experts' distribution itself. ``p_l1`` [N, n_l1] is the level-1
+    model's distribution. At ``w = v = 0``
     (or without the experts) this is the flat distribution itself, so fitted on validation
     data it cannot do worse there than flat."""
     flat = _as_batch(p_flat, "p_flat", taxonomy.n_l3)
     logp = _log(flat, eps)
     if w and p_branch is not None:
         branch = _as_batch(p_branch, "p_branch", taxonomy.n_l3)
-        delta = _log(np.nan_to_num(branch, nan=1.0), eps) - _log(leaf_conditional(flat, taxonomy),
-                                                                 eps)
+        delta = _log(np.nan_to_num(branch, nan=1.0), eps) - \
+            _log(leaf_conditional(flat, taxonomy, expert_groups), eps)
         logp = logp + w * np.where(np.isnan(branch), 0.0, delta)
     if v and p_l1 is not None:
         l1 = _as_batch(p_l1, "p_l1", taxonomy.n_l1)
@@ -413,17 +422,18 @@ def correction_grid(temperatures, ws, vs) -> np.ndarray:
 
 def corrected(p3: np.ndarray, taxonomy: Taxonomy, temperature: float, w: float, v: float,
               p_branch: Optional[np.ndarray] = None, p_l1: Optional[np.ndarray] = None,
-              eps: float = 1e-7) -> np.ndarray:
+              eps: float = 1e-7, expert_groups: Optional[np.ndarray] = None) -> np.ndarray:
     """The ``hierarchical`` strategy of one picture: the level-3 distribution softened by
     ``temperature``, then :func:`hierarchical_correction` by its experts and level-1 head."""
     return hierarchical_correction(apply_temperature(p3, temperature, eps), taxonomy, w, v,
-                                   p_branch, p_l1, eps)
+                                   p_branch, p_l1, eps, expert_groups)
 
 
 def correction_stats(p3: np.ndarray, taxonomy: Taxonomy, grid: np.ndarray,
                      groups: np.ndarray, labels: np.ndarray,
                      p_branch: Optional[np.ndarray] = None, p_l1: Optional[np.ndarray] = None,
-                     eps: float = 1e-7) -> Tuple[np.ndarray, np.ndarray, int]:
+                     eps: float = 1e-7, expert_groups: Optional[np.ndarray] = None
+                     ) -> Tuple[np.ndarray, np.ndarray, int]:
     """For every grid point, over the *products* of these pictures (``groups``: a product's
     pictures must all be here): (level-3 hits [G], summed negative log-likelihood [G],
     products). Each picture is corrected, then a product's pictures are aggregated as predict
@@ -435,7 +445,7 @@ def correction_stats(p3: np.ndarray, taxonomy: Taxonomy, grid: np.ndarray,
     hits = np.zeros(len(grid))
     nlls = np.zeros(len(grid))
     for g, (t, w, v) in enumerate(grid):
-        per_image = corrected(p3, taxonomy, t, w, v, p_branch, p_l1, eps)
+        per_image = corrected(p3, taxonomy, t, w, v, p_branch, p_l1, eps, expert_groups)
         product = group_mean_log(per_image, ids, eps)[first]  # predict's log_mean
         hits[g] = float(np.sum(product.argmax(axis=1) == y))
         nlls[g] = -float(np.sum(np.log(np.maximum(product[np.arange(y.size), y], eps))))

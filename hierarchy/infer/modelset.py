@@ -28,7 +28,7 @@ class ModelMissing(PredictError):
 
 @dataclass(frozen=True)
 class ModelRef:
-    key: str          # level1 | flat | multi | branch/<l1>
+    key: str          # level1 | flat | multi | experts | branch/<l1>
     path: str         # model.h5 (any filesystem pyarrow knows)
     backbone: str     # decides the pixel preprocessing
     image_size: int
@@ -40,6 +40,8 @@ class ModelSet:
     strategy: str
     level1: Optional[ModelRef] = None
     flat: Optional[ModelRef] = None
+    # multi: the multi-level model; hierarchical: the experts model when the run has one (the
+    # source's level 3 and level-1 head plus the experts' conditional), else the multi-level one
     multi: Optional[ModelRef] = None
     # hierarchical: temperature, w, v fitted on val (IDENTITY until evaluate fits them)
     calibration: Dict[str, float] = field(default_factory=lambda: dict(IDENTITY))
@@ -62,8 +64,15 @@ def available_strategies(models: str, run_id: str) -> List[str]:
     if len(out) == 2:
         out.append("blend")
     if run.has_model(modelstore.MULTI):
-        out += ["multi", "hierarchical"]
+        out.append("multi")
+    if run.has_model(modelstore.MULTI) or run.has_model(modelstore.EXPERTS):
+        out.append("hierarchical")
     return out
+
+
+def hierarchical_key(run: Run) -> str:
+    """The model the ``hierarchical`` strategy reads: the experts when trained."""
+    return modelstore.EXPERTS if run.has_model(modelstore.EXPERTS) else modelstore.MULTI
 
 
 def resolve_strategy(models: str, run_id: str, strategy: str) -> str:
@@ -121,11 +130,15 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
     calibration = dict(IDENTITY)
     branches: Dict[int, ModelRef] = {}
     untrained: List[int] = []
-    if strategy in ("multi", "hierarchical"):
+    if strategy == "multi":
         multi = _ref(run, recorded, modelstore.MULTI, fingerprint)
     if strategy == "hierarchical":
+        multi = _ref(run, recorded, hierarchical_key(run), fingerprint)
         fitted = recorded.get("calibration") or {}
-        calibration = {k: float(fitted.get(k, IDENTITY[k])) for k in IDENTITY}
+        # (T, w, v) fitted on another model (experts trained after evaluate) would weigh the
+        # wrong experts: uncorrected until evaluate fits this one
+        if fitted.get("model", modelstore.MULTI) == multi.key:
+            calibration = {k: float(fitted.get(k, IDENTITY[k])) for k in IDENTITY}
     if strategy in ("flat", "blend"):
         flat = _ref(run, recorded, modelstore.FLAT, fingerprint)
     if strategy in ("two-stage", "blend"):

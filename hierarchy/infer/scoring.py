@@ -159,6 +159,19 @@ class BatchScorer:
         return {name: np.asarray(out[name], dtype=np.float64)
                 for name in (L3_OUTPUT, L1_HEAD, CONDITIONAL)}
 
+    def expert_groups(self) -> Optional[np.ndarray]:
+        """The group of every leaf in the ``conditional`` output the hierarchical strategy
+        reads: an experts model's own (:func:`hierarchy.train.models.expert_groups`), None
+        (level-1 branches) for a multi-level model's per-branch head."""
+        from hierarchy.train.models import EXPERTS_LAYER
+
+        if not hasattr(self, "_expert_groups"):
+            model = _model(self.plan.models.multi)
+            names = {layer.name for layer in model.layers}
+            self._expert_groups = None if EXPERTS_LAYER not in names else np.asarray(
+                model.get_layer(EXPERTS_LAYER).groups, dtype=np.int64)
+        return self._expert_groups
+
     def probs(self, images: list, product_ids: np.ndarray) -> np.ndarray:
         """``images``: decoded pictures (no None), with the product of each; every picture
         of a product is in the call (two-stage picks a product's branches from all of them).
@@ -173,7 +186,8 @@ class BatchScorer:
                 return out[L3_OUTPUT]
             c = ms.calibration
             return combine.corrected(out[L3_OUTPUT], self.taxonomy, c["temperature"], c["w"],
-                                     c["v"], out[CONDITIONAL], out[L1_HEAD])
+                                     c["v"], out[CONDITIONAL], out[L1_HEAD],
+                                     expert_groups=self.expert_groups())
         p_flat = p_two = None
         if ms.flat is not None:
             p_flat = np.asarray(self._predict(ms.flat, self._inputs(images, ms.flat, cache)),

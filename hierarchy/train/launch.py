@@ -47,7 +47,20 @@ def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
                          f"manifest.json and quarantine/)")
     if run_id is not None:
         ModelStore(models).run(run_id).check_taxonomy(manifest["taxonomy"]["fingerprint"])
+    if level == 3 and mode == modelstore.EXPERTS:
+        expert_source(models, run_id)
     return manifest
+
+
+def expert_source(models: str, run_id: Optional[str]) -> str:
+    """The model file the experts sit on: the run's multi-level model, else its flat one."""
+    run = ModelStore(models).run(run_id) if run_id is not None else None
+    for key in (modelstore.MULTI, modelstore.FLAT):
+        if run is not None and run.has_model(key):
+            return run.model_file(key)
+    raise TrainError(f"--mode experts trains heads over a trained model's trunk, and run "
+                     f"{run_id} has none: train `--level 3 --mode multi` (or flat) with "
+                     f"--run-id {run_id} first")
 
 
 def _under_horovodrun() -> bool:
@@ -74,6 +87,9 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
         return [spec(modelstore.model_key(3, mode), "l3")], {}
     if mode == modelstore.MULTI:
         return [spec(modelstore.model_key(3, mode), "levels")], {}
+    if mode == modelstore.EXPERTS:
+        return [spec(modelstore.EXPERTS, "experts",
+                     init_from=expert_source(models, run_id))], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]
     if bad:

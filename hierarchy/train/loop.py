@@ -30,6 +30,10 @@ def _phases(tcfg: dict) -> list:
 
 def train_model(spec: TrainSpec) -> dict:
     """Train (or resume) the model described by ``spec``; returns a summary per worker."""
+    if spec.label == "experts":
+        from hierarchy.train.experts import train_experts
+
+        return train_experts(spec)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import horovod.tensorflow.keras as hvd
@@ -187,6 +191,13 @@ def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker
 
 def summary_line(key: str, result: dict) -> str:
     m = result.get("metrics", {})
+    if "val_conditional_accuracy" in m:
+        acc, src = m["val_conditional_accuracy"], m.get("val_conditional_accuracy_source")
+        return (f"{key}: " + (result.get("status") or "trained") +
+                ("" if acc is None else f" (val accuracy within the true group {acc:.3f}, "
+                                        f"source model {src:.3f})") +
+                ("" if result.get("status") else
+                 f", {result.get('seconds', 0):.0f} s -> {result.get('model')}"))
     if result.get("status"):
         acc = m.get("val_accuracy")
         return f"{key}: {result['status']}" + ("" if acc is None else

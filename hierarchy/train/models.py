@@ -254,7 +254,8 @@ def custom_objects() -> dict:
             "NodeSum": NodeSum, "hierarchy>NodeSum": NodeSum,
             "BranchSoftmax": BranchSoftmax, "hierarchy>BranchSoftmax": BranchSoftmax,
             "BranchCrossentropy": BranchCrossentropy,
-            "hierarchy>BranchCrossentropy": BranchCrossentropy}
+            "hierarchy>BranchCrossentropy": BranchCrossentropy,
+            "BranchExperts": BranchExperts, "hierarchy>BranchExperts": BranchExperts}
 
 
 def compile_model(model: tf.keras.Model, learning_rate: float, label_smoothing: float,
@@ -276,6 +277,7 @@ L3_OUTPUT = "probs"
 L1_HEAD, L2_HEAD = "probs_l1", "probs_l2"        # heads of their own on the shared features
 L1_SUM, L2_SUM = "marginal_l1", "marginal_l2"    # the level-3 distribution summed per node
 CONDITIONAL = "conditional"    # P(l3 | its level-1 branch): one softmax per branch (experts)
+EXPERTS_LAYER = "branch_experts"  # an experts model's heads (their groups are in its config)
 MULTI_OUTPUTS = (L3_OUTPUT, L1_HEAD, L2_HEAD, L1_SUM, L2_SUM, CONDITIONAL)
 
 
@@ -471,3 +473,164 @@ def level_targets(taxonomy):
                 CONDITIONAL: y3}
 
     return targets
+
+
+# ------------------------------------------------------------------------------ experts
+def expert_source_rows(source: tf.keras.Model):
+    """(kernel [D, n_l3], bias [n_l3]) of the source model's per-leaf logits an expert starts
+    from: a multi-level model's per-branch head (``logits_conditional``), else the flat
+    model's level 3 (``logits``). A softmax over a branch's columns is then the source's
+    P(l3 | branch), exactly."""
+    names = {layer.name for layer in source.layers}
+    layer = source.get_layer("logits_conditional" if "logits_conditional" in names else "logits")
+    kernel, bias = layer.get_weights()
+    return kernel, bias
+
+
+def expert_head(kernel, bias, hidden: int, dropout: float, name: str = "expert") -> tf.keras.Model:
+    """features [B, D] -> P(leaf | branch) [B, n]: the source's rows (``kernel`` [D, n],
+    ``bias`` [n]) plus a residual MLP whose output layer starts at zero, so before training the
+    head reproduces the source's conditional and training can only add to it."""
+    import numpy as np
+
+    kernel, bias = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
+    inputs = tf.keras.Input((kernel.shape[0],), dtype="float32", name="features")
+    logits = tf.keras.layers.Dense(kernel.shape[1], name="linear",
+                                   kernel_initializer=tf.constant_initializer(kernel),
+                                   bias_initializer=tf.constant_initializer(bias))(inputs)
+    if hidden:
+        h = tf.keras.layers.Dropout(dropout, name="dropout")(inputs)
+        h = tf.keras.layers.Dense(hidden, activation="relu", name="hidden")(h)
+        logits = tf.keras.layers.Add(name="logits")([logits, tf.keras.layers.Dense(
+            kernel.shape[1], kernel_initializer="zeros", name="residual")(h)])
+    outputs = tf.keras.layers.Softmax(dtype="float32", name="probs")(logits)
+    return tf.keras.Model(inputs, outputs, name=name)
+
+
+@tf.keras.utils.register_keras_serializable(package="hierarchy")
+class BranchExperts(tf.keras.layers.Layer):
+    """features [B, D] -> leaf logits [B, n_l3]: every level-1 branch's :func:`expert_head`
+    (before its softmax) in one layer, so one trunk pass feeds all of them. Leaves keep the
+    taxonomy's order; a :class:`BranchSoftmax` after it makes each branch a distribution.
+    The residual MLPs run branch by branch: a [B, branches, leaves] product would not fit at
+    5270 leaves."""
+
+    def __init__(self, groups, n_groups: int, hidden: int, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        import numpy as np
+
+        self.groups = [int(g) for g in groups]
+        self.n_groups = int(n_groups)
+        self.hidden = int(hidden)
+        g = np.asarray(self.groups)
+        self._members = [np.flatnonzero(g == b) for b in range(self.n_groups)]
+        # residual logits are made branch after branch: this gather puts them back in leaf order
+        self._order = np.argsort(np.concatenate(self._members), kind="stable").astype(np.int32)
+
+    def build(self, input_shape):
+        d, n = int(input_shape[-1]), len(self.groups)
+        self.kernel = self.add_weight(name="kernel", shape=(d, n), initializer="zeros")
+        self.bias = self.add_weight(name="bias", shape=(n,), initializer="zeros")
+        if self.hidden:
+            self.hidden_kernel = self.add_weight(name="hidden_kernel",
+                                                 shape=(self.n_groups, d, self.hidden),
+                                                 initializer="zeros")
+            self.hidden_bias = self.add_weight(name="hidden_bias",
+                                               shape=(self.n_groups, self.hidden),
+                                               initializer="zeros")
+            self.residual_kernel = self.add_weight(name="residual_kernel",
+                                                   shape=(self.hidden, n), initializer="zeros")
+            self.residual_bias = self.add_weight(name="residual_bias", shape=(n,),
+                                                 initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, x):
+        x = tf.cast(x, tf.float32)
+        logits = tf.matmul(x, self.kernel) + self.bias
+        if self.hidden:
+            parts = []
+            for b, members in enumerate(self._members):
+                if len(members):
+                    h = tf.nn.relu(tf.matmul(x, self.hidden_kernel[b]) + self.hidden_bias[b])
+                    parts.append(tf.matmul(h, tf.gather(self.residual_kernel, members, axis=1)))
+            logits += tf.gather(tf.concat(parts, axis=1), self._order, axis=1) + \
+                self.residual_bias
+        return logits
+
+    def set_branch(self, branch: int, head: tf.keras.Model) -> None:
+        """Copy one trained :func:`expert_head` into the branch's slice of the weights."""
+        members = self._members[branch]
+        kernel, bias = (v.numpy() for v in (self.kernel, self.bias))
+        w, c = head.get_layer("linear").get_weights()
+        kernel[:, members], bias[members] = w, c
+        self.kernel.assign(kernel)
+        self.bias.assign(bias)
+        if self.hidden:
+            hk, hb = head.get_layer("hidden").get_weights()
+            rk, rb = head.get_layer("residual").get_weights()
+            self.hidden_kernel[branch].assign(hk)
+            self.hidden_bias[branch].assign(hb)
+            res_k, res_b = self.residual_kernel.numpy(), self.residual_bias.numpy()
+            res_k[:, members], res_b[members] = rk, rb
+            self.residual_kernel.assign(res_k)
+            self.residual_bias.assign(res_b)
+
+    def head(self, branch: int, dropout: float = 0.0) -> tf.keras.Model:
+        """The branch's expert as a stand-alone :func:`expert_head` (its current weights)."""
+        members = self._members[branch]
+        model = expert_head(self.kernel.numpy()[:, members], self.bias.numpy()[members],
+                            self.hidden, dropout, name=f"expert_{branch}")
+        if self.hidden:
+            model.get_layer("hidden").set_weights([self.hidden_kernel[branch].numpy(),
+                                                   self.hidden_bias[branch].numpy()])
+            model.get_layer("residual").set_weights([
+                self.residual_kernel.numpy()[:, members], self.residual_bias.numpy()[members]])
+        return model
+
+    def get_config(self):
+        return {**super().get_config(), "groups": self.groups, "n_groups": self.n_groups,
+                "hidden": self.hidden}
+
+
+EXPERT_GROUPS = ("branch", "all")
+
+
+def expert_groups(taxonomy, kind: str):
+    """The group of every leaf [n_l3] and the group count: ``branch``, one expert per level-1
+    branch; ``all``, one expert over every leaf — a refit of the source's level-3 head on its
+    frozen features, the control that tells what the hierarchy adds from what more head
+    training adds."""
+    import numpy as np
+
+    if kind == "branch":
+        return np.asarray(taxonomy.l1_of_l3, np.int32), taxonomy.n_l1
+    if kind == "all":
+        return np.zeros(taxonomy.n_l3, np.int32), 1
+    raise ValueError(f"expert groups {kind!r}: one of {', '.join(EXPERT_GROUPS)}")
+
+
+def build_experts_model(source: tf.keras.Model, taxonomy, hidden: int, groups: str = "branch",
+                        name: str = "experts") -> tf.keras.Model:
+    """The source model (multi-level or flat) with its trunk and heads as they are, plus
+    :class:`BranchExperts` over the same features, initialised from the source's rows
+    (:func:`expert_source_rows`). Outputs ``probs`` (the source's level 3), ``probs_l1``
+    (a multi-level model's level-1 head, or the flat level 3 summed per branch) and
+    ``conditional`` (the experts, one softmax per group of ``groups``,
+    :func:`expert_groups`): what the ``hierarchical`` strategy reads, from one pass."""
+    names = {layer.name for layer in source.layers}
+    body = source.get_layer("backbone")
+    inputs = tf.keras.Input(source.input_shape[1:], dtype="float32", name="image")
+    features = body(inputs)
+    p3 = source.get_layer(L3_OUTPUT)(source.get_layer("logits")(features))
+    if L1_HEAD in names:
+        p1 = source.get_layer(L1_HEAD)(source.get_layer("logits_l1")(features))
+    else:
+        p1 = NodeSum(taxonomy.l1_of_l3, taxonomy.n_l1, name=L1_HEAD)(p3)
+    group_of, n_groups = expert_groups(taxonomy, groups)
+    experts = BranchExperts(group_of, n_groups, hidden, name=EXPERTS_LAYER)
+    cond = BranchSoftmax(group_of, n_groups, name=CONDITIONAL)(experts(features))
+    kernel, bias = expert_source_rows(source)
+    experts.kernel.assign(kernel)
+    experts.bias.assign(bias)
+    return tf.keras.Model(inputs, [p3, p1, cond], name=name)

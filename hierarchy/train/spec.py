@@ -9,7 +9,7 @@ from typing import Mapping, Optional
 
 from hierarchy import modelstore
 
-LABELS = ("l1", "l3", "branch", "levels")
+LABELS = ("l1", "l3", "branch", "levels", "experts")
 
 
 @dataclass(frozen=True)
@@ -17,14 +17,16 @@ class TrainSpec:
     data: str                      # dataset folder (path or URL)
     models: str                    # model store root (a filesystem every worker sees)
     run_id: str
-    key: str                       # level1 | flat | multi | branch/<l1>
-    label: str                     # l1 | l3 | branch (branch-local level-3 ids) | levels
+    key: str                       # level1 | flat | multi | experts | branch/<l1>
+    label: str                     # l1 | l3 | branch (branch-local level-3 ids) | levels |
+                                   # experts (heads over init_from's trunk)
     level: int                     # 1 or 3
     train: Mapping                 # the validated `train:` config section
     tracking_uri: str              # MLflow
     experiment: str
     branch: Optional[int] = None   # the level-1 branch of a branch model
-    init_from: Optional[str] = None  # a model whose backbone starts this one (branch models)
+    init_from: Optional[str] = None  # a model whose backbone starts this one (branch models),
+                                     # or whose trunk the experts sit on
 
     def __post_init__(self):
         if self.label not in LABELS:

@@ -1,0 +1,294 @@
+"""``--mode experts``: per-branch expert heads over a trained model's frozen trunk.
+
+1. **Features, once.** Every Horovod worker runs the source model's trunk (the run's
+   multi-level model, else its flat model) over its shard of train and val — the validation
+   input, no augmentation — and writes the features beside the model, partitioned by split and
+   level-1 branch (``experts/features/split=train/l1=7/part-<rank>-*.parquet``). One forward
+   pass over the data, whatever the number of branches.
+2. **One head per branch** (``train.expert_groups: branch``; branch ``b`` on worker
+   ``b mod workers``), reading only its own ``l1=b`` folder: the source's rows for the
+   branch's leaves plus a residual MLP that starts at zero
+   (:func:`hierarchy.train.models.expert_head`), so before training the expert *is* the
+   source's P(l3 | b) and training can only add what the branch's own images teach.
+   Features are streamed row group by row group (shuffled each epoch, then a shuffle buffer),
+   never loaded whole. ``expert_groups: all`` trains one head over every leaf instead: a refit
+   of the source's own level-3 head, the control for what the hierarchy itself adds.
+3. **One model.** Rank 0 copies the heads into :class:`~hierarchy.train.models.BranchExperts`
+   on the source's trunk and heads (:func:`~hierarchy.train.models.build_experts_model`) and
+   publishes ``experts/model.h5``: the ``hierarchical`` strategy then reads the source's level
+   3 and level-1 head and the experts' conditional from one trunk pass.
+
+Compute: one forward pass over train (and val) images, counted as one image-epoch of train by
+bench/quality.py, plus head epochs over D-float feature rows, which cost no image-epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from hierarchy import storage
+from hierarchy.train.spec import TrainSpec
+
+FEATURES = "features"
+HEADS = "heads"
+ROWS_PER_FILE = 8192
+
+
+def features_dir(spec: TrainSpec) -> str:
+    return storage.local_path(storage.join(spec.run.model_dir(spec.key), FEATURES))
+
+
+def branch_folder(root: str, split: str, branch: int) -> str:
+    """Where a branch's feature rows of a split live: the only folder its head reads."""
+    return os.path.join(root, f"split={split}", f"l1={int(branch)}")
+
+
+def _write_features(path_root: str, split: str, rank: int, trunk, ds, l1_of_l3) -> int:
+    """One pass of ``ds`` through the trunk -> Parquet rows under split=/l1=; returns rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows, part, buf = 0, 0, []
+
+    def flush():
+        nonlocal part, buf
+        if not buf:
+            return
+        feats = np.concatenate([b[0] for b in buf])
+        y = np.concatenate([b[1] for b in buf]).astype(np.int32)
+        keys = np.concatenate([b[2] for b in buf])
+        l1 = l1_of_l3[y]
+        for branch in np.unique(l1):
+            sel = l1 == branch
+            table = pa.table({
+                "product_id": keys[sel, 0], "img_idx": keys[sel, 1].astype(np.int32),
+                "l3": y[sel],
+                "features": pa.FixedSizeListArray.from_arrays(
+                    pa.array(feats[sel].reshape(-1), pa.float32()), feats.shape[1])})
+            folder = branch_folder(path_root, split, int(branch))
+            os.makedirs(folder, exist_ok=True)
+            pq.write_table(table, os.path.join(folder, f"part-{rank:05d}-{part:05d}.parquet"),
+                           row_group_size=1024)
+        part += 1
+        buf = []
+
+    for x, y, keys in ds:
+        buf.append((trunk(x, training=False).numpy().astype(np.float32), y.numpy(),
+                    keys.numpy()))
+        rows += int(y.shape[0])
+        if sum(len(b[1]) for b in buf) >= ROWS_PER_FILE:
+            flush()
+    flush()
+    return rows
+
+
+def branch_row_groups(root: str, split: str, branch: int) -> List[Tuple[str, int]]:
+    """(file, row group) of a branch's feature rows: listed from its own folder only."""
+    import pyarrow.parquet as pq
+
+    folder = branch_folder(root, split, branch)
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".parquet"):
+            path = os.path.join(folder, name)
+            out += [(path, i) for i in range(pq.ParquetFile(path).metadata.num_row_groups)]
+    return out
+
+
+def branch_rows(root: str, split: str, branch: int) -> int:
+    """Feature rows of a branch in a split, from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(path).metadata.row_group(i).num_rows
+               for path, i in branch_row_groups(root, split, branch))
+
+
+def group_batches(root: str, split: str, branches, local_of_l3: np.ndarray,
+                  seed: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(features float32 [n, D], expert-local labels [n]) per row group of the level-1
+    ``branches``, in a random order when ``seed`` is given. Only their own folders are
+    opened."""
+    import pyarrow.parquet as pq
+
+    groups = group_row_groups(root, split, branches)
+    if seed is not None:
+        np.random.default_rng(seed).shuffle(groups)
+    for path, i in groups:
+        t = pq.ParquetFile(path).read_row_group(i, columns=["l3", "features"])
+        col = t.column("features").combine_chunks()
+        d = col.type.list_size
+        feats = col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
+        yield feats, local_of_l3[t.column("l3").to_numpy()]
+
+
+def _dataset(root, split, branches, local, dim, batch, seed_of_epoch, shuffle_buffer):
+    import tensorflow as tf
+
+    def gen():
+        for f, y in group_batches(root, split, branches, local,
+                                  None if seed_of_epoch is None else seed_of_epoch()):
+            yield f, y.astype(np.int32)
+
+    ds = tf.data.Dataset.from_generator(gen, output_signature=(
+        tf.TensorSpec([None, dim], tf.float32), tf.TensorSpec([None], tf.int32))).unbatch()
+    if seed_of_epoch is not None:
+        ds = ds.shuffle(shuffle_buffer)
+    return ds.batch(batch).prefetch(2)
+
+
+def group_row_groups(root: str, split: str, branches) -> List[Tuple[str, int]]:
+    return [rg for b in branches for rg in branch_row_groups(root, split, b)]
+
+
+def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: dict,
+                seed: int, name: str = "expert") -> Optional[dict]:
+    """Train the head of the leaves ``members`` on the feature rows of the level-1
+    ``branches`` they belong to (one branch for a branch expert); None when there are no
+    rows. Returns its weights and val figures (the initial head's accuracy is the source's)."""
+    import tensorflow as tf
+
+    from hierarchy.train.models import expert_head
+
+    members = np.asarray(members)
+    local = np.full(kernel.shape[1], -1, np.int64)  # leaf -> its index in the expert
+    local[members] = np.arange(len(members))
+    if not group_row_groups(root, "train", branches):
+        return None
+    tf.keras.utils.set_random_seed(seed)
+    head = expert_head(kernel[:, members], bias[members], int(tcfg["expert_hidden"]),
+                       float(tcfg["expert_dropout"]), name=name)
+    head.compile(tf.keras.optimizers.Adam(float(tcfg["expert_learning_rate"])),
+                 loss=tf.keras.losses.SparseCategoricalCrossentropy(),
+                 metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    epoch = [0]
+
+    def next_seed():
+        epoch[0] += 1
+        return seed * 1000003 + epoch[0]
+
+    dim = kernel.shape[0]
+    train = _dataset(root, "train", branches, local, dim, int(tcfg["batch_size"]), next_seed,
+                     int(tcfg["shuffle_buffer"]))
+    val_images = sum(branch_rows(root, "val", b) for b in branches)
+    val = _dataset(root, "val", branches, local, dim, 1024, None, 0) if val_images else None
+    before = head.evaluate(val, verbose=0, return_dict=True) if val_images else {}
+    history = head.fit(train, epochs=int(tcfg["expert_epochs"]), verbose=0)
+    after = head.evaluate(val, verbose=0, return_dict=True) if val_images else {}
+    return {"weights": head.get_weights(), "leaves": int(len(members)),
+            "train_loss": float(history.history["loss"][-1]), "val_images": val_images,
+            "val_accuracy_initial": before.get("accuracy"), "val_accuracy": after.get("accuracy")}
+
+
+def train_experts(spec: TrainSpec) -> dict:
+    """The ``experts`` model of ``spec.run`` (see the module notes); a result per worker."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import horovod.tensorflow.keras as hvd
+    import tensorflow as tf
+
+    from hierarchy.dataset import VAL, Dataset, images_in
+    from hierarchy.train import data as tdata
+    from hierarchy.train import models as tmodels
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    tf.get_logger().setLevel("ERROR")  # one small head per branch: Keras warns of retracing
+    tcfg = spec.train
+    run = spec.run
+    t0 = time.time()
+    if run.has_model(spec.key) and storage.exists(run.metrics_file(spec.key)):
+        return {"rank": rank, "status": "already trained", "checksum": None, "key": spec.key}
+    dataset = Dataset(spec.data)
+    manifest = dataset.require_complete(["train"])
+    taxonomy = dataset.taxonomy()
+    source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
+                                        custom_objects=tmodels.custom_objects(), compile=False)
+    trunk = source.get_layer("backbone")
+    kernel, bias = tmodels.expert_source_rows(source)
+    root = features_dir(spec)
+
+    def barrier(name: str) -> None:
+        if size > 1:
+            hvd.allreduce(tf.constant(0.0), name=f"experts_{name}")
+
+    heads_dir = os.path.join(storage.local_path(run.model_dir(spec.key)), HEADS)
+    if rank == 0:  # a re-run replaces the features and heads, never adds to them
+        for old in (root, heads_dir):
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+    barrier("clean")
+    extracted = {}
+    preprocess = tmodels.preprocess_for(tcfg["backbone"])
+    for split in ("train", VAL):
+        if not images_in(manifest, split):
+            continue
+        with tdata.make_dataset(spec.data, split, label="l3", image_size=tcfg["image_size"],
+                                batch_size=tcfg["batch_size"], training=False, repeat=False,
+                                return_keys=True, preprocess=preprocess, rank=rank,
+                                world_size=size, taxonomy=taxonomy,
+                                reader_workers=tcfg["reader_workers"]) as ds:
+            extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
+    barrier("features")
+    os.makedirs(heads_dir, exist_ok=True)
+    group_of, n_groups = tmodels.expert_groups(taxonomy, tcfg["expert_groups"])
+    for g in range(rank, n_groups, size):
+        members = np.flatnonzero(group_of == g)
+        if len(members) < 2:
+            continue  # one leaf: P(l3 | group) = 1, nothing to learn
+        branches = sorted(set(taxonomy.l1_of_l3[members].tolist()))
+        trained = train_group(root, members, branches, kernel, bias, tcfg,
+                              int(tcfg["seed"]) * 7919 + g, name=f"expert_{g}")
+        if trained is not None:
+            storage.write_json_atomic(os.path.join(heads_dir, f"{g}.json"),
+                                      {k: v for k, v in trained.items() if k != "weights"})
+            np.savez(os.path.join(heads_dir, f"{g}.npz"), *trained["weights"])
+    barrier("heads")
+    result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
+              "images_extracted": extracted, "seconds": round(time.time() - t0, 2)}
+    if rank == 0:
+        result.update(_assemble(spec, source, taxonomy, heads_dir, tcfg))
+        result["seconds"] = round(time.time() - t0, 2)
+    return result
+
+
+def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict) -> dict:
+    from hierarchy.train import models as tmodels
+
+    model = tmodels.build_experts_model(source, taxonomy, int(tcfg["expert_hidden"]),
+                                        tcfg["expert_groups"])
+    layer = model.get_layer(tmodels.EXPERTS_LAYER)
+    per_branch, hits, hits0, seen = {}, 0.0, 0.0, 0
+    for b in range(layer.n_groups):
+        info = storage.read_json(os.path.join(heads_dir, f"{b}.json"), None)
+        if info is None:
+            continue
+        with np.load(os.path.join(heads_dir, f"{b}.npz")) as z:
+            weights = [z[f"arr_{i}"] for i in range(len(z.files))]
+        head = layer.head(b)
+        head.set_weights(weights)
+        layer.set_branch(b, head)
+        per_branch[str(b)] = info
+        if info["val_images"] and info["val_accuracy"] is not None:
+            hits += info["val_accuracy"] * info["val_images"]
+            hits0 += info["val_accuracy_initial"] * info["val_images"]
+            seen += info["val_images"]
+    run = spec.run
+    final = run.model_file(spec.key)
+    with storage.atomic_local_file(final) as tmp:
+        model.save(tmp, include_optimizer=False)
+    checksum = float(sum(np.sum(np.abs(w), dtype=np.float64) for w in model.get_weights()))
+    metrics = {
+        # accuracy of P(l3 | true group) on val pictures: the experts' job, and the source's
+        "val_conditional_accuracy": hits / seen if seen else None,
+        "val_conditional_accuracy_source": hits0 / seen if seen else None,
+        "source": spec.init_from, "expert_epochs": int(tcfg["expert_epochs"]),
+        "expert_groups": tcfg["expert_groups"], "groups": per_branch, "classes": taxonomy.n_l3,
+        "taxonomy_fingerprint": taxonomy.fingerprint, "label": spec.label, "branch": None}
+    storage.write_json_atomic(run.metrics_file(spec.key), metrics)
+    return {"metrics": metrics, "model": final, "checksum": checksum}
