@@ -18,7 +18,7 @@ help:
 	@echo "              train (level 1, flat, branches), predict (submission + table), evaluate"
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - ingest, input-pipeline, training and scoring throughput against baselines"
-	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset (~15 min)"
+	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset, 3 training seeds (~30 min)"
 	@echo "make lint   - ruff"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
 

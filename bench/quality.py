@@ -1,15 +1,23 @@
 """Model quality of every predict strategy at a stated compute, on a catalog hard enough to tell.
 
     .venv/bin/python bench/quality.py [--products N] [--test-products M] [--epochs E]
-                                      [--seed S] [--workdir DIR] [--bootstrap B] [key=value ...]
+                                      [--seed S] [--train-seeds 1,2,3] [--workdir DIR]
+                                      [--bootstrap B] [key=value ...]
 
 Runs the real pipeline with the `hierarchy` command (as a scheduler would), on
 ``hierarchy synth --preset hard`` (N train products, M test products):
 
   ingest      train (val_fraction 0.2) and test;
-  train       flat       --level 3 --mode flat, E epochs
-              multi      --level 3 --mode multi, E epochs (one backbone, levels 1-3 and the
-                         per-branch head: the same pictures, the same image-epochs as flat)
+  train       (one run per training seed)
+              flat       --level 3 --mode flat, E epochs
+              multi      --level 3 --mode multi, E-1 epochs (one backbone, levels 1-3 and a
+                         per-branch head)
+              hierarchical  multi, then --level 3 --mode experts: one forward pass of the
+                         multi model's trunk over train (counted as a whole image-epoch, an
+                         upper bound) and per-branch heads over those features: E in all
+              flat+refit the control at the same compute: flat for E-1 epochs, then
+                         --mode experts with train.expert_groups=all (its own level-3 head
+                         refit on its frozen features; its own run, scored as hierarchical)
               two-stage  --level 1 and --level 3 --mode branch, E/2 epochs each (a branch model
                          reads its branch only, so all branches together read the split once
                          per epoch): E image-epochs in all;
@@ -43,6 +51,11 @@ BIN = Path(sys.executable).parent
 RUN_ID = "quality"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the children's start-up noise
 STRATEGIES = ("flat", "multi", "hierarchical", "two-stage")
+# the control: flat for E-1 epochs, then its own level-3 head refit on its frozen features for
+# the experts' passes (--mode experts, train.expert_groups=all): the same compute as
+# hierarchical with no hierarchy in it. Scored from the `hierarchical` rows of its own run.
+CONTROL = "flat+refit"
+ROWS = (*STRATEGIES, CONTROL)
 
 
 def say(text: str) -> None:
@@ -92,19 +105,20 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, draws: int, seed: int = 0) ->
 
 
 # ----------------------------------------------------------------------------- pipeline
-def read_test_predictions(output: Path, strategy: str, ids: np.ndarray, taxonomy) -> dict:
-    """The predictions table's test rows of one strategy, aligned with ``ids``."""
+def read_test_predictions(output: Path, run_id: str, strategy: str, ids: np.ndarray,
+                          taxonomy) -> dict:
+    """The predictions table's test rows of one run and strategy, aligned with ``ids``."""
     import pyarrow.dataset as pds
 
     table = pds.dataset(str(output / "predictions"), partitioning="hive").to_table(
-        filter=(pds.field("run_id") == RUN_ID) & (pds.field("split") == "test")
+        filter=(pds.field("run_id") == run_id) & (pds.field("split") == "test")
         & (pds.field("strategy") == strategy),
         columns=["product_id", "l1", "l2", "l3", "top5"])
     pid = table.column("product_id").to_numpy()
     order = {int(p): i for i, p in enumerate(pid)}
     missing = [int(p) for p in ids if int(p) not in order]
     if missing:
-        sys.exit(f"{strategy}: {len(missing)} test products have no prediction")
+        sys.exit(f"{run_id} {strategy}: {len(missing)} test products have no prediction")
     idx = np.array([order[int(p)] for p in ids])
     top = [[c["category_id"] for c in row] for row in table.column("top5").to_pylist()]
     return {"l1": table.column("l1").to_numpy()[idx], "l2": table.column("l2").to_numpy()[idx],
@@ -116,7 +130,9 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=3000)
     ap.add_argument("--test-products", type=int, default=3000)
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--seed", type=int, default=11, help="of the synthetic catalog")
+    ap.add_argument("--train-seeds", type=lambda v: [int(x) for x in v.split(",")],
+                    default=[1, 2, 3], help="one run per training seed (comma-separated)")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "results" / "quality"))
     ap.add_argument("--score-only", action="store_true",
@@ -148,38 +164,80 @@ def main() -> None:
     manifest = json.loads((data / "manifest.json").read_text())
     train_images = manifest["splits"]["train"]["images"]
 
-    run = ["--data", str(data), "--models", str(models), "--run-id", RUN_ID]
+    runs = {}
+    for seed in args.train_seeds:
+        runs[str(seed)] = train_and_predict(args, conf, data, models, out, train_images, seed)
+    (work / "compute.json").write_text(json.dumps({"compute": runs,
+                                                    "train_images": train_images}))
+    score(args, work, runs, train_images)
+
+
+def run_id_of(seed) -> str:
+    return f"{RUN_ID}-{seed}"
+
+
+def control_id_of(seed) -> str:
+    return f"{RUN_ID}-{seed}-refit"
+
+
+def test_rows(out: Path, seed: str, row: str, ids, taxonomy) -> dict:
+    if row == CONTROL:
+        return read_test_predictions(out, control_id_of(seed), "hierarchical", ids, taxonomy)
+    return read_test_predictions(out, run_id_of(seed), row, ids, taxonomy)
+
+
+def train_and_predict(args, conf, data, models, out, train_images: int, seed: int) -> dict:
+    """Train every model of one run (training seed ``seed``), evaluate it, predict test with
+    every strategy; returns each strategy's compute."""
+    run = ["--data", str(data), "--models", str(models), "--run-id", run_id_of(seed)]
+    conf = [*conf, f"train.seed={seed}"]
     e, half = args.epochs, max(1, args.epochs // 2)
     seconds = {
         "flat": hierarchy("train", *run, "--level", "3", "--mode", "flat",
                           f"train.epochs={e}", conf=conf),
+        # the experts' feature pass is one (forward-only) pass over train: counted as a whole
+        # image-epoch, so the multi-level model gets one epoch less than flat
         "multi": hierarchy("train", *run, "--level", "3", "--mode", "multi",
-                           f"train.epochs={e}", conf=conf),
+                           f"train.epochs={max(1, e - 1)}", conf=conf),
+        "experts": hierarchy("train", *run, "--level", "3", "--mode", "experts", conf=conf),
         "level1": hierarchy("train", *run, "--level", "1", f"train.epochs={half}", conf=conf),
         "branch": hierarchy("train", *run, "--level", "3", "--mode", "branch",
                             f"train.epochs={half}", conf=conf),
     }
     compute = {
         "flat": {"image_epochs": e * train_images, "seconds": seconds["flat"]},
-        "multi": {"image_epochs": e * train_images, "seconds": seconds["multi"]},
-        "hierarchical": {"image_epochs": e * train_images, "seconds": seconds["multi"]},
+        "multi": {"image_epochs": max(1, e - 1) * train_images, "seconds": seconds["multi"]},
+        "hierarchical": {"image_epochs": (max(1, e - 1) + 1) * train_images,
+                         "seconds": seconds["multi"] + seconds["experts"]},
         "two-stage": {"image_epochs": 2 * half * train_images,
                       "seconds": seconds["level1"] + seconds["branch"]},
     }
-    say(f"[train] {train_images} training pictures; flat {seconds['flat']:.0f} s, multi "
-        f"{seconds['multi']:.0f} s, level-1 + branches {seconds['level1'] + seconds['branch']:.0f}"
-        " s")
-    (work / "compute.json").write_text(json.dumps({"compute": compute,
-                                                    "train_images": train_images}))
+    control = ["--data", str(data), "--models", str(models), "--run-id", control_id_of(seed)]
+    seconds["control"] = hierarchy("train", *control, "--level", "3", "--mode", "flat",
+                                   f"train.epochs={max(1, e - 1)}", conf=conf) + \
+        hierarchy("train", *control, "--level", "3", "--mode", "experts",
+                  "train.expert_groups=all", conf=conf)
+    compute[CONTROL] = {"image_epochs": compute["hierarchical"]["image_epochs"],
+                        "seconds": seconds["control"]}
+    say(f"[train seed {seed}] {train_images} training pictures; flat {seconds['flat']:.0f} s, "
+        f"multi {seconds['multi']:.0f} s + experts {seconds['experts']:.0f} s, level-1 + "
+        f"branches {seconds['level1'] + seconds['branch']:.0f} s")
     hierarchy("evaluate", *run, "--output", str(out), conf=conf)
     for strategy in STRATEGIES:
         hierarchy("predict", *run, "--split", "test", "--strategy", strategy, "--output",
                   str(out), conf=conf)
-    score(args, work, compute, train_images)
+    hierarchy("evaluate", *control, "--output", str(out), conf=conf)  # fits its (T, w, v)
+    hierarchy("predict", *control, "--split", "test", "--strategy", "hierarchical",
+              "--output", str(out), conf=conf)
+    return compute
 
 
-def score(args, work: Path, compute: dict, train_images: int) -> None:
-    """Score the run's test predictions against the solution file; print and save."""
+def score(args, work: Path, runs: dict, train_images: int) -> None:
+    """Score every run's test predictions against the solution file; print and save.
+
+    Per strategy: the mean over training seeds of each product's hits, so the interval
+    (products resampled, paired with flat) is about the test products; the spread between
+    seeds is printed beside it (``per seed``)."""
     syn, data, models, out = work / "synth", work / "dataset", work / "models", work / "output"
     e = args.epochs
     sys.path.insert(0, str(ROOT))
@@ -190,38 +248,60 @@ def score(args, work: Path, compute: dict, train_images: int) -> None:
                           ndmin=2)
     ids = solution[:, 0]
     truth = np.array([taxonomy.l3_of_category(int(c)) for c in solution[:, 1]])
-    recorded = json.loads((models / RUN_ID / "run.json").read_text())
-    scores = {s: product_scores(read_test_predictions(out, s, ids, taxonomy), truth, taxonomy)
-              for s in STRATEGIES}
+    seeds = list(runs)
+    recorded = {seed: json.loads((models / run_id_of(seed) / "run.json").read_text())
+                for seed in seeds}
+    per_seed = {seed: {s: product_scores(test_rows(out, seed, s, ids, taxonomy), truth, taxonomy)
+                       for s in ROWS} for seed in seeds}
+    scores = {s: {k: np.mean([per_seed[seed][s][k] for seed in seeds], axis=0)
+                  for k in ("l1", "l2", "l3", "top5", "hf1")} for s in ROWS}
 
     rows = {}
-    for s in STRATEGIES:
+    for s in ROWS:
         d = paired_bootstrap(scores[s]["l3"], scores["flat"]["l3"], args.bootstrap)
         rows[s] = {**{f"accuracy_{k}": float(np.mean(scores[s][k])) for k in ("l1", "l2", "l3")},
                    "top5_accuracy": float(np.mean(scores[s]["top5"])),
                    "hierarchical_f1": float(np.mean(scores[s]["hf1"])),
-                   **compute[s],
+                   "image_epochs": runs[seeds[0]][s]["image_epochs"],
+                   "seconds": float(np.mean([runs[seed][s]["seconds"] for seed in seeds])),
                    "l3_diff_to_flat": d[0], "l3_diff_ci95": [d[1], d[2]],
-                   "val_accuracy_l3": recorded.get("strategy_scores", {}).get(s)}
+                   "l3_diff_per_seed": {seed: float(np.mean(per_seed[seed][s]["l3"]) -
+                                                    np.mean(per_seed[seed]["flat"]["l3"]))
+                                        for seed in seeds},
+                   "accuracy_l3_per_seed": {seed: float(np.mean(per_seed[seed][s]["l3"]))
+                                            for seed in seeds},
+                   "val_accuracy_l3": {seed: recorded[seed].get("strategy_scores", {}).get(s)
+                                       for seed in seeds} if s != CONTROL else None}
     header = (f"{'strategy':<13}{'L1':>7}{'L2':>7}{'L3':>7}{'top-5':>7}{'hF1':>7}"
-              f"{'img-epochs':>12}{'train s':>9}   L3 - flat [95% CI]")
-    lines = [f"test split: {len(ids)} products (hard preset, seed {args.seed}); "
-             f"budget {e} epochs of {train_images} training pictures", header]
+              f"{'img-epochs':>12}{'train s':>9}   L3 - flat [95% CI]  per seed")
+    lines = [f"test split: {len(ids)} products (hard preset, catalog seed {args.seed}); "
+             f"budget {e} epochs of {train_images} training pictures; training seeds "
+             f"{', '.join(seeds)} (figures are means over them)", header]
     for s, r in rows.items():
         lo, hi = r["l3_diff_ci95"]
         diff = "" if s == "flat" else \
-            f"   {100 * r['l3_diff_to_flat']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+            f"   {100 * r['l3_diff_to_flat']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" + \
+            "  " + " ".join(f"{100 * v:+.1f}" for v in r["l3_diff_per_seed"].values())
         lines.append(f"{s:<13}" + "".join(f"{100 * r[k]:>7.1f}" for k in (
             "accuracy_l1", "accuracy_l2", "accuracy_l3", "top5_accuracy", "hierarchical_f1"))
             + f"{r['image_epochs']:>12,}{r['seconds']:>9.0f}{diff}")
-    fitted = {k: recorded.get("calibration", {}).get(k) for k in ("temperature", "w", "v")}
-    lines.append(f"recommended on val: {recorded.get('recommended_strategy')}; hierarchical "
-                 f"fitted on val: {json.dumps(fitted)}")
+    ctl = paired_bootstrap(scores["hierarchical"]["l3"], scores[CONTROL]["l3"], args.bootstrap)
+    lines.append(f"hierarchical - {CONTROL} (what the split into branch experts adds over the "
+                 f"same head training): {100 * ctl[0]:+.1f} [{100 * ctl[1]:+.1f}, "
+                 f"{100 * ctl[2]:+.1f}]")
+    for seed in seeds:
+        fitted = {k: recorded[seed].get("calibration", {}).get(k)
+                  for k in ("model", "temperature", "w", "v")}
+        lines.append(f"seed {seed}: recommended on val: "
+                     f"{recorded[seed].get('recommended_strategy')}; hierarchical fitted on val:"
+                     f" {json.dumps(fitted)}")
     say("\n".join(lines))
     result = {"settings": vars(args), "train_images": train_images,
               "test_products": int(len(ids)), "strategies": rows,
-              "recommended": recorded.get("recommended_strategy"),
-              "calibration": recorded.get("calibration")}
+              "hierarchical_minus_control": {"l3": ctl[0], "ci95": [ctl[1], ctl[2]]},
+              "recommended": {seed: recorded[seed].get("recommended_strategy")
+                              for seed in seeds},
+              "calibration": {seed: recorded[seed].get("calibration") for seed in seeds}}
     (work / "quality.json").write_text(json.dumps(result, indent=2))
     plot(rows, work / "quality.png")
     say(f"-> {work / 'quality.json'}, {work / 'quality.png'}")
