@@ -70,6 +70,7 @@ demo: setup
 	@echo "  table        predictions (Parquet at $(DEMO)/output/predictions; metastore $(DEMO)/warehouse)"
 	@echo "  report       $(DEMO)/output/evaluation/demo/report.md"
 	@echo "  notebook     notebooks/analyst.ipynb (overrides: $(DEMO_CONF))"
+	@echo "  serve        $(VENV)/bin/hierarchy serve --models $(DEMO)/models --run-id demo  (then http://127.0.0.1:8000/)"
 
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
 test: setup

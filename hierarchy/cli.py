@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from hierarchy import modelstore
+from hierarchy import modelstore, storage
 from hierarchy.config import load_config
 from hierarchy.dataset import KINDS
 from hierarchy.errors import HierarchyError, UsageError
@@ -63,6 +63,7 @@ PATH_DEFAULTS = {
     "train": {"data": "data", "models": "models"},
     "predict": {"data": "data", "models": "models", "output": "output"},
     "evaluate": {"data": "data", "models": "models", "output": "output"},
+    "serve": {"models": "models"},
 }
 
 
@@ -196,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", required=True, help="the trained run to evaluate")
     p.add_argument("--output", metavar="DIR", help="default paths.output")
     _common(p)
+
+    p = sub.add_parser("serve", help="the run's classifier over HTTP, with a page to try it",
+                       description="Load MODELS/RUN_ID's models once and answer POST "
+                                   "/v1/classify (multipart pictures of one product, or a "
+                                   "JSON batch) with predict's own combination; GET / is a "
+                                   "page to try it, /docs the OpenAPI. Ctrl-C stops it.")
+    p.add_argument("--models", metavar="DIR", help="model store (default paths.models)")
+    p.add_argument("--run-id", required=True, help="the trained run to serve")
+    p.add_argument("--strategy", choices=(AUTO,) + STRATEGIES,
+                   help="default serve.strategy (auto: the run's recommended strategy)")
+    p.add_argument("--host", help="default serve.host")
+    p.add_argument("--port", type=_count(0), help="default serve.port")
+    _common(p)
     return parser
 
 
@@ -306,8 +320,15 @@ def _evaluate(args, cfg) -> int:
     return 0
 
 
+def _serve(args, cfg) -> int:
+    from hierarchy.serve.app import serve
+
+    storage.require_dir(args.models, "--models")
+    return serve(cfg, args.models, args.run_id, args.strategy, args.host, args.port)
+
+
 STAGES = {"synth": _synth, "ingest": _ingest, "train": _train, "predict": _predict,
-          "evaluate": _evaluate}
+          "evaluate": _evaluate, "serve": _serve}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

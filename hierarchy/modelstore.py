@@ -5,6 +5,8 @@
   <run_id>/
     run.json                 config of each model, taxonomy fingerprint, dataset manifest;
                              evaluate adds the fitted calibration and the recommended strategy
+    taxonomy.json            the category table the run was trained on (what a server that
+                             has no dataset answers names from)
     level1/                  the level-1 (49-class) model
     flat/                    the flat level-3 model
     multi/                   the multi-level model (levels 1, 2, 3 on one backbone)
@@ -40,6 +42,7 @@ EXPERTS = "experts"
 MODES = (FLAT, BRANCH, MULTI, EXPERTS)  # `hierarchy train --level 3 --mode ...`
 SINGLE = (FLAT, MULTI, EXPERTS)         # level-3 modes that make one model, keyed by the mode
 RUN_FILE = "run.json"
+TAXONOMY_FILE = "taxonomy.json"
 MODEL_FILE = "model.h5"  # HDF5: the .keras format cannot leave out Horovod's optimizer
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
@@ -169,6 +172,30 @@ class Run:
         run["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         storage.write_json_atomic(self.run_file, run)
         return run
+
+    def save_taxonomy(self, taxonomy) -> None:
+        """Keep the run's category table beside its models (written once per run)."""
+        path = storage.join(self.path, TAXONOMY_FILE)
+        if not storage.exists(path):
+            storage.write_text_atomic(path, taxonomy.to_json())
+
+    def taxonomy(self):
+        """The run's category table: its own copy, else its dataset's (runs trained before
+        the copy was kept). RunMismatch when neither exists or it is not the run's."""
+        from hierarchy.taxonomy import Taxonomy
+
+        recorded = self.read()
+        own = storage.join(self.path, TAXONOMY_FILE)
+        dataset = (recorded.get("dataset") or {}).get("path")
+        for path in [own] + ([storage.join(dataset, TAXONOMY_FILE)] if dataset else []):
+            if storage.exists(path):
+                taxonomy = Taxonomy.from_json(storage.read_text(path), source=path)
+                if taxonomy.fingerprint != recorded.get("taxonomy_fingerprint"):
+                    raise RunMismatch(f"{path}: taxonomy {taxonomy.fingerprint[:19]} is not "
+                                      f"the one run {self.run_id} was trained on")
+                return taxonomy
+        raise RunMismatch(f"run {self.run_id}: no {TAXONOMY_FILE} in {self.path} nor in its "
+                          f"dataset ({dataset}); train or evaluate it again to record one")
 
     def calibration(self) -> Optional[dict]:
         return self.read().get("calibration")

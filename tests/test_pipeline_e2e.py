@@ -140,3 +140,168 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
     assert scores["hierarchical"] == pytest.approx(c["val_accuracy_l3"])
     assert f"recommended strategy (predict's default): {best}" in pipeline["stdout"]["evaluate"]
     assert f"strategy={best})" in pipeline["stdout"]["predict_auto"]
+
+
+# ---------------------------------------------------------------- hierarchy serve (issue 11)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(pipeline):
+    import time
+
+    import requests
+
+    port = _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(BIN / "hierarchy"), "serve", "--models", "models", "--run-id",
+                             "e2e", "--port", str(port), "-q", *pipeline["conf"]],
+                            cwd=pipeline["root"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if requests.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("the server did not get ready in 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _val_products(pipeline, n: int):
+    """{product_id: [jpeg bytes in img_idx order]} of n val products, read from images/."""
+    import pyarrow.dataset as pds
+
+    t = pds.dataset(str(pipeline["root"] / "ds" / "images"), partitioning="hive").to_table(
+        filter=pds.field("split") == "val", columns=["product_id", "img_idx", "jpeg"])
+    df = t.to_pandas().sort_values(["product_id", "img_idx"])
+    out = {}
+    for pid, group in df.groupby("product_id", sort=True):
+        out[int(pid)] = list(group["jpeg"])
+        if len(out) == n:
+            break
+    return out
+
+
+def test_serve_answers_what_the_predict_job_wrote(pipeline, server):
+    import base64
+
+    import pyarrow.dataset as pds
+    import requests
+
+    model = requests.get(f"{server}/v1/model").json()
+    run = json.loads((pipeline["root"] / "models" / "e2e" / "run.json").read_text())
+    assert model["run_id"] == "e2e" and model["strategy"] == run["recommended_strategy"]
+    assert model["taxonomy_fingerprint"] == run["taxonomy_fingerprint"] and model["ready"]
+    products = _val_products(pipeline, 12)
+    body = {"products": [{"id": str(pid), "pictures": [base64.b64encode(j).decode()
+                                                       for j in jpegs]}
+                         for pid, jpegs in products.items()]}
+    r = requests.post(f"{server}/v1/classify", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["run_id"] == "e2e" and answer["timing_ms"]["total"] > 0
+    table = pds.dataset(str(pipeline["root"] / "out" / "predictions"),
+                        partitioning="hive").to_table(
+        filter=(pds.field("run_id") == "e2e") & (pds.field("split") == "val")
+        & (pds.field("strategy") == model["strategy"])).to_pandas().set_index("product_id")
+    for got in answer["products"]:
+        row = table.loc[int(got["id"])]
+        assert got["pictures"] == row["image_count"] == len(products[int(got["id"])])
+        want = [(int(c["category_id"]), c["probability"]) for c in row["top5"]]
+        assert [c["category_id"] for c in got["top"]] == [c for c, _ in want]
+        for c, (_, p) in zip(got["top"], want):
+            assert abs(c["probability"] - p) <= 1e-5
+        assert got["level1"]["name"] == row["level1_name"]
+        assert abs(got["level1"]["probability"] - row["level1_probability"]) <= 1e-5
+        assert got["top"][0]["category_level3"] == row["category_level3"]
+
+
+def test_serve_one_product_as_multipart_and_concurrent_clients(pipeline, server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    products = _val_products(pipeline, 8)
+
+    def ask(item):
+        pid, jpegs = item
+        r = requests.post(f"{server}/v1/classify", data={"id": str(pid)}, timeout=60,
+                          files=[("files", (f"{i}.jpg", j, "image/jpeg"))
+                                 for i, j in enumerate(jpegs)])
+        assert r.status_code == 200, r.text
+        return r.json()["products"][0]
+
+    alone = [ask(item) for item in products.items()]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, list(products.items()) * 3))
+    for i, got in enumerate(together):
+        want = alone[i % len(alone)]
+        assert got["id"] == want["id"]
+        assert [c["category_id"] for c in got["top"]] == [c["category_id"] for c in want["top"]]
+        assert abs(got["confidence"] - want["confidence"]) <= 1e-5
+
+
+BAD_REQUESTS = {
+    # name: (request keyword arguments, status, words of the message)
+    "not a jpeg": (lambda j: {"files": [("files", ("a.png", b"\x89PNG\r\n\x1a\n" + b"0" * 64,
+                                                   "image/jpeg"))]}, 415, "is not a JPEG"),
+    "jpeg that does not decode": (lambda j: {"files": [("files", ("a.jpg", j[:40],
+                                                                  "image/jpeg"))]},
+                                  422, "does not decode"),
+    "too many pictures": (lambda j: {"files": [("files", (f"{i}.jpg", j, "image/jpeg"))
+                                               for i in range(5)]}, 413, "more than 4"),
+    "picture over the limit": (lambda j: {"files": [("files", ("a.jpg", j + b"\0" * 3_000_000,
+                                                               "image/jpeg"))]},
+                               413, "serve.max_picture_bytes"),
+    "body over the limit": (lambda j: {"data": b"0" * (17 * 2**20),
+                                       "headers": {"content-type": "application/json"}},
+                            413, "serve.max_body_bytes"),
+    "empty product": (lambda j: {"json": {"products": [{"id": "p", "pictures": []}]}}, 422,
+                      "product p has no pictures"),
+    "no products": (lambda j: {"json": {"products": []}}, 422, "no products"),
+    "not base64": (lambda j: {"json": {"products": [{"id": "p", "pictures": ["%%"]}]}}, 422,
+                   "not base64"),
+    "not json": (lambda j: {"data": b"{oops", "headers": {"content-type": "application/json"}},
+                 422, "not JSON"),
+    "other content type": (lambda j: {"data": b"x", "headers": {"content-type": "text/plain"}},
+                           415, "multipart/form-data"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+def test_serve_refuses_bad_input_and_keeps_answering(pipeline, server, name):
+    import requests
+
+    jpeg = next(iter(_val_products(pipeline, 1).values()))[0]
+    make, status, words = BAD_REQUESTS[name]
+    r = requests.post(f"{server}/v1/classify", timeout=60, **make(jpeg))
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+    good = requests.post(f"{server}/v1/classify", timeout=60,
+                         files=[("files", ("a.jpg", jpeg, "image/jpeg"))])
+    assert good.status_code == 200 and requests.get(f"{server}/health/ready").status_code == 200
+
+
+def test_serve_refuses_to_start_without_the_models(pipeline):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "hierarchy"), "serve", "--models", "models", "--run-id",
+                           "nope", "-q", *pipeline["conf"]], cwd=pipeline["root"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hierarchy serve: error:" in lines[0] and "nope" in lines[0]

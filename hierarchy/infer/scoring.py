@@ -282,6 +282,28 @@ def _none(v):
     return None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else int(v)
 
 
+def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]:
+    """The predicted columns (:func:`schema.leaf_prediction`) of each product distribution:
+    what the predictions table holds and what the HTTP API answers, from the same code."""
+    top_idx, top_p = combine.top_n(probs, plan.top_n)
+    marg = combine.marginal_l1(probs, tax) if len(probs) else np.zeros((0, tax.n_l1))
+    cat_ids = np.asarray(tax.category_ids, dtype=np.int64)
+    out = []
+    for i in range(len(probs)):
+        l1 = int(np.argmax(marg[i]))
+        out.append(schema.leaf_prediction(tax, int(top_idx[i, 0]), top_p[i, 0],
+                                          cat_ids[top_idx[i]], top_p[i], l1, marg[i, l1]))
+    return out
+
+
+def score_products(scorer: BatchScorer, images: list, product_ids: np.ndarray):
+    """(product ids, distributions, picture counts) of whole products' decoded pictures:
+    the scorer's per-picture distributions aggregated as the predict job does."""
+    acc = combine.ProductAccumulator(scorer.taxonomy.n_l3, scorer.plan.aggregate)
+    acc.add(product_ids, scorer.probs(images, product_ids))
+    return acc.finish()
+
+
 def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
           keep: Optional[int]) -> Optional[pd.DataFrame]:
     """Product rows for every product seen and finished (all but ``keep``)."""
@@ -290,22 +312,17 @@ def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
     if not done:
         return None
     scored = {int(pid): i for i, pid in enumerate(ids.tolist())}
-    top_idx, top_p = combine.top_n(probs, plan.top_n)
-    marg = combine.marginal_l1(probs, tax) if len(ids) else np.zeros((0, tax.n_l1))
-    cat_ids = np.asarray(tax.category_ids, dtype=np.int64)
+    columns = predicted(plan, tax, probs)
     fallback = schema.fallback_prediction(tax, plan.prior_category_id, plan.prior_share)
     records = []
     for pid in sorted(done):
         meta = seen.pop(pid)
         i = scored.get(pid)
         if i is None:  # no picture decoded: the training prior, flagged
-            predicted = fallback
+            row = fallback
         else:
-            l1 = int(np.argmax(marg[i]))
-            predicted = {**schema.leaf_prediction(
-                tax, int(top_idx[i, 0]), top_p[i, 0], cat_ids[top_idx[i]], top_p[i], l1,
-                marg[i, l1]), "image_count": meta.decoded, "fallback": False}
-        records.append({"product_id": pid, **predicted, "bad_image_count": meta.bad,
+            row = {**columns[i], "image_count": meta.decoded, "fallback": False}
+        records.append({"product_id": pid, **row, "bad_image_count": meta.bad,
                         **dict(zip(schema.TRUTH, meta.truth))})
     df = pd.DataFrame.from_records(records, columns=schema.SCORED_COLUMNS)
     return df.astype(schema.PANDAS_DTYPES)

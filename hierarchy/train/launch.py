@@ -136,6 +136,8 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
     specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest)
     fingerprint = manifest["taxonomy"]["fingerprint"]
     run = ModelStore(models).run(run_id)
+    if int(os.environ.get("HOROVOD_RANK", "0")) == 0:
+        run.save_taxonomy(Dataset(data).taxonomy())
     results = {}
     for spec in specs:
         log.info("training %s (%d worker%s, %s)", spec.key, np_, "s" if np_ > 1 else "",

@@ -1,0 +1,241 @@
+"""``hierarchy serve``: the run's classifier over HTTP (FastAPI on uvicorn).
+
+    POST /v1/classify   one product as multipart (1..serve.max_pictures JPEG files, field
+                        ``files``), or a JSON batch {"products": [{"id": ..., "pictures":
+                        [base64 JPEG, ...]}, ...]}
+    GET  /v1/model      run id, strategy, taxonomy fingerprint, backbone, image size
+    GET  /health/live   the process answers
+    GET  /health/ready  200 once every model is loaded, 503 before
+    GET  /              a page to try it (static, from the package); OpenAPI at /docs
+
+Bad input is a 4xx whose ``detail`` names the product, the picture and the limit, and the
+server goes on: a body over ``serve.max_body_bytes`` (413, counted while it is read, whatever
+Content-Length says), more pictures or products than allowed (413), a picture over
+``serve.max_picture_bytes`` (413), a file that is not a JPEG (415: sniffed from its first
+bytes, the content type is not trusted), a JPEG that does not decode, an empty product, bad
+base64 or JSON (422), another content type (415).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from hierarchy.serve.classifier import JPEG_MAGIC, Classifier, MicroBatcher, Product
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class BadInput(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes ends in 413 as soon as it is
+    read past the limit (a missing or lying Content-Length changes nothing)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            if declared is not None and int(declared) > self.limit:
+                raise BodyTooLarge()
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            body = json.dumps({"detail": f"request body over {self.limit} bytes "
+                                         f"(serve.max_body_bytes)"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+
+def _check_picture(raw: bytes, where: str, limit: int) -> bytes:
+    if len(raw) > limit:
+        raise BadInput(413, f"{where} is {len(raw)} bytes; the limit is {limit} "
+                            f"(serve.max_picture_bytes)")
+    if not raw.startswith(JPEG_MAGIC):
+        raise BadInput(415, f"{where} is not a JPEG (it starts with {raw[:4].hex() or 'nothing'})")
+    return raw
+
+
+def create_app(classifier: Classifier, scfg: dict):
+    # (FastAPI reads the endpoints' annotations, Request included, from this module's names)
+    batcher_box: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher = MicroBatcher(classifier, float(scfg["batch_window_ms"]),
+                               int(scfg["max_batch_pictures"]))
+        batcher.start()
+        batcher_box["b"] = batcher
+        # the server answers /health/live at once; ready when the models are in memory
+        threading.Thread(target=classifier.load, name="load-models", daemon=True).start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="hierarchy serve", version="1",
+                  description="Product categories from a product's pictures, with the run's "
+                              "models and predict's own combination.", lifespan=lifespan)
+
+    @app.exception_handler(BadInput)
+    async def bad_input(request, exc: BadInput):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if classifier.ready.is_set():
+            return {"status": "ready"}
+        return JSONResponse({"status": "failed" if classifier.error else "loading",
+                             "detail": classifier.error}, status_code=503)
+
+    @app.get("/v1/model")
+    async def model():
+        return classifier.describe()
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    async def products_of(request: Request) -> List[tuple]:
+        """[(id, [jpeg bytes])] of the request, checked for count, size and format."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        max_pics, max_bytes = int(scfg["max_pictures"]), int(scfg["max_picture_bytes"])
+        if ctype == "multipart/form-data":
+            form = await request.form(max_files=1000, max_fields=1000)
+            files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+            if len(files) > max_pics:
+                raise BadInput(413, f"product has more than {max_pics} pictures "
+                                    f"(serve.max_pictures)")
+            raws = [await f.read() for f in files]
+            pid = str(form.get("id") or "0")
+            return [(pid, [_check_picture(r, f"picture {i} ({files[i].filename})", max_bytes)
+                           for i, r in enumerate(raws)])]
+        if ctype == "application/json":
+            try:
+                doc = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise BadInput(422, f"body is not JSON: {exc}") from None
+            items = doc.get("products") if isinstance(doc, dict) else None
+            if not isinstance(items, list):
+                raise BadInput(422, 'expected {"products": [{"id": ..., "pictures": '
+                                    '[base64 JPEG, ...]}, ...]}')
+            if len(items) > int(scfg["max_products"]):
+                raise BadInput(413, f"{len(items)} products; the limit is "
+                                    f"{scfg['max_products']} (serve.max_products)")
+            out = []
+            for n, item in enumerate(items):
+                pid = str(item.get("id", n)) if isinstance(item, dict) else str(n)
+                pics = item.get("pictures") if isinstance(item, dict) else None
+                if not isinstance(pics, list):
+                    raise BadInput(422, f"product {pid}: 'pictures' must be a list of base64 "
+                                        f"JPEGs")
+                if len(pics) > max_pics:
+                    raise BadInput(413, f"product {pid} has {len(pics)} pictures; the limit "
+                                        f"is {max_pics} (serve.max_pictures)")
+                raws = []
+                for i, text in enumerate(pics):
+                    try:
+                        raw = base64.b64decode(text, validate=True)
+                    except (binascii.Error, TypeError, ValueError):
+                        raise BadInput(422, f"product {pid} picture {i}: not base64") from None
+                    raws.append(_check_picture(raw, f"product {pid} picture {i}", max_bytes))
+                out.append((pid, raws))
+            if not out:
+                raise BadInput(422, "no products in the request")
+            return out
+        raise BadInput(415, f"content type {ctype or 'missing'}: send multipart/form-data "
+                            f"(field 'files') or application/json")
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        t0 = time.perf_counter()
+        if not classifier.ready.is_set():
+            return JSONResponse({"detail": "models are still loading (see /health/ready)"},
+                                status_code=503)
+        import asyncio
+
+        try:
+            items = await products_of(request)
+        except BodyTooLarge:
+            raise BadInput(413, f"request body over {scfg['max_body_bytes']} bytes "
+                                f"(serve.max_body_bytes)") from None
+        for pid, raws in items:
+            if not raws:
+                raise BadInput(422, f"product {pid} has no pictures")
+        decoded = await asyncio.to_thread(
+            lambda: [classifier.decode(raws) for _, raws in items])
+        products = []
+        for (pid, _), images in zip(items, decoded):
+            bad = [i for i, im in enumerate(images) if im is None]
+            if bad:
+                raise BadInput(422, f"product {pid} picture {bad[0]} is a JPEG that does not "
+                                    f"decode")
+            products.append(Product(pid, images))
+        answers, queued, model_s = await batcher_box["b"].submit(products)
+        return {"run_id": classifier.run_id, "strategy": classifier.strategy,
+                "products": answers,
+                "timing_ms": {"queue": round(queued * 1000, 2),
+                              "model": round(model_s * 1000, 2),
+                              "total": round((time.perf_counter() - t0) * 1000, 2)}}
+
+    return BodyLimit(app, int(scfg["max_body_bytes"]))
+
+
+def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None) -> int:
+    """Check the run (refusals before the socket opens), then run uvicorn until stopped."""
+    import uvicorn
+
+    scfg = cfg["serve"]
+    classifier = Classifier(cfg, models, run_id, strategy)
+    app = create_app(classifier, scfg)
+    host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
+    print(f"serving run {run_id} ({classifier.strategy}) on http://{host}:{port}/ "
+          f"(API docs at /docs)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return 0
