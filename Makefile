@@ -72,8 +72,17 @@ demo: setup
 	@echo "  notebook     notebooks/analyst.ipynb (overrides: $(DEMO_CONF))"
 	@echo "  serve        $(VENV)/bin/hierarchy serve --models $(DEMO)/models --run-id demo  (then http://127.0.0.1:8000/)"
 
+# The page of `hierarchy serve` is tested in Debian's headless Chromium (driven by the
+# playwright package, pinned in requirements/dev.txt, with executable_path; no browser download).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "no $(CHROMIUM) and not root: the browser test will skip (apt-get install chromium)"; fi
+
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
-test: setup
+test: setup $(CHROMIUM)
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 

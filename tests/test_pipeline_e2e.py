@@ -305,3 +305,55 @@ def test_serve_refuses_to_start_without_the_models(pipeline):
     assert proc.returncode == 3
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "hierarchy serve: error:" in lines[0] and "nope" in lines[0]
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make test` (see the Makefile)
+
+
+def test_the_page_shows_a_products_top_categories_in_headless_chromium(pipeline, server,
+                                                                       tmp_path):
+    import requests
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} absent: `make test` installs Debian's chromium as root")
+    from playwright.sync_api import sync_playwright
+
+    pid, jpegs = next(iter(_val_products(pipeline, 1).items()))
+    paths = []
+    for i, raw in enumerate(jpegs):
+        paths.append(tmp_path / f"{pid}_{i}.jpg")
+        paths[-1].write_bytes(raw)
+    api = requests.post(f"{server}/v1/classify", timeout=60,
+                        files=[("files", (p.name, p.read_bytes(), "image/jpeg"))
+                               for p in paths]).json()["products"][0]
+    shot = tmp_path / "page.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/")
+            page.wait_for_function("document.getElementById('model').textContent"
+                                   ".includes('run e2e')")
+            page.set_input_files("#files", [str(p) for p in paths])
+            page.wait_for_selector("#result:not([hidden])", timeout=60_000)
+            guess = page.inner_text("#guess")
+            rows = page.locator(".top-category")
+            shown = [rows.nth(i).inner_text() for i in range(rows.count())]
+            pictures = page.locator("#pictures img").count()
+            level1 = page.inner_text("#level1")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    best = api["top"][0]
+    assert guess.startswith(best["category_level3"])
+    assert len(shown) == len(api["top"]) and all(
+        c["category_level3"] in row for c, row in zip(api["top"], shown))
+    assert pictures == len(paths) and level1 == api["level1"]["name"]
+    # the screenshot is a real rendering of the answered page
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.width >= 800 and im.height >= 500
+        assert len(set(im.convert("L").resize((64, 64)).getdata())) > 8  # not a blank page
