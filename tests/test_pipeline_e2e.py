@@ -203,6 +203,9 @@ def test_serve_answers_what_the_predict_job_wrote(pipeline, server):
     import pyarrow.dataset as pds
     import requests
 
+    assert requests.get(f"{server}/health/live").json() == {"status": "live"}
+    assert requests.get(f"{server}/docs").status_code == 200
+    assert "/v1/classify" in requests.get(f"{server}/openapi.json").json()["paths"]
     model = requests.get(f"{server}/v1/model").json()
     run = json.loads((pipeline["root"] / "models" / "e2e" / "run.json").read_text())
     assert model["run_id"] == "e2e" and model["strategy"] == run["recommended_strategy"]
@@ -247,8 +250,14 @@ def test_serve_one_product_as_multipart_and_concurrent_clients(pipeline, server)
         return r.json()["products"][0]
 
     alone = [ask(item) for item in products.items()]
+    before = requests.get(f"{server}/v1/model").json()
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, list(products.items()) * 3))
+    after = requests.get(f"{server}/v1/model").json()
+    # every product answered; concurrent requests shared model calls (micro-batching)
+    asked = 3 * len(products)
+    assert after["products_answered"] - before["products_answered"] == asked
+    assert after["model_calls"] - before["model_calls"] < asked
     for i, got in enumerate(together):
         want = alone[i % len(alone)]
         assert got["id"] == want["id"]
@@ -274,6 +283,9 @@ BAD_REQUESTS = {
     "empty product": (lambda j: {"json": {"products": [{"id": "p", "pictures": []}]}}, 422,
                       "product p has no pictures"),
     "no products": (lambda j: {"json": {"products": []}}, 422, "no products"),
+    "too many products": (lambda j: {"json": {"products": [{"id": str(i), "pictures": []}
+                                                           for i in range(65)]}},
+                          413, "serve.max_products"),
     "not base64": (lambda j: {"json": {"products": [{"id": "p", "pictures": ["%%"]}]}}, 422,
                    "not base64"),
     "not json": (lambda j: {"data": b"{oops", "headers": {"content-type": "application/json"}},

@@ -62,6 +62,7 @@ class Classifier:
         self.scorer: Optional[BatchScorer] = None
         self.ready = threading.Event()
         self.error: Optional[str] = None
+        self.calls = self.products = 0  # model calls and products answered (micro-batching)
 
     def load(self) -> None:
         try:
@@ -78,7 +79,8 @@ class Classifier:
                 "categories": self.taxonomy.n_l3, "level1_categories": self.taxonomy.n_l1,
                 "models": [r.key for r in refs],
                 "backbone": sorted({r.backbone for r in refs}),
-                "image_size": sorted({r.image_size for r in refs}), "ready": self.ready.is_set()}
+                "image_size": sorted({r.image_size for r in refs}), "ready": self.ready.is_set(),
+                "model_calls": self.calls, "products_answered": self.products}
 
     # ------------------------------------------------------------------ work (a worker thread)
     @staticmethod
@@ -92,6 +94,8 @@ class Classifier:
         pids = np.repeat(np.arange(len(products), dtype=np.int64),
                          [len(p.images) for p in products])
         ids, probs, counts = score_products(self.scorer, images, pids)
+        self.calls += 1
+        self.products += len(products)
         rows = predicted(self.plan, self.taxonomy, probs)
         out = []
         for i, row, count in zip(ids.tolist(), rows, counts.tolist()):
@@ -118,7 +122,6 @@ class MicroBatcher:
         self.max_pictures = max_pictures
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: Optional[asyncio.Task] = None
-        self.batches = 0
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -159,7 +162,6 @@ class MicroBatcher:
                 log.exception("model call failed")
                 answers, error = None, exc
             took = time.perf_counter() - started
-            self.batches += 1
             at = 0
             for items, future, queued in batch:
                 if future.cancelled():
