@@ -196,8 +196,9 @@ def create_app(classifier: Classifier, scfg: dict):
     async def classify(request: Request):
         t0 = time.perf_counter()
         if not classifier.ready.is_set():
-            return JSONResponse({"detail": "models are still loading (see /health/ready)"},
-                                status_code=503)
+            detail = (f"the models failed to load: {classifier.error}" if classifier.error
+                      else "the models are still loading (see /health/ready)")
+            return JSONResponse({"detail": detail}, status_code=503)
         import asyncio
 
         try:

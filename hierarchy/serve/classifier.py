@@ -8,8 +8,8 @@ predictions table agree to float rounding.
 
 :class:`MicroBatcher` lets concurrent requests share one model call: a request's pictures stay
 together, requests that arrive within ``batch_window_ms`` of the first (up to
-``max_batch_pictures``) are scored as one batch in one thread, so throughput grows with load
-while one request alone waits at most the window.
+``max_batch_pictures``) are scored as one batch, one model call at a time, so throughput grows
+with load while one request alone waits at most the window.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ class Classifier:
 
 
 class MicroBatcher:
-    """Groups concurrent requests into model calls (see the module notes). One worker thread
-    runs the models, so TensorFlow is never entered by two requests at once."""
+    """Groups concurrent requests into model calls (see the module notes). Model calls run one
+    at a time, in a worker thread, so the event loop keeps accepting requests meanwhile."""
 
     def __init__(self, classifier: Classifier, window_ms: float, max_pictures: int):
         self.classifier = classifier
