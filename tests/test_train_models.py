@@ -305,7 +305,10 @@ def test_multi_model_outputs_agree_with_the_taxonomy(tmp_path):
     for b in range(MULTI_TAX.n_l1):  # one softmax per level-1 branch
         np.testing.assert_allclose(cond[:, MULTI_TAX.branch(b)].sum(1), 1.0, atol=1e-5)
     # the HDF5 file the store publishes loads back with the same answers
-    path = str(tmp_path / "multi.h5")
+    _reloads_with_the_same_answers(model, x, str(tmp_path / "multi.h5"))
+
+
+def _reloads_with_the_same_answers(model, x, path: str) -> None:
     model.save(path, include_optimizer=False)
     again = tf.keras.models.load_model(path, custom_objects=models.custom_objects(),
                                        compile=False)
@@ -391,12 +394,7 @@ def test_experts_start_as_the_multi_models_conditional(tmp_path):
     np.testing.assert_allclose(after[:, others], want[models.CONDITIONAL][:, others], atol=1e-6)
     assert not np.allclose(after[:, MULTI_TAX.branch(1)],
                            want[models.CONDITIONAL][:, MULTI_TAX.branch(1)], atol=1e-3)
-    path = str(tmp_path / "experts.h5")
-    experts.save(path, include_optimizer=False)
-    again = tf.keras.models.load_model(path, custom_objects=models.custom_objects(),
-                                       compile=False)
-    for a, b in zip(experts.predict_on_batch(x), again.predict_on_batch(x)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    _reloads_with_the_same_answers(experts, x, str(tmp_path / "experts.h5"))
 
 
 def test_experts_over_a_flat_model_start_as_its_conditional():
