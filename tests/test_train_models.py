@@ -419,3 +419,8 @@ def test_one_expert_over_every_leaf_starts_as_the_flat_model():
     np.testing.assert_allclose(out[models.CONDITIONAL], flat.predict_on_batch(x), atol=1e-5)
     with pytest.raises(ValueError, match="branch, all"):
         models.expert_groups(MULTI_TAX, "level2")
+    # over a multi-level model, one expert is a refit of its level 3, not of its branch head
+    multi = _randomised(models.build_multi_model("small_cnn", MULTI_TAX, 32), 10)
+    one = models.build_experts_model(multi, MULTI_TAX, hidden=4, groups="all")
+    got = dict(zip(one.output_names, one.predict_on_batch(x)))
+    np.testing.assert_allclose(got[models.CONDITIONAL], got[models.L3_OUTPUT], atol=1e-5)

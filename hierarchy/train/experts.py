@@ -210,7 +210,7 @@ def train_experts(spec: TrainSpec) -> dict:
     source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
                                         custom_objects=tmodels.custom_objects(), compile=False)
     trunk = source.get_layer("backbone")
-    kernel, bias = tmodels.expert_source_rows(source)
+    kernel, bias = tmodels.expert_source_rows(source, tcfg["expert_groups"])
     root = features_dir(spec)
 
     def barrier(name: str) -> None:

@@ -476,13 +476,14 @@ def level_targets(taxonomy):
 
 
 # ------------------------------------------------------------------------------ experts
-def expert_source_rows(source: tf.keras.Model):
+def expert_source_rows(source: tf.keras.Model, groups: str = "branch"):
     """(kernel [D, n_l3], bias [n_l3]) of the source model's per-leaf logits an expert starts
-    from: a multi-level model's per-branch head (``logits_conditional``), else the flat
-    model's level 3 (``logits``). A softmax over a branch's columns is then the source's
-    P(l3 | branch), exactly."""
+    from: for branch experts a multi-level model's per-branch head (``logits_conditional``),
+    else the level-3 head (``logits``, a flat model's only one). A softmax over an expert's
+    columns is then the source's P(l3 | its group), exactly."""
     names = {layer.name for layer in source.layers}
-    layer = source.get_layer("logits_conditional" if "logits_conditional" in names else "logits")
+    per_branch = groups == "branch" and "logits_conditional" in names
+    layer = source.get_layer("logits_conditional" if per_branch else "logits")
     kernel, bias = layer.get_weights()
     return kernel, bias
 
@@ -630,7 +631,7 @@ def build_experts_model(source: tf.keras.Model, taxonomy, hidden: int, groups: s
     group_of, n_groups = expert_groups(taxonomy, groups)
     experts = BranchExperts(group_of, n_groups, hidden, name=EXPERTS_LAYER)
     cond = BranchSoftmax(group_of, n_groups, name=CONDITIONAL)(experts(features))
-    kernel, bias = expert_source_rows(source)
+    kernel, bias = expert_source_rows(source, groups)
     experts.kernel.assign(kernel)
     experts.bias.assign(bias)
     return tf.keras.Model(inputs, [p3, p1, cond], name=name)
