@@ -87,27 +87,28 @@ def _write_features(path_root: str, split: str, rank: int, trunk, ds, l1_of_l3) 
     return rows
 
 
+def _branch_files(root: str, split: str, branch: int) -> List[str]:
+    """A branch's feature files of a split: listed from its own folder only."""
+    folder = branch_folder(root, split, branch)
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".parquet")]
+
+
 def branch_row_groups(root: str, split: str, branch: int) -> List[Tuple[str, int]]:
     """(file, row group) of a branch's feature rows: listed from its own folder only."""
     import pyarrow.parquet as pq
 
-    folder = branch_folder(root, split, branch)
-    if not os.path.isdir(folder):
-        return []
-    out = []
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".parquet"):
-            path = os.path.join(folder, name)
-            out += [(path, i) for i in range(pq.ParquetFile(path).metadata.num_row_groups)]
-    return out
+    return [(path, i) for path in _branch_files(root, split, branch)
+            for i in range(pq.ParquetFile(path).metadata.num_row_groups)]
 
 
 def branch_rows(root: str, split: str, branch: int) -> int:
     """Feature rows of a branch in a split, from the Parquet footers."""
     import pyarrow.parquet as pq
 
-    return sum(pq.ParquetFile(path).metadata.row_group(i).num_rows
-               for path, i in branch_row_groups(root, split, branch))
+    return sum(pq.ParquetFile(path).metadata.num_rows
+               for path in _branch_files(root, split, branch))
 
 
 def group_batches(root: str, split: str, branches, local_of_l3: np.ndarray,
@@ -120,8 +121,11 @@ def group_batches(root: str, split: str, branches, local_of_l3: np.ndarray,
     groups = group_row_groups(root, split, branches)
     if seed is not None:
         np.random.default_rng(seed).shuffle(groups)
+    files = {}  # each file's footer is read once per pass, whatever the order of its groups
     for path, i in groups:
-        t = pq.ParquetFile(path).read_row_group(i, columns=["l3", "features"])
+        if path not in files:
+            files[path] = pq.ParquetFile(path)
+        t = files[path].read_row_group(i, columns=["l3", "features"])
         col = t.column("features").combine_chunks()
         d = col.type.list_size
         feats = col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
@@ -282,7 +286,7 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict) -> 
     final = run.model_file(spec.key)
     with storage.atomic_local_file(final) as tmp:
         model.save(tmp, include_optimizer=False)
-    checksum = float(sum(np.sum(np.abs(w), dtype=np.float64) for w in model.get_weights()))
+    checksum = tmodels.weights_checksum(model)
     metrics = {
         # accuracy of P(l3 | true group) on val pictures: the experts' job, and the source's
         "val_conditional_accuracy": hits / seen if seen else None,

@@ -37,7 +37,6 @@ def train_model(spec: TrainSpec) -> dict:
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import horovod.tensorflow.keras as hvd
-    import numpy as np
     import tensorflow as tf
 
     from hierarchy.dataset import VAL, Dataset, images_in
@@ -153,7 +152,7 @@ def train_model(spec: TrainSpec) -> dict:
                     break
                 initial_epoch = end
 
-        checksum = float(sum(np.sum(np.abs(w), dtype=np.float64) for w in model.get_weights()))
+        checksum = tmodels.weights_checksum(model)
         result = {"rank": rank, "size": size, "key": spec.key, "checksum": checksum,
                   "iterations": int(model.optimizer.iterations.numpy()),
                   "policy": policy, "seconds": round(time.time() - t0, 2)}

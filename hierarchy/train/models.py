@@ -195,6 +195,14 @@ def set_phase(model: tf.keras.Model, phase: str, fine_tune_layers: int) -> None:
         raise ValueError(f"unknown phase {phase!r}; one of {', '.join(PHASES)}")
 
 
+def weights_checksum(model: tf.keras.Model) -> float:
+    """Sum of |w| over every weight, in float64: equal on every Horovod worker that holds the
+    same model, which is what the run records and the tests compare."""
+    import numpy as np
+
+    return float(sum(np.sum(np.abs(w), dtype=np.float64) for w in model.get_weights()))
+
+
 def _signature(body: tf.keras.Model) -> list:
     return [(type(layer).__name__, tuple(tuple(w.shape) for w in layer.weights))
             for layer in body.layers]
