@@ -16,8 +16,15 @@ import yaml
 
 from hierarchy.errors import UsageError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-DEFAULT_CONFIG = CONF_DIR / "local.yaml"
+# The default ships inside the package (a wheel on a cluster node has no source tree, and a
+# --py-files zip has no folders at all: read as a package resource); conf/local.yaml in a
+# checkout is a link to it.
+DEFAULT_CONFIG = "conf/local.yaml"
+HOME_VARIABLE = "HIERARCHY_HOME"
+
+# Keys holding a location: a relative value is taken relative to paths.root.
+PATH_KEYS = ("paths.data", "paths.models", "paths.output", "paths.synth", "catalog.warehouse",
+             "catalog.metastore", "catalog.location", "train.weights")
 
 # Sections whose keys are free-form (passed through to another system as-is).
 OPEN_SECTIONS = {"spark.conf"}
@@ -212,9 +219,16 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def default_config_text() -> str:
+    from importlib.resources import files
+
+    return files("hierarchy").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
+
+
+def _read_yaml(path: Optional[Path]) -> dict:
+    """The YAML mapping of the file at ``path`` (None: the packaged default)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = default_config_text() if path is None else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     try:
@@ -252,13 +266,39 @@ class Config(dict):
         return cur
 
 
+def data_root(configured: str) -> str:
+    """The project data root: ``paths.root``, else $HIERARCHY_HOME, else ~/hierarchy. A
+    relative root (given on a command line) is the shell's; the result is absolute or a URL."""
+    root = configured or os.environ.get(HOME_VARIABLE) or "~/hierarchy"
+    if "://" in root:
+        return root.rstrip("/")
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def _is_location(value: str) -> bool:
+    return "://" in value or value.startswith("jdbc:") or os.path.isabs(value)
+
+
+def _resolve_paths(cfg: dict) -> None:
+    root = data_root(cfg["paths"]["root"])
+    cfg["paths"]["root"] = root
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if isinstance(value, str) and value and not _is_location(value):
+            value = os.path.expanduser(value)
+            cfg[section][name] = value if os.path.isabs(value) else f"{root}/{value}"
+
+
 def load_config(path: Optional[os.PathLike] = None, overrides: Iterable[str] = ()) -> Config:
-    """Default, then the file at ``path`` merged over it, then overrides; validated."""
-    cfg = _read_yaml(DEFAULT_CONFIG)
+    """Default, then the file at ``path`` merged over it, then overrides; validated, and
+    relative locations resolved against the project data root (:func:`data_root`)."""
+    cfg = _read_yaml(None)
     if path:
         _merge(cfg, _read_yaml(Path(path)), source=str(path))
     for text in overrides:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value), source="command line")
     _validate(cfg)
+    _resolve_paths(cfg)
     return Config(cfg)

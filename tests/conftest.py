@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ REAL = ROOT.parent / "shared" / "data" / "cdiscount"
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# the project data root of every config the tests load, their subprocesses included: never
+# the user's ~/hierarchy (its Derby metastore admits one process at a time)
+os.environ["HIERARCHY_HOME"] = tempfile.mkdtemp(prefix="hierarchy-home-")
 
 
 def real_file(name: str) -> Path:

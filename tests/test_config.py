@@ -63,3 +63,53 @@ def test_cli_help_lists_the_stages():
     out = subprocess.run([sys.executable, "-m", "hierarchy.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "synth" in out and "ingest" in out and "section.key=value" in out
+
+
+def test_relative_config_paths_resolve_against_the_data_root_not_the_shell(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("HIERARCHY_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()
+    home = str(tmp_path / "home")
+    assert cfg["paths"]["root"] == home and cfg["paths"]["data"] == f"{home}/dataset"
+    assert cfg["catalog"]["warehouse"] == f"{home}/warehouse"
+    assert cfg["catalog"]["metastore"] == f"{home}/warehouse/metastore_db"
+    assert cfg["catalog"]["location"] == ""          # empty: the catalog decides
+    # the same from another folder: nothing depends on where a command started
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_config() == cfg
+    # paths.root wins over the variable; absolute paths, URLs and JDBC URLs stay as given
+    cfg = load_config(overrides=[f"paths.root={tmp_path / 'r'}", "paths.models=/abs/models",
+                                 "paths.output=hdfs:///out",
+                                 "catalog.metastore=jdbc:postgresql://db:5432/metastore",
+                                 "catalog.location=tables/predictions"])
+    assert cfg["paths"]["data"] == f"{tmp_path / 'r'}/dataset"
+    assert cfg["paths"]["models"] == "/abs/models" and cfg["paths"]["output"] == "hdfs:///out"
+    assert cfg["catalog"]["metastore"] == "jdbc:postgresql://db:5432/metastore"
+    assert cfg["catalog"]["location"] == f"{tmp_path / 'r'}/tables/predictions"
+    monkeypatch.delenv("HIERARCHY_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert load_config()["paths"]["root"] == str(tmp_path / "user" / "hierarchy")
+
+
+def test_the_default_config_is_read_from_the_package_even_zipped(tmp_path):
+    """A --py-files zip has no folders: the default is a package resource."""
+    import zipfile
+    from pathlib import Path
+
+    import hierarchy
+
+    pkg = Path(hierarchy.__file__).parent
+    zipped = tmp_path / "hierarchy.zip"
+    with zipfile.ZipFile(zipped, "w") as z:
+        for f in pkg.rglob("*"):
+            if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts:
+                z.write(f, Path("hierarchy") / f.relative_to(pkg))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import hierarchy.config as c; "
+            "assert c.__file__.startswith(sys.argv[1]), c.__file__; "
+            "print(c.load_config()['ingest']['split_mb'])")
+    out = subprocess.run([sys.executable, "-I", "-c", code, str(zipped)], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "64.0"
