@@ -110,7 +110,8 @@ def read_test_predictions(output: Path, run_id: str, strategy: str, ids: np.ndar
     """The predictions table's test rows of one run and strategy, aligned with ``ids``."""
     import pyarrow.dataset as pds
 
-    table = pds.dataset(str(output / "predictions"), partitioning="hive").to_table(
+    table = pds.dataset(str(output.parent / "warehouse" / "predictions"),
+                        partitioning="hive").to_table(
         filter=(pds.field("run_id") == run_id) & (pds.field("split") == "test")
         & (pds.field("strategy") == strategy),
         columns=["product_id", "l1", "l2", "l3", "top5"])
@@ -146,8 +147,7 @@ def main() -> None:
         return
 
     work.mkdir(parents=True, exist_ok=True)
-    conf = [f"catalog.warehouse={work / 'warehouse'}",
-            f"catalog.metastore={work / 'warehouse' / 'metastore_db'}",
+    conf = [f"paths.root={work}",
             "ingest.progress=false", "predict.progress=false", *args.overrides]
     syn, data, models, out = work / "synth", work / "dataset", work / "models", work / "output"
     for path in (data, models, out, work / "warehouse"):

@@ -31,11 +31,12 @@ sees (local disk, NFS, a mounted bucket); prediction also reads models from HDFS
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from hierarchy import storage
-from hierarchy.errors import Refused
+from hierarchy.errors import Refused, UsageError
 
 LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
 EXPERTS = "experts"
@@ -87,12 +88,26 @@ def train_command(key: str) -> str:
     return f"--level 3 --mode branch --branches {branch_of(key)}"
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names a folder and a table partition: letters, digits, '.', '_', '-'."""
+    if not RUN_ID.fullmatch(run_id or ""):
+        raise UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (at "
+                         f"most 128, starting with a letter or digit)")
+    return run_id
+
+
 @dataclass(frozen=True)
 class Run:
     """One run's folder: the models trained with the same ``--run-id``."""
 
     store: str
     run_id: str
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
 
     @property
     def path(self) -> str:

@@ -67,7 +67,10 @@ def absolute(url: str) -> str:
 
 
 def to_url(url: str) -> str:
-    """A URL with a scheme, as Petastorm and Spark want it (file:// for local paths)."""
+    """A URL with a scheme, as Petastorm and Spark want it (file:// for local paths; Hadoop's
+    own ``file:/path`` spelling, as the catalog reports locations, becomes ``file:///path``)."""
+    if url.startswith("file:/") and not url.startswith("file://"):
+        return "file://" + url[len("file:"):]
     return url if "://" in url else "file://" + os.path.abspath(url)
 
 

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import bson
 import numpy as np
@@ -187,6 +188,50 @@ def test_the_submission_check_names_the_offending_ids(spark):
         check_submission_rows(sub, products)
     assert check_submission_rows(sub.limit(0).union(spark.createDataFrame(
         [(i, 10) for i in (1, 2, 3, 4)], "_id long, category_id long")), products) == (4, 4)
+
+
+def test_two_outputs_fill_one_table_that_lists_and_drops_runs(world, spark, tmp_path):
+    """--output holds the submission and reports only: two predicts into two folders land in
+    one table inside the warehouse, as partitions a run can be listed and dropped by."""
+    from hierarchy.infer import tables
+
+    pcfg = predict_cfg(tmp_path)
+    a = run_predict(spark, pcfg, world["data"], world["models"], RUN, "test", "flat",
+                    str(tmp_path / "a"))
+    b = run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
+                    str(tmp_path / "b"))
+    assert a["table"] == b["table"] and a["table_path"] == b["table_path"]
+    db_location = spark.catalog.getDatabase(pcfg["catalog"]["database"]).locationUri
+    assert a["table_path"] == "file://" + db_location[len("file:"):].rstrip("/") + "/predictions"
+    assert (tmp_path / "a" / "submission.csv").exists()
+    assert not (tmp_path / "a" / "predictions").exists()
+    runs = {(r["split"], r["strategy"]): r for r in tables.list_runs(spark, pcfg["catalog"])}
+    assert set(runs) == {("test", "flat"), ("val", "flat")}
+    assert runs["test", "flat"]["products"] == world["n_test"]
+    assert runs["test", "flat"]["accuracy_l3"] is None       # no truth on test
+    assert 0 <= runs["val", "flat"]["accuracy_l3"] <= 1
+    assert runs["val", "flat"]["products"] == b["products"]
+
+    dropped = tables.drop_runs(spark, pcfg["catalog"], RUN, "val")
+    assert [(r["split"], r["strategy"]) for r in dropped] == [("val", "flat")]
+    left = tables.list_runs(spark, pcfg["catalog"])
+    assert [(r["split"], r["products"]) for r in left] == [("test", world["n_test"])]
+    table_dir = a["table_path"][len("file://"):]
+    assert (Path(table_dir) / f"run_id={RUN}" / "split=test").is_dir()
+    assert not (Path(table_dir) / f"run_id={RUN}" / "split=val").exists()
+    assert tables.drop_runs(spark, pcfg["catalog"], RUN, "val") == []  # twice: nothing to do
+    with pytest.raises(Exception, match="--strategy needs --split"):
+        tables.drop_runs(spark, pcfg["catalog"], RUN, None, "flat")
+
+
+def test_a_table_registered_elsewhere_than_the_config_says_is_refused(world, spark, tmp_path):
+    pcfg = predict_cfg(tmp_path)
+    run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
+                str(tmp_path / "a"))
+    pcfg["catalog"]["location"] = str(tmp_path / "elsewhere")
+    with pytest.raises(PredictError, match="catalog.location"):
+        run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
+                    str(tmp_path / "a"))
 
 
 def test_two_stage_refuses_a_run_without_its_branch_models(world, tmp_path):

@@ -165,10 +165,10 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
     final = finish_rows(rows, run_id, split, strategy)
     log.info("scoring split %s with run %s (%s%s)", split, run_id, strategy,
              f", top-{plan.top_k} branches" if strategy != "flat" and plan.top_k else "")
-    name = run_with_progress(spark, f"predict {split}",
-                             lambda: tables.write_predictions(spark, final, output,
-                                                              cfg["catalog"]),
-                             enabled=bool(pcfg["progress"]))
+    name, location = run_with_progress(spark, f"predict {split}",
+                                       lambda: tables.write_predictions(spark, final,
+                                                                        cfg["catalog"]),
+                                       enabled=bool(pcfg["progress"]))
     written = spark.table(name).where(
         (F.col("run_id") == run_id) & (F.col("split") == split) &
         (F.col("strategy") == strategy))
@@ -177,7 +177,7 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
                         F.sum("image_count").alias("images"),
                         F.sum("bad_image_count").alias("bad_images")).first()
     result = {"run_id": run_id, "split": split, "strategy": strategy, "table": name,
-              "table_path": tables.predictions_path(output),
+              "table_path": location,
               "products": int(stats.products), "images": int(stats.images or 0),
               "bad_images": int(stats.bad_images or 0), "fallback": int(stats.fallback or 0),
               "untrained_branches": modelset.untrained_branches}

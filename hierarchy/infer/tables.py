@@ -1,16 +1,24 @@
 """Where predictions land: the ``predictions`` table and the Kaggle submission file.
 
-The table is Parquet under ``<output>/predictions``, partitioned by ``run_id``, ``split`` and
-``strategy``, registered as an external table in the Spark catalog (a Hive metastore: embedded
-Derby locally, the cluster's when configured). Writes use dynamic partition overwrite, so
-re-running a run id replaces exactly its own partition and never duplicates rows.
+One table holds every run: Parquet partitioned by ``run_id``, ``split`` and ``strategy`` at a
+location the catalog config owns (``catalog.location``; by default where Spark would put a
+managed table: ``<database location>/<table>``, inside the warehouse), registered as an
+external table in the Spark catalog (a Hive metastore: embedded Derby locally, PostgreSQL or
+the cluster's when configured). ``--output`` only holds the submission and the reports, so
+predicting into two outputs fills one table.
+
+A predict replaces only its own partition: Spark's dynamic partition overwrite writes into a
+staging folder and renames the partition into place, then the partition is added to the
+metastore. A reader going through the catalog (spark.table, the Thrift server) sees a new
+partition only once it is whole; the runs already there are never touched.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 from hierarchy import storage
+from hierarchy.errors import Refused
 from hierarchy.infer.modelset import PredictError
 from hierarchy.infer.schema import PARTITIONS, TABLE_COLUMNS
 
@@ -19,11 +27,9 @@ def table_name(catalog: dict) -> str:
     return f"{catalog['database']}.{catalog['table']}"
 
 
-def predictions_path(output: str) -> str:
-    return storage.to_url(storage.join(output, "predictions"))
-
-
-def _location(spark, name: str) -> str:
+def _existing_location(spark, name: str) -> str:
+    if not spark.catalog.tableExists(name):
+        return ""
     rows = spark.sql(f"DESCRIBE TABLE EXTENDED {name}").collect()
     for row in rows:
         if row.col_name == "Location":
@@ -36,26 +42,100 @@ def _same_place(a: str, b: str) -> bool:
     return strip(a) == strip(b)
 
 
-def write_predictions(spark, df, output: str, catalog: dict) -> str:
-    """Write ``df`` (one run_id/split/strategy) and make the catalog see it; returns the
-    table name."""
-    path = predictions_path(output)
+def table_location(spark, catalog: dict) -> str:
+    """Where the table's files are: the registered table's own location, else
+    ``catalog.location``, else ``<database location>/<table>``. Refuses a table registered
+    somewhere else than ``catalog.location`` says (two configs disagreeing on one table)."""
     name = table_name(catalog)
-    if spark.catalog.tableExists(name):
-        where = _location(spark, name)
-        if where and not _same_place(where, path):
-            raise PredictError(
-                f"table {name} lives at {where}, not {path}: score into that --output, or "
-                f"name another table with catalog.table=... / catalog.database=...")
+    existing = _existing_location(spark, name)
+    wanted = storage.to_url(catalog["location"]) if catalog["location"] else ""
+    if existing and wanted and not _same_place(existing, wanted):
+        raise PredictError(
+            f"table {name} lives at {existing}, but catalog.location is {wanted}: set "
+            f"catalog.location={existing} (or empty), or name another table with "
+            f"catalog.table=... / catalog.database=...")
+    if existing:
+        return storage.to_url(existing)
+    if wanted:
+        return wanted
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
+    return storage.join(storage.to_url(spark.catalog.getDatabase(catalog["database"])
+                                       .locationUri), catalog["table"])
+
+
+def _literal(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def partition_spec(**values: Optional[str]) -> str:
+    """``run_id='a', split='val'`` for the values given, in table order."""
+    return ", ".join(f"{k}={_literal(values[k])}" for k in PARTITIONS if values.get(k))
+
+
+def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
+    """Write ``df`` (one run_id/split/strategy) into its partition of the table and register
+    that partition; returns (table name, table location)."""
+    name = table_name(catalog)
+    location = table_location(spark, catalog)
+    existed = spark.catalog.tableExists(name)
     (df.select(*TABLE_COLUMNS).write.mode("overwrite")
        .option("partitionOverwriteMode", "dynamic")
-       .partitionBy(*PARTITIONS).parquet(path))
+       .partitionBy(*PARTITIONS).parquet(location))
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
-    # schema and partition columns are inferred from the files just written
-    spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING parquet LOCATION '{path}'")
-    spark.sql(f"ALTER TABLE {name} RECOVER PARTITIONS")
+    if not existed:
+        # schema and partition columns are inferred from the files just written
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING parquet LOCATION '{location}'")
+        spark.sql(f"ALTER TABLE {name} RECOVER PARTITIONS")
+    else:
+        first = df.select(*PARTITIONS).first()
+        if first is not None:
+            spec = partition_spec(**first.asDict())
+            spark.sql(f"ALTER TABLE {name} ADD IF NOT EXISTS PARTITION ({spec})")
     spark.sql(f"REFRESH TABLE {name}")
-    return name
+    return name, location
+
+
+def list_runs(spark, catalog: dict, run_id: Optional[str] = None) -> List[dict]:
+    """One dict per partition: its rows, pictures, when it was scored and, on val, its
+    level-3 accuracy. A small aggregate (partitions, not rows) comes back to the driver."""
+    from pyspark.sql import functions as F
+
+    name = table_name(catalog)
+    if not spark.catalog.tableExists(name):
+        return []
+    df = spark.table(name)
+    if run_id:
+        df = df.where(F.col("run_id") == run_id)
+    hit = F.when(F.col("true_l3").isNotNull(), (F.col("l3") == F.col("true_l3")).cast("int"))
+    rows = (df.groupBy(*PARTITIONS)
+              .agg(F.count("*").alias("products"), F.sum("image_count").alias("images"),
+                   F.max("scored_at").alias("scored_at"), F.avg(hit).alias("accuracy_l3"))
+              .orderBy("scored_at", *PARTITIONS).collect())
+    return [r.asDict() for r in rows]
+
+
+def drop_runs(spark, catalog: dict, run_id: str, split: Optional[str] = None,
+              strategy: Optional[str] = None) -> List[dict]:
+    """Remove a run's partitions (all, or one split / strategy) from the catalog first, then
+    their files: a reader never sees a partition whose files are gone. Returns what was
+    dropped (empty when nothing matched: dropping twice is not an error)."""
+    if strategy and not split:
+        raise Refused("--strategy needs --split (partitions nest run_id/split/strategy)")
+    name = table_name(catalog)
+    gone = [r for r in list_runs(spark, catalog, run_id)
+            if (not split or r["split"] == split) and (not strategy or r["strategy"] == strategy)]
+    if not gone:
+        return []
+    location = table_location(spark, catalog)
+    spec = partition_spec(run_id=run_id, split=split, strategy=strategy)
+    spark.sql(f"ALTER TABLE {name} DROP IF EXISTS PARTITION ({spec})")
+    folder = storage.join(location, f"run_id={run_id}",
+                          *([f"split={split}"] if split else []),
+                          *([f"strategy={strategy}"] if strategy else []))
+    if storage.exists(folder):
+        storage.remove(folder)
+    spark.sql(f"REFRESH TABLE {name}")
+    return gone
 
 
 SAMPLE_IDS = 10  # ids named in a failed check's message
