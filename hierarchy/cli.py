@@ -19,7 +19,7 @@ from typing import List, Optional
 from hierarchy import modelstore, storage
 from hierarchy.config import load_config
 from hierarchy.dataset import KINDS
-from hierarchy.errors import HierarchyError, UsageError
+from hierarchy.errors import EXIT_OK, EXIT_USAGE, HierarchyError, UsageError
 from hierarchy.infer.modelset import AUTO, STRATEGIES, resolve_strategy
 
 EPILOG = """\
@@ -64,12 +64,21 @@ PATH_DEFAULTS = {
     "predict": {"data": "data", "models": "models", "output": "output"},
     "evaluate": {"data": "data", "models": "models", "output": "output"},
     "serve": {"models": "models"},
+    "runs": {},
+    "thriftserver": {},
+    "metastore": {},
 }
 
 
 def _dataset_and_models(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="DIR", help="ingest output folder (default paths.data)")
     p.add_argument("--models", metavar="DIR", help="model store (default paths.models)")
+
+
+def _dry_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the inputs, config and models, say what would be done, and "
+                        "write nothing (exit 0: it would run; 2 or 3: it would not)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -81,11 +90,22 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="config overrides, applied last")
 
 
+PATH_FLAGS = ("input", "categories", "data", "models", "output")
+
+
 def _fill_paths(args, cfg) -> None:
-    """Folder flags a command was not given come from the config's ``paths:`` section."""
+    """Folder flags a command was not given come from the config's ``paths:`` section; every
+    local path becomes absolute here, on the driver: a Spark task or a Horovod worker runs in
+    its executor's own working folder, where a relative path names nothing."""
     for attr, key in PATH_DEFAULTS[args.stage].items():
         if getattr(args, attr, None) is None:
             setattr(args, attr, cfg["paths"][key])
+    for attr in PATH_FLAGS:
+        value = getattr(args, attr, None)
+        if isinstance(value, list):
+            setattr(args, attr, [storage.absolute(v) for v in value])
+        elif value:
+            setattr(args, attr, storage.absolute(value))
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -151,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="DIR", help="dataset folder (default paths.data)")
     p.add_argument("--kind", choices=KINDS, default="train",
                    help="train: labelled, split into train/val; test: the test split")
+    _dry_run(p)
     _common(p)
 
     p = sub.add_parser("train", help="train the level-1, flat level-3 or per-branch models "
@@ -170,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--np", type=_count(1), help="Horovod workers (default train.np); > 1 runs "
                                           "them as Spark tasks via horovod.spark.run")
     p.add_argument("--run-id", help="model run id (default: a timestamp)")
+    _dry_run(p)
     _common(p)
 
     p = sub.add_parser("predict", help="score a split with a trained run: predictions table "
@@ -185,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=(AUTO,) + STRATEGIES,
                    help="default predict.strategy (auto: the run's recommended strategy)")
     p.add_argument("--output", metavar="DIR", help="default paths.output")
+    _dry_run(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="score the val split with every strategy the run "
@@ -196,6 +219,50 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_and_models(p)
     p.add_argument("--run-id", required=True, help="the trained run to evaluate")
     p.add_argument("--output", metavar="DIR", help="default paths.output")
+    _dry_run(p)
+    _common(p)
+
+    p = sub.add_parser("runs", help="list or drop runs of the predictions table",
+                       description="The predictions table holds every run as partitions "
+                                   "run_id/split/strategy. `list` shows them (products, "
+                                   "pictures, when scored, level-3 accuracy on val); `drop` "
+                                   "removes a run's partitions (or one split / strategy) from "
+                                   "the catalog, then their files.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="list|drop")
+    a = actions.add_parser("list", help="one line per run/split/strategy partition")
+    a.add_argument("--run-id", help="only this run")
+    a.add_argument("--json", action="store_true", help="one JSON object per partition")
+    _common(a)
+    a = actions.add_parser("drop", help="remove a run (or one split / strategy of it)")
+    a.add_argument("--run-id", required=True, help="the run to drop")
+    a.add_argument("--split", choices=("test", "val"), help="only this split")
+    a.add_argument("--strategy", choices=STRATEGIES, help="only this strategy (with --split)")
+    _dry_run(a)
+    _common(a)
+
+    p = sub.add_parser("metastore", help="create Hive's tables in a new PostgreSQL metastore",
+                       description="`hierarchy metastore init` creates Hive's schema in the "
+                                   "empty database of catalog.metastore (jdbc:postgresql://), "
+                                   "once, before jobs and the Thrift server share it; a no-op "
+                                   "when it exists. `make metastore` runs it.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="init")
+    _common(actions.add_parser("init", help="create the schema (idempotent)"))
+
+    p = sub.add_parser("thriftserver", help="the SQL endpoint for analysts: Spark's Thrift "
+                                             "server over the configured metastore",
+                       description="Run Spark's HiveThriftServer2 (JDBC/ODBC, beeline, PyHive) "
+                                   "in the foreground over catalog.metastore and "
+                                   "catalog.warehouse, so analysts query the predictions table "
+                                   "while jobs write it. Needs a metastore several processes "
+                                   "can open (jdbc:postgresql://...), not embedded Derby.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=_count(1), default=10000, help="default 10000")
+    p.add_argument("--auth", choices=("NOSASL", "NONE"), default="NOSASL",
+                   help="hive.server2.authentication: NOSASL (beeline ';auth=noSasl', PyHive "
+                        "auth='NOSASL') or NONE (SASL PLAIN, no password check); put a "
+                        "Kerberos/LDAP-secured server in front for anything shared")
+    p.add_argument("--print-command", action="store_true",
+                   help="print the spark-submit command instead of running it")
     _common(p)
 
     p = sub.add_parser("serve", help="the run's classifier over HTTP, with a page to try it",
@@ -213,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _synth(args, cfg) -> int:
+def _synth(args, cfg) -> dict:
     from hierarchy.synth import generate
 
     scfg = cfg["synth"]
@@ -229,7 +296,7 @@ def _synth(args, cfg) -> int:
         progress=bool(cfg["ingest"]["progress"]),
     )
     print(json.dumps(stats, indent=2, default=str))
-    return 0
+    return {"output": args.output}
 
 
 def _with_spark(cfg, stage: str, job):
@@ -243,21 +310,29 @@ def _with_spark(cfg, stage: str, job):
         spark.stop()
 
 
-def _ingest(args, cfg) -> int:
+def _ingest(args, cfg) -> dict:
     from hierarchy.ingest.pipeline import check_ingest, run_ingest
     from hierarchy.ingest.report import summary_lines
 
     checked = check_ingest(cfg, args.input, args.categories, args.output, args.kind)
+    if args.dry_run:
+        size = sum(f.size for f in checked.files)
+        print(f"would ingest {len(checked.files)} file(s), {size / 1e6:.1f} MB, as {args.kind} "
+              f"into {args.output} (taxonomy {checked.taxonomy.n_l1}/{checked.taxonomy.n_l2}/"
+              f"{checked.taxonomy.n_l3})")
+        return {"output": args.output, "kind": args.kind, "input_bytes": size}
     entry = _with_spark(cfg, "ingest", lambda spark: run_ingest(
         spark, cfg, args.input, args.categories, args.output, args.kind, checked))
     print("\n".join(summary_lines(args.output, args.kind, entry)))
-    return 0
+    c = entry["counts"]
+    return {"output": args.output, "kind": args.kind, "products": c["products"],
+            "images": c["images"], "bad_fraction": entry["bad_fraction"]}
 
 
-def _train(args, cfg) -> int:
+def _train(args, cfg) -> dict:
     import time
 
-    from hierarchy.train.launch import check_training, run_training
+    from hierarchy.train.launch import check_training, plan, run_training
     from hierarchy.train.loop import summary_line
 
     if args.level == 1 and (args.mode or args.branches):
@@ -274,6 +349,14 @@ def _train(args, cfg) -> int:
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
     manifest = check_training(cfg, args.data, args.models, args.level, args.mode, branches,
                               run_id)
+    if args.dry_run:
+        specs, skipped = plan(cfg, args.data, args.models, run_id, args.level, args.mode,
+                              branches, manifest)
+        keys = [s.key for s in specs]
+        print(f"would train {len(keys)} model(s) of run {run_id} into {args.models}: "
+              f"{', '.join(keys) or 'none'}" + (f" ({len(skipped)} branch(es) without a "
+                                              f"model)" if skipped else ""))
+        return {"run_id": run_id, "models": keys}
     spark = {}
 
     def spark_factory():
@@ -292,59 +375,178 @@ def _train(args, cfg) -> int:
         print(f"run {run_id} -> {args.models}/{run_id}")
         for key, result in results.items():
             print("  " + summary_line(key, result))
-    return 0
+    return {"run_id": run_id, "models": {k: r.get("status", "trained")
+                                         for k, r in results.items()}}
 
 
-def _predict(args, cfg) -> int:
+def _predict(args, cfg) -> dict:
     from hierarchy.infer.pipeline import check_predict, run_predict, summary
 
     strategy = resolve_strategy(args.models, args.run_id,
                                 args.strategy or cfg["predict"]["strategy"])
     checked = check_predict(args.data, args.models, args.run_id, args.split, strategy,
                             args.output)
+    if args.dry_run:
+        print(f"would score split {args.split} with run {args.run_id} ({strategy}, "
+              f"{len(checked.modelset.refs())} model file(s) checked) into table "
+              f"{cfg['catalog']['database']}.{cfg['catalog']['table']}"
+              + (f" and {args.output}/submission.csv" if args.split == "test" else ""))
+        return {"run_id": args.run_id, "split": args.split, "strategy": strategy}
     result = _with_spark(cfg, "predict", lambda spark: run_predict(
         spark, cfg, args.data, args.models, args.run_id, args.split, strategy, args.output,
         checked))
     print(summary(result))
-    return 0
+    return {k: result[k] for k in ("run_id", "split", "strategy", "table", "table_path",
+                                   "products", "images", "fallback") if k in result} | \
+        ({"submission": result["submission"]} if result.get("submission") else {})
 
 
-def _evaluate(args, cfg) -> int:
+def _evaluate(args, cfg) -> dict:
     from hierarchy.evaluate.pipeline import check_evaluate, headline, run_evaluate
 
     checked = check_evaluate(args.data, args.models, args.run_id, args.output)
+    if args.dry_run:
+        print(f"would evaluate run {args.run_id} on val with {', '.join(checked)} into "
+              f"{args.output}/evaluation/{args.run_id}")
+        return {"run_id": args.run_id, "strategies": list(checked)}
     result = _with_spark(cfg, "evaluate", lambda spark: run_evaluate(
         spark, cfg, args.data, args.models, args.run_id, args.output, checked))
     print(headline(result))
     print(f"report: {result['files']['report_md']}")
-    return 0
+    return {"run_id": args.run_id, "recommended": result["recommended"],
+            "accuracy_l3": {s: m.get("accuracy_l3") for s, m in
+                            result["metrics"]["strategies"].items()},
+            "report": result["files"]["report_md"]}
 
 
-def _serve(args, cfg) -> int:
+def _runs(args, cfg) -> dict:
+    from hierarchy.infer import tables
+
+    name = tables.table_name(cfg["catalog"])
+
+    def job(spark):
+        if args.action == "list" or args.dry_run:  # a dry drop lists what it would drop
+            return tables.list_runs(spark, cfg["catalog"], args.run_id)
+        return tables.drop_runs(spark, cfg["catalog"], args.run_id, args.split, args.strategy)
+
+    rows = _with_spark(cfg, "runs", job)
+    if args.action == "drop":
+        rows = [r for r in rows if (not args.split or r["split"] == args.split)
+                and (not args.strategy or r["strategy"] == args.strategy)]
+        verb = "would drop" if args.dry_run else "dropped"
+        print(f"{verb} {len(rows)} partition(s) of run {args.run_id} from {name}, "
+              f"{sum(r['products'] for r in rows)} rows")
+    elif args.json:
+        for r in rows:
+            print(json.dumps(r, default=str))
+    else:
+        print(format_runs(name, rows))
+    return {"table": name, "action": args.action, "partitions": len(rows),
+            "rows": sum(r["products"] for r in rows)}
+
+
+def format_runs(name: str, rows: List[dict]) -> str:
+    if not rows:
+        return f"{name}: no runs"
+    head = f"{'run_id':<24} {'split':<5} {'strategy':<12} {'products':>9} {'images':>9} " \
+           f"{'acc L3':>7}  scored_at"
+    lines = [f"{name}: {len(rows)} partition(s)", head]
+    for r in rows:
+        acc = "" if r["accuracy_l3"] is None else f"{100 * r['accuracy_l3']:.1f}"
+        lines.append(f"{r['run_id']:<24} {r['split']:<5} {r['strategy']:<12} "
+                     f"{r['products']:>9,} {r['images'] or 0:>9,} {acc:>7}  {r['scored_at']}")
+    return "\n".join(lines)
+
+
+def _metastore(args, cfg) -> dict:
+    from hierarchy.spark import init_metastore
+
+    databases = init_metastore(cfg)
+    print(f"metastore {cfg['catalog']['metastore']} ready: databases {', '.join(databases)}")
+    return {"metastore": cfg["catalog"]["metastore"], "databases": databases}
+
+
+def _thriftserver(args, cfg) -> dict:
+    import shlex
+
+    from hierarchy.spark import thriftserver_command
+
+    cmd = thriftserver_command(cfg, args.host, args.port, args.auth)
+    if args.print_command:
+        print(shlex.join(cmd))
+        return {"port": args.port}
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)  # the server is this process from here: a signal stops it
+
+
+def _serve(args, cfg) -> dict:
     from hierarchy.serve.app import serve
 
     storage.require_dir(args.models, "--models")
-    return serve(cfg, args.models, args.run_id, args.strategy, args.host, args.port)
+    serve(cfg, args.models, args.run_id, args.strategy, args.host, args.port)
+    return {"run_id": args.run_id}
 
 
 STAGES = {"synth": _synth, "ingest": _ingest, "train": _train, "predict": _predict,
-          "evaluate": _evaluate, "serve": _serve}
+          "evaluate": _evaluate, "runs": _runs, "metastore": _metastore,
+          "thriftserver": _thriftserver,
+          "serve": _serve}
+
+
+def job_summary(stage: str, status: str, exit_code: int, started: float, **facts) -> str:
+    """The last line a job prints on stdout, for a scheduler's logs: one JSON object."""
+    import time
+
+    record = {"job": stage, "status": status, "exit_code": exit_code,
+              "seconds": round(time.time() - started, 2), **facts}
+    return json.dumps(record, default=str, sort_keys=False)
+
+
+def _emit(line: str) -> None:
+    sys.stdout.flush()
+    print(line, flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one stage; exit codes: 0 done, 2 usage, 3 refused, 1 crash (with its traceback).
+    Whatever happens after the arguments parse, the last stdout line is :func:`job_summary`."""
+    import time
+
+    started = time.time()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.quiet, args.verbose)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a bad command line (2)
+        if exc.code not in (0, None):
+            stage = next((a for a in (argv if argv is not None else sys.argv[1:])
+                          if a in STAGES), None)
+            _emit(job_summary(stage or "hierarchy", "usage", EXIT_USAGE, started,
+                              error="bad command line (see the usage message above)"))
+        raise
+    setup_logging(args.quiet, args.verbose)
+    dry = bool(getattr(args, "dry_run", False))
+    try:
+        if getattr(args, "run_id", None) is not None:
+            modelstore.check_run_id(args.run_id)
         overrides = list(args.overrides)
         if args.quiet:
             overrides = ["ingest.progress=false", "predict.progress=false", *overrides]
         cfg = load_config(args.config, overrides)
         _fill_paths(args, cfg)
-        return STAGES[args.stage](args, cfg)
+        facts = STAGES[args.stage](args, cfg) or {}
     except HierarchyError as exc:  # one line a user can act on; anything else is a crash
         print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
+        status = "usage" if exc.exit_code == EXIT_USAGE else "refused"
+        _emit(job_summary(args.stage, status, exc.exit_code, started, dry_run=dry,
+                          error=str(exc)))
         return exc.exit_code
+    except BaseException as exc:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        _emit(job_summary(args.stage, "crash", code, started, dry_run=dry,
+                          error=f"{type(exc).__name__}: {exc}"))
+        raise
+    _emit(job_summary(args.stage, "dry-run" if dry else "done", EXIT_OK, started, **facts))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

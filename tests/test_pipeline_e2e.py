@@ -87,7 +87,8 @@ def test_submission_matches_the_kaggle_format(pipeline):
     if pipeline["ids"] is None:
         pytest.skip(f"{SAMPLE} absent: only the header and row count were checked")
     assert got == pipeline["ids"]  # exactly the sample's id column, in its order
-    assert "submission: out/submission.csv" in pipeline["stdout"]["predict"]
+    wrote = pipeline["root"] / "out" / "submission.csv"
+    assert f"submission: {wrote}" in pipeline["stdout"]["predict"]
 
 
 def test_an_analyst_queries_the_table_by_its_plain_name(pipeline):
@@ -218,7 +219,7 @@ def test_serve_answers_what_the_predict_job_wrote(pipeline, server):
     assert r.status_code == 200, r.text
     answer = r.json()
     assert answer["run_id"] == "e2e" and answer["timing_ms"]["total"] > 0
-    table = pds.dataset(str(pipeline["root"] / "out" / "predictions"),
+    table = pds.dataset(str(pipeline["root"] / "wh" / "predictions"),
                         partitioning="hive").to_table(
         filter=(pds.field("run_id") == "e2e") & (pds.field("split") == "val")
         & (pds.field("strategy") == model["strategy"])).to_pandas().set_index("product_id")
@@ -369,3 +370,83 @@ def test_the_page_shows_a_products_top_categories_in_headless_chromium(pipeline,
     with Image.open(shot) as im:
         assert im.format == "PNG" and im.width >= 800 and im.height >= 500
         assert len(set(im.convert("L").resize((64, 64)).getdata())) > 8  # not a blank page
+
+
+# ------------------------------------------------------------------ scheduled batch conventions
+def _job(*args, cwd, conf):
+    """(exit code, stdout, the JSON summary on stdout's last line) of a `hierarchy` job."""
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    proc = subprocess.run([str(BIN / "hierarchy"), *args, *conf], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    last = proc.stdout.strip().splitlines()[-1]
+    return proc.returncode, proc.stdout, json.loads(last)
+
+
+def _tree(path: Path) -> set:
+    return {p.relative_to(path) for p in path.rglob("*")} if path.exists() else set()
+
+
+def test_dry_runs_check_models_and_inputs_and_write_nothing(pipeline):
+    root, conf = pipeline["root"], pipeline["conf"]
+    models = ["--data", "ds", "--models", "models", "--run-id", "e2e"]
+    before = {d: _tree(root / d) for d in ("ds", "models", "out", "wh")}
+    code, out, summary = _job("predict", *models, "--split", "test", "--output", "fresh",
+                              "--dry-run", cwd=root, conf=conf)
+    assert code == 0 and summary["status"] == "dry-run" and summary["job"] == "predict"
+    assert "would score split test with run e2e" in out
+    code, out, summary = _job("train", *models, "--level", "3", "--mode", "branch", "--dry-run",
+                              cwd=root, conf=conf)
+    assert code == 0 and summary["status"] == "dry-run"
+    assert summary["models"] and all(k.startswith("branch/") for k in summary["models"])
+    code, out, summary = _job("evaluate", *models, "--output", "out", "--dry-run", cwd=root,
+                              conf=conf)
+    assert code == 0 and "hierarchical" in summary["strategies"]
+    code, out, summary = _job("ingest", "--input", "syn/test.bson", "--kind", "test",
+                              "--categories", "syn/category_names.csv", "--output", "ds",
+                              "--dry-run", cwd=root, conf=conf)
+    assert code == 0 and summary["input_bytes"] > 0
+    assert not (root / "fresh").exists()
+    assert {d: _tree(root / d) for d in ("ds", "models", "out", "wh")} == before
+
+    # a dry run refuses what the real run would refuse, with the same exit code
+    code, out, summary = _job("predict", "--data", "ds", "--models", "models", "--run-id",
+                              "nope", "--output", "out", "--dry-run", cwd=root, conf=conf)
+    assert code == 3 and summary["status"] == "refused" and "nope" in summary["error"]
+
+
+def test_runs_list_shows_the_pipelines_runs_as_json(pipeline):
+    code, out, summary = _job("runs", "list", "--json", "--run-id", "e2e", cwd=pipeline["root"],
+                              conf=pipeline["conf"])
+    assert code == 0 and summary == {**summary, "job": "runs", "status": "done"}
+    rows = [json.loads(line) for line in out.strip().splitlines()[:-1]]
+    assert {(r["split"], r["strategy"]) for r in rows} >= {("test", "two-stage"),
+                                                           ("val", "flat")}
+    assert summary["partitions"] == len(rows) and summary["rows"] == sum(r["products"]
+                                                                         for r in rows)
+
+
+@pytest.mark.parametrize("args,code,status", [
+    (["predict", "--bogus"], 2, "usage"),
+    (["train", "--run-id", "a/b", "--level", "1"], 2, "usage"),
+    (["runs", "drop"], 2, "usage"),
+    (["ingest", "--input", "missing.bson", "--categories", "missing.csv"], 2, "usage"),
+    (["predict", "--data", "ds", "--models", "models", "--run-id", "nope"], 3, "refused"),
+])
+def test_exit_codes_and_the_summary_line_of_failed_jobs(pipeline, args, code, status):
+    got, out, summary = _job(*args, cwd=pipeline["root"], conf=pipeline["conf"])
+    assert (got, summary["status"], summary["exit_code"]) == (code, status, code)
+    assert summary["job"] == args[0] and summary["error"]
+
+
+def test_a_crash_exits_1_with_its_traceback_after_the_summary_line(monkeypatch, capsys):
+    from hierarchy import cli
+
+    def broken(args, cfg):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setitem(cli.STAGES, "synth", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):  # the interpreter exits 1 on it
+        cli.main(["synth", "--output", "x"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["status"] == "crash" and summary["exit_code"] == 1
+    assert summary["error"] == "RuntimeError: disk on fire"
