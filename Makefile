@@ -6,12 +6,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 HOROVOD_VERSION := 0.28.1
 DEMO := data/demo
-DEMO_CONF := catalog.warehouse=$(DEMO)/warehouse catalog.metastore=$(DEMO)/warehouse/metastore_db
+DEMO_CONF := paths.root=$(abspath $(DEMO))
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test lint bench bench-quality clean help
+.PHONY: setup demo test lint bench bench-quality clean help dist metastore metastore-stop os-packages
+
+# Horovod is built once into a wheel (with Gloo, against the pinned TensorFlow): `make setup`
+# installs it, `make dist` packs it into the cluster environment.
+WHEELHOUSE := $(VENV)/wheelhouse
+HOROVOD_WHEEL := $(WHEELHOUSE)/.horovod-$(HOROVOD_VERSION)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+WHEEL := dist/hierarchy-$(VERSION)-py3-none-any.whl
+DIST_ENV := .dist-env
 
 help:
 	@echo "make demo   - set up, then the whole pipeline on a small synthetic catalog: synth, ingest,"
@@ -21,27 +29,70 @@ help:
 	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset, 3 training seeds (~30 min)"
 	@echo "make lint   - ruff"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
+	@echo "make dist   - dist/: the wheel, a --py-files zip and a packed environment for spark-submit"
+	@echo "make metastore - start PostgreSQL (a shared Hive metastore) and the Spark Thrift server"
 
 setup: $(STAMP)
 
 # Re-runs only when the pins change. Horovod has no wheel: it is built from source with Gloo
 # against the TensorFlow installed just before (no MPI, no PyTorch/MXNet; see README).
-$(STAMP): requirements/base.txt requirements/dev.txt pyproject.toml
+$(STAMP): requirements/base.txt requirements/dev.txt requirements/dist.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 not found"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==24.3.1 wheel==0.45.1 setuptools==69.5.1
-	$(PY) -m pip install -q -r requirements/base.txt -r requirements/dev.txt -r requirements/build.txt
+	$(PY) -m pip install -q -r requirements/base.txt -r requirements/dev.txt -r requirements/build.txt \
+		-r requirements/dist.txt
 	@if $(PY) -c "import horovod, horovod.tensorflow.keras; assert horovod.__version__ == '$(HOROVOD_VERSION)'" 2>/dev/null; then \
 		echo "horovod $(HOROVOD_VERSION) already built"; \
 	else \
-		echo "building horovod $(HOROVOD_VERSION) with Gloo (about 5 minutes)"; \
-		PATH=$(abspath $(VENV))/bin:$$PATH HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 \
-		HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 \
-		$(PY) -m pip install -q --no-build-isolation --no-cache-dir horovod==$(HOROVOD_VERSION) || exit 1; \
+		$(MAKE) --no-print-directory $(HOROVOD_WHEEL) && \
+		$(PY) -m pip install -q --no-deps $(WHEELHOUSE)/horovod-$(HOROVOD_VERSION)-*.whl || exit 1; \
 	fi
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import horovod.tensorflow.keras as h; assert h.gloo_built(), 'horovod built without Gloo'"
 	@touch $(STAMP)
+
+$(HOROVOD_WHEEL):
+	@echo "building horovod $(HOROVOD_VERSION) with Gloo (about 5 minutes)"
+	@mkdir -p $(WHEELHOUSE)
+	PATH=$(abspath $(VENV))/bin:$$PATH HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 \
+	HOROVOD_WITHOUT_MPI=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j2 \
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w $(WHEELHOUSE) \
+		horovod==$(HOROVOD_VERSION)
+	@touch $@
+
+# What a cluster runs (README "Run on a cluster"): the package as a wheel, a --py-files zip of
+# it for nodes that already have the stack, and a packed virtualenv (a non-editable install of
+# the wheel, the pinned stack and horovod) for `spark-submit --archives ...#environment`.
+dist: $(WHEEL) dist/hierarchy-pyfiles.zip dist/hierarchy-env.tar.gz dist/jobs
+
+dist/jobs: $(wildcard jobs/*.py)
+	@mkdir -p $@ && cp jobs/*.py $@/ && touch $@
+
+PACKAGE_FILES := $(shell find hierarchy -name '*.py' -o -name '*.yaml' -o -name '*.html')
+$(WHEEL): $(STAMP) $(PACKAGE_FILES) pyproject.toml
+	@mkdir -p dist && rm -f dist/hierarchy-*.whl
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	@rm -rf build/lib build/bdist.*
+
+# a wheel is a zip with the package at its root: zipimport reads it as it is
+dist/hierarchy-pyfiles.zip: $(WHEEL)
+	cp $(WHEEL) $@
+
+# the stack is installed once per change of the pins; a code change only reinstalls the wheel
+$(DIST_ENV)/.stamp: $(HOROVOD_WHEEL) requirements/base.txt requirements/dist.txt
+	rm -rf $(DIST_ENV) && $(PYTHON) -m venv $(DIST_ENV)
+	$(DIST_ENV)/bin/python -m pip install -q --upgrade pip==24.3.1
+	$(DIST_ENV)/bin/python -m pip install -q -r requirements/base.txt
+	$(DIST_ENV)/bin/python -m pip install -q --no-deps $(WHEELHOUSE)/horovod-$(HOROVOD_VERSION)-*.whl
+	@touch $@
+
+dist/hierarchy-env.tar.gz: $(DIST_ENV)/.stamp $(WHEEL)
+	$(DIST_ENV)/bin/python -m pip install -q --no-deps --force-reinstall $(WHEEL)
+	cd /tmp && $(abspath $(DIST_ENV))/bin/python -c "import hierarchy.config as c, horovod.tensorflow.keras as h; \
+		assert h.gloo_built() and 'site-packages' in c.__file__, c.__file__"
+	$(VENV)/bin/venv-pack -q -p $(DIST_ENV) -o dist/.partial-env.tar.gz --force && mv dist/.partial-env.tar.gz $@ && chmod 644 $@
+	@ls -lh dist/
 
 demo: setup
 	$(VENV)/bin/hierarchy synth --output $(DEMO)/synth
@@ -67,22 +118,51 @@ demo: setup
 	@echo
 	@echo "demo done:"
 	@echo "  submission   $(DEMO)/output/submission.csv"
-	@echo "  table        predictions (Parquet at $(DEMO)/output/predictions; metastore $(DEMO)/warehouse)"
+	@echo "  table        predictions (Parquet in $(DEMO)/warehouse/predictions; metastore $(DEMO)/warehouse)"
+	@echo "  runs         $(VENV)/bin/hierarchy runs list $(DEMO_CONF)"
 	@echo "  report       $(DEMO)/output/evaluation/demo/report.md"
 	@echo "  notebook     notebooks/analyst.ipynb (overrides: $(DEMO_CONF))"
 	@echo "  serve        $(VENV)/bin/hierarchy serve --models $(DEMO)/models --run-id demo  (then http://127.0.0.1:8000/)"
 
-# The page of `hierarchy serve` is tested in Debian's headless Chromium (driven by the
-# playwright package, pinned in requirements/dev.txt, with executable_path; no browser download).
-CHROMIUM := /usr/bin/chromium
-$(CHROMIUM):
-	@if [ "$$(id -u)" = 0 ]; then \
-		echo "installing Debian's chromium for the browser test"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else echo "no $(CHROMIUM) and not root: the browser test will skip (apt-get install chromium)"; fi
+# Debian packages the tests start for real: chromium (the page of `hierarchy serve`, driven by
+# the playwright package pinned in requirements/dev.txt with executable_path: no browser
+# download), postgresql and libpostgresql-jdbc-java (the shared Hive metastore).
+OS_PACKAGES := chromium postgresql libpostgresql-jdbc-java
+os-packages:
+	@missing=""; for p in $(OS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else echo "missing Debian packages:$$missing (not root: apt-get install them)"; fi
+
+# A shared metastore for local use (README "Query the predictions"): PostgreSQL on
+# METASTORE_PORT with Hive's tables created once, then Spark's Thrift server on THRIFT_PORT.
+# Jobs use it with `catalog.metastore=jdbc:postgresql://127.0.0.1:$(METASTORE_PORT)/metastore`.
+METASTORE_DIR ?= data/metastore
+METASTORE_PORT ?= 55432
+THRIFT_PORT ?= 10000
+METASTORE_CONF = catalog.metastore=jdbc:postgresql://127.0.0.1:$(METASTORE_PORT)/metastore
+export HIERARCHY_METASTORE_PASSWORD ?= hive
+metastore: setup os-packages
+	ops/postgres.sh start $(METASTORE_DIR) $(METASTORE_PORT)
+	$(VENV)/bin/hierarchy metastore init -q $(METASTORE_CONF)
+	@if [ -s $(METASTORE_DIR)/thriftserver.pid ] && kill -0 $$(cat $(METASTORE_DIR)/thriftserver.pid) 2>/dev/null; then \
+		echo "thrift server already running (pid $$(cat $(METASTORE_DIR)/thriftserver.pid))"; \
+	else \
+		nohup $(VENV)/bin/hierarchy thriftserver --port $(THRIFT_PORT) $(METASTORE_CONF) \
+			> $(METASTORE_DIR)/thriftserver.log 2>&1 & echo $$! > $(METASTORE_DIR)/thriftserver.pid; \
+		for i in $$(seq 120); do (echo > /dev/tcp/127.0.0.1/$(THRIFT_PORT)) 2>/dev/null && break; sleep 1; done; \
+	fi
+	@echo "metastore  $(METASTORE_CONF)"
+	@echo "sql        $(VENV)/lib/python3.11/site-packages/pyspark/bin/beeline -u 'jdbc:hive2://127.0.0.1:$(THRIFT_PORT)/default;auth=noSasl' -n $$USER"
+
+metastore-stop:
+	-@[ -s $(METASTORE_DIR)/thriftserver.pid ] && kill $$(cat $(METASTORE_DIR)/thriftserver.pid) 2>/dev/null; rm -f $(METASTORE_DIR)/thriftserver.pid
+	ops/postgres.sh stop $(METASTORE_DIR)
 
 # pytest exits 5 when it collects nothing (e.g. a -k that matches no test): not a failure.
-test: setup $(CHROMIUM)
+test: setup os-packages dist
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
@@ -100,4 +180,4 @@ bench-quality: setup
 	$(PY) bench/quality.py
 
 clean:
-	rm -rf data/demo .pytest_cache bench/results
+	rm -rf data/demo .pytest_cache bench/results dist $(DIST_ENV)

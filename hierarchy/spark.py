@@ -10,23 +10,31 @@ from typing import Any, Callable, List, Optional
 
 from hierarchy import storage
 from hierarchy.config import Config
+from hierarchy.errors import UsageError
 
 
-def get_spark(cfg: Config, app_suffix: str = ""):
+def launched_by_spark_submit() -> bool:
+    """True in a driver that spark-submit started: its JVM is already running, with the
+    master and resources the submitter chose. (``SparkConf()`` cannot tell before a context
+    exists: without a JVM it is an empty Python dict, so it used to say "no master" and the
+    config's local[*] silently replaced spark-submit's --master.)"""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = None):
     """The session spark-submit already configured, or a local one from ``cfg.spark``.
 
     Executors must run this interpreter (same numpy/pyarrow/TF), so PYSPARK_PYTHON defaults
     to it for local runs; under spark-submit on a cluster the submitter's setting wins."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    from pyspark import SparkConf
     from pyspark.sql import SparkSession
 
     spark_cfg = cfg["spark"]
     builder = SparkSession.builder.appName(
         spark_cfg["app_name"] + (f"-{app_suffix}" if app_suffix else "")
     )
-    if not SparkConf().contains("spark.master"):  # not launched by spark-submit
+    if not launched_by_spark_submit():
         builder = builder.master(spark_cfg["master"]).config(
             "spark.driver.memory", spark_cfg["driver_memory"]
         )
@@ -35,30 +43,116 @@ def get_spark(cfg: Config, app_suffix: str = ""):
     builder = builder.config("spark.executorEnv.PYTHONWARNINGS",
                              "ignore::FutureWarning,ignore::DeprecationWarning")
     builder = _with_catalog(builder, cfg["catalog"])
-    for key, value in spark_cfg["conf"].items():
+    for key, value in {**spark_cfg["conf"], **(extra_conf or {})}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
 
 
+def metastore_conf(catalog: dict) -> dict:
+    """The Spark settings that point the Hive client at ``catalog.metastore``: an embedded
+    Derby folder (one process at a time), or a ``jdbc:postgresql://`` database that any number
+    of jobs, notebooks and the Thrift server share. Empty for the cluster's hive-site.xml."""
+    url = catalog["metastore"]
+    if not url:
+        return {}
+    if not url.startswith("jdbc:"):
+        path = os.path.abspath(url)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # derby.log beside the database, not in whatever folder the job started from
+        return {"spark.hadoop.javax.jdo.option.ConnectionURL":
+                f"jdbc:derby:;databaseName={path};create=true",
+                "spark.driver.extraJavaOptions": f"-Dderby.system.home={os.path.dirname(path)}"}
+    if not url.startswith("jdbc:postgresql:"):
+        raise UsageError(f"catalog.metastore {url}: only jdbc:postgresql:// databases (or a "
+                         f"Derby folder, or '' for hive-site.xml) are supported")
+    jar = catalog["jdbc_driver"]
+    if not os.path.isfile(jar):
+        raise UsageError(f"catalog.jdbc_driver {jar}: no such file (Debian: apt-get install "
+                         f"libpostgresql-jdbc-java)")
+    password = os.environ.get(catalog["metastore_password_env"], "")
+    return {
+        "spark.hadoop.javax.jdo.option.ConnectionURL": url,
+        "spark.hadoop.javax.jdo.option.ConnectionDriverName": "org.postgresql.Driver",
+        "spark.hadoop.javax.jdo.option.ConnectionUserName": catalog["metastore_user"],
+        "spark.hadoop.javax.jdo.option.ConnectionPassword": password,
+        # Hive's tables are created once by `hierarchy metastore init` (METASTORE_INIT): created
+        # lazily inside a live transaction, DataNucleus deadlocks itself on PostgreSQL
+        "spark.hadoop.datanucleus.schema.autoCreateAll": "false",
+        "spark.hadoop.hive.metastore.schema.verification": "true",
+        # DataNucleus loads the driver from the JVM's own class path: only a driver class path
+        # works (set before the JVM starts; under spark-submit pass --driver-class-path too)
+        "spark.driver.extraClassPath": jar,
+    }
+
+
+# `hierarchy metastore init`: every table of Hive's package.jdo created at start-up, the
+# schema version recorded (then every other process verifies it)
+METASTORE_INIT = {
+    "spark.hadoop.datanucleus.schema.autoCreateAll": "true",
+    "spark.hadoop.datanucleus.autoStartMechanism": "MetaData",
+    "spark.hadoop.datanucleus.autoStartMetaDataFiles": "package.jdo",
+    "spark.hadoop.hive.metastore.schema.verification": "false",
+    "spark.hadoop.hive.metastore.schema.verification.record.version": "true",
+}
+
+
+def init_metastore(cfg: Config) -> List[str]:
+    """Create Hive's schema in an empty ``jdbc:`` metastore database (a no-op when it is
+    there), from one process, before jobs and the Thrift server use it. The ``default``
+    database's location is the warehouse of this call. Returns the databases."""
+    if not cfg["catalog"]["metastore"].startswith("jdbc:"):
+        raise UsageError("hierarchy metastore init: catalog.metastore is not a jdbc: URL "
+                         "(Derby creates its own schema; a cluster's metastore is its admins')")
+    spark = get_spark(cfg, "metastore-init", METASTORE_INIT)
+    try:
+        return [r[0] for r in spark.sql("SHOW DATABASES").collect()]
+    finally:
+        spark.stop()
+
+
 def _with_catalog(builder, catalog: dict):
-    """Tables go to a Hive metastore: the embedded Derby database named by
-    ``catalog.metastore`` (local runs), or the cluster's hive-site.xml when it is empty. Derby
-    allows one JVM at a time: a second local job waits for the first to end."""
+    """Tables go to a Hive metastore (:func:`metastore_conf`)."""
     if not catalog["hive"]:
         return builder
     if catalog["warehouse"]:
         builder = builder.config("spark.sql.warehouse.dir", storage.absolute(catalog["warehouse"]))
-    if catalog["metastore"]:
-        path = os.path.abspath(catalog["metastore"])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        builder = builder.config("spark.hadoop.javax.jdo.option.ConnectionURL",
-                                 f"jdbc:derby:;databaseName={path};create=true")
-        # derby.log beside the database, not in whatever folder the job started from
-        builder = builder.config("spark.driver.extraJavaOptions",
-                                 f"-Dderby.system.home={os.path.dirname(path)}")
+    for key, value in metastore_conf(catalog).items():
+        builder = builder.config(key, value)
     return builder.enableHiveSupport()
+
+
+THRIFT_SERVER = "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2"
+
+
+def thriftserver_command(cfg: Config, host: str, port: int, auth: str) -> List[str]:
+    """spark-submit of Spark's Thrift server (in the pip pyspark jars) over the configured
+    metastore and warehouse: the analysts' SQL endpoint. Refuses embedded Derby, which would
+    lock every job out for as long as the server runs."""
+    import pyspark
+
+    catalog = cfg["catalog"]
+    if not catalog["hive"] or not catalog["metastore"].startswith("jdbc:"):
+        raise UsageError(
+            f"catalog.metastore {catalog['metastore'] or '(hive-site.xml)'}: the Thrift server "
+            f"needs a metastore several processes can open: a jdbc:postgresql:// URL (`make "
+            f"metastore` starts one), or run it where your cluster's hive-site.xml is")
+    conf = {**cfg["spark"]["conf"], **metastore_conf(catalog)}
+    if catalog["warehouse"]:
+        conf["spark.sql.warehouse.dir"] = storage.absolute(catalog["warehouse"])
+    class_path = conf.pop("spark.driver.extraClassPath", None)
+    cmd = [os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit"),
+           "--class", THRIFT_SERVER, "--name", f"{cfg['spark']['app_name']}-thriftserver",
+           "--master", cfg["spark"]["master"], "--driver-memory", cfg["spark"]["driver_memory"]]
+    if class_path:
+        cmd += ["--driver-class-path", class_path]
+    for key, value in conf.items():
+        cmd += ["--conf", f"{key}={value}"]
+    return cmd + ["spark-internal", "--hiveconf", f"hive.server2.thrift.port={port}",
+                  "--hiveconf", f"hive.server2.thrift.bind.host={host}",
+                  "--hiveconf", "hive.server2.transport.mode=binary",
+                  "--hiveconf", f"hive.server2.authentication={auth}"]
 
 
 def collect_with_progress(rdd, desc: str, total: int, enabled: bool = True) -> List[Any]:

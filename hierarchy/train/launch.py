@@ -119,10 +119,14 @@ def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
         return [train_model(spec)]
     import horovod.spark
 
-    spark_factory()  # horovod.spark.run runs its tasks on the active session
+    sc = spark_factory().sparkContext  # horovod.spark.run runs its tasks on this session
     env = {k: v for k, v in os.environ.items() if k.startswith(("PYSPARK", "TF_", "PATH"))}
+    # The workers start where the Spark tasks run, so with the executors' interpreter (a
+    # shipped ./environment/bin/python on a cluster), not the driver's sys.executable
+    executable = sc.getConf().get("spark.pyspark.python", None) or sc.pythonExec
     return horovod.spark.run(train_model, args=(spec,), num_proc=np_, use_gloo=True,
-                             start_timeout=spec.train["start_timeout"], env=env, verbose=1)
+                             start_timeout=spec.train["start_timeout"], env=env, verbose=1,
+                             executable=executable)
 
 
 def run_training(cfg, data: str, models: str, run_id: str, level: int,
