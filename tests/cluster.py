@@ -84,7 +84,12 @@ class Standalone:
         self.port, self.ui_port = free_port(), free_port()
         self.url = f"spark://127.0.0.1:{self.port}"
         env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_LOG_DIR": str(base),
-               "SPARK_NO_DAEMONIZE": "1"}
+               "SPARK_NO_DAEMONIZE": "1",
+               # every executor unpacks the ~2 GB environment: a finished application's
+               # folder goes within a minute, not after the default 7 days
+               "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=true "
+                                    "-Dspark.worker.cleanup.interval=20 "
+                                    "-Dspark.worker.cleanup.appDataTtl=20"}
         env.pop("PYSPARK_PYTHON", None)  # the executors' interpreter is the submitter's choice
         spark_class = str(spark_home() / "bin" / "spark-class")
         self.services = [Service("master", [
@@ -120,6 +125,14 @@ class Standalone:
 
     def completed_apps(self) -> List[dict]:
         return self.state().get("completedapps", [])
+
+    def launched(self) -> Dict[str, set]:
+        """{worker: application ids it launched executors for}, from the workers' logs."""
+        import re
+
+        return {s.name: set(re.findall(r"Asked to launch executor (app-[\d-]+)/",
+                                       tail(s.log, 10**7)))
+                for s in self.services if s.name.startswith("worker")}
 
     def stop(self) -> None:
         for service in reversed(self.services):
