@@ -64,9 +64,6 @@ PATH_DEFAULTS = {
     "predict": {"data": "data", "models": "models", "output": "output"},
     "evaluate": {"data": "data", "models": "models", "output": "output"},
     "serve": {"models": "models"},
-    "runs": {},
-    "thriftserver": {},
-    "metastore": {},
 }
 
 
@@ -97,7 +94,7 @@ def _fill_paths(args, cfg) -> None:
     """Folder flags a command was not given come from the config's ``paths:`` section; every
     local path becomes absolute here, on the driver: a Spark task or a Horovod worker runs in
     its executor's own working folder, where a relative path names nothing."""
-    for attr, key in PATH_DEFAULTS[args.stage].items():
+    for attr, key in PATH_DEFAULTS.get(args.stage, {}).items():
         if getattr(args, attr, None) is None:
             setattr(args, attr, cfg["paths"][key])
     for attr in PATH_FLAGS:
@@ -425,14 +422,13 @@ def _runs(args, cfg) -> dict:
     name = tables.table_name(cfg["catalog"])
 
     def job(spark):
-        if args.action == "list" or args.dry_run:  # a dry drop lists what it would drop
+        if args.action == "list":
             return tables.list_runs(spark, cfg["catalog"], args.run_id)
-        return tables.drop_runs(spark, cfg["catalog"], args.run_id, args.split, args.strategy)
+        return tables.drop_runs(spark, cfg["catalog"], args.run_id, args.split, args.strategy,
+                                dry_run=args.dry_run)
 
     rows = _with_spark(cfg, "runs", job)
     if args.action == "drop":
-        rows = [r for r in rows if (not args.split or r["split"] == args.split)
-                and (not args.strategy or r["strategy"] == args.strategy)]
         verb = "would drop" if args.dry_run else "dropped"
         print(f"{verb} {len(rows)} partition(s) of run {args.run_id} from {name}, "
               f"{sum(r['products'] for r in rows)} rows")

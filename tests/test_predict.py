@@ -13,6 +13,7 @@ from corrupt import JPEG_OK, split_docs
 
 from hierarchy.config import load_config
 from hierarchy.dataset import Dataset
+from hierarchy.errors import UsageError
 from hierarchy.infer.modelset import PredictError, load_modelset
 from hierarchy.infer.pipeline import read_images, run_predict, score
 from hierarchy.infer.scoring import ScoringPlan
@@ -212,6 +213,9 @@ def test_two_outputs_fill_one_table_that_lists_and_drops_runs(world, spark, tmp_
     assert 0 <= runs["val", "flat"]["accuracy_l3"] <= 1
     assert runs["val", "flat"]["products"] == b["products"]
 
+    would = tables.drop_runs(spark, pcfg["catalog"], RUN, "val", dry_run=True)
+    assert [(r["split"], r["strategy"]) for r in would] == [("val", "flat")]
+    assert len(tables.list_runs(spark, pcfg["catalog"])) == 2   # a dry run drops nothing
     dropped = tables.drop_runs(spark, pcfg["catalog"], RUN, "val")
     assert [(r["split"], r["strategy"]) for r in dropped] == [("val", "flat")]
     left = tables.list_runs(spark, pcfg["catalog"])
@@ -220,7 +224,7 @@ def test_two_outputs_fill_one_table_that_lists_and_drops_runs(world, spark, tmp_
     assert (Path(table_dir) / f"run_id={RUN}" / "split=test").is_dir()
     assert not (Path(table_dir) / f"run_id={RUN}" / "split=val").exists()
     assert tables.drop_runs(spark, pcfg["catalog"], RUN, "val") == []  # twice: nothing to do
-    with pytest.raises(Exception, match="--strategy needs --split"):
+    with pytest.raises(UsageError, match="--strategy needs --split"):
         tables.drop_runs(spark, pcfg["catalog"], RUN, None, "flat")
 
 

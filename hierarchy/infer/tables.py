@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 from hierarchy import storage
-from hierarchy.errors import Refused
+from hierarchy.errors import UsageError
 from hierarchy.infer.modelset import PredictError
 from hierarchy.infer.schema import PARTITIONS, TABLE_COLUMNS
 
@@ -46,6 +46,11 @@ def table_location(spark, catalog: dict) -> str:
     """Where the table's files are: the registered table's own location, else
     ``catalog.location``, else ``<database location>/<table>``. Refuses a table registered
     somewhere else than ``catalog.location`` says (two configs disagreeing on one table)."""
+    return _placed(spark, catalog)[0]
+
+
+def _placed(spark, catalog: dict) -> Tuple[str, bool]:
+    """(:func:`table_location`, whether the table is registered already)."""
     name = table_name(catalog)
     existing = _existing_location(spark, name)
     wanted = storage.to_url(catalog["location"]) if catalog["location"] else ""
@@ -55,12 +60,12 @@ def table_location(spark, catalog: dict) -> str:
             f"catalog.location={existing} (or empty), or name another table with "
             f"catalog.table=... / catalog.database=...")
     if existing:
-        return storage.to_url(existing)
+        return storage.to_url(existing), True
     if wanted:
-        return wanted
+        return wanted, False
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
     return storage.join(storage.to_url(spark.catalog.getDatabase(catalog["database"])
-                                       .locationUri), catalog["table"])
+                                       .locationUri), catalog["table"]), False
 
 
 def _literal(value: str) -> str:
@@ -76,8 +81,7 @@ def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
     """Write ``df`` (one run_id/split/strategy) into its partition of the table and register
     that partition; returns (table name, table location)."""
     name = table_name(catalog)
-    location = table_location(spark, catalog)
-    existed = spark.catalog.tableExists(name)
+    location, existed = _placed(spark, catalog)
     (df.select(*TABLE_COLUMNS).write.mode("overwrite")
        .option("partitionOverwriteMode", "dynamic")
        .partitionBy(*PARTITIONS).parquet(location))
@@ -115,17 +119,18 @@ def list_runs(spark, catalog: dict, run_id: Optional[str] = None) -> List[dict]:
 
 
 def drop_runs(spark, catalog: dict, run_id: str, split: Optional[str] = None,
-              strategy: Optional[str] = None) -> List[dict]:
+              strategy: Optional[str] = None, dry_run: bool = False) -> List[dict]:
     """Remove a run's partitions (all, or one split / strategy) from the catalog first, then
     their files: a reader never sees a partition whose files are gone. Returns what was
-    dropped (empty when nothing matched: dropping twice is not an error)."""
+    dropped (empty when nothing matched: dropping twice is not an error); ``dry_run``: what
+    would be, touching nothing."""
     if strategy and not split:
-        raise Refused("--strategy needs --split (partitions nest run_id/split/strategy)")
+        raise UsageError("--strategy needs --split (partitions nest run_id/split/strategy)")
     name = table_name(catalog)
     gone = [r for r in list_runs(spark, catalog, run_id)
             if (not split or r["split"] == split) and (not strategy or r["strategy"] == strategy)]
-    if not gone:
-        return []
+    if not gone or dry_run:
+        return gone
     location = table_location(spark, catalog)
     spec = partition_spec(run_id=run_id, split=split, strategy=strategy)
     spark.sql(f"ALTER TABLE {name} DROP IF EXISTS PARTITION ({spec})")
