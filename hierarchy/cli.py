@@ -18,6 +18,7 @@ from typing import List, Optional
 
 from hierarchy import modelstore, storage
 from hierarchy.config import load_config
+from hierarchy.curate.table import FLAGS
 from hierarchy.dataset import KINDS
 from hierarchy.errors import EXIT_OK, EXIT_USAGE, HierarchyError, UsageError
 from hierarchy.infer.modelset import AUTO, STRATEGIES, resolve_strategy
@@ -64,6 +65,8 @@ PATH_DEFAULTS = {
     "predict": {"data": "data", "models": "models", "output": "output"},
     "evaluate": {"data": "data", "models": "models", "output": "output"},
     "serve": {"models": "models"},
+    "curate": {"data": "data"},
+    "review": {"data": "data"},
 }
 
 
@@ -219,6 +222,31 @@ def build_parser() -> argparse.ArgumentParser:
     _dry_run(p)
     _common(p)
 
+    p = sub.add_parser("curate", help="flag duplicate, near-duplicate, placeholder, blank, "
+                                      "conflicting-label and leaking pictures",
+                       description="Hash every picture of DATA (perceptual hash + pixel "
+                                   "statistics), group exact and near duplicates without "
+                                   "comparing all pairs, flag each picture and write "
+                                   "DATA/curation (the catalog's curation table, replaced "
+                                   "whole on a re-run), DATA/curation_report (report.md, "
+                                   "contact sheets, the review queue). Review decisions "
+                                   "(DATA/reviews) are folded in.")
+    p.add_argument("--data", metavar="DIR", help="dataset folder (default paths.data)")
+    _dry_run(p)
+    _common(p)
+
+    p = sub.add_parser("review", help="the review page of a curated dataset (HTTP)",
+                       description="Serve the page that lists DATA's flagged groups with their "
+                                   "pictures, products and categories; a reviewer marks a "
+                                   "picture or a group keep / drop / relabel, stored in "
+                                   "DATA/reviews (the reviews table) and honoured by the next "
+                                   "curate and train. `hierarchy serve --data DIR` serves the "
+                                   "same page beside the model API.")
+    p.add_argument("--data", metavar="DIR", help="dataset folder (default paths.data)")
+    p.add_argument("--host", help="default serve.host")
+    p.add_argument("--port", type=_count(0), help="default serve.port")
+    _common(p)
+
     p = sub.add_parser("runs", help="list or drop runs of the predictions table",
                        description="The predictions table holds every run as partitions "
                                    "run_id/split/strategy. `list` shows them (products, "
@@ -273,14 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default serve.strategy (auto: the run's recommended strategy)")
     p.add_argument("--host", help="default serve.host")
     p.add_argument("--port", type=_count(0), help="default serve.port")
+    p.add_argument("--data", metavar="DIR",
+                   help="also serve this curated dataset's review page at /review")
     _common(p)
     return parser
 
 
 def _synth(args, cfg) -> dict:
     from hierarchy.synth import generate
+    from hierarchy.synth.plant import Plants
 
     scfg = cfg["synth"]
+    plants = Plants.from_config(scfg["plant"])
+    if sum(plants.shares(True)) > 1:
+        raise UsageError(f"synth.plant: the shares sum to {sum(plants.shares(True)):.2f}; at "
+                         f"most 1 (one plant per product)")
     stats = generate(
         args.output,
         products=args.products if args.products is not None else scfg["products"],
@@ -291,6 +326,7 @@ def _synth(args, cfg) -> dict:
                        else scfg["test_products"]),
         workers=scfg["workers"] or None,
         progress=bool(cfg["ingest"]["progress"]),
+        plants=plants,
     )
     print(json.dumps(stats, indent=2, default=str))
     return {"output": args.output}
@@ -479,14 +515,45 @@ def _serve(args, cfg) -> dict:
     from hierarchy.serve.app import serve
 
     storage.require_dir(args.models, "--models")
-    serve(cfg, args.models, args.run_id, args.strategy, args.host, args.port)
+    if args.data:
+        from hierarchy.serve.review import require_curated
+
+        require_curated(args.data)
+    serve(cfg, args.models, args.run_id, args.strategy, args.host, args.port, data=args.data)
     return {"run_id": args.run_id}
+
+
+def _curate(args, cfg) -> dict:
+    from hierarchy.curate.pipeline import check_curate, run_curate
+
+    splits = check_curate(cfg, args.data)
+    if args.dry_run:
+        print(f"would curate {', '.join(f'{s} ({n} pictures)' for s, n in splits.items())} of "
+              f"{args.data} into {args.data}/curation")
+        return {"data": args.data, "pictures": sum(splits.values())}
+    summary = _with_spark(cfg, "curate", lambda spark: run_curate(spark, cfg, args.data))
+    c = summary["counts"]
+    g = summary["grouping"]
+    print(f"curated {c['pictures']} pictures of {args.data}: {c['flagged']} flagged "
+          f"({', '.join(f'{f} {c[f]}' for f in FLAGS)}); {c['groups']} groups")
+    print(f"near duplicates: {g['comparisons']} comparisons of {g['all_pairs']} possible pairs "
+          f"({g['tables']} band tables, largest bucket {g['largest_bucket']})")
+    print(f"report: {summary['report']}")
+    return {"data": args.data, "pictures": c["pictures"], "flagged": c["flagged"],
+            "comparisons": g["comparisons"], "all_pairs": g["all_pairs"]}
+
+
+def _review(args, cfg) -> dict:
+    from hierarchy.serve.review import review_server
+
+    review_server(cfg, args.data, args.host, args.port)
+    return {"data": args.data}
 
 
 STAGES = {"synth": _synth, "ingest": _ingest, "train": _train, "predict": _predict,
           "evaluate": _evaluate, "runs": _runs, "metastore": _metastore,
           "thriftserver": _thriftserver,
-          "serve": _serve}
+          "serve": _serve, "curate": _curate, "review": _review}
 
 
 def job_summary(stage: str, status: str, exit_code: int, started: float, **facts) -> str:

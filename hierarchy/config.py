@@ -76,6 +76,12 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "synth.taxonomy": _taxonomy_choice,
     "synth.preset": _choice("fast", "hard"),
     "synth.workers": _range(0, 1024),
+    "synth.plant.duplicates": _range(0.0, 1.0),
+    "synth.plant.near_duplicates": _range(0.0, 1.0),
+    "synth.plant.relabelled": _range(0.0, 1.0),
+    "synth.plant.placeholders": _range(0, 1000),
+    "synth.plant.placeholder_share": _range(0.0, 1.0),
+    "synth.plant.blank": _range(0.0, 1.0),
     "train.backbone": _choice("small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50",
                               "inception_v3"),
     "train.weights": lambda v: None if v is None or isinstance(v, str) and v
@@ -116,6 +122,23 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     else "a SQL identifier (letters, digits, _)",
     "catalog.table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
     else "a SQL identifier (letters, digits, _)",
+    "catalog.curation_table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
+    else "a SQL identifier (letters, digits, _)",
+    "catalog.reviews_table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
+    else "a SQL identifier (letters, digits, _)",
+    "train.exclude": lambda v: None if all(x in ("blank", "placeholder", "duplicate",
+                                                 "near_duplicate", "conflicting_labels",
+                                                 "leakage") for x in v)
+    else "a list of curation flags: blank, placeholder, duplicate, near_duplicate, "
+         "conflicting_labels, leakage",
+    "curate.near_distance": _range(0, 32),
+    "curate.hash_blocks": _range(2, 32),
+    "curate.max_rounds": _range(1, 10000),
+    "curate.blank_max_std": _range(0.0, 255.0),
+    "curate.placeholder_min_products": _range(2, 10**9),
+    "curate.placeholder_min_categories": _range(2, 10**6),
+    "curate.review_max_groups": _range(1, 10**6),
+    "curate.review_pictures": _range(1, 1000),
     "predict.strategy": _choice("auto", "flat", "two-stage", "blend", "multi", "hierarchical"),
     "calibrate.max_products": _range(1, 10**9),
     "calibrate.temperatures": lambda v: None if v and all(

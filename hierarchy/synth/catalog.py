@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from hierarchy import storage
 from hierarchy.synth.images import FAST, HARD, DrawStyle, render_product
+from hierarchy.synth.plant import TRUTH, TRUTH_HEADER, Planter, Plants
 from hierarchy.synth.taxonomy import make_taxonomy
 from hierarchy.taxonomy import Taxonomy
 
@@ -70,6 +71,7 @@ class Plan:
     weights: np.ndarray  # probability of each leaf
     preset: Preset = PRESETS["fast"]
     siblings: Tuple[np.ndarray, ...] = ()  # per leaf, the leaves a noisy label may move to
+    plants: Plants = Plants()
 
 
 def leaf_looks(tax: Taxonomy) -> np.ndarray:
@@ -122,17 +124,24 @@ def product_ids(n_train: int, n_test: int, seed: int) -> Tuple[np.ndarray, np.nd
 
 
 _PLAN: Optional[Plan] = None
+_PLANTER: Optional[Planter] = None
 
 
 def _init_worker(plan: Plan) -> None:
-    global _PLAN
+    global _PLAN, _PLANTER
     _PLAN = plan
+    _PLANTER = Planter(plan.plants, plan.seed, plan.looks, plan.category_ids, plan.weights,
+                       plan.preset.look) if plan.plants.any else None
 
 
-def render_block(task: Tuple[str, int, np.ndarray]) -> Tuple[str, bytes, int, np.ndarray]:
-    """(split, BSON bytes, image count, level-3 ids) of one block of products."""
+def render_block(task: Tuple[str, int, np.ndarray]) -> Tuple[str, bytes, int, np.ndarray, list]:
+    """(split, BSON bytes, image count, level-3 ids, planted truth rows) of one block."""
     split, block, ids = task
     plan = _PLAN
+    # plants draw from their own stream: the ordinary pictures stay what they were
+    prng = np.random.default_rng([plan.seed, 7200, 0 if split == TRAIN else 1, block]) \
+        if _PLANTER else None
+    truth = []
     rng = np.random.default_rng([plan.seed, 0 if split == TRAIN else 1, block])
     leaves = rng.choice(len(plan.weights), size=len(ids), p=plan.weights)
     views = rng.choice(len(VIEWS_P), size=len(ids), p=VIEWS_P) + 1
@@ -140,16 +149,25 @@ def render_block(task: Tuple[str, int, np.ndarray]) -> Tuple[str, bytes, int, np
     # drawn only when the preset has label noise: the fast preset's bytes stay what they were
     flips = rng.uniform(size=len(ids)) < noisy if noisy else np.zeros(len(ids), dtype=bool)
     chunks = []
+    n_images = 0
     for pid, l3, n, flip in zip(ids.tolist(), leaves.tolist(), views.tolist(), flips.tolist()):
         l1, l2_local, l3_local = plan.looks[l3].tolist()
         pictures = render_product(l1, l2_local, l3_local, n, rng, plan.preset.look)
-        # Key order matters: _id first and category_id last, as in the real files.
-        doc = {"_id": pid, "imgs": [{"picture": p} for p in pictures]}
+        label = None
         if split == TRAIN:
             label = int(rng.choice(plan.siblings[l3])) if flip else l3
+        if _PLANTER:
+            pictures, planted = _PLANTER.apply(prng, split == TRAIN, l3, pictures)
+            cid = "" if label is None else int(plan.category_ids[label])
+            truth.extend(f"{split},{pid},{i},{cid},{kind},{group}\n"
+                         for i, kind, group in planted)
+        # Key order matters: _id first and category_id last, as in the real files.
+        doc = {"_id": pid, "imgs": [{"picture": p} for p in pictures]}
+        if label is not None:
             doc["category_id"] = int(plan.category_ids[label])
         chunks.append(bson.encode(doc))
-    return split, b"".join(chunks), int(views.sum()), leaves
+        n_images += len(pictures)
+    return split, b"".join(chunks), n_images, leaves, truth
 
 
 def _tasks(train_ids: np.ndarray, test_ids: np.ndarray) -> Iterator[Tuple[str, int, np.ndarray]]:
@@ -171,12 +189,17 @@ def generate(
     workers: Optional[int] = None,
     progress: bool = True,
     preset: str = "fast",
+    plants: Optional[Plants] = None,
 ) -> dict:
     """Write ``train.bson``, ``test.bson`` and ``category_names.csv`` under ``output_dir``.
 
     Each file is written under a temporary name and renamed when all are complete, so an
-    interrupted run never leaves a file that looks finished. Returns counts, sizes and timing.
+    interrupted run never leaves a file that looks finished. ``plants``: curation problems to
+    plant, listed in ``curation_truth.csv`` (:mod:`hierarchy.synth.plant`). Returns counts,
+    sizes and timing.
     """
+    plants = plants or Plants()
+    plants.check()
     started = time.perf_counter()
     if test_products is None:
         test_products = max(1, products // 4)
@@ -193,6 +216,7 @@ def generate(
         weights=category_weights(tax.n_l3, seed, chosen.zipf, chosen.zipf_offset),
         preset=chosen,
         siblings=sibling_table(tax) if chosen.label_noise else (),
+        plants=plants,
     )
     train_ids, test_ids = product_ids(products, test_products, seed)
     n_blocks = -(-products // BLOCK) + -(-test_products // BLOCK)
@@ -209,20 +233,26 @@ def generate(
         storage.atomic_local_file(paths[TEST]) as test_tmp,
         storage.atomic_local_file(csv_path) as csv_tmp,
         storage.atomic_local_file(os.path.join(output_dir, SOLUTION)) as solution_tmp,
+        storage.atomic_local_file(os.path.join(output_dir, TRUTH)) as truth_tmp,
     ):
         with (
             open(train_tmp, "wb") as f_train,
             open(test_tmp, "wb") as f_test,
             open(solution_tmp, "w") as f_solution,
+            open(truth_tmp, "w") as f_truth,
             tqdm(
                 total=products + test_products, unit="product", disable=not progress, desc="synth"
             ) as bar,
         ):
             out = {TRAIN: f_train, TEST: f_test}
             f_solution.write("_id,category_id\n")
-            for split, blob, n_images, leaves in _run(plan, train_ids, test_ids, workers,
-                                                      solution=f_solution):
+            f_truth.write(TRUTH_HEADER)
+            planted = 0
+            for split, blob, n_images, leaves, truth in _run(plan, train_ids, test_ids, workers,
+                                                             solution=f_solution):
                 out[split].write(blob)
+                f_truth.writelines(truth)
+                planted += len(truth)
                 images[split] += n_images
                 if split == TRAIN:
                     used[leaves] = True
@@ -231,6 +261,10 @@ def generate(
 
     seconds = time.perf_counter() - started
     files = dict(FILES, csv="category_names.csv", solution=SOLUTION)
+    if not plants.any:
+        os.remove(os.path.join(output_dir, TRUTH))  # nothing planted: no truth to score
+    else:
+        files["truth"] = TRUTH
     return {
         "output_dir": str(output_dir),
         "seed": seed,
@@ -240,6 +274,7 @@ def generate(
         "images": images,
         "bytes": {name: os.path.getsize(os.path.join(output_dir, name)) for name in files.values()},
         "categories": tax.n_l3,
+        "planted": planted,
         "categories_used": int(used.sum()),
         "workers": workers,
         "seconds": round(seconds, 3),

@@ -81,14 +81,16 @@ def class_count(taxonomy: Taxonomy, label: str, branch: Optional[int] = None) ->
 
 
 def steps_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int,
-                    branch: Optional[int] = None) -> int:
+                    branch: Optional[int] = None, left_out: int = 0) -> int:
     """ceil(images / global batch), at least 1; the same for every worker.
 
     ``images`` is the split's count in the manifest, or the branch's count
-    (``images_per_l1``) for a branch model."""
+    (``images_per_l1``) for a branch model, less the ``left_out`` pictures curation
+    excludes."""
     if batch_size < 1 or world_size < 1:
         raise ValueError(f"batch_size {batch_size} and world_size {world_size} must be >= 1")
-    return max(1, math.ceil(images_in(manifest, split, branch) / (batch_size * world_size)))
+    images = max(0, images_in(manifest, split, branch) - left_out)
+    return max(1, math.ceil(images / (batch_size * world_size)))
 
 
 # ------------------------------------------------------------------------------ row groups
@@ -221,7 +223,7 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
                  branch: Optional[int] = None, taxonomy: Optional[Taxonomy] = None,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1024, seed: int = 0,
                  augment: bool = True, reader_workers: int = 2, repeat: bool = True,
-                 return_keys: bool = False) -> Iterator[tf.data.Dataset]:
+                 return_keys: bool = False, exclusion=None) -> Iterator[tf.data.Dataset]:
     """Yield a ``tf.data.Dataset`` of ``(images float32 [B, S, S, 3], labels int32 [B])``.
 
     data        dataset folder (path or URL) holding ``images/``.
@@ -237,6 +239,10 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
                 of all workers together cover the split exactly once.
     return_keys also yield ``int64 [B, 2]`` (product_id, img_idx) as a third element — for
                 tests and evaluation.
+    exclusion   a :class:`hierarchy.curate.table.Exclusion`: its pictures are filtered out in
+                the reader (on the key columns, before the JPEGs are loaded) and its relabels
+                replace the stored labels (a branch model gains the pictures relabelled into
+                its branch and loses those relabelled out).
 
     The Petastorm reader is stopped when the ``with`` block ends. A split (or branch) without
     rows raises :class:`EmptySplitError` when training; for validation it yields an empty
@@ -282,9 +288,13 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         # branch within it, is small here by construction; tf.data still shuffles rows)
         log.info("%s: %d row group(s) for %d workers — every worker reads all and keeps "
                  "1/%d of the rows", what, len(groups), world_size, world_size)
-    fields = ["jpeg", "l1", "l3"] + (["product_id", "img_idx"] if return_keys else [])
+    curated = exclusion is not None and exclusion.active
+    relabel = _relabels(exclusion, taxonomy) if curated else None
+    fields = ["jpeg", "l1", "l3"] + (["product_id", "img_idx"] if return_keys or curated else [])
     predicate = None
-    if branch is not None:
+    if curated:
+        predicate = _curation_predicate(exclusion.keys(split), relabel, branch)
+    elif branch is not None:
         # evaluated by Petastorm's workers on the l1 column alone (a pandas Series)
         predicate = in_lambda(["l1"], lambda l1, b=branch: l1 == b)
     with warnings.catch_warnings():
@@ -308,7 +318,7 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         ds = make_petastorm_dataset(reader).unbatch()
         if tf_shards:
             ds = ds.shard(world_size, rank)
-        ds = ds.map(_record_fn(label, taxonomy, return_keys))
+        ds = ds.map(_record_fn(label, taxonomy, return_keys, relabel))
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
@@ -334,12 +344,66 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         reader.join()
 
 
-def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool):
+def _relabels(exclusion, taxonomy: Optional[Taxonomy]):
+    """(sorted picture keys, their new level-3 ids) of the reviewers' relabels whose category
+    the taxonomy knows (others are logged and ignored), or None."""
+    if not exclusion.relabels:
+        return None
+    if taxonomy is None:
+        raise ValueError("relabelled pictures need the taxonomy")
+    l3_of = {int(c): i for i, c in enumerate(taxonomy.category_ids)}
+    known = {k: l3_of[c] for k, c in exclusion.relabels.items() if c in l3_of}
+    if len(known) < len(exclusion.relabels):
+        log.warning("%d relabel decision(s) name a category the taxonomy does not have; "
+                    "ignored", len(exclusion.relabels) - len(known))
+    if not known:
+        return None
+    keys = np.array(sorted(known), np.int64)
+    return keys, np.array([known[k] for k in keys], np.int32), \
+        np.asarray(taxonomy.l1_of_l3, np.int32)[[known[k] for k in keys]]
+
+
+def _curation_predicate(excluded: np.ndarray, relabel, branch: Optional[int]):
+    """A Petastorm predicate (pandas Series in, boolean mask out) that leaves out the excluded
+    keys and, for a branch, keeps the rows whose level 1 after relabelling is the branch."""
+    import pandas as pd
+    from petastorm.predicates import in_lambda
+
+    from hierarchy.curate.table import picture_key
+
+    def keep(l1, product_id, img_idx):
+        key = picture_key(product_id.to_numpy(), img_idx.to_numpy())
+        mask = ~np.isin(key, excluded, assume_unique=False)
+        if branch is not None:
+            l1 = l1.to_numpy().copy()
+            if relabel is not None:
+                hit = np.isin(key, relabel[0])
+                l1[hit] = relabel[2][np.searchsorted(relabel[0], key[hit])]
+            mask &= l1 == branch
+        return pd.Series(mask, index=product_id.index)  # Petastorm maps over a Series
+
+    return in_lambda(["l1", "product_id", "img_idx"], keep)
+
+
+def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, relabel=None):
     table = None
     if label == "branch":
         table = tf.constant(taxonomy.local_of_l3(), dtype=tf.int32)
+    lookup = None
+    if relabel is not None:
+        lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant(relabel[0]), tf.constant(relabel[1])), default_value=-1)
+        l1_of_l3 = tf.constant(np.asarray(taxonomy.l1_of_l3, np.int32))
 
     def record(row):
+        if lookup is not None:
+            key = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(row.product_id, tf.int64),
+                                                              tf.constant(16, tf.int64)),
+                                        tf.cast(row.img_idx, tf.int64))
+            new = lookup.lookup(key)
+            l3 = tf.where(new >= 0, new, tf.cast(row.l3, tf.int32))
+            l1 = tf.where(new >= 0, tf.gather(l1_of_l3, l3), tf.cast(row.l1, tf.int32))
+            row = row._replace(l3=l3, l1=l1)
         if label == "branch":
             y = tf.gather(table, tf.cast(row.l3, tf.int32))
         else:

@@ -228,6 +228,9 @@ def train_experts(spec: TrainSpec) -> dict:
                 shutil.rmtree(old)
     barrier("clean")
     extracted = {}
+    from hierarchy.curate.table import Exclusion
+
+    exclusion = Exclusion(spec.data, tcfg["exclude"])
     preprocess = tmodels.preprocess_for(tcfg["backbone"])
     for split in ("train", VAL):
         if not images_in(manifest, split):
@@ -236,7 +239,8 @@ def train_experts(spec: TrainSpec) -> dict:
                                 batch_size=tcfg["batch_size"], training=False, repeat=False,
                                 return_keys=True, preprocess=preprocess, rank=rank,
                                 world_size=size, taxonomy=taxonomy,
-                                reader_workers=tcfg["reader_workers"]) as ds:
+                                reader_workers=tcfg["reader_workers"],
+                                exclusion=exclusion) as ds:
             extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
     barrier("features")
     os.makedirs(heads_dir, exist_ok=True)

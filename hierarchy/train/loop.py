@@ -8,12 +8,15 @@ across workers, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
 
 from hierarchy import storage
 from hierarchy.train.spec import TrainSpec
+
+log = logging.getLogger(__name__)
 
 
 def _phases(tcfg: dict) -> list:
@@ -39,6 +42,7 @@ def train_model(spec: TrainSpec) -> dict:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
+    from hierarchy.curate.table import Exclusion
     from hierarchy.dataset import VAL, Dataset, images_in
     from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
@@ -61,9 +65,16 @@ def train_model(spec: TrainSpec) -> dict:
     taxonomy = dataset.taxonomy()
     label, branch = spec.label, spec.branch
     n_classes = tdata.class_count(taxonomy, label, branch)
-    steps = tdata.steps_per_epoch(manifest, "train", tcfg["batch_size"], size, branch)
-    val_steps = tdata.steps_per_epoch(manifest, "val", tcfg["batch_size"], size, branch)
-    has_val = images_in(manifest, VAL, branch) > 0
+    exclusion = Exclusion(spec.data, tcfg["exclude"])
+    steps = tdata.steps_per_epoch(manifest, "train", tcfg["batch_size"], size, branch,
+                                  left_out=exclusion.count("train", branch))
+    val_steps = tdata.steps_per_epoch(manifest, "val", tcfg["batch_size"], size, branch,
+                                      left_out=exclusion.count("val", branch))
+    has_val = images_in(manifest, VAL, branch) - exclusion.count("val", branch) > 0
+    if exclusion.active and rank == 0:
+        log.info("%s: curation leaves out %s pictures (train.exclude=%s, reviews, val leakage); "
+                 "%d relabelled", spec.key, exclusion.summary()["left_out"], tcfg["exclude"],
+                 len(exclusion.relabels))
 
     # ---- model: resume from the last checkpoint, else build (branch: level-1 backbone)
     policy = tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
@@ -97,7 +108,8 @@ def train_model(spec: TrainSpec) -> dict:
         preprocess = tmodels.preprocess_for(tcfg["backbone"])
         common = dict(label=label, image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
                       preprocess=preprocess, branch=branch, taxonomy=taxonomy, rank=rank,
-                      world_size=size, reader_workers=tcfg["reader_workers"])
+                      world_size=size, reader_workers=tcfg["reader_workers"],
+                      exclusion=exclusion)
         with tdata.make_dataset(spec.data, "train", training=True, augment=tcfg["augment"],
                                 shuffle_buffer=tcfg["shuffle_buffer"], seed=tcfg["seed"] + rank,
                                 **common) as train_ds, \
@@ -182,7 +194,8 @@ def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker
     metrics.update({"best_epoch": best_epoch + 1, "epochs": len(history.get("loss", [])),
                     "classes": n_classes, "steps_per_epoch": steps,
                     "taxonomy_fingerprint": taxonomy.fingerprint,
-                    "label": spec.label, "branch": spec.branch})
+                    "label": spec.label, "branch": spec.branch,
+                    "curation": exclusion.summary()})
     storage.write_json_atomic(run.metrics_file(spec.key), metrics)
     tracker.log_final(metrics, [run.history_file(spec.key), run.metrics_file(spec.key)])
     return {"metrics": metrics, "model": final}
