@@ -418,7 +418,7 @@ def _predict(args, cfg) -> dict:
     strategy = resolve_strategy(args.models, args.run_id,
                                 args.strategy or cfg["predict"]["strategy"])
     checked = check_predict(args.data, args.models, args.run_id, args.split, strategy,
-                            args.output)
+                            args.output, bool(cfg["predict"]["duplicate_lookup"]))
     if args.dry_run:
         print(f"would score split {args.split} with run {args.run_id} ({strategy}, "
               f"{len(checked.modelset.refs())} model file(s) checked) into table "

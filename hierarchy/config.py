@@ -137,6 +137,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "curate.blank_max_std": _range(0.0, 255.0),
     "curate.placeholder_min_products": _range(2, 10**9),
     "curate.placeholder_min_categories": _range(2, 10**6),
+    "curate.placeholder_max_share": _range(0.0, 1.0, lo_open=True),
     "curate.review_max_groups": _range(1, 10**6),
     "curate.review_pictures": _range(1, 1000),
     "predict.strategy": _choice("auto", "flat", "two-stage", "blend", "multi", "hierarchical"),

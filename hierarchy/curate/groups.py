@@ -128,7 +128,7 @@ def components(spark, edges, max_rounds: int = 50):
     labels = both.groupBy("v").agg(F.least(F.min("u"), F.first("v")).alias("label"))
     labels = labels.localCheckpoint()
     rounds = 0
-    for rounds in range(1, max_rounds + 1):
+    for rounds in range(1, max_rounds + 1):  # noqa: B007 - the count is returned
         moved = (both.join(labels.withColumnRenamed("v", "u"), "u")
                      .groupBy("v").agg(F.min("label").alias("seen")))
         new = (labels.join(moved, "v", "left")

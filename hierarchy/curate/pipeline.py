@@ -13,7 +13,9 @@ blank               greyscale pixel std <= ``curate.blank_max_std``
 duplicate           its bytes (MD5) occur more than once in the dataset
 near_duplicate      its group holds more than one distinct picture (MD5)
 placeholder         its group is shown by >= ``placeholder_min_products`` products filed under
-                    >= ``placeholder_min_categories`` categories ("no image", logos)
+                    >= ``placeholder_min_categories`` categories, none holding more than
+                    ``placeholder_max_share`` of its labels ("no image", logos; a popular
+                    product's picture with a few mislabelled copies is a conflict instead)
 conflicting_labels  its group holds pictures of one very hash (the same picture, re-encoded at
                     most) labelled with more than one category, and is no placeholder (a
                     placeholder says nothing about its products: it is not a conflict)
@@ -45,8 +47,8 @@ def _hex(col):
 
 def extract(spark, data: str):
     """Pictures of every split with their hash and stats (no JPEG bytes past this point)."""
-    from pyspark.sql.types import StructField, StructType
     from pyspark.sql.pandas.types import from_arrow_type
+    from pyspark.sql.types import StructField, StructType
 
     images = spark.read.parquet(Dataset(data).url("images")).select(*PICTURE_COLUMNS, "jpeg")
     fields = [f for f in images.schema.fields if f.name != "jpeg"]
@@ -71,7 +73,8 @@ def flag(spark, pics, edges_labels, reviews, ccfg: dict):
                 .groupBy("group_hash")
                 .agg(F.to_json(F.map_from_entries(F.collect_list(F.struct(
                     F.col("category_id").cast("string"), F.col("count")))))
-                    .alias("category_counts")))
+                    .alias("category_counts"),
+                     (F.max("count") / F.sum("count")).alias("top_category_share")))
     stats = (pics.where(F.col("group_hash").isNotNull()).groupBy("group_hash")
                  .agg(F.count("*").alias("group_pictures"),
                       F.countDistinct("product_id").alias("group_products"),
@@ -84,7 +87,8 @@ def flag(spark, pics, edges_labels, reviews, ccfg: dict):
     rows = pics.join(stats, "group_hash", "left")
     grouped = F.coalesce(F.col("group_pictures"), F.lit(1)) > 1
     placeholder = grouped & (F.col("group_products") >= ccfg["placeholder_min_products"]) & \
-        (F.col("group_categories") >= ccfg["placeholder_min_categories"])
+        (F.col("group_categories") >= ccfg["placeholder_min_categories"]) & \
+        (F.col("top_category_share") <= ccfg["placeholder_max_share"])
     rows = rows.select(
         "*",
         F.coalesce(F.col("pixel_std") <= ccfg["blank_max_std"], F.lit(False)).alias("blank"),

@@ -5,7 +5,6 @@ groups, the placeholders and the conflicts, drawn from the review queue (a bound
 from __future__ import annotations
 
 import io
-import json
 from typing import Dict, List
 
 from hierarchy import storage
@@ -93,7 +92,8 @@ def write_report(report_dir: str, summary: dict, sheet_groups: int = 8) -> str:
         "## Time", "",
         *[f"- {k}: {v} s" for k, v in summary["seconds"].items()], "",
         "## Review queue (most urgent first)", "",
-        "| group | pictures | products | categories | flags | reason |", "|---|---|---|---|---|---|",
+        "| group | pictures | products | categories | flags | reason |",
+        "|---|---|---|---|---|---|",
         *[f"| {x['review_group']} | {x['pictures']} | {x['products']} | {x['categories']} | "
           f"{', '.join(x['flags'])} | {x['reason'] or ''} |" for x in groups[:30]], "",
         *[f"![{name}]({name})" for name in written],

@@ -74,7 +74,7 @@ def picture_key(product_id, img_idx):
 # ---------------------------------------------------------------------------- reviews
 def append_reviews(data: str, rows: Sequence[dict]) -> str:
     """Write one decision file (all of ``rows``, stamped now) into ``reviews/``; returns it."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     review_id = uuid.uuid4().hex
     table = pa.Table.from_pylist([{
         "review_id": review_id, "target": r["target"], "group_id": r.get("group_id"),

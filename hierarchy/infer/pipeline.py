@@ -98,12 +98,62 @@ def finish_rows(rows, run_id: str, split: str, strategy: str):
     top5 = F.expr("transform(arrays_zip(top_category_id, top_probability), "
                   "x -> named_struct('category_id', x.top_category_id, "
                   "'probability', x.top_probability))")
+    if "answered_by" not in rows.columns:
+        rows = rows.withColumn("answered_by", F.when(F.col("fallback"), F.lit("prior"))
+                               .otherwise(F.lit("model")))
     return (rows.withColumn("top5", top5)
                 .withColumn("scored_at", F.current_timestamp())
                 .withColumn("run_id", F.lit(run_id))
                 .withColumn("split", F.lit(split))
                 .withColumn("strategy", F.lit(strategy))
                 .select(*schema.TABLE_COLUMNS))
+
+
+def duplicate_answers(spark, data: str, split: str, taxonomy: Taxonomy):
+    """Products of ``split`` one of whose pictures is an exact copy (same MD5) of a training
+    picture, when every such copy carries one and the same category: that category's
+    prediction columns, confidence 1. Copies flagged placeholder or conflicting_labels, and
+    pictures a reviewer dropped, never answer; a reviewer's relabel does. Reads the curation
+    table's key columns only."""
+    from pyspark.sql import functions as F
+
+    from hierarchy.curate import table as ct
+
+    cur = spark.read.parquet(storage.to_url(ct.curation_path(data)))
+    usable = ~F.col("placeholder") & ~F.col("conflicting_labels") & \
+        (F.coalesce(F.col("review"), F.lit("")) != "drop")
+    label = F.when(F.col("review") == "relabel", F.col("review_category_id")) \
+        .otherwise(F.col("category_id"))
+    train = (cur.where((F.col("split") == TRAIN) & usable)
+                .select("md5", label.alias("answer")).where(F.col("answer").isNotNull())
+                .distinct())
+    mine = cur.where(F.col("split") == split).select("product_id", "md5")
+    answers = (mine.join(train, "md5").groupBy("product_id")
+                   .agg(F.countDistinct("answer").alias("n"), F.first("answer").alias("answer"))
+                   .where("n = 1").select("product_id", "answer"))
+    leaves = spark.createDataFrame(
+        [(int(taxonomy.category_of_l3(l3)), *schema.leaf_prediction(
+            taxonomy, l3, 1.0, [taxonomy.category_of_l3(l3)], [1.0],
+            int(taxonomy.l1_of_l3[l3]), 1.0).values()) for l3 in range(taxonomy.n_l3)],
+        ["answer", *schema.leaf_prediction(taxonomy, 0, 1.0, [0], [1.0], 0, 1.0).keys()])
+    return answers.join(F.broadcast(leaves), "answer").drop("answer")
+
+
+def apply_duplicates(rows, answers):
+    """``rows`` with the predicted columns of the products ``answers`` has replaced, and
+    ``answered_by`` saying who answered each product."""
+    from pyspark.sql import functions as F
+
+    predicted = [c for c in answers.columns if c != "product_id"]
+    joined = rows.join(answers.select("product_id", *[F.col(c).alias(f"_dup_{c}")
+                                                      for c in predicted],
+                                      F.lit(True).alias("_dup")), "product_id", "left")
+    out = joined.select(
+        *[F.when(F.col("_dup"), F.col(f"_dup_{c}")).otherwise(F.col(c)).alias(c)
+          if c in predicted else F.col(c) for c in rows.columns],
+        F.when(F.col("_dup"), F.lit("duplicate")).when(F.col("fallback"), F.lit("prior"))
+         .otherwise(F.lit("model")).alias("answered_by"))
+    return out
 
 
 # ----------------------------------------------------------------------------- the job
@@ -115,11 +165,18 @@ class CheckedPredict:
 
 
 def check_predict(data: str, models: str, run_id: str, split: str, strategy: str,
-                  output: str) -> CheckedPredict:
+                  output: str, duplicate_lookup: bool = False) -> CheckedPredict:
     """Everything predict can refuse without Spark: the folders (exit 2), a dataset that is
     not complete, a missing model or one of another taxonomy (exit 3)."""
     if split not in (TEST, VAL):
         raise UsageError(f"--split {split!r}: expected test or val")
+    if duplicate_lookup:
+        from hierarchy.curate.table import has_curation
+
+        if not has_curation(data):
+            raise PredictError(f"{data}: predict.duplicate_lookup needs the curation table — "
+                               f"run `hierarchy curate --data {data}` first (or set "
+                               f"predict.duplicate_lookup=false)")
     storage.require_dir(data, "--data")
     storage.require_dir(models, "--models")
     storage.require_writable_dir(output, "--output")
@@ -152,7 +209,8 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
 
     pcfg = cfg["predict"]
     t0 = time.time()
-    checked = checked or check_predict(data, models, run_id, split, strategy, output)
+    checked = checked or check_predict(data, models, run_id, split, strategy, output,
+                                       bool(pcfg["duplicate_lookup"]))
     taxonomy, modelset = checked.taxonomy, checked.modelset
     products = read_products(spark, data, split)
     # before any scoring: a submission must hold one row per product id
@@ -162,6 +220,8 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
     images = read_images(spark, data, split)
     rows = score(images, plan, int(pcfg["partitions"])).unionByName(
         fallback_rows(products, images, taxonomy, prior))
+    if pcfg["duplicate_lookup"]:
+        rows = apply_duplicates(rows, duplicate_answers(spark, data, split, taxonomy))
     final = finish_rows(rows, run_id, split, strategy)
     log.info("scoring split %s with run %s (%s%s)", split, run_id, strategy,
              f", top-{plan.top_k} branches" if strategy != "flat" and plan.top_k else "")
@@ -173,6 +233,8 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
         (F.col("run_id") == run_id) & (F.col("split") == split) &
         (F.col("strategy") == strategy))
     stats = written.agg(F.count("*").alias("products"),
+                        F.sum((F.col("answered_by") == "duplicate").cast("int"))
+                        .alias("duplicates"),
                         F.sum(F.col("fallback").cast("int")).alias("fallback"),
                         F.sum("image_count").alias("images"),
                         F.sum("bad_image_count").alias("bad_images")).first()
@@ -180,6 +242,7 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
               "table_path": location,
               "products": int(stats.products), "images": int(stats.images or 0),
               "bad_images": int(stats.bad_images or 0), "fallback": int(stats.fallback or 0),
+              "answered_by_duplicate": int(stats.duplicates or 0),
               "untrained_branches": modelset.untrained_branches}
     if split == TEST:
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
@@ -192,7 +255,8 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
 
 def summary(result: dict) -> str:
     lines = [f"predictions: {result['products']} products ({result['images']} images, "
-             f"{result['bad_images']} undecodable, {result['fallback']} on the training prior)"
+             f"{result['bad_images']} undecodable, {result['fallback']} on the training prior"
+             f", {result.get('answered_by_duplicate', 0)} by a duplicate of a training picture)"
              f" -> table {result['table']} at {result['table_path']}"
              f" (run_id={result['run_id']}, split={result['split']}, "
              f"strategy={result['strategy']})"]

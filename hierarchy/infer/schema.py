@@ -46,10 +46,15 @@ SCORED_TYPES: Dict[str, str] = dict(SCORED)
 
 TOP = ("top_category_id", "top_probability")   # become the top5 array of structs
 TRUTH = ("true_category_id", "true_l1", "true_l2", "true_l3")   # null outside val
+# who answered a product: the models, the training prior (no usable picture: ``fallback``) or
+# an exact copy of a training picture (``predict.duplicate_lookup``)
+ANSWERED_BY = ("model", "prior", "duplicate")
 TABLE_COLUMNS = [
     *SCORED_COLUMNS[:SCORED_COLUMNS.index(TOP[0])], "top5",
-    *SCORED_COLUMNS[SCORED_COLUMNS.index(TOP[1]) + 1:], "scored_at", *PARTITIONS,
+    *SCORED_COLUMNS[SCORED_COLUMNS.index(TOP[1]) + 1:], "answered_by", "scored_at", *PARTITIONS,
 ]
+# columns added to the table after its first release: an older table gains them on a write
+ADDED_COLUMNS = {"answered_by": "STRING"}
 # nullable integers in pandas (the truth of a test product is null)
 PANDAS_DTYPES = {"true_category_id": "Int64", "true_l1": "Int32", "true_l2": "Int32",
                  "true_l3": "Int32"}

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 from hierarchy import storage
 from hierarchy.errors import UsageError
 from hierarchy.infer.modelset import PredictError
-from hierarchy.infer.schema import PARTITIONS, TABLE_COLUMNS
+from hierarchy.infer.schema import ADDED_COLUMNS, PARTITIONS, TABLE_COLUMNS
 
 
 def table_name(catalog: dict) -> str:
@@ -91,6 +91,10 @@ def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
         spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING parquet LOCATION '{location}'")
         spark.sql(f"ALTER TABLE {name} RECOVER PARTITIONS")
     else:
+        have = {f.name for f in spark.table(name).schema.fields}
+        missing = [f"{c} {kind}" for c, kind in ADDED_COLUMNS.items() if c not in have]
+        if missing:  # a table written before these columns existed
+            spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({', '.join(missing)})")
         first = df.select(*PARTITIONS).first()
         if first is not None:
             spec = partition_spec(**first.asDict())

@@ -100,7 +100,7 @@ def _check_picture(raw: bytes, where: str, limit: int) -> bytes:
     return raw
 
 
-def create_app(classifier: Classifier, scfg: dict):
+def create_app(classifier: Classifier, scfg: dict, data=None):
     # (FastAPI reads the endpoints' annotations, Request included, from this module's names)
     batcher_box: dict = {}
 
@@ -118,6 +118,11 @@ def create_app(classifier: Classifier, scfg: dict):
     app = FastAPI(title="hierarchy serve", version="1",
                   description="Product categories from a product's pictures, with the run's "
                               "models and predict's own combination.", lifespan=lifespan)
+
+    if data:
+        from hierarchy.serve.review import create_review_router
+
+        app.include_router(create_review_router(data))
 
     @app.exception_handler(BadInput)
     async def bad_input(request, exc: BadInput):
@@ -228,13 +233,14 @@ def create_app(classifier: Classifier, scfg: dict):
     return BodyLimit(app, int(scfg["max_body_bytes"]))
 
 
-def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None) -> int:
+def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None,
+          data=None) -> int:
     """Check the run (refusals before the socket opens), then run uvicorn until stopped."""
     import uvicorn
 
     scfg = cfg["serve"]
     classifier = Classifier(cfg, models, run_id, strategy)
-    app = create_app(classifier, scfg)
+    app = create_app(classifier, scfg, data)
     host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
     print(f"serving run {run_id} ({classifier.strategy}) on http://{host}:{port}/ "
           f"(API docs at /docs)", flush=True)

@@ -49,7 +49,7 @@ class Plants:
     blank: float = 0.0
 
     @classmethod
-    def from_config(cls, section: dict) -> "Plants":
+    def from_config(cls, section: dict) -> Plants:
         return cls(**{f.name: (int if f.name == "placeholders" else float)(section[f.name])
                       for f in fields(cls)})
 

@@ -169,7 +169,8 @@ def train_model(spec: TrainSpec) -> dict:
                   "iterations": int(model.optimizer.iterations.numpy()),
                   "policy": policy, "seconds": round(time.time() - t0, 2)}
         if rank == 0:
-            result.update(_finish(model, spec, history, taxonomy, n_classes, steps, tracker))
+            result.update(_finish(model, spec, history, taxonomy, n_classes, steps, tracker,
+                                   exclusion.summary()))
     except BaseException:
         tracker.end(failed=True)  # a run that failed is not left open in MLflow
         raise
@@ -177,7 +178,8 @@ def train_model(spec: TrainSpec) -> dict:
     return result
 
 
-def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker) -> dict:
+def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker,
+            curation: dict) -> dict:
     """Rank 0: publish the best checkpoint (by val_loss) as the model, with its metrics."""
     run = spec.run
     best = storage.local_path(run.best_file(spec.key))
@@ -195,7 +197,7 @@ def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker
                     "classes": n_classes, "steps_per_epoch": steps,
                     "taxonomy_fingerprint": taxonomy.fingerprint,
                     "label": spec.label, "branch": spec.branch,
-                    "curation": exclusion.summary()})
+                    "curation": curation})
     storage.write_json_atomic(run.metrics_file(spec.key), metrics)
     tracker.log_final(metrics, [run.history_file(spec.key), run.metrics_file(spec.key)])
     return {"metrics": metrics, "model": final}

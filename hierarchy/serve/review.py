@@ -1,0 +1,199 @@
+"""The review page of a curated dataset: flagged groups with their pictures, products and
+categories; a reviewer marks a picture or a whole group keep / drop / relabel.
+
+    GET  /review                      the page (static, from the package: no build, no CDN)
+    GET  /review/api/groups           the review queue, most urgent first, with decisions
+    GET  /review/api/categories       category ids and names (for relabelling)
+    GET  /review/picture/{pid}/{idx}  a queued picture's JPEG, bytes as ingested
+    POST /review/api/decisions        {"reviewer", "decision": keep|drop|relabel,
+                                       "category_id" (relabel), "group" or "pictures":
+                                       [[product_id, img_idx], ...], "note"}
+
+The queue is what ``hierarchy curate`` wrote to ``curation_report/review/``; decisions go to
+``reviews/`` (one new file per decision: :func:`hierarchy.curate.table.append_reviews`), which
+the next curate and every training read. A group decision is recorded for every member of the
+group, not only the pictures shown.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Dict, List
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from hierarchy import storage
+from hierarchy.curate import table as ct
+from hierarchy.dataset import Dataset
+from hierarchy.errors import Refused
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class NotCurated(Refused, RuntimeError):
+    pass
+
+
+def _queue_dir(data: str) -> str:
+    return storage.join(ct.report_path(data), "review")
+
+
+def require_curated(data: str) -> None:
+    if not storage.exists(storage.join(_queue_dir(data), "groups")):
+        raise NotCurated(f"{data}: no review queue — run `hierarchy curate --data {data}` first")
+
+
+def _read(path: str):
+    import pyarrow.parquet as pq
+
+    fs, inner = storage.resolve(path)
+    return pq.read_table(inner, filesystem=fs)
+
+
+class ReviewQueue:
+    """The queue and its pictures, read once (bounded by curate.review_max_groups x
+    curate.review_pictures); decisions are re-read on every listing (other reviewers')."""
+
+    def __init__(self, data: str):
+        require_curated(data)
+        self.data = data
+        self.groups: List[dict] = _read(storage.join(_queue_dir(data), "groups")).to_pylist()
+        self.groups.sort(key=lambda g: g["position"])
+        self.by_id: Dict[str, dict] = {g["review_group"]: g for g in self.groups}
+        self.pictures: Dict[tuple, bytes] = {}
+        self.shown: Dict[str, List[dict]] = {}
+        for p in _read(storage.join(_queue_dir(data), "pictures")).to_pylist():
+            self.pictures[(p["product_id"], p["img_idx"])] = p["jpeg"]
+            self.shown.setdefault(p["review_group"], []).append(
+                {k: p[k] for k in ("product_id", "img_idx", "split", "category_id")})
+        for v in self.shown.values():
+            v.sort(key=lambda p: (p["product_id"], p["img_idx"]))
+        tax = Dataset(data).taxonomy()
+        self.categories = [{"category_id": int(c), "name": " / ".join(tax.names_of_l3(i))}
+                           for i, c in enumerate(tax.category_ids)]
+        self.known = {c["category_id"] for c in self.categories}
+        self.lock = threading.Lock()
+
+    def listing(self, offset: int, limit: int) -> dict:
+        latest = ct.latest_reviews(self.data)
+        out = []
+        for g in self.groups[offset:offset + limit]:
+            keys = [int(ct.picture_key(m["product_id"], m["img_idx"])) for m in g["members"]]
+            decided = [latest[k] for k in keys if k in latest]
+            status = None
+            if decided and len(decided) == len(keys) and \
+                    len({(d["decision"], d["category_id"]) for d in decided}) == 1:
+                status = {"decision": decided[0]["decision"],
+                          "category_id": decided[0]["category_id"],
+                          "reviewer": decided[0]["reviewer"],
+                          "decided_at": decided[0]["decided_at"].isoformat()}
+            out.append({"group": g["review_group"], "flags": g["flags"], "reason": g["reason"],
+                        "pictures": g["pictures"], "products": g["products"],
+                        "categories": g["categories"],
+                        "category_counts": g["category_counts"],
+                        "shown": [{**p, "decision": (latest.get(int(ct.picture_key(
+                            p["product_id"], p["img_idx"]))) or {}).get("decision")}
+                            for p in self.shown.get(g["review_group"], [])],
+                        "decided": len(decided), "status": status})
+        return {"total": len(self.groups), "offset": offset, "groups": out}
+
+    def decide(self, body: dict) -> dict:
+        reviewer = str(body.get("reviewer") or "").strip()
+        decision = body.get("decision")
+        if not reviewer:
+            raise ValueError("who is deciding? 'reviewer' is required")
+        if decision not in ct.DECISIONS:
+            raise ValueError(f"decision {decision!r}: one of {', '.join(ct.DECISIONS)}")
+        category = body.get("category_id")
+        if decision == "relabel":
+            try:
+                category = int(category)
+            except (TypeError, ValueError):
+                raise ValueError("relabel needs 'category_id', an integer") from None
+            if category not in self.known:
+                raise ValueError(f"category {category} is not in the dataset's taxonomy")
+        else:
+            category = None
+        if body.get("group") is not None:
+            group = self.by_id.get(str(body["group"]))
+            if group is None:
+                raise LookupError(f"group {body['group']} is not in the review queue")
+            target, members = "group", [(m["product_id"], m["img_idx"])
+                                        for m in group["members"]]
+            group_id = group["review_group"]
+        else:
+            pics = body.get("pictures")
+            if not isinstance(pics, list) or not pics:
+                raise ValueError("send 'group' or 'pictures': [[product_id, img_idx], ...]")
+            try:
+                members = [(int(p[0]), int(p[1])) for p in pics]
+            except (TypeError, ValueError, IndexError):
+                raise ValueError("'pictures' must be [[product_id, img_idx], ...]") from None
+            target, group_id = "picture", body.get("group_id")
+        rows = [{"target": target, "group_id": group_id, "product_id": pid, "img_idx": idx,
+                 "decision": decision, "category_id": category, "reviewer": reviewer,
+                 "note": body.get("note")} for pid, idx in members]
+        with self.lock:
+            path = ct.append_reviews(self.data, rows)
+        return {"written": len(rows), "file": path, "decision": decision, "target": target}
+
+
+def create_review_router(data: str) -> APIRouter:
+    queue = ReviewQueue(data)
+    router = APIRouter()
+
+    @router.get("/review", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "review.html", media_type="text/html")
+
+    @router.get("/review/api/groups")
+    async def groups(offset: int = 0, limit: int = 50):
+        return queue.listing(max(0, offset), max(1, min(limit, 500)))
+
+    @router.get("/review/api/categories")
+    async def categories():
+        return {"categories": queue.categories}
+
+    @router.get("/review/picture/{product_id}/{img_idx}")
+    async def picture(product_id: int, img_idx: int):
+        raw = queue.pictures.get((product_id, img_idx))
+        if raw is None:
+            return JSONResponse({"detail": f"picture {product_id}/{img_idx} is not in the "
+                                           f"review queue"}, status_code=404)
+        return Response(raw, media_type="image/jpeg")
+
+    @router.post("/review/api/decisions")
+    async def decisions(request: Request):
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"detail": "body is not JSON"}, status_code=422)
+        if not isinstance(body, dict):
+            return JSONResponse({"detail": "expected a JSON object"}, status_code=422)
+        try:
+            return queue.decide(body)
+        except LookupError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=404)
+        except ValueError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    return router
+
+
+def review_server(cfg, data: str, host=None, port=None) -> int:
+    import uvicorn
+
+    scfg = cfg["serve"]
+    app = FastAPI(title="hierarchy review", version="1")
+    app.include_router(create_review_router(data))
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "live"}
+
+    host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
+    print(f"review page of {data} on http://{host}:{port}/review", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return 0
