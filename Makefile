@@ -115,6 +115,7 @@ demo: setup
 		--output $(DEMO)/output $(DEMO_CONF)
 	$(VENV)/bin/hierarchy predict --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
 		--split test --output $(DEMO)/output $(DEMO_CONF)
+	$(VENV)/bin/hierarchy curate --data $(DEMO)/dataset $(DEMO_CONF)
 	@echo
 	@echo "demo done:"
 	@echo "  submission   $(DEMO)/output/submission.csv"
@@ -123,6 +124,7 @@ demo: setup
 	@echo "  report       $(DEMO)/output/evaluation/demo/report.md"
 	@echo "  notebook     notebooks/analyst.ipynb (overrides: $(DEMO_CONF))"
 	@echo "  serve        $(VENV)/bin/hierarchy serve --models $(DEMO)/models --run-id demo  (then http://127.0.0.1:8000/)"
+	@echo "  curation     $(DEMO)/dataset/curation_report/report.md; review page: $(VENV)/bin/hierarchy review --data $(DEMO)/dataset"
 
 # Debian packages the tests start for real: chromium (the page of `hierarchy serve`, driven by
 # the playwright package pinned in requirements/dev.txt with executable_path: no browser
@@ -174,6 +176,7 @@ bench: setup
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/predict_throughput.py
+	$(PY) bench/curate_cost.py
 
 # every strategy trained at the same image-epochs on the hard preset, scored on its test dump
 bench-quality: setup

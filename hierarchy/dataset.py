@@ -7,6 +7,9 @@
   quarantine/kind=train|test/part-*.parquet     everything that could not be used, and why
   taxonomy.json                                 the category table it was ingested with
   manifest.json                                 inputs, counts, status per kind
+  curation/split=*/part-*.parquet               hierarchy curate: flags per picture, and
+  reviews/part-*.parquet                        review decisions (hierarchy.curate.table)
+  curation_report/                              curate's report and review queue
   _staging/<kind>-<token>/                      an ingest in progress (same layout)
   _ingest.lock                                  the ingest holding the folder
 ```

@@ -215,7 +215,7 @@ def test_hard_labels_move_only_to_siblings():
                 weights=np.full(tax.n_l3, 1 / tax.n_l3), preset=PRESETS["hard"],
                 siblings=sibling_table(tax))
     catalog._init_worker(plan)
-    _, blob, _, leaves = render_block(("train", 0, np.arange(2000)))
+    _, blob, _, leaves, _ = render_block(("train", 0, np.arange(2000)))
     written = [tax.l3_of_category(d["category_id"]) for d in bson.decode_all(blob)]
     moved = [(a, b) for a, b in zip(leaves.tolist(), written) if a != b]
     assert 0.02 < len(moved) / len(written) < 0.06
