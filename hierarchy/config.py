@@ -60,6 +60,11 @@ def _taxonomy_choice(v: str) -> Optional[str]:
     return "empty (the preset's), small, hard, full or a path to a category_names.csv"
 
 
+def _identifier(v: str) -> Optional[str]:
+    return None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v) else \
+        "a SQL identifier (letters, digits, _)"
+
+
 RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "ingest.split_mb": _range(0.0, 4096, lo_open=True),
     "ingest.row_group_mb": _range(0.0, 1024, lo_open=True),
@@ -118,14 +123,10 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "train.early_stopping_patience": _range(0, 10000),
     "train.shuffle_buffer": _range(1, 10**7),
     "train.reader_workers": _range(1, 256),
-    "catalog.database": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
-    else "a SQL identifier (letters, digits, _)",
-    "catalog.table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
-    else "a SQL identifier (letters, digits, _)",
-    "catalog.curation_table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
-    else "a SQL identifier (letters, digits, _)",
-    "catalog.reviews_table": lambda v: None if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v)
-    else "a SQL identifier (letters, digits, _)",
+    "catalog.database": _identifier,
+    "catalog.table": _identifier,
+    "catalog.curation_table": _identifier,
+    "catalog.reviews_table": _identifier,
     "train.exclude": lambda v: None if all(x in ("blank", "placeholder", "duplicate",
                                                  "near_duplicate", "conflicting_labels",
                                                  "leakage") for x in v)

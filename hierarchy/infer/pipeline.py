@@ -150,7 +150,10 @@ def apply_duplicates(rows, answers):
                                       F.lit(True).alias("_dup")), "product_id", "left")
     out = joined.select(
         *[F.when(F.col("_dup"), F.col(f"_dup_{c}")).otherwise(F.col(c)).alias(c)
-          if c in predicted else F.col(c) for c in rows.columns],
+          if c in predicted else
+          # a product whose pictures did not decode is no longer on the prior once answered
+          (F.col(c) & F.col("_dup").isNull()).alias(c) if c == "fallback" else F.col(c)
+          for c in rows.columns],
         F.when(F.col("_dup"), F.lit("duplicate")).when(F.col("fallback"), F.lit("prior"))
          .otherwise(F.lit("model")).alias("answered_by"))
     return out
