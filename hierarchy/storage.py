@@ -154,6 +154,15 @@ def read_json(url: str, default: Any = _MISSING) -> Any:
     return json.loads(read_text(url))
 
 
+def read_parquet(url: str, **options):
+    """A Parquet file, or a folder of them, as a pyarrow Table (``options``: columns, schema,
+    ... of ``pyarrow.parquet.read_table``)."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(url)
+    return pq.read_table(path, filesystem=fs, **options)
+
+
 def copy_to_local(url: str) -> str:
     """A local path holding the file at ``url`` (itself when already local): for libraries
     that only read local files, e.g. Keras loading a model kept on HDFS."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pds
 import pytest
+from cluster import free_port
 
 from hierarchy.config import load_config
 from hierarchy.curate import table as ct
@@ -233,14 +234,6 @@ def test_predict_answers_from_exact_copies_of_training_pictures(curated, spark, 
     assert len(table) == res["products"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_review_page_drop_a_group_in_chromium_and_training_honours_it(curated, spark,
                                                                       tmp_path):
     import requests
@@ -252,7 +245,7 @@ def test_review_page_drop_a_group_in_chromium_and_training_honours_it(curated, s
     from hierarchy.curate.pipeline import run_curate
 
     data = curated["data"]
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(BIN / "hierarchy"), "review", "--data", data, "--port",
                              str(port), "-q"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -321,3 +314,41 @@ def test_review_page_drop_a_group_in_chromium_and_training_honours_it(curated, s
     with Image.open(shot) as im:
         assert im.width >= 1000 and len(set(im.convert("L").resize((64, 64)).getdata())) > 8
     print(f"screenshot: {shot}")
+
+
+def test_bad_input_gets_one_line_and_costs_nothing_else(curated, tmp_path, capsys):
+    import pyarrow as pa
+
+    from hierarchy.cli import main
+    from hierarchy.curate.hashing import hash_batch
+    from hierarchy.serve.review import ReviewQueue
+
+    # a picture that does not decode: a null hash and its reason; its neighbours are hashed
+    rows = pds.dataset(Dataset(curated["data"]).images("train"), format="parquet").to_table(
+        columns=["product_id", "img_idx", "jpeg"]).slice(0, 2).to_pylist()
+    rows.insert(1, {"product_id": 7, "img_idx": 0, "jpeg": b"\xff\xd8\xff\xe0broken\xff\xd9"})
+    out = hash_batch(pa.RecordBatch.from_pylist(rows))
+    assert out.column("phash").null_count == 1 and out.column("phash")[1].as_py() is None
+    assert "does not decode" in out.column("hash_error")[1].as_py()
+    assert out.column("hash_error")[0].as_py() is None and "jpeg" not in out.schema.names
+    # refusals before Spark starts: exit 2 for settings that cannot work, 3 for no dataset
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["curate", "--data", str(empty)]) == 3
+    assert main(["curate", "--data", curated["data"], "curate.hash_blocks=4",
+                 "curate.near_distance=4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: no committed ingest" in err and "must exceed" in err
+    # a decision the page cannot record is refused whole, naming why
+    queue = ReviewQueue(curated["data"])
+    group = queue.groups[0]["review_group"]
+    for body, why in (({"decision": "drop", "group": group}, "reviewer"),
+                      ({"reviewer": "a", "decision": "burn", "group": group}, "one of"),
+                      ({"reviewer": "a", "decision": "relabel", "group": group,
+                        "category_id": 1}, "not in the dataset's taxonomy"),
+                      ({"reviewer": "a", "decision": "drop", "pictures": [["x"]]}, "pictures")):
+        with pytest.raises(ValueError, match=why):
+            queue.decide(body)
+    with pytest.raises(LookupError):
+        queue.decide({"reviewer": "a", "decision": "drop", "group": "nope"})
+    assert not list(Path(ct.reviews_path(curated["data"])).glob("*.parquet"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import bson
 import pytest
+from cluster import free_port
 from conftest import REAL
 from corrupt import split_docs
 
@@ -144,21 +145,13 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
 
 
 # ---------------------------------------------------------------- hierarchy serve (issue 11)
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(pipeline):
     import time
 
     import requests
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([str(BIN / "hierarchy"), "serve", "--models", "models", "--run-id",
                              "e2e", "--port", str(port), "-q", *pipeline["conf"]],

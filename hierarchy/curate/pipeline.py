@@ -56,7 +56,7 @@ def extract(spark, data: str):
     return images.mapInArrow(lambda batches: map(hash_batch, batches), StructType(fields))
 
 
-def flag(spark, pics, edges_labels, reviews, ccfg: dict):
+def flag(pics, edges_labels, reviews, ccfg: dict):
     """The curation rows: one per picture, its group, counts, flags and review."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -251,10 +251,9 @@ def run_curate(spark, cfg, data: str) -> dict:
 
         t = time.perf_counter()
         reviews = None
-        if storage.list_files(ct.reviews_path(data), ".parquet") if storage.exists(
-                ct.reviews_path(data)) else False:
+        if storage.list_files(ct.reviews_path(data), ".parquet"):
             reviews = spark.read.parquet(storage.to_url(ct.reviews_path(data)))
-        rows = flag(spark, pics, labels, reviews, ccfg)
+        rows = flag(pics, labels, reviews, ccfg)
         staged = staging.path(ct.CURATION)
         rows.write.partitionBy("split").parquet(storage.to_url(staged))
         timings["flag"] = time.perf_counter() - t

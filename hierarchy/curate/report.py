@@ -14,12 +14,7 @@ THUMB = 96
 
 
 def _read(path: str):
-    import pyarrow.parquet as pq
-
-    fs, inner = storage.resolve(path)
-    if not fs.get_file_info(inner).type.name == "Directory":
-        return None
-    return pq.read_table(inner, filesystem=fs)
+    return storage.read_parquet(path) if storage.exists(path) else None
 
 
 def contact_sheet(groups: List[dict], pictures: Dict[str, List[dict]], title: str,

@@ -95,14 +95,8 @@ def append_reviews(data: str, rows: Sequence[dict]) -> str:
 
 def read_reviews(data: str) -> pa.Table:
     """Every decision, oldest first (empty table when nobody reviewed anything)."""
-    import pyarrow.parquet as pq
-
-    folder = reviews_path(data)
-    files = storage.list_files(folder, ".parquet") if storage.exists(folder) else []
-    tables = []
-    for path in files:
-        fs, inner = storage.resolve(path)
-        tables.append(pq.read_table(inner, filesystem=fs, schema=REVIEWS_SCHEMA))
+    tables = [storage.read_parquet(path, schema=REVIEWS_SCHEMA)
+              for path in storage.list_files(reviews_path(data), ".parquet")]
     if not tables:
         return REVIEWS_SCHEMA.empty_table()
     return pa.concat_tables(tables).sort_by([("decided_at", "ascending"),
@@ -128,8 +122,6 @@ class Exclusion:
     picture a new category (:attr:`relabels`, by category id)."""
 
     def __init__(self, data: str, flags: Iterable[str] = ()):
-        import pyarrow.parquet as pq
-
         self.data, self.flags = data, tuple(flags)
         unknown = [f for f in self.flags if f not in FLAGS]
         if unknown:
@@ -138,8 +130,10 @@ class Exclusion:
         reviews = latest_reviews(data)
         self.relabels: Dict[int, int] = {k: int(r["category_id"]) for k, r in reviews.items()
                                          if r["decision"] == "relabel" and r["category_id"]}
-        dropped = {k for k, r in reviews.items() if r["decision"] == "drop"}
-        kept = {k for k, r in reviews.items() if r["decision"] == "keep"}
+        dropped = np.array(sorted(k for k, r in reviews.items() if r["decision"] == "drop"),
+                           np.int64)
+        kept = np.array(sorted(k for k, r in reviews.items() if r["decision"] == "keep"),
+                        np.int64)
         self._keys: Dict[str, np.ndarray] = {}
         self._l1: Dict[str, np.ndarray] = {}
         self.reasons: Dict[str, Dict[str, int]] = {}
@@ -148,16 +142,14 @@ class Exclusion:
             keys: List[np.ndarray] = []
             l1s: List[np.ndarray] = []
             reasons = {"review_drop": 0, **{f: 0 for f in self.flags}, "leakage": 0}
-            folder = curation_path(data, split)
-            files = storage.list_files(folder, ".parquet") if self.curated and \
-                storage.exists(folder) else []
+            files = storage.list_files(curation_path(data, split), ".parquet") \
+                if self.curated else []
             for path in files:
-                fs, inner = storage.resolve(path)
-                t = pq.read_table(inner, filesystem=fs, columns=columns)
+                t = storage.read_parquet(path, columns=columns)
                 key = picture_key(t.column("product_id").to_numpy(),
                                   t.column("img_idx").to_numpy())
-                was_dropped = np.isin(key, np.fromiter(dropped, np.int64, len(dropped)))
-                was_kept = np.isin(key, np.fromiter(kept, np.int64, len(kept)))
+                was_dropped = np.isin(key, dropped)
+                was_kept = np.isin(key, kept)
                 out = was_dropped.copy()
                 reasons["review_drop"] += int(was_dropped.sum())
                 for flag in self.flags:
@@ -179,8 +171,7 @@ class Exclusion:
 
     def keys(self, split: str) -> np.ndarray:
         """Sorted int64 keys (:func:`picture_key`) of the split's pictures left out."""
-        extra = np.fromiter(self._dropped_uncurated, np.int64, len(self._dropped_uncurated))
-        return np.union1d(self._keys.get(split, np.zeros(0, np.int64)), extra)
+        return np.union1d(self._keys.get(split, np.zeros(0, np.int64)), self._dropped_uncurated)
 
     def count(self, split: str, branch: Optional[int] = None) -> int:
         """Pictures of the split (or of one level-1 branch in it) the curation table leaves
@@ -191,7 +182,7 @@ class Exclusion:
     @property
     def active(self) -> bool:
         return bool(any(len(k) for k in self._keys.values()) or self.relabels
-                    or self._dropped_uncurated)
+                    or len(self._dropped_uncurated))
 
     def summary(self) -> dict:
         return {"curated": self.curated, "exclude": list(self.flags),

@@ -45,13 +45,6 @@ def require_curated(data: str) -> None:
         raise NotCurated(f"{data}: no review queue — run `hierarchy curate --data {data}` first")
 
 
-def _read(path: str):
-    import pyarrow.parquet as pq
-
-    fs, inner = storage.resolve(path)
-    return pq.read_table(inner, filesystem=fs)
-
-
 class ReviewQueue:
     """The queue and its pictures, read once (bounded by curate.review_max_groups x
     curate.review_pictures); decisions are re-read on every listing (other reviewers')."""
@@ -59,12 +52,13 @@ class ReviewQueue:
     def __init__(self, data: str):
         require_curated(data)
         self.data = data
-        self.groups: List[dict] = _read(storage.join(_queue_dir(data), "groups")).to_pylist()
+        self.groups: List[dict] = storage.read_parquet(
+            storage.join(_queue_dir(data), "groups")).to_pylist()
         self.groups.sort(key=lambda g: g["position"])
         self.by_id: Dict[str, dict] = {g["review_group"]: g for g in self.groups}
         self.pictures: Dict[tuple, bytes] = {}
         self.shown: Dict[str, List[dict]] = {}
-        for p in _read(storage.join(_queue_dir(data), "pictures")).to_pylist():
+        for p in storage.read_parquet(storage.join(_queue_dir(data), "pictures")).to_pylist():
             self.pictures[(p["product_id"], p["img_idx"])] = p["jpeg"]
             self.shown.setdefault(p["review_group"], []).append(
                 {k: p[k] for k in ("product_id", "img_idx", "split", "category_id")})

@@ -391,6 +391,8 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, rela
         table = tf.constant(taxonomy.local_of_l3(), dtype=tf.int32)
     lookup = None
     if relabel is not None:
+        from hierarchy.curate.table import KEY_BITS
+
         lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
             tf.constant(relabel[0]), tf.constant(relabel[1])), default_value=-1)
         l1_of_l3 = tf.constant(np.asarray(taxonomy.l1_of_l3, np.int32))
@@ -398,8 +400,8 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, rela
     def record(row):
         if lookup is not None:
             key = tf.bitwise.bitwise_or(tf.bitwise.left_shift(tf.cast(row.product_id, tf.int64),
-                                                              tf.constant(16, tf.int64)),
-                                        tf.cast(row.img_idx, tf.int64))
+                                                              tf.constant(KEY_BITS, tf.int64)),
+                                        tf.cast(row.img_idx, tf.int64))  # picture_key
             new = lookup.lookup(key)
             l3 = tf.where(new >= 0, new, tf.cast(row.l3, tf.int32))
             l1 = tf.where(new >= 0, tf.gather(l1_of_l3, l3), tf.cast(row.l1, tf.int32))
