@@ -354,8 +354,19 @@ def _ingest(args, cfg) -> dict:
               f"into {args.output} (taxonomy {checked.taxonomy.n_l1}/{checked.taxonomy.n_l2}/"
               f"{checked.taxonomy.n_l3})")
         return {"output": args.output, "kind": args.kind, "input_bytes": size}
-    entry = _with_spark(cfg, "ingest", lambda spark: run_ingest(
-        spark, cfg, args.input, args.categories, args.output, args.kind, checked))
+    import time
+
+    from hierarchy.spark import get_spark
+
+    t0 = time.perf_counter()
+    # no Hive catalog: ingest registers no table, and opening a metastore (Derby's lock, or
+    # a PostgreSQL round trip) would only add start-up time and a process to contend with
+    spark = get_spark(cfg, "ingest", catalog=False)
+    try:
+        entry = run_ingest(spark, cfg, args.input, args.categories, args.output, args.kind,
+                           checked, spark_start_s=time.perf_counter() - t0)
+    finally:
+        spark.stop()
     print("\n".join(summary_lines(args.output, args.kind, entry)))
     c = entry["counts"]
     return {"output": args.output, "kind": args.kind, "products": c["products"],

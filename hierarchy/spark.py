@@ -21,8 +21,10 @@ def launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = None):
-    """The session spark-submit already configured, or a local one from ``cfg.spark``.
+def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = None,
+              catalog: bool = True):
+    """The session spark-submit already configured, or a local one from ``cfg.spark``;
+    ``catalog=False`` for a job that registers no table (no Hive metastore is opened).
 
     Executors must run this interpreter (same numpy/pyarrow/TF), so PYSPARK_PYTHON defaults
     to it for local runs; under spark-submit on a cluster the submitter's setting wins."""
@@ -42,7 +44,8 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
     # Python worker; nothing a user can act on, so keep job logs readable
     builder = builder.config("spark.executorEnv.PYTHONWARNINGS",
                              "ignore::FutureWarning,ignore::DeprecationWarning")
-    builder = _with_catalog(builder, cfg["catalog"])
+    if catalog:
+        builder = _with_catalog(builder, cfg["catalog"])
     for key, value in {**spark_cfg["conf"], **(extra_conf or {})}.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -1,5 +1,9 @@
+import struct
+
 import bson
 import numpy as np
+from bson.binary import Binary
+from bson.int64 import Int64
 from corrupt import JPEG_OK
 
 from hierarchy.ingest.decode import decode_document, iter_documents, jpeg_problem
@@ -91,3 +95,107 @@ def test_splits_are_deterministic_by_product_and_keep_one_train_per_category():
     dup = assign_splits(np.array([5, 5, 6]), np.array([1, 2, 1]), "train", 0.99, 1)
     assert dup[0] == dup[1]
     assert (assign_splits(pids, cats, "test", 0.5, 3) == 2).all()
+
+
+# ------------------------------------------------------------------ the fast path
+def _spans(data: bytes):
+    from hierarchy.ingest.scan import scan_bytes
+
+    scan = scan_bytes(data)
+    return list(zip(scan.offsets.tolist(), scan.lengths.tolist()))
+
+
+def _same_as_reference(buf: bytearray, off: int, length: int, kind: str, tax) -> bool:
+    """Whether the fast path took the document; asserts it read what the reference does."""
+    from hierarchy.ingest.rawdoc import read_product
+
+    fast = read_product(buf, memoryview(buf), off, length, kind, tax)
+    if fast is None:
+        return False
+    ref = decode_document(bytes(buf[off:off + length]), source="s", offset=off, kind=kind,
+                          split="train", taxonomy=tax)
+    assert ref.product is not None and not ref.quarantine, (off, ref.quarantine)
+    product_id, category_id, levels, pictures = fast
+    p = ref.product
+    assert (p["product_id"], p["category_id"], (p["l1"], p["l2"], p["l3"])) == \
+        (product_id, category_id, levels)
+    assert type(product_id) is int and p["n_bad_images"] == 0
+    assert [bytes(x) for x in pictures] == [i["jpeg"] for i in ref.images]
+    return True
+
+
+def test_fast_path_takes_the_real_dump_and_reads_what_bson_decodes(real_bson,
+                                                                   real_categories):
+    tax = Taxonomy.from_csv(str(real_categories))
+    buf = bytearray(real_bson.read_bytes())
+    spans = _spans(bytes(buf))
+    taken = sum(_same_as_reference(buf, off, n, kind, tax)
+                for off, n in spans for kind in ("train", "test"))
+    assert taken == 2 * len(spans) == 164  # every real document, as train and as test
+
+
+def test_fast_path_leaves_every_other_shape_to_the_reference():
+    pic = JPEG_OK + b"\x00" * 3
+    cases = {
+        "int64 id": ({"_id": Int64(1 << 40), "imgs": [{"picture": pic}], "category_id": 10},
+                     True),
+        "test product without category": ({"_id": 2, "imgs": [{"picture": JPEG_OK}]}, True),
+        "extra field": ({"_id": 3, "imgs": [{"picture": JPEG_OK}], "category_id": 10,
+                         "x": 1}, False),
+        "string category": ({"_id": 4, "imgs": [{"picture": JPEG_OK}],
+                             "category_id": "10"}, False),
+        "unknown category": ({"_id": 5, "imgs": [{"picture": JPEG_OK}],
+                              "category_id": 99}, False),
+        "png": ({"_id": 6, "imgs": [{"picture": b"\x89PNG" + JPEG_OK}],
+                 "category_id": 10}, False),
+        "empty imgs": ({"_id": 7, "imgs": [], "category_id": 10}, False),
+        "picture with a second field": ({"_id": 8, "imgs": [{"picture": JPEG_OK, "w": 1}],
+                                         "category_id": 10}, False),
+        "binary subtype 2": ({"_id": 9, "imgs": [{"picture": Binary(JPEG_OK, 2)}],
+                              "category_id": 10}, False),
+        "double id": ({"_id": 1.0, "imgs": [{"picture": JPEG_OK}], "category_id": 10},
+                      False),
+    }
+    for name, (doc, fast) in cases.items():
+        buf = bytearray(bson.encode(doc))
+        for kind in ("train", "test"):
+            want = fast and not (kind == "train" and "category_id" not in doc)
+            assert _same_as_reference(buf, 0, len(buf), kind, TAX) is want, (name, kind)
+    two_ids = bytearray(bson.encode({"_id": 1, "imgs": [{"picture": JPEG_OK}]}))
+    two_ids[4:4] = b"\x10_id\x00" + struct.pack("<i", 2)  # a second _id the head hides
+    struct.pack_into("<i", two_ids, 0, len(two_ids))
+    assert not _same_as_reference(two_ids, 0, len(two_ids), "test", TAX)
+
+
+def test_fast_path_agrees_with_the_reference_on_flipped_bytes(real_bson, real_categories):
+    """Thousands of one-byte corruptions in the BSON structure (lengths, type bytes, keys,
+    terminators, ids): whatever the fast path takes, bson.decode reads the same way."""
+    import random
+
+    tax = Taxonomy.from_csv(str(real_categories))
+    good = real_bson.read_bytes()
+    rng = random.Random(3)
+    taken = tried = 0
+    for off, n in _spans(good):
+        doc = bytearray(good[off:off + n])
+        picture_at = doc.find(b"\x05picture\x00")
+        hot = list(range(0, min(n, 48))) + list(range(max(0, n - 32), n)) + \
+            list(range(max(0, picture_at - 24), min(n, picture_at + 24)))
+        for _ in range(40):
+            bad = bytearray(doc)
+            i = rng.choice(hot)
+            bad[i] = rng.choice([0, 1, 2, 3, 4, 5, 0x10, 0x12, 0x30, 0x7F, 0xFF, bad[i] ^ 1])
+            tried += 1
+            taken += _same_as_reference(bad, 0, n, rng.choice(["train", "test"]), tax)
+    assert tried == 40 * 82 and 0 < taken < tried
+
+
+def test_the_offset_index_decides_when_the_duplicate_step_can_be_skipped():
+    from hierarchy.ingest.duplicates import may_repeat_across_ranges
+    from hierarchy.ingest.scan import NO_VALUE
+
+    assert not may_repeat_across_ranges([1, 2, 3, 4], [2, 2])
+    assert not may_repeat_across_ranges([1, 1, 3, 4], [2, 2])  # inside one range: the task's
+    assert may_repeat_across_ranges([1, 2, 3, 1], [2, 2])
+    assert may_repeat_across_ranges([1, NO_VALUE, 3, 4], [2, 2])  # an id the scan could not read
+    assert not may_repeat_across_ranges([1, 1], [2])  # one range

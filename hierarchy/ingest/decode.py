@@ -223,18 +223,26 @@ def _describe(value) -> str:
 _LEN = struct.Struct("<i")
 
 
-def iter_documents(data: bytes, base_offset: int) -> Iterator[Tuple[int, bytes]]:
-    """(absolute offset, bytes) of each document in a byte range the scan already validated."""
-    pos, end = 0, len(data)
+def document_spans(data, base_offset: int, first: int = 0) -> Iterator[Tuple[int, int, int]]:
+    """(absolute offset, position in ``data``, length) of each document in a byte range the
+    scan already validated, which starts at ``data[first]`` (file offset ``base_offset``)."""
+    pos, end = first, len(data)
+    unpack = _LEN.unpack_from
     while pos + 4 <= end:
-        (length,) = _LEN.unpack_from(data, pos)
+        (length,) = unpack(data, pos)
         if length < 5 or pos + length > end:
             raise ValueError(
-                f"byte range at {base_offset} broke at +{pos}: length {length}; the offset "
+                f"byte range at {base_offset} broke at +{pos - first}: length {length}; the offset "
                 "index does not match the file (was it modified since the scan?)"
             )
-        yield base_offset + pos, data[pos:pos + length]
+        yield base_offset + pos - first, pos, length
         pos += length
+
+
+def iter_documents(data: bytes, base_offset: int) -> Iterator[Tuple[int, bytes]]:
+    """(absolute offset, bytes) of each document in a byte range the scan already validated."""
+    for offset, pos, length in document_spans(data, base_offset):
+        yield offset, bytes(data[pos:pos + length])
 
 
 def count_reasons(rows: List[dict]) -> Dict[str, int]:

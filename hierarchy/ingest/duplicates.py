@@ -14,7 +14,9 @@ Two steps, because a decode task only sees its own byte range:
    the later ones from that range's part files (Parquet rows filtered and rewritten per row
    group: picture bytes are copied, never decoded) and writes their quarantine rows.
 
-Duplicates are rare in real dumps, so step 2 usually rewrites nothing.
+Duplicates are rare in real dumps, so step 2 usually has nothing to do: when the offset
+index already proves that no id occurs in two ranges (:func:`may_repeat_across_ranges`), it
+is skipped, and with it a Spark job over every product row.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ class RangeDeduplicator:
         self.source = source
         self.first: Dict[int, int] = {}
 
+    def claim(self, product_id: int, offset: int) -> bool:
+        """True (and the id is now taken) when no kept document of this range had it."""
+        if product_id in self.first:
+            return False
+        self.first[product_id] = offset
+        return True
+
     def check(self, out: dec.Outcome, offset: int, length: int) -> dec.Outcome:
         if out.product is None:
             return out
@@ -58,6 +67,26 @@ class RangeDeduplicator:
             return out
         return dec.Outcome(None, [], [duplicate_row(self.source, offset, length, pid,
                                                     self.source, self.first[pid])])
+
+
+def may_repeat_across_ranges(product_ids, n_docs: Sequence[int]) -> bool:
+    """False only when the scan's ids (documents in task order, ``n_docs`` per task) prove
+    that no id occurs in two ranges. The decode keeps a document only when its ``_id`` is
+    the one the scan read from its head, so an id the scan could not read (another shape,
+    NO_VALUE) leaves the question open."""
+    import numpy as np
+
+    from hierarchy.ingest.scan import NO_VALUE
+
+    pids = np.asarray(product_ids, dtype=np.int64)
+    if len(n_docs) < 2 or len(pids) < 2:
+        return False
+    if (pids == NO_VALUE).any():
+        return True
+    task = np.repeat(np.arange(len(n_docs)), n_docs)
+    order = np.lexsort((task, pids))
+    p, t = pids[order], task[order]
+    return bool(((p[1:] == p[:-1]) & (t[1:] != t[:-1])).any())
 
 
 def find_cross_range(spark, products_url: str, sources: Sequence[str]):
@@ -83,21 +112,22 @@ def find_cross_range(spark, products_url: str, sources: Sequence[str]):
 
 def _filter_part(url: str, drop: set) -> Dict[str, int]:
     """Rewrite a part file without the rows of ``drop`` product ids, row group by row group;
-    returns {"rows": removed, "bytes": their nbytes} (nothing is written when none match)."""
+    returns {"rows": removed, "bytes": their nbytes, "row_groups": left in the file, or None
+    when nothing was written because none match}."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if not storage.exists(url):
-        return {"rows": 0, "bytes": 0}
+        return {"rows": 0, "bytes": 0, "row_groups": None}
     ids = pa.array(sorted(drop), pa.int64())
     fs, path = storage.resolve(url)
     with fs.open_input_file(path) as fh:
         pf = pq.ParquetFile(fh)
         column = pf.read(columns=["product_id"]).column(0)
         if not pc.any(pc.is_in(column, value_set=ids)).as_py():
-            return {"rows": 0, "bytes": 0}
-        removed = {"rows": 0, "bytes": 0}
+            return {"rows": 0, "bytes": 0, "row_groups": None}
+        removed = {"rows": 0, "bytes": 0, "row_groups": 0}
         out = storage.atomic_output(url)  # a retried task finds the old or the filtered file
         writer: Optional[pq.ParquetWriter] = None
         try:
@@ -119,6 +149,7 @@ def _filter_part(url: str, drop: set) -> Dict[str, int]:
                                           if f.type != pa.binary()])
                 if kept.num_rows:
                     writer.write_table(kept, row_group_size=kept.num_rows)
+                    removed["row_groups"] += 1
         except BaseException:
             if writer is not None:
                 writer.close()
@@ -133,7 +164,7 @@ def drop_in_range(range_id: int, rows: Iterable[dict], staging: Dataset, kind: s
     """Step 2b, one task per affected range: drop the duplicates from its part files and
     write their quarantine rows. Returns the change to the manifest counts (the shape of a
     decode task's stats, with negative product/image counts)."""
-    from hierarchy.ingest.schema import QUARANTINE_FILE
+    from hierarchy.ingest.schema import QUARANTINE_FILE, images_key
     from hierarchy.ingest.writer import write_table
 
     rows = list(rows)
@@ -143,10 +174,13 @@ def drop_in_range(range_id: int, rows: Iterable[dict], staging: Dataset, kind: s
                 [duplicate_row(r["source"], r["offset"], r["length"], r["product_id"],
                                r["first_source"], r["first_offset"]) for r in rows],
                 QUARANTINE_FILE)
-    image_bytes = 0
+
+    image_bytes, row_groups = 0, {}
     for split in KIND_SPLITS[kind]:
-        image_bytes += _filter_part(storage.join(staging.images(split), part_name(range_id)),
-                                    drop)["bytes"]
+        done = _filter_part(storage.join(staging.images(split), part_name(range_id)), drop)
+        image_bytes += done["bytes"]
+        if done["row_groups"] is not None:
+            row_groups[images_key(split, part_name(range_id))] = done["row_groups"]
     _filter_part(storage.join(staging.products(kind), part_name(range_id)), drop)
     products: Counter = Counter()
     images: Counter = Counter()
@@ -163,7 +197,8 @@ def drop_in_range(range_id: int, rows: Iterable[dict], staging: Dataset, kind: s
             "images_l1": dict(images_l1),
             "products_by_source": {s: -n for s, n in dropped.items()},
             "quarantine": {dec.DUPLICATE_ID: len(rows)},
-            "quarantine_by_source": {s: {dec.DUPLICATE_ID: n} for s, n in dropped.items()}}
+            "quarantine_by_source": {s: {dec.DUPLICATE_ID: n} for s, n in dropped.items()},
+            "row_groups": row_groups}
 
 
 def resolve(spark, staging: Dataset, kind: str, sources: Sequence[str]) -> List[dict]:

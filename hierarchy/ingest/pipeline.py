@@ -15,20 +15,24 @@ load      swap the staged partitions of this kind (train: split=train/val, test:
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+import pyarrow.fs as pafs
+
 from hierarchy import storage
 from hierarchy.dataset import KIND_SPLITS, SPLITS, Dataset
 from hierarchy.errors import Refused, UsageError
 from hierarchy.ingest import decode as dec
-from hierarchy.ingest import duplicates
+from hierarchy.ingest import duplicates, rawdoc
 from hierarchy.ingest.lock import check_unlocked, output_lock
 from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
-from hierarchy.ingest.schema import IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE
+from hierarchy.ingest.schema import IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE, images_key
 from hierarchy.ingest.split import assign_splits
 from hierarchy.ingest.writer import PartWriter, write_table
 from hierarchy.taxonomy import Taxonomy
@@ -76,6 +80,7 @@ class IngestContext:
     verify_jpeg: str
     compression: str
     row_group_bytes: int
+    raw_decoder: bool = True
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,6 @@ def scan_inputs(inputs: Sequence[InputFile], max_document: int,
 def plan_tasks(scans: Sequence[ScanResult], kind: str, split_bytes: int, val_fraction: float,
                seed: int) -> List[IngestTask]:
     """One task per byte range; each carries the split code of each of its documents."""
-    import numpy as np
-
     pids = np.concatenate([s.product_ids for s in scans]) if scans else np.empty(0, np.int64)
     cids = np.concatenate([s.category_ids for s in scans]) if scans else np.empty(0, np.int64)
     codes = assign_splits(pids, cids, kind, val_fraction, seed)
@@ -183,11 +186,55 @@ def _taxonomy(text: str) -> Taxonomy:
     return _TAXONOMY_CACHE[key]
 
 
+class _Range:
+    """A task's bytes: a read-only map of the page cache for a local file (no copy, nothing
+    to zero), else one read into a buffer. ``data[first:]`` is the range; the fast path and
+    the writers slice it in place, so it is closed only after the writers are."""
+
+    def __init__(self, url: str, start: int, size: int):
+        import mmap
+
+        self._map = None
+        fs, path = storage.resolve(url)
+        if isinstance(fs, pafs.LocalFileSystem) and size:
+            aligned = start - start % mmap.ALLOCATIONGRANULARITY
+            with open(path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < start + size:
+                    raise IngestError(f"{url}: shorter than the scan found; the file shrank "
+                                      "since")
+                self._map = mmap.mmap(fh.fileno(), start + size - aligned, offset=aligned,
+                                      access=mmap.ACCESS_READ)
+            self._map.madvise(mmap.MADV_SEQUENTIAL)
+            self.data, self.first = self._map, start - aligned
+            return
+        self.data, self.first = bytearray(size), 0
+        view = memoryview(self.data)
+        with fs.open_input_file(path) as fh:
+            fh.seek(start)
+            got = 0
+            while got < size:
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise IngestError(f"{url}: {size - got} byte(s) missing at offset "
+                                      f"{start + got}; the file shrank since the scan")
+                got += n
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a slice still exported (an aborted task): the GC closes it
+                pass
+
+
 def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> dict:
     """Decode one byte range and write its part files; returns small counts for the manifest."""
-    fs, path = storage.resolve(task.source)
-    with fs.open_input_file(path) as fh:
-        data = fh.read_at(task.end - task.start, task.start)
+    started = time.time()
+    t0 = time.perf_counter()
+    source = _Range(task.source, task.start, task.end - task.start)
+    data = source.data
+    view = memoryview(data)
+    t_read = time.perf_counter() - t0
     staging = Dataset(ctx.staging)
     name = duplicates.part_name(task.range_id)
     images = {
@@ -197,30 +244,36 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
     }
     products: List[dict] = []
     quarantine: List[dict] = []
-    stats = {"documents": 0, "bad_documents": 0, "image_bytes": 0,
-             "products": Counter(), "images": Counter(), "images_l1": Counter()}
+    stats = {"documents": 0, "bad_documents": 0}
     dedup = duplicates.RangeDeduplicator(task.source)
+    fast = ctx.raw_decoder and ctx.verify_jpeg == "markers"
     try:
-        for i, (offset, raw) in enumerate(dec.iter_documents(data, task.start)):
+        for i, (offset, pos, length) in enumerate(dec.document_spans(data, task.start,
+                                                                      source.first)):
             split = SPLITS[task.splits[i]]
-            out = dec.decode_document(raw, source=task.source, offset=offset, kind=task.kind,
-                                      split=split, taxonomy=taxonomy,
-                                      verify_jpeg=ctx.verify_jpeg)
-            out = dedup.check(out, offset, len(raw))
             stats["documents"] += 1
-            quarantine.extend(out.quarantine)
+            got = rawdoc.read_product(data, view, pos, length, task.kind, taxonomy) \
+                if fast else None
+            if got is not None and dedup.claim(got[0], offset):
+                product_id, category_id, (l1, l2, l3), pictures = got
+                images[split].add_pictures(product_id, category_id, l1, l2, l3, pictures)
+                products.append({
+                    "product_id": product_id, "category_id": category_id, "l1": l1, "l2": l2,
+                    "l3": l3, "split": split, "n_images": len(pictures), "n_bad_images": 0,
+                    "source": task.source, "offset": offset, "length": length})
+                continue
+            # the reference decode: anything the fast path does not take, with its reasons
+            out = dec.decode_document(bytes(view[pos:pos + length]), source=task.source,
+                                      offset=offset, kind=task.kind, split=split,
+                                      taxonomy=taxonomy, verify_jpeg=ctx.verify_jpeg)
+            out = dedup.check(out, offset, length)
+            if out.quarantine:
+                quarantine.extend(out.quarantine)
             if out.product is None:
                 stats["bad_documents"] += 1
                 continue
             products.append(out.product)
-            stats["products"][split] += 1
-            for img in out.images:
-                split_of_img = img.pop("split")
-                images[split_of_img].add(img)
-                stats["images"][split_of_img] += 1
-                if img["l1"] is not None:
-                    stats["images_l1"][(split_of_img, img["l1"])] += 1
-                stats["image_bytes"] += img["nbytes"]
+            images[split].extend(out.images)
         if stats["documents"] != task.n_docs:
             raise IngestError(
                 f"{task.source} bytes {task.start}-{task.end}: decoded {stats['documents']} "
@@ -231,58 +284,126 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
         for writer in images.values():
             writer.abort()
         raise
+    finally:
+        del view
+        source.close()
+    t_tables = time.perf_counter()
     if products:
         write_table(storage.join(staging.products(task.kind), name), products, PRODUCTS_FILE)
     if quarantine:
         write_table(storage.join(staging.quarantine(task.kind), name), quarantine,
                     QUARANTINE_FILE)
+    finished = time.perf_counter()
+    write_s = sum(w.seconds for w in images.values()) + finished - t_tables
+    stats["row_groups"] = {images_key(split, name): w.row_groups
+                           for split, w in images.items() if w.row_groups}
+    stats["task_s"] = {"read": t_read, "write": write_s,
+                       "decode": finished - t0 - t_read - write_s}
+    stats["started"], stats["finished"] = started, started + finished - t0
     stats["quarantine"] = dec.count_reasons(quarantine)
-    for key in ("products", "images", "images_l1"):
-        stats[key] = dict(stats[key])
+    counts: Dict[str, Counter] = {"products": Counter(), "images": Counter(),
+                                  "images_l1": Counter()}
+    for p in products:
+        counts["products"][p["split"]] += 1
+        counts["images"][p["split"]] += p["n_images"]
+        if p["l1"] is not None and p["n_images"]:
+            counts["images_l1"][(p["split"], p["l1"])] += p["n_images"]
+    stats.update({key: dict(c) for key, c in counts.items()})
+    stats["image_bytes"] = sum(w.nbytes for w in images.values())
     stats["products_by_source"] = {task.source: len(products)}
     stats["quarantine_by_source"] = {task.source: stats["quarantine"]}
     return stats
 
 
 # ------------------------------------------------------------------------------ load
-def write_petastorm_metadata(spark, dataset: Dataset) -> None:
-    """(Re)generate the Unischema and row-group metadata over every split of images/."""
-    import warnings
+def images_index(dataset: Dataset, kind: str, written: Dict[str, int]) -> Dict[str, int]:
+    """The row-group count of every part file under images/ once this kind is committed:
+    this ingest's from its writers, the other kind's kept from the index in place (a
+    footer is read only for a file the index does not know)."""
+    from hierarchy.ingest.unischema import part_row_groups, read_row_groups
 
-    from petastorm.etl.dataset_metadata import materialize_dataset
+    mine = tuple(f"split={s}/" for s in KIND_SPLITS[kind])
+    known = {k: n for k, n in read_row_groups(dataset.images()).items()
+             if not k.startswith(mine)}
+    known.update(written)
+    present = [images_key(split, name)
+               for split in SPLITS for name, _, is_file in storage.list_dir(
+                   dataset.images(split)) if is_file and name.endswith(".parquet")]
+    unknown = [k for k in present if k not in known]
+    known.update(part_row_groups(dataset.images(), unknown))
+    return {k: known[k] for k in present}
 
-    from hierarchy.ingest.unischema import ImagesSchema
 
-    with warnings.catch_warnings():
-        # petastorm 0.13.1 uses pyarrow's legacy dataset API (pinned for it): silence its
-        # deprecation chatter, which says nothing a user can act on
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with materialize_dataset(spark, dataset.url("images"), ImagesSchema):
-            pass  # the tasks already wrote the parts; only the metadata is made here
+def write_petastorm_metadata(dataset: Dataset, kind: str, written: Dict[str, int]) -> None:
+    """images/_common_metadata: the Unischema and the row-group index Petastorm readers use
+    (:func:`hierarchy.ingest.unischema.write_metadata`), without a Spark job."""
+    from hierarchy.ingest.unischema import write_metadata
+
+    write_metadata(dataset.images(), images_index(dataset, kind, written))
 
 
-def commit(spark, dataset: Dataset, staging: Dataset, kind: str) -> None:
+def commit(dataset: Dataset, staging: Dataset, kind: str, written: Dict[str, int]) -> float:
+    """Swap the staged folders in; returns the seconds spent on the Petastorm metadata."""
     for split in KIND_SPLITS[kind]:
         storage.replace(staging.images(split), dataset.images(split))
     storage.replace(staging.products(kind), dataset.products(kind))
     storage.replace(staging.quarantine(kind), dataset.quarantine(kind))
+    t0 = time.perf_counter()
     if storage.exists(dataset.images()):
-        write_petastorm_metadata(spark, dataset)
+        write_petastorm_metadata(dataset, kind, written)
+    return time.perf_counter() - t0
 
 
 def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
-               kind: str = "train", checked: Optional[CheckedIngest] = None) -> dict:
+               kind: str = "train", checked: Optional[CheckedIngest] = None,
+               spark_start_s: Optional[float] = None) -> dict:
     """Wire extract, transform and load; returns the manifest entry for this kind. The whole
     job holds the output folder's lock (:mod:`hierarchy.ingest.lock`). ``checked``: what
-    :func:`check_ingest` already returned for these arguments (else it runs here)."""
+    :func:`check_ingest` already returned for these arguments (else it runs here);
+    ``spark_start_s``: how long the caller took to start the session, for the timings."""
     checked = checked or check_ingest(cfg, inputs, categories, output, kind)
     dataset = Dataset(output)
     with output_lock(dataset, kind, cfg["ingest"]["lock_stale_hours"]):
-        return _ingest_locked(spark, cfg, checked, dataset, kind)
+        return _ingest_locked(spark, cfg, checked, dataset, kind, spark_start_s)
 
 
-def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: str) -> dict:
+def _load_task_modules(_) -> int:
+    import hierarchy.ingest.pipeline  # noqa: F401 - what a decode task imports
+
+    return 0
+
+
+class _WarmWorkers:
+    """A job of one empty task per core, run beside the driver's scan: each Python worker
+    forks and imports the decode modules (~1-2 s) while the scan reads the offset index,
+    instead of after it, when the decode tasks are waiting for them. A failure here only
+    costs the overlap: the decode job starts its workers itself."""
+
+    def __init__(self, spark):
+        import threading
+
+        self.seconds = 0.0
+        sc = spark.sparkContext
+
+        def run():
+            t0 = time.perf_counter()
+            try:
+                n = sc.defaultParallelism
+                sc.parallelize(range(n), n).map(_load_task_modules).count()
+            except Exception as exc:  # noqa: BLE001 - an optimisation, never the job's failure
+                log.debug("worker warm-up failed: %s", exc)
+            self.seconds = time.perf_counter() - t0
+
+        self._thread = threading.Thread(target=run, name="ingest-warmup", daemon=True)
+        self._thread.start()
+
+    def join(self) -> float:
+        self._thread.join()
+        return self.seconds
+
+
+def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: str,
+                   spark_start_s: Optional[float]) -> dict:
     icfg = cfg["ingest"]
     progress = bool(icfg["progress"])
     t0 = time.time()
@@ -290,6 +411,7 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
     # again under the lock: another ingest may have committed since the check
     _check_taxonomy(dataset, taxonomy, checked.categories)
 
+    warm = _WarmWorkers(spark)  # Python workers start while the driver scans
     scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
     tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
                        icfg["val_fraction"], icfg["split_seed"])
@@ -304,7 +426,8 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
                 QUARANTINE_FILE)
     ctx = IngestContext(staging=staging.root, verify_jpeg=icfg["verify_jpeg"],
                         compression=icfg["compression"],
-                        row_group_bytes=int(icfg["row_group_mb"] * (1 << 20)))
+                        row_group_bytes=int(icfg["row_group_mb"] * (1 << 20)),
+                        raw_decoder=bool(icfg["raw_decoder"]))
     tax_b = spark.sparkContext.broadcast(taxonomy.to_json())
 
     def run_task(task: IngestTask) -> dict:
@@ -312,17 +435,28 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
 
     from hierarchy.spark import collect_with_progress, run_with_progress
 
+    warmup_s = warm.join()
     results = []
+    t_submit = time.time()
     if tasks:
         rdd = spark.sparkContext.parallelize(tasks, len(tasks)).map(run_task)
         results = collect_with_progress(rdd, "decode", len(tasks), progress)
     t_decode = time.time()
-    if len(tasks) > 1:  # one range: its task already kept the first of each id
+    task_s = {k: round(sum(r["task_s"][k] for r in results), 3)
+              for k in ("read", "decode", "write")}
+    # how long the first task waited for a Python worker (fork, imports) after submission
+    worker_start = min((r["started"] for r in results), default=t_submit) - t_submit
+    pids = [s.product_ids for s in scans]
+    if duplicates.may_repeat_across_ranges(
+            np.concatenate(pids) if pids else [], [t.n_docs for t in tasks]):
         results += run_with_progress(
             spark, "duplicate ids", lambda: duplicates.resolve(
                 spark, staging, kind, [f.url for f in files]),
             enabled=progress)
     t_dedup = time.time()
+    written: Dict[str, int] = {}
+    for r in results:  # the duplicate step's rewrites come last and override
+        written.update(r.get("row_groups", {}))
 
     counts = summarize(results, scans, region_rows)
     _refuse_empty_inputs(files, counts, staging.quarantine())
@@ -338,7 +472,7 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
 
     manifest = dataset.manifest()
     dataset.begin_kind(manifest, kind, taxonomy)
-    commit(spark, dataset, staging, kind)
+    metadata_s = commit(dataset, staging, kind, written)
     dataset.write_taxonomy(taxonomy)
     storage.remove(staging.root)
     if not storage.list_dir(dataset.staging().root):
@@ -351,9 +485,15 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
         "counts": counts,
         "bad_fraction": round(fraction, 6),
         "config": dict(icfg),
-        "timings": {"scan_s": round(t_scan - t0, 3), "decode_s": round(t_decode - t_scan, 3),
+        "timings": {**({"spark_start_s": round(spark_start_s, 3)}
+                       if spark_start_s is not None else {}),
+                    "scan_s": round(t_scan - t0, 3), "decode_s": round(t_decode - t_scan, 3),
+                    "worker_start_s": round(max(0.0, worker_start), 3),
+                    "worker_warmup_s": round(warmup_s, 3),
+                    "tasks_s": task_s,
                     "duplicates_s": round(t_dedup - t_decode, 3),
-                    "commit_s": round(t_commit - t_dedup, 3),
+                    "metadata_s": round(metadata_s, 3),
+                    "commit_s": round(t_commit - t_dedup - metadata_s, 3),
                     "total_s": round(t_commit - t0, 3)},
         "tasks": len(tasks),
     }

@@ -46,3 +46,8 @@ QUARANTINE_FILE = pa.schema([
     pa.field("reason", pa.string(), nullable=False),  # stable code, counted in the manifest
     pa.field("detail", pa.string(), nullable=False),  # what exactly was wrong, for a human
 ])
+
+
+def images_key(split: str, part: str) -> str:
+    """A part file's key in Petastorm's row-group index: its path relative to ``images/``."""
+    return f"split={split}/{part}"

@@ -8,17 +8,26 @@ task leaves no file a reader would pick up.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import hashlib
+import time
+from typing import List, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hierarchy import storage
 
+_md5 = hashlib.md5
+
 
 class PartWriter:
     """Rows in, one Parquet file out; a row group closes once ``row_group_bytes`` of the
-    ``size_field`` column (e.g. JPEG bytes) are buffered, so readers get even row groups."""
+    ``size_field`` column (e.g. JPEG bytes) are buffered, so readers get even row groups.
+
+    Rows are kept as column lists. A binary column's values may be ``memoryview`` slices of a
+    buffer the caller keeps alive until :meth:`close`: they are copied once, straight into the
+    Arrow column (``bytes.join`` plus an offsets array), with no per-value object."""
 
     def __init__(self, url: str, schema: pa.Schema, compression: str,
                  row_group_bytes: int = 0, size_field: Optional[str] = None):
@@ -26,45 +35,94 @@ class PartWriter:
         self.compression = None if compression == "none" else compression
         self.row_group_bytes, self.size_field = row_group_bytes, size_field
         self.names = schema.names
-        self.columns: Dict[str, list] = {n: [] for n in self.names}
-        self.n_rows = 0
+        self.columns: List[list] = [[] for _ in self.names]
+        self._size = self.names.index(size_field) if size_field else None
         self.buffered = 0
+        self.nbytes = 0      # of ``size_field`` written
         self.written = 0
+        self.row_groups = 0  # for the Petastorm metadata: no footer needs reading afterwards
+        self.seconds = 0.0   # spent building Arrow tables and writing (the job's write phase)
         self._writer: Optional[pq.ParquetWriter] = None
         self._out: Optional[storage.AtomicOutput] = None
 
-    def add(self, row: dict) -> None:
-        # column lists, not row dicts: building the Arrow table is then a cheap copy per column
-        for name in self.names:
-            self.columns[name].append(row[name])
-        self.n_rows += 1
-        if self.size_field:
-            self.buffered += row[self.size_field]
+    def append(self, values: tuple) -> None:
+        """One row, its values in schema order."""
+        for column, value in zip(self.columns, values):
+            column.append(value)
+        if self._size is not None:
+            self.buffered += values[self._size]
             if self.buffered >= self.row_group_bytes:
                 self._flush()
 
+    def add_pictures(self, product_id: int, category_id, l1, l2, l3, pictures: list) -> None:
+        """The rows of one product's pictures (IMAGES_FILE columns), md5 computed here: the
+        fast path's per-document call, without a tuple or dict per picture."""
+        pid, idx, cat, c1, c2, c3, size, md5, jpeg = self.columns
+        for i, pic in enumerate(pictures):
+            n = len(pic)
+            pid.append(product_id)
+            idx.append(i)
+            cat.append(category_id)
+            c1.append(l1)
+            c2.append(l2)
+            c3.append(l3)
+            size.append(n)
+            md5.append(_md5(pic).hexdigest())
+            jpeg.append(pic)
+            self.buffered += n
+        if self.buffered >= self.row_group_bytes:
+            self._flush()
+
+    def add(self, row: dict) -> None:
+        """One row as a dict with every schema field (extra keys are ignored)."""
+        self.append(tuple(row[n] for n in self.names))
+
+    def extend(self, rows: List[dict]) -> None:
+        for row in rows:
+            self.add(row)
+
+    def _array(self, values: list, type_: pa.DataType) -> pa.Array:
+        if type_ != pa.binary():
+            return pa.array(values, type_)
+        lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
+        offsets = np.zeros(len(values) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if offsets[-1] >= 1 << 31:  # pa.binary() has 32-bit offsets: let Arrow chunk it
+            return pa.array([bytes(v) for v in values], type_)
+        return pa.Array.from_buffers(type_, len(values), [
+            None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(values))])
+
     def _flush(self) -> None:
-        if not self.n_rows:
+        n_rows = len(self.columns[0])
+        if not n_rows:
             return
+        t0 = time.perf_counter()
         if self._writer is None:
             self._out = storage.atomic_output(self.url)
             self._writer = pq.ParquetWriter(
                 self._out.tmp, self.schema, filesystem=self._out.fs, compression=self.compression,
                 write_statistics=[f.name for f in self.schema if f.type != pa.binary()],
             )
-        table = pa.Table.from_pydict(self.columns, schema=self.schema)
-        self._writer.write_table(table, row_group_size=self.n_rows)
-        self.written += self.n_rows
-        self.columns = {n: [] for n in self.names}
-        self.n_rows, self.buffered = 0, 0
+        table = pa.Table.from_arrays(
+            [self._array(values, f.type) for values, f in zip(self.columns, self.schema)],
+            schema=self.schema)
+        self._writer.write_table(table, row_group_size=n_rows)
+        self.written += n_rows
+        self.row_groups += 1
+        self.nbytes += self.buffered
+        self.columns = [[] for _ in self.names]
+        self.buffered = 0
+        self.seconds += time.perf_counter() - t0
 
     def close(self) -> int:
         """Publish the file (nothing is written for zero rows); returns the row count."""
         self._flush()
         if self._writer is not None:
+            t0 = time.perf_counter()
             self._writer.close()
             self._writer = None
             self._out.commit()
+            self.seconds += time.perf_counter() - t0
         return self.written
 
     def abort(self) -> None:
