@@ -134,7 +134,7 @@ def one(strategy: str, models: Path, n: int, repeat: int) -> dict:
     scorer = BatchScorer(plan)  # loads every model of the strategy
     load_s = time.perf_counter() - t0
     loaded = rss_mb()
-    images = scorer.decode(jpegs)
+    images = scorer.decode(jpegs, scorer.min_side)
     scorer.probs(images[:BATCH], pids[:BATCH])  # warm-up: predict functions traced
     runs = []
     for _ in range(repeat):

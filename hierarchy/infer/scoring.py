@@ -103,17 +103,28 @@ class BatchScorer:
         self.taxonomy = Taxonomy.from_json(plan.taxonomy_json)
         for ref in plan.models.refs():
             _model(ref)  # load now: a broken model file fails the first task, not the 1000th
+        # decoded once for every model, at the DCT scale the largest input still fits (what
+        # validation does: hierarchy.train.data.decode_for_model)
+        self.min_side = max((ref.image_size for ref in plan.models.refs()), default=None)
 
     @staticmethod
-    def decode(jpegs) -> List[Optional[object]]:
+    def decode(jpegs, min_side: Optional[int] = None) -> List[Optional[object]]:
+        """Decoded uint8 pictures (None where TensorFlow cannot decode); with ``min_side``, at
+        the largest DCT scale that keeps the shorter side >= min_side."""
         import tensorflow as tf
+
+        from hierarchy.train.data import dct_ratio
 
         out = []
         for raw in jpegs:
             try:
                 if isinstance(raw, (bytearray, memoryview)):  # toPandas() gives bytearray
                     raw = bytes(raw)
-                out.append(tf.io.decode_jpeg(raw, channels=3))
+                ratio = 1
+                if min_side:
+                    height, width = tf.image.extract_jpeg_shape(raw).numpy()[:2].tolist()
+                    ratio = dct_ratio(height, width, min_side)
+                out.append(tf.io.decode_jpeg(raw, channels=3, ratio=ratio))
             except (tf.errors.InvalidArgumentError, ValueError, TypeError):
                 out.append(None)
         return out
@@ -234,7 +245,7 @@ def score_partitions(plan: ScoringPlan):
             if (np.diff(pids) < 0).any() or (last is not None and pids[0] < last):
                 raise RuntimeError("scoring input must be sorted by product_id within each "
                                    "partition (repartition + sortWithinPartitions)")
-            images = scorer.decode(pdf["jpeg"])
+            images = scorer.decode(pdf["jpeg"], scorer.min_side)
             ok = np.array([im is not None for im in images], dtype=bool)
             truth = pdf[["category_id", "l1", "l2", "l3"]].to_numpy(object)
             for i, pid in enumerate(pids.tolist()):

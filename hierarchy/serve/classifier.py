@@ -83,10 +83,10 @@ class Classifier:
                 "model_calls": self.calls, "products_answered": self.products}
 
     # ------------------------------------------------------------------ work (a worker thread)
-    @staticmethod
-    def decode(jpegs: Sequence[bytes]) -> list:
+    def decode(self, jpegs: Sequence[bytes]) -> list:
         """Decoded pictures (None where TensorFlow cannot decode), as a predict task does."""
-        return BatchScorer.decode(jpegs)
+        scorer = getattr(self, "scorer", None)
+        return BatchScorer.decode(jpegs, getattr(scorer, "min_side", None))
 
     def classify(self, products: List[Product]) -> List[dict]:
         """Answers for whole products (every picture decoded), in order."""

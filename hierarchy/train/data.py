@@ -194,26 +194,39 @@ def warp(image: tf.Tensor, image_size: int, frac, shift, angle, mirror) -> tf.Te
     return tf.ensure_shape(out[0], [image_size, image_size, 3])
 
 
-def _colour(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Small brightness / contrast / saturation jitter of float pixels in [0, 255]."""
+def colour_factors(seed: tf.Tensor) -> tf.Tensor:
+    """float32 [3]: brightness delta, contrast factor, saturation factor of one picture (the
+    draws tf.image.stateless_random_brightness / _contrast make from the same seeds)."""
     s = _seeds(seed, 3)
-    x = image / 255.0
-    x = tf.image.stateless_random_brightness(x, BRIGHTNESS, s[0])
-    x = tf.image.stateless_random_contrast(x, *CONTRAST, s[1])
-    # saturation as a blend with the grey picture (PIL's ImageEnhance.Color): the same effect
-    # as tf.image's HSV round trip for small factors, at a fraction of its cost
-    factor = tf.random.stateless_uniform([], s[2], *SATURATION)
+    return tf.stack([
+        tf.random.stateless_uniform([], s[0], -BRIGHTNESS, BRIGHTNESS),
+        tf.random.stateless_uniform([], s[1], *CONTRAST),
+        tf.random.stateless_uniform([], s[2], *SATURATION)])
+
+
+def apply_colour(images: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+    """Small brightness / contrast / saturation jitter of float pixels in [0, 255], a batch
+    [B, S, S, 3] at once with its factors [B, 3]: a handful of vectorised ops per batch
+    instead of a dozen per picture (at 64 px the per-op cost, not the arithmetic, was what
+    the augmentation spent). Contrast is tf.image.adjust_contrast's (around each channel's
+    mean); saturation a blend with the grey picture (PIL's ImageEnhance.Color): the effect of
+    tf.image's HSV round trip for small factors, at a fraction of its cost."""
+    f = factors[:, None, None, :]
+    x = images / 255.0 + f[..., 0:1]
+    mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+    x = (x - mean) * f[..., 1:2] + mean
     grey = tf.image.rgb_to_grayscale(x)
-    x = grey + factor * (x - grey)
+    x = grey + f[..., 2:3] * (x - grey)
     return tf.clip_by_value(x, 0.0, 1.0) * 255.0
 
 
 def augment_image(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tensor:
     """Training augmentation of one decoded uint8 picture -> float32 [S, S, 3] in [0, 255].
 
-    ``seed``: int32/int64 tensor of shape [2] (stateless: same seed, same picture)."""
+    ``seed``: int32/int64 tensor of shape [2] (stateless: same seed, same picture). The input
+    pipeline runs the same two steps, the colour per batch (:func:`apply_colour`)."""
     s = _seeds(seed, 2)
-    return _colour(_geometry(image, image_size, s[0]), s[1])
+    return apply_colour(_geometry(image, image_size, s[0])[None], colour_factors(s[1])[None])[0]
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -223,7 +236,9 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
                  branch: Optional[int] = None, taxonomy: Optional[Taxonomy] = None,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1024, seed: int = 0,
                  augment: bool = True, reader_workers: int = 2, repeat: bool = True,
-                 return_keys: bool = False, exclusion=None) -> Iterator[tf.data.Dataset]:
+                 return_keys: bool = False, exclusion=None, dct_scaling: bool = True,
+                 input_threads: int = 0, input_ram_budget_mb: int = 0,
+                 input_optimizations: bool = True) -> Iterator[tf.data.Dataset]:
     """Yield a ``tf.data.Dataset`` of ``(images float32 [B, S, S, 3], labels int32 [B])``.
 
     data        dataset folder (path or URL) holding ``images/``.
@@ -239,6 +254,9 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
                 of all workers together cover the split exactly once.
     return_keys also yield ``int64 [B, 2]`` (product_id, img_idx) as a third element — for
                 tests and evaluation.
+    dct_scaling decode at 1/2, 1/4 or 1/8 of the size when the model's input (or a training
+                crop of it) still fits (:func:`decode_scaled`); False: full-size decode.
+    input_threads, input_ram_budget_mb, input_optimizations   tf.data options (:func:`_options`).
     exclusion   a :class:`hierarchy.curate.table.Exclusion`: its pictures are filtered out in
                 the reader (on the key columns, before the JPEGs are loaded) and its relabels
                 replace the stored labels (a branch model gains the pictures relabelled into
@@ -322,7 +340,8 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
-        decode = _decode_fn(image_size, training and augment, preprocess, seed)
+        augmenting = training and augment
+        decode = _decode_fn(image_size, augmenting, seed, dct_scaling)
         # a picture TensorFlow cannot decode (ingest's default check looks at the JPEG
         # markers only) is dropped with a warning instead of ending the training. Pictures
         # are decoded in small inner datasets of DECODE_CHUNK, so ignore_errors only ever
@@ -333,12 +352,14 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
             cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.batch(batch_size, drop_remainder=training)
+        ds = ds.map(_per_batch(augmenting, preprocess), num_parallel_calls=tf.data.AUTOTUNE)
         if label == "levels":
             from hierarchy.train.models import level_targets
 
             targets = level_targets(taxonomy)
             ds = ds.map(lambda x, y, *keys: (x, targets(y), *keys))
-        yield ds.prefetch(tf.data.AUTOTUNE)
+        yield ds.prefetch(tf.data.AUTOTUNE).with_options(
+            _options(input_threads, input_ram_budget_mb, input_optimizations))
     finally:
         reader.stop()
         reader.join()
@@ -418,6 +439,39 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, rela
     return record
 
 
+DCT_RATIOS = (1, 2, 4, 8)  # what libjpeg can scale by while it decodes (tf.io.decode_jpeg)
+
+
+def dct_ratio(height: int, width: int, min_side: float) -> int:
+    """The largest DCT scale factor whose output keeps the shorter side >= ``min_side``
+    (libjpeg's scaled size is ceil(side / ratio)); 1 when even half would be too small."""
+    short = min(height, width)
+    return max(r for r in DCT_RATIOS if r == 1 or -(-short // r) >= min_side)
+
+
+def decode_scaled(jpeg: tf.Tensor, min_side: float) -> tf.Tensor:
+    """Decode only the pixels the model will see: libjpeg's DCT-domain downscaling (1/2, 1/4,
+    1/8) as far as the shorter side stays >= ``min_side``. The inverse DCT and the colour
+    conversion then work on 1/4 (1/16, 1/64) of the pixels, and the resize that follows
+    reads a picture already close to the model's size (it also aliases less: the scaled IDCT
+    averages what a bilinear resize of the full picture would skip). uint8 out."""
+    shape = tf.image.extract_jpeg_shape(jpeg)
+    short = tf.cast(tf.reduce_min(shape[:2]), tf.float32)
+    # the condition is monotone in the ratio: the count of ratios that pass picks the largest
+    index = tf.add_n([tf.cast(tf.math.ceil(short / r) >= min_side, tf.int32)
+                      for r in DCT_RATIOS[1:]])
+    return tf.switch_case(index, [
+        (lambda r=r: tf.io.decode_jpeg(jpeg, channels=3, ratio=r)) for r in DCT_RATIOS])
+
+
+def decode_for_model(jpeg: tf.Tensor, image_size: int, dct_scaling: bool = True) -> tf.Tensor:
+    """JPEG bytes -> float32 [S, S, 3] in [0, 255]: validation's input, and the predict
+    stage's (:mod:`hierarchy.infer.scoring` decodes the same way, so scores match)."""
+    image = decode_scaled(jpeg, image_size) if dct_scaling else \
+        tf.io.decode_jpeg(jpeg, channels=3)
+    return resize_for_model(image, image_size)
+
+
 def resize_for_model(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Decoded uint8 picture -> float32 [S, S, 3] in [0, 255]: what validation feeds the model,
     and what the predict stage feeds it too (the same function, so scores match)."""
@@ -425,20 +479,60 @@ def resize_for_model(image: tf.Tensor, image_size: int) -> tf.Tensor:
                            [image_size, image_size, 3])
 
 
-def _decode_fn(image_size: int, augmenting: bool, preprocess, seed: int):
+def _decode_fn(image_size: int, augmenting: bool, seed: int, dct_scaling: bool = True):
+    """Per picture: decode, then the geometry (training) or the resize (validation). Returns
+    (float32 [S, S, 3] in [0, 255], colour factors [3] or nothing, *rest); the colour jitter
+    and the backbone's preprocessing run per batch (:func:`_per_batch`)."""
     base = tf.constant([seed, 0x5EED], dtype=tf.int64)
+    # a training crop keeps CROP_MIN of the shorter side and maps it onto image_size: decode
+    # no smaller than that, so the warp never enlarges a picture the DCT shrank
+    min_side = image_size / CROP_MIN if augmenting else image_size
 
     def decode(position, record):
         jpeg, *rest = record
-        image = tf.io.decode_jpeg(jpeg, channels=3)
-        if augmenting:
-            image = augment_image(image, image_size,
-                                  tf.random.experimental.stateless_fold_in(base, position))
+        if dct_scaling:
+            image = decode_scaled(jpeg, min_side)
         else:
-            image = resize_for_model(image, image_size)
-        return (tf.cast(preprocess(image), tf.float32), *rest)
+            image = tf.io.decode_jpeg(jpeg, channels=3)
+        if augmenting:
+            s = _seeds(tf.random.experimental.stateless_fold_in(base, position), 2)
+            return (_geometry(image, image_size, s[0]), colour_factors(s[1]), *rest)
+        return (resize_for_model(image, image_size), *rest)
 
     return decode
+
+
+def _per_batch(augmenting: bool, preprocess):
+    def finish(images, *rest):
+        if augmenting:
+            factors, *rest = rest
+            images = apply_colour(images, factors)
+        return (tf.cast(preprocess(images), tf.float32), *rest)
+
+    return finish
+
+
+def input_options(tcfg: dict) -> dict:
+    """make_dataset's input-speed arguments from the ``train:`` config section."""
+    return {"dct_scaling": bool(tcfg["dct_scaling"]),
+            "input_threads": int(tcfg["input_threads"]),
+            "input_ram_budget_mb": int(tcfg["input_ram_budget_mb"]),
+            "input_optimizations": bool(tcfg["input_optimizations"])}
+
+
+def _options(threads: int, ram_budget_mb: int, optimizations: bool) -> tf.data.Options:
+    """tf.data options; each one is measured on/off by bench/input_pipeline.py --options."""
+    options = tf.data.Options()
+    if threads:
+        # a pool of its own: Keras' training step and the input do not queue on one pool
+        options.threading.private_threadpool_size = threads
+    if ram_budget_mb:
+        options.autotune.ram_budget = ram_budget_mb << 20
+    if optimizations:
+        options.experimental_optimization.map_parallelization = True
+        options.experimental_optimization.parallel_batch = True
+        options.experimental_optimization.inject_prefetch = True
+    return options
 
 
 def _empty(image_size: int, return_keys: bool) -> tf.data.Dataset:
