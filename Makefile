@@ -11,7 +11,8 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test lint bench bench-quality clean help dist metastore metastore-stop os-packages
+.PHONY: setup demo test lint bench bench-quality clean help dist metastore metastore-stop os-packages \
+	setup-gpu check-gpu-deps
 
 # Horovod is built once into a wheel (with Gloo, against the pinned TensorFlow): `make setup`
 # installs it, `make dist` packs it into the cluster environment.
@@ -29,6 +30,8 @@ help:
 	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset, 3 training seeds (~30 min)"
 	@echo "make lint   - ruff"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
+	@echo "make setup-gpu - on a GPU node instead of setup: CUDA TensorFlow, horovod with NCCL (README: GPU cluster)"
+	@echo "make check-gpu-deps - resolve the GPU pins against the others (pip --dry-run: no GPU, nothing installed)"
 	@echo "make dist   - dist/: the wheel, a --py-files zip and a packed environment for spark-submit"
 	@echo "make metastore - start PostgreSQL (a shared Hive metastore) and the Spark Thrift server"
 
@@ -38,6 +41,8 @@ setup: $(STAMP)
 # against the TensorFlow installed just before (no MPI, no PyTorch/MXNet; see README).
 $(STAMP): requirements/base.txt requirements/dev.txt requirements/dist.txt pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 not found"; exit 1; }
+	@if [ -e $(GPU_STAMP) ]; then echo "$(VENV) holds the GPU stack: after a change of the pins run make setup-gpu" \
+		"(make setup would add tensorflow-cpu over it)"; exit 1; fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==24.3.1 wheel==0.45.1 setuptools==69.5.1
 	$(PY) -m pip install -q -r requirements/base.txt -r requirements/dev.txt -r requirements/build.txt \
@@ -60,6 +65,60 @@ $(HOROVOD_WHEEL):
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w $(WHEELHOUSE) \
 		horovod==$(HOROVOD_VERSION)
 	@touch $@
+
+# GPU nodes (README "GPU cluster"), instead of `make setup`: the same venv and pins with the
+# CUDA build of TensorFlow (requirements/gpu.txt replaces base.txt's tensorflow-cpu: both ship
+# the same files) and horovod built with NCCL for GPU allreduce, Gloo to start the workers.
+# Needs the NVIDIA driver, the CUDA 12.2 toolkit (nvcc) in CUDA_HOME and NCCL's headers and
+# library (NCCL_HOME, or where CUDA_HOME has them). CI never runs it; `make check-gpu-deps`
+# checks on any machine that the GPU pins resolve against the others.
+CUDA_HOME ?= /usr/local/cuda
+NCCL_HOME ?=
+GPU_STAMP := $(VENV)/.setup-gpu-stamp
+GPU_BASE := $(VENV)/requirements-base-gpu.txt
+GPU_WHEELHOUSE := $(VENV)/wheelhouse-gpu
+GPU_REPORT := $(VENV)/gpu-deps-report.json
+PIP_TOOLS := pip==24.3.1 wheel==0.45.1 setuptools==69.5.1
+
+setup-gpu: $(GPU_STAMP)
+
+$(GPU_BASE): requirements/base.txt
+	@test -n "$(PYTHON)" || { echo "Python 3.11 not found"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	sed '/^tensorflow-cpu==/d' requirements/base.txt > $@
+
+$(GPU_STAMP): $(GPU_BASE) requirements/gpu.txt requirements/dev.txt requirements/build.txt \
+		requirements/dist.txt pyproject.toml
+	@test -x $(CUDA_HOME)/bin/nvcc || { echo "setup-gpu: no $(CUDA_HOME)/bin/nvcc: install the" \
+		"CUDA 12.2 toolkit (horovod compiles its GPU ops with it) or set CUDA_HOME=..."; exit 1; }
+	$(PY) -m pip install -q --upgrade $(PIP_TOOLS)
+	$(PY) -m pip uninstall -q -y tensorflow-cpu
+	$(PY) -m pip install -q -r $(GPU_BASE) -r requirements/gpu.txt -r requirements/dev.txt \
+		-r requirements/build.txt -r requirements/dist.txt
+	@echo "building horovod $(HOROVOD_VERSION) with NCCL and Gloo (5-15 minutes)"
+	@rm -rf $(GPU_WHEELHOUSE) && mkdir -p $(GPU_WHEELHOUSE)
+	PATH=$(abspath $(VENV))/bin:$(CUDA_HOME)/bin:$$PATH HOROVOD_CUDA_HOME=$(CUDA_HOME) \
+	$(if $(NCCL_HOME),HOROVOD_NCCL_HOME=$(NCCL_HOME)) HOROVOD_GPU_OPERATIONS=NCCL \
+	HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
+	HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS=-j$$(nproc) \
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w $(GPU_WHEELHOUSE) \
+		horovod==$(HOROVOD_VERSION)
+	$(PY) -m pip install -q --no-deps --force-reinstall $(GPU_WHEELHOUSE)/horovod-$(HOROVOD_VERSION)-*.whl
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import tensorflow as tf, horovod.tensorflow.keras as h; \
+		assert tf.test.is_built_with_cuda(), 'TensorFlow without CUDA'; \
+		assert h.nccl_built() and h.gloo_built(), 'horovod without NCCL or Gloo'; \
+		gpus = tf.config.list_physical_devices('GPU'); \
+		print('GPUs:', len(gpus), gpus or '(none visible: check nvidia-smi, driver >= 525)')"
+	@touch $@ $(STAMP)
+
+# No GPU and nothing installed: pip resolves the GPU stack (PyPI serves the metadata) and the
+# report must keep every other package at the version this venv has.
+check-gpu-deps: $(GPU_BASE)
+	$(PY) -m pip install -q --dry-run --ignore-installed --report $(GPU_REPORT) \
+		-r $(GPU_BASE) -r requirements/gpu.txt -r requirements/dev.txt -r requirements/build.txt \
+		-r requirements/dist.txt $(PIP_TOOLS)
+	$(PY) ops/gpu_deps.py $(GPU_REPORT)
 
 # What a cluster runs (README "Run on a cluster"): the package as a wheel, a --py-files zip of
 # it for nodes that already have the stack, and a packed virtualenv (a non-editable install of
@@ -175,6 +234,7 @@ bench: setup
 	$(PY) bench/ingest_throughput.py
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/gpu_train.py
 	$(PY) bench/predict_throughput.py
 	$(PY) bench/curate_cost.py
 

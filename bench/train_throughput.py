@@ -35,6 +35,7 @@ from input_pipeline import prepare  # noqa: E402
 
 from hierarchy.config import load_config  # noqa: E402
 from hierarchy.train import data as tdata  # noqa: E402
+from hierarchy.train import gpu as tgpu  # noqa: E402
 from hierarchy.train import models as tmodels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,9 +61,12 @@ class _Clock(tf.keras.callbacks.Callback):
 
 
 def _model(tcfg: dict, classes: int) -> tf.keras.Model:
+    # the training loop's switches (auto: mixed precision and XLA on with a GPU, off on CPU)
+    tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
     model = tmodels.build_model(tcfg["backbone"], classes, tcfg["image_size"], weights=None,
                                 dropout=tcfg["dropout"])
-    tmodels.compile_model(model, tcfg["learning_rate"], tcfg["label_smoothing"])
+    tmodels.compile_model(model, tcfg["learning_rate"], tcfg["label_smoothing"],
+                          jit_compile=tgpu.use_xla(tcfg["xla"], tgpu.has_gpu(), workers=1))
     return model
 
 

@@ -26,6 +26,10 @@ HOME_VARIABLE = "HIERARCHY_HOME"
 PATH_KEYS = ("paths.data", "paths.models", "paths.output", "paths.synth", "catalog.warehouse",
              "catalog.metastore", "catalog.location", "train.weights")
 
+# auto | on | off keys: `train.xla=on` on a command line (or `xla: on` in a file) arrives as
+# a YAML boolean and means "on".
+SWITCH_KEYS = ("train.mixed_precision", "train.xla")
+
 # Sections whose keys are free-form (passed through to another system as-is).
 OPEN_SECTIONS = {"spark.conf"}
 
@@ -123,6 +127,8 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "train.early_stopping_patience": _range(0, 10000),
     "train.shuffle_buffer": _range(1, 10**7),
     "train.reader_workers": _range(1, 256),
+    "train.input_threads": _range(0, 1024),
+    "train.input_ram_budget_mb": _range(0, 1 << 30),
     "catalog.database": _identifier,
     "catalog.table": _identifier,
     "catalog.curation_table": _identifier,
@@ -157,6 +163,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "predict.partitions": _range(0, 10**6),
     "predict.top_n": _range(1, 100),
     "train.mixed_precision": _choice("auto", "on", "off"),
+    "train.xla": _choice("auto", "on", "off"),
     "train.np": _range(1, 4096),
     "train.start_timeout": _range(1, 86400),
 }
@@ -169,6 +176,8 @@ def _type_name(v: Any) -> str:
 
 def _coerce(key: str, default: Any, value: Any) -> Any:
     """Accept a value of the default's type (ints where floats are expected)."""
+    if key in SWITCH_KEYS and isinstance(value, bool):
+        return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -199,8 +199,10 @@ def train_experts(spec: TrainSpec) -> dict:
     from hierarchy.dataset import VAL, Dataset, images_in
     from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
+    from hierarchy.train.gpu import pin_gpu
 
     hvd.init()
+    pin_gpu(hvd.local_rank(), hvd.local_size())  # one GPU per process, before any use
     rank, size = hvd.rank(), hvd.size()
     tf.get_logger().setLevel("ERROR")  # one small head per branch: Keras warns of retracing
     tcfg = spec.train
@@ -240,7 +242,7 @@ def train_experts(spec: TrainSpec) -> dict:
                                 return_keys=True, preprocess=preprocess, rank=rank,
                                 world_size=size, taxonomy=taxonomy,
                                 reader_workers=tcfg["reader_workers"],
-                                exclusion=exclusion) as ds:
+                                exclusion=exclusion, **tdata.input_options(tcfg)) as ds:
             extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
     barrier("features")
     os.makedirs(heads_dir, exist_ok=True)

@@ -39,6 +39,9 @@ def train_model(spec: TrainSpec) -> dict:
         return train_experts(spec)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from hierarchy.train import gpu as tgpu
+
+    horovod_xla = tgpu.prepare_horovod_xla(spec.train["xla"])  # before horovod loads
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
@@ -55,6 +58,7 @@ def train_model(spec: TrainSpec) -> dict:
     from hierarchy.train.tracking import Tracker
 
     hvd.init()
+    tgpu.pin_gpu(hvd.local_rank(), hvd.local_size())  # one GPU per process, before any use
     rank, size = hvd.rank(), hvd.size()
     tcfg = spec.train
     tf.keras.utils.set_random_seed(tcfg["seed"] + rank)
@@ -78,6 +82,7 @@ def train_model(spec: TrainSpec) -> dict:
 
     # ---- model: resume from the last checkpoint, else build (branch: level-1 backbone)
     policy = tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
+    jit = tgpu.use_xla(tcfg["xla"], tgpu.has_gpu(), size, horovod_xla)
     run = spec.run
     state = storage.read_json(run.state_file(spec.key), {}) or {}
     initial_epoch = int(state.get("epoch", 0))
@@ -109,7 +114,7 @@ def train_model(spec: TrainSpec) -> dict:
         common = dict(label=label, image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
                       preprocess=preprocess, branch=branch, taxonomy=taxonomy, rank=rank,
                       world_size=size, reader_workers=tcfg["reader_workers"],
-                      exclusion=exclusion)
+                      exclusion=exclusion, **tdata.input_options(tcfg))
         with tdata.make_dataset(spec.data, "train", training=True, augment=tcfg["augment"],
                                 shuffle_buffer=tcfg["shuffle_buffer"], seed=tcfg["seed"] + rank,
                                 **common) as train_ds, \
@@ -118,15 +123,18 @@ def train_model(spec: TrainSpec) -> dict:
                 if end <= initial_epoch:
                     continue
                 tmodels.set_phase(model, phase, tcfg["fine_tune_layers"])
-                # scaled by workers: the global batch grows with them (Goyal et al. 2017)
-                opt = hvd.DistributedOptimizer(tf.keras.optimizers.Adam(lr * size))
+                # scaled by workers: the global batch grows with them (Goyal et al. 2017);
+                # LossScaleOptimizer(DistributedOptimizer(Adam)) under mixed precision
+                # (the order matters: hierarchy.train.gpu.make_optimizer)
+                opt = tgpu.make_optimizer(hvd, lr * size, mixed=policy == "mixed_float16",
+                                          distributed=size > 1)
                 if multi:
                     tmodels.compile_multi_model(model, taxonomy, lr * size,
                                                 tcfg["label_smoothing"], tcfg,
-                                                optimizer=opt)
+                                                optimizer=opt, jit_compile=jit)
                 else:
                     tmodels.compile_model(model, lr * size, tcfg["label_smoothing"],
-                                          optimizer=opt)
+                                          optimizer=opt, jit_compile=jit)
                 if initial_epoch > first:
                     # resume inside this phase: weights and optimizer state (moments, step count)
                     # from the last complete epoch; rank 0's copy is then broadcast as usual
@@ -167,7 +175,7 @@ def train_model(spec: TrainSpec) -> dict:
         checksum = tmodels.weights_checksum(model)
         result = {"rank": rank, "size": size, "key": spec.key, "checksum": checksum,
                   "iterations": int(model.optimizer.iterations.numpy()),
-                  "policy": policy, "seconds": round(time.time() - t0, 2)}
+                  "policy": policy, "xla": jit, "seconds": round(time.time() - t0, 2)}
         if rank == 0:
             result.update(_finish(model, spec, history, taxonomy, n_classes, steps, tracker,
                                    exclusion.summary()))

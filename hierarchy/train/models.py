@@ -267,14 +267,16 @@ def custom_objects() -> dict:
 
 
 def compile_model(model: tf.keras.Model, learning_rate: float, label_smoothing: float,
-                  optimizer=None) -> None:
-    """Smoothed sparse cross-entropy, accuracy and top-5; Adam unless an optimizer is given."""
+                  optimizer=None, jit_compile: bool = False) -> None:
+    """Smoothed sparse cross-entropy, accuracy and top-5; Adam unless an optimizer is given;
+    the train step compiled by XLA with ``jit_compile`` (hierarchy.train.gpu.use_xla)."""
     n = model.output_shape[-1]
     model.compile(
         optimizer=optimizer if optimizer is not None else tf.keras.optimizers.Adam(learning_rate),
         loss=SmoothedSparseCrossentropy(label_smoothing),
         metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                  tf.keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, n), name="top5")],
+        jit_compile=jit_compile,
     )
 
 
@@ -432,7 +434,8 @@ class KinshipCrossentropy(tf.keras.losses.Loss):
 
 
 def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
-                        label_smoothing: float, tcfg: dict, optimizer=None) -> None:
+                        label_smoothing: float, tcfg: dict, optimizer=None,
+                        jit_compile: bool = False) -> None:
     """Level 3 against kinship-smoothed targets; the level-1 and level-2 heads and the summed
     level-3 distribution against their node, weighted by the ``train`` config's
     ``multi_head_weight`` and ``multi_marginal_weight``; the per-branch head by
@@ -465,6 +468,7 @@ def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
                              tf.keras.metrics.SparseTopKCategoricalAccuracy(
                                  k=min(5, taxonomy.n_l3), name="top5")],
                  L1_HEAD: [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")]},
+        jit_compile=jit_compile,
     )
 
 
