@@ -1,16 +1,21 @@
-"""Ingest throughput against a raw read of the file and the obvious single-process decoder.
+"""Ingest throughput against the obvious single-process loop, on a 1 GB dump of real pictures.
 
-    .venv/bin/python bench/ingest_throughput.py [--products N] [--workdir DIR] [--repeat R]
+    .venv/bin/python bench/ingest_throughput.py [--source real|synthetic] [--mb 1000]
+                                                [--repeat 3] [--workdir DIR]
 
-On one synthetic train.bson, side by side in one run:
+On one dump (default: the official sample's documents repeated to 1 GB with fresh ids,
+bench/real_dump.py), page cache warm, side by side in one run:
 
-  raw read    the file read in 8 MiB chunks: what the disk (here: the page cache) gives;
   baseline    bson.decode_file_iter, md5 and taxonomy levels per picture, one pyarrow
               ParquetWriter with the IMAGES_FILE schema: what one Python process does;
-  ingest      run_ingest on local Spark (local[*]), end to end and its decode phase alone.
+  ingest      `hierarchy ingest` in a fresh process per run (local[*]): the wall time with
+              Python and Spark start-up, the job's own total, and its phases from the manifest
+              (spark start, scan, worker start, decode, duplicates, metadata, commit);
+  reference   one run with ingest.raw_decoder=false (bson.decode of every document).
 
-Medians of the repeats are printed and saved to bench/results/ingest_throughput.json. The
-figures are reported, never asserted: they depend on the machine.
+Ratios are MB/s over the baseline's MB/s; the fixed cost (wall - scan - decode) is reported and
+extrapolated to the 58 GB dump. Saved to bench/results/ingest_throughput.json; figures depend
+on the machine and are never asserted.
 """
 
 from __future__ import annotations
@@ -31,9 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hierarchy.config import load_config
-from hierarchy.ingest.pipeline import run_ingest
 from hierarchy.ingest.schema import IMAGES_FILE
-from hierarchy.spark import get_spark
 from hierarchy.synth.catalog import generate
 from hierarchy.taxonomy import Taxonomy
 
@@ -75,19 +78,6 @@ def read_file(path: Path) -> int:
         while n := fh.readinto(view):
             total += n
     return total
-
-
-def bench_raw_read(path: Path, repeat: int) -> list:
-    # One untimed read first, so every timed read comes from the page cache: dropping the
-    # cache needs root, and a cold first read would compare the disk with a warm ingest.
-    read_file(path)
-    runs = []
-    for i in range(repeat):
-        t0 = time.perf_counter()
-        read_file(path)
-        runs.append(time.perf_counter() - t0)
-        say(f"[raw read] run {i + 1}/{repeat}: {runs[-1]:.3f} s")
-    return runs
 
 
 # ------------------------------------------------------------------------------ baseline
@@ -141,40 +131,33 @@ def bench_baseline(path: Path, categories: Path, workdir: Path, row_group_bytes:
 
 
 # ------------------------------------------------------------------------------ ingest
-def _load_ingest_modules(_) -> int:
-    import hierarchy.ingest.pipeline  # noqa: F401
+def bench_cli(path: Path, categories: Path, workdir: Path, repeat: int,
+              overrides=()) -> list:
+    """`hierarchy ingest` as a user runs it, in a fresh process each time: wall time from the
+    command to its exit (Python and Spark start-up included), plus the manifest's phases."""
+    import subprocess
 
-    return 0
-
-
-def bench_ingest(path: Path, categories: Path, workdir: Path, split_mb: float,
-                 repeat: int) -> tuple:
-    cfg = load_config(overrides=["spark.master=local[*]", "ingest.progress=false",
-                                 f"ingest.split_mb={split_mb}"])
-    say("[ingest] starting Spark (not timed) ...")
-    spark = get_spark(cfg, "bench")
-    sc = spark.sparkContext
-    # Start the Python workers and load the ingest modules in them (~1 s each here, petastorm
-    # mostly): like the JVM, paid once per session, and it would otherwise land in run 1 only.
-    n = sc.defaultParallelism
-    sc.parallelize(range(n), n).map(_load_ingest_modules).count()
-    entries = []
-    try:
-        for i in range(repeat):
-            out = workdir / f"ingest-out-{i}"
-            shutil.rmtree(out, ignore_errors=True)
-            say(f"[ingest] run {i + 1}/{repeat}: run_ingest -> {out.name} ...")
-            entry = run_ingest(spark, cfg, [str(path)], str(categories), str(out), "train")
-            entries.append(entry)
-            t = entry["timings"]
-            say(f"[ingest] run {i + 1}/{repeat}: total {t['total_s']:.3f} s (scan "
-                f"{t['scan_s']:.3f}, decode {t['decode_s']:.3f}, commit {t['commit_s']:.3f}), "
-                f"{entry['tasks']} tasks, {entry['counts']['images']} images")
-            shutil.rmtree(out, ignore_errors=True)
-        parallelism = sc.defaultParallelism
-    finally:
-        spark.stop()
-    return entries, parallelism
+    runs = []
+    for i in range(repeat):
+        out = workdir / f"cli-out-{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [str(Path(sys.executable).with_name("hierarchy")), "ingest", "--input", str(path),
+               "--categories", str(categories), "--output", str(out), "ingest.progress=false",
+               "spark.master=local[*]", *overrides]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        entry = json.loads((out / "manifest.json").read_text())["kinds"]["train"]
+        runs.append({"wall_s": wall, "timings": entry["timings"],
+                     "images": entry["counts"]["images"]})
+        t = entry["timings"]
+        say(f"[cli{' ' + ' '.join(overrides) if overrides else ''}] run {i + 1}/{repeat}: wall "
+            f"{wall:.2f} s = spark start {t.get('spark_start_s', 0):.2f} + job "
+            f"{t['total_s']:.2f} (scan {t['scan_s']:.2f}, decode {t['decode_s']:.2f}, dup "
+            f"{t['duplicates_s']:.2f}, metadata {t['metadata_s']:.2f}, commit "
+            f"{t['commit_s']:.2f}) + rest")
+        shutil.rmtree(out, ignore_errors=True)
+    return runs
 
 
 # ------------------------------------------------------------------------------ report
@@ -198,90 +181,94 @@ def print_table(rows: dict) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--products", type=int, default=20000, help="train products (20000)")
+    parser.add_argument("--source", choices=("real", "synthetic"), default="real",
+                        help="real: the official sample's documents repeated to --mb "
+                             "(bench/real_dump.py); synthetic: a generated catalog")
+    parser.add_argument("--mb", type=float, default=1000.0, help="real dump size, 10^6 B")
+    parser.add_argument("--products", type=int, default=20000,
+                        help="synthetic train products (20000)")
     parser.add_argument("--seed", type=int, default=0, help="catalog seed (0)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "results" / "work")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="runs of each measurement (default: 3 raw read, 2 for the others)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement (3)")
     args = parser.parse_args(argv)
-    reads = args.repeat or 3
-    runs = args.repeat or 2
+    runs = args.repeat
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    catalog = prepare_catalog(workdir, args.products, args.seed)
-    train, categories = workdir / "train.bson", workdir / "category_names.csv"
+    if args.source == "real":
+        sys.path.insert(0, str(ROOT / "bench"))
+        from real_dump import SAMPLE, write_dump
+
+        train = workdir / "real.bson"
+        info = write_dump(train, args.mb)
+        categories = SAMPLE.with_name("category_names.csv")
+        described = f"{info['products']} products (official sample x {info['copies']})"
+    else:
+        catalog = prepare_catalog(workdir, args.products, args.seed)
+        train, categories = workdir / "train.bson", workdir / "category_names.csv"
+        described = f"{catalog['products']['train']} products, {catalog['images']['train']} images"
     size = train.stat().st_size
     cores = os.cpu_count() or 1
-    # Several tasks per core, so one slow range does not leave the other cores idle at the end.
-    split_mb = max(1.0, round(size / (1 << 20) / (4 * cores), 1))
     row_group_bytes = int(load_config().get_path("ingest.row_group_mb") * (1 << 20))
     say(f"[machine] {cores} cores, {platform.platform()}, Python {platform.python_version()}")
-    say(f"[input] {train} : {size / MB:.1f} MB, {catalog['products']['train']} products, "
-        f"{catalog['images']['train']} images; ingest.split_mb={split_mb}")
+    say(f"[input] {train} : {size / MB:.1f} MB, {described}")
 
-    say(f"[raw read] {reads} runs, 8 MiB chunks, after one untimed read (warm page cache)")
-    raw_runs = bench_raw_read(train, reads)
-    say(f"[baseline] {runs} runs, single process")
+    read_file(train)  # page cache warm for every side
+    say(f"[baseline] {runs} runs, single process: decode_file_iter + md5 + ParquetWriter")
     base_runs, base_images = bench_baseline(train, categories, workdir, row_group_bytes, runs)
-    say(f"[ingest] {runs} runs, local[*]")
-    entries, parallelism = bench_ingest(train, categories, workdir, split_mb, runs)
+    say(f"[ingest] {runs} runs of `hierarchy ingest` (fresh process, local[*])")
+    cli = bench_cli(train, categories, workdir, runs)
+    say("[ingest] 1 run with ingest.raw_decoder=false (the reference decode)")
+    ref = bench_cli(train, categories, workdir, 1, ["ingest.raw_decoder=false"])
 
-    images = entries[-1]["counts"]["images"]
+    images = cli[-1]["images"]
+    t = [r["timings"] for r in cli]
     rows = {
-        "raw read (warm cache)": figures(raw_runs, size, None),
         "baseline (1 process)": figures(base_runs, size, base_images),
-        "ingest end-to-end": figures([e["timings"]["total_s"] for e in entries], size, images),
-        "ingest decode phase": figures([e["timings"]["decode_s"] for e in entries], size, images),
-        "ingest scan phase": figures([e["timings"]["scan_s"] for e in entries], size, None),
+        "ingest wall (incl. start)": figures([r["wall_s"] for r in cli], size, images),
+        "ingest job (total_s)": figures([x["total_s"] for x in t], size, images),
+        "ingest decode phase": figures([x["decode_s"] for x in t], size, images),
+        "reference decoder job": figures([r["timings"]["total_s"] for r in ref], size, images),
+        "reference decode phase": figures([r["timings"]["decode_s"] for r in ref], size, images),
     }
-    raw, base = rows["raw read (warm cache)"], rows["baseline (1 process)"]
-    total, decode = rows["ingest end-to-end"], rows["ingest decode phase"]
+    base = rows["baseline (1 process)"]["mb_per_s"]
     ratios = {
-        "ingest/baseline end-to-end": round(total["mb_per_s"] / base["mb_per_s"], 3),
-        "ingest/baseline decode phase": round(decode["mb_per_s"] / base["mb_per_s"], 3),
-        "ingest/raw read end-to-end": round(total["mb_per_s"] / raw["mb_per_s"], 4),
-        "ingest/raw read decode phase": round(decode["mb_per_s"] / raw["mb_per_s"], 4),
-        "baseline/raw read": round(base["mb_per_s"] / raw["mb_per_s"], 4),
-        "ingest scan/raw read": round(rows["ingest scan phase"]["mb_per_s"] / raw["mb_per_s"], 4),
+        "ingest wall (with Spark start) / sequential loop":
+            rows["ingest wall (incl. start)"]["mb_per_s"] / base,
+        "ingest job end-to-end / sequential loop": rows["ingest job (total_s)"]["mb_per_s"] / base,
+        "ingest decode phase / sequential loop": rows["ingest decode phase"]["mb_per_s"] / base,
+        "reference decoder, decode phase / sequential loop":
+            rows["reference decode phase"]["mb_per_s"] / base,
     }
+    ratios = {k: round(v, 3) for k, v in ratios.items()}
+    phases = {k: statistics.median(x[k] for x in t) for k in
+              ("spark_start_s", "scan_s", "worker_start_s", "worker_warmup_s", "decode_s",
+               "duplicates_s", "metadata_s", "commit_s", "total_s")}
+    phases["wall_s"] = statistics.median(r["wall_s"] for r in cli)
+    phases["tasks_cpu_s"] = {k: statistics.median(x["tasks_s"][k] for x in t)
+                             for k in ("read", "decode", "write")}
+    fixed = phases["wall_s"] - phases["decode_s"] - phases["scan_s"]
 
     print_table(rows)
-    say("")
+    say("\nphases (median s): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in phases.items() if not isinstance(v, dict))
+        + "; task CPU " + ", ".join(f"{k} {v:.2f}" for k, v in phases["tasks_cpu_s"].items()))
     for name, value in ratios.items():
-        say(f"{name:<30}{value:>8.3f}x")
-    notes = [
-        f"MB = 10^6 bytes of train.bson; images/s counts pictures written to Parquet "
-        f"(baseline {base_images}, ingest {images})",
-        "raw read: the file is read once untimed before the timed reads, so all raw-read "
-        "figures come from the page cache (the baseline and ingest runs after it do too)",
-        f"ingest: Spark session and its {parallelism} Python workers (with the ingest modules "
-        "imported) started before timing (start-up not measured); end-to-end = "
-        "timings.total_s (scan + decode + commit with Petastorm metadata), decode phase = "
-        "timings.decode_s",
-        "baseline does less than ingest: no offset scan, no train/val split, no JPEG marker "
-        "check, no products/quarantine tables, one output file",
-    ]
-    if base_images != images:
-        notes.append(f"image counts differ: baseline {base_images}, ingest {images}")
-    say("")
-    for note in notes:
-        say(f"note: {note}")
+        say(f"ratio {name}: {value:.2f}x")
+    per_gb = {"scan_s": phases["scan_s"] / size * 1e9, "decode_s": phases["decode_s"] / size * 1e9}
+    at_58 = fixed + 58 * (per_gb["scan_s"] + per_gb["decode_s"])
+    say(f"fixed cost (wall - scan - decode): {fixed:.2f} s; at 58 GB on the same 2 cores: "
+        f"~{at_58 / 60:.1f} min, of which the fixed cost is {fixed / at_58:.2%}")
 
     result = {
-        "machine": {"cores": cores, "spark_parallelism": parallelism,
-                    "platform": platform.platform(), "python": platform.python_version(),
-                    "pyarrow": pa.__version__},
-        "input": {"path": str(train), "bytes": size, "products": catalog["products"]["train"],
-                  "images": catalog["images"]["train"], "seed": args.seed,
-                  "taxonomy": catalog["taxonomy"]},
-        "settings": {"split_mb": split_mb, "tasks": entries[-1]["tasks"],
-                     "row_group_mb": row_group_bytes / (1 << 20), "chunk_bytes": CHUNK,
-                     "repeat_raw_read": reads, "repeat": runs},
-        "measurements": rows,
-        "ratios": ratios,
-        "ingest_timings": [e["timings"] for e in entries],
-        "notes": notes,
+        "machine": {"cores": cores, "platform": platform.platform(),
+                    "python": platform.python_version(), "pyarrow": pa.__version__},
+        "input": {"path": str(train), "bytes": size, "source": args.source,
+                  "described": described},
+        "settings": {"repeat": runs, "row_group_mb": row_group_bytes / (1 << 20)},
+        "measurements": rows, "ratios": ratios, "phases": phases,
+        "fixed_s": round(fixed, 3), "extrapolated_58gb_s": round(at_58, 1),
+        "cli_runs": cli, "reference_runs": ref,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

@@ -144,6 +144,16 @@ def scan_inputs(inputs: Sequence[InputFile], max_document: int,
     with tqdm(total=total, desc="scan", unit="B", unit_scale=True, disable=not progress) as bar:
         for f in inputs:
             fs, path = storage.resolve(f.url)
+            if isinstance(fs, pafs.LocalFileSystem):
+                # mapped: the scan reads a few bytes per document in place (page cache)
+                import mmap
+
+                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) \
+                        as mapped:
+                    mapped.madvise(mmap.MADV_SEQUENTIAL)
+                    results.append(scan_stream(None, f.size, f.url, max_document,
+                                               progress=bar.update, data=mapped))
+                continue
             with fs.open_input_file(path) as fh:
                 results.append(scan_stream(fh, f.size, f.url, max_document, progress=bar.update))
     return results

@@ -98,12 +98,64 @@ class _Buffer:
         self.start, self.data = pos, b""
 
 
+class _Mapped:
+    """The whole input in memory or mapped (a local file): random access is a slice."""
+
+    def __init__(self, data, size: int):
+        self.data, self.size = data, size
+
+    def get(self, pos: int, n: int) -> bytes:
+        """Bytes [pos, pos+n) clipped to the file's size as described (a longer map of a file
+        that grew since is read no further)."""
+        return self.data[max(pos, 0):min(pos + n, self.size)]
+
+
 class Scanner:
-    def __init__(self, fh: BinaryIO, size: int, path: str, max_document: int,
-                 block: int = 8 << 20, progress: Optional[Callable[[int], None]] = None):
-        self.buf = _Buffer(fh, size, block)
+    def __init__(self, fh: Optional[BinaryIO], size: int, path: str, max_document: int,
+                 block: int = 8 << 20, progress: Optional[Callable[[int], None]] = None,
+                 data=None):
+        """``data``: the file's bytes (or an mmap of it) when they can be addressed directly;
+        then the common case — a sound document followed by another — runs in a tight loop
+        that reads a few bytes in place (:meth:`_run`), about 5x faster than through the
+        sliding window. Whatever that loop does not accept goes through the checks below."""
+        self.buf = _Mapped(data, size) if data is not None else _Buffer(fh, size, block)
+        self.data = data
         self.size, self.path, self.max_document = size, path, max_document
         self.progress = progress
+
+    def _run(self, pos: int, offsets, lengths, pids, cids) -> int:
+        """Append every sound document from ``pos`` on whose successor is sound too (or the
+        end of the file): the checks of :meth:`_head_problem` and :meth:`_chain_ok`, inline.
+        Returns where it stopped."""
+        data, size, max_doc = self.data, self.size, self.max_document
+        unpack32, unpack64 = _INT32.unpack_from, _INT64.unpack_from
+        types = _ELEMENT_TYPES
+
+        def sound(at: int) -> int:
+            if at + 9 > size:
+                return 0
+            length = unpack32(data, at)[0]
+            if length < 5 or length > max_doc or at + length > size \
+                    or data[at + 4] not in types or data[at + 5:at + 9] != _ID_KEY \
+                    or data[at + length - 1] != 0:
+                return 0
+            return length
+
+        length = sound(pos)
+        while length:
+            nxt = pos + length
+            following = sound(nxt) if nxt < size else 0
+            if nxt < size and not following:
+                return pos  # a broken successor: the full checks decide about this one
+            offsets.append(pos)
+            lengths.append(length)
+            kind = data[pos + 4]
+            pids.append(unpack32(data, pos + 9)[0] if kind == 0x10 and length >= 13 else
+                        unpack64(data, pos + 9)[0] if kind == 0x12 and length >= 17 else
+                        NO_VALUE)
+            cids.append(_read_category(data[max(pos, nxt - 22):nxt]))
+            pos, length = nxt, following
+        return pos
 
     # ------------------------------------------------------------------ checks
     def _length_at(self, pos: int) -> int:
@@ -181,6 +233,10 @@ class Scanner:
         pos = 0
         reported = 0
         while pos < self.size:
+            if self.data is not None:
+                pos = self._run(pos, offsets, lengths, pids, cids)
+                if pos >= self.size:
+                    break
             problem = self._head_problem(pos)
             if problem is None:
                 length = self._length_at(pos)
@@ -235,14 +291,12 @@ def _read_category(tail: bytes) -> int:
 
 
 def scan_stream(fh: BinaryIO, size: int, path: str, max_document: int = 16 << 20,
-                progress: Optional[Callable[[int], None]] = None) -> ScanResult:
-    return Scanner(fh, size, path, max_document, progress=progress).scan()
+                progress: Optional[Callable[[int], None]] = None, data=None) -> ScanResult:
+    return Scanner(fh, size, path, max_document, progress=progress, data=data).scan()
 
 
 def scan_bytes(data: bytes, path: str = "<bytes>", max_document: int = 16 << 20) -> ScanResult:
-    import io
-
-    return scan_stream(io.BytesIO(data), len(data), path, max_document)
+    return scan_stream(None, len(data), path, max_document, data=data)
 
 
 def cut_ranges(result: ScanResult, target_bytes: int) -> List[Tuple[int, int]]:
