@@ -153,7 +153,8 @@ def bench_cli(path: Path, categories: Path, workdir: Path, repeat: int,
         t = entry["timings"]
         say(f"[cli{' ' + ' '.join(overrides) if overrides else ''}] run {i + 1}/{repeat}: wall "
             f"{wall:.2f} s = spark start {t.get('spark_start_s', 0):.2f} + job "
-            f"{t['total_s']:.2f} (scan {t['scan_s']:.2f}, decode {t['decode_s']:.2f}, dup "
+            f"{t['total_s']:.2f} (scan {t['scan_s']:.2f}, wait for workers "
+            f"{t['worker_wait_s']:.2f}, decode {t['decode_s']:.2f}, dup "
             f"{t['duplicates_s']:.2f}, metadata {t['metadata_s']:.2f}, commit "
             f"{t['commit_s']:.2f}) + rest")
         shutil.rmtree(out, ignore_errors=True)
@@ -242,12 +243,13 @@ def main(argv=None) -> int:
     }
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     phases = {k: statistics.median(x[k] for x in t) for k in
-              ("spark_start_s", "scan_s", "worker_start_s", "worker_warmup_s", "decode_s",
+              ("spark_start_s", "scan_s", "worker_warmup_s", "worker_wait_s", "worker_start_s",
+               "decode_s",
                "duplicates_s", "metadata_s", "commit_s", "total_s")}
     phases["wall_s"] = statistics.median(r["wall_s"] for r in cli)
     phases["tasks_cpu_s"] = {k: statistics.median(x["tasks_s"][k] for x in t)
                              for k in ("read", "decode", "write")}
-    fixed = phases["wall_s"] - phases["decode_s"] - phases["scan_s"]
+    fixed = phases["wall_s"] - phases["decode_s"] - phases["scan_s"]  # start, workers, commit
 
     print_table(rows)
     say("\nphases (median s): " + ", ".join(

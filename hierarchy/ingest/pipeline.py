@@ -446,6 +446,7 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
     from hierarchy.spark import collect_with_progress, run_with_progress
 
     warmup_s = warm.join()
+    t_workers = time.time()  # the scan is done; what is left of the warm-up is waited for
     results = []
     t_submit = time.time()
     if tasks:
@@ -497,9 +498,12 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
         "config": dict(icfg),
         "timings": {**({"spark_start_s": round(spark_start_s, 3)}
                        if spark_start_s is not None else {}),
-                    "scan_s": round(t_scan - t0, 3), "decode_s": round(t_decode - t_scan, 3),
-                    "worker_start_s": round(max(0.0, worker_start), 3),
+                    "scan_s": round(t_scan - t0, 3),
+                    # the workers' start beside the scan, and what the job still waited for
                     "worker_warmup_s": round(warmup_s, 3),
+                    "worker_wait_s": round(t_workers - t_scan, 3),
+                    "worker_start_s": round(max(0.0, worker_start), 3),
+                    "decode_s": round(t_decode - t_workers, 3),
                     "tasks_s": task_s,
                     "duplicates_s": round(t_dedup - t_decode, 3),
                     "metadata_s": round(metadata_s, 3),
