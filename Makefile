@@ -237,6 +237,8 @@ bench: setup
 	$(PY) bench/gpu_train.py
 	$(PY) bench/predict_throughput.py
 	$(PY) bench/curate_cost.py
+	$(PY) bench/taxonomy_scale.py
+	$(PY) bench/summary.py
 
 # every strategy trained at the same image-epochs on the hard preset, scored on its test dump
 bench-quality: setup
