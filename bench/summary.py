@@ -60,9 +60,11 @@ def figures() -> dict:
         out[f"taxonomy full: {b['n']} branch models, total s"] = round(b["total"], 1)
         out["taxonomy full: branch model, median s"] = round(b["median"], 2)
         overhead = scale["branches"].get("overhead", {})
-        if "intercept_seconds" in overhead:
-            out["taxonomy full: per-branch fixed overhead, s"] = round(
-                overhead["intercept_seconds"], 2)
+        if "median" in overhead:  # seconds beyond level 1's rate x the branch's pictures
+            out["taxonomy full: per-branch overhead (median), s"] = round(overhead["median"], 2)
+        if "rss_growth_per_model" in scale["branches"]:
+            out["taxonomy full: training RSS growth per branch model, MB"] = round(
+                scale["branches"]["rss_growth_per_model"] / 1e6, 1)
         out["taxonomy full: scoring worker peak RSS, MB"] = round(
             scale["predict"]["worker_peak_rss"] / 1e6)
     return {k: v for k, v in out.items() if v is not None}

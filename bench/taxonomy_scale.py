@@ -116,7 +116,7 @@ class Watched:
         self.events: list = []     # (seconds since start, key, VmRSS, VmHWM) per model start
         self.summaries: dict = {}  # key -> seconds since start of its summary line
         self.worker_hwm: dict = {}  # pid -> VmHWM
-        self.peak_rss = self.hwm = self.end_rss = 0
+        self.peak_rss = self.hwm = self.end_rss = self.last_rss = 0
         self.out: list = []
         self.err: list = []
 
@@ -129,7 +129,7 @@ class Watched:
                 self.events.append((t, m.group(1), *proc_mem(self.proc.pid)))
             elif m:
                 if not self.summaries:  # every model trained: the process as the loop left it
-                    self.end_rss = proc_mem(self.proc.pid)[0]
+                    self.end_rss = proc_mem(self.proc.pid)[0] or self.last_rss
                 self.summaries.setdefault(m.group(1), t)
 
     def run(self) -> Watched:
@@ -143,6 +143,7 @@ class Watched:
         last_tree = 0.0
         while self.proc.poll() is None:
             rss, hwm = proc_mem(self.proc.pid)
+            self.last_rss = rss or self.last_rss  # the last sample before it exits
             self.peak_rss, self.hwm = max(self.peak_rss, rss), max(self.hwm, hwm)
             now = time.perf_counter()
             if self.workers and now - last_tree > 0.5:
@@ -156,6 +157,7 @@ class Watched:
         for r in readers:
             r.join()
         self.seconds = time.perf_counter() - self.t0
+        self.end_rss = self.end_rss or self.last_rss
         if self.proc.returncode != 0:
             sys.exit(f"{' '.join(self.cmd[:4])} ... failed ({self.proc.returncode}):\n"
                      f"{''.join(self.out)[-2000:]}\n{''.join(self.err)[-4000:]}")

@@ -114,9 +114,13 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
 
 def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
     from hierarchy.train.loop import train_model
+    from hierarchy.train.memory import one_model
 
     if np_ == 1 or _under_horovodrun():
-        return [train_model(spec)]
+        # every model of the call trains in this process, one after the other: each leaves
+        # its graphs, readers and Horovod traces behind unless released (hierarchy.train.memory)
+        with one_model():
+            return [train_model(spec)]
     import horovod.spark
 
     sc = spark_factory().sparkContext  # horovod.spark.run runs its tasks on this session
