@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import uuid
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -52,6 +52,29 @@ def resolve(url: str) -> Tuple[pafs.FileSystem, str]:
         except (ImportError, ValueError) as exc:
             raise UsageError(f"{url}: no filesystem for {scheme}:// ({exc})") from None
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs._strip_protocol(url)
+
+
+def map_local(url: str, start: int = 0, size: Optional[int] = None):
+    """A read-only, sequential-advised mmap of bytes [start, start+size) of a local file, as
+    (map, offset of ``start`` inside it) — the map begins at the allocation granularity at or
+    before ``start``; None for a file on another filesystem (read it instead). Raises
+    ValueError when the file is shorter than asked."""
+    import mmap
+
+    fs, path = resolve(url)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return None
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as fh:
+        length = os.fstat(fh.fileno()).st_size
+        end = length if size is None else start + size
+        if end > length:
+            raise ValueError(f"{url}: {length} bytes, shorter than the {end} asked for")
+        if end == aligned:
+            return None  # nothing to map (mmap refuses a length of 0)
+        mapped = mmap.mmap(fh.fileno(), end - aligned, offset=aligned, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_SEQUENTIAL)
+    return mapped, start - aligned
 
 
 def local_path(url: str) -> str:

@@ -51,3 +51,33 @@ def spark(cfg):
     session = get_spark(cfg, "tests")
     yield session
     session.stop()
+
+
+def ingested_synth(spark, root: Path, products: int, seed: int, test_products: int,
+                   overrides=()) -> str:
+    """A small `small`-taxonomy catalog generated under ``root/synth`` and its train dump
+    ingested into ``root/ds`` (returned) with local[2] and ``ingest.*`` overrides."""
+    from hierarchy.config import load_config
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.synth import generate
+
+    generate(str(root / "synth"), products=products, seed=seed, taxonomy="small",
+             test_products=test_products, workers=1, progress=False)
+    cfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
+                                 *(f"ingest.{o}" for o in overrides)])
+    out = str(root / "ds")
+    run_ingest(spark, cfg, [str(root / "synth" / "train.bson")],
+               str(root / "synth" / "category_names.csv"), out, "train")
+    return out
+
+
+@pytest.fixture
+def fresh_keras():
+    """Keras' global session and dtype policy reset around a test (mixed precision is global)."""
+    import tensorflow as tf
+
+    tf.keras.backend.clear_session()
+    tf.keras.mixed_precision.set_global_policy("float32")
+    yield
+    tf.keras.mixed_precision.set_global_policy("float32")
+    tf.keras.backend.clear_session()

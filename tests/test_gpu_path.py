@@ -24,13 +24,7 @@ SIZE, CLASSES = 32, 4
 INITIAL_SCALE = 2.0 ** 15  # Keras' dynamic loss scale starts here and halves on overflow
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras():
-    tf.keras.backend.clear_session()
-    tf.keras.mixed_precision.set_global_policy("float32")
-    yield
-    tf.keras.mixed_precision.set_global_policy("float32")
-    tf.keras.backend.clear_session()
+pytestmark = pytest.mark.usefixtures("fresh_keras")  # conftest.py
 
 
 def _batch(seed: int, n: int = 8):
@@ -98,13 +92,19 @@ def test_optimizer_is_loss_scaled_outside_horovod():
             tf.keras.optimizers.Adam(1e-3)))
 
 
-def test_loss_scaled_step_under_horovod_skips_an_overflow_and_halves_the_scale():
+def _mixed_model(seed: int, distributed: bool, jit_compile: bool = False):
+    """A small CNN compiled as the training loop does under mixed precision: (model, opt)."""
     hvd.init()
-    tf.keras.utils.set_random_seed(3)
+    tf.keras.utils.set_random_seed(seed)
     models.enable_mixed_precision_if_gpu("on")
     model = models.build_model("small_cnn", CLASSES, SIZE)
-    opt = gpu.make_optimizer(hvd, 1e-3, mixed=True, distributed=True)
-    models.compile_model(model, 1e-3, 0.1, optimizer=opt)
+    opt = gpu.make_optimizer(hvd, 1e-3, mixed=True, distributed=distributed)
+    models.compile_model(model, 1e-3, 0.1, optimizer=opt, jit_compile=jit_compile)
+    return model, opt
+
+
+def test_loss_scaled_step_under_horovod_skips_an_overflow_and_halves_the_scale():
+    model, opt = _mixed_model(3, distributed=True)
     assert model.optimizer is opt  # what the checkpoints save and a resume restores
     x, y = _batch(1)
     # the training loop's Horovod callbacks, on the loss-scaled optimizer
@@ -220,12 +220,7 @@ def test_xla_switch():
 
 
 def test_xla_compiles_and_runs_a_loss_scaled_step_on_cpu():
-    hvd.init()
-    tf.keras.utils.set_random_seed(4)
-    models.enable_mixed_precision_if_gpu("on")
-    model = models.build_model("small_cnn", CLASSES, SIZE)
-    opt = gpu.make_optimizer(hvd, 1e-3, mixed=True, distributed=False)
-    models.compile_model(model, 1e-3, 0.1, optimizer=opt, jit_compile=True)
+    model, opt = _mixed_model(4, distributed=False, jit_compile=True)
     assert model.jit_compile
     x, y = _batch(2)
     before = _trainable(model)

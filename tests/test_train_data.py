@@ -16,20 +16,13 @@ SIZE = 48
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, spark):
     """200 synthetic products ingested with small byte ranges: several row groups per split."""
-    from hierarchy.config import load_config
-    from hierarchy.ingest.pipeline import run_ingest
-    from hierarchy.synth import generate
+    from conftest import ingested_synth
+
+    from hierarchy.dataset import Dataset
     from hierarchy.taxonomy import Taxonomy
 
     root = tmp_path_factory.mktemp("train_data")
-    generate(str(root / "synth"), products=200, seed=1, taxonomy="small", test_products=20,
-             workers=1, progress=False)
-    cfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
-                                 "ingest.split_mb=0.3"])
-    out = str(root / "ds")
-    run_ingest(spark, cfg, [str(root / "synth" / "train.bson")],
-               str(root / "synth" / "category_names.csv"), out, "train")
-    from hierarchy.dataset import Dataset
+    out = ingested_synth(spark, root, 200, 1, 20, ["split_mb=0.3"])
 
     manifest = Dataset(out).require_complete(["train"])
     taxonomy = Taxonomy.from_json((root / "ds" / "taxonomy.json").read_text())

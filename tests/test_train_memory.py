@@ -36,17 +36,10 @@ def trained(tmp_path_factory, spark):
     """A level-1 model, then one model per branch (4) trained one after the other in this
     process, with what the process held between the two calls and at the end (the first
     model sets the baseline: TensorFlow's own one-off state)."""
-    from hierarchy.ingest.pipeline import run_ingest
-    from hierarchy.synth import generate
+    from conftest import ingested_synth
 
     root = tmp_path_factory.mktemp("memory")
-    generate(str(root / "syn"), products=160, seed=3, taxonomy="small", test_products=10,
-             workers=1, progress=False)
-    icfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
-                                  "ingest.val_fraction=0.2"])
-    data = str(root / "ds")
-    run_ingest(spark, icfg, [str(root / "syn" / "train.bson")],
-               str(root / "syn" / "category_names.csv"), data, "train")
+    data = ingested_synth(spark, root, 160, 3, 10, ["val_fraction=0.2"])
     tcfg = load_config(overrides=[
         "train.backbone=small_cnn", "train.image_size=32", "train.batch_size=16",
         "train.epochs=1", "train.warmup_epochs=0", "train.shuffle_buffer=64",

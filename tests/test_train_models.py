@@ -13,13 +13,7 @@ APPS = ["mobilenet_v2", "efficientnet_b0", "resnet50", "inception_v3"]
 SIZE = {"inception_v3": 75}  # the others build at 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras():
-    tf.keras.backend.clear_session()
-    tf.keras.mixed_precision.set_global_policy("float32")
-    yield
-    tf.keras.mixed_precision.set_global_policy("float32")
-    tf.keras.backend.clear_session()
+pytestmark = pytest.mark.usefixtures("fresh_keras")  # conftest.py
 
 
 def _weights_equal(a, b) -> bool:

@@ -113,18 +113,15 @@ class BatchScorer:
         the largest DCT scale that keeps the shorter side >= min_side."""
         import tensorflow as tf
 
-        from hierarchy.train.data import dct_ratio
+        from hierarchy.train.data import decode_scaled
 
         out = []
         for raw in jpegs:
             try:
                 if isinstance(raw, (bytearray, memoryview)):  # toPandas() gives bytearray
                     raw = bytes(raw)
-                ratio = 1
-                if min_side:
-                    height, width = tf.image.extract_jpeg_shape(raw).numpy()[:2].tolist()
-                    ratio = dct_ratio(height, width, min_side)
-                out.append(tf.io.decode_jpeg(raw, channels=3, ratio=ratio))
+                out.append(decode_scaled(raw, min_side) if min_side else
+                           tf.io.decode_jpeg(raw, channels=3))
             except (tf.errors.InvalidArgumentError, ValueError, TypeError):
                 out.append(None)
         return out

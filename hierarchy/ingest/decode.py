@@ -205,13 +205,18 @@ def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: s
             rows += [{**q, "level": DOCUMENT} for q in out.quarantine if q["level"] == PRODUCT]
         return Outcome(None, [], rows)
     # A test product stays even with no usable picture: the submission needs its row.
-    out.product = {
-        "product_id": product_id, "category_id": category_id, "l1": l1, "l2": l2, "l3": l3,
-        "split": split, "n_images": len(out.images),
-        "n_bad_images": len(pictures) - len(out.images), "source": source, "offset": offset,
-        "length": length,
-    }
+    out.product = product_row(product_id, category_id, levels, split, len(out.images),
+                              len(pictures) - len(out.images), source, offset, length)
     return out
+
+
+def product_row(product_id: int, category_id, levels: tuple, split: str, n_images: int,
+                n_bad_images: int, source: str, offset: int, length: int) -> dict:
+    """One row of products/ (PRODUCTS_FILE), for the reference decode and the fast path."""
+    l1, l2, l3 = levels
+    return {"product_id": product_id, "category_id": category_id, "l1": l1, "l2": l2,
+            "l3": l3, "split": split, "n_images": n_images, "n_bad_images": n_bad_images,
+            "source": source, "offset": offset, "length": length}
 
 
 def _describe(value) -> str:

@@ -15,7 +15,6 @@ load      swap the staged partitions of this kind (train: split=train/val, test:
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from collections import Counter
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import pyarrow.fs as pafs
 
 from hierarchy import storage
 from hierarchy.dataset import KIND_SPLITS, SPLITS, Dataset
@@ -143,17 +141,14 @@ def scan_inputs(inputs: Sequence[InputFile], max_document: int,
     total = sum(f.size for f in inputs)
     with tqdm(total=total, desc="scan", unit="B", unit_scale=True, disable=not progress) as bar:
         for f in inputs:
-            fs, path = storage.resolve(f.url)
-            if isinstance(fs, pafs.LocalFileSystem):
-                # mapped: the scan reads a few bytes per document in place (page cache)
-                import mmap
-
-                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) \
-                        as mapped:
-                    mapped.madvise(mmap.MADV_SEQUENTIAL)
+            # mapped: the scan reads a few bytes per document in place (page cache)
+            local = storage.map_local(f.url)
+            if local is not None:
+                with local[0] as mapped:
                     results.append(scan_stream(None, f.size, f.url, max_document,
                                                progress=bar.update, data=mapped))
                 continue
+            fs, path = storage.resolve(f.url)
             with fs.open_input_file(path) as fh:
                 results.append(scan_stream(fh, f.size, f.url, max_document, progress=bar.update))
     return results
@@ -202,23 +197,18 @@ class _Range:
     the writers slice it in place, so it is closed only after the writers are."""
 
     def __init__(self, url: str, start: int, size: int):
-        import mmap
-
         self._map = None
-        fs, path = storage.resolve(url)
-        if isinstance(fs, pafs.LocalFileSystem) and size:
-            aligned = start - start % mmap.ALLOCATIONGRANULARITY
-            with open(path, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size < start + size:
-                    raise IngestError(f"{url}: shorter than the scan found; the file shrank "
-                                      "since")
-                self._map = mmap.mmap(fh.fileno(), start + size - aligned, offset=aligned,
-                                      access=mmap.ACCESS_READ)
-            self._map.madvise(mmap.MADV_SEQUENTIAL)
-            self.data, self.first = self._map, start - aligned
+        try:
+            local = storage.map_local(url, start, size) if size else None
+        except ValueError as exc:
+            raise IngestError(f"{exc}; the file shrank since the scan") from None
+        if local is not None:
+            self._map, self.first = local
+            self.data = self._map
             return
         self.data, self.first = bytearray(size), 0
         view = memoryview(self.data)
+        fs, path = storage.resolve(url)
         with fs.open_input_file(path) as fh:
             fh.seek(start)
             got = 0
@@ -265,12 +255,10 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
             got = rawdoc.read_product(data, view, pos, length, task.kind, taxonomy) \
                 if fast else None
             if got is not None and dedup.claim(got[0], offset):
-                product_id, category_id, (l1, l2, l3), pictures = got
-                images[split].add_pictures(product_id, category_id, l1, l2, l3, pictures)
-                products.append({
-                    "product_id": product_id, "category_id": category_id, "l1": l1, "l2": l2,
-                    "l3": l3, "split": split, "n_images": len(pictures), "n_bad_images": 0,
-                    "source": task.source, "offset": offset, "length": length})
+                product_id, category_id, levels, pictures = got
+                images[split].add_pictures(product_id, category_id, *levels, pictures)
+                products.append(dec.product_row(product_id, category_id, levels, split,
+                                                len(pictures), 0, task.source, offset, length))
                 continue
             # the reference decode: anything the fast path does not take, with its reasons
             out = dec.decode_document(bytes(view[pos:pos + length]), source=task.source,

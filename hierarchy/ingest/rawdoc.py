@@ -23,12 +23,11 @@ from __future__ import annotations
 import struct
 from typing import List, Optional, Tuple
 
+from hierarchy.ingest.decode import EOI, SOI
 from hierarchy.taxonomy import Taxonomy
 
 _I32 = struct.Struct("<i").unpack_from
 _I64 = struct.Struct("<q").unpack_from
-_SOI = b"\xff\xd8\xff"
-_EOI = b"\xff\xd9"
 _INT32, _INT64, _ARRAY, _DOCUMENT, _BINARY = 0x10, 0x12, 0x04, 0x03, 0x05
 _ID = b"\x10_id\x00", b"\x12_id\x00"
 _PICTURE = b"\x05picture\x00"
@@ -124,7 +123,7 @@ def _pictures(data, view, p: int, end: int) -> Optional[List[memoryview]]:
         picture = view[start:start + n]
         # the reference's marker check (decode.jpeg_problem): SOI first, EOI last (before
         # any zero padding)
-        if picture[:3] != _SOI or bytes(picture[-64:]).rstrip(b"\x00")[-2:] != _EOI:
+        if picture[:3] != SOI or bytes(picture[-64:]).rstrip(b"\x00")[-2:] != EOI:
             return None
         out.append(picture)
         q = doc_end + 1
