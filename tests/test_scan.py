@@ -68,6 +68,22 @@ def test_ranges_are_contiguous_cover_everything_and_skip_regions(real_bson):
     assert max(sizes) < 50_000 + int(np.max(r.lengths))
 
 
+def test_task_ranges_come_in_whole_waves_of_the_cluster_slots(real_bson):
+    from hierarchy.ingest.pipeline import even_split_bytes, plan_tasks
+
+    assert even_split_bytes(1000, 64, 2) == 63          # 16 ranges, not 15 (of 64 + a rest)
+    assert even_split_bytes(1000, 2000, 4) == 250      # a small input still uses every slot
+    assert even_split_bytes(1000, 64, 1) == 64
+    assert even_split_bytes(0, 64, 8) == 64
+    r = scan_bytes(real_bson.read_bytes() * 9)
+    total = int(r.lengths.sum())
+    for slots in (2, 3, 4, 5):
+        for parts in (3, 7, 11):
+            tasks = plan_tasks([r], "train", total // parts, 0.1, 1, slots=slots)
+            assert len(tasks) % slots == 0 and len(tasks) >= parts, (slots, parts, len(tasks))
+            assert sum(t.n_docs for t in tasks) == r.n_documents
+
+
 def test_mapped_scan_and_streamed_scan_agree_on_fuzzed_dumps(real_bson):
     """A local file is scanned in place (the tight loop plus the full checks where it stops),
     a remote one through the sliding window: the same index and regions, damage or not."""

@@ -154,9 +154,21 @@ def scan_inputs(inputs: Sequence[InputFile], max_document: int,
     return results
 
 
+def even_split_bytes(total: int, split_bytes: int, slots: int) -> int:
+    """The range size nearest ``split_bytes`` (never above it) that cuts ``total`` bytes into
+    a multiple of ``slots`` ranges: the last wave of tasks then keeps every core busy instead
+    of one (worth up to a task's time per job; nothing at 58 GB's ~900 tasks)."""
+    if total <= 0 or slots <= 1:
+        return split_bytes
+    waves = -(-total // (split_bytes * slots))
+    return max(1, min(split_bytes, -(-total // (waves * slots))))
+
+
 def plan_tasks(scans: Sequence[ScanResult], kind: str, split_bytes: int, val_fraction: float,
-               seed: int) -> List[IngestTask]:
-    """One task per byte range; each carries the split code of each of its documents."""
+               seed: int, slots: int = 1) -> List[IngestTask]:
+    """One task per byte range; each carries the split code of each of its documents.
+    ``slots``: the task slots of the cluster, for :func:`even_split_bytes`."""
+    split_bytes = even_split_bytes(sum(int(s.lengths.sum()) for s in scans), split_bytes, slots)
     pids = np.concatenate([s.product_ids for s in scans]) if scans else np.empty(0, np.int64)
     cids = np.concatenate([s.category_ids for s in scans]) if scans else np.empty(0, np.int64)
     codes = assign_splits(pids, cids, kind, val_fraction, seed)
@@ -366,16 +378,17 @@ def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
 
 
 def _load_task_modules(_) -> int:
-    import hierarchy.ingest.pipeline  # noqa: F401 - what a decode task imports
+    from hierarchy.ingest import writer  # what a decode task imports
 
+    writer.warm_up(IMAGES_FILE)
     return 0
 
 
 class _WarmWorkers:
-    """A job of one empty task per core, run beside the driver's scan: each Python worker
-    forks and imports the decode modules (~1-2 s) while the scan reads the offset index,
-    instead of after it, when the decode tasks are waiting for them. A failure here only
-    costs the overlap: the decode job starts its workers itself."""
+    """A job of one small task per core, run beside the driver's scan: each Python worker
+    forks, imports the decode modules and writes a row in memory (~1-2 s) while the scan
+    reads the offset index, instead of after it, when the decode tasks are waiting for them.
+    A failure here only costs the overlap: the decode job starts its workers itself."""
 
     def __init__(self, spark):
         import threading
@@ -412,7 +425,8 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
     warm = _WarmWorkers(spark)  # Python workers start while the driver scans
     scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
     tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
-                       icfg["val_fraction"], icfg["split_seed"])
+                       icfg["val_fraction"], icfg["split_seed"],
+                       slots=spark.sparkContext.defaultParallelism)
     t_scan = time.time()
 
     for name, location, _ in storage.list_dir(dataset.staging().root):
