@@ -14,6 +14,7 @@ load      swap the staged partitions of this kind (train: split=train/val, test:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import uuid
@@ -259,6 +260,10 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
     stats = {"documents": 0, "bad_documents": 0}
     dedup = duplicates.RangeDeduplicator(task.source)
     fast = ctx.raw_decoder and ctx.verify_jpeg == "markers"
+    # the loop makes no reference cycles (refcounting frees everything), while the cyclic
+    # collector would walk every picture slice and row it holds, ~5 % of a task
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
         for i, (offset, pos, length) in enumerate(dec.document_spans(data, task.start,
                                                                       source.first)):
@@ -295,6 +300,8 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
             writer.abort()
         raise
     finally:
+        if gc_was_enabled:
+            gc.enable()
         del view
         source.close()
     t_tables = time.perf_counter()

@@ -120,12 +120,13 @@ def _pictures(data, view, p: int, end: int) -> Optional[List[memoryview]]:
         start = q + 18
         if data[q + 17] != 0 or n < 0 or start + n != doc_end:
             return None
-        picture = view[start:start + n]
         # the reference's marker check (decode.jpeg_problem): SOI first, EOI last (before
-        # any zero padding)
-        if picture[:3] != SOI or bytes(picture[-64:]).rstrip(b"\x00")[-2:] != EOI:
+        # any zero padding; most pictures end on EOI itself, so that is looked at first)
+        if data[start:start + 3] != SOI or (
+                data[doc_end - 2:doc_end] != EOI and
+                bytes(data[max(start, doc_end - 64):doc_end]).rstrip(b"\x00")[-2:] != EOI):
             return None
-        out.append(picture)
+        out.append(view[start:doc_end])
         q = doc_end + 1
     if q != end:
         return None
