@@ -112,4 +112,6 @@ def test_the_default_config_is_read_from_the_package_even_zipped(tmp_path):
     out = subprocess.run([sys.executable, "-I", "-c", code, str(zipped)], capture_output=True,
                          text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "64.0"
+    from hierarchy.config import load_config
+
+    assert out.stdout.strip() == str(load_config()["ingest"]["split_mb"])
