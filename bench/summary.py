@@ -65,8 +65,9 @@ def figures() -> dict:
         if "rss_growth_per_model" in scale["branches"]:
             out["taxonomy full: training RSS growth per branch model, MB"] = round(
                 scale["branches"]["rss_growth_per_model"] / 1e6, 1)
-        out["taxonomy full: scoring worker peak RSS, MB"] = round(
-            scale["predict"]["worker_peak_rss"] / 1e6)
+        if scale["predict"]["worker_peak_rss"]:  # 0: no worker was found to read
+            out["taxonomy full: scoring worker peak RSS, MB"] = round(
+                scale["predict"]["worker_peak_rss"] / 1e6)
     return {k: v for k, v in out.items() if v is not None}
 
 

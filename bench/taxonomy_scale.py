@@ -32,7 +32,7 @@ bench/results/taxonomy_scale.json, never asserted):
   the least-squares growth per model, and its peak (VmHWM, the kernel's high-water mark) —
   growth per branch model is what would not survive 49 ResNets;
 - peak memory of a scoring worker with every branch model loaded: VmHWM of the predict job's
-  Spark Python workers (children of ``pyspark.daemon``, read from /proc while the job runs),
+  Spark Python workers (children of the worker daemon, read from /proc while the job runs),
   and, as a check, one process that loads every model of the two-stage set through the
   worker's own loader (:func:`hierarchy.infer.scoring._model`) and calls each once, with its
   RSS after each model.
@@ -87,9 +87,15 @@ def proc_mem(pid: int) -> tuple:
 
 
 def spark_workers(pid: int) -> list:
-    """Pids of the Spark Python workers under ``pid``: processes forked by pyspark.daemon
-    (same command line as their parent, the daemon itself excluded)."""
+    """Pids of the Spark Python workers under ``pid``: processes forked by the worker daemon
+    (``spark.python.daemon.module``; same command line as their parent, the daemon itself
+    excluded)."""
     import psutil
+
+    from hierarchy.config import load_config
+
+    daemon = str(load_config()["spark"]["conf"].get("spark.python.daemon.module",
+                                                    "pyspark.daemon"))
 
     try:
         tree = psutil.Process(pid).children(recursive=True)
@@ -98,8 +104,7 @@ def spark_workers(pid: int) -> list:
     out = []
     for p in tree:
         try:
-            if "pyspark.daemon" in " ".join(p.cmdline()) and \
-                    "pyspark.daemon" in " ".join(p.parent().cmdline()):
+            if daemon in " ".join(p.cmdline()) and daemon in " ".join(p.parent().cmdline()):
                 out.append(p.pid)
         except psutil.Error:
             continue
@@ -348,6 +353,8 @@ def main() -> None:
     predict = hierarchy("predict", *run, "--split", "test", "--strategy", "two-stage",
                         "--output", str(out), conf=conf, workers=True)
     worker_peak = max(predict.worker_hwm.values(), default=0)
+    if not worker_peak:
+        say("  no Spark Python worker found under the predict command: peak RSS not measured")
     loader = json.loads(subprocess.run(
         [sys.executable, __file__, "--load-models", str(models), RUN_ID, str(data)],
         capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
