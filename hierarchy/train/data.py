@@ -150,17 +150,19 @@ def _petastorm_can_shard(groups: List[RowGroup], world_size: int) -> bool:
 
 
 # ------------------------------------------------------------------------------ images
-def _seeds(seed: tf.Tensor, n: int) -> tf.Tensor:
-    return tf.random.experimental.stateless_split(seed, num=n)
+def _draws(seed: tf.Tensor) -> tf.Tensor:
+    """float32 [8] in [0, 1): every random number of one picture's augmentation, in one op
+    instead of a dozen (at 64 px each op's fixed cost, not its arithmetic, is what counts)."""
+    return tf.random.stateless_uniform([8], seed)
 
 
-def _geometry(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tensor:
-    """Random crop + resize + flip + rotation of a decoded picture, in one bilinear pass."""
-    s = _seeds(seed, 4)
-    frac = tf.random.stateless_uniform([], s[0], CROP_MIN, 1.0)
-    shift = tf.random.stateless_uniform([2], s[1], -1.0, 1.0)
-    angle = tf.random.stateless_uniform([], s[2], -1.0, 1.0) * (MAX_ROTATION_DEG * math.pi / 180)
-    mirror = tf.random.stateless_uniform([], s[3]) < 0.5
+def _geometry(image: tf.Tensor, image_size: int, u: tf.Tensor) -> tf.Tensor:
+    """Random crop + resize + flip + rotation of a decoded picture, in one bilinear pass;
+    ``u``: the picture's :func:`_draws`."""
+    frac = CROP_MIN + (1.0 - CROP_MIN) * u[0]
+    shift = u[1:3] * 2.0 - 1.0
+    angle = (u[3] * 2.0 - 1.0) * (MAX_ROTATION_DEG * math.pi / 180)
+    mirror = u[4] < 0.5
     return warp(image, image_size, frac, shift, angle, mirror)
 
 
@@ -194,14 +196,12 @@ def warp(image: tf.Tensor, image_size: int, frac, shift, angle, mirror) -> tf.Te
     return tf.ensure_shape(out[0], [image_size, image_size, 3])
 
 
-def colour_factors(seed: tf.Tensor) -> tf.Tensor:
-    """float32 [3]: brightness delta, contrast factor, saturation factor of one picture (the
-    draws tf.image.stateless_random_brightness / _contrast make from the same seeds)."""
-    s = _seeds(seed, 3)
-    return tf.stack([
-        tf.random.stateless_uniform([], s[0], -BRIGHTNESS, BRIGHTNESS),
-        tf.random.stateless_uniform([], s[1], *CONTRAST),
-        tf.random.stateless_uniform([], s[2], *SATURATION)])
+def colour_factors(u: tf.Tensor) -> tf.Tensor:
+    """float32 [3]: brightness delta, contrast factor, saturation factor of one picture, from
+    its :func:`_draws`."""
+    lo = tf.constant([-BRIGHTNESS, CONTRAST[0], SATURATION[0]], tf.float32)
+    hi = tf.constant([BRIGHTNESS, CONTRAST[1], SATURATION[1]], tf.float32)
+    return lo + (hi - lo) * u[5:8]
 
 
 def apply_colour(images: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
@@ -225,8 +225,8 @@ def augment_image(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tens
 
     ``seed``: int32/int64 tensor of shape [2] (stateless: same seed, same picture). The input
     pipeline runs the same two steps, the colour per batch (:func:`apply_colour`)."""
-    s = _seeds(seed, 2)
-    return apply_colour(_geometry(image, image_size, s[0])[None], colour_factors(s[1])[None])[0]
+    u = _draws(seed)
+    return apply_colour(_geometry(image, image_size, u)[None], colour_factors(u)[None])[0]
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -495,8 +495,8 @@ def _decode_fn(image_size: int, augmenting: bool, seed: int, dct_scaling: bool =
         else:
             image = tf.io.decode_jpeg(jpeg, channels=3)
         if augmenting:
-            s = _seeds(tf.random.experimental.stateless_fold_in(base, position), 2)
-            return (_geometry(image, image_size, s[0]), colour_factors(s[1]), *rest)
+            u = _draws(tf.random.experimental.stateless_fold_in(base, position))
+            return (_geometry(image, image_size, u), colour_factors(u), *rest)
         return (resize_for_model(image, image_size), *rest)
 
     return decode
