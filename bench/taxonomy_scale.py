@@ -86,16 +86,18 @@ def proc_mem(pid: int) -> tuple:
     return rss, hwm
 
 
-def spark_workers(pid: int) -> list:
-    """Pids of the Spark Python workers under ``pid``: processes forked by the worker daemon
-    (``spark.python.daemon.module``; same command line as their parent, the daemon itself
-    excluded)."""
-    import psutil
-
+def daemon_module() -> str:
+    """The module Spark starts the Python worker daemon from (``spark.python.daemon.module``)."""
     from hierarchy.config import load_config
 
-    daemon = str(load_config()["spark"]["conf"].get("spark.python.daemon.module",
-                                                    "pyspark.daemon"))
+    return str(load_config()["spark"]["conf"].get("spark.python.daemon.module",
+                                                  "pyspark.daemon"))
+
+
+def spark_workers(pid: int, daemon: str) -> list:
+    """Pids of the Spark Python workers under ``pid``: processes forked by the ``daemon``
+    module (same command line as their parent, the daemon itself excluded)."""
+    import psutil
 
     try:
         tree = psutil.Process(pid).children(recursive=True)
@@ -118,6 +120,7 @@ class Watched:
 
     def __init__(self, cmd: list, interval: float = 0.1, workers: bool = False):
         self.cmd, self.interval, self.workers = cmd, interval, workers
+        self.daemon = daemon_module() if workers else ""
         self.events: list = []     # (seconds since start, key, VmRSS, VmHWM) per model start
         self.summaries: dict = {}  # key -> seconds since start of its summary line
         self.worker_hwm: dict = {}  # pid -> VmHWM
@@ -153,7 +156,7 @@ class Watched:
             now = time.perf_counter()
             if self.workers and now - last_tree > 0.5:
                 last_tree = now
-                for pid in spark_workers(self.proc.pid):
+                for pid in spark_workers(self.proc.pid, self.daemon):
                     self.worker_hwm[pid] = max(self.worker_hwm.get(pid, 0), proc_mem(pid)[1])
             elif self.workers:
                 for pid in list(self.worker_hwm):

@@ -81,17 +81,6 @@ class PartWriter:
         for row in rows:
             self.add(row)
 
-    def _array(self, values: list, type_: pa.DataType) -> pa.Array:
-        if type_ != pa.binary():
-            return pa.array(values, type_)
-        lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
-        offsets = np.zeros(len(values) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        if offsets[-1] >= 1 << 31:  # pa.binary() has 32-bit offsets: let Arrow chunk it
-            return pa.array([bytes(v) for v in values], type_)
-        return pa.Array.from_buffers(type_, len(values), [
-            None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(values))])
-
     def _flush(self) -> None:
         n_rows = len(self.columns[0])
         if not n_rows:
@@ -104,7 +93,7 @@ class PartWriter:
                 write_statistics=[f.name for f in self.schema if f.type != pa.binary()],
             )
         table = pa.Table.from_arrays(
-            [self._array(values, f.type) for values, f in zip(self.columns, self.schema)],
+            [_array(values, f.type) for values, f in zip(self.columns, self.schema)],
             schema=self.schema)
         self._writer.write_table(table, row_group_size=n_rows)
         self.written += n_rows
@@ -132,14 +121,26 @@ class PartWriter:
             self._out.discard()
 
 
+def _array(values: list, type_: pa.DataType) -> pa.Array:
+    """An Arrow column of ``values``; a binary one from ``memoryview`` slices too, in one copy."""
+    if type_ != pa.binary():
+        return pa.array(values, type_)
+    lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 1 << 31:  # pa.binary() has 32-bit offsets: let Arrow chunk it
+        return pa.array([bytes(v) for v in values], type_)
+    return pa.Array.from_buffers(type_, len(values), [
+        None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(values))])
+
+
 def warm_up(schema: pa.Schema) -> None:
     """One row of ``schema`` built as the writers build it and written to memory. A worker's
     first ``pa.array`` of a Python list makes pyarrow import pandas (~0.2 s): paid here, in
     the warm-up beside the driver's scan, not by each worker's first task."""
     row = [b"" if f.type == pa.binary() else "" if f.type == pa.string() else 0
            for f in schema]
-    writer = PartWriter("", schema, "none")
-    table = pa.Table.from_arrays([writer._array([v], f.type) for v, f in zip(row, schema)],
+    table = pa.Table.from_arrays([_array([v], f.type) for v, f in zip(row, schema)],
                                  schema=schema)
     pq.write_table(table, pa.BufferOutputStream())
 
