@@ -1,5 +1,6 @@
 import bson
 import numpy as np
+import pytest
 from corrupt import bad_inner_document, catalogue_of_failures, lying_length, split_docs
 
 from hierarchy.ingest.scan import NO_VALUE, cut_ranges, scan_bytes
@@ -84,14 +85,20 @@ def test_task_ranges_come_in_whole_waves_of_the_cluster_slots(real_bson):
             assert sum(t.n_docs for t in tasks) == r.n_documents
 
 
-def test_mapped_scan_and_streamed_scan_agree_on_fuzzed_dumps(real_bson):
-    """A local file is scanned in place (the tight loop plus the full checks where it stops),
-    a remote one through the sliding window: the same index and regions, damage or not."""
+@pytest.mark.parametrize("run_bytes", [1 << 28, 20000, 1])
+def test_mapped_scan_and_streamed_scan_agree_on_fuzzed_dumps(real_bson, monkeypatch,
+                                                              run_bytes):
+    """A local file is scanned in place (length chains checked vectorised in batches of
+    ``run_bytes``, the full checks where they stop), a remote one through the sliding window:
+    the same index and regions, damage or not, wherever a batch ends."""
     import io
 
     from fuzz import junk_file, mutate
 
+    from hierarchy.ingest import scan
     from hierarchy.ingest.scan import scan_stream
+
+    monkeypatch.setattr(scan, "_RUN_BYTES", run_bytes)
 
     good = real_bson.read_bytes()
     dumps = [good, junk_file(1, 3000)] + [mutate(good, seed, 1 + seed % 6).bytes()

@@ -125,37 +125,48 @@ class Scanner:
 
     def _run(self, pos: int, offsets, lengths, pids, cids) -> int:
         """Append every sound document from ``pos`` on whose successor is sound too (or the
-        end of the file): the checks of :meth:`_head_problem` and :meth:`_chain_ok`, inline.
-        Returns where it stopped."""
+        end of the file): the checks of :meth:`_head_problem` and :meth:`_chain_ok`. Returns
+        where it stopped. Only the length chain is followed one document at a time; the other
+        checks and the id reads run vectorised over a batch of chained documents."""
         data, size, max_doc = self.data, self.size, self.max_document
-        unpack32, unpack64 = _INT32.unpack_from, _INT64.unpack_from
-        types = _ELEMENT_TYPES
-
-        def sound(at: int) -> int:
-            if at + 9 > size:
-                return 0
-            length = unpack32(data, at)[0]
-            if length < 5 or length > max_doc or at + length > size \
-                    or data[at + 4] not in types or data[at + 5:at + 9] != _ID_KEY \
-                    or data[at + length - 1] != 0:
-                return 0
-            return length
-
-        length = sound(pos)
-        while length:
-            nxt = pos + length
-            following = sound(nxt) if nxt < size else 0
-            if nxt < size and not following:
-                return pos  # a broken successor: the full checks decide about this one
-            offsets.append(pos)
-            lengths.append(length)
-            kind = data[pos + 4]
-            pids.append(unpack32(data, pos + 9)[0] if kind == 0x10 and length >= 13 else
-                        unpack64(data, pos + 9)[0] if kind == 0x12 and length >= 17 else
-                        NO_VALUE)
-            cids.append(_read_category(data[max(pos, nxt - 22):nxt]))
-            pos, length = nxt, following
-        return pos
+        unpack32 = _INT32.unpack_from
+        raw = np.frombuffer(data, dtype=np.uint8, count=size)
+        try:  # the map cannot be closed while this view of it lives
+            while True:
+                starts = array("q")
+                append, at = starts.append, pos
+                stop = min(size - 9, pos + _RUN_BYTES)  # a batch ends past here
+                while at <= stop:
+                    length = unpack32(data, at)[0]
+                    if not 4 < length <= max_doc or at + length > size:
+                        break
+                    append(at)
+                    at += length
+                if not starts:
+                    return pos
+                first = np.frombuffer(starts, dtype=np.int64)
+                ends = np.append(first[1:], at)
+                sizes = ends - first
+                bad = np.flatnonzero(~(_TYPE_OK[raw[first + 4]] & (raw[ends - 1] == 0)
+                                       & _matches(raw, first + 5, _ID_KEY, sizes >= 9)))
+                # a document is taken when it and its successor are sound (or it ends the file)
+                if len(bad):
+                    take = max(int(bad[0]) - 1, 0)
+                elif at == size:
+                    take = len(first)
+                else:
+                    take = len(first) - 1  # its successor is unsound, or not looked at yet
+                if take:
+                    first, ends, sizes = first[:take], ends[:take], sizes[:take]
+                    offsets.extend(first.tolist())
+                    lengths.extend(sizes.tolist())
+                    pids.extend(_ids(raw, first, sizes).tolist())
+                    cids.extend(_categories(raw, ends, sizes).tolist())
+                    pos = int(ends[-1])
+                if not take or pos >= size or len(bad) or at <= stop:
+                    return pos  # else the batch ended at its byte limit: chain on from pos
+        finally:
+            del raw
 
     # ------------------------------------------------------------------ checks
     def _length_at(self, pos: int) -> int:
@@ -288,6 +299,50 @@ def _read_category(tail: bytes) -> int:
     if tail[-22:-9] == _CATEGORY_TAIL64:
         return _INT64.unpack_from(tail, len(tail) - 9)[0]
     return NO_VALUE
+
+
+_RUN_BYTES = 256 << 20  # of documents chained before their checks run vectorised
+_TYPE_OK = np.zeros(256, dtype=bool)
+_TYPE_OK[sorted(_ELEMENT_TYPES)] = True
+
+
+def _matches(raw: np.ndarray, at: np.ndarray, pattern: bytes, where: np.ndarray) -> np.ndarray:
+    """Whether ``raw[at:at+len(pattern)] == pattern``, for each ``at`` where ``where`` holds
+    (False elsewhere; those offsets are not read)."""
+    ok = where.copy()
+    for i, byte in enumerate(pattern):
+        ok[ok] = raw[at[ok] + i] == byte
+    return ok
+
+
+def _gather(raw: np.ndarray, at: np.ndarray, dtype: str) -> np.ndarray:
+    width = np.dtype(dtype).itemsize
+    idx = at[:, None] + np.arange(width)
+    return np.ascontiguousarray(raw[idx]).view(dtype).reshape(-1).astype(np.int64)
+
+
+def _ids(raw: np.ndarray, first: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """:func:`_read_id` of each document."""
+    out = np.full(len(first), NO_VALUE, dtype=np.int64)
+    kind = raw[first + 4]
+    for code, dtype, need in ((0x10, "<i4", 13), (0x12, "<i8", 17)):
+        sel = np.flatnonzero((kind == code) & (sizes >= need))
+        if len(sel):
+            out[sel] = _gather(raw, first[sel] + 9, dtype)
+    return out
+
+
+def _categories(raw: np.ndarray, ends: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """:func:`_read_category` of each document's tail."""
+    out = np.full(len(ends), NO_VALUE, dtype=np.int64)
+    found = np.zeros(len(ends), dtype=bool)
+    for tail, dtype, width in ((_CATEGORY_TAIL32, "<i4", 4), (_CATEGORY_TAIL64, "<i8", 8)):
+        back = len(tail) + width + 1  # the tag, the value and the document's 0x00
+        sel = np.flatnonzero(~found & _matches(raw, ends - back, tail, sizes >= back))
+        if len(sel):
+            out[sel] = _gather(raw, ends[sel] - width - 1, dtype)
+            found[sel] = True
+    return out
 
 
 def scan_stream(fh: BinaryIO, size: int, path: str, max_document: int = 16 << 20,
