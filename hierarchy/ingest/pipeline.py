@@ -452,6 +452,8 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
     def run_task(task: IngestTask) -> dict:
         return process_range(task, ctx, _taxonomy(tax_b.value))
 
+    # the commit's Petastorm (and pandas) imports, ~0.25 s, while the workers still start
+    import hierarchy.ingest.unischema  # noqa: F401
     from hierarchy.spark import collect_with_progress, run_with_progress
 
     warmup_s = warm.join()

@@ -121,23 +121,57 @@ class PartWriter:
             self._out.discard()
 
 
+_NUMPY = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32,
+          pa.int64(): np.int64, pa.float32(): np.float32, pa.float64(): np.float64}
+
+
 def _array(values: list, type_: pa.DataType) -> pa.Array:
-    """An Arrow column of ``values``; a binary one from ``memoryview`` slices too, in one copy."""
-    if type_ != pa.binary():
+    """An Arrow column of ``values`` (``None`` = null) built from its buffers: binary values
+    may be ``memoryview`` slices, copied once. ``pa.array`` of a Python list would make
+    pyarrow import pandas in every Python worker (~0.2 s of its first task); it is left to
+    the types the ingest tables do not have, and to a column past 32-bit offsets."""
+    n = len(values)
+    validity, nulls = None, 0
+    if None in values:
+        valid = np.fromiter((v is not None for v in values), bool, n)
+        nulls = n - int(valid.sum())
+        validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    if type_ == pa.binary() or type_ == pa.string():
+        empty = "" if type_ == pa.string() else b""
+        raw = [empty if v is None else v for v in values] if nulls else values
+        data = None
+        if type_ == pa.string():
+            joined = "".join(raw)
+            if joined.isascii():  # a character is a byte: one encode for the column
+                data = joined.encode("ascii")
+            else:
+                raw = [v.encode() for v in raw]
+        lengths = np.fromiter(map(len, raw), np.int64, n)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if offsets[-1] >= 1 << 31:  # 32-bit offsets: let Arrow chunk it
+            return pa.array([v if v is None or isinstance(v, str) else bytes(v)
+                             for v in values], type_)
+        return pa.Array.from_buffers(type_, n, [
+            validity, pa.py_buffer(offsets.astype(np.int32)),
+            pa.py_buffer(b"".join(raw) if data is None else data)], null_count=nulls)
+    dtype = _NUMPY.get(type_)
+    if dtype is None:
         return pa.array(values, type_)
-    lengths = np.fromiter((len(v) for v in values), np.int64, len(values))
-    offsets = np.zeros(len(values) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] >= 1 << 31:  # pa.binary() has 32-bit offsets: let Arrow chunk it
-        return pa.array([bytes(v) for v in values], type_)
-    return pa.Array.from_buffers(type_, len(values), [
-        None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(values))])
+    data = np.array([0 if v is None else v for v in values] if nulls else values,
+                    dtype=np.int64 if np.issubdtype(dtype, np.integer) else dtype)
+    if data.dtype != dtype:  # numpy would wrap an out-of-range value silently
+        info = np.iinfo(dtype)
+        if len(data) and (data.min() < info.min or data.max() > info.max):
+            raise OverflowError(f"a value of {data.min()}..{data.max()} does not fit {type_}")
+        data = data.astype(dtype)
+    return pa.Array.from_buffers(type_, n, [validity, pa.py_buffer(data)], null_count=nulls)
 
 
 def warm_up(schema: pa.Schema) -> None:
-    """One row of ``schema`` built as the writers build it and written to memory. A worker's
-    first ``pa.array`` of a Python list makes pyarrow import pandas (~0.2 s): paid here, in
-    the warm-up beside the driver's scan, not by each worker's first task."""
+    """One row of ``schema`` built as the writers build it and written to memory: the
+    first Parquet write of a Python worker loads what it needs once, in the warm-up beside
+    the driver's scan, not in each worker's first task."""
     row = [b"" if f.type == pa.binary() else "" if f.type == pa.string() else 0
            for f in schema]
     table = pa.Table.from_arrays([_array([v], f.type) for v, f in zip(row, schema)],
@@ -148,5 +182,7 @@ def warm_up(schema: pa.Schema) -> None:
 def write_table(url: str, rows: List[dict], schema: pa.Schema) -> int:
     """A small table in one go (also with zero rows, so the folder always exists)."""
     with storage.atomic_output(url) as (fs, tmp):
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, filesystem=fs)
+        table = pa.Table.from_arrays([_array([r[f.name] for r in rows], f.type)
+                                      for f in schema], schema=schema)
+        pq.write_table(table, tmp, filesystem=fs)
     return len(rows)
