@@ -9,10 +9,13 @@ that later versions removed:
   ``sys.path`` (pyspark.zip is 2.4 MB): ~70 ms of CPU per task, ~30 % of a 64 MB ingest task.
   Python 3.12 (gh-103200) defers the re-read, Spark 4.1 (SPARK-54744) calls it only when a
   file was added; here the re-read happens only when the archive changed on disk.
-- Spark puts ``$SPARK_HOME/python/lib/pyspark.zip`` first on the daemon's path. Imported from
-  a zip, pyspark is compiled from source on each start (0.6 s against 0.2 s from an installed
-  copy's bytecode). When the environment has pyspark installed at exactly the zip's version,
-  the installed copy is imported; any other version keeps the zip, which matches the JVM.
+- Spark puts ``$SPARK_HOME/python/lib/pyspark.zip`` and py4j's zip first on the daemon's path.
+  Imported from a zip, they are compiled from source on each start (pyspark: 0.6 s against
+  0.2 s from an installed copy's bytecode). When the environment has the package installed at
+  exactly the zip's version, the installed copy is imported; any other version keeps the zip,
+  which matches the JVM.
+- The first invalidation in each forked worker would still read every zip once, to stamp it
+  (~70 ms of the first task): the daemon stamps the archives it has opened before forking.
 
 Requires the package importable on the executors (the packed environment of ``make dist``, or
 a local run); with ``--py-files`` set ``spark.python.daemon.module=pyspark.daemon``.
@@ -54,41 +57,65 @@ def install_zip_cache_check() -> None:
 
 
 _VERSION = re.compile(rb"""__version__\s*(?::\s*str\s*)?=\s*["']([^"']+)["']""")
+# (package, the file naming its version, how Spark names the zip of that package on the path)
+_BUNDLED = (("pyspark", "pyspark/version.py", re.compile(r"pyspark\.zip$")),
+            ("py4j", "py4j/version.py", re.compile(r"py4j-[^/]*-src\.zip$")))
 
 
-def _zip_version(archive: str) -> Optional[str]:
+def _zip_version(archive: str, member: str = "pyspark/version.py") -> Optional[str]:
     import zipfile
 
     try:
         with zipfile.ZipFile(archive) as z:
-            found = _VERSION.search(z.read("pyspark/version.py"))
+            found = _VERSION.search(z.read(member))
     except (OSError, KeyError, zipfile.BadZipFile):
         return None
     return found.group(1).decode() if found else None
 
 
-def _installed_version() -> Optional[str]:
-    from importlib import metadata
+def _installed_version(package: str = "pyspark", path: Sequence[str] = ()) -> Optional[str]:
+    """The version of the copy of ``package`` that the folders of ``path`` (sys.path) hold
+    first, read from its version.py: what an import would load (importlib.metadata costs
+    ~70 ms of the daemon's start to answer the same)."""
+    member = dict((name, m) for name, m, _ in _BUNDLED)[package]
+    for entry in path or sys.path:
+        if entry and os.path.isdir(entry):
+            try:
+                with open(os.path.join(entry, member), "rb") as fh:
+                    found = _VERSION.search(fh.read())
+            except OSError:
+                continue
+            return found.group(1).decode() if found else None
+    return None
 
-    try:
-        return metadata.version("pyspark")
-    except metadata.PackageNotFoundError:
-        return None
 
-
-def prefer_installed_pyspark(path: Sequence[str], installed: Optional[str]) -> List[str]:
-    """``path`` with Spark's pyspark.zip moved last when ``installed`` (the version of the
-    environment's own pyspark) is exactly the zip's; else ``path`` unchanged."""
-    zips = [p for p in path if os.path.basename(p) == "pyspark.zip"]
-    if not zips or installed is None or any(_zip_version(z) != installed for z in zips):
+def prefer_installed_pyspark(path: Sequence[str], installed: Optional[str],
+                             package: str = "pyspark") -> List[str]:
+    """``path`` with Spark's zip of ``package`` (pyspark.zip, py4j-*-src.zip) moved last when
+    ``installed`` (the version of the environment's own copy) is exactly the zip's; else
+    ``path`` unchanged."""
+    member, pattern = [(m, p) for name, m, p in _BUNDLED if name == package][0]
+    zips = [p for p in path if pattern.search(os.path.basename(p))]
+    if not zips or installed is None or any(_zip_version(z, member) != installed
+                                            for z in zips):
         return list(path)
     return [p for p in path if p not in zips] + zips
+
+
+def stamp_open_archives() -> None:
+    """Record the zips this process has already opened as read: their importers were built
+    moments ago, so forked workers need not re-read them at their first task's invalidation."""
+    for importer in list(sys.path_importer_cache.values()):
+        if isinstance(importer, zipimport.zipimporter):
+            _STAMPS.setdefault(importer.archive, _stamp(importer.archive))
 
 
 def main() -> None:
     # both are savings: whatever goes wrong in them, the daemon starts as Spark's own would
     try:
-        sys.path[:] = prefer_installed_pyspark(sys.path, _installed_version())
+        for package, _, _ in _BUNDLED:
+            sys.path[:] = prefer_installed_pyspark(
+                sys.path, _installed_version(package), package)
     except Exception:  # noqa: BLE001
         pass
     try:
@@ -97,6 +124,10 @@ def main() -> None:
         pass
     from pyspark import daemon
 
+    try:
+        stamp_open_archives()
+    except Exception:  # noqa: BLE001
+        pass
     daemon.manager()
 
 

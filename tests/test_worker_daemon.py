@@ -81,6 +81,45 @@ def test_installed_pyspark_is_preferred_only_at_the_same_version(tmp_path):
     assert worker_daemon.prefer_installed_pyspark([broken, "/x"], "3.5.3") == [broken, "/x"]
 
 
+def test_py4j_zip_is_moved_the_same_way(tmp_path):
+    py4j = _zip(tmp_path / "py4j-0.10.9.7-src.zip",
+                {"py4j/version.py": "__version__ = '0.10.9.7'\n"})
+    spark_zip = str(tmp_path / "pyspark.zip")
+    path = [spark_zip, py4j, "/site-packages"]
+    assert worker_daemon.prefer_installed_pyspark(path, "0.10.9.7", "py4j") == \
+        [spark_zip, "/site-packages", py4j]
+    assert worker_daemon.prefer_installed_pyspark(path, "0.10.9.5", "py4j") == path
+
+
+def test_installed_version_is_the_copy_an_import_would_load(tmp_path):
+    for folder, version in (("first", "3.5.3"), ("second", "3.4.0")):
+        (tmp_path / folder / "pyspark").mkdir(parents=True)
+        (tmp_path / folder / "pyspark" / "version.py").write_text(
+            f'__version__: str = "{version}"\n')
+    archive = _zip(tmp_path / "pyspark.zip",
+                   {"pyspark/version.py": "__version__: str = '9.9.9'\n"})
+    path = [archive, str(tmp_path / "nothing"), str(tmp_path / "first"),
+            str(tmp_path / "second")]
+    assert worker_daemon._installed_version("pyspark", path) == "3.5.3"  # zips are skipped
+    assert worker_daemon._installed_version("pyspark", path[3:]) == "3.4.0"
+    assert worker_daemon._installed_version("py4j", path) is None
+    import pyspark
+
+    assert worker_daemon._installed_version("pyspark", sys.path) == pyspark.__version__
+
+
+def test_archives_opened_before_the_fork_are_not_reread_after_it(tmp_path, monkeypatch,
+                                                                  zip_check):
+    archive = _zip(tmp_path / "early.zip", {"zdmod_c.py": "VALUE = 3\n"})
+    monkeypatch.syspath_prepend(archive)
+    monkeypatch.delitem(sys.modules, "zdmod_c", raising=False)
+    assert importlib.import_module("zdmod_c").VALUE == 3  # the daemon's imports
+    worker_daemon.stamp_open_archives()                   # then, before it forks
+    before = zip_check.count(archive)
+    importlib.invalidate_caches()                         # a worker's first task
+    assert zip_check.count(archive) == before
+
+
 def test_spark_workers_fork_from_the_daemon(spark):
     """The session's workers run with the check installed and pyspark from the environment
     (same version as the zip Spark puts on the path); tasks reuse the workers."""
@@ -92,18 +131,19 @@ def test_spark_workers_fork_from_the_daemon(spark):
         import os
         import zipimport
 
+        import py4j
         import pyspark
 
         from hierarchy import worker_daemon as wd
 
-        return (os.getpid(), pyspark.__file__,
+        return (os.getpid(), pyspark.__file__ + py4j.__file__,
                 hasattr(zipimport.zipimporter.invalidate_caches, "__wrapped__"),
                 sorted(wd._STAMPS))
 
     states = sc.parallelize(range(8), 8).map(_worker_state).collect()
-    for _pid, pyspark_file, checked, stamped in states:
+    for _pid, files, checked, stamped in states:
         assert checked
-        assert ".zip" not in pyspark_file, pyspark_file
+        assert ".zip" not in files, files
         # the zips on the worker's path were stamped by PySpark's per-task invalidation
         assert any(s.endswith(".zip") for s in stamped), stamped
     assert len({s[0] for s in states}) <= sc.defaultParallelism
