@@ -54,7 +54,7 @@ def prepare(workdir: Path, products: int, seed: int) -> str:
         return str(data)
     from hierarchy.config import load_config
     from hierarchy.ingest.pipeline import run_ingest
-    from hierarchy.spark import get_spark
+    from hierarchy.spark import get_spark, stop_spark
     from hierarchy.synth import generate
 
     stamp.unlink(missing_ok=True)
@@ -67,7 +67,7 @@ def prepare(workdir: Path, products: int, seed: int) -> str:
         run_ingest(spark, cfg, [str(workdir / "synth" / "train.bson")],
                    str(workdir / "synth" / "category_names.csv"), str(data), "train")
     finally:
-        spark.stop()
+        stop_spark(spark)
     stamp.write_text(json.dumps(wanted) + "\n")
     say(f"[data] generated and ingested {products} products in {time.perf_counter() - t0:.1f} s")
     return str(data)

@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     say(f"baseline  decode+predict                       {base['images_per_s']:9.0f} img/s")
 
     # ---- spark: the predict job's transform on local[*]
-    from hierarchy.spark import get_spark
+    from hierarchy.spark import get_spark, stop_spark
 
     pcfg = cfg["predict"]
     spark = get_spark(cfg, "bench-predict")
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         say(f"spark     plumbing only (no decode, no model)  {plumb['images_per_s']:9.0f} "
             f"img/s  ({plumb['seconds']:.1f} s of the warm run's {sp['warm_s']:.1f} s)")
     finally:
-        spark.stop()
+        stop_spark(spark)
 
     results = {"baseline": base, "spark": sp, "plumbing": plumb,
                "settings": {**vars(args), "workdir": str(args.workdir), "repeat": repeat,

@@ -334,13 +334,13 @@ def _synth(args, cfg) -> dict:
 
 def _with_spark(cfg, stage: str, job):
     """Run ``job(spark)`` in a session named after the stage, stopped whatever happens."""
-    from hierarchy.spark import get_spark
+    from hierarchy.spark import get_spark, stop_spark
 
     spark = get_spark(cfg, stage)
     try:
         return job(spark)
     finally:
-        spark.stop()
+        stop_spark(spark)
 
 
 def _ingest(args, cfg) -> dict:
@@ -356,7 +356,7 @@ def _ingest(args, cfg) -> dict:
         return {"output": args.output, "kind": args.kind, "input_bytes": size}
     import time
 
-    from hierarchy.spark import get_spark
+    from hierarchy.spark import get_spark, stop_spark
 
     t0 = time.perf_counter()
     # no Hive catalog: ingest registers no table, and opening a metastore (Derby's lock, or
@@ -366,7 +366,7 @@ def _ingest(args, cfg) -> dict:
         entry = run_ingest(spark, cfg, args.input, args.categories, args.output, args.kind,
                            checked, spark_start_s=time.perf_counter() - t0)
     finally:
-        spark.stop()
+        stop_spark(spark)
     print("\n".join(summary_lines(args.output, args.kind, entry)))
     c = entry["counts"]
     return {"output": args.output, "kind": args.kind, "products": c["products"],
@@ -414,7 +414,9 @@ def _train(args, cfg) -> dict:
                                branches, args.np, spark_factory, manifest)
     finally:
         if "s" in spark:
-            spark["s"].stop()
+            from hierarchy.spark import stop_spark
+
+            stop_spark(spark["s"])
     if os.environ.get("HOROVOD_RANK", "0") == "0":  # under horovodrun: one summary, rank 0's
         print(f"run {run_id} -> {args.models}/{run_id}")
         for key, result in results.items():
