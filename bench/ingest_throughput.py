@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         train = workdir / "real.bson"
         info = write_dump(train, args.mb)
         categories = SAMPLE.with_name("category_names.csv")
-        described = f"{info['products']} products (official sample x {info['copies']})"
+        described = (f"{info['products']} products (official sample x {info['copies']}, "
+                     f"{info['pictures']} pictures, each copy's bytes its own)")
     else:
         catalog = prepare_catalog(workdir, args.products, args.seed)
         train, categories = workdir / "train.bson", workdir / "category_names.csv"

@@ -138,11 +138,14 @@ def test_spark_workers_fork_from_the_daemon(spark):
 
         return (os.getpid(), pyspark.__file__ + py4j.__file__,
                 hasattr(zipimport.zipimporter.invalidate_caches, "__wrapped__"),
-                sorted(wd._STAMPS))
+                sorted(wd._STAMPS), os.environ.get("MALLOC_MMAP_THRESHOLD_"))
 
     states = sc.parallelize(range(8), 8).map(_worker_state).collect()
-    for _pid, files, checked, stamped in states:
+    for _pid, files, checked, stamped, mmap_threshold in states:
         assert checked
+        # spark.conf's executorEnv reaches the workers: glibc reuses row-group buffers
+        assert mmap_threshold == conf.get("spark.executorEnv.MALLOC_MMAP_THRESHOLD_") \
+            == "67108864"
         assert ".zip" not in files, files
         # the zips on the worker's path were stamped by PySpark's per-task invalidation
         assert any(s.endswith(".zip") for s in stamped), stamped

@@ -91,6 +91,10 @@ class PartWriter:
             self._writer = pq.ParquetWriter(
                 self._out.tmp, self.schema, filesystem=self._out.fs, compression=self.compression,
                 write_statistics=[f.name for f in self.schema if f.type != pa.binary()],
+                # a JPEG or its md5 repeats too rarely to make a dictionary pay: trying one
+                # hashes the first MB of each row group's column for nothing
+                use_dictionary=[f.name for f in self.schema
+                                if f.type not in (pa.binary(), pa.string())],
             )
         table = pa.Table.from_arrays(
             [_array(values, f.type) for values, f in zip(self.columns, self.schema)],
