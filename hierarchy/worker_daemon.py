@@ -111,7 +111,7 @@ def stamp_open_archives() -> None:
 
 
 def main() -> None:
-    # both are savings: whatever goes wrong in them, the daemon starts as Spark's own would
+    # each is a saving: whatever goes wrong in one, the daemon starts as Spark's own would
     try:
         for package, _, _ in _BUNDLED:
             sys.path[:] = prefer_installed_pyspark(

@@ -186,7 +186,7 @@ def warm_up(schema: pa.Schema) -> None:
 def write_table(url: str, rows: List[dict], schema: pa.Schema) -> int:
     """A small table in one go (also with zero rows, so the folder always exists)."""
     with storage.atomic_output(url) as (fs, tmp):
-        table = pa.Table.from_arrays([_array([r[f.name] for r in rows], f.type)
+        table = pa.Table.from_arrays([_array([r.get(f.name) for r in rows], f.type)
                                       for f in schema], schema=schema)
         pq.write_table(table, tmp, filesystem=fs)
     return len(rows)
