@@ -57,12 +57,12 @@ def install_zip_cache_check() -> None:
 
 
 _VERSION = re.compile(rb"""__version__\s*(?::\s*str\s*)?=\s*["']([^"']+)["']""")
-# (package, the file naming its version, how Spark names the zip of that package on the path)
-_BUNDLED = (("pyspark", "pyspark/version.py", re.compile(r"pyspark\.zip$")),
-            ("py4j", "py4j/version.py", re.compile(r"py4j-[^/]*-src\.zip$")))
+# package -> (the file naming its version, how Spark names its zip on the daemon's path)
+_BUNDLED = {"pyspark": ("pyspark/version.py", re.compile(r"pyspark\.zip$")),
+            "py4j": ("py4j/version.py", re.compile(r"py4j-[^/]*-src\.zip$"))}
 
 
-def _zip_version(archive: str, member: str = "pyspark/version.py") -> Optional[str]:
+def _zip_version(archive: str, member: str) -> Optional[str]:
     import zipfile
 
     try:
@@ -77,7 +77,7 @@ def _installed_version(package: str = "pyspark", path: Sequence[str] = ()) -> Op
     """The version of the copy of ``package`` that the folders of ``path`` (sys.path) hold
     first, read from its version.py: what an import would load (importlib.metadata costs
     ~70 ms of the daemon's start to answer the same)."""
-    member = dict((name, m) for name, m, _ in _BUNDLED)[package]
+    member = _BUNDLED[package][0]
     for entry in path or sys.path:
         if entry and os.path.isdir(entry):
             try:
@@ -94,7 +94,7 @@ def prefer_installed_pyspark(path: Sequence[str], installed: Optional[str],
     """``path`` with Spark's zip of ``package`` (pyspark.zip, py4j-*-src.zip) moved last when
     ``installed`` (the version of the environment's own copy) is exactly the zip's; else
     ``path`` unchanged."""
-    member, pattern = [(m, p) for name, m, p in _BUNDLED if name == package][0]
+    member, pattern = _BUNDLED[package]
     zips = [p for p in path if pattern.search(os.path.basename(p))]
     if not zips or installed is None or any(_zip_version(z, member) != installed
                                             for z in zips):
@@ -113,7 +113,7 @@ def stamp_open_archives() -> None:
 def main() -> None:
     # each is a saving: whatever goes wrong in one, the daemon starts as Spark's own would
     try:
-        for package, _, _ in _BUNDLED:
+        for package in _BUNDLED:
             sys.path[:] = prefer_installed_pyspark(
                 sys.path, _installed_version(package), package)
     except Exception:  # noqa: BLE001
