@@ -35,7 +35,10 @@ help:
 	@echo "make dist   - dist/: the wheel, a --py-files zip and a packed environment for spark-submit"
 	@echo "make metastore - start PostgreSQL (a shared Hive metastore) and the Spark Thrift server"
 
+# The driver JVM's class-data-sharing archive (hierarchy/spark_cds.py): every local Spark
+# session starts ~1 s sooner (~3 s with the Hive catalog). Dumped once (~30 s), then a check.
 setup: $(STAMP)
+	@$(PY) -m hierarchy.spark_cds
 
 # Re-runs only when the pins change. Horovod has no wheel: it is built from source with Gloo
 # against the TensorFlow installed just before (no MPI, no PyTorch/MXNet; see README).
@@ -81,6 +84,7 @@ GPU_REPORT := $(VENV)/gpu-deps-report.json
 PIP_TOOLS := pip==24.3.1 wheel==0.45.1 setuptools==69.5.1
 
 setup-gpu: $(GPU_STAMP)
+	@$(PY) -m hierarchy.spark_cds
 
 $(GPU_BASE): requirements/base.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11 not found"; exit 1; }

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from hierarchy import storage
+from hierarchy import spark_cds, storage
 from hierarchy.config import Config
 from hierarchy.errors import UsageError
 
@@ -42,11 +42,14 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
         )
     # petastorm 0.13.1 on the pinned pyarrow 14 warns about its own legacy-API use from every
     # Python worker; nothing a user can act on, so keep job logs readable
-    builder = builder.config("spark.executorEnv.PYTHONWARNINGS",
-                             "ignore::FutureWarning,ignore::DeprecationWarning")
+    conf = {"spark.executorEnv.PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
     if catalog:
-        builder = _with_catalog(builder, cfg["catalog"])
-    for key, value in {**spark_cfg["conf"], **(extra_conf or {})}.items():
+        builder, catalog_conf = _with_catalog(builder, cfg["catalog"])
+        conf.update(catalog_conf)
+    conf = _merge_java_options(conf, {**spark_cfg["conf"], **(extra_conf or {})})
+    if not launched_by_spark_submit():
+        conf = spark_cds.with_java_option(conf, spark_cds.java_options(cfg, conf))
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -132,14 +135,25 @@ def init_metastore(cfg: Config) -> List[str]:
 
 
 def _with_catalog(builder, catalog: dict):
-    """Tables go to a Hive metastore (:func:`metastore_conf`)."""
+    """Tables go to a Hive metastore (:func:`metastore_conf`): the builder with Hive support,
+    and the settings to add to it."""
     if not catalog["hive"]:
-        return builder
+        return builder, {}
+    conf = {}
     if catalog["warehouse"]:
-        builder = builder.config("spark.sql.warehouse.dir", storage.absolute(catalog["warehouse"]))
-    for key, value in metastore_conf(catalog).items():
-        builder = builder.config(key, value)
-    return builder.enableHiveSupport()
+        conf["spark.sql.warehouse.dir"] = storage.absolute(catalog["warehouse"])
+    conf.update(metastore_conf(catalog))
+    return builder.enableHiveSupport(), conf
+
+
+def _merge_java_options(conf: dict, more: dict) -> dict:
+    """``more`` over ``conf``, except that JVM options add up (the Derby home of the metastore
+    settings, the user's own options, the CDS archive) instead of replacing each other."""
+    key = "spark.driver.extraJavaOptions"
+    merged = {**conf, **more}
+    if conf.get(key) and more.get(key):
+        merged[key] = f"{conf[key]} {more[key]}"
+    return merged
 
 
 THRIFT_SERVER = "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2"
