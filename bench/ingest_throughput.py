@@ -11,7 +11,8 @@ bench/real_dump.py), page cache warm, side by side in one run:
   ingest      `hierarchy ingest` in a fresh process per run (local[*]): the wall time with
               Python and Spark start-up, the job's own total, and its phases from the manifest
               (spark start, scan, worker start, decode, duplicates, metadata, commit);
-  reference   one run with ingest.raw_decoder=false (bson.decode of every document).
+  reference   one run with ingest.raw_decoder=false (bson.decode of every document);
+  no CDS      one run with spark.cds_archive='' (hierarchy/spark_cds.py off).
 
 Ratios are MB/s over the baseline's MB/s; the fixed cost (wall - scan - decode) is reported and
 extrapolated to the 58 GB dump. Saved to bench/results/ingest_throughput.json; figures depend
@@ -222,6 +223,8 @@ def main(argv=None) -> int:
     cli = bench_cli(train, categories, workdir, runs)
     say("[ingest] 1 run with ingest.raw_decoder=false (the reference decode)")
     ref = bench_cli(train, categories, workdir, 1, ["ingest.raw_decoder=false"])
+    say("[ingest] 1 run with spark.cds_archive='' (the driver JVM loads every class itself)")
+    no_cds = bench_cli(train, categories, workdir, 1, ["spark.cds_archive="])
 
     images = cli[-1]["images"]
     t = [r["timings"] for r in cli]
@@ -232,6 +235,9 @@ def main(argv=None) -> int:
         "ingest decode phase": figures([x["decode_s"] for x in t], size, images),
         "reference decoder job": figures([r["timings"]["total_s"] for r in ref], size, images),
         "reference decode phase": figures([r["timings"]["decode_s"] for r in ref], size, images),
+        "wall without CDS archive": figures([r["wall_s"] for r in no_cds], size, images),
+        "job without CDS archive": figures([r["timings"]["total_s"] for r in no_cds], size,
+                                           images),
     }
     base = rows["baseline (1 process)"]["mb_per_s"]
     ratios = {
@@ -241,6 +247,8 @@ def main(argv=None) -> int:
         "ingest decode phase / sequential loop": rows["ingest decode phase"]["mb_per_s"] / base,
         "reference decoder, decode phase / sequential loop":
             rows["reference decode phase"]["mb_per_s"] / base,
+        "ingest wall without the CDS archive / sequential loop":
+            rows["wall without CDS archive"]["mb_per_s"] / base,
     }
     ratios = {k: round(v, 3) for k, v in ratios.items()}
     phases = {k: statistics.median(x[k] for x in t) for k in
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
         "settings": {"repeat": runs, "row_group_mb": row_group_bytes / (1 << 20)},
         "measurements": rows, "ratios": ratios, "phases": phases,
         "fixed_s": round(fixed, 3), "extrapolated_58gb_s": round(at_58, 1),
-        "cli_runs": cli, "reference_runs": ref,
+        "cli_runs": cli, "reference_runs": ref, "no_cds_runs": no_cds,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
