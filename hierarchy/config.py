@@ -129,6 +129,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "train.reader_workers": _range(1, 256),
     "train.input_threads": _range(0, 1024),
     "train.input_ram_budget_mb": _range(0, 1 << 30),
+    "train.input_cache_mb": _range(0, 1 << 30),
     "catalog.database": _identifier,
     "catalog.table": _identifier,
     "catalog.curation_table": _identifier,

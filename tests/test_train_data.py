@@ -379,3 +379,48 @@ def test_scaled_decode_keeps_the_training_augmentation(real_bson, size):
         assert max(diffs) == 0.0
     else:
         assert np.mean(diffs) <= 1.25 * np.mean(val) + 0.5, (np.mean(diffs), np.mean(val))
+
+
+def _smallest_train_branch(manifest):
+    per_l1 = manifest["splits"]["train"]["images_per_l1"]
+    branch = min((int(b) for b, n in per_l1.items() if n >= 2), key=lambda b: per_l1[str(b)])
+    return branch, per_l1[str(branch)]
+
+
+@pytest.mark.parametrize("cache_mb", [256, 0])
+def test_small_stream_is_read_once_then_repeated_from_memory(dataset, tmp_path, cache_mb):
+    # with the cache the stream goes on once the files are gone (nothing is read after the
+    # first pass); without it (the control) the reader's next pass must fail
+    import shutil
+
+    data, manifest, tax = dataset
+    copy = tmp_path / "ds"
+    shutil.copytree(data, copy)
+    branch, rows = _smallest_train_branch(manifest)
+    expected = {k for k, (l1, _) in parquet_rows(data, "train").items() if l1 == branch}
+    groups = tdata.split_row_groups(str(copy), "train", branch)
+    assert 0 < tdata.shard_jpeg_bytes(groups, 0, 1, False) < 1 << 20
+    seen = Counter()
+    with tdata.make_dataset(str(copy), "train", label="branch", branch=branch, taxonomy=tax,
+                            image_size=SIZE, batch_size=2, training=True, shuffle_buffer=4,
+                            return_keys=True, cache_mb=cache_mb) as ds:
+        it = iter(ds)
+        for _ in range(rows):  # two passes of the branch
+            seen.update(map(tuple, next(it)[2].numpy().tolist()))
+        (copy / "images").rename(tmp_path / "moved")
+        try:
+            if cache_mb:
+                for _ in range(20 * rows):
+                    seen.update(map(tuple, next(it)[2].numpy().tolist()))
+            else:
+                with pytest.raises(tf.errors.OpError):  # the reader's error, via tf.data
+                    for _ in range(2000):
+                        next(it)
+        finally:
+            (tmp_path / "moved").rename(copy / "images")
+    assert set(seen) == expected
+    if cache_mb:
+        # 42 passes' worth of rows, each pass every picture once (a 4-row shuffle buffer
+        # only moves a few across a pass boundary)
+        assert sum(seen.values()) == 42 * rows
+        assert max(seen.values()) - min(seen.values()) <= 4

@@ -100,6 +100,7 @@ class RowGroup:
     index: int        # row group inside its file
     rows: int
     matching: int     # rows of the branch asked for (= rows without a branch)
+    jpeg_bytes: int = 0  # the jpeg column's bytes in this row group (all rows)
 
 
 def split_row_groups(data: str, split: str, branch: Optional[int] = None) -> List[RowGroup]:
@@ -118,6 +119,7 @@ def split_row_groups(data: str, split: str, branch: Optional[int] = None) -> Lis
             pf = pq.ParquetFile(fh)
             meta = pf.metadata
             col = meta.schema.names.index("l1") if branch is not None else None
+            jpeg = meta.schema.names.index("jpeg")
             for i in range(meta.num_row_groups):
                 rows = meta.row_group(i).num_rows
                 matching = rows
@@ -133,7 +135,8 @@ def split_row_groups(data: str, split: str, branch: Optional[int] = None) -> Lis
                         l1 = pf.read_row_group(i, columns=["l1"]).column(0).to_numpy(
                             zero_copy_only=False)
                         matching = int(np.count_nonzero(l1 == branch))
-                groups.append(RowGroup(path, i, rows, matching))
+                groups.append(RowGroup(path, i, rows, matching,
+                                       meta.row_group(i).column(jpeg).total_uncompressed_size))
     return groups
 
 
@@ -147,6 +150,18 @@ def _petastorm_can_shard(groups: List[RowGroup], world_size: int) -> bool:
     for number, group in enumerate(groups):
         per_shard[number % world_size] += group.matching
     return all(per_shard)
+
+
+def shard_jpeg_bytes(groups: List[RowGroup], rank: int, world_size: int,
+                     petastorm_shards: bool) -> int:
+    """Estimated bytes of the JPEGs one worker's stream holds: the matching rows' share of
+    each row group's jpeg column, over the row groups of its shard (or a 1/world_size share
+    of all when tf.data shards rows)."""
+    total = 0.0
+    for number, g in enumerate(groups):
+        if g.rows and (not petastorm_shards or number % world_size == rank):
+            total += g.jpeg_bytes * g.matching / g.rows
+    return int(total if petastorm_shards else total / world_size)
 
 
 # ------------------------------------------------------------------------------ images
@@ -238,7 +253,8 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
                  augment: bool = True, reader_workers: int = 2, repeat: bool = True,
                  return_keys: bool = False, exclusion=None, dct_scaling: bool = True,
                  input_threads: int = 0, input_ram_budget_mb: int = 0,
-                 input_optimizations: bool = True) -> Iterator[tf.data.Dataset]:
+                 input_optimizations: bool = True,
+                 cache_mb: int = 0) -> Iterator[tf.data.Dataset]:
     """Yield a ``tf.data.Dataset`` of ``(images float32 [B, S, S, 3], labels int32 [B])``.
 
     data        dataset folder (path or URL) holding ``images/``.
@@ -257,6 +273,11 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
     dct_scaling decode at 1/2, 1/4 or 1/8 of the size when the model's input (or a training
                 crop of it) still fits (:func:`decode_scaled`); False: full-size decode.
     input_threads, input_ram_budget_mb, input_optimizations   tf.data options (:func:`_options`).
+    cache_mb    with ``repeat``: when this worker's JPEGs (estimated from the Parquet footers)
+                fit in this many MB, Petastorm reads them once and ``Dataset.cache`` repeats
+                them from memory, still reshuffled each pass. A small branch is otherwise
+                re-scanned over every row group of the split for each pass: 16 passes for
+                one batch of 32 from a branch of 2 pictures. 0: always stream.
     exclusion   a :class:`hierarchy.curate.table.Exclusion`: its pictures are filtered out in
                 the reader (on the key columns, before the JPEGs are loaded) and its relabels
                 replace the stored labels (a branch model gains the pictures relabelled into
@@ -300,6 +321,8 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
 
     petastorm_shards = _petastorm_can_shard(groups, world_size)
     tf_shards = world_size > 1 and not petastorm_shards
+    cached = repeat and cache_mb > 0 and \
+        shard_jpeg_bytes(groups, rank, world_size, petastorm_shards) <= cache_mb << 20
     if tf_shards:
         # every worker must see the same rows in the same order for Dataset.shard to split
         # them without overlap: one reader thread, row groups in file order (the split, or the
@@ -325,7 +348,7 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
             schema_fields=fields,
             filters=[("split", "=", split)],
             predicate=predicate,
-            num_epochs=None if repeat else 1,
+            num_epochs=None if repeat and not cached else 1,
             shuffle_row_groups=training and not tf_shards,
             seed=seed,
             cur_shard=rank if petastorm_shards else None,
@@ -337,6 +360,8 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         if tf_shards:
             ds = ds.shard(world_size, rank)
         ds = ds.map(_record_fn(label, taxonomy, return_keys, relabel))
+        if cached:
+            ds = ds.cache().repeat()
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
@@ -517,7 +542,8 @@ def input_options(tcfg: dict) -> dict:
     return {"dct_scaling": bool(tcfg["dct_scaling"]),
             "input_threads": int(tcfg["input_threads"]),
             "input_ram_budget_mb": int(tcfg["input_ram_budget_mb"]),
-            "input_optimizations": bool(tcfg["input_optimizations"])}
+            "input_optimizations": bool(tcfg["input_optimizations"]),
+            "cache_mb": int(tcfg["input_cache_mb"])}
 
 
 def _options(threads: int, ram_budget_mb: int, optimizations: bool) -> tf.data.Options:
