@@ -211,6 +211,31 @@ def test_copy_backbone():
         models.copy_backbone(a, c)
 
 
+def test_load_backbone_reads_a_model_file_once_per_version(tmp_path):
+    import os
+
+    a = models.build_model("small_cnn", 3, 32, name="level1")
+    path = str(tmp_path / "level1.h5")
+    a.save(path)
+    first = models.load_backbone(path)
+    assert models.load_backbone(path) is first  # the next branch model: no second read
+    b = models.build_model("small_cnn", 11, 48, name="branch_0")
+    models.copy_backbone(first, b)
+    assert _weights_equal(a.get_layer("backbone"), b.get_layer("backbone"))
+
+    # the file replaced (a level 1 trained again): its new weights are read
+    other = models.build_model("small_cnn", 3, 32, name="level1")
+    other.save(path)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = models.load_backbone(path)
+    assert second is not first
+    models.copy_backbone(second, b)
+    assert _weights_equal(other.get_layer("backbone"), b.get_layer("backbone"))
+    with pytest.raises(ValueError, match="architectures differ"):
+        models.copy_backbone(second, models.build_model("mobilenet_v2", 3, 32, name="x"))
+
+
 # ---------------------------------------------------------------- loss, learning, saving
 
 

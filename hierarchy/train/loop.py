@@ -99,9 +99,7 @@ def train_model(spec: TrainSpec) -> dict:
     model = (tmodels.build_multi_model(tcfg["backbone"], taxonomy, **build) if multi else
              tmodels.build_model(tcfg["backbone"], n_classes, **build))
     if initial_epoch == 0 and spec.init_from:
-        source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
-                                            custom_objects=tmodels.custom_objects())
-        tmodels.copy_backbone(source, model)
+        tmodels.copy_backbone(tmodels.load_backbone(spec.init_from), model)
 
     tracker = Tracker(spec.tracking_uri, spec.experiment, enabled=rank == 0)
     tracker.start(spec, resumed_at=initial_epoch)

@@ -208,16 +208,51 @@ def _signature(body: tf.keras.Model) -> list:
             for layer in body.layers]
 
 
-def copy_backbone(src: tf.keras.Model, dst: tf.keras.Model) -> None:
-    """Copy the ``backbone`` sub-model weights of ``src`` into ``dst`` (same architecture)."""
-    a, b = src.get_layer("backbone"), dst.get_layer("backbone")
-    if _signature(a) != _signature(b):
+@dataclass(frozen=True)
+class Backbone:
+    """A model's ``backbone`` sub-model as plain arrays: what a branch model starts from."""
+    source: str          # the model's name, for messages
+    signature: list      # :func:`_signature`
+    weights: list        # numpy arrays, in ``get_weights`` order
+    params: int
+
+
+def backbone_of(model: tf.keras.Model) -> Backbone:
+    body = model.get_layer("backbone")
+    return Backbone(model.name, _signature(body), body.get_weights(), body.count_params())
+
+
+def copy_backbone(src: Union[tf.keras.Model, Backbone], dst: tf.keras.Model) -> None:
+    """Copy the ``backbone`` sub-model weights of ``src`` (a model, or :func:`backbone_of`
+    one) into ``dst`` (same architecture)."""
+    a = src if isinstance(src, Backbone) else backbone_of(src)
+    b = dst.get_layer("backbone")
+    if a.signature != _signature(b):
         raise ValueError(
-            f"cannot copy backbone of {src.name!r} into {dst.name!r}: the architectures differ "
-            f"({len(a.layers)} vs {len(b.layers)} layers, {a.count_params()} vs "
+            f"cannot copy backbone of {a.source!r} into {dst.name!r}: the architectures differ "
+            f"({len(a.signature)} vs {len(b.layers)} layers, {a.params} vs "
             f"{b.count_params()} parameters); the level-1 model was trained with another "
             "train.backbone")
-    b.set_weights(a.get_weights())
+    b.set_weights(a.weights)
+
+
+_BACKBONES: dict = {}  # {(url, size, mtime_ns): Backbone}: the last model file read
+
+
+def load_backbone(url: str) -> Backbone:
+    """The backbone of the saved model at ``url``, read once per process and version of the
+    file: a process that trains the branch models one after another (49 on the real
+    catalog) otherwise rebuilt the whole level-1 model from its .h5 for each of them."""
+    from hierarchy import storage
+
+    info = storage.file_info(url)
+    key = (url, info.size, info.mtime_ns)
+    if key not in _BACKBONES:
+        model = tf.keras.models.load_model(storage.copy_to_local(url),
+                                           custom_objects=custom_objects())
+        _BACKBONES.clear()  # arrays of one model at a time, not one per file ever read
+        _BACKBONES[key] = backbone_of(model)
+    return _BACKBONES[key]
 
 
 def enable_mixed_precision_if_gpu(policy: Union[str, bool] = "auto") -> str:
