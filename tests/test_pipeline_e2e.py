@@ -303,6 +303,49 @@ def test_serve_refuses_bad_input_and_keeps_answering(pipeline, server, name):
     assert good.status_code == 200 and requests.get(f"{server}/health/ready").status_code == 200
 
 
+def test_a_bad_product_in_a_json_batch_costs_only_itself(pipeline, server):
+    import base64
+
+    import requests
+
+    products = _val_products(pipeline, 3)
+    jpeg = next(iter(products.values()))[0]
+    good = [{"id": str(pid), "pictures": [base64.b64encode(j).decode() for j in jpegs]}
+            for pid, jpegs in products.items()]
+    bad = [({"id": "b64", "pictures": ["%%"]}, 422, "not base64"),
+           ({"id": "png", "pictures": [base64.b64encode(b"\x89PNG" + b"0" * 64).decode()]},
+            415, "is not a JPEG"),
+           ({"id": "cut", "pictures": [base64.b64encode(jpeg[:40]).decode()]}, 422,
+            "does not decode"),
+           ({"id": "none", "pictures": []}, 422, "has no pictures"),
+           ({"id": "five", "pictures": [good[0]["pictures"][0]] * 5}, 413, "serve.max_pictures"),
+           ({"id": "shape", "pictures": "x"}, 422, "must be a list")]
+    # bad products between the good ones: every good one answered as if alone, in its place
+    body = [good[0], *(b for b, _, _ in bad[:3]), good[1], *(b for b, _, _ in bad[3:]), good[2]]
+    r = requests.post(f"{server}/v1/classify", json={"products": body}, timeout=60)
+    assert r.status_code == 200, r.text
+    got = r.json()["products"]
+    assert [p["id"] for p in got] == [p["id"] for p in body]
+    alone = requests.post(f"{server}/v1/classify", json={"products": good}, timeout=60).json()
+    answered = [p for p in got if "error" not in p]
+    assert [p["id"] for p in answered] == [p["id"] for p in alone["products"]]
+    for a, b in zip(answered, alone["products"]):
+        assert [c["category_id"] for c in a["top"]] == [c["category_id"] for c in b["top"]]
+        assert abs(a["confidence"] - b["confidence"]) <= 1e-5
+    refused = {p["id"]: p["error"] for p in got if "error" in p}
+    assert set(refused) == {b["id"] for b, _, _ in bad}
+    for item, status, words in bad:
+        assert refused[item["id"]]["status"] == status
+        assert words in refused[item["id"]]["detail"], refused[item["id"]]
+
+    # nothing answerable: the request fails with the first product's status, all errors listed
+    r = requests.post(f"{server}/v1/classify", json={"products": [b for b, _, _ in bad[1:3]]},
+                      timeout=60)
+    assert r.status_code == 415, r.text
+    assert "is not a JPEG" in r.json()["detail"]
+    assert [e["id"] for e in r.json()["errors"]] == ["png", "cut"]
+
+
 def test_serve_refuses_to_start_without_the_models(pipeline):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.run([str(BIN / "hierarchy"), "serve", "--models", "models", "--run-id",

@@ -14,6 +14,11 @@ Content-Length says), more pictures or products than allowed (413), a picture ov
 ``serve.max_picture_bytes`` (413), a file that is not a JPEG (415: sniffed from its first
 bytes, the content type is not trusted), a JPEG that does not decode, an empty product, bad
 base64 or JSON (422), another content type (415).
+
+In a JSON batch a bad product costs only itself: its place in ``products`` holds
+``{"id", "error": {"status", "detail"}}`` and the others are answered (200). Only a batch in
+which no product can be answered is a 4xx: the first product's status, every product's error
+in ``errors``.
 """
 
 from __future__ import annotations
@@ -100,6 +105,24 @@ def _check_picture(raw: bytes, where: str, limit: int) -> bytes:
     return raw
 
 
+def _json_pictures(pid: str, item, max_pics: int, max_bytes: int) -> List[bytes]:
+    """One JSON product's pictures as JPEG bytes, or the BadInput that names its problem."""
+    pics = item.get("pictures") if isinstance(item, dict) else None
+    if not isinstance(pics, list):
+        raise BadInput(422, f"product {pid}: 'pictures' must be a list of base64 JPEGs")
+    if len(pics) > max_pics:
+        raise BadInput(413, f"product {pid} has {len(pics)} pictures; the limit is "
+                            f"{max_pics} (serve.max_pictures)")
+    raws = []
+    for i, text in enumerate(pics):
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise BadInput(422, f"product {pid} picture {i}: not base64") from None
+        raws.append(_check_picture(raw, f"product {pid} picture {i}", max_bytes))
+    return raws
+
+
 def create_app(classifier: Classifier, scfg: dict, data=None):
     # (FastAPI reads the endpoints' annotations, Request included, from this module's names)
     batcher_box: dict = {}
@@ -148,7 +171,9 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     async def products_of(request: Request) -> List[tuple]:
-        """[(id, [jpeg bytes])] of the request, checked for count, size and format."""
+        """[(id, [jpeg bytes] or the product's BadInput)] of the request, checked for count,
+        size and format. A request-wide problem raises; in a JSON batch a product's own
+        problem is its entry (the others go on)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         max_pics, max_bytes = int(scfg["max_pictures"]), int(scfg["max_picture_bytes"])
         if ctype == "multipart/form-data":
@@ -176,21 +201,10 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
             out = []
             for n, item in enumerate(items):
                 pid = str(item.get("id", n)) if isinstance(item, dict) else str(n)
-                pics = item.get("pictures") if isinstance(item, dict) else None
-                if not isinstance(pics, list):
-                    raise BadInput(422, f"product {pid}: 'pictures' must be a list of base64 "
-                                        f"JPEGs")
-                if len(pics) > max_pics:
-                    raise BadInput(413, f"product {pid} has {len(pics)} pictures; the limit "
-                                        f"is {max_pics} (serve.max_pictures)")
-                raws = []
-                for i, text in enumerate(pics):
-                    try:
-                        raw = base64.b64decode(text, validate=True)
-                    except (binascii.Error, TypeError, ValueError):
-                        raise BadInput(422, f"product {pid} picture {i}: not base64") from None
-                    raws.append(_check_picture(raw, f"product {pid} picture {i}", max_bytes))
-                out.append((pid, raws))
+                try:
+                    out.append((pid, _json_pictures(pid, item, max_pics, max_bytes)))
+                except BadInput as exc:
+                    out.append((pid, exc))
             if not out:
                 raise BadInput(422, "no products in the request")
             return out
@@ -211,21 +225,37 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
         except BodyTooLarge:
             raise BadInput(413, f"request body over {scfg['max_body_bytes']} bytes "
                                 f"(serve.max_body_bytes)") from None
-        for pid, raws in items:
-            if not raws:
-                raise BadInput(422, f"product {pid} has no pictures")
+        results: list = [raws if isinstance(raws, BadInput) else
+                         BadInput(422, f"product {pid} has no pictures") if not raws else None
+                         for pid, raws in items]
+        todo = [n for n, r in enumerate(results) if r is None]
         decoded = await asyncio.to_thread(
-            lambda: [classifier.decode(raws) for _, raws in items])
-        products = []
-        for (pid, _), images in zip(items, decoded):
+            lambda: [classifier.decode(items[n][1]) for n in todo])
+        products, placed = [], []
+        for n, images in zip(todo, decoded):
+            pid = items[n][0]
             bad = [i for i, im in enumerate(images) if im is None]
             if bad:
-                raise BadInput(422, f"product {pid} picture {bad[0]} is a JPEG that does not "
-                                    f"decode")
-            products.append(Product(pid, images))
+                results[n] = BadInput(422, f"product {pid} picture {bad[0]} is a JPEG that "
+                                           f"does not decode")
+            else:
+                products.append(Product(pid, images))
+                placed.append(n)
+        errors = [{"id": items[n][0], "error": {"status": r.status, "detail": r.detail}}
+                  for n, r in enumerate(results) if isinstance(r, BadInput)]
+        if not products:  # nothing to answer: the request itself failed
+            first = next(r for r in results if isinstance(r, BadInput))
+            return JSONResponse({"detail": first.detail, "errors": errors},
+                                status_code=first.status)
+        if errors:
+            log.info("classify: %d of %d products refused (first: %s)", len(errors),
+                     len(items), errors[0]["error"]["detail"])
         answers, queued, model_s = await batcher_box["b"].submit(products)
+        for n, answer in zip(placed, answers):
+            results[n] = answer
+        refused = iter(errors)
         return {"run_id": classifier.run_id, "strategy": classifier.strategy,
-                "products": answers,
+                "products": [next(refused) if isinstance(r, BadInput) else r for r in results],
                 "timing_ms": {"queue": round(queued * 1000, 2),
                               "model": round(model_s * 1000, 2),
                               "total": round((time.perf_counter() - t0) * 1000, 2)}}
