@@ -22,6 +22,7 @@ never passes an archive that does not match it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -163,6 +164,15 @@ def build(cfg: Config, force: bool = False) -> Optional[str]:
 
     submit = os.path.join(_find_spark_home(), "bin", "spark-submit")
     os.makedirs(os.path.dirname(archive), exist_ok=True)
+    with open(archive + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two `make setup`s: one dumps, the other then checks
+        if not force and _matches(archive):
+            return archive
+        _dump(submit, archive)
+    return archive
+
+
+def _dump(submit: str, archive: str) -> None:
     with tempfile.TemporaryDirectory(prefix="spark-cds-") as scratch:
         script = os.path.join(scratch, "workload.py")
         with open(script, "w") as fh:
@@ -185,13 +195,12 @@ def build(cfg: Config, force: bool = False) -> Optional[str]:
                                f"{tail}")
     if os.path.exists(_sidecar(archive)):
         os.remove(_sidecar(archive))  # no moment where an old sidecar vouches for a new file
-    os.replace(partial, archive)
+    os.replace(partial, archive)  # a new inode: JVMs that mapped the old archive keep it
     identity = _identity(archive)
     tmp = _sidecar(archive) + ".part"
     with open(tmp, "w") as fh:
         json.dump(identity, fh, indent=2)
     os.replace(tmp, _sidecar(archive))
-    return archive
 
 
 def main(argv=None) -> int:
@@ -208,7 +217,7 @@ def main(argv=None) -> int:
     try:
         fresh = not args.force and archive_path(cfg) and _matches(archive_path(cfg))
         path = build(cfg, force=args.force)
-    except (UsageError, RuntimeError) as exc:
+    except (UsageError, RuntimeError, OSError) as exc:
         print(f"spark_cds: {exc}", file=sys.stderr)
         return 1
     if path is None:
