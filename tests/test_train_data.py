@@ -424,3 +424,38 @@ def test_small_stream_is_read_once_then_repeated_from_memory(dataset, tmp_path, 
         # only moves a few across a pass boundary)
         assert sum(seen.values()) == 42 * rows
         assert max(seen.values()) - min(seen.values()) <= 4
+
+
+def test_a_cached_stream_serves_every_iterator(dataset):
+    # Keras iterates a stream anew for each fit phase and each validation run, often stopping
+    # before a whole pass: each new iterator must still get the whole stream
+    data, manifest, _ = dataset
+    rows = manifest["splits"]["val"]["images"]
+    with tdata.make_dataset(data, "val", label="l1", image_size=SIZE, batch_size=4,
+                            training=False, return_keys=True, cache_mb=256) as ds:
+        first = [tuple(k) for _, _, keys in ds.take(1) for k in keys.numpy().tolist()]
+        for _ in range(3):
+            keys = [tuple(k) for _, _, ks in ds.take(-(-2 * rows // 4))
+                    for k in ks.numpy().tolist()][:2 * rows]
+            assert len(keys) == 2 * rows and Counter(Counter(keys).values()) == {2: rows}
+            assert keys[:4] == first  # validation: the same order on every run
+
+
+def test_cached_stream_shards_like_the_endless_one(dataset):
+    # a branch with fewer validation rows than workers: tf.data shards the stream; cached or
+    # not, each worker gets the same rows in the same order (and none gets nothing)
+    data, manifest, tax = dataset
+    per_l1 = manifest["splits"]["val"]["images_per_l1"]
+    branch = min((int(b) for b, n in per_l1.items() if n), key=lambda b: per_l1[str(b)])
+    world = per_l1[str(branch)] + 2
+
+    def keys(rank, cache_mb):
+        with tdata.make_dataset(data, "val", label="l1", branch=branch, taxonomy=tax,
+                                image_size=SIZE, batch_size=2, training=False,
+                                return_keys=True, rank=rank, world_size=world,
+                                cache_mb=cache_mb) as ds:
+            return [tuple(k) for _, _, ks in ds.take(6) for k in ks.numpy().tolist()]
+
+    for rank in range(world):
+        cached = keys(rank, 256)
+        assert len(cached) == 12 and cached == keys(rank, 0), rank

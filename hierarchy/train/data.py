@@ -154,14 +154,14 @@ def _petastorm_can_shard(groups: List[RowGroup], world_size: int) -> bool:
 
 def shard_jpeg_bytes(groups: List[RowGroup], rank: int, world_size: int,
                      petastorm_shards: bool) -> int:
-    """Estimated bytes of the JPEGs one worker's stream holds: the matching rows' share of
-    each row group's jpeg column, over the row groups of its shard (or a 1/world_size share
-    of all when tf.data shards rows)."""
+    """Estimated bytes of the JPEGs one worker's reader yields in a pass: the matching rows'
+    share of each row group's jpeg column, over the row groups of its shard (all of them when
+    tf.data shards rows: every worker then reads the whole split)."""
     total = 0.0
     for number, g in enumerate(groups):
         if g.rows and (not petastorm_shards or number % world_size == rank):
             total += g.jpeg_bytes * g.matching / g.rows
-    return int(total if petastorm_shards else total / world_size)
+    return int(total)
 
 
 # ------------------------------------------------------------------------------ images
@@ -357,11 +357,22 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
         )
     try:
         ds = make_petastorm_dataset(reader).unbatch()
-        if tf_shards:
+        if tf_shards and not cached:
             ds = ds.shard(world_size, rank)
         ds = ds.map(_record_fn(label, taxonomy, return_keys, relabel))
         if cached:
-            ds = ds.cache().repeat()
+            ds = ds.cache()
+            # one whole pass now, so the cache is complete before anyone iterates: Keras makes
+            # a new iterator per fit phase and per validation run, and an iterator stopped
+            # part-way through the first pass throws the partial cache away; the one-pass
+            # reader behind it then has nothing left (one worker's validation comes back
+            # empty and Horovod's metric averaging falls out of step)
+            ds.reduce(np.int64(0), lambda n, *_: n + 1)
+            ds = ds.repeat()
+            if tf_shards:
+                # sharded after the repeat, as the endless stream is: a split of fewer rows
+                # than workers still gives every worker rows (from the later passes)
+                ds = ds.shard(world_size, rank)
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
