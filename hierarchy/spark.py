@@ -48,7 +48,9 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
         conf.update(catalog_conf)
     conf = _merge_java_options(conf, {**spark_cfg["conf"], **(extra_conf or {})})
     if not launched_by_spark_submit():
-        conf = spark_cds.with_java_option(conf, spark_cds.java_options(cfg, conf))
+        option = spark_cds.java_options(cfg, conf)
+        if option:
+            conf = _merge_java_options(conf, {"spark.driver.extraJavaOptions": option})
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -111,15 +111,6 @@ def java_options(cfg: Config, conf: dict) -> Optional[str]:
     return f"-XX:SharedArchiveFile={archive}"
 
 
-def with_java_option(conf: dict, option: Optional[str]) -> dict:
-    """``conf`` with ``option`` appended to ``spark.driver.extraJavaOptions`` (which the
-    metastore settings or the user's conf may already hold)."""
-    if not option:
-        return conf
-    current = conf.get("spark.driver.extraJavaOptions", "")
-    return {**conf, "spark.driver.extraJavaOptions": f"{current} {option}".strip()}
-
-
 # What the dumping JVM runs: the kinds of work the pipeline's jobs do, so that their classes
 # are in the archive (Hive catalog, Parquet read/write, Python RDD and Arrow jobs, a shuffle,
 # a table). Run by spark-submit (the JVM exits, and dumps, only after it), in a scratch folder.

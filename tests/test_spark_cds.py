@@ -105,8 +105,9 @@ def test_java_options_add_up(tmp_path):
     derby = metastore_conf({"metastore": str(tmp_path / "metastore_db")})
     conf = _merge_java_options(derby, {"spark.driver.extraJavaOptions": "-Dx=1",
                                        "spark.sql.shuffle.partitions": "8"})
-    conf = spark_cds.with_java_option(conf, "-XX:SharedArchiveFile=/a.jsa")
+    conf = _merge_java_options(conf, {"spark.driver.extraJavaOptions":
+                                      "-XX:SharedArchiveFile=/a.jsa"})
     assert conf["spark.driver.extraJavaOptions"] == (
         f"-Dderby.system.home={tmp_path} -Dx=1 -XX:SharedArchiveFile=/a.jsa")
     assert conf["spark.sql.shuffle.partitions"] == "8"
-    assert spark_cds.with_java_option({"a": "b"}, None) == {"a": "b"}
+    assert _merge_java_options({"a": "b"}, {}) == {"a": "b"}

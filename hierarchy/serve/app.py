@@ -241,8 +241,11 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
             else:
                 products.append(Product(pid, images))
                 placed.append(n)
-        errors = [{"id": items[n][0], "error": {"status": r.status, "detail": r.detail}}
-                  for n, r in enumerate(results) if isinstance(r, BadInput)]
+        def refusal(n: int) -> dict:
+            return {"id": items[n][0], "error": {"status": results[n].status,
+                                                 "detail": results[n].detail}}
+
+        errors = [refusal(n) for n, r in enumerate(results) if isinstance(r, BadInput)]
         if not products:  # nothing to answer: the request itself failed
             first = next(r for r in results if isinstance(r, BadInput))
             return JSONResponse({"detail": first.detail, "errors": errors},
@@ -253,9 +256,9 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
         answers, queued, model_s = await batcher_box["b"].submit(products)
         for n, answer in zip(placed, answers):
             results[n] = answer
-        refused = iter(errors)
         return {"run_id": classifier.run_id, "strategy": classifier.strategy,
-                "products": [next(refused) if isinstance(r, BadInput) else r for r in results],
+                "products": [refusal(n) if isinstance(r, BadInput) else r
+                             for n, r in enumerate(results)],
                 "timing_ms": {"queue": round(queued * 1000, 2),
                               "model": round(model_s * 1000, 2),
                               "total": round((time.perf_counter() - t0) * 1000, 2)}}
