@@ -262,6 +262,50 @@ def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_
     assert (tmp_path / "out" / "evaluation" / RUN / "training_curves.png").stat().st_size > 0
 
 
+def test_calibration_scores_the_pictures_predict_scores(world, spark):
+    """evaluate fits the hierarchical strategy on val, then predict scores val with the
+    fitted point: the fit's hits and NLL must be predict's own, picture for picture. The
+    synthetic pictures are 180 px and the model's input 48 px, so predict decodes them at a
+    DCT scale: a calibration that decoded them whole fitted on other pixels (the e2e run saw
+    0.4 fitted and 0.2 scored for one point)."""
+    from dataclasses import replace
+
+    from hierarchy.evaluate import calibrate
+    from hierarchy.infer import combine
+    from hierarchy.infer.pipeline import by_product
+
+    run = "p1multi"
+    tcfg = load_config(overrides=[
+        "train.backbone=small_cnn", "train.image_size=48", "train.batch_size=16",
+        "train.warmup_epochs=0", "train.shuffle_buffer=256", "train.reader_workers=1",
+        "train.augment=false", "train.epochs=2"])
+    run_training(tcfg, world["data"], world["models"], run, level=3, mode="multi")
+    tax = Dataset(world["data"]).taxonomy()
+    grid = combine.correction_grid([0.75], [0.5], [0.25])  # the identity, then one point
+    modelset = load_modelset(world["models"], run, "hierarchical", tax)
+    plan = dict(taxonomy_json=tax.to_json(), prior_category_id=tax.category_ids[0],
+                prior_share=0.1, top_k=0, blend_weight=0.5, aggregate="log_mean",
+                tta_flip=False, top_n=tax.n_l3, threads=0)  # top_n: every leaf's probability
+    images = read_images(spark, world["data"], "val")
+    fit = ScoringPlan(models=calibrate.modelset_for_calibration(modelset), **plan)
+    stats = (by_product(images, 2).mapInPandas(calibrate.calibration_partitions(fit, grid),
+                                               calibrate.STATS_DDL).collect())
+    hits = np.sum([r.hits for r in stats], axis=0)
+    nlls = np.sum([r.nll for r in stats], axis=0)
+    assert sum(r.products for r in stats) > 5
+    for g, (t, w, v) in enumerate(grid):
+        point = {"temperature": t, "w": w, "v": v}
+        scored = ScoringPlan(models=replace(modelset, calibration=point), **plan)
+        rows = score(images, scored, 2).toPandas()
+        rows = rows[~rows["fallback"]]
+        assert len(rows) == sum(r.products for r in stats)
+        truth = [dict(zip(c, p))[t] for c, p, t in
+                 zip(rows["top_category_id"], rows["top_probability"], rows["true_category_id"])]
+        assert hits[g] == (rows["l3"] == rows["true_l3"]).sum(), point
+        np.testing.assert_allclose(nlls[g], -np.log(np.maximum(truth, 1e-7)).sum(), rtol=1e-4,
+                                   err_msg=str(point))
+
+
 def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
     import gzip
 

@@ -44,7 +44,7 @@ def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
         hits, nlls = np.zeros(len(grid)), np.zeros(len(grid))
         products = pictures = 0
         for pdf in whole_products(batches):
-            images = scorer.decode(pdf["jpeg"])
+            images = scorer.decode_for_models(pdf["jpeg"])
             ok = np.array([im is not None for im in images], dtype=bool)
             if not ok.any():
                 continue

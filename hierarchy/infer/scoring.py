@@ -126,6 +126,12 @@ class BatchScorer:
                 out.append(None)
         return out
 
+    def decode_for_models(self, jpegs) -> List[Optional[object]]:
+        """:meth:`decode` at the scale these models are fed: every caller that scores
+        pictures (predict, the calibration that fits predict's ``hierarchical`` strategy,
+        serve) decodes through here, so that they all score the same pixels."""
+        return self.decode(jpegs, self.min_side)
+
     def _inputs(self, images: list, ref: ModelRef, cache: dict) -> np.ndarray:
         key = (ref.image_size, ref.backbone)
         if key not in cache:
@@ -242,7 +248,7 @@ def score_partitions(plan: ScoringPlan):
             if (np.diff(pids) < 0).any() or (last is not None and pids[0] < last):
                 raise RuntimeError("scoring input must be sorted by product_id within each "
                                    "partition (repartition + sortWithinPartitions)")
-            images = scorer.decode(pdf["jpeg"], scorer.min_side)
+            images = scorer.decode_for_models(pdf["jpeg"])
             ok = np.array([im is not None for im in images], dtype=bool)
             truth = pdf[["category_id", "l1", "l2", "l3"]].to_numpy(object)
             for i, pid in enumerate(pids.tolist()):

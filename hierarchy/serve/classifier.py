@@ -84,9 +84,9 @@ class Classifier:
 
     # ------------------------------------------------------------------ work (a worker thread)
     def decode(self, jpegs: Sequence[bytes]) -> list:
-        """Decoded pictures (None where TensorFlow cannot decode), as a predict task does."""
-        scorer = getattr(self, "scorer", None)
-        return BatchScorer.decode(jpegs, getattr(scorer, "min_side", None))
+        """Decoded pictures (None where TensorFlow cannot decode), as a predict task does
+        (called once :attr:`ready`: the decode scale is the loaded models')."""
+        return self.scorer.decode_for_models(jpegs)
 
     def classify(self, products: List[Product]) -> List[dict]:
         """Answers for whole products (every picture decoded), in order."""
