@@ -459,3 +459,19 @@ def test_cached_stream_shards_like_the_endless_one(dataset):
     for rank in range(world):
         cached = keys(rank, 256)
         assert len(cached) == 12 and cached == keys(rank, 0), rank
+
+
+def test_cached_training_passes_change_row_group_order(dataset):
+    # the endless reader gives each pass its own row-group order; the cached stream must too
+    # (the row shuffle is off here, so only the row-group order can change)
+    data, manifest, _ = dataset
+    rows = manifest["splits"]["train"]["images"]
+    assert len(tdata.split_row_groups(data, "train")) > 2
+    with tdata.make_dataset(data, "train", label="l1", image_size=SIZE, batch_size=1,
+                            training=True, augment=False, shuffle_buffer=1, return_keys=True,
+                            cache_mb=256) as ds:
+        keys = [tuple(k) for _, _, ks in ds.take(3 * rows) for k in ks.numpy().tolist()]
+    passes = [keys[i * rows:(i + 1) * rows] for i in range(3)]
+    assert len(set(keys)) == rows, (len(set(keys)), rows, [len(set(p)) for p in passes])
+    assert all(sorted(p) == sorted(passes[0]) and len(set(p)) == rows for p in passes)
+    assert len({tuple(p) for p in passes}) > 1

@@ -356,10 +356,7 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
             workers_count=1 if tf_shards else max(1, reader_workers),
         )
     try:
-        ds = make_petastorm_dataset(reader).unbatch()
-        if tf_shards and not cached:
-            ds = ds.shard(world_size, rank)
-        ds = ds.map(_record_fn(label, taxonomy, return_keys, relabel))
+        ds = make_petastorm_dataset(reader)  # one element per row group (a column batch)
         if cached:
             ds = ds.cache()
             # one whole pass now, so the cache is complete before anyone iterates: Keras makes
@@ -367,12 +364,17 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
             # part-way through the first pass throws the partial cache away; the one-pass
             # reader behind it then has nothing left (one worker's validation comes back
             # empty and Horovod's metric averaging falls out of step)
-            ds.reduce(np.int64(0), lambda n, *_: n + 1)
+            groups_read = int(ds.reduce(np.int64(0), lambda n, *_: n + 1))
+            if training and not tf_shards and groups_read > 1:
+                # each pass in another row-group order, as Petastorm's endless reader gives
+                ds = ds.shuffle(groups_read, seed=seed, reshuffle_each_iteration=True)
             ds = ds.repeat()
-            if tf_shards:
-                # sharded after the repeat, as the endless stream is: a split of fewer rows
-                # than workers still gives every worker rows (from the later passes)
-                ds = ds.shard(world_size, rank)
+        ds = ds.unbatch()
+        if tf_shards:
+            # cached: sharded after the repeat, as the endless stream is, so a split of fewer
+            # rows than workers still gives every worker rows (from the later passes)
+            ds = ds.shard(world_size, rank)
+        ds = ds.map(_record_fn(label, taxonomy, return_keys, relabel))
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
