@@ -68,38 +68,3 @@ def test_a_task_writes_its_tables_without_importing_pandas(tmp_path):
     rows = pq.read_table(tmp_path / "quarantine.parquet").to_pylist()
     assert rows == [dict(source="f.bson", offset=0, length=9, product_id=None, img_idx=None,
                          level="document", reason="garbage", detail="é")]
-
-
-def test_row_groups_written_through_the_reused_scratch_read_back_as_written(tmp_path):
-    """Two writers (a task's train and val parts) flush in turn through the one scratch
-    buffer, row groups growing so that it is replaced midway, with an Arrow buffer of the
-    last row group still alive at that moment: every picture reads back as its own bytes."""
-    import random
-
-    import pyarrow.parquet as pq
-
-    from hierarchy.ingest import writer as w
-    from hierarchy.ingest.schema import IMAGES_FILE
-
-    rng = random.Random(3)
-    blob = bytes(rng.getrandbits(8) for _ in range(1 << 16))
-    view = memoryview(blob)
-    writers = [w.PartWriter(str(tmp_path / f"{s}.parquet"), IMAGES_FILE, "none", 4000, "nbytes")
-               for s in ("train", "val")]
-    held = w._SCRATCH.view(10)  # an export of the current buffer, as a live row group holds
-    expected = {0: [], 1: []}
-    for pid in range(60):
-        size = 50 + pid * 40  # later row groups outgrow the scratch
-        start = rng.randrange(len(blob) - size)
-        pics = [view[start:start + size], view[start + 1:start + 1 + size // 2]]
-        writers[pid % 2].add_pictures(pid, 1000, 1, 2, 3, pics)
-        expected[pid % 2] += [bytes(p) for p in pics]
-    for x in writers:
-        x.close()
-    del held
-    for i, s in enumerate(("train", "val")):
-        t = pq.read_table(tmp_path / f"{s}.parquet")
-        assert t.num_rows and len(pq.ParquetFile(tmp_path / f"{s}.parquet").metadata.to_dict()
-                                  ["row_groups"]) > 3
-        assert t.column("jpeg").to_pylist() == expected[i]
-        assert t.column("md5").to_pylist() == [hashlib.md5(j).hexdigest() for j in expected[i]]

@@ -37,9 +37,6 @@ class PartWriter:
         self.names = schema.names
         self.columns: List[list] = [[] for _ in self.names]
         self._size = self.names.index(size_field) if size_field else None
-        # the scratch holds one column at a time: the first binary one (the pictures)
-        self._scratch_at = next((i for i, f in enumerate(schema) if f.type == pa.binary()),
-                                None)
         self.buffered = 0
         self.nbytes = 0      # of ``size_field`` written
         self.written = 0
@@ -100,12 +97,9 @@ class PartWriter:
                                 if f.type not in (pa.binary(), pa.string())],
             )
         table = pa.Table.from_arrays(
-            [_array(values, f.type, _SCRATCH if i == self._scratch_at else None)
-             for i, (values, f) in enumerate(zip(self.columns, self.schema))],
+            [_array(values, f.type) for values, f in zip(self.columns, self.schema)],
             schema=self.schema)
-        # written (its values copied into Parquet pages) before the scratch is used again
         self._writer.write_table(table, row_group_size=n_rows)
-        del table
         self.written += n_rows
         self.row_groups += 1
         self.nbytes += self.buffered
@@ -131,44 +125,13 @@ class PartWriter:
             self._out.discard()
 
 
-class Scratch:
-    """One reused buffer for the row group being written. A fresh 32 MB ``bytes.join`` per
-    row group is a fresh mapping each time, and every page of it is faulted in and zeroed:
-    on the VMs we measured (bench/README.md) that was ~0.75 GB of page faults per GB
-    ingested, about a third of the write phase. Kept per Python worker, it is faulted once.
-
-    What :meth:`view` returns is valid until the next call: the caller writes it out first."""
-
-    def __init__(self):
-        self._buf = bytearray(0)
-
-    def view(self, size: int) -> memoryview:
-        if len(self._buf) < size:
-            # a new buffer, not a resize: an Arrow buffer of the last row group may still
-            # hold the old one, which then stays alive until it lets go
-            self._buf = bytearray(size + size // 4)
-        return memoryview(self._buf)[:size]
-
-
-_SCRATCH = Scratch()  # one per Python worker: tasks and writers run one at a time in it
-
-
-def _fill(values: list, lengths: np.ndarray, out: memoryview) -> memoryview:
-    pos = 0
-    for v, n in zip(values, lengths.tolist()):
-        out[pos:pos + n] = v
-        pos += n
-    return out
-
-
 _NUMPY = {pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32,
           pa.int64(): np.int64, pa.float32(): np.float32, pa.float64(): np.float64}
 
 
-def _array(values: list, type_: pa.DataType, scratch: Optional[Scratch] = None) -> pa.Array:
+def _array(values: list, type_: pa.DataType) -> pa.Array:
     """An Arrow column of ``values`` (``None`` = null) built from its buffers: binary values
-    may be ``memoryview`` slices, copied once — into ``scratch`` when given (the array is
-    then valid only until the scratch's next use). ``pa.array`` of a Python list would make
+    may be ``memoryview`` slices, copied once. ``pa.array`` of a Python list would make
     pyarrow import pandas in every Python worker (~0.2 s of its first task); it is left to
     the types the ingest tables do not have, and to a column past 32-bit offsets."""
     n = len(values)
@@ -193,12 +156,9 @@ def _array(values: list, type_: pa.DataType, scratch: Optional[Scratch] = None) 
         if offsets[-1] >= 1 << 31:  # 32-bit offsets: let Arrow chunk it
             return pa.array([v if v is None or isinstance(v, str) else bytes(v)
                              for v in values], type_)
-        if data is None:
-            data = b"".join(raw) if scratch is None else \
-                _fill(raw, lengths, scratch.view(int(offsets[-1])))
         return pa.Array.from_buffers(type_, n, [
-            validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)],
-            null_count=nulls)
+            validity, pa.py_buffer(offsets.astype(np.int32)),
+            pa.py_buffer(b"".join(raw) if data is None else data)], null_count=nulls)
     dtype = _NUMPY.get(type_)
     if dtype is None:
         return pa.array(values, type_)
