@@ -299,7 +299,7 @@ def test_calibration_scores_the_pictures_predict_scores(world, spark):
         rows = score(images, scored, 2).toPandas()
         rows = rows[~rows["fallback"]]
         assert len(rows) == sum(r.products for r in stats)
-        truth = [dict(zip(c, p))[t] for c, p, t in
+        truth = [dict(zip(ids, probs))[true_id] for ids, probs, true_id in
                  zip(rows["top_category_id"], rows["top_probability"], rows["true_category_id"])]
         assert hits[g] == (rows["l3"] == rows["true_l3"]).sum(), point
         np.testing.assert_allclose(nlls[g], -np.log(np.maximum(truth, 1e-7)).sum(), rtol=1e-4,
