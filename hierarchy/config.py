@@ -134,6 +134,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "catalog.table": _identifier,
     "catalog.curation_table": _identifier,
     "catalog.reviews_table": _identifier,
+    "catalog.review_view": _identifier,
     "train.exclude": lambda v: None if all(x in ("blank", "placeholder", "duplicate",
                                                  "near_duplicate", "conflicting_labels",
                                                  "leakage") for x in v)
@@ -156,6 +157,16 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     else "a list of numbers",
     "calibrate.v": lambda v: None if v and all(isinstance(x, (int, float)) for x in v)
     else "a list of numbers",
+    "decide.target_precision": _range(0.0, 1.0, lo_open=True, hi_open=True),
+    "decide.confidence": _range(0.0, 1.0, lo_open=True, hi_open=True),
+    "decide.levels": lambda v: None if v and all(x in (1, 2, 3) and not isinstance(x, bool)
+                                                 for x in v) and len(set(v)) == len(v)
+    else "a non-empty list of distinct levels among 1, 2, 3 (3 = leaf)",
+    "decide.calibration_share": _range(0.0, 1.0, lo_open=True, hi_open=True),
+    "decide.temperature": _range(0.0, 100.0),
+    "decide.temperatures": lambda v: None if v and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 100 for x in v)
+    else "a non-empty list of numbers in (0, 100]",
     "predict.top_k": _range(0, 100000),
     "predict.blend_weight": _range(0.0, 1.0),
     "predict.aggregate": _choice("log_mean", "mean"),

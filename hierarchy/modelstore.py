@@ -169,18 +169,24 @@ class Run:
         })
         run.setdefault("models", {})[key] = result
         run.setdefault("config", {})[key] = config
+        # a decision rule certifies the distributions of the models it was fitted on: a model
+        # trained since makes every rule stale until evaluate fits them again
+        run.pop("decisions", None)
         storage.write_json_atomic(self.run_file, run)
         return run
 
     def record_evaluation(self, *, calibration: Optional[dict] = None,
-                          recommended: Optional[str] = None, scores: Optional[dict] = None
-                          ) -> dict:
+                          recommended: Optional[str] = None, scores: Optional[dict] = None,
+                          decisions: Optional[dict] = None) -> dict:
         """What evaluate fitted and chose on the val split: the ``hierarchical`` strategy's
-        ``calibration`` (temperature, w, v, the grid and its val figures) and the
-        ``recommended_strategy`` that predict uses unless told otherwise."""
+        ``calibration`` (temperature, w, v, the grid and its val figures), the decision rule
+        of each strategy (``decisions``) and the ``recommended_strategy`` that predict uses
+        unless told otherwise."""
         run = self.read()
         if calibration is not None:
             run["calibration"] = calibration
+        if decisions is not None:
+            run["decisions"] = decisions
         if recommended is not None:
             run["recommended_strategy"] = recommended
             run["strategy_scores"] = scores or {}

@@ -127,6 +127,8 @@ def test_the_spark_fallback_row_is_the_scorer_fallback_row(spark):
     row = got.iloc[0].to_dict()
     for key in ("top_category_id", "top_probability"):
         row[key] = list(row[key])
+    # toPandas reads a null number as NaN
+    row.update({k: None for k, v in row.items() if isinstance(v, float) and v != v})
     assert row == want
 
 
@@ -215,8 +217,15 @@ def test_a_predictions_frame_has_the_declared_pandas_types():
         _rows,
     )
 
+    from hierarchy.infer.decide import DecisionRule
+    from hierarchy.infer.modelset import ModelSet
+
+    rule = DecisionRule(target=0.9, levels=(3, 2, 1), confidence=0.95, temperature=1.0,
+                        threshold=0.6)
+
     class Plan:
         top_n, prior_category_id, prior_share = 2, 20, 0.25
+        models = ModelSet(run_id="r", strategy="flat", decision=rule.to_dict())
 
     probs = np.array([[0.1, 0.2, 0.7]])
     seen = {5: _Product(decoded=1, truth=(30, 1, 2, 2)), 6: _Product(bad=2)}
@@ -226,3 +235,7 @@ def test_a_predictions_frame_has_the_declared_pandas_types():
     assert bool(df.loc[1, "fallback"]) and df.loc[1, "category_id"] == 20
     assert str(df["true_l1"].dtype) == "Int32" and pd.isna(df.loc[1, "true_l1"])
     assert json.dumps(df.loc[0, "top_probability"])  # plain floats, not numpy scalars
+    # filed at its leaf (0.7 clears 0.6); the product with no picture goes to review
+    assert df.loc[0, "decision_level"] == 3 and df.loc[0, "decision_id"] == 30
+    assert df.loc[1, "decision_level"] == 0 and pd.isna(df.loc[1, "decision_id"])
+    assert str(df["decision_level"].dtype) == "Int32"

@@ -63,8 +63,9 @@ def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
     return run
 
 
-def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan) -> dict:
-    """The fitted calibration, as run.json records it."""
+def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None) -> dict:
+    """The fitted calibration, as run.json records it. ``where``: a Spark column keeping the
+    val products it may fit on (evaluate keeps the decisions' calibration part out)."""
     from pyspark.sql import functions as F
 
     from hierarchy.infer.pipeline import by_product, read_images
@@ -72,6 +73,8 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan) -> dict:
     ccfg = cfg["calibrate"]
     grid = grid_of(ccfg)
     images = read_images(spark, data, VAL)
+    if where is not None:
+        images = images.where(where)
     total = images_in(manifest, VAL)
     val_products = (manifest.get("splits", {}).get(VAL, {}) or {}).get("products") or total
     share = min(1.0, ccfg["max_products"] / max(1, val_products))

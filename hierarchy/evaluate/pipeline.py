@@ -9,7 +9,7 @@ from typing import Optional
 
 from hierarchy import storage
 from hierarchy.dataset import VAL, Dataset
-from hierarchy.evaluate import calibrate
+from hierarchy.evaluate import calibrate, decisions
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, write_report
 from hierarchy.infer.modelset import IDENTITY, PREFERENCE, PredictError, available_strategies
@@ -41,25 +41,37 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     run = ModelStore(models).run(run_id)
     calibration = None
     if "hierarchical" in checked:
-        # fitted before anything is scored: the hierarchical rows use the fitted values
+        # fitted before anything is scored, on the fit part of val only (the decisions'
+        # calibration part must not have shaped the distribution it certifies)
         c = checked["hierarchical"]
         plan = scoring_plan(spark, cfg, data, c.taxonomy,
                             calibrate.modelset_for_calibration(c.modelset))
-        calibration = calibrate.fit(spark, cfg, data, c.manifest, plan)
+        calibration = calibrate.fit(spark, cfg, data, c.manifest, plan,
+                                    where=decisions.val_part_filter(cfg["decide"]))
         run.record_evaluation(calibration=calibration)
         fitted = {k: calibration[k] for k in IDENTITY}
         checked["hierarchical"] = replace(c, modelset=replace(c.modelset, calibration=fitted))
-    scored = {}
+    scored, rules, figures = {}, {}, {}
     for strategy in strategies:
+        c = checked[strategy]
+        # each strategy's own rule, fitted before its val rows are written so that the
+        # table's decision columns are the ones predict will write on test
+        plan = scoring_plan(spark, cfg, data, c.taxonomy, replace(c.modelset, decision=None))
+        rule, figures[strategy] = decisions.fit(spark, cfg, data, plan)
+        rules[strategy] = rule.to_dict()
+        c = replace(c, modelset=replace(c.modelset, decision=rules[strategy]))
         scored[strategy] = run_predict(spark, cfg, data, models, run_id, VAL, strategy,
-                                       output, checked=checked[strategy])
+                                       output, checked=c)
     table = scored[strategies[0]]["table"]
     df = spark.table(table).where((F.col("run_id") == run_id) & (F.col("split") == VAL)
                                   & F.col("strategy").isin(strategies))
     metrics = evaluate_predictions(df, Dataset(data).taxonomy())
+    for s, fig in figures.items():
+        metrics["strategies"].setdefault(s, {})["decisions"] = fig
     scores = {s: metrics["strategies"].get(s, {}).get("accuracy_l3") for s in strategies}
-    recommended = recommend(scores)
-    run.record_evaluation(recommended=recommended, scores=scores)
+    filed = {s: figures[s]["calibration"]["coverage"] for s in strategies}
+    recommended = recommend(scores, filed)
+    run.record_evaluation(recommended=recommended, scores=scores, decisions=rules)
     out_dir = evaluation_dir(output, run_id)
     files = write_report(metrics, run.histories(), out_dir, run_id)
     return {"run_id": run_id, "strategies": strategies, "metrics": metrics,
@@ -67,14 +79,18 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
             "calibration": calibration}
 
 
-def recommend(scores: dict) -> Optional[str]:
-    """The strategy with the best val level-3 accuracy; among equals, the first of
-    :data:`PREFERENCE` (the one that needs fewest models to serve comes later there)."""
+def recommend(scores: dict, filed: Optional[dict] = None) -> Optional[str]:
+    """The strategy that files the most val products at the target precision (on the part of
+    val its threshold was certified on: what the product promises), then the best val
+    level-3 accuracy; among equals, the first of :data:`PREFERENCE` (the one that needs
+    fewest models to serve comes later there)."""
     known = [s for s in scores if scores[s] is not None]
     if not known:
         return None
+    filed = filed or {}
     rank = {s: i for i, s in enumerate(PREFERENCE)}
-    return min(known, key=lambda s: (-scores[s], rank.get(s, len(rank))))
+    return min(known, key=lambda s: (-(filed.get(s) or 0.0), -scores[s],
+                                     rank.get(s, len(rank))))
 
 
 def headline(result: dict) -> str:
@@ -94,6 +110,21 @@ def headline(result: dict) -> str:
         lines.append(f"  hierarchical fitted on these val products: temperature "
                      f"{c['temperature']:g}, w {c['w']:g}, v {c['v']:g} (its val figure is "
                      f"in-sample; bench/quality.py scores it on test)")
+    for name in result["strategies"]:
+        d = result["metrics"]["strategies"].get(name, {}).get("decisions")
+        if not d:
+            continue
+        if d["threshold"] is None:
+            lines.append(f"  {name:<9} decisions: nothing filed — {d['reason']}")
+            continue
+        cal = d["calibration"]
+        per = ", ".join(f"L{lv} {100 * cal['per_level'][lv]['coverage']:.1f}%"
+                        for lv in ("3", "2", "1") if int(lv) in d["levels"])
+        prec = "n/a" if cal["precision"] is None else f"{100 * cal['precision']:.1f}%"
+        lines.append(f"  {name:<9} decisions at precision {d['target']:g}: files "
+                     f"{100 * cal['coverage']:.1f}% ({per}), precision {prec} on "
+                     f"{cal['products']} calibration products (threshold "
+                     f"{d['threshold']:.4g}, temperature {d['temperature']:g})")
     if result.get("recommended"):
         lines.append(f"  recommended strategy (predict's default): {result['recommended']}")
     return "\n".join(lines)

@@ -115,3 +115,37 @@ def _colors(n: int):
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_risk_coverage(decisions: Dict[str, dict], path: str, title: str) -> str:
+    """Hierarchical risk-coverage on val, one colour per strategy: the share of products filed
+    at some level against the share of those decisions that are wrong, as the threshold
+    moves; the fitted threshold as a dot and the target's risk as a grey line."""
+    fig = _figure(7, 5)
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(decisions)
+    target = None
+    for name, color in zip(names, _colors(len(names))):
+        d = decisions[name]
+        curve = d["curve"]
+        pts = sorted((c, r) for c, r in zip(curve["coverage"], curve["risk"]) if c > 0)
+        if pts:
+            ax.plot([c for c, _ in pts], [r for _, r in pts], "-", color=color,
+                    label=f"{name} (AURC {d['aurc']:.3f})" if d.get("aurc") is not None
+                    else name)
+        if d.get("threshold") is not None:
+            at = d["all"]
+            ax.plot([at["coverage"]], [1.0 - (at["precision"] or 1.0)], "o", color=color)
+        target = d.get("target", target)
+    if target is not None:
+        ax.axhline(1.0 - target, color="grey", linestyle="--", linewidth=1,
+                   label=f"target risk {1.0 - target:.2g}")
+    ax.set_xlabel("coverage (share of products filed at some level)")
+    ax.set_ylabel("risk (share of filed products at a wrong node)")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(bottom=0.0)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    if names:
+        ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -12,7 +12,7 @@ import re
 from typing import Dict, List, Optional
 
 from hierarchy import storage
-from hierarchy.evaluate.plots import plot_confusion, plot_training_curves
+from hierarchy.evaluate.plots import plot_confusion, plot_risk_coverage, plot_training_curves
 
 HEADLINE = (
     ("accuracy L1", "accuracy_l1"),
@@ -105,6 +105,7 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
             lines += [f"### {s}", "", f"[{name}]({name})", "", f"![level-1 confusion, {s}]({name})",
                       ""]
 
+    lines += _decision_lines(metrics, order, files)
     lines += ["## Training curves", ""]
     if histories:
         lines.append("Models: " + ", ".join(f"`{k}`" for k in histories) + ".")
@@ -114,6 +115,52 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
     name = storage.basename(files["training_curves"])
     lines += [f"[{name}]({name})", "", f"![training curves]({name})", ""]
     return "\n".join(lines)
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _decision_lines(metrics: dict, order: List[str], files: dict) -> List[str]:
+    """The decisions section: per strategy, what the fitted rule files and how right it is."""
+    fitted = [s for s in order if metrics["strategies"][s].get("decisions")]
+    if not fitted:
+        return []
+    first = metrics["strategies"][fitted[0]]["decisions"]
+    lines = ["## Decisions", "",
+             f"Each product is filed at the deepest node (level {', '.join(map(str, first['levels']))})"
+             f" whose probability clears the threshold, the rest go to review. The threshold is "
+             f"certified on val's calibration part ({first['calibration_products']} products) "
+             f"for precision {first['target']:g} at confidence {first['confidence']:g}; the "
+             f"temperature is fitted on the other part ({first['fit_products']} products), "
+             f"which also checks the threshold on products it never saw. A target needs at "
+             f"least {first['needed_products']} filed calibration products even with no "
+             f"error. A decision is right when its node is the true leaf or an ancestor.", ""]
+    header = ["strategy", "threshold", "temperature", "filed", "leaf", "level 2", "level 1",
+              "precision (calibration)", "precision (fit part)", "AURC",
+              "ECE L3 before → after", "wrong leaves in the right L2 / L1"]
+    rows = []
+    for s in fitted:
+        d = metrics["strategies"][s]["decisions"]
+        cal, fit = d["calibration"], d["fit"]
+        per = cal["per_level"]
+        sev = d["severity"]
+        ece3 = d["ece"]["3"]
+        rows.append([
+            s, "—" if d["threshold"] is None else f"{d['threshold']:.4g}", f"{d['temperature']:g}",
+            _pct(cal["coverage"]), _pct(per["3"]["coverage"]), _pct(per["2"]["coverage"]),
+            _pct(per["1"]["coverage"]), _pct(cal["precision"]), _pct(fit["precision"]),
+            _fmt(d["aurc"]), f"{_fmt(ece3['before'])} → {_fmt(ece3['after'])}",
+            f"{_pct(sev['same_level2'])} / {_pct(sev['same_level1'])}"])
+    lines += _table(header, rows, ["---"] + ["---:"] * (len(header) - 1)) + [""]
+    for s in fitted:
+        d = metrics["strategies"][s]["decisions"]
+        if d["threshold"] is None:
+            lines += [f"- {s}: nothing is filed — {d['reason']}"]
+    if files.get("risk_coverage"):
+        name = storage.basename(files["risk_coverage"])
+        lines += ["", f"![risk-coverage on val]({name})", ""]
+    return lines
 
 
 def _training_summary(histories: dict) -> dict:
@@ -139,6 +186,12 @@ def write_report(metrics: dict, histories: dict, output_dir: str, run_id: str) -
         plot_confusion(conf["matrix"], conf["labels"], path,
                        f"Level-1 confusion — {s} (run {run_id})")
         files[f"confusion_l1_{s}"] = path
+    decisions = {s: metrics["strategies"][s]["decisions"] for s in order
+                 if metrics["strategies"][s].get("decisions")}
+    if decisions:
+        files["risk_coverage"] = plot_risk_coverage(
+            decisions, storage.join(output_dir, "risk_coverage.png"),
+            f"Hierarchical risk-coverage on val (run {run_id})")
     files["training_curves"] = plot_training_curves(
         histories, storage.join(output_dir, "training_curves.png")
     )

@@ -48,6 +48,13 @@ class ModelSet:
     branches: Dict[int, ModelRef] = field(default_factory=dict)
     # branches with >= 2 leaves but no model (no training images): uniform over their leaves
     untrained_branches: List[int] = field(default_factory=list)
+    # the decision rule evaluate fitted for this strategy (DecisionRule.to_dict), None if none
+    decision: Optional[Dict] = None
+
+    def decision_rule(self):
+        from hierarchy.infer.decide import DecisionRule
+
+        return None if self.decision is None else DecisionRule.from_dict(self.decision)
 
     def refs(self) -> List[ModelRef]:
         return [m for m in (self.level1, self.flat, self.multi) if m] + \
@@ -162,4 +169,5 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
                 f"leaves; branches {ids} have none. Train them with `hierarchy train ... "
                 f"--run-id {run_id} --level 3 --mode branch --branches {ids}`")
     return ModelSet(run_id=run_id, strategy=strategy, level1=level1, flat=flat, multi=multi,
-                    calibration=calibration, branches=branches, untrained_branches=untrained)
+                    calibration=calibration, branches=branches, untrained_branches=untrained,
+                    decision=(recorded.get("decisions") or {}).get(strategy))

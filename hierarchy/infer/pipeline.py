@@ -131,11 +131,19 @@ def duplicate_answers(spark, data: str, split: str, taxonomy: Taxonomy):
     answers = (mine.join(train, "md5").groupBy("product_id")
                    .agg(F.countDistinct("answer").alias("n"), F.first("answer").alias("answer"))
                    .where("n = 1").select("product_id", "answer"))
+    def answer(l3: int) -> dict:
+        # an exact copy of a training picture with one label: filed at that leaf
+        cat = int(taxonomy.category_of_l3(l3))
+        return {**schema.leaf_prediction(taxonomy, l3, 1.0, [cat], [1.0],
+                                         int(taxonomy.l1_of_l3[l3]), 1.0),
+                "decision_level": 3, "decision_id": cat,
+                "decision_name": " > ".join(taxonomy.names_of_l3(l3)),
+                "decision_probability": 1.0}
+
+    rows = [answer(l3) for l3 in range(taxonomy.n_l3)]
     leaves = spark.createDataFrame(
-        [(int(taxonomy.category_of_l3(l3)), *schema.leaf_prediction(
-            taxonomy, l3, 1.0, [taxonomy.category_of_l3(l3)], [1.0],
-            int(taxonomy.l1_of_l3[l3]), 1.0).values()) for l3 in range(taxonomy.n_l3)],
-        ["answer", *schema.leaf_prediction(taxonomy, 0, 1.0, [0], [1.0], 0, 1.0).keys()])
+        [(int(taxonomy.category_of_l3(l3)), *row.values()) for l3, row in enumerate(rows)],
+        ", ".join(["answer long"] + [f"{k} {schema.SCORED_TYPES[k]}" for k in rows[0]]))
     return answers.join(F.broadcast(leaves), "answer").drop("answer")
 
 
@@ -215,6 +223,7 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
     checked = checked or check_predict(data, models, run_id, split, strategy, output,
                                        bool(pcfg["duplicate_lookup"]))
     taxonomy, modelset = checked.taxonomy, checked.modelset
+    note_decision_rule(cfg["decide"], modelset, data, models, run_id)
     products = read_products(spark, data, split)
     # before any scoring: a submission must hold one row per product id
     tables.check_unique_products(products, f"{data} products of split {split}")
@@ -232,6 +241,7 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
                                        lambda: tables.write_predictions(spark, final,
                                                                         cfg["catalog"]),
                                        enabled=bool(pcfg["progress"]))
+    review_view = tables.create_review_view(spark, cfg["catalog"])
     written = spark.table(name).where(
         (F.col("run_id") == run_id) & (F.col("split") == split) &
         (F.col("strategy") == strategy))
@@ -239,14 +249,19 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
                         F.sum((F.col("answered_by") == "duplicate").cast("int"))
                         .alias("duplicates"),
                         F.sum(F.col("fallback").cast("int")).alias("fallback"),
+                        *[F.sum((F.col("decision_level") == level).cast("int"))
+                          .alias(f"decided_{level}") for level in (3, 2, 1, 0)],
                         F.sum("image_count").alias("images"),
                         F.sum("bad_image_count").alias("bad_images")).first()
     result = {"run_id": run_id, "split": split, "strategy": strategy, "table": name,
+              "review_view": review_view,
               "table_path": location,
               "products": int(stats.products), "images": int(stats.images or 0),
               "bad_images": int(stats.bad_images or 0), "fallback": int(stats.fallback or 0),
               "answered_by_duplicate": int(stats.duplicates or 0),
-              "untrained_branches": modelset.untrained_branches}
+              "untrained_branches": modelset.untrained_branches,
+              "decisions": None if modelset.decision is None else
+              {str(level): int(stats[f"decided_{level}"] or 0) for level in (3, 2, 1, 0)}}
     if split == TEST:
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
         tables.check_submission_rows(sub, products)
@@ -256,6 +271,23 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
     return result
 
 
+def note_decision_rule(dcfg: dict, modelset: ModelSet, data: str, models: str,
+                       run_id: str) -> None:
+    """One line when the table's decision columns will be null (no rule fitted for this
+    strategy) or follow a rule fitted for another target than the configuration's."""
+    rule = modelset.decision_rule()
+    if rule is None:
+        log.warning("run %s has no decision rule for strategy %s: the decision columns stay "
+                    "null — fit one with `hierarchy evaluate --data %s --models %s --run-id %s "
+                    "--output DIR`", run_id, modelset.strategy, data, models, run_id)
+    elif (rule.target, set(rule.levels)) != (float(dcfg["target_precision"]),
+                                             {int(x) for x in dcfg["levels"]}):
+        log.warning("run %s's decision rule was fitted for precision %g at levels %s, not the "
+                    "configured %g at %s: it is applied as fitted — run evaluate again to fit "
+                    "the configured one", run_id, rule.target, list(rule.levels),
+                    float(dcfg["target_precision"]), list(dcfg["levels"]))
+
+
 def summary(result: dict) -> str:
     lines = [f"predictions: {result['products']} products ({result['images']} images, "
              f"{result['bad_images']} undecodable, {result['fallback']} on the training prior"
@@ -263,6 +295,10 @@ def summary(result: dict) -> str:
              f" -> table {result['table']} at {result['table_path']}"
              f" (run_id={result['run_id']}, split={result['split']}, "
              f"strategy={result['strategy']})"]
+    d = result.get("decisions")
+    if d:
+        lines.append(f"decisions: {d['3']} filed at a leaf, {d['2']} at level 2, {d['1']} at "
+                     f"level 1, {d['0']} to review (view {result.get('review_view', '')})")
     if result.get("submission"):
         lines.append(f"submission: {result['submission']}")
     if result.get("untrained_branches"):

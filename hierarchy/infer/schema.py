@@ -32,6 +32,13 @@ SCORED: List[Tuple[str, str]] = [
     ("level1_id", "int"),
     ("level1_name", "string"),
     ("level1_probability", "double"),
+    # the decision (hierarchy/infer/decide.py): 3, 2, 1 = filed at that level's node, 0 = to
+    # review, null = the run has no fitted rule; the node's id (a leaf's category_id, else the
+    # l2 / l1 id), its path and its probability
+    ("decision_level", "int"),
+    ("decision_id", "long"),
+    ("decision_name", "string"),
+    ("decision_probability", "double"),
     ("image_count", "int"),
     ("bad_image_count", "int"),
     ("fallback", "boolean"),
@@ -54,10 +61,13 @@ TABLE_COLUMNS = [
     *SCORED_COLUMNS[SCORED_COLUMNS.index(TOP[1]) + 1:], "answered_by", "scored_at", *PARTITIONS,
 ]
 # columns added to the table after its first release: an older table gains them on a write
-ADDED_COLUMNS = {"answered_by": "STRING"}
+ADDED_COLUMNS = {"answered_by": "STRING", "decision_level": "INT", "decision_id": "BIGINT",
+                 "decision_name": "STRING", "decision_probability": "DOUBLE"}
+DECISION = ("decision_level", "decision_id", "decision_name", "decision_probability")
 # nullable integers in pandas (the truth of a test product is null)
 PANDAS_DTYPES = {"true_category_id": "Int64", "true_l1": "Int32", "true_l2": "Int32",
-                 "true_l3": "Int32"}
+                 "true_l3": "Int32", "decision_level": "Int32", "decision_id": "Int64",
+                 "decision_probability": "Float64"}
 
 
 def leaf_prediction(taxonomy: Taxonomy, l3: int, confidence: float, top_ids: list,
@@ -81,5 +91,7 @@ def fallback_prediction(taxonomy: Taxonomy, category_id: int, share: float) -> d
     quarantined at ingest), so both give the same row."""
     l3 = taxonomy.l3_of_category(category_id)
     l1 = int(taxonomy.l1_of_l3[l3])
+    # no picture to judge: a person decides (never filed on the prior alone)
     return {**leaf_prediction(taxonomy, l3, share, [category_id], [share], l1, share),
-            "image_count": 0, "fallback": True}
+            "decision_level": 0, "decision_id": None, "decision_name": None,
+            "decision_probability": None, "image_count": 0, "fallback": True}

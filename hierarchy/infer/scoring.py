@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from hierarchy import storage
-from hierarchy.infer import combine, schema
+from hierarchy.infer import combine, decide, schema
 from hierarchy.infer.modelset import ModelRef, ModelSet
 from hierarchy.taxonomy import Taxonomy
 
@@ -297,16 +297,25 @@ def _none(v):
 
 
 def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]:
-    """The predicted columns (:func:`schema.leaf_prediction`) of each product distribution:
-    what the predictions table holds and what the HTTP API answers, from the same code."""
+    """The predicted columns (:func:`schema.leaf_prediction`) and the decision
+    (:mod:`hierarchy.infer.decide`) of each product distribution: what the predictions table
+    holds and what the HTTP API answers, from the same code. With a fitted rule every column
+    comes from the distribution at the rule's temperature (the leaf ranking is unchanged)."""
+    rule = plan.models.decision_rule()
+    if rule is not None and len(probs):
+        probs = combine.apply_temperature(probs, rule.temperature)
+        decisions = decide.decide(probs, decide.Nodes.of(tax), rule)
+    else:
+        decisions = [decide.undecided()] * len(probs)
     top_idx, top_p = combine.top_n(probs, plan.top_n)
     marg = combine.marginal_l1(probs, tax) if len(probs) else np.zeros((0, tax.n_l1))
     cat_ids = np.asarray(tax.category_ids, dtype=np.int64)
     out = []
     for i in range(len(probs)):
         l1 = int(np.argmax(marg[i]))
-        out.append(schema.leaf_prediction(tax, int(top_idx[i, 0]), top_p[i, 0],
-                                          cat_ids[top_idx[i]], top_p[i], l1, marg[i, l1]))
+        out.append({**schema.leaf_prediction(tax, int(top_idx[i, 0]), top_p[i, 0],
+                                             cat_ids[top_idx[i]], top_p[i], l1, marg[i, l1]),
+                    **decisions[i]})
     return out
 
 

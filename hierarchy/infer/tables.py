@@ -103,6 +103,27 @@ def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
     return name, location
 
 
+# The review queue: every product the rule did not file at a leaf (to review, or filed at a
+# level-2 / level-1 node where a person picks the leaf), the ones a person settles fastest first:
+# ``review_priority`` is the probability that confirming the suggested leaf settles the
+# product, so an hour of review confirms the most products. A view, so it is always the
+# table's current partitions and never a second copy of them.
+REVIEW_COLUMNS = ("run_id", "split", "strategy", "product_id", "decision_level",
+                  "decision_id", "decision_name", "decision_probability", "category_id",
+                  "category_level1", "category_level2", "category_level3", "top5",
+                  "image_count", "answered_by", "scored_at")
+
+
+def create_review_view(spark, catalog: dict) -> str:
+    """(Re)define the review queue view over the predictions table; returns its name."""
+    name = f"{catalog['database']}.{catalog['review_view']}"
+    cols = ", ".join(REVIEW_COLUMNS)
+    spark.sql(f"CREATE OR REPLACE VIEW {name} AS SELECT {cols}, confidence AS review_priority "
+              f"FROM {table_name(catalog)} WHERE decision_level < 3 "
+              f"ORDER BY run_id, split, strategy, review_priority DESC, product_id")
+    return name
+
+
 def list_runs(spark, catalog: dict, run_id: Optional[str] = None) -> List[dict]:
     """One dict per partition: its rows, pictures, when it was scored and, on val, its
     level-3 accuracy. A small aggregate (partitions, not rows) comes back to the driver."""

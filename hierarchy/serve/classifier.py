@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from hierarchy.infer import decide
 from hierarchy.infer.modelset import PredictError, load_modelset, resolve_strategy
 from hierarchy.infer.scoring import BatchScorer, ScoringPlan, predicted, score_products
 from hierarchy.modelstore import ModelStore
@@ -80,6 +81,7 @@ class Classifier:
                 "models": [r.key for r in refs],
                 "backbone": sorted({r.backbone for r in refs}),
                 "image_size": sorted({r.image_size for r in refs}), "ready": self.ready.is_set(),
+                "decision_rule": self.modelset.decision,
                 "model_calls": self.calls, "products_answered": self.products}
 
     # ------------------------------------------------------------------ work (a worker thread)
@@ -108,8 +110,16 @@ class Classifier:
                         "category_id": row["category_id"], "confidence": row["confidence"],
                         "top": top,
                         "level1": {"id": row["level1_id"], "name": row["level1_name"],
-                                   "probability": row["level1_probability"]}})
+                                   "probability": row["level1_probability"]},
+                        "decision": decision_of(row)})
         return out
+
+
+def decision_of(row: dict) -> dict:
+    """The answer's decision: the table's decision columns and what the page says of them."""
+    return {"level": row["decision_level"], "id": row["decision_id"],
+            "name": row["decision_name"], "probability": row["decision_probability"],
+            "text": decide.describe(row)}
 
 
 class MicroBatcher:
