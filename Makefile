@@ -160,7 +160,8 @@ dist/hierarchy-env.tar.gz: $(DIST_ENV)/.stamp $(WHEEL)
 demo: setup
 	$(VENV)/bin/hierarchy synth --output $(DEMO)/synth
 	$(VENV)/bin/hierarchy ingest --input $(DEMO)/synth/train.bson \
-		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1 $(DEMO_CONF)
+		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1 \
+		ingest.val_fraction=0.3 $(DEMO_CONF)
 	$(VENV)/bin/hierarchy ingest --input $(DEMO)/synth/test.bson --kind test \
 		--categories $(DEMO)/synth/category_names.csv --output $(DEMO)/dataset ingest.split_mb=1 $(DEMO_CONF)
 	@echo "manifest: $(DEMO)/dataset/manifest.json"

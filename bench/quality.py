@@ -114,7 +114,8 @@ def read_test_predictions(output: Path, run_id: str, strategy: str, ids: np.ndar
                         partitioning="hive").to_table(
         filter=(pds.field("run_id") == run_id) & (pds.field("split") == "test")
         & (pds.field("strategy") == strategy),
-        columns=["product_id", "l1", "l2", "l3", "top5"])
+        columns=["product_id", "l1", "l2", "l3", "top5", "confidence", "decision_level",
+                 "decision_id", "decision_name"])
     pid = table.column("product_id").to_numpy()
     order = {int(p): i for i, p in enumerate(pid)}
     missing = [int(p) for p in ids if int(p) not in order]
@@ -122,8 +123,55 @@ def read_test_predictions(output: Path, run_id: str, strategy: str, ids: np.ndar
         sys.exit(f"{run_id} {strategy}: {len(missing)} test products have no prediction")
     idx = np.array([order[int(p)] for p in ids])
     top = [[c["category_id"] for c in row] for row in table.column("top5").to_pylist()]
-    return {"l1": table.column("l1").to_numpy()[idx], "l2": table.column("l2").to_numpy()[idx],
-            "l3": table.column("l3").to_numpy()[idx], "top": [top[i] for i in idx]}
+    col = {c: table.column(c).to_numpy(zero_copy_only=False)[idx]
+           for c in ("l1", "l2", "l3", "confidence")}
+    level = table.column("decision_level").to_pandas().fillna(-1).to_numpy(int)[idx]
+    names = table.column("decision_name").to_pylist()
+    ids_ = table.column("decision_id").to_pylist()
+    return {**col, "top": [top[i] for i in idx], "decision_level": level,
+            "decision_id": [ids_[i] for i in idx], "decision_name": [names[i] for i in idx]}
+
+
+def decision_scores(pred: dict, truth_l3: np.ndarray, taxonomy) -> dict:
+    """Per product: filed (at some level), right (the node is the truth or an ancestor), the
+    level, and the leaf's own confidence and hit (for the leaf-only control)."""
+    level = pred["decision_level"]
+    right = np.zeros(len(truth_l3), dtype=bool)
+    for i, (lv, t) in enumerate(zip(level, truth_l3)):
+        names = taxonomy.names_of_l3(int(t))
+        if lv == 3:
+            right[i] = pred["decision_id"][i] == taxonomy.category_of_l3(int(t))
+        elif lv == 2:
+            right[i] = pred["decision_name"][i] == f"{names[0]} > {names[1]}"
+        elif lv == 1:
+            right[i] = pred["decision_id"][i] == int(taxonomy.l1_of_l3[int(t)])
+    filed = level > 0
+    wrong_leaf = pred["l3"] != truth_l3
+    return {"filed": filed, "right": right & filed, "level": level,
+            "conf": pred["confidence"], "leaf_hit": pred["l3"] == truth_l3,
+            "wrong_leaf": wrong_leaf,
+            "wrong_same_l1": wrong_leaf & (pred["l1"] == taxonomy.l1_of_l3[truth_l3]),
+            "wrong_same_l2": wrong_leaf & (pred["l1"] == taxonomy.l1_of_l3[truth_l3])
+            & (pred["l2"] == taxonomy.l2_of_l3[truth_l3])}
+
+
+def leaf_oracle(conf: np.ndarray, hit: np.ndarray, precision: float) -> float:
+    """The most a leaf-confidence threshold fitted on these very products files at
+    ``precision`` (the strongest leaf-only control: it has seen the answers)."""
+    order = np.argsort(-conf, kind="stable")
+    prec = np.cumsum(hit[order]) / np.arange(1, len(hit) + 1)
+    ok = np.flatnonzero(prec >= precision)
+    return float((ok.max() + 1) / len(hit)) if ok.size else 0.0
+
+
+def bootstrap(values, draws: int, stat, seed: int = 0) -> tuple:
+    """``stat`` of the products and its 95% percentile interval, products resampled."""
+    rng = np.random.default_rng(seed)
+    n = len(values[0])
+    got = [stat(*[v[idx] for v in values]) for idx in
+           (rng.integers(0, n, n) for _ in range(draws))]
+    lo, hi = np.nanpercentile(got, [2.5, 97.5])
+    return float(stat(*values)), float(lo), float(hi)
 
 
 def main() -> None:
@@ -295,8 +343,10 @@ def score(args, work: Path, runs: dict, train_images: int) -> None:
         lines.append(f"seed {seed}: recommended on val: "
                      f"{recorded[seed].get('recommended_strategy')}; hierarchical fitted on val:"
                      f" {json.dumps(fitted)}")
+    decisions, dlines = decision_table(args, out, seeds, ids, truth, taxonomy, recorded)
+    lines += dlines
     say("\n".join(lines))
-    result = {"settings": vars(args), "train_images": train_images,
+    result = {"settings": vars(args), "train_images": train_images, "decisions": decisions,
               "test_products": int(len(ids)), "strategies": rows,
               "hierarchical_minus_control": {"l3": ctl[0], "ci95": [ctl[1], ctl[2]]},
               "recommended": {seed: recorded[seed].get("recommended_strategy")
@@ -305,6 +355,54 @@ def score(args, work: Path, runs: dict, train_images: int) -> None:
     (work / "quality.json").write_text(json.dumps(result, indent=2))
     plot(rows, work / "quality.png")
     say(f"-> {work / 'quality.json'}, {work / 'quality.png'}")
+
+
+def decision_table(args, out: Path, seeds: list, ids, truth, taxonomy, recorded: dict):
+    """The decisions of every strategy on test, pooled over the training seeds (each seed's
+    products are one more draw; intervals resample products within the pool): realized
+    precision, coverage per level, the leaf-only control fitted on test itself at the same
+    precision, mistake severity; against flat's own leaves summed up the tree (the ``flat``
+    row: the same rule over the flat distribution)."""
+    per = {s: [decision_scores(test_rows(out, seed, s, ids, taxonomy), truth, taxonomy)
+               for seed in seeds] for s in ROWS}
+    pooled = {s: {k: np.concatenate([d[k] for d in per[s]]) for k in per[s][0]} for s in ROWS}
+    target = None
+    for seed in seeds:
+        for rule in (recorded[seed].get("decisions") or {}).values():
+            target = rule.get("target", target)
+    out_rows, lines = {}, ["", f"decisions on test (target precision {target}; pooled over "
+                              f"training seeds {', '.join(seeds)}; 95% bootstrap intervals)",
+                           f"{'strategy':<13}{'filed':>20}{'precision':>20}{'leaf':>7}"
+                           f"{'L2':>7}{'L1':>7}{'leaf-only*':>11}{'filed - leaf-only*':>22}"
+                           f"{'wrong in L2/L1':>16}"]
+    for s in ROWS:
+        d = pooled[s]
+        if not (d["level"] >= 0).any():
+            lines.append(f"{s:<13} no decision rule in the table")
+            continue
+        cov = bootstrap([d["filed"]], args.bootstrap, lambda f: f.mean())
+        prec = bootstrap([d["filed"], d["right"]], args.bootstrap,
+                         lambda f, r: r.sum() / f.sum() if f.sum() else np.nan)
+        realized = prec[0] if not np.isnan(prec[0]) else 1.0
+        oracle = leaf_oracle(d["conf"], d["leaf_hit"], realized)
+        gain = bootstrap([d["filed"], d["conf"], d["leaf_hit"]], args.bootstrap,
+                         lambda f, c, h: f.mean() - leaf_oracle(
+                             c, h, realized))
+        per_level = {lv: float(np.mean(d["level"] == lv)) for lv in (3, 2, 1)}
+        wrong = d["wrong_leaf"].sum()
+        sev = {"same_level2": float(d["wrong_same_l2"].sum() / wrong) if wrong else None,
+               "same_level1": float(d["wrong_same_l1"].sum() / wrong) if wrong else None}
+        out_rows[s] = {"coverage": cov, "precision": prec, "per_level": per_level,
+                       "leaf_only_oracle": oracle, "coverage_minus_leaf_only": gain,
+                       "severity": sev}
+        f = lambda x: f"{100 * x[0]:.1f} [{100 * x[1]:.1f}, {100 * x[2]:.1f}]"  # noqa: E731
+        lines.append(f"{s:<13}{f(cov):>20}{f(prec):>20}" + "".join(
+            f"{100 * per_level[lv]:>7.1f}" for lv in (3, 2, 1)) + f"{100 * oracle:>11.1f}"
+            f"{f(gain):>22}{100 * (sev['same_level2'] or 0):>8.0f}/"
+            f"{100 * (sev['same_level1'] or 0):.0f}")
+    lines.append("* leaf-only: the most a leaf-confidence threshold fitted on test itself "
+                 "files at the strategy's realized precision")
+    return out_rows, lines
 
 
 def plot(rows: dict, path: Path) -> None:

@@ -138,10 +138,25 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
     scores = run["strategy_scores"]
     assert set(scores) == {"flat", "two-stage", "blend", "multi", "hierarchical"}
     best = run["recommended_strategy"]
+    # each strategy's decision rule, fitted on val: here too few val products to certify a
+    # precision of 0.95 (59 filed products at least), so nothing is filed and it says why
+    report = json.loads((pipeline["root"] / "out" / "evaluation" / "e2e" / "report.json")
+                        .read_text())
+    assert set(run["decisions"]) == set(scores)
+    for name, rule in run["decisions"].items():
+        d = report["strategies"][name]["decisions"]
+        assert rule["target"] == d["target"] == 0.95 and rule["threshold"] is None
+        assert "needs at least 59 filed products" in rule["reason"]
+    # the hierarchical correction is fitted on val's fit part only: the calibration part
+    # certifies decisions over the distribution it shaped, so it must not have seen it
+    assert c["products"] == report["strategies"]["hierarchical"]["decisions"]["fit_products"]
+    # the rule files nothing anywhere: the pick falls to val level-3 accuracy
     assert scores[best] == max(scores.values())
-    assert scores["hierarchical"] == pytest.approx(c["val_accuracy_l3"])
     assert f"recommended strategy (predict's default): {best}" in pipeline["stdout"]["evaluate"]
+    assert "decisions: nothing filed" in pipeline["stdout"]["evaluate"]
     assert f"strategy={best})" in pipeline["stdout"]["predict_auto"]
+    assert "decisions: 0 filed at a leaf, 0 at level 2, 0 at level 1" in \
+        pipeline["stdout"]["predict_auto"]
 
 
 # ---------------------------------------------------------------- hierarchy serve (issue 11)
@@ -226,6 +241,8 @@ def test_serve_answers_what_the_predict_job_wrote(pipeline, server):
         assert got["level1"]["name"] == row["level1_name"]
         assert abs(got["level1"]["probability"] - row["level1_probability"]) <= 1e-5
         assert got["top"][0]["category_level3"] == row["category_level3"]
+        assert got["decision"]["level"] == row["decision_level"] == 0
+        assert got["decision"]["text"] == "needs review"
 
 
 def test_serve_one_product_as_multipart_and_concurrent_clients(pipeline, server):
@@ -392,6 +409,7 @@ def test_the_page_shows_a_products_top_categories_in_headless_chromium(pipeline,
             shown = [rows.nth(i).inner_text() for i in range(rows.count())]
             pictures = page.locator("#pictures img").count()
             level1 = page.inner_text("#level1")
+            decision = page.inner_text("#decision")
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -400,6 +418,7 @@ def test_the_page_shows_a_products_top_categories_in_headless_chromium(pipeline,
     assert len(shown) == len(api["top"]) and all(
         c["category_level3"] in row for c, row in zip(api["top"], shown))
     assert pictures == len(paths) and level1 == api["level1"]["name"]
+    assert decision == api["decision"]["text"] == "needs review"
     # the screenshot is a real rendering of the answered page
     from PIL import Image
 

@@ -1,6 +1,7 @@
 """Predict and evaluate end to end on a tiny synthetic catalog: ingest -> train -> predict."""
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -26,11 +27,11 @@ ALL_BAD_AT_INGEST = 990001    # its only picture is not a JPEG: quarantined, no 
 ALL_BAD_AT_SCORING = 990002   # JPEG markers but no picture: ingested, undecodable later
 
 
-def predict_cfg(tmp_path, **predict):
+def predict_cfg(tmp_path, extra=(), **predict):
     """The session's metastore is shared: a database per test keeps their tables apart."""
     db = "t_" + re.sub(r"\W", "_", tmp_path.name)
     over = ["spark.master=local[2]", "ingest.progress=false", "predict.progress=false",
-            f"catalog.database={db}"]
+            f"catalog.database={db}", *extra]
     return load_config(overrides=over + [f"predict.{k}={v}" for k, v in predict.items()])
 
 
@@ -260,6 +261,74 @@ def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_
     md = (tmp_path / "out" / "evaluation" / RUN / "report.md").read_text()
     assert "two-stage" in md and "flat" in md
     assert (tmp_path / "out" / "evaluation" / RUN / "training_curves.png").stat().st_size > 0
+
+
+def test_decisions_agree_in_the_table_the_report_and_the_served_answer(world, spark, tmp_path,
+                                                                       caplog):
+    """evaluate fits each strategy's rule on val and writes val rows with it; the table's
+    decision counts are the report's, the served answer is the table's, product by product,
+    and predict of test fills the decision columns and the review queue. A lenient target
+    (0.6 at confidence 0.8: 4 filed products suffice) so that ~30 calibration products can
+    certify something."""
+    from hierarchy.evaluate.pipeline import run_evaluate
+    from hierarchy.serve.classifier import Classifier, Product
+
+    over = ["decide.target_precision=0.6", "decide.confidence=0.8",
+            "decide.calibration_share=0.6"]
+    cfg = predict_cfg(tmp_path, extra=over)
+    models = str(tmp_path / "models")
+    shutil.copytree(world["models"], models)
+    # a run without a rule: predict says so in one line and leaves the columns null
+    with caplog.at_level(logging.WARNING):
+        res = run_predict(spark, cfg, world["data"], models, RUN, "test", "flat",
+                          str(tmp_path / "out"))
+    assert res["decisions"] is None
+    assert "has no decision rule for strategy flat" in caplog.text
+    assert "hierarchy evaluate --data" in caplog.text
+    res = run_evaluate(spark, cfg, world["data"], models, RUN, str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "evaluation" / RUN / "report.json").read_text())
+    run_json = json.loads((Path(models) / RUN / "run.json").read_text())
+    d = report["strategies"]["flat"]["decisions"]
+    assert run_json["decisions"]["flat"]["threshold"] == d["threshold"] is not None, d["reason"]
+    assert d["calibration_products"] > 10 and d["fit_products"] > 5
+    assert (tmp_path / "out" / "evaluation" / RUN / "risk_coverage.png").stat().st_size > 0
+    assert "## Decisions" in (tmp_path / "out" / "evaluation" / RUN / "report.md").read_text()
+    table = spark.table(f"{cfg['catalog']['database']}.predictions").where(
+        f"run_id = '{RUN}' AND split = 'val' AND strategy = 'flat'").toPandas()
+    scored = table[~table["fallback"]]
+    for level in ("3", "2", "1"):
+        assert (scored["decision_level"] == int(level)).sum() == \
+            d["all"]["per_level"][level]["filed"], level
+    filed = scored[scored["decision_level"] > 0]
+    assert len(filed) and (filed["decision_probability"] >= d["threshold"]).all()
+    assert (scored[scored["decision_level"] == 0]["decision_probability"].isna()).all()
+    # the served answer is the table's row, decision included
+    classifier = Classifier(cfg, models, RUN, strategy="flat")
+    classifier.load()
+    images = read_images(spark, world["data"], "val").toPandas().sort_values(
+        ["product_id", "img_idx"])
+    some = list(images.groupby("product_id"))[:15]
+    answers = classifier.classify([Product(str(pid), classifier.decode(list(g["jpeg"])))
+                                   for pid, g in some])
+    rows = table.set_index("product_id")
+    for got in answers:
+        row = rows.loc[int(got["id"])]
+        assert got["decision"]["level"] == row["decision_level"]
+        if row["decision_level"] > 0:
+            assert got["decision"]["name"] == row["decision_name"]
+            assert got["decision"]["id"] == row["decision_id"]
+            assert abs(got["decision"]["probability"] - row["decision_probability"]) < 1e-6
+            assert got["decision"]["text"].startswith("filed under ")
+        else:
+            assert got["decision"]["text"] == "needs review"
+    # test: the decision columns filled, the review queue holds what is not filed at a leaf
+    res = run_predict(spark, cfg, world["data"], models, RUN, "test", "flat",
+                      str(tmp_path / "out"))
+    assert sum(res["decisions"].values()) == res["products"]
+    queue = spark.table(f"{cfg['catalog']['database']}.review_queue").where(
+        f"run_id = '{RUN}' AND split = 'test' AND strategy = 'flat'").toPandas()
+    assert len(queue) == res["products"] - res["decisions"]["3"]
+    assert list(queue["review_priority"]) == sorted(queue["review_priority"], reverse=True)
 
 
 def test_calibration_scores_the_pictures_predict_scores(world, spark):
