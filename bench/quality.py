@@ -386,8 +386,7 @@ def decision_table(args, out: Path, seeds: list, ids, truth, taxonomy, recorded:
         realized = prec[0] if not np.isnan(prec[0]) else 1.0
         oracle = leaf_oracle(d["conf"], d["leaf_hit"], realized)
         gain = bootstrap([d["filed"], d["conf"], d["leaf_hit"]], args.bootstrap,
-                         lambda f, c, h: f.mean() - leaf_oracle(
-                             c, h, realized))
+                         lambda f, c, h, at=realized: f.mean() - leaf_oracle(c, h, at))
         per_level = {lv: float(np.mean(d["level"] == lv)) for lv in (3, 2, 1)}
         wrong = d["wrong_leaf"].sum()
         sev = {"same_level2": float(d["wrong_same_l2"].sum() / wrong) if wrong else None,

@@ -34,6 +34,13 @@ def test_overrides_are_typed_and_applied_last(tmp_path):
     ("ingest.verify_jpeg=maybe", "expected one of markers, decode"),
     ("ingest.progress=3", "'ingest.progress': 3 is not true/false"),
     ("ingest", "not of the form section.key=value"),
+    ("decide.target_precision=1", "'decide.target_precision': 1.0 is not allowed; expected a "
+                                  "number in (0.0, 1.0)"),
+    ("decide.target_precision=0", "'decide.target_precision': 0.0 is not allowed"),
+    ("decide.levels=[3,4]", "'decide.levels': [3, 4] is not allowed; expected a non-empty "
+                            "list of distinct levels among 1, 2, 3"),
+    ("decide.levels=[]", "'decide.levels'"),
+    ("decide.confidence=1.2", "'decide.confidence': 1.2 is not allowed"),
 ])
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as err:

@@ -211,14 +211,13 @@ def test_quiet_and_verbose_set_one_logging_level(tmp_path):
 def test_a_predictions_frame_has_the_declared_pandas_types():
     import numpy as np
 
+    from hierarchy.infer.decide import DecisionRule
+    from hierarchy.infer.modelset import ModelSet
     from hierarchy.infer.scoring import (
         ScoringPlan,  # noqa: F401 - documents the input
         _Product,
         _rows,
     )
-
-    from hierarchy.infer.decide import DecisionRule
-    from hierarchy.infer.modelset import ModelSet
 
     rule = DecisionRule(target=0.9, levels=(3, 2, 1), confidence=0.95, temperature=1.0,
                         threshold=0.6)

@@ -148,7 +148,7 @@ def test_decisions_name_the_node_and_climb_by_summed_probability():
     rule = decide.DecisionRule(target=0.9, levels=(3, 2, 1), confidence=0.95,
                                temperature=1.0, threshold=0.9)
     p = np.zeros((3, TAX.n_l3))
-    p[0, 0] = 0.95; p[0, 5] = 0.05                       # sure of leaf 0
+    p[0, [0, 5]] = [0.95, 0.05]                           # sure of leaf 0
     p[1, [0, 1, 2, 3]] = [0.4, 0.3, 0.2, 0.1]             # sure of leaf 0's level-2 node only
     p[2, :] = 1.0 / TAX.n_l3                              # sure of nothing
     d = decide.decide(p, NODES, rule)

@@ -127,9 +127,10 @@ def _decision_lines(metrics: dict, order: List[str], files: dict) -> List[str]:
     if not fitted:
         return []
     first = metrics["strategies"][fitted[0]]["decisions"]
+    levels = ", ".join(map(str, first["levels"]))
     lines = ["## Decisions", "",
-             f"Each product is filed at the deepest node (level {', '.join(map(str, first['levels']))})"
-             f" whose probability clears the threshold, the rest go to review. The threshold is "
+             f"Each product is filed at the deepest node (level {levels}) whose probability "
+             f"clears the threshold, the rest go to review. The threshold is "
              f"certified on val's calibration part ({first['calibration_products']} products) "
              f"for precision {first['target']:g} at confidence {first['confidence']:g}; the "
              f"temperature is fitted on the other part ({first['fit_products']} products), "

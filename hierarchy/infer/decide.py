@@ -54,7 +54,7 @@ def needed_products(target: float, confidence: float) -> int:
 
 
 # --------------------------------------------------------------------------- the tree's nodes
-_NODES: Dict[str, "Nodes"] = {}
+_NODES: Dict[str, Nodes] = {}
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,18 @@ class Nodes:
     onehot: Dict[int, np.ndarray] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
-    def of(cls, taxonomy: Taxonomy) -> "Nodes":
-        """The nodes of ``taxonomy``, built once per process and taxonomy."""
+    def of(cls, taxonomy: Taxonomy) -> Nodes:
+        """The nodes of ``taxonomy``, built once per taxonomy object (kept on it: its
+        fingerprint hashes the whole table, too slow to key a per-batch cache)."""
+        cached = taxonomy.__dict__.get("_decision_nodes")
+        if cached is not None:
+            return cached
+        nodes = cls._build(taxonomy)
+        object.__setattr__(taxonomy, "_decision_nodes", nodes)
+        return nodes
+
+    @classmethod
+    def _build(cls, taxonomy: Taxonomy) -> "Nodes":
         if taxonomy.fingerprint not in _NODES:
             pairs = np.stack([taxonomy.l1_of_l3, taxonomy.l2_of_l3], axis=1).astype(np.int64)
             paths, inverse = np.unique(pairs, axis=0, return_inverse=True)
@@ -166,7 +176,7 @@ class DecisionRule:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DecisionRule":
+    def from_dict(cls, d: dict) -> DecisionRule:
         return cls(target=float(d["target"]), levels=tuple(int(x) for x in d["levels"]),
                    confidence=float(d["confidence"]), temperature=float(d["temperature"]),
                    threshold=None if d.get("threshold") is None else float(d["threshold"]),
