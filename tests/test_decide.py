@@ -120,7 +120,8 @@ def test_an_in_sample_leaf_threshold_does_not_keep_the_promise_the_bound_does():
         rule, _ = fitted(p_val, y_val, levels=(3,), target=0.9)
         if rule.threshold is not None:
             _, precision, _ = realized(p_test, y_test, rule)
-            assert precision >= 0.895, (seed, precision)
+            # the true precision is promised; 5000 test products measure it within ~2 points
+            assert precision >= 0.88, (seed, precision)
             kept += 1
     assert broken >= 2 and kept >= 3
 

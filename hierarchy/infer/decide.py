@@ -18,12 +18,12 @@ levels at once.
 
 **The fit** (learn-then-test, Angelopoulos et al. 2021): val is cut by a hash of the product id
 into a *fit* part and a *calibration* part. The fit part chooses the temperature (leaf NLL)
-and where the test sequence starts; the calibration part then tests, from conservative to
-permissive thresholds, the hypothesis "precision of the filed products < target" with an exact
-Clopper-Pearson binomial p-value, and stops at the first threshold it cannot reject (fixed
-sequence testing: the family-wise error stays at ``1 - confidence`` without splitting it). The
-chosen threshold therefore has precision >= target with probability >= ``confidence`` over
-the draw of val, on any product drawn like val. A decision is correct when the node is the
+and where the tests start (the threshold it is surest of); the calibration part then tests,
+from there to more and more lenient thresholds, the hypothesis "precision of the filed
+products < target" with an exact Clopper-Pearson binomial p-value, and stops at the first
+threshold it cannot reject (fixed sequence testing: the family-wise error stays at
+``1 - confidence`` without splitting it); the last certified threshold files. It therefore has precision >= target with probability
+>= ``confidence`` over the draw of val, on any product drawn like val. A decision is correct when the node is the
 true leaf or one of its ancestors.
 """
 
@@ -340,27 +340,24 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
     errors_fit = filed_fit - stats["correct"][0, t].sum(axis=1)
     filed_cal = stats["filed"][1, t].sum(axis=1)
     errors_cal = filed_cal - stats["correct"][1, t].sum(axis=1)
-    # where the test sequence starts, from the fit part alone (a start that looked at the
-    # calibration part would void the bound): the most conservative threshold the fit part
-    # itself certifies and at which the calibration part can be expected to file twice what
-    # the bound needs; else the first the fit part certifies; else its strongest evidence
-    scale = n_cal / n_fit if n_fit else 0.0
-    p_fit = [p_value(int(e), int(f), target) for e, f in zip(errors_fit, filed_fit)]
-    passing = [j for j, pv in enumerate(p_fit) if pv <= delta]
-    start = next((j for j in passing if filed_fit[j] * scale >= 2 * need),
-                 passing[0] if passing else None)
-    if start is None and n_fit and min(p_fit) < 1.0:
-        start = int(np.argmin(p_fit))
+    # the test sequence, from the fit part alone (a sequence that looked at the calibration
+    # part would void the bound): the threshold the fit part is surest of, then more and more
+    # lenient ones. Starting from the strictest stops at the first small sample with one
+    # mistake (1 wrong of 90 cannot certify 0.95) before the thresholds that hundreds of
+    # products support; stricter thresholds than the surest would only file less.
+    p_fit = np.array([p_value(int(e), int(f), target) for e, f in zip(errors_fit, filed_fit)])
+    surest = int(np.argmin(p_fit)) if n_fit else 0
+    order = list(range(surest, len(grids.thresholds))) if n_fit else []
     chosen, tested, reason = None, [], ""
     if n_cal < need:
         reason = (f"{n_cal} calibration products in val: a precision of {target:g} at "
                   f"confidence {confidence:g} needs at least {need} filed products — more val "
                   f"products (ingest.val_fraction) or decide.calibration_share")
-    elif start is None:
+    elif not order or p_fit[order[0]] >= 1.0:
         reason = (f"no threshold files a product of val's fit part ({n_fit} products) at "
-                  f"temperature {temps[t]:g}: nothing to start the test from")
+                  f"temperature {temps[t]:g}: nothing to order the tests by")
     else:
-        for j in range(start, len(grids.thresholds)):
+        for j in order:
             pv = p_value(int(errors_cal[j]), int(filed_cal[j]), target)
             tested.append(j)
             if pv > delta:
@@ -369,8 +366,8 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
         if chosen is None:
             j = tested[0]
             reason = (f"the calibration part could not certify precision {target:g}: "
-                      f"{int(errors_cal[j])} wrong of {int(filed_cal[j])} filed at the most "
-                      f"conservative threshold tried ({grids.thresholds[j]:.4g})")
+                      f"{int(errors_cal[j])} wrong of {int(filed_cal[j])} filed at the threshold "
+                      f"the fit part was surest of ({grids.thresholds[j]:.4g})")
     rule = DecisionRule(target=target, levels=tuple(sorted(levels, reverse=True)),
                         confidence=confidence, temperature=float(temps[t]),
                         threshold=None if chosen is None else float(grids.thresholds[chosen]),
