@@ -81,7 +81,7 @@ class Nodes:
         return nodes
 
     @classmethod
-    def _build(cls, taxonomy: Taxonomy) -> "Nodes":
+    def _build(cls, taxonomy: Taxonomy) -> Nodes:
         if taxonomy.fingerprint not in _NODES:
             pairs = np.stack([taxonomy.l1_of_l3, taxonomy.l2_of_l3], axis=1).astype(np.int64)
             paths, inverse = np.unique(pairs, axis=0, return_inverse=True)
