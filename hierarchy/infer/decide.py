@@ -22,9 +22,10 @@ and where the tests start (the threshold it is surest of); the calibration part 
 from there to more and more lenient thresholds, the hypothesis "precision of the filed
 products < target" with an exact Clopper-Pearson binomial p-value, and stops at the first
 threshold it cannot reject (fixed sequence testing: the family-wise error stays at
-``1 - confidence`` without splitting it); the last certified threshold files. It therefore has precision >= target with probability
->= ``confidence`` over the draw of val, on any product drawn like val. A decision is correct when the node is the
-true leaf or one of its ancestors.
+``1 - confidence`` without splitting it); the last certified threshold files. It therefore
+has precision >= target with probability >= ``confidence`` over the draw of val, on any
+product drawn like val. A decision is correct when the node is the true leaf or one of its
+ancestors.
 """
 
 from __future__ import annotations
