@@ -148,13 +148,17 @@ def level_mask(levels: Sequence[int]) -> np.ndarray:
 def filed_level(prob: np.ndarray, allowed: np.ndarray, threshold: Optional[float]
                 ) -> np.ndarray:
     """The column (into :data:`LEVELS`) each product is filed at, -1 = review."""
-    n = prob.shape[0]
-    out = np.full(n, -1, dtype=np.int64)
     if threshold is None:
-        return out
+        return np.full(prob.shape[0], -1, dtype=np.int64)
+    return filed_levels(prob, allowed, np.asarray([threshold]))[:, 0]
+
+
+def filed_levels(prob: np.ndarray, allowed: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """:func:`filed_level` at every threshold at once: [N, len(thresholds)]."""
+    out = np.full((prob.shape[0], thresholds.size), -1, dtype=np.int64)
     for col in range(3)[::-1]:  # shallow to deep: the deepest that clears wins
         if allowed[col]:
-            out = np.where(prob[:, col] >= threshold, col, out)
+            out = np.where(prob[:, col:col + 1] >= thresholds[None, :], col, out)
     return out
 
 
@@ -271,11 +275,7 @@ def add_stats(stats: Dict[str, np.ndarray], p: np.ndarray, true_l3: np.ndarray,
             stats["nll"][h, t] += -np.log(np.maximum(q[np.arange(n), truth], 1e-12)).sum()
             idx, prob = top_nodes(q, nodes)
             ok = correct_nodes(idx, nodes, truth)
-            # filed column per threshold [n, G]: the deepest allowed level that clears it
-            col = np.full((n, theta.size), -1, dtype=np.int64)
-            for c in range(3)[::-1]:
-                if allowed[c]:
-                    col = np.where(prob[:, c:c + 1] >= theta[None, :], c, col)
+            col = filed_levels(prob, allowed, theta)
             for c in range(3):
                 at = col == c
                 stats["filed"][h, t, :, c] += at.sum(axis=0)

@@ -20,7 +20,7 @@ from typing import Optional
 from hierarchy import storage
 from hierarchy.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
 from hierarchy.errors import UsageError
-from hierarchy.infer import schema, tables
+from hierarchy.infer import decide, schema, tables
 from hierarchy.infer.modelset import ModelSet, PredictError, load_modelset
 from hierarchy.infer.scoring import INPUT_COLUMNS, ScoringPlan, score_partitions
 from hierarchy.taxonomy import Taxonomy
@@ -137,7 +137,7 @@ def duplicate_answers(spark, data: str, split: str, taxonomy: Taxonomy):
         return {**schema.leaf_prediction(taxonomy, l3, 1.0, [cat], [1.0],
                                          int(taxonomy.l1_of_l3[l3]), 1.0),
                 "decision_level": 3, "decision_id": cat,
-                "decision_name": " > ".join(taxonomy.names_of_l3(l3)),
+                "decision_name": decide.Nodes.of(taxonomy).name(3, l3),
                 "decision_probability": 1.0}
 
     rows = [answer(l3) for l3 in range(taxonomy.n_l3)]
