@@ -1,11 +1,14 @@
 """Model quality of every predict strategy at a stated compute, on a catalog hard enough to tell.
 
     .venv/bin/python bench/quality.py [--products N] [--test-products M] [--epochs E]
-                                      [--seed S] [--train-seeds 1,2,3] [--workdir DIR]
+                                      [--seed S] [--preset hard|tangled] [--train-seeds 1,2,3]
+                                      [--workdir DIR]
                                       [--bootstrap B] [key=value ...]
 
 Runs the real pipeline with the `hierarchy` command (as a scheduler would), on
-``hierarchy synth --preset hard`` (N train products, M test products):
+``hierarchy synth --preset hard`` (N train products, M test products; ``--preset tangled``:
+the same pictures with look-alike leaves in different branches, where the coarse level is the
+hard one and the taxonomy cannot help a decision):
 
   ingest      train (val_fraction 0.2) and test;
   train       (one run per training seed)
@@ -180,6 +183,7 @@ def main() -> None:
     ap.add_argument("--test-products", type=int, default=3000)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=11, help="of the synthetic catalog")
+    ap.add_argument("--preset", choices=("hard", "tangled"), default="hard")
     ap.add_argument("--train-seeds", type=lambda v: [int(x) for x in v.split(",")],
                     default=[1, 2, 3], help="one run per training seed (comma-separated)")
     ap.add_argument("--bootstrap", type=int, default=2000)
@@ -201,9 +205,9 @@ def main() -> None:
     for path in (data, models, out, work / "warehouse"):
         subprocess.run(["rm", "-rf", str(path)], check=True)
 
-    say(f"[data] hard preset: {args.products} train + {args.test_products} test products, "
+    say(f"[data] {args.preset} preset: {args.products} train + {args.test_products} test products, "
         f"seed {args.seed}")
-    hierarchy("synth", "--preset", "hard", "--products", str(args.products), "--test-products",
+    hierarchy("synth", "--preset", args.preset, "--products", str(args.products), "--test-products",
               str(args.test_products), "--seed", str(args.seed), "--output", str(syn), conf=conf)
     cats = ["--categories", str(syn / "category_names.csv"), "--output", str(data)]
     hierarchy("ingest", "--input", str(syn / "train.bson"), *cats, "ingest.val_fraction=0.2",
@@ -322,7 +326,7 @@ def score(args, work: Path, runs: dict, train_images: int) -> None:
                                        for seed in seeds} if s != CONTROL else None}
     header = (f"{'strategy':<13}{'L1':>7}{'L2':>7}{'L3':>7}{'top-5':>7}{'hF1':>7}"
               f"{'img-epochs':>12}{'train s':>9}   L3 - flat [95% CI]  per seed")
-    lines = [f"test split: {len(ids)} products (hard preset, catalog seed {args.seed}); "
+    lines = [f"test split: {len(ids)} products ({args.preset} preset, catalog seed {args.seed}); "
              f"budget {e} epochs of {train_images} training pictures; training seeds "
              f"{', '.join(seeds)} (figures are means over them)", header]
     for s, r in rows.items():

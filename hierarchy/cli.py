@@ -154,9 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_count(0), help="random seed (default synth.seed)")
     p.add_argument("--taxonomy", help="small (4/12/40), hard (6/18/108), full (49/483/5270) "
                                       "or a category_names.csv (default: the preset's)")
-    p.add_argument("--preset", choices=("fast", "hard"),
+    p.add_argument("--preset", choices=("fast", "hard", "tangled"),
                    help="fast: learnt in seconds (the demo); hard: confusable siblings, long "
-                        "tail, noisy labels, filler views, clutter (default synth.preset)")
+                        "tail, noisy labels, filler views, clutter; tangled: hard, with "
+                        "look-alike leaves in different branches (default synth.preset)")
     _common(p)
 
     p = sub.add_parser("ingest", help="BSON dumps -> Petastorm Parquet (images, products, "

@@ -83,7 +83,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "synth.test_products": _range(0, 10**9),
     "synth.seed": _range(0, 2**32 - 1),
     "synth.taxonomy": _taxonomy_choice,
-    "synth.preset": _choice("fast", "hard"),
+    "synth.preset": _choice("fast", "hard", "tangled"),
     "synth.workers": _range(0, 1024),
     "synth.plant.duplicates": _range(0.0, 1.0),
     "synth.plant.near_duplicates": _range(0.0, 1.0),

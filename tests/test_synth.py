@@ -221,3 +221,19 @@ def test_hard_labels_move_only_to_siblings():
     assert 0.02 < len(moved) / len(written) < 0.06
     assert all(tax.l2_of_l3[a] == tax.l2_of_l3[b] or tax.l1_of_l3[a] == tax.l1_of_l3[b]
                for a, b in moved)
+
+
+def test_tangled_preset_draws_look_alikes_across_branches():
+    from hierarchy.synth.catalog import PRESETS, drawn_looks, leaf_looks
+
+    tax = make_taxonomy("hard", 3)
+    assert (drawn_looks(tax, PRESETS["hard"], 3) == leaf_looks(tax)).all()
+    looks = drawn_looks(tax, PRESETS["tangled"], 3)
+    assert sorted(map(tuple, looks.tolist())) == sorted(map(tuple, leaf_looks(tax).tolist()))
+    # leaves drawn alike (the same level-1 family and level-2 pattern) come from several
+    # true branches: a true level-1 node is no longer what the pictures group by
+    groups = {}
+    for l3, (l1, l2_rank, _) in enumerate(looks.tolist()):
+        groups.setdefault((l1, l2_rank), set()).add(int(tax.l1_of_l3[l3]))
+    spread = [len(branches) for branches in groups.values()]
+    assert np.mean(spread) >= 2.5, spread

@@ -45,7 +45,11 @@ class Preset:
           level-2 pattern and differ by orientation, density, badges, blurred by pose
           jitter), a long tail (Zipf ~0.9 over leaves), a few % of train labels moved to a
           sibling, extra views that are packaging or a box's back, clutter, scale and pose
-          variation."""
+          variation;
+    tangled  the hard preset's pictures with the coarse level made the hard one: the look of
+          each leaf is another leaf's, drawn at random, so leaves that look alike (and share a
+          pattern) sit in different level-1 branches. A level-1 or level-2 node is then hardly
+          surer than its leaf: the catalog where a taxonomy cannot help a decision."""
 
     name: str
     taxonomy: str            # the tree when none is given
@@ -53,11 +57,13 @@ class Preset:
     zipf_offset: float
     label_noise: float       # share of train labels moved to a sibling leaf
     look: DrawStyle
+    tangled: bool = False    # each leaf drawn with another leaf's look (see above)
 
 
 PRESETS = {
     "fast": Preset("fast", "small", 1.1, 20.0, 0.0, FAST),
     "hard": Preset("hard", "hard", 0.9, 1.0, 0.04, HARD),
+    "tangled": Preset("tangled", "hard", 0.9, 1.0, 0.04, HARD, tangled=True),
 }
 
 
@@ -85,6 +91,15 @@ def leaf_looks(tax: Taxonomy) -> np.ndarray:
         key = (int(tax.l1_of_l3[l3]), int(tax.l2_of_l3[l3]))
         looks[l3] = (key[0], l2_rank[key], siblings.get(key, 0))
         siblings[key] = siblings.get(key, 0) + 1
+    return looks
+
+
+def drawn_looks(tax: Taxonomy, preset: Preset, seed: int) -> np.ndarray:
+    """The look each leaf is drawn with: its own, or under the tangled preset another leaf's
+    (a seeded permutation), so what a leaf looks like no longer says which branch it is in."""
+    looks = leaf_looks(tax)
+    if preset.tangled:
+        looks = looks[np.random.default_rng([seed, 7004]).permutation(tax.n_l3)]
     return looks
 
 
@@ -211,7 +226,7 @@ def generate(
     tax = _resolve(taxonomy or chosen.taxonomy, seed)
     plan = Plan(
         seed=seed,
-        looks=leaf_looks(tax),
+        looks=drawn_looks(tax, chosen, seed),
         category_ids=np.asarray(tax.category_ids, dtype=np.int64),
         weights=category_weights(tax.n_l3, seed, chosen.zipf, chosen.zipf_offset),
         preset=chosen,
