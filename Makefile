@@ -175,6 +175,10 @@ demo: setup
 		--level 3 --mode multi $(DEMO_CONF)
 	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
 		--level 3 --mode experts $(DEMO_CONF)
+	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--level 3 --mode refit $(DEMO_CONF)
+	$(VENV)/bin/hierarchy train --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
+		--level 3 --mode fusion tune.trials=4 $(DEMO_CONF)
 	$(VENV)/bin/hierarchy evaluate --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \
 		--output $(DEMO)/output $(DEMO_CONF)
 	$(VENV)/bin/hierarchy predict --data $(DEMO)/dataset --models $(DEMO)/models --run-id demo \

@@ -19,8 +19,10 @@ hard one and the taxonomy cannot help a decision):
                          multi model's trunk over train (counted as a whole image-epoch, an
                          upper bound) and per-branch heads over those features: E in all
               flat+refit the control at the same compute: flat for E-1 epochs, then
-                         --mode experts with train.expert_groups=all (its own level-3 head
-                         refit on its frozen features; its own run, scored as hierarchical)
+                         --mode refit (its level-3 head refit on its frozen features; its
+                         own run, which the next row shares)
+              flat+fusion the same flat model, then --mode fusion (a product's pictures
+                         weighed by a head trained on whole products): E in all
               two-stage  --level 1 and --level 3 --mode branch, E/2 epochs each (a branch model
                          reads its branch only, so all branches together read the split once
                          per epoch): E image-epochs in all;
@@ -54,11 +56,13 @@ BIN = Path(sys.executable).parent
 RUN_ID = "quality"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the children's start-up noise
 STRATEGIES = ("flat", "multi", "hierarchical", "two-stage")
-# the control: flat for E-1 epochs, then its own level-3 head refit on its frozen features for
-# the experts' passes (--mode experts, train.expert_groups=all): the same compute as
-# hierarchical with no hierarchy in it. Scored from the `hierarchical` rows of its own run.
+# the controls: flat for E-1 epochs, then a head over its frozen features for the feature
+# pass (--mode refit: its own level-3 head refit; --mode fusion: a head over a product's
+# pictures): the same compute as hierarchical with no hierarchy in it. Each is scored from
+# its strategy's rows of the control run.
 CONTROL = "flat+refit"
-ROWS = (*STRATEGIES, CONTROL)
+CONTROLS = {CONTROL: "refit", "flat+fusion": "fusion"}
+ROWS = (*STRATEGIES, *CONTROLS)
 
 
 def say(text: str) -> None:
@@ -233,8 +237,8 @@ def control_id_of(seed) -> str:
 
 
 def test_rows(out: Path, seed: str, row: str, ids, taxonomy) -> dict:
-    if row == CONTROL:
-        return read_test_predictions(out, control_id_of(seed), "hierarchical", ids, taxonomy)
+    if row in CONTROLS:
+        return read_test_predictions(out, control_id_of(seed), CONTROLS[row], ids, taxonomy)
     return read_test_predictions(out, run_id_of(seed), row, ids, taxonomy)
 
 
@@ -265,12 +269,13 @@ def train_and_predict(args, conf, data, models, out, train_images: int, seed: in
                       "seconds": seconds["level1"] + seconds["branch"]},
     }
     control = ["--data", str(data), "--models", str(models), "--run-id", control_id_of(seed)]
-    seconds["control"] = hierarchy("train", *control, "--level", "3", "--mode", "flat",
-                                   f"train.epochs={max(1, e - 1)}", conf=conf) + \
-        hierarchy("train", *control, "--level", "3", "--mode", "experts",
-                  "train.expert_groups=all", conf=conf)
-    compute[CONTROL] = {"image_epochs": compute["hierarchical"]["image_epochs"],
-                        "seconds": seconds["control"]}
+    base = hierarchy("train", *control, "--level", "3", "--mode", "flat",
+                     f"train.epochs={max(1, e - 1)}", conf=conf)
+    for row, mode in CONTROLS.items():
+        compute[row] = {"image_epochs": compute["hierarchical"]["image_epochs"],
+                        "seconds": base + hierarchy("train", *control, "--level", "3",
+                                                    "--mode", mode, conf=conf)}
+    seconds["control"] = compute[CONTROL]["seconds"]
     say(f"[train seed {seed}] {train_images} training pictures; flat {seconds['flat']:.0f} s, "
         f"multi {seconds['multi']:.0f} s + experts {seconds['experts']:.0f} s, level-1 + "
         f"branches {seconds['level1'] + seconds['branch']:.0f} s")
@@ -278,9 +283,10 @@ def train_and_predict(args, conf, data, models, out, train_images: int, seed: in
     for strategy in STRATEGIES:
         hierarchy("predict", *run, "--split", "test", "--strategy", strategy, "--output",
                   str(out), conf=conf)
-    hierarchy("evaluate", *control, "--output", str(out), conf=conf)  # fits its (T, w, v)
-    hierarchy("predict", *control, "--split", "test", "--strategy", "hierarchical",
-              "--output", str(out), conf=conf)
+    hierarchy("evaluate", *control, "--output", str(out), conf=conf)  # fits its rules
+    for mode in CONTROLS.values():
+        hierarchy("predict", *control, "--split", "test", "--strategy", mode, "--output",
+                  str(out), conf=conf)
     return compute
 
 
@@ -323,7 +329,7 @@ def score(args, work: Path, runs: dict, train_images: int) -> None:
                    "accuracy_l3_per_seed": {seed: float(np.mean(per_seed[seed][s]["l3"]))
                                             for seed in seeds},
                    "val_accuracy_l3": {seed: recorded[seed].get("strategy_scores", {}).get(s)
-                                       for seed in seeds} if s != CONTROL else None}
+                                       for seed in seeds} if s not in CONTROLS else None}
     header = (f"{'strategy':<13}{'L1':>7}{'L2':>7}{'L3':>7}{'top-5':>7}{'hF1':>7}"
               f"{'img-epochs':>12}{'train s':>9}   L3 - flat [95% CI]  per seed")
     lines = [f"test split: {len(ids)} products ({args.preset} preset, catalog seed {args.seed}); "
@@ -344,8 +350,10 @@ def score(args, work: Path, runs: dict, train_images: int) -> None:
     for seed in seeds:
         fitted = {k: recorded[seed].get("calibration", {}).get(k)
                   for k in ("model", "temperature", "w", "v")}
+        control = json.loads((models / control_id_of(seed) / "run.json").read_text())
         lines.append(f"seed {seed}: recommended on val: "
-                     f"{recorded[seed].get('recommended_strategy')}; hierarchical fitted on val:"
+                     f"{recorded[seed].get('recommended_strategy')} (control run: "
+                     f"{control.get('recommended_strategy')}); hierarchical fitted on val:"
                      f" {json.dumps(fitted)}")
     decisions, dlines = decision_table(args, out, seeds, ids, truth, taxonomy, recorded)
     lines += dlines

@@ -185,8 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", required=True, type=int, choices=(1, 3))
     p.add_argument("--mode", choices=modelstore.MODES,
                    help="level 3 only: one flat model, one model per level-1 branch, one "
-                        "multi-level model (levels 1, 2 and 3 on one backbone), or experts: "
-                        "per-branch heads over the run's multi (else flat) model's trunk")
+                        "multi-level model (levels 1, 2 and 3 on one backbone); or heads over "
+                        "a trained model's frozen trunk: experts (one per branch, over the "
+                        "run's multi else flat model), refit (the flat model's level-3 head "
+                        "refit) or fusion (a product's pictures weighed by a learned head, "
+                        "over train.fusion_source)")
     p.add_argument("--branches", metavar="ID,...",
                    help="branch mode: only these level-1 ids (to fan branches out)")
     p.add_argument("--np", type=_count(1), help="Horovod workers (default train.np); > 1 runs "

@@ -51,6 +51,19 @@ def _range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
     return check
 
 
+def _interval(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """[low, high] of a search range, both inside ``_range(lo, hi, ...)``, low <= high."""
+    inside = _range(lo, hi, lo_open, hi_open)
+
+    def check(v: Any) -> Optional[str]:
+        ok = isinstance(v, list) and len(v) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and inside(x) is None
+            for x in v) and v[0] <= v[1]
+        return None if ok else f"[low, high], low <= high, each {inside(float('nan'))}"
+
+    return check
+
+
 def _choice(*allowed: str):
     def check(v: Any) -> Optional[str]:
         return None if v in allowed else "one of " + ", ".join(allowed)
@@ -111,7 +124,23 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "train.multi_head_weight": _range(0.0, 100.0),
     "train.multi_marginal_weight": _range(0.0, 100.0),
     "train.multi_conditional_weight": _range(0.0, 100.0),
-    "train.expert_groups": _choice("branch", "all"),
+    "train.fusion_source": _choice("flat", "multi"),
+    "train.fusion_hidden": _range(0, 65536),
+    "train.fusion_score_hidden": _range(1, 65536),
+    "train.fusion_dropout": _range(0.0, 1.0, hi_open=True),
+    "train.fusion_epochs": _range(1, 10000),
+    "train.fusion_learning_rate": _range(0.0, 10.0, lo_open=True),
+    "train.fusion_label_smoothing": _range(0.0, 1.0, hi_open=True),
+    "train.fusion_max_views": _range(1, 64),
+    "tune.trials": _range(0, 10000),
+    "tune.holdout": _range(0.0, 1.0, lo_open=True, hi_open=True),
+    "tune.learning_rate": _interval(0.0, 10.0, lo_open=True),
+    "tune.hidden": lambda v: None if v and all(isinstance(x, int) and 0 <= x <= 65536
+                                               for x in v)
+    else "a non-empty list of widths in [0, 65536]",
+    "tune.dropout": _interval(0.0, 1.0, hi_open=True),
+    "tune.epochs": _interval(1, 10000),
+    "tune.label_smoothing": _interval(0.0, 1.0, hi_open=True),
     "serve.port": _range(0, 65535),
     "serve.top_k": _range(1, 100),
     "serve.max_pictures": _range(1, 64),
@@ -149,7 +178,8 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "curate.placeholder_max_share": _range(0.0, 1.0, lo_open=True),
     "curate.review_max_groups": _range(1, 10**6),
     "curate.review_pictures": _range(1, 1000),
-    "predict.strategy": _choice("auto", "flat", "two-stage", "blend", "multi", "hierarchical"),
+    "predict.strategy": _choice("auto", "flat", "two-stage", "blend", "multi", "hierarchical",
+                                "refit", "fusion"),
     "calibrate.max_products": _range(1, 10**9),
     "calibrate.temperatures": lambda v: None if v and all(
         isinstance(x, (int, float)) and x > 0 for x in v) else "a list of positive numbers",

@@ -13,6 +13,9 @@
     experts/                 per-branch expert heads over the multi (or flat) model's
                              frozen trunk, in one model with that model's own heads
       features/              the trunk's features of train and val, split=*/l1=*/ (Parquet)
+    refit/                   the flat model's level-3 head refit over its frozen trunk
+    fusion/                  a per-picture head and view weight over a frozen trunk, trained
+                             on whole products (a product's pictures fused by the weights)
     branch/<l1 id>/          one level-3 model per level-1 branch
       model.h5               the published model (HDF5: see MODEL_FILE)
       history.json           metrics per epoch
@@ -21,8 +24,8 @@
   mlruns/                    the default MLflow file store
 ```
 
-A model is named by its *key*: ``level1``, ``flat``, ``multi``, ``experts`` or
-``branch/<l1 id>``. Keras
+A model is named by its *key*: ``level1``, ``flat``, ``multi``, ``experts``, ``refit``,
+``fusion`` or ``branch/<l1 id>``. Keras
 writes models with plain file I/O, so training needs the store on a filesystem every worker
 sees (local disk, NFS, a mounted bucket); prediction also reads models from HDFS/S3 URLs
 (copied locally once per worker). Everything else goes through :mod:`hierarchy.storage`.
@@ -39,9 +42,10 @@ from hierarchy import storage
 from hierarchy.errors import Refused, UsageError
 
 LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
-EXPERTS = "experts"
-MODES = (FLAT, BRANCH, MULTI, EXPERTS)  # `hierarchy train --level 3 --mode ...`
-SINGLE = (FLAT, MULTI, EXPERTS)         # level-3 modes that make one model, keyed by the mode
+EXPERTS, REFIT, FUSION = "experts", "refit", "fusion"
+MODES = (FLAT, BRANCH, MULTI, EXPERTS, REFIT, FUSION)  # `hierarchy train --level 3 --mode ...`
+SINGLE = (FLAT, MULTI, EXPERTS, REFIT, FUSION)  # level-3 modes that make one model, keyed by mode
+HEADS = (EXPERTS, REFIT, FUSION)  # heads trained over another model's cached trunk features
 RUN_FILE = "run.json"
 TAXONOMY_FILE = "taxonomy.json"
 MODEL_FILE = "model.h5"  # HDF5: the .keras format cannot leave out Horovod's optimizer
@@ -62,8 +66,8 @@ def branch_key(branch: int) -> str:
 
 
 def model_key(level: int, mode: Optional[str] = None, branch: Optional[int] = None) -> str:
-    """``level1``, ``flat``, ``multi``, ``experts`` or ``branch/<id>``: how a `hierarchy train`
-    call names its model."""
+    """``level1``, one of :data:`SINGLE` or ``branch/<id>``: how a `hierarchy train` call
+    names its model."""
     if level == 1:
         return LEVEL1
     if mode in SINGLE:
@@ -177,11 +181,12 @@ class Run:
 
     def record_evaluation(self, *, calibration: Optional[dict] = None,
                           recommended: Optional[str] = None, scores: Optional[dict] = None,
-                          decisions: Optional[dict] = None) -> dict:
+                          decisions: Optional[dict] = None,
+                          recommendation: Optional[dict] = None) -> dict:
         """What evaluate fitted and chose on the val split: the ``hierarchical`` strategy's
         ``calibration`` (temperature, w, v, the grid and its val figures), the decision rule
         of each strategy (``decisions``) and the ``recommended_strategy`` that predict uses
-        unless told otherwise."""
+        unless told otherwise, with why (``recommendation``: the held-out figures)."""
         run = self.read()
         if calibration is not None:
             run["calibration"] = calibration
@@ -190,6 +195,7 @@ class Run:
         if recommended is not None:
             run["recommended_strategy"] = recommended
             run["strategy_scores"] = scores or {}
+            run["recommendation"] = recommendation or {}
         run["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         storage.write_json_atomic(self.run_file, run)
         return run
@@ -240,7 +246,7 @@ class Run:
 
     def keys(self) -> List[str]:
         """Keys of the models whose folders exist, in report order."""
-        found = [k for k in (LEVEL1, FLAT, MULTI, EXPERTS) if storage.exists(self.model_dir(k))]
+        found = [k for k in (LEVEL1, *SINGLE) if storage.exists(self.model_dir(k))]
         return found + [branch_key(b) for b in self.branch_ids()]
 
     def histories(self) -> Dict[str, dict]:

@@ -327,7 +327,8 @@ BAD_COMMANDS = {
                            "--branches 'x': expected level-1 ids like 0,3,7"),
     "train level 3 without a mode": (["train", "--data", "{dir}", "--models", "{out}",
                                       "--level", "3"],
-                                     "--level 3 needs --mode flat or branch or multi or experts"),
+                                     "--level 3 needs --mode flat or branch or multi or "
+                                     "experts or refit or fusion"),
 }
 
 

@@ -70,6 +70,12 @@ def pipeline(tmp_path_factory):
     run("hierarchy", "train", *models, "--level", "3", "--mode", "multi", cwd=root, conf=conf)
     out["experts"] = run("hierarchy", "train", *models, "--level", "3", "--mode", "experts",
                          "train.expert_epochs=3", cwd=root, conf=conf)
+    out["refit"] = run("hierarchy", "train", *models, "--level", "3", "--mode", "refit",
+                       "train.expert_epochs=3", cwd=root, conf=conf)
+    # the recipe's tuning, when asked: two trials over the cached features first
+    out["fusion"] = run("hierarchy", "train", *models, "--level", "3", "--mode", "fusion",
+                        "train.fusion_epochs=3", "tune.trials=2", "tune.epochs=[1,3]",
+                        cwd=root, conf=conf)
     out["predict"] = run(*spark_submit, str(ROOT / "jobs" / "predict.py"), *models, "--split",
                          "test", "--strategy", "two-stage", "--output", "out", cwd=root,
                          conf=conf)
@@ -114,7 +120,8 @@ def test_evaluation_report_and_notebook_on_the_pipeline_output(pipeline, tmp_pat
     root = pipeline["root"]
     assert "two-stage" in pipeline["stdout"]["evaluate"]
     report = json.loads((root / "out" / "evaluation" / "e2e" / "report.json").read_text())
-    assert set(report["strategies"]) == {"flat", "two-stage", "blend", "multi", "hierarchical"}
+    assert set(report["strategies"]) == {"flat", "two-stage", "blend", "multi", "hierarchical",
+                                         "refit", "fusion"}
     executed = execute(ROOT / "notebooks" / "analyst.ipynb", tmp_path / "run.ipynb",
                        {"overrides": pipeline["conf"], "run_id": "e2e", "split": "val",
                         "evaluation_dir": str(root / "out" / "evaluation" / "e2e"),
@@ -136,7 +143,23 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
     # fitted on val accuracy: never below the multi-level model's own level 3 there
     assert c["val_accuracy_l3"] >= c["val_accuracy_l3_uncorrected"]
     scores = run["strategy_scores"]
-    assert set(scores) == {"flat", "two-stage", "blend", "multi", "hierarchical"}
+    assert set(scores) == {"flat", "two-stage", "blend", "multi", "hierarchical", "refit",
+                           "fusion"}
+    # refit and fusion: named steps of the recipe, recorded in the run like every model
+    assert run["models"]["refit"]["metrics"]["source"].endswith(os.path.join("flat", "model.h5"))
+    assert "refit: trained (val accuracy within the true group" in pipeline["stdout"]["refit"]
+    assert "fusion: trained (val product accuracy" in pipeline["stdout"]["fusion"]
+    fusion = run["models"]["fusion"]["metrics"]
+    assert fusion["fusion_max_views"] == 4 and len(fusion["tuning"]["trials"]) == 2
+    assert fusion["fusion_epochs"] == fusion["tuning"]["best"]["fusion_epochs"] in (1, 2, 3)
+    import mlflow  # every trial is a nested run under the fusion model's own MLflow run
+
+    mlflow.set_tracking_uri(str(pipeline["root"] / "models" / "mlruns"))
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    parent = [r for r in runs if r.data.tags.get("hierarchy_model") == "e2e/fusion"]
+    assert len(parent) == 1
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(trials) == 2 and all("holdout_accuracy" in r.data.metrics for r in trials)
     best = run["recommended_strategy"]
     # each strategy's decision rule, fitted on val: here too few val products to certify a
     # precision of 0.95 (59 filed products at least), so nothing is filed and it says why
@@ -150,9 +173,17 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
     # the hierarchical correction is fitted on val's fit part only: the calibration part
     # certifies decisions over the distribution it shaped, so it must not have seen it
     assert c["products"] == report["strategies"]["hierarchical"]["decisions"]["fit_products"]
-    # the rule files nothing anywhere: the pick falls to val level-3 accuracy
-    assert scores[best] == max(scores.values())
-    assert f"recommended strategy (predict's default): {best}" in pipeline["stdout"]["evaluate"]
+    # the pick: the best level 3 on the val products no candidate was fitted on (the
+    # decision rules' calibration part), with its margin over every other candidate
+    chosen = run["recommendation"]
+    assert chosen["recommended"] == best and chosen["basis"] == "held_out"
+    assert chosen["accuracy_l3"][best] == max(chosen["accuracy_l3"].values())
+    assert 0 < chosen["products"][best] < report["strategies"][best]["products"]
+    assert set(chosen["versus"]) == set(scores) - {best}
+    assert all(v["ci95"][0] <= v["difference"] <= v["ci95"][1] and v["difference"] >= 0
+               for v in chosen["versus"].values())
+    assert f"recommended strategy (predict's default): {best} — the best level-3 accuracy" \
+        in pipeline["stdout"]["evaluate"]
     assert "decisions: nothing filed" in pipeline["stdout"]["evaluate"]
     assert f"strategy={best})" in pipeline["stdout"]["predict_auto"]
     assert "decisions: 0 filed at a leaf, 0 at level 2, 0 at level 1" in \
@@ -284,7 +315,7 @@ BAD_REQUESTS = {
                                                                   "image/jpeg"))]},
                                   422, "does not decode"),
     "too many pictures": (lambda j: {"files": [("files", (f"{i}.jpg", j, "image/jpeg"))
-                                               for i in range(5)]}, 413, "more than 4"),
+                                               for i in range(13)]}, 413, "more than 12"),
     "picture over the limit": (lambda j: {"files": [("files", ("a.jpg", j + b"\0" * 3_000_000,
                                                                "image/jpeg"))]},
                                413, "serve.max_picture_bytes"),
@@ -335,8 +366,11 @@ def test_a_bad_product_in_a_json_batch_costs_only_itself(pipeline, server):
            ({"id": "cut", "pictures": [base64.b64encode(jpeg[:40]).decode()]}, 422,
             "does not decode"),
            ({"id": "none", "pictures": []}, 422, "has no pictures"),
-           ({"id": "five", "pictures": [good[0]["pictures"][0]] * 5}, 413, "serve.max_pictures"),
+           ({"id": "many", "pictures": [good[0]["pictures"][0]] * 13}, 413,
+            "serve.max_pictures"),
            ({"id": "shape", "pictures": "x"}, 422, "must be a list")]
+    # nine pictures (more than any product trained on) are answered, not refused
+    good[2] = {**good[2], "pictures": (good[2]["pictures"] * 9)[:9]}
     # bad products between the good ones: every good one answered as if alone, in its place
     body = [good[0], *(b for b, _, _ in bad[:3]), good[1], *(b for b, _, _ in bad[3:]), good[2]]
     r = requests.post(f"{server}/v1/classify", json={"products": body}, timeout=60)
@@ -346,6 +380,7 @@ def test_a_bad_product_in_a_json_batch_costs_only_itself(pipeline, server):
     alone = requests.post(f"{server}/v1/classify", json={"products": good}, timeout=60).json()
     answered = [p for p in got if "error" not in p]
     assert [p["id"] for p in answered] == [p["id"] for p in alone["products"]]
+    assert answered[-1]["pictures"] == 9
     for a, b in zip(answered, alone["products"]):
         assert [c["category_id"] for c in a["top"]] == [c["category_id"] for c in b["top"]]
         assert abs(a["confidence"] - b["confidence"]) <= 1e-5

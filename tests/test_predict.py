@@ -25,6 +25,7 @@ pytestmark = pytest.mark.spark
 RUN = "p1"
 ALL_BAD_AT_INGEST = 990001    # its only picture is not a JPEG: quarantined, no image row
 ALL_BAD_AT_SCORING = 990002   # JPEG markers but no picture: ingested, undecodable later
+NINE_PICTURES = 990003        # more pictures than any training product had
 
 
 def predict_cfg(tmp_path, extra=(), **predict):
@@ -49,6 +50,9 @@ def world(tmp_path_factory, spark, cfg):
     test_bytes += bson.encode({"_id": ALL_BAD_AT_INGEST, "imgs": [{"picture": b"GIF89a..."}]})
     test_bytes += bson.encode({"_id": ALL_BAD_AT_SCORING, "imgs": [{"picture": JPEG_OK},
                                                                    {"picture": JPEG_OK}]})
+    some = bson.decode(split_docs(test_bytes)[0])["imgs"]
+    test_bytes += bson.encode({"_id": NINE_PICTURES,
+                               "imgs": [some[i % len(some)] for i in range(9)]})
     (syn / "test.bson").write_bytes(test_bytes)
     icfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
                                   "ingest.split_mb=0.4", "ingest.val_fraction=0.2",
@@ -60,11 +64,13 @@ def world(tmp_path_factory, spark, cfg):
     tcfg = load_config(overrides=[
         "train.backbone=small_cnn", "train.image_size=48", "train.batch_size=16",
         "train.learning_rate=0.003", "train.warmup_epochs=0", "train.shuffle_buffer=256",
-        "train.reader_workers=1", "train.augment=false", "train.epochs=3"])
+        "train.reader_workers=1", "train.augment=false", "train.epochs=3",
+        "train.fusion_epochs=3"])
     models = str(root / "models")
     run_training(tcfg, str(data), models, RUN, level=1)
     run_training(tcfg, str(data), models, RUN, level=3, mode="flat")
     run_training(tcfg, str(data), models, RUN, level=3, mode="branch")
+    run_training(tcfg, str(data), models, RUN, level=3, mode="fusion")
     n_test = len(split_docs(test_bytes))
     return {"root": root, "syn": syn, "data": str(data), "models": models, "n_test": n_test}
 
@@ -117,9 +123,12 @@ def test_products_without_a_usable_picture_still_get_a_flagged_row(world, spark,
     assert res["fallback"] == 2 and res["bad_images"] >= 2
 
 
-def test_a_product_spread_over_partitions_and_batches_is_aggregated_once(world, spark, cfg):
+@pytest.mark.parametrize("strategy", ["two-stage", "fusion"])
+def test_a_product_spread_over_partitions_and_batches_is_aggregated_once(world, spark, cfg,
+                                                                         strategy):
+    """fusion: the weights of a product's pictures add up across batches as they do within."""
     tax = Dataset(world["data"]).taxonomy()
-    models = load_modelset(world["models"], RUN, "two-stage", tax)
+    models = load_modelset(world["models"], RUN, strategy, tax)
     plan = ScoringPlan(models=models, taxonomy_json=tax.to_json(),
                        prior_category_id=tax.category_ids[0], prior_share=0.1, top_k=0,
                        blend_weight=0.5, aggregate="log_mean", tta_flip=False, top_n=5,
@@ -252,7 +261,7 @@ def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_
 
     res = run_evaluate(spark, predict_cfg(tmp_path), world["data"], world["models"],
                        RUN, str(tmp_path / "out"))
-    assert res["strategies"] == ["flat", "two-stage", "blend"]
+    assert res["strategies"] == ["flat", "two-stage", "blend", "fusion"]
     report = json.loads((tmp_path / "out" / "evaluation" / RUN / "report.json").read_text())
     for name in res["strategies"]:
         m = report["strategies"][name]
@@ -332,6 +341,40 @@ def test_decisions_agree_in_the_table_the_report_and_the_served_answer(world, sp
         f"run_id = '{RUN}' AND split = 'test' AND strategy = 'flat'").toPandas()
     assert len(queue) == res["products"] - res["decisions"]["3"]
     assert list(queue["review_priority"]) == sorted(queue["review_priority"], reverse=True)
+
+
+def test_fusion_weighs_every_picture_in_the_table_and_the_served_answer(world, spark,
+                                                                         tmp_path):
+    """The fusion model's table rows and served answers come from one pooling: the same
+    distribution for the same pictures; a product with nine pictures (training saw at most
+    four) is answered from all nine, and one with none usable still gets the prior."""
+    from hierarchy.serve.classifier import Classifier, Product
+
+    cfg = predict_cfg(tmp_path)
+    res = run_predict(spark, cfg, world["data"], world["models"], RUN, "test", "fusion",
+                      str(tmp_path / "out"))
+    rows = spark.table(res["table"]).where(
+        f"run_id = '{RUN}' AND split = 'test' AND strategy = 'fusion'").toPandas() \
+        .set_index("product_id")
+    assert len(rows) == world["n_test"] and res["fallback"] == 2
+    nine = rows.loc[NINE_PICTURES]
+    assert nine["image_count"] == 9 and not nine["fallback"]
+    assert rows.loc[[ALL_BAD_AT_INGEST, ALL_BAD_AT_SCORING], "fallback"].all()
+    classifier = Classifier(cfg, world["models"], RUN, strategy="fusion")
+    classifier.load()
+    images = read_images(spark, world["data"], "test").toPandas().sort_values(
+        ["product_id", "img_idx"])
+    groups = [(pid, g) for pid, g in images.groupby("product_id")
+              if pid not in (ALL_BAD_AT_INGEST, ALL_BAD_AT_SCORING)]
+    chosen = groups[:10] + [g for g in groups if g[0] == NINE_PICTURES]
+    answers = classifier.classify([Product(str(pid), classifier.decode(list(g["jpeg"])))
+                                   for pid, g in chosen])
+    for got in answers:
+        row = rows.loc[int(got["id"])]
+        assert got["pictures"] == row["image_count"]
+        assert [c["category_id"] for c in got["top"]] == \
+            [int(c["category_id"]) for c in row["top5"]][:len(got["top"])]
+        assert abs(got["confidence"] - row["confidence"]) <= 1e-5
 
 
 def test_calibration_scores_the_pictures_predict_scores(world, spark):

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 from hierarchy.taxonomy import Taxonomy
 
 # report order for the strategies the predict job knows; any other name follows, sorted
-STRATEGY_ORDER = ("flat", "two-stage", "blend", "multi", "hierarchical")
+STRATEGY_ORDER = ("flat", "two-stage", "blend", "multi", "hierarchical", "refit", "fusion")
 TOP_K = 5
 LABEL_COLUMNS = ("true_category_id", "true_l1", "true_l2", "true_l3")
 COUNTS = ("products", "hit_l1", "hit_l2", "hit_l3", "hit_top5", "hier_hits", "fallback")

@@ -9,10 +9,10 @@ from typing import Optional
 
 from hierarchy import storage
 from hierarchy.dataset import VAL, Dataset
-from hierarchy.evaluate import calibrate, decisions
+from hierarchy.evaluate import calibrate, choice, decisions
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, write_report
-from hierarchy.infer.modelset import IDENTITY, PREFERENCE, PredictError, available_strategies
+from hierarchy.infer.modelset import IDENTITY, PredictError, available_strategies
 from hierarchy.infer.pipeline import check_predict, run_predict, scoring_plan
 from hierarchy.modelstore import ModelStore
 
@@ -70,27 +70,16 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
         metrics["strategies"].setdefault(s, {})["decisions"] = fig
     scores = {s: metrics["strategies"].get(s, {}).get("accuracy_l3") for s in strategies}
     filed = {s: figures[s]["calibration"]["coverage"] for s in strategies}
-    recommended = recommend(scores, filed)
-    run.record_evaluation(recommended=recommended, scores=scores, decisions=rules)
+    chosen = choice.choose(choice.held_out(df, cfg["decide"], strategies), filed, scores)
+    metrics["recommendation"] = chosen
+    recommended = chosen["recommended"]
+    run.record_evaluation(recommended=recommended, scores=scores, decisions=rules,
+                          recommendation=chosen)
     out_dir = evaluation_dir(output, run_id)
     files = write_report(metrics, run.histories(), out_dir, run_id)
     return {"run_id": run_id, "strategies": strategies, "metrics": metrics,
             "files": files, "output": out_dir, "table": table, "recommended": recommended,
             "calibration": calibration}
-
-
-def recommend(scores: dict, filed: Optional[dict] = None) -> Optional[str]:
-    """The strategy that files the most val products at the target precision (on the part of
-    val its threshold was certified on: what the product promises), then the best val
-    level-3 accuracy; among equals, the first of :data:`PREFERENCE` (the one that needs
-    fewest models to serve comes later there)."""
-    known = [s for s in scores if scores[s] is not None]
-    if not known:
-        return None
-    filed = filed or {}
-    rank = {s: i for i, s in enumerate(PREFERENCE)}
-    return min(known, key=lambda s: (-(filed.get(s) or 0.0), -scores[s],
-                                     rank.get(s, len(rank))))
 
 
 def headline(result: dict) -> str:
@@ -126,5 +115,9 @@ def headline(result: dict) -> str:
                      f"{cal['products']} calibration products (threshold "
                      f"{d['threshold']:.4g}, temperature {d['temperature']:g})")
     if result.get("recommended"):
-        lines.append(f"  recommended strategy (predict's default): {result['recommended']}")
+        chosen = result["metrics"].get("recommendation") or {}
+        why = f" — {chosen['reason']}" if chosen.get("reason") else ""
+        rivals = choice.versus_text(chosen) if chosen.get("versus") else ""
+        lines.append(f"  recommended strategy (predict's default): {result['recommended']}"
+                     f"{why}" + (f"; {rivals}" if rivals else ""))
     return "\n".join(lines)

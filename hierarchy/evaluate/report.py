@@ -93,6 +93,7 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
         rows.append(["excluded (no true label)"] + [str(strategies[s]["excluded_unlabeled"])
                                                      for s in order])
         lines += ["## Headline", ""] + _table(["metric"] + order, rows) + [""]
+        lines += _recommendation_lines(metrics.get("recommendation"))
 
         header, rows = _branch_rows(metrics, order)
         lines += ["## Per-branch accuracy (level 3, by true level-1 branch)", ""]
@@ -115,6 +116,22 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
     name = storage.basename(files["training_curves"])
     lines += [f"[{name}]({name})", "", f"![training curves]({name})", ""]
     return "\n".join(lines)
+
+
+def _recommendation_lines(chosen: Optional[dict]) -> List[str]:
+    """Which strategy predict uses by default, why, and by how much (hierarchy.evaluate.choice)."""
+    if not chosen or not chosen.get("recommended"):
+        return []
+    lines = ["## Recommended strategy", "",
+             f"**{chosen['recommended']}**: {chosen['reason']}.", ""]
+    if chosen.get("versus"):
+        rows = [[s, _pct(chosen["accuracy_l3"].get(s)),
+                 f"{100 * v['difference']:+.1f} [{100 * v['ci95'][0]:+.1f}, "
+                 f"{100 * v['ci95'][1]:+.1f}]", str(v["products"])]
+                for s, v in sorted(chosen["versus"].items(), key=lambda kv: kv[1]["difference"])]
+        lines += _table(["candidate", "held-out level 3", f"{chosen['recommended']} minus it, "
+                         "points [95% CI]", "products"], rows) + [""]
+    return lines
 
 
 def _pct(value: Optional[float]) -> str:

@@ -187,10 +187,13 @@ class ProductAccumulator:
     log-probability (the geometric mean, renormalized): one confident "not this class" image
     vetoes a class. ``mean`` keeps the sum of ``p`` and returns the arithmetic mean. Either way
     the result depends only on the set of images, not on how they were batched (up to float
-    rounding). Only products not yet popped are held, so memory is bounded by the number of
-    open products: a caller that reads product ids sorted within a partition calls
-    :meth:`pop_all_except` with the batch's last id after each batch and :meth:`finish` at the
-    end, holding at most one product across batches.
+    rounding). Pictures may carry weights (a fusion model's ``exp(view score)``): the means
+    are then weighted, which is the fusion head's own pooling
+    (:class:`hierarchy.train.models.ViewPooling`); without, every picture weighs 1. Only
+    products not yet popped are held, so memory is bounded by the number of open products: a
+    caller that reads product ids sorted within a partition calls :meth:`pop_all_except`
+    with the batch's last id after each batch and :meth:`finish` at the end, holding at most
+    one product across batches.
     """
 
     def __init__(self, n_classes: int, method: str = "log_mean", eps: float = 1e-7):
@@ -203,6 +206,7 @@ class ProductAccumulator:
         self.eps = float(eps)
         self._sums: Dict[int, np.ndarray] = {}
         self._counts: Dict[int, int] = {}
+        self._weights: Dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self._sums)
@@ -214,31 +218,43 @@ class ProductAccumulator:
         """Ids of the products held (added, not yet popped), ascending."""
         return sorted(self._sums)
 
-    def add(self, product_ids: np.ndarray, probs: np.ndarray) -> None:
-        """Add one row of ``probs`` [N, n_classes] per entry of ``product_ids`` [N]."""
+    def add(self, product_ids: np.ndarray, probs: np.ndarray,
+            weights: Optional[np.ndarray] = None) -> None:
+        """Add one row of ``probs`` [N, n_classes] per entry of ``product_ids`` [N], each
+        weighing ``weights`` [N] (positive; None: 1 each)."""
         ids = np.asarray(product_ids, dtype=np.int64).reshape(-1)
         p = _as_batch(probs, "probs", self.n_classes)
         if p.shape[0] != ids.size:
             raise ValueError(f"add: {ids.size} product ids for {p.shape[0]} rows")
         if ids.size == 0:
             return
+        w = np.ones(ids.size) if weights is None else \
+            np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w.size != ids.size or not (w > 0).all() or not np.isfinite(w).all():
+            raise ValueError(f"add: weights must be {ids.size} positive finite numbers")
         vals = np.log(np.maximum(p, self.eps)) if self.method == "log_mean" else p
+        if weights is not None:
+            vals = vals * w[:, None]
         # one reduceat per batch instead of a Python loop per image
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
         sums = np.add.reduceat(vals[order], starts, axis=0)
+        totals = np.add.reduceat(w[order], starts)
         counts = np.diff(np.r_[starts, ids.size])
-        for pid, s, c in zip(sorted_ids[starts].tolist(), sums, counts.tolist()):
+        for pid, s, t, c in zip(sorted_ids[starts].tolist(), sums, totals.tolist(),
+                                counts.tolist()):
             if pid in self._sums:
                 self._sums[pid] += s
+                self._weights[pid] += t
                 self._counts[pid] += c
             else:
                 self._sums[pid] = s.copy()  # a view would pin the whole batch's sums
+                self._weights[pid] = t
                 self._counts[pid] = c
 
-    def _finalize(self, total: np.ndarray, count: int) -> np.ndarray:
-        mean = total / count
+    def _finalize(self, total: np.ndarray, weight: float) -> np.ndarray:
+        mean = total / weight
         if self.method == "log_mean":
             e = np.exp(mean - mean.max())
             return e / e.sum()
@@ -252,8 +268,8 @@ class ProductAccumulator:
         """
         pid = int(product_id)
         total = self._sums.pop(pid)
-        count = self._counts.pop(pid)
-        return self._finalize(total, count), count
+        weight = self._weights.pop(pid)
+        return self._finalize(total, weight), self._counts.pop(pid)
 
     def pop_all_except(
         self, keep_id: Optional[int] = None

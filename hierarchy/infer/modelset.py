@@ -11,10 +11,13 @@ from hierarchy.errors import Refused
 from hierarchy.modelstore import ModelStore, Run
 from hierarchy.taxonomy import Taxonomy
 
-STRATEGIES = ("flat", "two-stage", "blend", "multi", "hierarchical")
+STRATEGIES = ("flat", "two-stage", "blend", "multi", "hierarchical", "refit", "fusion")
 AUTO = "auto"  # the run's recommended strategy (evaluate records it)
-# when a run recommends nothing (not evaluated yet): the first of these its models can serve
-PREFERENCE = ("hierarchical", "multi", "flat", "two-stage", "blend")
+# when a run recommends nothing (not evaluated yet): the first of these its models can serve.
+# Heads over a trained trunk first: at equal compute they beat their source (bench/README)
+PREFERENCE = ("fusion", "refit", "hierarchical", "multi", "flat", "two-stage", "blend")
+# strategies answered by one per-picture model over a frozen trunk (modelstore.HEADS)
+HEAD_STRATEGIES = {"refit": modelstore.REFIT, "fusion": modelstore.FUSION}
 IDENTITY = {"temperature": 1.0, "w": 0.0, "v": 0.0}  # an uncalibrated hierarchical = multi
 
 
@@ -48,6 +51,8 @@ class ModelSet:
     branches: Dict[int, ModelRef] = field(default_factory=dict)
     # branches with >= 2 leaves but no model (no training images): uniform over their leaves
     untrained_branches: List[int] = field(default_factory=list)
+    # refit, fusion: the head model (its trunk included); fusion's also weighs each picture
+    head: Optional[ModelRef] = None
     # the decision rule evaluate fitted for this strategy (DecisionRule.to_dict), None if none
     decision: Optional[Dict] = None
 
@@ -57,7 +62,7 @@ class ModelSet:
         return None if self.decision is None else DecisionRule.from_dict(self.decision)
 
     def refs(self) -> List[ModelRef]:
-        return [m for m in (self.level1, self.flat, self.multi) if m] + \
+        return [m for m in (self.level1, self.flat, self.multi, self.head) if m] + \
             list(self.branches.values())
 
 
@@ -74,6 +79,7 @@ def available_strategies(models: str, run_id: str) -> List[str]:
         out.append("multi")
     if run.has_model(modelstore.MULTI) or run.has_model(modelstore.EXPERTS):
         out.append("hierarchical")
+    out += [s for s, key in HEAD_STRATEGIES.items() if run.has_model(key)]
     return out
 
 
@@ -146,6 +152,9 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
         # wrong experts: uncorrected until evaluate fits this one
         if fitted.get("model", modelstore.MULTI) == multi.key:
             calibration = {k: float(fitted.get(k, IDENTITY[k])) for k in IDENTITY}
+    head = None
+    if strategy in HEAD_STRATEGIES:
+        head = _ref(run, recorded, HEAD_STRATEGIES[strategy], fingerprint)
     if strategy in ("flat", "blend"):
         flat = _ref(run, recorded, modelstore.FLAT, fingerprint)
     if strategy in ("two-stage", "blend"):
@@ -170,4 +179,4 @@ def load_modelset(models: str, run_id: str, strategy: str, taxonomy: Taxonomy) -
                 f"--run-id {run_id} --level 3 --mode branch --branches {ids}`")
     return ModelSet(run_id=run_id, strategy=strategy, level1=level1, flat=flat, multi=multi,
                     calibration=calibration, branches=branches, untrained_branches=untrained,
-                    decision=(recorded.get("decisions") or {}).get(strategy))
+                    head=head, decision=(recorded.get("decisions") or {}).get(strategy))

@@ -156,7 +156,9 @@ class BatchScorer:
         if self.plan.tta_flip:
             flipped = model.predict_on_batch(np.ascontiguousarray(x[:, :, ::-1, :]))
             flipped = flipped if isinstance(flipped, (list, tuple)) else [flipped]
-            out = {n: combine.flip_average(out[n], f) for n, f in zip(names, flipped)}
+            # a fusion model's view scores are [N] log-weights: their plain mean
+            out = {n: combine.flip_average(out[n], f) if np.ndim(f) == 2 else
+                   0.5 * (np.asarray(out[n]) + np.asarray(f)) for n, f in zip(names, flipped)}
         return out
 
     def _predict(self, ref: ModelRef, x: np.ndarray) -> np.ndarray:
@@ -186,12 +188,29 @@ class BatchScorer:
                 model.get_layer(EXPERTS_LAYER).groups, dtype=np.int64)
         return self._expert_groups
 
+    def weighted(self, images: list, product_ids: np.ndarray
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """(:meth:`probs`, each picture's weight in its product or None when all weigh the
+        same): a fusion model weighs a picture by ``exp(view score)``, the pooling it was
+        trained with (:class:`hierarchy.train.models.ViewPooling`)."""
+        ms = self.plan.models
+        if ms.strategy != "fusion":
+            return self.probs(images, product_ids), None
+        from hierarchy.train.models import L3_OUTPUT, VIEW_SCORE
+
+        out = self._outputs(ms.head, self._inputs(images, ms.head, {}))
+        return (np.asarray(out[L3_OUTPUT], dtype=np.float64),
+                np.exp(np.asarray(out[VIEW_SCORE], dtype=np.float64).reshape(-1)))
+
     def probs(self, images: list, product_ids: np.ndarray) -> np.ndarray:
         """``images``: decoded pictures (no None), with the product of each; every picture
         of a product is in the call (two-stage picks a product's branches from all of them).
         Returns float64 [len(images), n_l3]."""
         plan, cache = self.plan, {}
         ms = plan.models
+        if ms.head is not None:  # refit, fusion: one model over a frozen trunk
+            return np.asarray(self._predict(ms.head, self._inputs(images, ms.head, cache)),
+                              dtype=np.float64)
         if ms.strategy in ("multi", "hierarchical"):
             from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
@@ -260,8 +279,8 @@ def score_partitions(plan: ScoringPlan):
                 else:
                     p.bad += 1
             if ok.any():
-                acc.add(pids[ok], scorer.probs([im for im in images if im is not None],
-                                               pids[ok]))
+                acc.add(pids[ok], *scorer.weighted([im for im in images if im is not None],
+                                                   pids[ok]))
             last = int(pids[-1])
             out = _rows(plan, tax, acc.pop_all_except(last), seen, keep=last)
             if out is not None:
@@ -323,7 +342,7 @@ def score_products(scorer: BatchScorer, images: list, product_ids: np.ndarray):
     """(product ids, distributions, picture counts) of whole products' decoded pictures:
     the scorer's per-picture distributions aggregated as the predict job does."""
     acc = combine.ProductAccumulator(scorer.taxonomy.n_l3, scorer.plan.aggregate)
-    acc.add(product_ids, scorer.probs(images, product_ids))
+    acc.add(product_ids, *scorer.weighted(images, product_ids))
     return acc.finish()
 
 

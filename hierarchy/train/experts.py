@@ -1,22 +1,25 @@
-"""``--mode experts``: per-branch expert heads over a trained model's frozen trunk.
+"""Heads over a trained model's frozen trunk: ``--mode experts``, ``refit`` and ``fusion``.
 
-1. **Features, once.** Every Horovod worker runs the source model's trunk (the run's
-   multi-level model, else its flat model) over its shard of train and val — the validation
-   input, no augmentation — and writes the features beside the model, partitioned by split and
-   level-1 branch (``experts/features/split=train/l1=7/part-<rank>-*.parquet``). One forward
+1. **Features, once.** Every Horovod worker runs the source model's trunk (experts: the run's
+   multi-level model, else its flat model; refit: the flat model; fusion:
+   ``train.fusion_source``) over its shard of train and val — the validation input, no
+   augmentation — and writes the features beside the model, partitioned by split and
+   level-1 branch (``<key>/features/split=train/l1=7/part-<rank>-*.parquet``). One forward
    pass over the data, whatever the number of branches.
-2. **One head per branch** (``train.expert_groups: branch``; branch ``b`` on worker
-   ``b mod workers``), reading only its own ``l1=b`` folder: the source's rows for the
-   branch's leaves plus a residual MLP that starts at zero
-   (:func:`hierarchy.train.models.expert_head`), so before training the expert *is* the
-   source's P(l3 | b) and training can only add what the branch's own images teach.
-   Features are streamed row group by row group (shuffled each epoch, then a shuffle buffer),
-   never loaded whole. ``expert_groups: all`` trains one head over every leaf instead: a refit
-   of the source's own level-3 head, the control for what the hierarchy itself adds.
+2. **experts: one head per branch** (branch ``b`` on worker ``b mod workers``), reading only
+   its own ``l1=b`` folder: the source's rows for the branch's leaves plus a residual MLP
+   that starts at zero (:func:`hierarchy.train.models.expert_head`), so before training the
+   expert *is* the source's P(l3 | b) and training can only add what the branch's own images
+   teach. Features are streamed row group by row group (shuffled each epoch, then a shuffle
+   buffer), never loaded whole. **refit** trains one such head over every leaf: the flat
+   model's level-3 head refit on its frozen features (a named step of the recipe, and the
+   control for what the hierarchy adds). **fusion** trains a head on whole products
+   (:mod:`hierarchy.train.fusion`).
 3. **One model.** Rank 0 copies the heads into :class:`~hierarchy.train.models.BranchExperts`
-   on the source's trunk and heads (:func:`~hierarchy.train.models.build_experts_model`) and
-   publishes ``experts/model.h5``: the ``hierarchical`` strategy then reads the source's level
-   3 and level-1 head and the experts' conditional from one trunk pass.
+   on the source's trunk (:func:`~hierarchy.train.models.build_experts_model`: the source's
+   heads too, what the ``hierarchical`` strategy reads from one trunk pass;
+   :func:`~hierarchy.train.models.build_refit_model`; or
+   :func:`~hierarchy.train.models.build_fusion_model`) and publishes ``<key>/model.h5``.
 
 Compute: one forward pass over train (and val) images, counted as one image-epoch of train by
 bench/quality.py, plus head epochs over D-float feature rows, which cost no image-epochs.
@@ -27,12 +30,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from hierarchy import storage
+from hierarchy import modelstore, storage
 from hierarchy.train.spec import TrainSpec
+
+Select = Callable[[np.ndarray], np.ndarray]  # product ids -> which rows to keep
 
 FEATURES = "features"
 HEADS = "heads"
@@ -95,6 +100,15 @@ def _branch_files(root: str, split: str, branch: int) -> List[str]:
     return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".parquet")]
 
 
+def feature_files(root: str, split: str) -> List[str]:
+    """Every feature file of a split, all branches (what a head over every leaf reads)."""
+    folder = os.path.join(root, f"split={split}")
+    if not os.path.isdir(folder):
+        return []
+    return [path for name in sorted(os.listdir(folder)) if name.startswith("l1=")
+            for path in _branch_files(root, split, int(name[3:]))]
+
+
 def branch_row_groups(root: str, split: str, branch: int) -> List[Tuple[str, int]]:
     """(file, row group) of a branch's feature rows: listed from its own folder only."""
     import pyarrow.parquet as pq
@@ -112,10 +126,11 @@ def branch_rows(root: str, split: str, branch: int) -> int:
 
 
 def group_batches(root: str, split: str, branches, local_of_l3: np.ndarray,
-                  seed: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+                  seed: Optional[int] = None, select: Optional[Select] = None
+                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """(features float32 [n, D], expert-local labels [n]) per row group of the level-1
-    ``branches``, in a random order when ``seed`` is given. Only their own folders are
-    opened."""
+    ``branches``, in a random order when ``seed`` is given; with ``select`` (product ids ->
+    bool), only the rows of the products it keeps. Only their own folders are opened."""
     import pyarrow.parquet as pq
 
     groups = group_row_groups(root, split, branches)
@@ -125,19 +140,25 @@ def group_batches(root: str, split: str, branches, local_of_l3: np.ndarray,
     for path, i in groups:
         if path not in files:
             files[path] = pq.ParquetFile(path)
-        t = files[path].read_row_group(i, columns=["l3", "features"])
+        columns = ["l3", "features"] + (["product_id"] if select is not None else [])
+        t = files[path].read_row_group(i, columns=columns)
         col = t.column("features").combine_chunks()
         d = col.type.list_size
         feats = col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
-        yield feats, local_of_l3[t.column("l3").to_numpy()]
+        labels = local_of_l3[t.column("l3").to_numpy()]
+        if select is not None:
+            keep = select(t.column("product_id").to_numpy())
+            feats, labels = feats[keep], labels[keep]
+        yield feats, labels
 
 
-def _dataset(root, split, branches, local, dim, batch, seed_of_epoch, shuffle_buffer):
+def _dataset(root, split, branches, local, dim, batch, seed_of_epoch, shuffle_buffer,
+             select=None):
     import tensorflow as tf
 
     def gen():
         for f, y in group_batches(root, split, branches, local,
-                                  None if seed_of_epoch is None else seed_of_epoch()):
+                                  None if seed_of_epoch is None else seed_of_epoch(), select):
             yield f, y.astype(np.int32)
 
     ds = tf.data.Dataset.from_generator(gen, output_signature=(
@@ -152,10 +173,13 @@ def group_row_groups(root: str, split: str, branches) -> List[Tuple[str, int]]:
 
 
 def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: dict,
-                seed: int, name: str = "expert") -> Optional[dict]:
+                seed: int, name: str = "expert", fit_select: Optional[Select] = None,
+                check: Tuple[str, Optional[Select]] = ("val", None)) -> Optional[dict]:
     """Train the head of the leaves ``members`` on the feature rows of the level-1
     ``branches`` they belong to (one branch for a branch expert); None when there are no
-    rows. Returns its weights and val figures (the initial head's accuracy is the source's)."""
+    rows. Returns its weights and figures on ``check`` (a split and a product selection: val
+    whole by default; the initial head's accuracy is the source's). ``fit_select`` keeps
+    some train products only (tuning trains beside a hold-out)."""
     import tensorflow as tf
 
     from hierarchy.train.models import expert_head
@@ -179,9 +203,12 @@ def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: di
 
     dim = kernel.shape[0]
     train = _dataset(root, "train", branches, local, dim, int(tcfg["batch_size"]), next_seed,
-                     int(tcfg["shuffle_buffer"]))
-    val_images = sum(branch_rows(root, "val", b) for b in branches)
-    val = _dataset(root, "val", branches, local, dim, 1024, None, 0) if val_images else None
+                     int(tcfg["shuffle_buffer"]), fit_select)
+    split, select = check
+    val_images = sum(branch_rows(root, split, b) for b in branches) if select is None else \
+        sum(len(y) for _, y in group_batches(root, split, branches, local, None, select))
+    val = _dataset(root, split, branches, local, dim, 1024, None, 0, select) \
+        if val_images else None
     before = head.evaluate(val, verbose=0, return_dict=True) if val_images else {}
     history = head.fit(train, epochs=int(tcfg["expert_epochs"]), verbose=0)
     after = head.evaluate(val, verbose=0, return_dict=True) if val_images else {}
@@ -216,7 +243,8 @@ def train_experts(spec: TrainSpec) -> dict:
     source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
                                         custom_objects=tmodels.custom_objects(), compile=False)
     trunk = source.get_layer("backbone")
-    kernel, bias = tmodels.expert_source_rows(source, tcfg["expert_groups"])
+    groups = groups_of(spec.key)
+    kernel, bias = tmodels.expert_source_rows(source, groups)
     root = features_dir(spec)
 
     def barrier(name: str) -> None:
@@ -246,7 +274,23 @@ def train_experts(spec: TrainSpec) -> dict:
             extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
     barrier("features")
     os.makedirs(heads_dir, exist_ok=True)
-    group_of, n_groups = tmodels.expert_groups(taxonomy, tcfg["expert_groups"])
+    tuning = None
+    if rank == 0 and int((tcfg.get("tune") or {}).get("trials", 0)):
+        tuning = tune(spec.key, root, kernel, bias, taxonomy, tcfg)
+        tcfg = {**tcfg, **tuning["best"]}  # the final head trains with the best values
+    if spec.key == modelstore.FUSION:
+        from hierarchy.train.fusion import train_fusion_head
+
+        result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
+                  "images_extracted": extracted}
+        if rank == 0:  # one small head: the other workers only shared the feature pass
+            trained = train_fusion_head(root, kernel, bias, tcfg, int(tcfg["seed"]) * 7919)
+            result.update(_assemble_fusion(spec, source, taxonomy, trained, tcfg, tuning))
+            _track(spec, result["metrics"], tuning)
+        barrier("fusion")
+        result["seconds"] = round(time.time() - t0, 2)
+        return result
+    group_of, n_groups = tmodels.expert_groups(taxonomy, groups)
     for g in range(rank, n_groups, size):
         members = np.flatnonzero(group_of == g)
         if len(members) < 2:
@@ -262,16 +306,95 @@ def train_experts(spec: TrainSpec) -> dict:
     result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
               "images_extracted": extracted, "seconds": round(time.time() - t0, 2)}
     if rank == 0:
-        result.update(_assemble(spec, source, taxonomy, heads_dir, tcfg))
+        result.update(_assemble(spec, source, taxonomy, heads_dir, tcfg, tuning))
+        _track(spec, result["metrics"], tuning)
         result["seconds"] = round(time.time() - t0, 2)
     return result
 
 
-def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict) -> dict:
+def tune(key: str, root: str, kernel, bias, taxonomy, tcfg: dict) -> dict:
+    """The ``tune:`` search of a refit or fusion head (:mod:`hierarchy.train.tuning`):
+    trials train beside the train hold-out and are scored on it."""
+    from hierarchy.train import tuning
+
+    space = tcfg["tune"]
+    share = float(space["holdout"])
+    fit = lambda pids: ~tuning.in_holdout(pids, share)  # noqa: E731
+    held = lambda pids: tuning.in_holdout(pids, share)  # noqa: E731
+    seed = int(tcfg["seed"]) * 7919
+
+    if key == modelstore.FUSION:
+        from hierarchy.train.fusion import train_fusion_head
+
+        def score(cfg: dict):
+            return train_fusion_head(root, kernel, bias, cfg, seed, fit_select=fit,
+                                     check=("train", held))["val_product_accuracy"]
+    else:
+        members = np.arange(taxonomy.n_l3)
+        branches = list(range(taxonomy.n_l1))
+
+        def score(cfg: dict):
+            got = train_group(root, members, branches, kernel, bias, cfg, seed,
+                              name=f"trial_{key}", fit_select=fit, check=("train", held))
+            return None if got is None else got["val_accuracy"]
+
+    return tuning.search(key, tcfg, space, score)
+
+
+def _track(spec: TrainSpec, metrics: dict, tuning: Optional[dict]) -> None:
+    """The head model as an MLflow run, as every trained model is; tuning trials nested."""
+    from hierarchy.train.tracking import Tracker
+
+    tracker = Tracker(spec.tracking_uri, spec.experiment)
+    tracker.start(spec)
+    try:
+        if tuning:
+            tracker.log_trials(tuning["trials"])
+        tracker.log_final({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                          [spec.run.metrics_file(spec.key)])
+    finally:
+        tracker.end()
+
+
+def groups_of(key: str) -> str:
+    """The experts' groups of a head model: one per level-1 branch for ``experts``, one over
+    every leaf for ``refit`` and ``fusion`` (:func:`hierarchy.train.models.expert_groups`)."""
+    return "branch" if key == modelstore.EXPERTS else "all"
+
+
+def _publish(spec: TrainSpec, model, metrics: dict) -> dict:
     from hierarchy.train import models as tmodels
 
-    model = tmodels.build_experts_model(source, taxonomy, int(tcfg["expert_hidden"]),
-                                        tcfg["expert_groups"])
+    final = spec.run.model_file(spec.key)
+    with storage.atomic_local_file(final) as tmp:
+        model.save(tmp, include_optimizer=False)
+    storage.write_json_atomic(spec.run.metrics_file(spec.key), metrics)
+    return {"metrics": metrics, "model": final, "checksum": tmodels.weights_checksum(model)}
+
+
+def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: dict,
+                     tuning: Optional[dict]) -> dict:
+    from hierarchy.train import models as tmodels
+
+    model = tmodels.build_fusion_model(source, trained.pop("head"))
+    keys = ("fusion_epochs", "fusion_hidden", "fusion_score_hidden", "fusion_dropout",
+            "fusion_learning_rate", "fusion_label_smoothing", "fusion_max_views")
+    metrics = {**trained, "source": spec.init_from, **{k: tcfg[k] for k in keys},
+               "classes": taxonomy.n_l3, "taxonomy_fingerprint": taxonomy.fingerprint,
+               "label": spec.label, "branch": None, "tuning": tuning}
+    return _publish(spec, model, metrics)
+
+
+def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
+              tuning: Optional[dict] = None) -> dict:
+    from hierarchy.train import models as tmodels
+
+    groups = groups_of(spec.key)
+    if spec.key == modelstore.REFIT:
+        model = tmodels.build_refit_model(source, int(tcfg["expert_hidden"]))
+    else:
+        model = tmodels.build_experts_model(source, taxonomy, int(tcfg["expert_hidden"]),
+                                            groups)
     layer = model.get_layer(tmodels.EXPERTS_LAYER)
     per_branch, hits, hits0, seen = {}, 0.0, 0.0, 0
     for b in range(layer.n_groups):
@@ -288,17 +411,13 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict) -> 
             hits += info["val_accuracy"] * info["val_images"]
             hits0 += info["val_accuracy_initial"] * info["val_images"]
             seen += info["val_images"]
-    run = spec.run
-    final = run.model_file(spec.key)
-    with storage.atomic_local_file(final) as tmp:
-        model.save(tmp, include_optimizer=False)
-    checksum = tmodels.weights_checksum(model)
     metrics = {
         # accuracy of P(l3 | true group) on val pictures: the experts' job, and the source's
         "val_conditional_accuracy": hits / seen if seen else None,
         "val_conditional_accuracy_source": hits0 / seen if seen else None,
         "source": spec.init_from, "expert_epochs": int(tcfg["expert_epochs"]),
-        "expert_groups": tcfg["expert_groups"], "groups": per_branch, "classes": taxonomy.n_l3,
-        "taxonomy_fingerprint": taxonomy.fingerprint, "label": spec.label, "branch": None}
-    storage.write_json_atomic(run.metrics_file(spec.key), metrics)
-    return {"metrics": metrics, "model": final, "checksum": checksum}
+        "expert_groups": groups, "groups": per_branch, "classes": taxonomy.n_l3,
+        "taxonomy_fingerprint": taxonomy.fingerprint, "label": spec.label, "branch": None,
+        **{k: tcfg[k] for k in ("expert_hidden", "expert_dropout", "expert_learning_rate")},
+        "tuning": tuning}
+    return _publish(spec, model, metrics)

@@ -47,20 +47,32 @@ def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
                          f"manifest.json and quarantine/)")
     if run_id is not None:
         ModelStore(models).run(run_id).check_taxonomy(manifest["taxonomy"]["fingerprint"])
-    if level == 3 and mode == modelstore.EXPERTS:
-        expert_source(models, run_id)
+    if level == 3 and mode in modelstore.HEADS:
+        head_source(cfg, models, run_id, mode)
     return manifest
 
 
-def expert_source(models: str, run_id: Optional[str]) -> str:
-    """The model file the experts sit on: the run's multi-level model, else its flat one."""
+def source_keys(cfg, mode: str) -> Tuple[str, ...]:
+    """The models a head of ``mode`` may sit on, the first the run has wins: experts on the
+    multi-level model (its per-branch head), else the flat one; refit on the flat model; fusion
+    on ``train.fusion_source``."""
+    if mode == modelstore.EXPERTS:
+        return (modelstore.MULTI, modelstore.FLAT)
+    if mode == modelstore.REFIT:
+        return (modelstore.FLAT,)
+    return (cfg["train"]["fusion_source"],)
+
+
+def head_source(cfg, models: str, run_id: Optional[str], mode: str) -> str:
+    """The model file a head of ``mode`` sits on (:func:`source_keys`)."""
+    keys = source_keys(cfg, mode)
     run = ModelStore(models).run(run_id) if run_id is not None else None
-    for key in (modelstore.MULTI, modelstore.FLAT):
+    for key in keys:
         if run is not None and run.has_model(key):
             return run.model_file(key)
-    raise TrainError(f"--mode experts trains heads over a trained model's trunk, and run "
-                     f"{run_id} has none: train `--level 3 --mode multi` (or flat) with "
-                     f"--run-id {run_id} first")
+    raise TrainError(f"--mode {mode} trains a head over a trained model's trunk, and run "
+                     f"{run_id} has no {' or '.join(keys)} model: train `--level 3 --mode "
+                     f"{keys[0]}` with --run-id {run_id} first")
 
 
 def _under_horovodrun() -> bool:
@@ -87,9 +99,10 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
         return [spec(modelstore.model_key(3, mode), "l3")], {}
     if mode == modelstore.MULTI:
         return [spec(modelstore.model_key(3, mode), "levels")], {}
-    if mode == modelstore.EXPERTS:
-        return [spec(modelstore.EXPERTS, "experts",
-                     init_from=expert_source(models, run_id))], {}
+    if mode in modelstore.HEADS:
+        if mode != modelstore.EXPERTS:  # refit and fusion heads may be tuned (tuning.py)
+            tcfg["tune"] = dict(cfg["tune"])
+        return [spec(mode, "experts", init_from=head_source(cfg, models, run_id, mode))], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]
     if bad:

@@ -218,6 +218,13 @@ def summary_line(key: str, result: dict) -> str:
                                         f"source model {src:.3f})") +
                 ("" if result.get("status") else
                  f", {result.get('seconds', 0):.0f} s -> {result.get('model')}"))
+    if "val_product_accuracy" in m:  # fusion: whole val products, pictures fused
+        acc, src = m["val_product_accuracy"], m.get("val_product_accuracy_initial")
+        return (f"{key}: " + (result.get("status") or "trained") +
+                ("" if acc is None else f" (val product accuracy {acc:.3f}, source model "
+                                        f"with the geometric mean {src:.3f})") +
+                ("" if result.get("status") else
+                 f", {result.get('seconds', 0):.0f} s -> {result.get('model')}"))
     if result.get("status"):
         acc = m.get("val_accuracy")
         return f"{key}: {result['status']}" + ("" if acc is None else

@@ -298,7 +298,9 @@ def custom_objects() -> dict:
             "BranchSoftmax": BranchSoftmax, "hierarchy>BranchSoftmax": BranchSoftmax,
             "BranchCrossentropy": BranchCrossentropy,
             "hierarchy>BranchCrossentropy": BranchCrossentropy,
-            "BranchExperts": BranchExperts, "hierarchy>BranchExperts": BranchExperts}
+            "BranchExperts": BranchExperts, "hierarchy>BranchExperts": BranchExperts,
+            "ViewScore": ViewScore, "hierarchy>ViewScore": ViewScore,
+            "ViewPooling": ViewPooling, "hierarchy>ViewPooling": ViewPooling}
 
 
 def compile_model(model: tf.keras.Model, learning_rate: float, label_smoothing: float,
@@ -682,3 +684,104 @@ def build_experts_model(source: tf.keras.Model, taxonomy, hidden: int, groups: s
     experts.kernel.assign(kernel)
     experts.bias.assign(bias)
     return tf.keras.Model(inputs, [p3, p1, cond], name=name)
+
+
+def build_refit_model(source: tf.keras.Model, hidden: int, name: str = "refit") -> tf.keras.Model:
+    """The source's trunk with one :class:`BranchExperts` group over every leaf, from the
+    source's level-3 rows (the trained head is copied in by :meth:`BranchExperts.set_branch`):
+    ``--mode refit``'s model, whose only output, ``probs``, is read as a flat model's is."""
+    kernel, bias = expert_source_rows(source, "all")
+    inputs = tf.keras.Input(source.input_shape[1:], dtype="float32", name="image")
+    features = source.get_layer("backbone")(inputs)
+    experts = BranchExperts([0] * bias.shape[0], 1, hidden, name=EXPERTS_LAYER)
+    probs = tf.keras.layers.Softmax(dtype="float32", name=L3_OUTPUT)(experts(features))
+    experts.kernel.assign(kernel)  # untrained, it is the source's level 3
+    experts.bias.assign(bias)
+    return tf.keras.Model(inputs, probs, name=name)
+
+
+# ------------------------------------------------------------------------------ fusion
+VIEW_SCORE = "view_score"  # a fusion model's second output: the log-weight of each picture
+SCORE_BOUND = 8.0          # |view score| < this: exp() of it is safe in any dtype
+
+
+@tf.keras.utils.register_keras_serializable(package="hierarchy")
+class ViewScore(tf.keras.layers.Layer):
+    """[N, 1] -> [N]: ``SCORE_BOUND * tanh(s / SCORE_BOUND)``, a log-weight kept in range so
+    that the products' accumulators add ``exp()`` of it without an overflow guard."""
+
+    def call(self, s):
+        return SCORE_BOUND * tf.tanh(tf.squeeze(tf.cast(s, tf.float32), -1) / SCORE_BOUND)
+
+
+@tf.keras.utils.register_keras_serializable(package="hierarchy")
+class ViewPooling(tf.keras.layers.Layer):
+    """(per-picture probs [B*V, C], view scores [B*V], mask [B, V]) -> product probs [B, C]:
+    the softmax of the view-weighted mean of ``log(max(p, eps))``, weights the softmax of the
+    scores over a product's present pictures. The same arithmetic as
+    :class:`hierarchy.infer.combine.ProductAccumulator` with weights ``exp(score)``, so the
+    product a head is trained on is the product predict answers."""
+
+    def __init__(self, eps: float = 1e-7, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.eps = float(eps)
+
+    def call(self, probs, scores, mask):
+        shape = tf.shape(mask)
+        logp = tf.math.log(tf.maximum(tf.cast(probs, tf.float32), self.eps))
+        logp = tf.reshape(logp, [shape[0], shape[1], -1])
+        s = tf.where(mask, tf.reshape(scores, shape), tf.fill(shape, -1e9))
+        w = tf.nn.softmax(s, axis=1)
+        return tf.nn.softmax(tf.reduce_sum(w[:, :, None] * logp, axis=1), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "eps": self.eps}
+
+
+def fusion_view_head(kernel, bias, hidden: int, dropout: float, score_hidden: int,
+                     name: str = "view_head") -> tf.keras.Model:
+    """features [N, D] -> (``probs`` [N, C], ``view_score`` [N]): per picture, the source's
+    level-3 rows plus a residual MLP (:func:`expert_head`) and a small MLP scoring how much
+    the picture should count in its product. Both residual and score start at zero: before
+    training the head is the source, and a product the geometric mean of its pictures."""
+    import numpy as np
+
+    kernel, bias = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
+    inputs = tf.keras.Input((kernel.shape[0],), dtype="float32", name="features")
+    linear = tf.keras.layers.Dense(kernel.shape[1], name="linear")
+    logits = linear(inputs)
+    if hidden:
+        h = tf.keras.layers.Dropout(dropout, name="dropout")(inputs)
+        h = tf.keras.layers.Dense(hidden, activation="relu", name="hidden")(h)
+        logits = tf.keras.layers.Add(name="logits")([logits, tf.keras.layers.Dense(
+            kernel.shape[1], kernel_initializer="zeros", name="residual")(h)])
+    probs = tf.keras.layers.Softmax(dtype="float32", name=L3_OUTPUT)(logits)
+    s = tf.keras.layers.Dropout(dropout, name="score_dropout")(inputs)
+    s = tf.keras.layers.Dense(score_hidden, activation="relu", name="score_hidden")(s)
+    s = tf.keras.layers.Dense(1, kernel_initializer="zeros", name="score")(s)
+    # the rows are set, not baked into an initializer: the saved config stays small and loads
+    linear.set_weights([kernel, bias])
+    return tf.keras.Model(inputs, [probs, ViewScore(name=VIEW_SCORE)(s)], name=name)
+
+
+def fusion_product_model(view_head: tf.keras.Model, eps: float = 1e-7) -> tf.keras.Model:
+    """(features [B, V, D], mask [B, V]) -> product probs [B, C]: what ``--mode fusion``
+    trains, on whole products. Padded pictures (mask False) get no weight."""
+    d = view_head.input_shape[-1]
+    feats = tf.keras.Input((None, d), dtype="float32", name="features")
+    mask = tf.keras.Input((None,), dtype="bool", name="mask")
+    probs, scores = view_head(tf.reshape(feats, [-1, d]))  # every picture of the batch at once
+    return tf.keras.Model([feats, mask], ViewPooling(eps, name="product")(probs, scores, mask),
+                          name="fusion_product")
+
+
+def build_fusion_model(source: tf.keras.Model, view_head: tf.keras.Model,
+                       name: str = "fusion") -> tf.keras.Model:
+    """The source's trunk and a trained :func:`fusion_view_head`, per picture: outputs
+    ``probs`` and ``view_score``; predict fuses a product's pictures with them."""
+    inputs = tf.keras.Input(source.input_shape[1:], dtype="float32", name="image")
+    probs, score = view_head(source.get_layer("backbone")(inputs))
+    probs = tf.keras.layers.Activation("linear", dtype="float32", name=L3_OUTPUT)(probs)
+    score = tf.keras.layers.Activation("linear", dtype="float32", name=VIEW_SCORE)(score)
+    return tf.keras.Model(inputs, [probs, score], name=name)

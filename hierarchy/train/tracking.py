@@ -68,6 +68,17 @@ class Tracker:
             if storage.exists(path):
                 mlflow.log_artifact(storage.copy_to_local(path))
 
+    def log_trials(self, trials: Iterable[dict]) -> None:
+        """A tuning search's trials, each a nested run (its values and hold-out figure)."""
+        if not self.enabled:
+            return
+        import mlflow
+
+        for t in trials:
+            with mlflow.start_run(run_name=f"trial {t['number']}", nested=True):
+                mlflow.log_params({k: str(v) for k, v in t["values"].items()})
+                mlflow.log_metric("holdout_accuracy", float(t["holdout_accuracy"]))
+
     def end(self, failed: bool = False) -> None:
         if self.enabled and self.run_id:
             import mlflow
