@@ -18,7 +18,11 @@ levels at once.
 
 **The fit** (learn-then-test, Angelopoulos et al. 2021): val is cut by a hash of the product id
 into a *fit* part and a *calibration* part. The fit part chooses the temperature (leaf NLL)
-and where the tests start (the threshold it is surest of); the calibration part then tests,
+and where the tests start: the threshold whose test the fit part predicts most likely to pass
+on the calibration part (:func:`pass_chance`: the size the calibration part will file there
+and the fit part's error rate, smoothed — a strict threshold with 90 filed products and no
+error on the fit part fails on a single mistake, a moderate one with hundreds has room).
+The calibration part then tests,
 from there to more and more lenient thresholds, the hypothesis "precision of the filed
 products < target" with an exact Clopper-Pearson binomial p-value, and stops at the first
 threshold it cannot reject (fixed sequence testing: the family-wise error stays at
@@ -314,6 +318,39 @@ def p_value(errors: int, filed: int, target: float) -> float:
     return float(binom.cdf(errors, filed, 1.0 - target))
 
 
+def allowed_errors(filed: int, target: float, delta: float) -> int:
+    """The most errors among ``filed`` that still certify ``target`` at level ``delta``
+    (-1 when even none would not)."""
+    from scipy.stats import binom
+
+    if filed <= 0:
+        return -1
+    k = int(binom.ppf(delta, filed, 1.0 - target))  # about the boundary, then exact
+    while k >= 0 and binom.cdf(k, filed, 1.0 - target) > delta:
+        k -= 1
+    while binom.cdf(k + 1, filed, 1.0 - target) <= delta:
+        k += 1
+    return k
+
+
+def pass_chance(errors_fit: int, filed_fit: int, n_fit: int, n_cal: int, target: float,
+                delta: float) -> float:
+    """The chance that the calibration part certifies a threshold, predicted from the fit
+    part alone: it will file about ``filed_fit * n_cal / n_fit`` products, wrong at the fit
+    part's rate smoothed by Laplace's rule ((errors + 1) / (filed + 2): no error in a small
+    sample is not a zero rate), and passes when its errors stay within
+    :func:`allowed_errors`."""
+    from scipy.stats import binom
+
+    if n_fit <= 0 or filed_fit <= 0:
+        return 0.0
+    n = int(round(filed_fit * n_cal / n_fit))
+    k = allowed_errors(n, target, delta)
+    if k < 0:
+        return 0.0
+    return float(binom.cdf(k, n, (errors_fit + 1.0) / (filed_fit + 2.0)))
+
+
 def ece(count: np.ndarray, conf: np.ndarray, hit: np.ndarray) -> Optional[float]:
     """Expected calibration error of one level from its bins."""
     n = count.sum()
@@ -342,19 +379,22 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
     filed_cal = stats["filed"][1, t].sum(axis=1)
     errors_cal = filed_cal - stats["correct"][1, t].sum(axis=1)
     # the test sequence, from the fit part alone (a sequence that looked at the calibration
-    # part would void the bound): the threshold the fit part is surest of, then more and more
-    # lenient ones. Starting from the strictest stops at the first small sample with one
-    # mistake (1 wrong of 90 cannot certify 0.95) before the thresholds that hundreds of
-    # products support; stricter thresholds than the surest would only file less.
-    p_fit = np.array([p_value(int(e), int(f), target) for e, f in zip(errors_fit, filed_fit)])
-    surest = int(np.argmin(p_fit)) if n_fit else 0
-    order = list(range(surest, len(grids.thresholds))) if n_fit else []
+    # part would void the bound): the threshold most likely to pass, then more and more
+    # lenient ones. Starting from the strictest, or from the fit part's smallest p-value
+    # (often a strict threshold without an error there), stops at the first small sample
+    # with one mistake (1 wrong of 87 cannot certify 0.95) before the thresholds that
+    # hundreds of products support; stricter ones than the start would only file less.
+    chance = np.array([pass_chance(int(e), int(f), n_fit, n_cal, target, delta)
+                       for e, f in zip(errors_fit, filed_fit)])
+    # the most likely to pass; among equals the most lenient (thresholds go strict -> lenient)
+    start = len(chance) - 1 - int(np.argmax(chance[::-1])) if n_fit else 0
+    order = list(range(start, len(grids.thresholds))) if n_fit else []
     chosen, tested, reason = None, [], ""
     if n_cal < need:
         reason = (f"{n_cal} calibration products in val: a precision of {target:g} at "
                   f"confidence {confidence:g} needs at least {need} filed products — more val "
                   f"products (ingest.val_fraction) or decide.calibration_share")
-    elif not order or p_fit[order[0]] >= 1.0:
+    elif not order or filed_fit[order[0]] <= 0:
         reason = (f"no threshold files a product of val's fit part ({n_fit} products) at "
                   f"temperature {temps[t]:g}: nothing to order the tests by")
     else:
@@ -368,7 +408,8 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
             j = tested[0]
             reason = (f"the calibration part could not certify precision {target:g}: "
                       f"{int(errors_cal[j])} wrong of {int(filed_cal[j])} filed at the threshold "
-                      f"the fit part was surest of ({grids.thresholds[j]:.4g})")
+                      f"the fit part found most likely to pass ({grids.thresholds[j]:.4g}, "
+                      f"{100 * chance[j]:.0f}% likely)")
     rule = DecisionRule(target=target, levels=tuple(sorted(levels, reverse=True)),
                         confidence=confidence, temperature=float(temps[t]),
                         threshold=None if chosen is None else float(grids.thresholds[chosen]),
