@@ -68,6 +68,20 @@ def test_untrained_fusion_is_the_flat_model_with_predicts_geometric_mean(tmp_pat
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_fusion_over_a_multi_level_trunk_starts_as_its_level_3():
+    from hierarchy.taxonomy import Taxonomy
+
+    tax = Taxonomy.from_rows([(10 + i, f"L1 {i // 3}", f"L2 {i // 3}", f"leaf {i}")
+                              for i in range(N_L3)])
+    multi = models.build_multi_model("small_cnn", tax, 32)
+    kernel, bias = models.expert_source_rows(multi, "all")  # the level-3 head's rows
+    fused = models.build_fusion_model(
+        multi, models.fusion_view_head(kernel, bias, hidden=4, dropout=0.0, score_hidden=4))
+    x = np.random.default_rng(8).random((3, 32, 32, 3), dtype=np.float32)
+    want = dict(zip(multi.output_names, multi.predict_on_batch(x)))[models.L3_OUTPUT]
+    np.testing.assert_allclose(fused.predict_on_batch(x)[0], want, atol=1e-5)
+
+
 def test_view_pooling_weighs_pictures_as_predicts_accumulator_does():
     rng = np.random.default_rng(5)
     counts = [1, 4, 2, 3]
