@@ -135,13 +135,16 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "tune.trials": _range(0, 10000),
     "tune.holdout": _range(0.0, 1.0, lo_open=True, hi_open=True),
     "tune.learning_rate": _interval(0.0, 10.0, lo_open=True),
-    "tune.hidden": lambda v: None if v and all(isinstance(x, int) and 0 <= x <= 65536
-                                               for x in v)
+    "tune.seed": _range(0, 2**32 - 1),
+    "tune.hidden": lambda v: None if v and all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 65536 for x in v)
     else "a non-empty list of widths in [0, 65536]",
     "tune.dropout": _interval(0.0, 1.0, hi_open=True),
     "tune.epochs": _interval(1, 10000),
     "tune.label_smoothing": _interval(0.0, 1.0, hi_open=True),
     "serve.port": _range(0, 65535),
+    "serve.strategy": _choice("auto", "flat", "two-stage", "blend", "multi", "hierarchical",
+                              "refit", "fusion"),
     "serve.top_k": _range(1, 100),
     "serve.max_pictures": _range(1, 64),
     "serve.max_products": _range(1, 100000),

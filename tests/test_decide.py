@@ -175,3 +175,41 @@ def test_level2_nodes_are_paths_not_names():
     idx, prob = decide.top_nodes(p, nodes)
     assert prob[0, 1] == pytest.approx(0.45)
     assert nodes.name(2, int(idx[0, 1])) == "A > shared"
+
+
+def test_the_bound_allows_what_clopper_pearson_allows():
+    from scipy.stats import binom
+
+    assert decide.allowed_errors(58, 0.95, 0.05) == -1   # 0.95**58 > 0.05
+    assert decide.allowed_errors(59, 0.95, 0.05) == 0
+    for n in (87, 150, 300, 1000):
+        k = decide.allowed_errors(n, 0.95, 0.05)
+        assert binom.cdf(k, n, 0.05) <= 0.05 < binom.cdf(k + 1, n, 0.05)
+    # no error in a small sample is not a zero rate: 87 products pass with chance ~0.37
+    assert 0.3 < decide.pass_chance(0, 87, 1000, 1000, 0.95, 0.05) < 0.45
+    assert decide.pass_chance(15, 500, 1000, 1000, 0.95, 0.05) > 0.5
+    assert decide.pass_chance(0, 0, 1000, 1000, 0.95, 0.05) == 0.0
+
+
+def test_the_tests_start_where_passing_is_likely_not_where_the_fit_part_saw_no_error():
+    """The fit part files 87 products without an error at strict thresholds (its smallest
+    p-value) and 500 with 15 errors at a moderate one; the calibration part has one error
+    among the 87. Starting strict certifies nothing; starting where passing is most likely
+    certifies the moderate threshold."""
+    grids = decide.Grids(temperatures=(1.0,))
+    stats = decide.empty_stats(grids)
+    stats["products"][:] = 1000
+    filed = np.zeros(len(grids.thresholds))
+    filed[30:60], filed[60], filed[61:] = 87, 500, 600
+    errors = {0: np.zeros_like(filed), 1: np.zeros_like(filed)}
+    errors[0][60], errors[0][61:] = 15, 40
+    errors[1][30:60], errors[1][60], errors[1][61:] = 1, 14, 40
+    for h in (0, 1):
+        stats["filed"][h, 0, :, 0] = filed
+        stats["correct"][h, 0, :, 0] = filed - errors[h]
+    p_fit = [decide.p_value(int(e), int(f), 0.95) for e, f in zip(errors[0], filed)]
+    assert int(np.argmin(p_fit)) == 30  # where the old rule started, and failed
+    rule, fig = decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
+    assert rule.threshold == pytest.approx(grids.thresholds[60]), rule.reason
+    # the calibration part's precision there clears the bound
+    assert fig["calibration"]["precision"] == pytest.approx(486 / 500)

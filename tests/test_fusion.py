@@ -226,9 +226,17 @@ def test_a_search_trains_beside_a_train_holdout_and_never_reads_val(tmp_path, mo
     monkeypatch.undo()
     assert opened and not [p for p in opened if "split=val" in str(p)]
     assert len(got["trials"]) == 3 and got["holdout"] == 0.2
+    # the configured values are the first trial: other values win only by scoring better
+    prefix = "fusion_" if kind == "fusion" else "expert_"
+    assert got["trials"][0]["values"] == got["untuned"] == {
+        k: v for k, v in tcfg.items() if k in got["untuned"]}
+    assert got["untuned_holdout_accuracy"] == got["trials"][0]["holdout_accuracy"]
     best = max(got["trials"], key=lambda t: t["holdout_accuracy"])
     assert got["best"] == best["values"]
     assert got["best_holdout_accuracy"] == best["holdout_accuracy"] > 0
-    prefix = "fusion_" if kind == "fusion" else "expert_"
     assert all(k.startswith(prefix) for k in got["best"])
     assert 1 <= got["best"][prefix + "epochs"] <= 3 and got["best"][prefix + "hidden"] in (0, 8)
+    # a hold-out with no product scores nothing: the configured values stay
+    empty = experts.tune(kind, root, kernel, bias, taxonomy,
+                         {**tcfg, "tune": {**tcfg["tune"], "holdout": 1e-12, "trials": 2}})
+    assert empty["best"] == empty["untuned"] and empty["best_holdout_accuracy"] is None

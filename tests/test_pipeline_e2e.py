@@ -177,11 +177,12 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
     # decision rules' calibration part), with its margin over every other candidate
     chosen = run["recommendation"]
     assert chosen["recommended"] == best and chosen["basis"] == "held_out"
-    assert chosen["accuracy_l3"][best] == max(chosen["accuracy_l3"].values())
-    assert 0 < chosen["products"][best] < report["strategies"][best]["products"]
+    # the held-out products are the decisions' calibration part: the SQL of the choice and
+    # the scoring tasks of the decision fit count the same products
+    for name in scores:
+        assert chosen["products"][name] == \
+            report["strategies"][name]["decisions"]["calibration_products"] > 0
     assert set(chosen["versus"]) == set(scores) - {best}
-    assert all(v["ci95"][0] <= v["difference"] <= v["ci95"][1] and v["difference"] >= 0
-               for v in chosen["versus"].values())
     assert f"recommended strategy (predict's default): {best} — the best level-3 accuracy" \
         in pipeline["stdout"]["evaluate"]
     assert "decisions: nothing filed" in pipeline["stdout"]["evaluate"]

@@ -386,8 +386,15 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
     # hundreds of products support; stricter ones than the start would only file less.
     chance = np.array([pass_chance(int(e), int(f), n_fit, n_cal, target, delta)
                        for e, f in zip(errors_fit, filed_fit)])
-    # the most likely to pass; among equals the most lenient (thresholds go strict -> lenient)
-    start = len(chance) - 1 - int(np.argmax(chance[::-1])) if n_fit else 0
+    # the most likely to pass; among equals the most lenient (thresholds go strict -> lenient);
+    # none likely at all: the fit part's strongest evidence (its smallest p-value)
+    if n_fit and chance.max() > 0:
+        start = len(chance) - 1 - int(np.argmax(chance[::-1]))
+    elif n_fit:
+        start = int(np.argmin([p_value(int(e), int(f), target)
+                               for e, f in zip(errors_fit, filed_fit)]))
+    else:
+        start = 0
     order = list(range(start, len(grids.thresholds))) if n_fit else []
     chosen, tested, reason = None, [], ""
     if n_cal < need:

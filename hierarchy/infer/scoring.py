@@ -252,6 +252,12 @@ class _Product:
     truth: Tuple = (None, None, None, None)
 
 
+def aggregate_of(plan: ScoringPlan) -> str:
+    """How a product's pictures combine: ``predict.aggregate``, except for a fusion model,
+    whose weights belong to the geometric mean it was trained with (ViewPooling)."""
+    return "log_mean" if plan.models.strategy == "fusion" else plan.aggregate
+
+
 def score_partitions(plan: ScoringPlan):
     """The function ``mapInPandas`` runs: an iterator of image batches (sorted by product
     within the partition) -> an iterator of product rows (:data:`schema.SCORED_DDL`)."""
@@ -259,7 +265,7 @@ def score_partitions(plan: ScoringPlan):
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         scorer = BatchScorer(plan)
         tax = scorer.taxonomy
-        acc = combine.ProductAccumulator(tax.n_l3, plan.aggregate)
+        acc = combine.ProductAccumulator(tax.n_l3, aggregate_of(plan))
         seen: Dict[int, _Product] = {}
         last: Optional[int] = None
         for pdf in whole_products(batches):
@@ -341,7 +347,7 @@ def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]
 def score_products(scorer: BatchScorer, images: list, product_ids: np.ndarray):
     """(product ids, distributions, picture counts) of whole products' decoded pictures:
     the scorer's per-picture distributions aggregated as the predict job does."""
-    acc = combine.ProductAccumulator(scorer.taxonomy.n_l3, scorer.plan.aggregate)
+    acc = combine.ProductAccumulator(scorer.taxonomy.n_l3, aggregate_of(scorer.plan))
     acc.add(product_ids, *scorer.weighted(images, product_ids))
     return acc.finish()
 

@@ -346,7 +346,7 @@ def _track(spec: TrainSpec, metrics: dict, tuning: Optional[dict]) -> None:
     from hierarchy.train.tracking import Tracker
 
     tracker = Tracker(spec.tracking_uri, spec.experiment)
-    tracker.start(spec)
+    tracker.start(spec, resume=False)
     try:
         if tuning:
             tracker.log_trials(tuning["trials"])

@@ -17,8 +17,12 @@ how its pictures were batched. Before training (zero residual, zero scores) the 
 the source with predict's geometric mean.
 
 A product's pictures are gathered within a feature file (one worker's batch of up to
-``ROWS_PER_FILE`` rows, per branch): the few products a file boundary cuts are seen as two
-smaller ones in training.
+``ROWS_PER_FILE`` rows, per branch), so nothing is loaded whole: the few products a file
+boundary cuts are seen as two smaller ones in training. With ``--np`` > 1 the workers shard
+the split by row group (a product's pictures are contiguous in it) and only products on a
+row-group boundary are cut; a split with fewer row groups than workers is shared row by row
+(:func:`hierarchy.train.data.make_dataset`), which cuts most products — train fusion's
+feature pass with ``--np 1`` there (such a split is small).
 """
 
 from __future__ import annotations

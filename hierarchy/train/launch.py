@@ -102,6 +102,9 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
     if mode in modelstore.HEADS:
         if mode != modelstore.EXPERTS:  # refit and fusion heads may be tuned (tuning.py)
             tcfg["tune"] = dict(cfg["tune"])
+        elif int(cfg["tune"]["trials"]):
+            log.warning("tune.trials applies to --mode refit and fusion: the experts train "
+                        "with train.expert_* as configured")
         return [spec(mode, "experts", init_from=head_source(cfg, models, run_id, mode))], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]

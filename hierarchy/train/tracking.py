@@ -27,8 +27,10 @@ class Tracker:
         self.uri, self.experiment, self.enabled = uri, experiment, enabled
         self.run_id: Optional[str] = None
 
-    def start(self, spec, resumed_at: int = 0) -> None:
-        """``spec``: the :class:`hierarchy.train.spec.TrainSpec` being trained."""
+    def start(self, spec, resumed_at: int = 0, resume: bool = True) -> None:
+        """``spec``: the :class:`hierarchy.train.spec.TrainSpec` being trained. ``resume``
+        False: a new MLflow run even if one for this model exists (a head trained again from
+        scratch is a new experiment, not the continuation of the old one)."""
         if not self.enabled:
             return
         import mlflow
@@ -38,7 +40,7 @@ class Tracker:
         name = f"{spec.run_id}/{spec.key}"
         # a resumed training continues its MLflow run instead of opening a second one
         found = mlflow.search_runs(filter_string=f"tags.hierarchy_model = '{name}'",
-                                   output_format="list", max_results=1)
+                                   output_format="list", max_results=1) if resume else []
         run = mlflow.start_run(run_id=found[0].info.run_id if found else None,
                                run_name=None if found else name)
         self.run_id = run.info.run_id
@@ -77,7 +79,8 @@ class Tracker:
         for t in trials:
             with mlflow.start_run(run_name=f"trial {t['number']}", nested=True):
                 mlflow.log_params({k: str(v) for k, v in t["values"].items()})
-                mlflow.log_metric("holdout_accuracy", float(t["holdout_accuracy"]))
+                if t["holdout_accuracy"] is not None:
+                    mlflow.log_metric("holdout_accuracy", float(t["holdout_accuracy"]))
 
     def end(self, failed: bool = False) -> None:
         if self.enabled and self.run_id:

@@ -6,10 +6,12 @@ tries learning rate, width, dropout, epochs (and, for fusion, label smoothing) w
 ``tune:`` ranges. Each trial trains on the train products outside a hold-out (``tune.holdout``
 of them, chosen by a hash of the product id, the same on every worker and run) and is scored
 on the hold-out: product accuracy for fusion, picture accuracy for refit (what each head
-optimises). Val is never touched, so the figures evaluate chooses the default strategy on
-stay out of sample. The best values then train the final head on every train product. The
-trials are recorded in the run (``metrics.json`` -> ``tuning``) and, each as a nested MLflow
-run, under the model's MLflow run.
+optimises). The configured values are the first trial, so a search adopts other values only
+when they score better; a hold-out with no product keeps the configured values. Val is never
+touched, so the figures evaluate chooses the default strategy on stay out of sample. The
+best values then train the final head on every train product. The trials are recorded in
+the run (``metrics.json`` -> ``tuning``) and, each as a nested MLflow run, under the model's
+MLflow run.
 """
 
 from __future__ import annotations
@@ -40,16 +42,23 @@ def in_holdout(product_ids: np.ndarray, share: float) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
 
 
-def suggest(trial, kind: str, space: dict) -> Dict[str, object]:
-    """One trial's ``train.*`` values drawn from the ``tune:`` ranges."""
-    lo, hi = space["learning_rate"]
-    values = {"learning_rate": trial.suggest_float("learning_rate", lo, hi, log=True),
-              "hidden": trial.suggest_categorical("hidden", list(space["hidden"])),
-              "dropout": trial.suggest_float("dropout", *space["dropout"]),
-              "epochs": trial.suggest_int("epochs", *(int(v) for v in space["epochs"]))}
+def suggest(trial, kind: str, space: dict, configured: Dict[str, object]) -> Dict[str, object]:
+    """One trial's ``train.*`` values drawn from the ``tune:`` ranges, widened to hold the
+    ``configured`` ones (the first trial tries those)."""
+    def span(knob: str):
+        lo, hi = space[knob]
+        v = configured[KEYS[kind][knob]]
+        return min(lo, v), max(hi, v)
+
+    values = {"learning_rate": trial.suggest_float("learning_rate", *span("learning_rate"),
+                                                   log=True),
+              "hidden": trial.suggest_categorical("hidden", sorted(
+                  {int(h) for h in space["hidden"]} | {int(configured[KEYS[kind]["hidden"]])})),
+              "dropout": trial.suggest_float("dropout", *span("dropout")),
+              "epochs": trial.suggest_int("epochs", *(int(v) for v in span("epochs")))}
     if kind == "fusion":
         values["label_smoothing"] = trial.suggest_float("label_smoothing",
-                                                        *space["label_smoothing"])
+                                                        *span("label_smoothing"))
     return {KEYS[kind][k]: v for k, v in values.items()}
 
 
@@ -62,20 +71,28 @@ def search(kind: str, tcfg: dict, space: dict,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize",
                                 sampler=optuna.samplers.TPESampler(seed=int(space["seed"])))
+    untuned = {k: tcfg[k] for k in KEYS[kind].values()}
+    # the configured values are trial 0: the search adopts other values only if they beat them
+    study.enqueue_trial({k: untuned[KEYS[kind][k]] for k in KEYS[kind]},
+                        skip_if_exists=True)
     trials = []
 
     def objective(trial) -> float:
-        values = suggest(trial, kind, space)
+        values = suggest(trial, kind, space, untuned)
         got = score({**tcfg, **values})
-        value = float(got) if got is not None else 0.0
-        trials.append({"number": trial.number, "values": values, "holdout_accuracy": value})
+        trials.append({"number": trial.number, "values": values, "holdout_accuracy": got})
         if log_trial is not None:
-            log_trial(trial.number, values, value)
-        return value
+            log_trial(trial.number, values, got)
+        return float("-inf") if got is None else float(got)
 
-    study.optimize(objective, n_trials=int(space["trials"]))
+    study.optimize(objective, n_trials=max(1, int(space["trials"])))
+    scored = [t for t in trials if t["holdout_accuracy"] is not None]
+    if not scored:  # an empty hold-out: nothing to choose by, the configured values stay
+        return {"trials": trials, "best": untuned, "best_holdout_accuracy": None,
+                "untuned": untuned, "holdout": float(space["holdout"]), "sampler": "TPE",
+                "seed": int(space["seed"]), "reason": "no hold-out product scored"}
     best = trials[study.best_trial.number]
-    untuned = {k: tcfg[k] for k in KEYS[kind].values()}
     return {"trials": trials, "best": best["values"], "best_holdout_accuracy":
-            best["holdout_accuracy"], "untuned": untuned, "holdout": float(space["holdout"]),
-            "sampler": "TPE", "seed": int(space["seed"])}
+            best["holdout_accuracy"], "untuned": untuned,
+            "untuned_holdout_accuracy": trials[0]["holdout_accuracy"],
+            "holdout": float(space["holdout"]), "sampler": "TPE", "seed": int(space["seed"])}
