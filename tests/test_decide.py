@@ -193,9 +193,10 @@ def test_the_bound_allows_what_clopper_pearson_allows():
 
 def test_the_tests_start_where_passing_is_likely_not_where_the_fit_part_saw_no_error():
     """The fit part files 87 products without an error at strict thresholds (its smallest
-    p-value) and 500 with 15 errors at a moderate one; the calibration part has one error
-    among the 87. Starting strict certifies nothing; starting where passing is most likely
-    certifies the moderate threshold."""
+    p-value) and 500 with 15 errors at a moderate one. If the calibration part has one error
+    among the 87, the strict start certifies nothing and the start where passing is most
+    likely certifies the moderate threshold; if the moderate one fails instead, the strict
+    start still files. Each sequence runs at half the error."""
     grids = decide.Grids(temperatures=(1.0,))
     stats = decide.empty_stats(grids)
     stats["products"][:] = 1000
@@ -213,3 +214,14 @@ def test_the_tests_start_where_passing_is_likely_not_where_the_fit_part_saw_no_e
     assert rule.threshold == pytest.approx(grids.thresholds[60]), rule.reason
     # the calibration part's precision there clears the bound
     assert fig["calibration"]["precision"] == pytest.approx(486 / 500)
+    assert decide.test_starts(errors[0], filed, 1000, 1000, 0.95, 0.05) == [30, 60]
+    # the other way round: the likely start fails, the surest one files
+    errors[1][30:60], errors[1][60] = 0, 30
+    stats["correct"][1, 0, :, 0] = filed - errors[1]
+    rule, _ = decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
+    assert rule.threshold == pytest.approx(grids.thresholds[59]), rule.reason
+    errors[1][30:60] = 1  # both fail: nothing filed, and the reason names both starts
+    stats["correct"][1, 0, :, 0] = filed - errors[1]
+    rule, _ = decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
+    assert rule.threshold is None and "1 wrong of 87" in rule.reason \
+        and "30 wrong of 500" in rule.reason

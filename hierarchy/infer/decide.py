@@ -18,16 +18,16 @@ levels at once.
 
 **The fit** (learn-then-test, Angelopoulos et al. 2021): val is cut by a hash of the product id
 into a *fit* part and a *calibration* part. The fit part chooses the temperature (leaf NLL)
-and where the tests start: the threshold whose test the fit part predicts most likely to pass
-on the calibration part (:func:`pass_chance`: the size the calibration part will file there
-and the fit part's error rate, smoothed — a strict threshold with 90 filed products and no
-error on the fit part fails on a single mistake, a moderate one with hundreds has room).
-The calibration part then tests,
-from there to more and more lenient thresholds, the hypothesis "precision of the filed
-products < target" with an exact Clopper-Pearson binomial p-value, and stops at the first
-threshold it cannot reject (fixed sequence testing: the family-wise error stays at
-``1 - confidence`` without splitting it); the last certified threshold files. It therefore
-has precision >= target with probability >= ``confidence`` over the draw of val, on any
+and where the tests start (:func:`test_starts`): the threshold it has the most evidence for
+(its smallest p-value) and the one whose test it predicts most likely to pass on the
+calibration part (:func:`pass_chance`: a strict threshold with 90 filed products and no error
+on the fit part fails on a single mistake, a moderate one with hundreds has room; neither
+start wins everywhere, so both are tried, each at half the error). From each start the
+calibration part tests, to more and more lenient thresholds, the hypothesis "precision of
+the filed products < target" with an exact Clopper-Pearson binomial p-value, and stops at the
+first threshold it cannot reject (fixed sequence testing: within a sequence the error is not
+split); the most lenient threshold a sequence certified files. It therefore has precision
+>= target with probability >= ``confidence`` over the draw of val, on any
 product drawn like val. A decision is correct when the node is the true leaf or one of its
 ancestors.
 """
@@ -359,66 +359,84 @@ def ece(count: np.ndarray, conf: np.ndarray, hit: np.ndarray) -> Optional[float]
     return float(np.sum(np.abs(conf - hit)) / n)
 
 
+def fitted_temperature(stats: Dict[str, np.ndarray], grids: Grids,
+                       temperature: Optional[float]) -> int:
+    """Index of the temperature: the forced one, else the fit part's lowest leaf NLL."""
+    temps = list(grids.temperatures)
+    if temperature is not None:
+        return int(np.argmin(np.abs(np.asarray(temps) - temperature)))
+    if int(stats["products"][0]):
+        return int(np.argmin(stats["nll"][0]))
+    return temps.index(1.0) if 1.0 in temps else 0
+
+
+def test_starts(errors_fit: np.ndarray, filed_fit: np.ndarray, n_fit: int, n_cal: int,
+                target: float, delta: float) -> List[int]:
+    """Where the test sequences start, from the fit part alone (a start that looked at the
+    calibration part would void the bound): the threshold of the fit part's smallest p-value
+    (the most evidence, often a strict threshold without an error there: it fails on the
+    calibration part's first mistake when few products are filed) and the one most likely to
+    pass (:func:`pass_chance`; among equals the most lenient). One start when they agree."""
+    if not n_fit or not filed_fit.any():
+        return []
+    surest = int(np.argmin([p_value(int(e), int(f), target)
+                            for e, f in zip(errors_fit, filed_fit)]))
+    chance = np.array([pass_chance(int(e), int(f), n_fit, n_cal, target, delta)
+                       for e, f in zip(errors_fit, filed_fit)])
+    likely = len(chance) - 1 - int(np.argmax(chance[::-1])) if chance.max() > 0 else surest
+    return sorted({surest, likely})
+
+
+def fixed_sequence(errors_cal: np.ndarray, filed_cal: np.ndarray, start: int, target: float,
+                   level: float) -> Tuple[Optional[int], int]:
+    """(the most lenient threshold certified from ``start`` on, or None; the first one
+    tested): each "precision < target" tested at ``level`` on the calibration part, from
+    ``start`` to more and more lenient thresholds, stopping at the first not rejected."""
+    chosen = None
+    for j in range(start, len(filed_cal)):
+        if p_value(int(errors_cal[j]), int(filed_cal[j]), target) > level:
+            break
+        chosen = j
+    return chosen, start
+
+
 def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
              levels: Sequence[int], confidence: float,
              temperature: Optional[float] = None) -> Tuple[DecisionRule, dict]:
     """The rule and its val figures from summed :func:`add_stats` (see the module notes).
-    ``temperature`` forces one of ``grids.temperatures`` instead of fitting it."""
-    temps = list(grids.temperatures)
+    ``temperature`` forces one of ``grids.temperatures`` instead of fitting it. Each of the
+    :func:`test_starts` runs a :func:`fixed_sequence` at ``(1 - confidence) / starts``
+    (Bonferroni: the family-wise error stays at 1 - confidence); the most lenient threshold
+    any of them certifies files."""
+    t = fitted_temperature(stats, grids, temperature)
     n_fit, n_cal = (int(x) for x in stats["products"])
-    if temperature is not None:
-        t = int(np.argmin(np.abs(np.asarray(temps) - temperature)))
-    elif n_fit:
-        t = int(np.argmin(stats["nll"][0]))
-    else:
-        t = temps.index(1.0) if 1.0 in temps else 0
     need = needed_products(target, confidence)
     delta = 1.0 - confidence
     filed_fit = stats["filed"][0, t].sum(axis=1)
     errors_fit = filed_fit - stats["correct"][0, t].sum(axis=1)
     filed_cal = stats["filed"][1, t].sum(axis=1)
     errors_cal = filed_cal - stats["correct"][1, t].sum(axis=1)
-    # the test sequence, from the fit part alone (a sequence that looked at the calibration
-    # part would void the bound): the threshold most likely to pass, then more and more
-    # lenient ones. Starting from the strictest, or from the fit part's smallest p-value
-    # (often a strict threshold without an error there), stops at the first small sample
-    # with one mistake (1 wrong of 87 cannot certify 0.95) before the thresholds that
-    # hundreds of products support; stricter ones than the start would only file less.
-    chance = np.array([pass_chance(int(e), int(f), n_fit, n_cal, target, delta)
-                       for e, f in zip(errors_fit, filed_fit)])
-    # the most likely to pass; among equals the most lenient (thresholds go strict -> lenient);
-    # none likely at all: the fit part's strongest evidence (its smallest p-value)
-    if n_fit and chance.max() > 0:
-        start = len(chance) - 1 - int(np.argmax(chance[::-1]))
-    elif n_fit:
-        start = int(np.argmin([p_value(int(e), int(f), target)
-                               for e, f in zip(errors_fit, filed_fit)]))
-    else:
-        start = 0
-    order = list(range(start, len(grids.thresholds))) if n_fit else []
-    chosen, tested, reason = None, [], ""
+    starts = test_starts(errors_fit, filed_fit, n_fit, n_cal, target, delta)
+    chosen, reason = None, ""
     if n_cal < need:
         reason = (f"{n_cal} calibration products in val: a precision of {target:g} at "
                   f"confidence {confidence:g} needs at least {need} filed products — more val "
                   f"products (ingest.val_fraction) or decide.calibration_share")
-    elif not order or filed_fit[order[0]] <= 0:
+    elif not starts:
         reason = (f"no threshold files a product of val's fit part ({n_fit} products) at "
-                  f"temperature {temps[t]:g}: nothing to order the tests by")
+                  f"temperature {grids.temperatures[t]:g}: nothing to order the tests by")
     else:
-        for j in order:
-            pv = p_value(int(errors_cal[j]), int(filed_cal[j]), target)
-            tested.append(j)
-            if pv > delta:
-                break
-            chosen = j
+        certified = [fixed_sequence(errors_cal, filed_cal, j, target, delta / len(starts))[0]
+                     for j in starts]
+        found = [c for c in certified if c is not None]
+        chosen = max(found) if found else None
         if chosen is None:
-            j = tested[0]
-            reason = (f"the calibration part could not certify precision {target:g}: "
-                      f"{int(errors_cal[j])} wrong of {int(filed_cal[j])} filed at the threshold "
-                      f"the fit part found most likely to pass ({grids.thresholds[j]:.4g}, "
-                      f"{100 * chance[j]:.0f}% likely)")
+            at = ", ".join(f"{int(errors_cal[j])} wrong of {int(filed_cal[j])} filed at "
+                           f"{grids.thresholds[j]:.4g}" for j in starts)
+            reason = (f"the calibration part could not certify precision {target:g} where "
+                      f"the tests start ({at})")
     rule = DecisionRule(target=target, levels=tuple(sorted(levels, reverse=True)),
-                        confidence=confidence, temperature=float(temps[t]),
+                        confidence=confidence, temperature=float(grids.temperatures[t]),
                         threshold=None if chosen is None else float(grids.thresholds[chosen]),
                         reason=reason)
     return rule, figures(stats, grids, t, chosen, rule, n_fit, n_cal, need)
