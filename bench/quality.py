@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/quality.py [--products N] [--test-products M] [--epochs E]
                                       [--seed S] [--preset hard|tangled] [--train-seeds 1,2,3]
-                                      [--workdir DIR]
-                                      [--bootstrap B] [key=value ...]
+                                      [--workdir DIR] [--bootstrap B]
+                                      [--score-only | --reevaluate] [key=value ...]
 
 Runs the real pipeline with the `hierarchy` command (as a scheduler would), on
 ``hierarchy synth --preset hard`` (N train products, M test products; ``--preset tangled``:
@@ -194,17 +194,22 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "results" / "quality"))
     ap.add_argument("--score-only", action="store_true",
                     help="reuse DIR's trained, evaluated and predicted run: only score it")
+    ap.add_argument("--reevaluate", action="store_true",
+                    help="reuse DIR's trained models: evaluate and predict again (after a "
+                         "change to the decision rule or the choice of strategy), then score")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every command")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
-    if args.score_only:
+    conf = [f"paths.root={work}",
+            "ingest.progress=false", "predict.progress=false", *args.overrides]
+    if args.score_only or args.reevaluate:
         compute = json.loads((work / "compute.json").read_text())
+        for seed in compute["compute"] if args.reevaluate else ():
+            evaluate_and_predict(conf, work / "dataset", work / "models", work / "output", seed)
         score(args, work, compute["compute"], compute["train_images"])
         return
 
     work.mkdir(parents=True, exist_ok=True)
-    conf = [f"paths.root={work}",
-            "ingest.progress=false", "predict.progress=false", *args.overrides]
     syn, data, models, out = work / "synth", work / "dataset", work / "models", work / "output"
     for path in (data, models, out, work / "warehouse"):
         subprocess.run(["rm", "-rf", str(path)], check=True)
@@ -279,15 +284,21 @@ def train_and_predict(args, conf, data, models, out, train_images: int, seed: in
     say(f"[train seed {seed}] {train_images} training pictures; flat {seconds['flat']:.0f} s, "
         f"multi {seconds['multi']:.0f} s + experts {seconds['experts']:.0f} s, level-1 + "
         f"branches {seconds['level1'] + seconds['branch']:.0f} s")
-    hierarchy("evaluate", *run, "--output", str(out), conf=conf)
-    for strategy in STRATEGIES:
-        hierarchy("predict", *run, "--split", "test", "--strategy", strategy, "--output",
-                  str(out), conf=conf)
-    hierarchy("evaluate", *control, "--output", str(out), conf=conf)  # fits its rules
-    for mode in CONTROLS.values():
-        hierarchy("predict", *control, "--split", "test", "--strategy", mode, "--output",
-                  str(out), conf=conf)
+    evaluate_and_predict(conf, data, models, out, seed)
     return compute
+
+
+def evaluate_and_predict(conf, data, models, out, seed) -> None:
+    """Evaluate both runs of a training seed (each fits its rules and records its default)
+    and predict the test split with every strategy."""
+    conf = [*conf, f"train.seed={seed}"]
+    for run_id, strategies in ((run_id_of(seed), STRATEGIES),
+                               (control_id_of(seed), tuple(CONTROLS.values()))):
+        run = ["--data", str(data), "--models", str(models), "--run-id", run_id]
+        hierarchy("evaluate", *run, "--output", str(out), conf=conf)
+        for strategy in strategies:
+            hierarchy("predict", *run, "--split", "test", "--strategy", strategy, "--output",
+                      str(out), conf=conf)
 
 
 def score(args, work: Path, runs: dict, train_images: int) -> None:
