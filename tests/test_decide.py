@@ -177,26 +177,11 @@ def test_level2_nodes_are_paths_not_names():
     assert nodes.name(2, int(idx[0, 1])) == "A > shared"
 
 
-def test_the_bound_allows_what_clopper_pearson_allows():
-    from scipy.stats import binom
-
-    assert decide.allowed_errors(58, 0.95, 0.05) == -1   # 0.95**58 > 0.05
-    assert decide.allowed_errors(59, 0.95, 0.05) == 0
-    for n in (87, 150, 300, 1000):
-        k = decide.allowed_errors(n, 0.95, 0.05)
-        assert binom.cdf(k, n, 0.05) <= 0.05 < binom.cdf(k + 1, n, 0.05)
-    # no error in a small sample is not a zero rate: 87 products pass with chance ~0.37
-    assert 0.3 < decide.pass_chance(0, 87, 1000, 1000, 0.95, 0.05) < 0.45
-    assert decide.pass_chance(15, 500, 1000, 1000, 0.95, 0.05) > 0.5
-    assert decide.pass_chance(0, 0, 1000, 1000, 0.95, 0.05) == 0.0
-
-
-def test_the_tests_start_where_passing_is_likely_not_where_the_fit_part_saw_no_error():
+def test_the_tests_start_where_the_fit_part_is_surest_and_go_lenient():
     """The fit part files 87 products without an error at strict thresholds (its smallest
-    p-value) and 500 with 15 errors at a moderate one. If the calibration part has one error
-    among the 87, the strict start certifies nothing and the start where passing is most
-    likely certifies the moderate threshold; if the moderate one fails instead, the strict
-    start still files. Each sequence runs at half the error."""
+    p-value) and 500 with 15 errors at a moderate one. From the strict start the calibration
+    part certifies more and more lenient thresholds and stops at the first it cannot: one
+    mistake among the 87 at the start certifies nothing, and says where it stopped."""
     grids = decide.Grids(temperatures=(1.0,))
     stats = decide.empty_stats(grids)
     stats["products"][:] = 1000
@@ -204,24 +189,21 @@ def test_the_tests_start_where_passing_is_likely_not_where_the_fit_part_saw_no_e
     filed[30:60], filed[60], filed[61:] = 87, 500, 600
     errors = {0: np.zeros_like(filed), 1: np.zeros_like(filed)}
     errors[0][60], errors[0][61:] = 15, 40
-    errors[1][30:60], errors[1][60], errors[1][61:] = 1, 14, 40
-    for h in (0, 1):
-        stats["filed"][h, 0, :, 0] = filed
-        stats["correct"][h, 0, :, 0] = filed - errors[h]
-    p_fit = [decide.p_value(int(e), int(f), 0.95) for e, f in zip(errors[0], filed)]
-    assert int(np.argmin(p_fit)) == 30  # where the old rule started, and failed
-    rule, fig = decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
+    errors[1][60], errors[1][61:] = 14, 40
+
+    def fit():
+        for h in (0, 1):
+            stats["filed"][h, 0, :, 0] = filed
+            stats["correct"][h, 0, :, 0] = filed - errors[h]
+        return decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
+
+    assert decide.test_start(errors[0], filed, 0.95) == 30
+    rule, fig = fit()  # 30..59 certified (87, no error), 60 too (14 of 500), 61 not
     assert rule.threshold == pytest.approx(grids.thresholds[60]), rule.reason
-    # the calibration part's precision there clears the bound
     assert fig["calibration"]["precision"] == pytest.approx(486 / 500)
-    assert decide.test_starts(errors[0], filed, 1000, 1000, 0.95, 0.05) == [30, 60]
-    # the other way round: the likely start fails, the surest one files
-    errors[1][30:60], errors[1][60] = 0, 30
-    stats["correct"][1, 0, :, 0] = filed - errors[1]
-    rule, _ = decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
-    assert rule.threshold == pytest.approx(grids.thresholds[59]), rule.reason
-    errors[1][30:60] = 1  # both fail: nothing filed, and the reason names both starts
-    stats["correct"][1, 0, :, 0] = filed - errors[1]
-    rule, _ = decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
-    assert rule.threshold is None and "1 wrong of 87" in rule.reason \
-        and "30 wrong of 500" in rule.reason
+    errors[1][60] = 30  # the sequence stops at 60: the last certified is 59
+    assert fit()[0].threshold == pytest.approx(grids.thresholds[59])
+    errors[1][30:60] = 1  # one mistake among 87 at the start: nothing certified
+    rule, _ = fit()
+    assert rule.threshold is None and "1 wrong of 87 filed at the threshold the fit part " \
+        "was surest of" in rule.reason

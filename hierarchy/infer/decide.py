@@ -18,17 +18,15 @@ levels at once.
 
 **The fit** (learn-then-test, Angelopoulos et al. 2021): val is cut by a hash of the product id
 into a *fit* part and a *calibration* part. The fit part chooses the temperature (leaf NLL)
-and where the tests start (:func:`test_starts`): the threshold it has the most evidence for
-(its smallest p-value) and the one whose test it predicts most likely to pass on the
-calibration part (:func:`pass_chance`: a strict threshold with 90 filed products and no error
-on the fit part fails on a single mistake, a moderate one with hundreds has room; neither
-start wins everywhere, so both are tried, each at half the error). From each start the
-calibration part tests, to more and more lenient thresholds, the hypothesis "precision of
-the filed products < target" with an exact Clopper-Pearson binomial p-value, and stops at the
-first threshold it cannot reject (fixed sequence testing: within a sequence the error is not
-split); the most lenient threshold a sequence certified files. It therefore has precision
->= target with probability >= ``confidence`` over the draw of val, on any
-product drawn like val. A decision is correct when the node is the true leaf or one of its
+and where the tests start (:func:`test_start`: the threshold it is surest of, its smallest
+p-value); the calibration part then tests, from there to more and more lenient thresholds,
+the hypothesis "precision of the filed products < target" with an exact Clopper-Pearson
+binomial p-value, and stops at the first threshold it cannot reject (fixed sequence testing:
+the family-wise error stays at ``1 - confidence`` without splitting it); the last certified
+threshold files. It therefore has precision >= target with probability >= ``confidence``
+over the draw of val, on any product drawn like val. (Two other starts were measured on the
+hard bench — the threshold most likely to pass, and both starts at half the error each —
+and filed less: bench/README.) A decision is correct when the node is the true leaf or one of its
 ancestors.
 """
 
@@ -318,39 +316,6 @@ def p_value(errors: int, filed: int, target: float) -> float:
     return float(binom.cdf(errors, filed, 1.0 - target))
 
 
-def allowed_errors(filed: int, target: float, delta: float) -> int:
-    """The most errors among ``filed`` that still certify ``target`` at level ``delta``
-    (-1 when even none would not)."""
-    from scipy.stats import binom
-
-    if filed <= 0:
-        return -1
-    k = int(binom.ppf(delta, filed, 1.0 - target))  # about the boundary, then exact
-    while k >= 0 and binom.cdf(k, filed, 1.0 - target) > delta:
-        k -= 1
-    while binom.cdf(k + 1, filed, 1.0 - target) <= delta:
-        k += 1
-    return k
-
-
-def pass_chance(errors_fit: int, filed_fit: int, n_fit: int, n_cal: int, target: float,
-                delta: float) -> float:
-    """The chance that the calibration part certifies a threshold, predicted from the fit
-    part alone: it will file about ``filed_fit * n_cal / n_fit`` products, wrong at the fit
-    part's rate smoothed by Laplace's rule ((errors + 1) / (filed + 2): no error in a small
-    sample is not a zero rate), and passes when its errors stay within
-    :func:`allowed_errors`."""
-    from scipy.stats import binom
-
-    if n_fit <= 0 or filed_fit <= 0:
-        return 0.0
-    n = int(round(filed_fit * n_cal / n_fit))
-    k = allowed_errors(n, target, delta)
-    if k < 0:
-        return 0.0
-    return float(binom.cdf(k, n, (errors_fit + 1.0) / (filed_fit + 2.0)))
-
-
 def ece(count: np.ndarray, conf: np.ndarray, hit: np.ndarray) -> Optional[float]:
     """Expected calibration error of one level from its bins."""
     n = count.sum()
@@ -370,71 +335,56 @@ def fitted_temperature(stats: Dict[str, np.ndarray], grids: Grids,
     return temps.index(1.0) if 1.0 in temps else 0
 
 
-def test_starts(errors_fit: np.ndarray, filed_fit: np.ndarray, n_fit: int, n_cal: int,
-                target: float, delta: float) -> List[int]:
-    """Where the test sequences start, from the fit part alone (a start that looked at the
-    calibration part would void the bound): the threshold of the fit part's smallest p-value
-    (the most evidence, often a strict threshold without an error there: it fails on the
-    calibration part's first mistake when few products are filed) and the one most likely to
-    pass (:func:`pass_chance`; among equals the most lenient). One start when they agree."""
-    if not n_fit or not filed_fit.any():
-        return []
-    surest = int(np.argmin([p_value(int(e), int(f), target)
-                            for e, f in zip(errors_fit, filed_fit)]))
-    chance = np.array([pass_chance(int(e), int(f), n_fit, n_cal, target, delta)
-                       for e, f in zip(errors_fit, filed_fit)])
-    likely = len(chance) - 1 - int(np.argmax(chance[::-1])) if chance.max() > 0 else surest
-    return sorted({surest, likely})
+def test_start(errors_fit: np.ndarray, filed_fit: np.ndarray, target: float) -> Optional[int]:
+    """Where the test sequence starts, from the fit part alone (a start that looked at the
+    calibration part would void the bound): the threshold of the fit part's smallest p-value,
+    the one it has the most evidence for. None when the fit part files nothing."""
+    if not filed_fit.any():
+        return None
+    return int(np.argmin([p_value(int(e), int(f), target)
+                          for e, f in zip(errors_fit, filed_fit)]))
 
 
 def fixed_sequence(errors_cal: np.ndarray, filed_cal: np.ndarray, start: int, target: float,
-                   level: float) -> Tuple[Optional[int], int]:
-    """(the most lenient threshold certified from ``start`` on, or None; the first one
-    tested): each "precision < target" tested at ``level`` on the calibration part, from
-    ``start`` to more and more lenient thresholds, stopping at the first not rejected."""
+                   level: float) -> Optional[int]:
+    """The most lenient threshold certified from ``start`` on, or None: "precision < target"
+    tested at ``level`` on the calibration part, from ``start`` to more and more lenient
+    thresholds, stopping at the first not rejected."""
     chosen = None
     for j in range(start, len(filed_cal)):
         if p_value(int(errors_cal[j]), int(filed_cal[j]), target) > level:
             break
         chosen = j
-    return chosen, start
+    return chosen
 
 
 def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
              levels: Sequence[int], confidence: float,
              temperature: Optional[float] = None) -> Tuple[DecisionRule, dict]:
     """The rule and its val figures from summed :func:`add_stats` (see the module notes).
-    ``temperature`` forces one of ``grids.temperatures`` instead of fitting it. Each of the
-    :func:`test_starts` runs a :func:`fixed_sequence` at ``(1 - confidence) / starts``
-    (Bonferroni: the family-wise error stays at 1 - confidence); the most lenient threshold
-    any of them certifies files."""
+    ``temperature`` forces one of ``grids.temperatures`` instead of fitting it."""
     t = fitted_temperature(stats, grids, temperature)
     n_fit, n_cal = (int(x) for x in stats["products"])
     need = needed_products(target, confidence)
-    delta = 1.0 - confidence
     filed_fit = stats["filed"][0, t].sum(axis=1)
     errors_fit = filed_fit - stats["correct"][0, t].sum(axis=1)
     filed_cal = stats["filed"][1, t].sum(axis=1)
     errors_cal = filed_cal - stats["correct"][1, t].sum(axis=1)
-    starts = test_starts(errors_fit, filed_fit, n_fit, n_cal, target, delta)
+    start = test_start(errors_fit, filed_fit, target) if n_fit else None
     chosen, reason = None, ""
     if n_cal < need:
         reason = (f"{n_cal} calibration products in val: a precision of {target:g} at "
                   f"confidence {confidence:g} needs at least {need} filed products — more val "
                   f"products (ingest.val_fraction) or decide.calibration_share")
-    elif not starts:
+    elif start is None:
         reason = (f"no threshold files a product of val's fit part ({n_fit} products) at "
                   f"temperature {grids.temperatures[t]:g}: nothing to order the tests by")
     else:
-        certified = [fixed_sequence(errors_cal, filed_cal, j, target, delta / len(starts))[0]
-                     for j in starts]
-        found = [c for c in certified if c is not None]
-        chosen = max(found) if found else None
+        chosen = fixed_sequence(errors_cal, filed_cal, start, target, 1.0 - confidence)
         if chosen is None:
-            at = ", ".join(f"{int(errors_cal[j])} wrong of {int(filed_cal[j])} filed at "
-                           f"{grids.thresholds[j]:.4g}" for j in starts)
-            reason = (f"the calibration part could not certify precision {target:g} where "
-                      f"the tests start ({at})")
+            reason = (f"the calibration part could not certify precision {target:g}: "
+                      f"{int(errors_cal[start])} wrong of {int(filed_cal[start])} filed at the "
+                      f"threshold the fit part was surest of ({grids.thresholds[start]:.4g})")
     rule = DecisionRule(target=target, levels=tuple(sorted(levels, reverse=True)),
                         confidence=confidence, temperature=float(grids.temperatures[t]),
                         threshold=None if chosen is None else float(grids.thresholds[chosen]),
