@@ -7,6 +7,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from test_train_models import _reloads_with_the_same_answers  # noqa: E402
+
 from hierarchy.infer.combine import ProductAccumulator  # noqa: E402
 from hierarchy.train import experts, fusion, models  # noqa: E402
 
@@ -34,11 +36,7 @@ def test_refit_model_starts_as_the_flat_model_and_reloads(tmp_path):
     assert refit.output_names == [models.L3_OUTPUT]
     x = np.random.default_rng(2).random((5, 32, 32, 3), dtype=np.float32)
     np.testing.assert_allclose(refit.predict_on_batch(x), flat.predict_on_batch(x), atol=1e-5)
-    path = str(tmp_path / "refit.h5")
-    refit.save(path, include_optimizer=False)
-    again = tf.keras.models.load_model(path, custom_objects=models.custom_objects(),
-                                       compile=False)
-    np.testing.assert_allclose(again.predict_on_batch(x), refit.predict_on_batch(x), atol=1e-6)
+    _reloads_with_the_same_answers(refit, x, str(tmp_path / "refit.h5"))
 
 
 def test_untrained_fusion_is_the_flat_model_with_predicts_geometric_mean(tmp_path):
@@ -60,12 +58,7 @@ def test_untrained_fusion_is_the_flat_model_with_predicts_geometric_mean(tmp_pat
         batch[p, k], mask[p, k] = f, True
     product = models.fusion_product_model(head).predict_on_batch([batch, mask])
     np.testing.assert_allclose(product, _pool(probs.astype(np.float64), None, pids), atol=1e-5)
-    path = str(tmp_path / "fusion.h5")
-    fused.save(path, include_optimizer=False)
-    again = tf.keras.models.load_model(path, custom_objects=models.custom_objects(),
-                                       compile=False)
-    for a, b in zip(again.predict_on_batch(x), fused.predict_on_batch(x)):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    _reloads_with_the_same_answers(fused, x, str(tmp_path / "fusion.h5"))
 
 
 def test_fusion_over_a_multi_level_trunk_starts_as_its_level_3():

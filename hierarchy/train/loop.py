@@ -211,20 +211,18 @@ def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker
 
 def summary_line(key: str, result: dict) -> str:
     m = result.get("metrics", {})
-    if "val_conditional_accuracy" in m:
-        acc, src = m["val_conditional_accuracy"], m.get("val_conditional_accuracy_source")
-        return (f"{key}: " + (result.get("status") or "trained") +
-                ("" if acc is None else f" (val accuracy within the true group {acc:.3f}, "
-                                        f"source model {src:.3f})") +
-                ("" if result.get("status") else
-                 f", {result.get('seconds', 0):.0f} s -> {result.get('model')}"))
-    if "val_product_accuracy" in m:  # fusion: whole val products, pictures fused
-        acc, src = m["val_product_accuracy"], m.get("val_product_accuracy_initial")
-        return (f"{key}: " + (result.get("status") or "trained") +
-                ("" if acc is None else f" (val product accuracy {acc:.3f}, source model "
-                                        f"with the geometric mean {src:.3f})") +
-                ("" if result.get("status") else
-                 f", {result.get('seconds', 0):.0f} s -> {result.get('model')}"))
+    # heads over a frozen trunk: their val figure beside the source model's
+    for got, before, what in (
+            ("val_conditional_accuracy", "val_conditional_accuracy_source",
+             "val accuracy within the true group {:.3f}, source model {:.3f}"),
+            ("val_product_accuracy", "val_product_accuracy_initial",  # fusion
+             "val product accuracy {:.3f}, source model with the geometric mean {:.3f}")):
+        if got in m:
+            acc = m[got]
+            return (f"{key}: " + (result.get("status") or "trained") +
+                    ("" if acc is None else f" ({what.format(acc, m.get(before))})") +
+                    ("" if result.get("status") else
+                     f", {result.get('seconds', 0):.0f} s -> {result.get('model')}"))
     if result.get("status"):
         acc = m.get("val_accuracy")
         return f"{key}: {result['status']}" + ("" if acc is None else
