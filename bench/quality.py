@@ -1,14 +1,15 @@
 """Model quality of every predict strategy at a stated compute, on a catalog hard enough to tell.
 
     .venv/bin/python bench/quality.py [--products N] [--test-products M] [--epochs E]
-                                      [--seed S] [--preset hard|tangled] [--train-seeds 1,2,3]
+                                      [--seed S] [--preset hard|tangled|fast] [--train-seeds 1,2,3]
                                       [--workdir DIR] [--bootstrap B]
                                       [--score-only | --reevaluate] [key=value ...]
 
 Runs the real pipeline with the `hierarchy` command (as a scheduler would), on
 ``hierarchy synth --preset hard`` (N train products, M test products; ``--preset tangled``:
 the same pictures with look-alike leaves in different branches, where the coarse level is the
-hard one and the taxonomy cannot help a decision):
+hard one and the taxonomy cannot help a decision; ``--preset fast``: the easy catalog of the
+demo and the tests, where every strategy should reach the leaf and none may lose to flat):
 
   ingest      train (val_fraction 0.2) and test;
   train       (one run per training seed)
@@ -187,7 +188,7 @@ def main() -> None:
     ap.add_argument("--test-products", type=int, default=3000)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--seed", type=int, default=11, help="of the synthetic catalog")
-    ap.add_argument("--preset", choices=("hard", "tangled"), default="hard")
+    ap.add_argument("--preset", choices=("hard", "tangled", "fast"), default="hard")
     ap.add_argument("--train-seeds", type=lambda v: [int(x) for x in v.split(",")],
                     default=[1, 2, 3], help="one run per training seed (comma-separated)")
     ap.add_argument("--bootstrap", type=int, default=2000)
