@@ -11,7 +11,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test lint bench bench-quality clean help dist metastore metastore-stop os-packages \
+.PHONY: setup demo test lint audit bench bench-quality clean help dist metastore metastore-stop os-packages \
 	setup-gpu check-gpu-deps
 
 # Horovod is built once into a wheel (with Gloo, against the pinned TensorFlow): `make setup`
@@ -28,7 +28,7 @@ help:
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - ingest, input-pipeline, training and scoring throughput against baselines"
 	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset, 3 training seeds (~30 min)"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff, and make audit: the installed stack against the local advisories"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
 	@echo "make setup-gpu - on a GPU node instead of setup: CUDA TensorFlow, horovod with NCCL (README: GPU cluster)"
 	@echo "make check-gpu-deps - resolve the GPU pins against the others (pip --dry-run: no GPU, nothing installed)"
@@ -236,8 +236,13 @@ test: setup os-packages dist
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
-lint: setup
-	$(VENV)/bin/ruff check hierarchy jobs tests bench
+lint: setup audit
+	$(VENV)/bin/ruff check hierarchy jobs tests bench tools
+
+# The installed stack against the local copy of advisories (requirements/advisories.json;
+# pip-audit's services are not reachable from these machines: see tools/audit.py)
+audit: setup
+	$(PY) tools/audit.py
 
 bench: setup
 	$(PY) bench/ingest_throughput.py

@@ -234,6 +234,92 @@ def test_predict_answers_from_exact_copies_of_training_pictures(curated, spark, 
     assert len(table) == res["products"]
 
 
+def start_review(data: str, *extra: str) -> tuple:
+    """A real `hierarchy review` server: (process, base URL, the write token it printed)."""
+    import requests
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "hierarchy"), "review", "--data", data, "--port",
+                             str(port), "-q", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    line = proc.stdout.readline()
+    assert f"{url}/review#token=" in line, line + proc.stdout.read()
+    deadline = time.time() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if requests.get(f"{url}/health/live", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert time.time() < deadline, "the review page did not start in 60 s"
+        time.sleep(0.3)
+    return proc, url, line.strip().rsplit("#token=", 1)[1]
+
+
+def test_review_writes_only_from_its_page_with_the_token_and_within_the_queue(curated):
+    """A web page the reviewer happens to open cannot post decisions (cross-origin, form or
+    text/plain, no token), nor can anything write pictures outside the queue or a huge body;
+    answers carry no server path; a public bind address needs --allow-remote."""
+    import requests
+
+    data = curated["data"]
+    done = subprocess.run([str(BIN / "hierarchy"), "review", "--data", data, "--host",
+                           "0.0.0.0", "--port", str(free_port()), "-q"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "--allow-remote" in done.stderr, done.stderr
+    proc, url, token = start_review(data)
+    post = f"{url}/review/api/decisions"
+    try:
+        queue = requests.get(f"{url}/review/api/groups?limit=500").json()["groups"]
+        group = queue[0]["group"]
+        shown = queue[0]["shown"][0]
+        body = {"reviewer": "eve", "decision": "drop", "group": group}
+        text = __import__("json").dumps(body)
+        json_type = {"content-type": "application/json"}
+        cases = {
+            "text/plain, as a cross-site page may send": (
+                dict(data=text, headers={"content-type": "text/plain",
+                                         "x-review-token": token}), 415, "application/json"),
+            "a form post": (dict(data={"reviewer": "eve", "decision": "drop"},
+                                 headers={"x-review-token": token}), 415, "application/json"),
+            "another origin": (dict(data=text, headers={**json_type, "x-review-token": token,
+                                                        "origin": "http://evil.example"}),
+                               403, "cross-origin"),
+            "no token": (dict(data=text, headers=json_type), 403, "x-review-token"),
+            "a wrong token": (dict(data=text, headers={**json_type, "x-review-token": "x"}),
+                              403, "x-review-token"),
+            "a picture outside the queue": (
+                dict(json={"reviewer": "eve", "decision": "drop", "pictures": [[1, 0]]},
+                     headers={"x-review-token": token}), 404, "not in the review queue"),
+            "a 2 MB body": (dict(json={**body, "note": "x" * 2_000_000},
+                                 headers={"x-review-token": token}), 413,
+                            "serve.review_max_body_bytes"),
+            "JSON nested 30,000 deep": (dict(data="[" * 30_000 + "]" * 30_000,
+                                              headers={**json_type, "x-review-token": token}),
+                                         422, "nested too deep"),
+        }
+        for name, (kwargs, status, words) in cases.items():
+            r = requests.post(post, timeout=30, **kwargs)
+            assert r.status_code == status and words in r.json()["detail"], (name, r.text)
+        assert not list(Path(ct.reviews_path(data)).glob("*.parquet")), "a refusal wrote"
+        # the page's own request: same origin, JSON, the token
+        r = requests.post(post, timeout=30, json={"reviewer": "ana", "decision": "keep",
+                                                  "pictures": [[shown["product_id"],
+                                                                shown["img_idx"]]]},
+                          headers={"x-review-token": token, "origin": url})
+        assert r.status_code == 200 and r.json()["written"] == 1, r.text
+        assert data not in r.text and "/tmp" not in r.text
+        assert len(list(Path(ct.reviews_path(data)).glob("*.parquet"))) == 1
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for f in Path(ct.reviews_path(data)).glob("*.parquet"):
+            f.unlink()
+
+
 def test_review_page_drop_a_group_in_chromium_and_training_honours_it(curated, spark,
                                                                       tmp_path):
     import requests
@@ -245,23 +331,9 @@ def test_review_page_drop_a_group_in_chromium_and_training_honours_it(curated, s
     from hierarchy.curate.pipeline import run_curate
 
     data = curated["data"]
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "hierarchy"), "review", "--data", data, "--port",
-                             str(port), "-q"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, token = start_review(data)
     shot = tmp_path / "review.png"
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if requests.get(f"{url}/health/live", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.time() < deadline, "the review page did not start in 60 s"
-            time.sleep(0.3)
         queue = requests.get(f"{url}/review/api/groups?limit=500").json()
         target = next(g for g in queue["groups"] if "placeholder" in g["flags"])
         rows = curation_rows(data)
@@ -276,7 +348,7 @@ def test_review_page_drop_a_group_in_chromium_and_training_honours_it(curated, s
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
             try:
                 page = browser.new_page(viewport={"width": 1200, "height": 900})
-                page.goto(f"{url}/review")
+                page.goto(f"{url}/review#token={token}")  # the link the server printed
                 page.wait_for_selector("section.group")
                 page.fill("#reviewer", "ana")
                 card = page.locator(f'section[data-group="{target["group"]}"]')

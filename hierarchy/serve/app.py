@@ -26,17 +26,19 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import json
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from hierarchy.serve.classifier import JPEG_MAGIC, Classifier, MicroBatcher, Product
+from hierarchy.serve.guard import BodyLimit, BodyTooLarge
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -48,64 +50,80 @@ class BadInput(Exception):
         self.status, self.detail = status, detail
 
 
-class BodyTooLarge(Exception):
-    pass
+# the body /v1/classify reads itself (one multipart product or a JSON batch), declared so
+# that /docs can send both
+_JPEGS = {"type": "array", "items": {"type": "string", "format": "binary"}}
+CLASSIFY_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"],
+        "properties": {"files": {**_JPEGS, "description": "the product's JPEGs "
+                                                          "(1..serve.max_pictures)"},
+                       "id": {"type": "string", "description": "echoed in the answer"}}}},
+    "application/json": {"schema": {
+        "type": "object", "required": ["products"],
+        "properties": {"products": {"type": "array", "description": "up to serve.max_products",
+                                    "items": {"type": "object", "required": ["pictures"],
+                                              "properties": {
+                                                  "id": {"type": "string"},
+                                                  "pictures": {"type": "array", "items": {
+                                                      "type": "string", "format": "byte",
+                                                      "description": "a base64 JPEG"}}}}}}}}}}
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes ends in 413 as soon as it is
-    read past the limit (a missing or lying Content-Length changes nothing)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge()
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        try:
-            if declared is not None and int(declared) > self.limit:
-                raise BodyTooLarge()
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            body = json.dumps({"detail": f"request body over {self.limit} bytes "
-                                         f"(serve.max_body_bytes)"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+BOMB = -1  # declared_pixels of a header Pillow refuses outright (over 2 x its MAX_IMAGE_PIXELS)
 
 
-def _check_picture(raw: bytes, where: str, limit: int) -> bytes:
-    if len(raw) > limit:
-        raise BadInput(413, f"{where} is {len(raw)} bytes; the limit is {limit} "
-                            f"(serve.max_picture_bytes)")
-    if not raw.startswith(JPEG_MAGIC):
-        raise BadInput(415, f"{where} is not a JPEG (it starts with {raw[:4].hex() or 'nothing'})")
-    return raw
+def declared_pixels(raw: bytes) -> Optional[int]:
+    """Width x height a JPEG's header declares, read without decoding (None when Pillow
+    cannot read the header: the decode then says the picture is broken). A 692-byte JPEG
+    may declare 65500 x 65500 pixels: decoding it first would cost ~190 MB and seconds."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:  # Pillow's own refusal, before it tells the size
+        return BOMB
+    except Exception:  # noqa: BLE001 - any unreadable header is the decoder's to report
+        return None
+    return width * height
 
 
-def _json_pictures(pid: str, item, max_pics: int, max_bytes: int) -> List[bytes]:
+class Limits:
+    """One request's limits: bytes and declared pixels per picture, pixels over the request
+    (taken as pictures are accepted, so a JSON batch refuses the products past the budget
+    and answers the others)."""
+
+    def __init__(self, scfg: dict):
+        self.max_bytes = int(scfg["max_picture_bytes"])
+        self.max_pixels = int(scfg["max_picture_pixels"])
+        self.left = int(scfg["max_request_pixels"])
+
+    def check(self, raw: bytes, where: str) -> bytes:
+        if len(raw) > self.max_bytes:
+            raise BadInput(413, f"{where} is {len(raw)} bytes; the limit is {self.max_bytes} "
+                                f"(serve.max_picture_bytes)")
+        if not raw.startswith(JPEG_MAGIC):
+            raise BadInput(415, f"{where} is not a JPEG (it starts with "
+                                f"{raw[:4].hex() or 'nothing'})")
+        pixels = declared_pixels(raw)
+        if pixels is not None and (pixels == BOMB or pixels > self.max_pixels):
+            raise BadInput(413, f"{where} declares {_pixels_text(pixels)} pixels; ours is "
+                                f"{self.max_pixels} (serve.max_picture_pixels)")
+        if pixels is not None and pixels > self.left:
+            raise BadInput(413, f"{where} would take the request over its decoded pixels "
+                                f"(serve.max_request_pixels): send fewer or smaller pictures")
+        self.left -= pixels or 0
+        return raw
+
+
+def _pixels_text(pixels: int) -> str:
+    from PIL import Image
+
+    return f"more than {2 * Image.MAX_IMAGE_PIXELS}" if pixels == BOMB else str(pixels)
+
+
+def _json_pictures(pid: str, item, max_pics: int, limits: Limits) -> List[bytes]:
     """One JSON product's pictures as JPEG bytes, or the BadInput that names its problem."""
     pics = item.get("pictures") if isinstance(item, dict) else None
     if not isinstance(pics, list):
@@ -119,11 +137,11 @@ def _json_pictures(pid: str, item, max_pics: int, max_bytes: int) -> List[bytes]
             raw = base64.b64decode(text, validate=True)
         except (binascii.Error, TypeError, ValueError):
             raise BadInput(422, f"product {pid} picture {i}: not base64") from None
-        raws.append(_check_picture(raw, f"product {pid} picture {i}", max_bytes))
+        raws.append(limits.check(raw, f"product {pid} picture {i}"))
     return raws
 
 
-def create_app(classifier: Classifier, scfg: dict, data=None):
+def create_app(classifier: Classifier, scfg: dict, data=None, token: str = ""):
     # (FastAPI reads the endpoints' annotations, Request included, from this module's names)
     batcher_box: dict = {}
 
@@ -145,7 +163,7 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
     if data:
         from hierarchy.serve.review import create_review_router
 
-        app.include_router(create_review_router(data))
+        app.include_router(create_review_router(data, token))
 
     @app.exception_handler(BadInput)
     async def bad_input(request, exc: BadInput):
@@ -175,7 +193,7 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
         size and format. A request-wide problem raises; in a JSON batch a product's own
         problem is its entry (the others go on)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        max_pics, max_bytes = int(scfg["max_pictures"]), int(scfg["max_picture_bytes"])
+        max_pics, limits = int(scfg["max_pictures"]), Limits(scfg)
         if ctype == "multipart/form-data":
             form = await request.form(max_files=1000, max_fields=1000)
             files = [v for _, v in form.multi_items() if hasattr(v, "read")]
@@ -184,13 +202,16 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
                                     f"(serve.max_pictures)")
             raws = [await f.read() for f in files]
             pid = str(form.get("id") or "0")
-            return [(pid, [_check_picture(r, f"picture {i} ({files[i].filename})", max_bytes)
+            return [(pid, [limits.check(r, f"picture {i} ({files[i].filename})")
                            for i, r in enumerate(raws)])]
         if ctype == "application/json":
             try:
                 doc = json.loads(await request.body())
             except (ValueError, UnicodeDecodeError) as exc:
                 raise BadInput(422, f"body is not JSON: {exc}") from None
+            except RecursionError:
+                raise BadInput(422, 'body is JSON nested too deep: expected {"products": '
+                                    '[{"id": ..., "pictures": [base64 JPEG, ...]}, ...]}') from None
             items = doc.get("products") if isinstance(doc, dict) else None
             if not isinstance(items, list):
                 raise BadInput(422, 'expected {"products": [{"id": ..., "pictures": '
@@ -202,7 +223,7 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
             for n, item in enumerate(items):
                 pid = str(item.get("id", n)) if isinstance(item, dict) else str(n)
                 try:
-                    out.append((pid, _json_pictures(pid, item, max_pics, max_bytes)))
+                    out.append((pid, _json_pictures(pid, item, max_pics, limits)))
                 except BadInput as exc:
                     out.append((pid, exc))
             if not out:
@@ -211,7 +232,7 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
         raise BadInput(415, f"content type {ctype or 'missing'}: send multipart/form-data "
                             f"(field 'files') or application/json")
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", openapi_extra={"requestBody": CLASSIFY_BODY})
     async def classify(request: Request):
         t0 = time.perf_counter()
         if not classifier.ready.is_set():
@@ -263,19 +284,29 @@ def create_app(classifier: Classifier, scfg: dict, data=None):
                               "model": round(model_s * 1000, 2),
                               "total": round((time.perf_counter() - t0) * 1000, 2)}}
 
-    return BodyLimit(app, int(scfg["max_body_bytes"]))
+    from hierarchy.serve.review import review_limits
+
+    return BodyLimit(app, int(scfg["max_body_bytes"]), review_limits(scfg) if data else None)
 
 
 def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None,
-          data=None) -> int:
+          data=None, allow_remote: bool = False) -> int:
     """Check the run (refusals before the socket opens), then run uvicorn until stopped."""
     import uvicorn
 
+    from hierarchy.serve import guard
+    from hierarchy.serve.review import review_link
+
     scfg = cfg["serve"]
-    classifier = Classifier(cfg, models, run_id, strategy)
-    app = create_app(classifier, scfg, data)
     host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
+    guard.check_host(host, allow_remote, "the classify API" + (" and the review page"
+                                                                 if data else ""))
+    classifier = Classifier(cfg, models, run_id, strategy)
+    token = guard.new_token() if data else ""
+    app = create_app(classifier, scfg, data, token)
     print(f"serving run {run_id} ({classifier.strategy}) on http://{host}:{port}/ "
           f"(API docs at /docs)", flush=True)
+    if data:
+        print(review_link(data, host, port, token), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

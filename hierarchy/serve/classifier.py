@@ -70,7 +70,9 @@ class Classifier:
             self.scorer = BatchScorer(self.plan)
             self.ready.set()
         except Exception as exc:  # noqa: BLE001 - reported by /health/ready, not a crash
-            self.error = f"{type(exc).__name__}: {exc}"
+            # the answer names the kind of failure only: the message holds the server's
+            # paths, which stay in its log
+            self.error = f"{type(exc).__name__} (the server's log has the details)"
             log.exception("loading the models failed")
 
     def describe(self) -> dict:

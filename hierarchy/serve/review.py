@@ -7,7 +7,10 @@ categories; a reviewer marks a picture or a whole group keep / drop / relabel.
     GET  /review/picture/{pid}/{idx}  a queued picture's JPEG, bytes as ingested
     POST /review/api/decisions        {"reviewer", "decision": keep|drop|relabel,
                                        "category_id" (relabel), "group" or "pictures":
-                                       [[product_id, img_idx], ...], "note"}
+                                       [[product_id, img_idx], ...], "note"}; same origin,
+                                       application/json, the server's token in
+                                       X-Review-Token (:mod:`hierarchy.serve.guard`), under
+                                       serve.review_max_body_bytes, only queued pictures
 
 The queue is what ``hierarchy curate`` wrote to ``curation_report/review/``; decisions go to
 ``reviews/`` (one new file per decision: :func:`hierarchy.curate.table.append_reviews`), which
@@ -17,6 +20,7 @@ group, not only the pictures shown.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Dict, List
@@ -28,8 +32,10 @@ from hierarchy import storage
 from hierarchy.curate import table as ct
 from hierarchy.dataset import Dataset
 from hierarchy.errors import Refused
+from hierarchy.serve import guard
 
 STATIC = Path(__file__).resolve().parent / "static"
+MAX_TEXT = 2000  # characters of a reviewer's name or note
 
 
 class NotCurated(Refused, RuntimeError):
@@ -56,6 +62,10 @@ class ReviewQueue:
             storage.join(_queue_dir(data), "groups")).to_pylist()
         self.groups.sort(key=lambda g: g["position"])
         self.by_id: Dict[str, dict] = {g["review_group"]: g for g in self.groups}
+        # a decision names only pictures of the queue: the reviews table is read by every
+        # training, so nothing else may reach it through this page
+        self.queued = {(int(m["product_id"]), int(m["img_idx"]))
+                       for g in self.groups for m in g["members"]}
         self.pictures: Dict[tuple, bytes] = {}
         self.shown: Dict[str, List[dict]] = {}
         for p in storage.read_parquet(storage.join(_queue_dir(data), "pictures")).to_pylist():
@@ -98,6 +108,8 @@ class ReviewQueue:
         decision = body.get("decision")
         if not reviewer:
             raise ValueError("who is deciding? 'reviewer' is required")
+        if len(reviewer) > MAX_TEXT or len(str(body.get("note") or "")) > MAX_TEXT:
+            raise ValueError(f"'reviewer' and 'note' are at most {MAX_TEXT} characters")
         if decision not in ct.DECISIONS:
             raise ValueError(f"decision {decision!r}: one of {', '.join(ct.DECISIONS)}")
         category = body.get("category_id")
@@ -122,19 +134,24 @@ class ReviewQueue:
             if not isinstance(pics, list) or not pics:
                 raise ValueError("send 'group' or 'pictures': [[product_id, img_idx], ...]")
             try:
-                members = [(int(p[0]), int(p[1])) for p in pics]
-            except (TypeError, ValueError, IndexError):
+                members = list(dict.fromkeys((int(p[0]), int(p[1])) for p in pics))
+            except (TypeError, ValueError, IndexError, KeyError):
                 raise ValueError("'pictures' must be [[product_id, img_idx], ...]") from None
+            outside = [m for m in members if m not in self.queued]
+            if outside:
+                raise LookupError(f"picture {outside[0][0]}/{outside[0][1]} is not in the "
+                                  f"review queue ({len(outside)} of {len(members)} are not)")
             target, group_id = "picture", body.get("group_id")
         rows = [{"target": target, "group_id": group_id, "product_id": pid, "img_idx": idx,
                  "decision": decision, "category_id": category, "reviewer": reviewer,
-                 "note": body.get("note")} for pid, idx in members]
+                 "note": body.get("note") and str(body["note"])} for pid, idx in members]
         with self.lock:
-            path = ct.append_reviews(self.data, rows)
-        return {"written": len(rows), "file": path, "decision": decision, "target": target}
+            ct.append_reviews(self.data, rows)
+        # (no file name in the answer: a server's paths are nobody's business on the page)
+        return {"written": len(rows), "decision": decision, "target": target}
 
 
-def create_review_router(data: str) -> APIRouter:
+def create_review_router(data: str, token: str) -> APIRouter:
     queue = ReviewQueue(data)
     router = APIRouter()
 
@@ -160,10 +177,16 @@ def create_review_router(data: str) -> APIRouter:
 
     @router.post("/review/api/decisions")
     async def decisions(request: Request):
+        refused = guard.write_refusal(request.headers, token)
+        if refused:
+            return JSONResponse({"detail": refused[1]}, status_code=refused[0])
         try:
-            body = await request.json()
-        except ValueError:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
             return JSONResponse({"detail": "body is not JSON"}, status_code=422)
+        except RecursionError:
+            return JSONResponse({"detail": "body is JSON nested too deep: expected one "
+                                           "object of a decision"}, status_code=422)
         if not isinstance(body, dict):
             return JSONResponse({"detail": "expected a JSON object"}, status_code=422)
         try:
@@ -176,18 +199,30 @@ def create_review_router(data: str) -> APIRouter:
     return router
 
 
-def review_server(cfg, data: str, host=None, port=None) -> int:
+def review_limits(scfg: dict) -> dict:
+    """The review API's own body limit, for :class:`hierarchy.serve.guard.BodyLimit`."""
+    return {"/review/": (int(scfg["review_max_body_bytes"]), "serve.review_max_body_bytes")}
+
+
+def review_link(data: str, host: str, port: int, token: str) -> str:
+    return f"review page of {data} on http://{host}:{port}/review#token={token}"
+
+
+def review_server(cfg, data: str, host=None, port=None, allow_remote: bool = False) -> int:
     import uvicorn
 
     scfg = cfg["serve"]
+    host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
+    guard.check_host(host, allow_remote, "the review page")
+    token = guard.new_token()
     app = FastAPI(title="hierarchy review", version="1")
-    app.include_router(create_review_router(data))
+    app.include_router(create_review_router(data, token))
 
     @app.get("/health/live")
     async def live():
         return {"status": "live"}
 
-    host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
-    print(f"review page of {data} on http://{host}:{port}/review", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    print(review_link(data, host, port, token), flush=True)
+    uvicorn.run(guard.BodyLimit(app, int(scfg["max_body_bytes"]), review_limits(scfg)),
+                host=host, port=port, log_level="warning", access_log=False)
     return 0

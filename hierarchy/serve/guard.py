@@ -1,0 +1,126 @@
+"""What every endpoint of ``hierarchy serve`` and ``hierarchy review`` is protected by: a
+request body read no further than its limit, a bind address that stays on the machine unless
+asked, and for the review page's writes a per-server token, same-origin and JSON only.
+
+Why a token and not only the Origin check: a browser sends no Origin on some same-site
+requests and other clients send what they like; a page on another site cannot read the
+token (it travels in the printed link's fragment, which no server or log sees, then in a
+custom header, which a cross-origin request cannot set without a CORS preflight this server
+never grants).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+from typing import Dict, Optional
+from urllib.parse import urlsplit
+
+from hierarchy.errors import Refused
+
+TOKEN_HEADER = "x-review-token"
+# a team that wants a stable token (several reviewers behind one link) sets it here rather
+# than in a conf file that lands in version control
+TOKEN_ENV = "HIERARCHY_REVIEW_TOKEN"
+
+
+class RemoteRefused(Refused, ValueError):
+    pass
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def new_token() -> str:
+    return os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str, allow_remote: bool, what: str) -> None:
+    """Refuse, before a socket opens, to bind ``what`` beyond this machine unless asked."""
+    if not is_loopback(host) and not allow_remote:
+        raise RemoteRefused(
+            f"--host {host} is reachable from the network: {what} would answer anyone who "
+            f"reaches it; pass --allow-remote to mean it (review decisions still need the "
+            f"token the server prints), or keep 127.0.0.1 behind a proxy with TLS")
+
+
+def write_refusal(headers, token: str) -> Optional[tuple]:
+    """(status, detail) that refuses a write, or None: same origin, JSON, the token."""
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host",
+                                                                             "").lower():
+        return 403, "cross-origin request refused: decisions come from the review page itself"
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        return 415, f"content type {ctype or 'missing'}: decisions are application/json"
+    given = headers.get(TOKEN_HEADER, "")
+    if not given or not hmac.compare_digest(given.encode(), token.encode()):
+        return 403, (f"missing or wrong {TOKEN_HEADER}: open the review page through the link "
+                     f"the server printed at start (it carries the token)")
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over its limit ends in 413 as soon as it is read past
+    it (a missing or lying Content-Length changes nothing). ``limits`` gives a path prefix
+    its own, smaller limit (the review page's decisions are a few hundred bytes)."""
+
+    def __init__(self, app, limit: int, limits: Optional[Dict[str, tuple]] = None,
+                 key: str = "serve.max_body_bytes"):
+        self.app, self.limit, self.key = app, limit, key
+        self.limits = limits or {}
+
+    def _limit_of(self, path: str) -> tuple:
+        for prefix, (limit, key) in self.limits.items():
+            if path.startswith(prefix):
+                return limit, key
+        return self.limit, self.key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, key = self._limit_of(scope.get("path", ""))
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit, key)
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise BodyTooLarge(limit, key)
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            body = json.dumps({"detail": f"request body over {limit} bytes ({key})"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
