@@ -20,7 +20,14 @@ from hierarchy import modelstore, storage
 from hierarchy.config import load_config
 from hierarchy.curate.table import FLAGS
 from hierarchy.dataset import KINDS
-from hierarchy.errors import EXIT_OK, EXIT_USAGE, HierarchyError, UsageError
+from hierarchy.errors import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    HierarchyError,
+    UsageError,
+    environment_fault,
+)
 from hierarchy.infer.modelset import AUTO, STRATEGIES, resolve_strategy
 
 EPILOG = """\
@@ -133,6 +140,12 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
                                                "%(message)s", datefmt="%H:%M:%S"))
         handler._hierarchy = True
         root.addHandler(handler)
+
+
+def _allow_remote(p) -> None:
+    p.add_argument("--allow-remote", action="store_true",
+                   help="bind a --host other than loopback (refused without it: the page and "
+                        "API have no login; review writes still need the printed token)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="dataset folder (default paths.data)")
     p.add_argument("--host", help="default serve.host")
     p.add_argument("--port", type=_count(0), help="default serve.port")
+    _allow_remote(p)
     _common(p)
 
     p = sub.add_parser("runs", help="list or drop runs of the predictions table",
@@ -307,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_count(0), help="default serve.port")
     p.add_argument("--data", metavar="DIR",
                    help="also serve this curated dataset's review page at /review")
+    _allow_remote(p)
     _common(p)
     return parser
 
@@ -340,7 +355,7 @@ def _with_spark(cfg, stage: str, job):
     """Run ``job(spark)`` in a session named after the stage, stopped whatever happens."""
     from hierarchy.spark import get_spark, stop_spark
 
-    spark = get_spark(cfg, stage)
+    spark = get_spark(cfg, stage, hold_metastore=True)
     try:
         return job(spark)
     finally:
@@ -536,7 +551,8 @@ def _serve(args, cfg) -> dict:
         from hierarchy.serve.review import require_curated
 
         require_curated(args.data)
-    serve(cfg, args.models, args.run_id, args.strategy, args.host, args.port, data=args.data)
+    serve(cfg, args.models, args.run_id, args.strategy, args.host, args.port, data=args.data,
+          allow_remote=args.allow_remote)
     return {"run_id": args.run_id}
 
 
@@ -563,7 +579,7 @@ def _curate(args, cfg) -> dict:
 def _review(args, cfg) -> dict:
     from hierarchy.serve.review import review_server
 
-    review_server(cfg, args.data, args.host, args.port)
+    review_server(cfg, args.data, args.host, args.port, allow_remote=args.allow_remote)
     return {"data": args.data}
 
 
@@ -620,6 +636,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         _emit(job_summary(args.stage, status, exc.exit_code, started, dry_run=dry,
                           error=str(exc)))
         return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - a full disk is the machine's, not a bug
+        fault = environment_fault(exc, next((getattr(args, a) for a in ("output", "models",
+                                                                        "data")
+                                            if getattr(args, a, None)), None))
+        if fault is None:
+            _emit(job_summary(args.stage, "crash", 1, started, dry_run=dry,
+                              error=f"{type(exc).__name__}: {exc}"))
+            raise
+        logging.getLogger("hierarchy").debug("%s failed", args.stage, exc_info=True)
+        print(f"hierarchy {args.stage}: error: {fault}", file=sys.stderr)
+        _emit(job_summary(args.stage, "refused", EXIT_REFUSED, started, dry_run=dry,
+                          error=fault))
+        return EXIT_REFUSED
     except BaseException as exc:
         code = 130 if isinstance(exc, KeyboardInterrupt) else 1
         _emit(job_summary(args.stage, "crash", code, started, dry_run=dry,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from hierarchy import storage
 from hierarchy.errors import Refused
@@ -45,6 +45,16 @@ STAGING = "_staging"
 
 class DatasetNotReady(Refused, RuntimeError):
     """A dataset folder a stage cannot use yet: no manifest, or a kind not committed."""
+
+
+class DatasetDamaged(Refused, RuntimeError):
+    """A committed part is missing, truncated or rewritten, or a part sits beside them that
+    the commit did not write."""
+
+
+# (root, kind, commit time) already checked by this process: evaluate checks its dataset
+# once per strategy, and a part is not re-read each time
+_VERIFIED: set = set()
 
 
 def kind_of_split(split: str) -> str:
@@ -129,14 +139,51 @@ class Dataset:
                 raise DatasetNotReady(
                     f"{self.root}: the {kind} ingest is {status or 'missing'}, not complete — "
                     f"re-run `hierarchy ingest --kind {kind}` into this folder")
+            self.verify(manifest, kind)
         return manifest
+
+    def folders(self, kind: str) -> List[str]:
+        """The partition folders an ingest of ``kind`` commits (relative to the root)."""
+        return [f"images/split={s}" for s in KIND_SPLITS[kind]] + [f"products/kind={kind}"]
+
+    def parts(self, kind: str) -> Dict[str, List[list]]:
+        """{folder: [[part name, rows, bytes], ...]} of a kind's committed folders: what the
+        manifest records at commit and :meth:`verify` compares against."""
+        return {folder: [[name, storage.parquet_rows(loc), storage.file_info(loc).size]
+                         for name, loc in _parquet_parts(self.path(folder)).items()]
+                for folder in self.folders(kind)}
+
+    def verify(self, manifest: dict, kind: str) -> None:
+        """Every part of ``kind`` the manifest lists is there, whole (its size, and the rows
+        its footer declares), and no other part sits beside them: a damaged dataset is one
+        line naming the file and the repair, before any work. A dataset committed before
+        parts were recorded has nothing to compare against and passes."""
+        entry = manifest["kinds"][kind]
+        stamp = (self.root, kind, entry.get("finished"))
+        if entry.get("parts") is None or stamp in _VERIFIED:
+            return
+        repair = f"re-run `hierarchy ingest --kind {kind}` into {self.root}"
+        for folder, parts in entry["parts"].items():
+            found = _parquet_parts(self.path(folder))
+            for name, rows, size in parts:
+                loc = found.pop(name, None)
+                if loc is None:
+                    raise DatasetDamaged(f"{self.path(folder, name)}: missing ({rows} rows in "
+                                         f"{MANIFEST_FILE}) — {repair}")
+                problem = _part_problem(loc, rows, size)
+                if problem:
+                    raise DatasetDamaged(f"{loc}: {problem} — {repair}")
+            if found:
+                raise DatasetDamaged(f"{min(found.values())}: not in {MANIFEST_FILE} (written "
+                                     f"after the commit?) — remove it or {repair}")
+        _VERIFIED.add(stamp)
 
     def begin_kind(self, manifest: dict, kind: str, taxonomy: Taxonomy) -> None:
         manifest["kinds"][kind] = {"status": "committing", "started": _now()}
         self._write_manifest(manifest, taxonomy)
 
     def finish_kind(self, manifest: dict, kind: str, entry: dict, taxonomy: Taxonomy) -> None:
-        manifest["kinds"][kind] = {**entry, "finished": _now()}
+        manifest["kinds"][kind] = {**entry, "parts": self.parts(kind), "finished": _now()}
         self._write_manifest(manifest, taxonomy)
 
     def _write_manifest(self, manifest: dict, taxonomy: Taxonomy) -> None:
@@ -151,6 +198,23 @@ class Dataset:
         manifest["splits"] = dict(sorted(splits.items()))
         manifest["updated"] = _now()
         storage.write_json_atomic(self.manifest_path, manifest)
+
+
+def _parquet_parts(folder: str) -> Dict[str, str]:
+    return {name: loc for name, loc, is_file in storage.list_dir(folder)
+            if is_file and name.endswith(".parquet")}
+
+
+def _part_problem(loc: str, rows: int, size: int) -> Optional[str]:
+    """What is wrong with a committed part, or None."""
+    got = storage.file_info(loc).size
+    if got != size:
+        return f"{got} bytes, {MANIFEST_FILE} says {size} (truncated or rewritten)"
+    try:
+        got = storage.parquet_rows(loc)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        return f"not a readable Parquet file ({exc})"
+    return None if got == rows else f"{got} rows, {MANIFEST_FILE} says {rows}"
 
 
 def images_in(manifest: dict, split: str, branch: Optional[int] = None) -> int:

@@ -15,6 +15,9 @@ Anything else is a bug or an environment failure and ends in a traceback (exit 1
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
@@ -32,3 +35,51 @@ class UsageError(HierarchyError):
 
 class Refused(HierarchyError):
     exit_code = EXIT_REFUSED
+
+
+# ------------------------------------------------------------------ the environment
+# What the machine refused rather than the data or the command: found in the exception chain,
+# as an OSError's errno or as the words Java, Hadoop, TensorFlow and h5py put in their messages
+_FAULTS = (
+    ((28, 122), ("No space left on device", "Disk quota exceeded"),
+     "no space left on the device", "free space there, or point the job at a bigger disk"),
+    ((13, 1), ("Permission denied", "Operation not permitted"),
+     "permission denied", "give this user write access, or choose another folder"),
+    ((30,), ("Read-only file system",),
+     "the file system is read-only", "choose a writable folder"),
+)
+_PATH = re.compile(r"(?:file:)?(/[^\s'\",;:()\]]+)")
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def environment_fault(exc: BaseException, writing: Optional[str] = None) -> Optional[str]:
+    """One line naming the path and what to do when ``exc`` is the machine refusing (a full
+    disk, a denied permission, a read-only file system), else None. The path is the one the
+    failing call names, else one on the line that says what failed, else ``writing`` (the
+    folder the job writes: a Spark worker's "[Errno 28]" names no file)."""
+    for err in _chain(exc):
+        text = str(err)
+        for errnos, words, what, todo in _FAULTS:
+            if getattr(err, "errno", None) in errnos or any(w in text for w in words):
+                return f"{_fault_path(err, words, writing)}{what} — {todo} (the stack trace " \
+                       f"is logged with -v)"
+    return None
+
+
+def _fault_path(err: BaseException, words: tuple, writing: Optional[str]) -> str:
+    path = getattr(err, "filename", None)
+    if not path:
+        lines = [line for line in str(err).splitlines() if any(w in line for w in words)]
+        found = [m.group(1) for line in lines for m in _PATH.finditer(line)
+                 if not m.group(1).endswith(".py")]
+        path = found[0] if found else None
+    if path:
+        return f"{path}: "
+    return f"writing under {writing}: " if writing else ""

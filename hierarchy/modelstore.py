@@ -57,6 +57,37 @@ STATE_FILE = "state.json"
 MLRUNS = "mlruns"
 
 
+class ModelDamaged(Refused, RuntimeError):
+    """A saved model file that cannot be whole: not HDF5, or shorter than its header says."""
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def model_file_problem(url: str) -> Optional[str]:
+    """What makes a saved model unloadable, read from its first bytes and its size (any
+    filesystem, no h5py): not an HDF5 file, or fewer bytes than the end-of-file address its
+    superblock records (a copy or a save cut short: h5py would fail minutes later, inside a
+    Spark task). None when it looks whole."""
+    size = storage.file_info(url).size
+    head = storage.read_head(url, 96)
+    if not head.startswith(HDF5_SIGNATURE):
+        return "not an HDF5 file (Keras saves the pipeline's models as .h5)"
+    version = head[8]
+    if version in (0, 1):    # base, free-space and then end-of-file addresses follow the
+        width = head[13]     # fixed fields (4 more bytes in version 1)
+        at = 24 + (4 if version == 1 else 0) + 2 * width
+    elif version in (2, 3):  # base, superblock extension, then end-of-file address
+        width = head[9]
+        at = 12 + 2 * width
+    else:
+        return None
+    eof = int.from_bytes(head[at:at + width], "little")
+    if len(head) < at + width or size < eof:
+        return f"{size} bytes where its header says {eof}: truncated"
+    return None
+
+
 class RunMismatch(Refused, RuntimeError):
     """A model would join a run it does not belong to (another taxonomy)."""
 
@@ -237,6 +268,12 @@ class Run:
     # ---------------------------------------------------------------- models present
     def has_model(self, key: str) -> bool:
         return storage.exists(self.model_file(key))
+
+    def trained(self, key: str) -> bool:
+        """The model is on disk or run.json records it as trained (its file then went
+        missing: a strategy that needs it must refuse, never fall back to another model)."""
+        entry = self.read().get("models", {}).get(key)
+        return self.has_model(key) or (entry is not None and not entry.get("status"))
 
     def branch_ids(self) -> List[int]:
         """Level-1 ids with a branch folder, ascending."""

@@ -10,7 +10,20 @@ from typing import Any, Callable, List, Optional
 
 from hierarchy import spark_cds, storage
 from hierarchy.config import Config
-from hierarchy.errors import UsageError
+from hierarchy.errors import Refused, UsageError
+
+
+# ------------------------------------------------------------------ SQL text
+# Names and locations reach Spark SQL as text: every statement the pipeline builds quotes
+# them here (a dataset folder may hold a quote, a space or any letter)
+def sql_literal(value: str) -> str:
+    """A Spark SQL string literal (backslash escapes are Spark's default)."""
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def sql_name(*parts: str) -> str:
+    """``db.table`` as a quoted identifier (each part in backticks, backticks doubled)."""
+    return ".".join("`" + str(p).replace("`", "``") + "`" for p in parts)
 
 
 def launched_by_spark_submit() -> bool:
@@ -22,9 +35,11 @@ def launched_by_spark_submit() -> bool:
 
 
 def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = None,
-              catalog: bool = True):
+              catalog: bool = True, hold_metastore: bool = False):
     """The session spark-submit already configured, or a local one from ``cfg.spark``;
-    ``catalog=False`` for a job that registers no table (no Hive metastore is opened).
+    ``catalog=False`` for a job that registers no table (no Hive metastore is opened);
+    ``hold_metastore`` for one that writes tables: an embedded Derby metastore is opened at
+    once and held (see :func:`refuse_busy_derby`).
 
     Executors must run this interpreter (same numpy/pyarrow/TF), so PYSPARK_PYTHON defaults
     to it for local runs; under spark-submit on a cluster the submitter's setting wins."""
@@ -43,6 +58,9 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
     # petastorm 0.13.1 on the pinned pyarrow 14 warns about its own legacy-API use from every
     # Python worker; nothing a user can act on, so keep job logs readable
     conf = {"spark.executorEnv.PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+    derby = catalog and hold_metastore and _derby_path(cfg["catalog"])
+    if derby and not _session_active():
+        refuse_busy_derby(derby)
     if catalog:
         builder, catalog_conf = _with_catalog(builder, cfg["catalog"])
         conf.update(catalog_conf)
@@ -55,7 +73,50 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    if derby:
+        # open the metastore now and hold it for the job's life: a second job started later
+        # is refused at its start instead of failing minutes in at its first table write
+        spark.sql("SHOW DATABASES").collect()
     return spark
+
+
+class MetastoreBusy(Refused, RuntimeError):
+    pass
+
+
+def _derby_path(catalog: dict) -> Optional[str]:
+    url = catalog["metastore"]
+    return os.path.abspath(url) if url and not url.startswith("jdbc:") else None
+
+
+def _session_active() -> bool:
+    from pyspark import SparkContext
+
+    return SparkContext._active_spark_context is not None
+
+
+def refuse_busy_derby(path: str) -> None:
+    """Refuse, before Spark starts, an embedded Derby metastore another process has open.
+    Derby holds a lock on ``dbex.lck`` (Java's FileChannel lock: a POSIX record lock, which
+    ``fcntl.lockf`` sees) for as long as a JVM has the database booted."""
+    import fcntl
+
+    lock = os.path.join(path, "dbex.lck")
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return  # never booted, or booted by nobody now
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+    except OSError:
+        raise MetastoreBusy(
+            f"catalog.metastore {path}: another job has this embedded Derby metastore open, "
+            f"and Derby lets one process in at a time — wait for it, or share a PostgreSQL "
+            f"metastore between concurrent jobs (`make metastore`, then catalog.metastore="
+            f"jdbc:postgresql://...)") from None
+    finally:
+        os.close(fd)
 
 
 def stop_spark(spark) -> None:

@@ -128,6 +128,15 @@ def list_files(url: str, suffix: str = "") -> List[str]:
     return [loc for name, loc, is_file in list_dir(url) if is_file and name.endswith(suffix)]
 
 
+def parquet_rows(url: str) -> int:
+    """Rows a Parquet file's footer declares (one small read: a truncated or foreign file
+    raises ``pa.ArrowInvalid`` / ``OSError``)."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(url)
+    return pq.read_metadata(path, filesystem=fs).num_rows
+
+
 # ------------------------------------------------------------------ changes
 def make_dir(url: str) -> None:
     fs, path = resolve(url)
@@ -164,6 +173,13 @@ def read_bytes(url: str) -> bytes:
     fs, path = resolve(url)
     with fs.open_input_stream(path) as fh:
         return fh.read()
+
+
+def read_head(url: str, n: int) -> bytes:
+    """The first ``n`` bytes of a file (one small read, on any filesystem)."""
+    fs, path = resolve(url)
+    with fs.open_input_file(path) as fh:
+        return fh.read(n)
 
 
 def read_text(url: str) -> str:
@@ -293,6 +309,14 @@ def _require(url: str, what: str, want: pafs.FileType) -> pafs.FileInfo:
         other = "folder" if noun == "file" else "file"
         raise PathError(f"{what} {url}: is a {other}, not a {noun}")
     return info
+
+
+def require_hadoop_path(url: str, what: str) -> None:
+    """Refuse a location Spark's Hadoop paths cannot name: a backslash is read as a
+    separator, and the table would point at a folder that does not exist."""
+    if "\\" in url:
+        raise UsageError(f"{what} {url}: Spark (Hadoop) paths cannot hold a backslash; use "
+                         f"a folder without one")
 
 
 def require_file(url: str, what: str = "input") -> pafs.FileInfo:

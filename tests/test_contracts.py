@@ -177,8 +177,10 @@ def test_a_split_whose_files_are_gone_exits_3_not_a_traceback(small_dataset, tmp
                         "train.epochs=1", "train.image_size=32"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 3, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1] == \
-        f"hierarchy train: error: {data}: split 'train': no images to train on"
+    # the manifest's list of parts names the first file gone, before TensorFlow starts
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"hierarchy train: error: {data}/images/split=train/part-")
+    assert ": missing (" in last and f"re-run `hierarchy ingest --kind train` into {data}" in last
     assert "Traceback" not in r.stderr
 
 

@@ -5,6 +5,7 @@ notebook on its output: synth -> spark-submit ingest -> train (Horovod on Spark 
 The test dump carries the ids of Kaggle's sample submission when the official sample is
 present, so the submission's header and id column can be compared with it byte for byte."""
 
+import base64
 import csv
 import json
 import os
@@ -335,7 +336,27 @@ BAD_REQUESTS = {
                  422, "not JSON"),
     "other content type": (lambda j: {"data": b"x", "headers": {"content-type": "text/plain"}},
                            415, "multipart/form-data"),
+    # a few hundred bytes whose header declares 65500 x 65500 pixels (~13 GB of RGB)
+    "decompression bomb": (lambda j: {"files": [("files", ("bomb.jpg", declaring(j, 65500),
+                                                           "image/jpeg"))]},
+                           413, "serve.max_picture_pixels"),
+    "bombs in a JSON batch": (lambda j: {"json": {"products": [
+        {"id": "b", "pictures": [base64.b64encode(declaring(j, 65500)).decode()]}]}},
+                              413, "product b picture 0 declares"),
+    "JSON nested 100,000 deep": (lambda j: {"data": b"[" * 100_000 + b"]" * 100_000,
+                                            "headers": {"content-type": "application/json"}},
+                                 422, "nested too deep"),
 }
+
+
+def declaring(jpeg: bytes, side: int) -> bytes:
+    """``jpeg`` with its frame header (SOF0-2) claiming side x side pixels, data unchanged."""
+    for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2"):
+        at = jpeg.find(marker)
+        if at > 0:
+            size = side.to_bytes(2, "big")
+            return jpeg[:at + 5] + size + size + jpeg[at + 9:]
+    raise AssertionError("no frame header in the JPEG")
 
 
 @pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
@@ -397,6 +418,48 @@ def test_a_bad_product_in_a_json_batch_costs_only_itself(pipeline, server):
     assert r.status_code == 415, r.text
     assert "is not a JPEG" in r.json()["detail"]
     assert [e["id"] for e in r.json()["errors"]] == ["png", "cut"]
+
+
+def test_the_openapi_documents_both_bodies_of_classify(server):
+    import requests
+
+    spec = requests.get(f"{server}/openapi.json", timeout=30).json()
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+    assert body["multipart/form-data"]["schema"]["properties"]["files"]["type"] == "array"
+
+
+def test_a_damaged_or_deleted_model_is_refused_in_one_line_never_replaced(pipeline, tmp_path):
+    """A truncated model file: predict's --dry-run and serve's start refuse (exit 3, the file
+    named) instead of an h5py traceback minutes into the job or a server answering 503
+    forever. A deleted experts model: hierarchical refuses instead of scoring the multi model
+    in its place."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(pipeline["root"] / "models", models)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+    def refused(*cmd: str) -> str:
+        proc = subprocess.run([str(BIN / "hierarchy"), *cmd, "--models", str(models),
+                               "--run-id", "e2e", "-q", *pipeline["conf"]],
+                              cwd=pipeline["root"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 3 and len(lines) == 1, proc.stderr
+        return lines[0]
+
+    flat = models / "e2e" / "flat" / "model.h5"
+    whole = flat.read_bytes()
+    flat.write_bytes(whole[: len(whole) // 3])
+    predict = ("predict", "--data", "ds", "--split", "test", "--output", str(tmp_path / "o"),
+               "--dry-run")
+    line = refused(*predict, "--strategy", "flat")
+    assert f"{flat}: {len(whole) // 3} bytes where its header says {len(whole)}" in line
+    assert "truncated" in refused("serve", "--strategy", "flat", "--port", str(free_port()))
+    flat.write_bytes(whole)
+    (models / "e2e" / "experts" / "model.h5").unlink()
+    assert "model experts is missing" in refused(*predict, "--strategy", "hierarchical")
 
 
 def test_serve_refuses_to_start_without_the_models(pipeline):

@@ -456,3 +456,31 @@ def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
     with gzip.open(out / "submission.csv.gz", "rt") as fh:
         sub = pd.read_csv(fh)
     assert list(sub.columns) == ["_id", "category_id"] and len(sub) == world["n_test"]
+
+
+def test_a_table_location_with_a_quote_a_space_and_accents_is_quoted_in_sql(world, spark,
+                                                                           tmp_path):
+    """The table's LOCATION is written into SQL text: a folder named like a real team's
+    ("l'équipe data") used to end the statement early."""
+    from hierarchy.curate.pipeline import _register
+    from hierarchy.infer.tables import drop_runs, list_runs
+
+    place = tmp_path / "l'équipe data 2026"
+    pcfg = predict_cfg(tmp_path, extra=[f"catalog.location={place / 'predictions'}"])
+    with pytest.raises(UsageError, match="cannot hold a backslash"):  # Hadoop's limit
+        run_predict(spark, predict_cfg(tmp_path, extra=[f"catalog.location={tmp_path}/a\\b"]),
+                    world["data"], world["models"], RUN, "test", "flat", str(tmp_path / "out"))
+    res = run_predict(spark, pcfg, world["data"], world["models"], RUN, "test", "flat",
+                      str(tmp_path / "out"))
+    assert res["table_path"].endswith("predictions") and "équipe" in res["table_path"]
+    # a second write registers its partition in the existing table (another statement)
+    run_predict(spark, pcfg, world["data"], world["models"], RUN, "test", "fusion",
+                str(tmp_path / "out"))
+    assert {r["strategy"] for r in list_runs(spark, pcfg["catalog"], RUN)} == {"flat",
+                                                                               "fusion"}
+    assert drop_runs(spark, pcfg["catalog"], RUN, "test", "flat")
+    assert spark.table(res["table"]).count() == res["products"]
+    # curate's tables go through the same quoting
+    spark.range(3).write.parquet(str(place / "curation"))
+    full = _register(spark, pcfg["catalog"], "curation_q", str(place / "curation"), False)
+    assert spark.table(full).count() == 3

@@ -146,16 +146,19 @@ def _register(spark, catalog: dict, name: str, location: str, partitioned: bool,
               schema_ddl: str = "") -> str:
     """An external table over ``location`` (re-pointed when a re-run moved nothing: the
     folder is the same, its partitions are recovered)."""
-    full = f"{catalog['database']}.{name}"
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
+    from hierarchy.spark import sql_literal, sql_name
+
+    storage.require_hadoop_path(location, "--data")
+    full, quoted = f"{catalog['database']}.{name}", sql_name(catalog["database"], name)
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog['database'])}")
     if spark.catalog.tableExists(full):
-        spark.sql(f"DROP TABLE {full}")  # external: the files stay; the schema may have moved
+        spark.sql(f"DROP TABLE {quoted}")  # external: the files stay; the schema may have moved
     columns = f"({schema_ddl}) " if schema_ddl else ""
-    spark.sql(f"CREATE TABLE {full} {columns}USING parquet LOCATION "
-              f"'{storage.to_url(location)}'")
+    spark.sql(f"CREATE TABLE {quoted} {columns}USING parquet LOCATION "
+              f"{sql_literal(storage.to_url(location))}")
     if partitioned:
-        spark.sql(f"ALTER TABLE {full} RECOVER PARTITIONS")
-    spark.sql(f"REFRESH TABLE {full}")
+        spark.sql(f"ALTER TABLE {quoted} RECOVER PARTITIONS")
+    spark.sql(f"REFRESH TABLE {quoted}")
     return full
 
 
@@ -221,6 +224,8 @@ def check_curate(cfg, data: str) -> dict:
     done = [k for k, e in manifest.get("kinds", {}).items() if e.get("status") == "complete"]
     if not done:
         raise DatasetNotReady(f"{data}: no committed ingest — run `hierarchy ingest` first")
+    for kind in done:
+        Dataset(data).verify(manifest, kind)
     return {s: int(c.get("images", 0)) for s, c in manifest.get("splits", {}).items()}
 
 

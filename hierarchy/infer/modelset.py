@@ -69,23 +69,25 @@ class ModelSet:
 def available_strategies(models: str, run_id: str) -> List[str]:
     """The strategies this run's models can serve (evaluate scores each of them)."""
     run = ModelStore(models).run(run_id)
-    out = ["flat"] if run.has_model(modelstore.FLAT) else []
-    if run.has_model(modelstore.LEVEL1) and any(
+    # a model run.json records whose file is gone keeps its strategy here: scoring it then
+    # names the missing file instead of evaluating the rest as if it had never been trained
+    out = ["flat"] if run.trained(modelstore.FLAT) else []
+    if run.trained(modelstore.LEVEL1) and any(
             run.has_model(modelstore.branch_key(b)) for b in run.branch_ids()):
         out.append("two-stage")
     if len(out) == 2:
         out.append("blend")
-    if run.has_model(modelstore.MULTI):
+    if run.trained(modelstore.MULTI):
         out.append("multi")
-    if run.has_model(modelstore.MULTI) or run.has_model(modelstore.EXPERTS):
+    if run.trained(modelstore.MULTI) or run.trained(modelstore.EXPERTS):
         out.append("hierarchical")
-    out += [s for s, key in HEAD_STRATEGIES.items() if run.has_model(key)]
+    out += [s for s, key in HEAD_STRATEGIES.items() if run.trained(key)]
     return out
 
 
 def hierarchical_key(run: Run) -> str:
     """The model the ``hierarchical`` strategy reads: the experts when trained."""
-    return modelstore.EXPERTS if run.has_model(modelstore.EXPERTS) else modelstore.MULTI
+    return modelstore.EXPERTS if run.trained(modelstore.EXPERTS) else modelstore.MULTI
 
 
 def resolve_strategy(models: str, run_id: str, strategy: str) -> str:
@@ -112,6 +114,12 @@ def _ref(run: Run, recorded: dict, key: str, fingerprint: str) -> ModelRef:
         raise ModelMissing(f"run {run.run_id}: model {key} is missing ({run.model_file(key)}); "
                            f"train it with `hierarchy train ... --run-id {run.run_id} "
                            f"{modelstore.train_command(key)}`")
+    problem = modelstore.model_file_problem(run.model_file(key))
+    if problem:
+        raise modelstore.ModelDamaged(
+            f"{run.model_file(key)}: {problem} — copy it again or train it again: delete its "
+            f"folder, then `hierarchy train ... --run-id {run.run_id} "
+            f"{modelstore.train_command(key)}`")
     got = metrics.get("taxonomy_fingerprint") or recorded.get("taxonomy_fingerprint")
     if got != fingerprint:
         raise PredictError(

@@ -16,24 +16,31 @@ partition only once it is whole; the runs already there are never touched.
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
+from urllib.parse import unquote
 
 from hierarchy import storage
 from hierarchy.errors import UsageError
 from hierarchy.infer.modelset import PredictError
 from hierarchy.infer.schema import ADDED_COLUMNS, PARTITIONS, TABLE_COLUMNS
+from hierarchy.spark import sql_literal, sql_name
 
 
 def table_name(catalog: dict) -> str:
     return f"{catalog['database']}.{catalog['table']}"
 
 
+def quoted(catalog: dict) -> str:
+    """The table's name as SQL text (:func:`table_name` is for the catalog API)."""
+    return sql_name(catalog["database"], catalog["table"])
+
+
 def _existing_location(spark, name: str) -> str:
     if not spark.catalog.tableExists(name):
         return ""
-    rows = spark.sql(f"DESCRIBE TABLE EXTENDED {name}").collect()
+    rows = spark.sql(f"DESCRIBE TABLE EXTENDED {sql_name(*name.split('.'))}").collect()
     for row in rows:
-        if row.col_name == "Location":
-            return row.data_type
+        if row.col_name == "Location":  # a URI (a space is %20); Spark's paths take it plain
+            return unquote(row.data_type)
     return ""
 
 
@@ -54,6 +61,7 @@ def _placed(spark, catalog: dict) -> Tuple[str, bool]:
     name = table_name(catalog)
     existing = _existing_location(spark, name)
     wanted = storage.to_url(catalog["location"]) if catalog["location"] else ""
+    storage.require_hadoop_path(wanted, "catalog.location")
     if existing and wanted and not _same_place(existing, wanted):
         raise PredictError(
             f"table {name} lives at {existing}, but catalog.location is {wanted}: set "
@@ -63,18 +71,14 @@ def _placed(spark, catalog: dict) -> Tuple[str, bool]:
         return storage.to_url(existing), True
     if wanted:
         return wanted, False
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
-    return storage.join(storage.to_url(spark.catalog.getDatabase(catalog["database"])
-                                       .locationUri), catalog["table"]), False
-
-
-def _literal(value: str) -> str:
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog['database'])}")
+    return storage.join(storage.to_url(unquote(spark.catalog.getDatabase(catalog["database"])
+                                               .locationUri)), catalog["table"]), False
 
 
 def partition_spec(**values: Optional[str]) -> str:
     """``run_id='a', split='val'`` for the values given, in table order."""
-    return ", ".join(f"{k}={_literal(values[k])}" for k in PARTITIONS if values.get(k))
+    return ", ".join(f"{k}={sql_literal(values[k])}" for k in PARTITIONS if values.get(k))
 
 
 def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
@@ -85,21 +89,22 @@ def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
     (df.select(*TABLE_COLUMNS).write.mode("overwrite")
        .option("partitionOverwriteMode", "dynamic")
        .partitionBy(*PARTITIONS).parquet(location))
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {catalog['database']}")
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog['database'])}")
     if not existed:
         # schema and partition columns are inferred from the files just written
-        spark.sql(f"CREATE TABLE IF NOT EXISTS {name} USING parquet LOCATION '{location}'")
-        spark.sql(f"ALTER TABLE {name} RECOVER PARTITIONS")
+        spark.sql(f"CREATE TABLE IF NOT EXISTS {quoted(catalog)} USING parquet LOCATION "
+                  f"{sql_literal(location)}")
+        spark.sql(f"ALTER TABLE {quoted(catalog)} RECOVER PARTITIONS")
     else:
         have = {f.name for f in spark.table(name).schema.fields}
         missing = [f"{c} {kind}" for c, kind in ADDED_COLUMNS.items() if c not in have]
         if missing:  # a table written before these columns existed
-            spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({', '.join(missing)})")
+            spark.sql(f"ALTER TABLE {quoted(catalog)} ADD COLUMNS ({', '.join(missing)})")
         first = df.select(*PARTITIONS).first()
         if first is not None:
             spec = partition_spec(**first.asDict())
-            spark.sql(f"ALTER TABLE {name} ADD IF NOT EXISTS PARTITION ({spec})")
-    spark.sql(f"REFRESH TABLE {name}")
+            spark.sql(f"ALTER TABLE {quoted(catalog)} ADD IF NOT EXISTS PARTITION ({spec})")
+    spark.sql(f"REFRESH TABLE {quoted(catalog)}")
     return name, location
 
 
@@ -118,8 +123,9 @@ def create_review_view(spark, catalog: dict) -> str:
     """(Re)define the review queue view over the predictions table; returns its name."""
     name = f"{catalog['database']}.{catalog['review_view']}"
     cols = ", ".join(REVIEW_COLUMNS)
-    spark.sql(f"CREATE OR REPLACE VIEW {name} AS SELECT {cols}, confidence AS review_priority "
-              f"FROM {table_name(catalog)} WHERE decision_level < 3 "
+    spark.sql(f"CREATE OR REPLACE VIEW {sql_name(catalog['database'], catalog['review_view'])} "
+              f"AS SELECT {cols}, confidence AS review_priority "
+              f"FROM {quoted(catalog)} WHERE decision_level < 3 "
               f"ORDER BY run_id, split, strategy, review_priority DESC, product_id")
     return name
 
@@ -151,20 +157,19 @@ def drop_runs(spark, catalog: dict, run_id: str, split: Optional[str] = None,
     would be, touching nothing."""
     if strategy and not split:
         raise UsageError("--strategy needs --split (partitions nest run_id/split/strategy)")
-    name = table_name(catalog)
     gone = [r for r in list_runs(spark, catalog, run_id)
             if (not split or r["split"] == split) and (not strategy or r["strategy"] == strategy)]
     if not gone or dry_run:
         return gone
     location = table_location(spark, catalog)
     spec = partition_spec(run_id=run_id, split=split, strategy=strategy)
-    spark.sql(f"ALTER TABLE {name} DROP IF EXISTS PARTITION ({spec})")
+    spark.sql(f"ALTER TABLE {quoted(catalog)} DROP IF EXISTS PARTITION ({spec})")
     folder = storage.join(location, f"run_id={run_id}",
                           *([f"split={split}"] if split else []),
                           *([f"strategy={strategy}"] if strategy else []))
     if storage.exists(folder):
         storage.remove(folder)
-    spark.sql(f"REFRESH TABLE {name}")
+    spark.sql(f"REFRESH TABLE {quoted(catalog)}")
     return gone
 
 
