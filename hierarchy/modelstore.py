@@ -73,6 +73,8 @@ def model_file_problem(url: str) -> Optional[str]:
     head = storage.read_head(url, 96)
     if not head.startswith(HDF5_SIGNATURE):
         return "not an HDF5 file (Keras saves the pipeline's models as .h5)"
+    if len(head) < 24:
+        return f"{size} bytes, not even a whole HDF5 superblock: truncated"
     version = head[8]
     if version in (0, 1):    # base, free-space and then end-of-file addresses follow the
         width = head[13]     # fixed fields (4 more bytes in version 1)

@@ -141,10 +141,12 @@ class ReviewQueue:
             if outside:
                 raise LookupError(f"picture {outside[0][0]}/{outside[0][1]} is not in the "
                                   f"review queue ({len(outside)} of {len(members)} are not)")
-            target, group_id = "picture", body.get("group_id")
+            group_id = body.get("group_id")
+            target, group_id = "picture", None if group_id is None else str(group_id)[:MAX_TEXT]
         rows = [{"target": target, "group_id": group_id, "product_id": pid, "img_idx": idx,
                  "decision": decision, "category_id": category, "reviewer": reviewer,
-                 "note": body.get("note") and str(body["note"])} for pid, idx in members]
+                 "note": None if body.get("note") is None else str(body["note"])}
+                for pid, idx in members]
         with self.lock:
             ct.append_reviews(self.data, rows)
         # (no file name in the answer: a server's paths are nobody's business on the page)
