@@ -10,7 +10,9 @@ for anything a user caused or can fix, and the CLI prints its message as one lin
   too much bad input, no usable document, another taxonomy, a dataset that is not complete, a
   missing model, a folder another job holds.
 
-Anything else is a bug or an environment failure and ends in a traceback (exit 1).
+The machine refusing — a full disk, a denied permission, a read-only folder — is found in
+whatever exception carries it (:func:`environment_fault`) and is also one line, exit 3, the
+stack trace logged at -v. Anything else is a bug and ends in a traceback (exit 1).
 """
 
 from __future__ import annotations
