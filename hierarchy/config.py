@@ -91,6 +91,7 @@ RULES: Dict[str, Callable[[Any], Optional[str]]] = {
     "ingest.max_document_mb": _range(1, 2047),
     "ingest.lock_stale_hours": _range(0.0, 100000, lo_open=True),
     "ingest.verify_jpeg": _choice("markers", "decode"),
+    "ingest.max_picture_pixels": _range(0, 2**32),
     "ingest.compression": _choice("none", "snappy", "zstd", "gzip"),
     "synth.products": _range(1, 10**9),
     "synth.test_products": _range(0, 10**9),

@@ -50,7 +50,8 @@ _FAULTS = (
     ((30,), ("Read-only file system",),
      "the file system is read-only", "choose a writable folder"),
 )
-_PATH = re.compile(r"(?:file:)?(/[^\s'\",;:()\]]+)")
+# a path starts a word (TensorFlow's "device_/job:localhost" is not one)
+_PATH = re.compile(r"(?:^|(?<=[\s'\"(=\[]))(?:file:)?(/[^\s'\",;:()\]]+)", re.MULTILINE)
 
 
 def _chain(exc: BaseException):

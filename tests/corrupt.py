@@ -52,8 +52,24 @@ def catalogue_of_failures(docs: List[bytes], category_id: int) -> Tuple[bytes, d
     parts.append(encode({"_id": 900003, "imgs": [{"picture": JPEG_OK}]}))  # no category_id
     parts.append(encode({"_id": 900004, "imgs": [{"picture": JPEG_OK}],
                          "category_id": 12345}))                   # unknown category
+    real = bson.decode(docs[0])["imgs"][0]["picture"]
+    parts.append(encode({"_id": 900005, "imgs": [{"picture": declaring(real, 65500)},
+                                                 {"picture": real}],
+                         "category_id": category_id}))             # a header bomb beside
     parts.append(docs[7])
     parts.append(docs[8][: len(docs[8]) // 2])                     # truncated tail
     expected = {"garbage": 1, "bad_length": 1, "undecodable_document": 1, "no_pictures": 1,
-                "not_jpeg": 1, "missing_category": 1, "unknown_category": 1, "truncated": 1}
+                "not_jpeg": 1, "missing_category": 1, "unknown_category": 1, "truncated": 1,
+                "oversized_jpeg": 1}
     return b"".join(parts), expected
+
+
+def declaring(jpeg: bytes, side: int) -> bytes:
+    """``jpeg`` with its frame header (SOF0-2) claiming side x side pixels, data unchanged:
+    a few hundred bytes that would decode to side * side * 3 bytes of RGB."""
+    for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2"):
+        at = jpeg.find(marker)
+        if at > 0:
+            size = side.to_bytes(2, "big")
+            return jpeg[:at + 5] + size + size + jpeg[at + 9:]
+    raise AssertionError("no frame header in the JPEG")

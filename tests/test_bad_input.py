@@ -10,6 +10,7 @@ and a seeded fuzzer over the real sample.
 6. exit codes: a missing or directory input gave 3, which is for refusals.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -542,16 +543,25 @@ def test_a_second_job_on_a_busy_derby_metastore_is_refused_at_its_start(tmp_path
         holder.wait()
 
 
+@contextlib.contextmanager
+def small_disk(where: Path, size: str):
+    """A real file system of ``size`` at ``where`` (a tmpfs mounted as root), else a skip."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                       str(where)]).returncode:
+        pytest.skip("this machine does not let root mount a tmpfs")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)])
+
+
 def test_a_full_disk_during_ingest_is_one_line_exit_3_and_nothing_committed(tmp_path):
     """A real full disk (a 1 MB tmpfs, mounted as root): a Py4J stack from a Spark worker's
     "[Errno 28]" used to be all a user saw. The stack trace stays available with -v."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root")
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)]).returncode:
-        pytest.skip("this machine does not let root mount a tmpfs")
-    try:
+    with small_disk(tmp_path / "tiny", "1m") as tiny:
         syn = tmp_path / "syn"
         subprocess.run([str(BIN / "hierarchy"), "synth", "--output", str(syn), "--products",
                         "300", "--test-products", "0", "-q"], check=True, capture_output=True)
@@ -572,8 +582,31 @@ def test_a_full_disk_during_ingest_is_one_line_exit_3_and_nothing_committed(tmp_
         verbose = subprocess.run([*cmd, "-v"], capture_output=True, text=True, timeout=300)
         assert verbose.returncode == 3
         assert [line for line in verbose.stderr.splitlines() if line.startswith("Traceback")]
-    finally:
-        subprocess.run(["umount", str(tiny)])
+
+
+def test_a_full_disk_at_a_training_checkpoint_names_the_run_folder(tmp_path):
+    """The training loop's own checkpoint callback on a real full disk (a 256 KB tmpfs):
+    whatever TensorFlow or h5py raise, the CLI's handler finds the fault and a path in the
+    run's folder, the one line a user sees. The last complete epoch's state stays intact."""
+    import tensorflow as tf
+
+    from hierarchy.errors import environment_fault
+    from hierarchy.modelstore import ModelStore
+    from hierarchy.train.callbacks import CheckpointCallback
+
+    with small_disk(tmp_path / "tiny", "256k") as tiny:
+        run = ModelStore(str(tiny / "models")).run("r1")
+        model = tf.keras.Sequential([tf.keras.Input((64,)), tf.keras.layers.Dense(4096),
+                                     tf.keras.layers.Dense(10)])  # ~1 MB of weights
+        model.compile(optimizer="adam", loss="mse")
+        callback = CheckpointCallback(run, "l1", {}, "train")
+        callback.set_model(model)
+        with pytest.raises(Exception) as caught:
+            callback.on_epoch_end(0, {"loss": 1.0, "val_loss": 1.0})
+        line = environment_fault(caught.value, str(tiny / "models"))
+        assert line is not None, repr(caught.value)
+        assert line.startswith(str(tiny / "models")) and "no space left on the device" in line
+        assert not os.path.exists(run.state_file("l1")), "a state naming a partial save"
 
 
 def test_environment_faults_are_found_in_the_exception_chain():

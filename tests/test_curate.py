@@ -306,6 +306,12 @@ def test_review_writes_only_from_its_page_with_the_token_and_within_the_queue(cu
             r = requests.post(post, timeout=30, **kwargs)
             assert r.status_code == status and words in r.json()["detail"], (name, r.text)
         assert not list(Path(ct.reviews_path(data)).glob("*.parquet")), "a refusal wrote"
+        # a page that re-pointed its own name at 127.0.0.1 (DNS rebinding) cannot read either
+        port = url.rsplit(":", 1)[1]
+        rebound = requests.get(f"{url}/review/api/groups", timeout=30,
+                               headers={"host": f"evil.example:{port}"})
+        assert rebound.status_code == 400 and "groups" not in rebound.text
+        assert requests.get(f"http://localhost:{port}/review/api/groups", timeout=30).ok
         # the page's own request: same origin, JSON, the token
         r = requests.post(post, timeout=30, json={"reviewer": "ana", "decision": "keep",
                                                   "pictures": [[shown["product_id"],
@@ -320,6 +326,55 @@ def test_review_writes_only_from_its_page_with_the_token_and_within_the_queue(cu
         proc.wait(timeout=30)
         for f in Path(ct.reviews_path(data)).glob("*.parquet"):
             f.unlink()
+
+
+def test_a_100_mb_body_leaves_the_review_server_under_1_gb(curated):
+    """Streamed chunked and with its Content-Length: the body limit answers 413 as soon as it
+    is read past (or the client finds the connection closed), so memory never holds it."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    import requests
+
+    data = curated["data"]
+    proc, url, token = start_review(data)
+    chunk = b" " * (1 << 20)
+
+    def send(chunked: bool):
+        conn = http.client.HTTPConnection(urlsplit(url).netloc, timeout=120)
+        conn.putrequest("POST", "/review/api/decisions")
+        for name, value in [("content-type", "application/json"), ("x-review-token", token),
+                            ("transfer-encoding", "chunked") if chunked else
+                            ("content-length", str(100 * len(chunk)))]:
+            conn.putheader(name, value)
+        conn.endheaders()
+        try:
+            for _ in range(100):
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                conn.send(b"0\r\n\r\n")
+        except OSError:
+            pass  # the server answered and closed: the rest could not be sent
+        try:
+            return conn.getresponse().status
+        except OSError:
+            return None  # closed before the client could read the answer
+        finally:
+            conn.close()
+
+    try:
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak RSS
+        assert send(chunked=True) in (413, None)
+        assert send(chunked=False) in (413, None)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        peak = int(status.split("VmHWM:")[1].split()[0]) / 1024
+        print(f"review server peak RSS after two 100 MB bodies: {peak:.0f} MB")
+        assert peak < 1024
+        assert requests.get(f"{url}/health/live", timeout=30).ok and proc.poll() is None
+        assert not list(Path(ct.reviews_path(data)).glob("*.parquet"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_review_page_drop_a_group_in_chromium_and_training_honours_it(curated, spark,

@@ -4,7 +4,7 @@ import bson
 import numpy as np
 from bson.binary import Binary
 from bson.int64 import Int64
-from corrupt import JPEG_OK
+from corrupt import JPEG_OK, split_docs
 
 from hierarchy.ingest.decode import decode_document, iter_documents, jpeg_problem
 from hierarchy.ingest.split import TRAIN, VAL, assign_splits
@@ -199,3 +199,38 @@ def test_the_offset_index_decides_when_the_duplicate_step_can_be_skipped():
     assert may_repeat_across_ranges([1, 2, 3, 1], [2, 2])
     assert may_repeat_across_ranges([1, NO_VALUE, 3, 4], [2, 2])  # an id the scan could not read
     assert not may_repeat_across_ranges([1, 1], [2])  # one range
+
+
+def test_a_header_bomb_is_quarantined_by_its_declared_size_before_any_decode(real_bson):
+    """A few hundred bytes that declare 65500 x 65500 pixels: the fast path leaves the
+    document to the reference, which drops that picture alone, naming the size and the key;
+    the real picture beside it is kept. Baseline, progressive and fill-byte headers are read."""
+    import io
+
+    from corrupt import declaring
+    from PIL import Image
+
+    from hierarchy.ingest.decode import frame_pixels
+    from hierarchy.ingest.rawdoc import read_product
+
+    real = bson.decode(split_docs(real_bson.read_bytes())[0])["imgs"][0]["picture"]
+    assert frame_pixels(real) == 180 * 180
+    for options in ({}, {"progressive": True}):
+        out = io.BytesIO()
+        Image.new("RGB", (300, 70)).save(out, "JPEG", **options)
+        assert frame_pixels(out.getvalue()) == 300 * 70, options
+    filled = real[:2] + b"\xff\xff" + real[2:]  # fill bytes before a marker are legal
+    assert frame_pixels(filled) == 180 * 180
+    assert frame_pixels(JPEG_OK) == 0 and frame_pixels(b"\xff\xd8") == 0
+
+    bomb = declaring(real, 65500)
+    doc = bytearray(bson.encode({"_id": 5, "imgs": [{"picture": bomb}, {"picture": real}],
+                                 "category_id": 10}))
+    assert read_product(doc, memoryview(doc), 0, len(doc), "train", TAX) is not None
+    assert read_product(doc, memoryview(doc), 0, len(doc), "train", TAX, 25_000_000) is None
+    out = decode_document(bytes(doc), source="d.bson", offset=0, kind="train", split="train",
+                          taxonomy=TAX, max_pixels=25_000_000)
+    assert [i["img_idx"] for i in out.images] == [1]
+    (row,) = out.quarantine
+    assert (row["reason"], row["img_idx"], row["level"]) == ("oversized_jpeg", 0, "image")
+    assert "declares 4290250000 pixels; the limit is 25000000" in row["detail"]

@@ -102,13 +102,15 @@ def test_every_kind_of_damage_is_quarantined_and_good_data_kept(
     out = tmp_path / "ds"
     entry = ingest(spark, cfg, [bad], real_categories, out, max_bad_fraction=1.0, split_mb=0.02)
 
-    good_ids = {bson.decode(docs[i])["_id"] for i in (0, 1, 2, 4, 6, 7)} | {900002}
+    good_ids = {bson.decode(docs[i])["_id"] for i in (0, 1, 2, 4, 6, 7)} | {900002, 900005}
     products = table(out, "products")
     assert set(products["product_id"]) == good_ids
     got = images(out, ["product_id", "img_idx"])
-    good_images = sum(len(bson.decode(docs[i])["imgs"]) for i in (0, 1, 2, 4, 6, 7)) + 1
+    good_images = sum(len(bson.decode(docs[i])["imgs"]) for i in (0, 1, 2, 4, 6, 7)) + 2
     assert len(got) == good_images
     assert got[got.product_id == 900002]["img_idx"].tolist() == [1]
+    # the header bomb never reached the dataset; the real picture beside it did
+    assert got[got.product_id == 900005]["img_idx"].tolist() == [1]
 
     q = table(out, "quarantine")
     counts = q["reason"].value_counts().to_dict()
@@ -119,6 +121,10 @@ def test_every_kind_of_damage_is_quarantined_and_good_data_kept(
     assert q["offset"].ge(0).all() and q["detail"].str.len().gt(10).all()
     row = q[q.reason == "not_jpeg"].iloc[0]
     assert (row.product_id, row.img_idx, row.level) == (900002, 0, "image")
+    row = q[q.reason == "oversized_jpeg"].iloc[0]
+    assert (row.product_id, row.img_idx, row.level) == (900005, 0, "image")
+    assert "declares 4290250000 pixels" in row.detail and "ingest.max_picture_pixels" in \
+        row.detail
     region = q[q.reason == "garbage"].iloc[0]
     assert region.offset == len(docs[0]) + len(docs[1]) and region.length == 100
 

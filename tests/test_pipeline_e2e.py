@@ -17,7 +17,7 @@ import bson
 import pytest
 from cluster import free_port
 from conftest import REAL
-from corrupt import split_docs
+from corrupt import declaring, split_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -193,6 +193,23 @@ def test_evaluate_fits_the_hierarchical_strategy_and_predict_defaults_to_its_pic
 
 
 # ---------------------------------------------------------------- hierarchy serve (issue 11)
+class ServerUrl(str):
+    """The server's base URL, which also knows the server's process id."""
+    pid: int
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) since it started or last reset_peak."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
+
+
 @pytest.fixture(scope="module")
 def server(pipeline):
     import time
@@ -218,6 +235,8 @@ def server(pipeline):
             time.sleep(0.5)
         else:
             pytest.fail("the server did not get ready in 120 s")
+        url = ServerUrl(url)
+        url.pid = proc.pid
         yield url
     finally:
         proc.terminate()
@@ -349,16 +368,6 @@ BAD_REQUESTS = {
 }
 
 
-def declaring(jpeg: bytes, side: int) -> bytes:
-    """``jpeg`` with its frame header (SOF0-2) claiming side x side pixels, data unchanged."""
-    for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2"):
-        at = jpeg.find(marker)
-        if at > 0:
-            size = side.to_bytes(2, "big")
-            return jpeg[:at + 5] + size + size + jpeg[at + 9:]
-    raise AssertionError("no frame header in the JPEG")
-
-
 @pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
 def test_serve_refuses_bad_input_and_keeps_answering(pipeline, server, name):
     import requests
@@ -418,6 +427,37 @@ def test_a_bad_product_in_a_json_batch_costs_only_itself(pipeline, server):
     assert r.status_code == 415, r.text
     assert "is not a JPEG" in r.json()["detail"]
     assert [e["id"] for e in r.json()["errors"]] == ["png", "cut"]
+
+
+def test_64_header_bombs_leave_the_server_under_1_gb(pipeline, server):
+    """Pictures of a few hundred bytes declaring 65500 x 65500 pixels (refused from their
+    header) and 5000 x 5000 (within the limit, so decoded, at the model's scale): 64 of them,
+    from 8 clients at once and in one JSON batch, and the server's peak memory stays < 1 GB."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    jpeg = next(iter(_val_products(pipeline, 1).values()))[0]
+    bombs = [declaring(jpeg, 65500 if i % 2 else 5000) for i in range(64)]
+    reset_peak(server.pid)
+    before = peak_rss_mb(server.pid)
+
+    def send(bomb):
+        return requests.post(f"{server}/v1/classify", timeout=120,
+                             files=[("files", ("b.jpg", bomb, "image/jpeg"))]).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(send, bombs))
+    assert set(codes[1::2]) == {413}, codes  # the 65500-pixel sides: refused by the header
+    assert set(codes[0::2]) <= {200, 422}, codes  # the rest: decoded, answered or refused
+    batch = [{"id": str(i), "pictures": [base64.b64encode(b).decode()]}
+             for i, b in enumerate(bombs)]
+    r = requests.post(f"{server}/v1/classify", json={"products": batch}, timeout=300)
+    assert r.status_code in (200, 413), r.text
+    peak = peak_rss_mb(server.pid)
+    print(f"serve peak RSS: {before:.0f} MB before, {peak:.0f} MB after 128 bomb pictures")
+    assert peak < 1024, f"the server peaked at {peak:.0f} MB"
+    assert requests.get(f"{server}/health/ready", timeout=30).status_code == 200
 
 
 def test_the_openapi_documents_both_bodies_of_classify(server):

@@ -36,6 +36,7 @@ BAD_PICTURE_FIELD = "bad_picture_field"
 NOT_JPEG = "not_jpeg"
 TRUNCATED_JPEG = "truncated_jpeg"
 UNDECODABLE_JPEG = "undecodable_jpeg"
+OVERSIZED_JPEG = "oversized_jpeg"
 
 # Quarantine levels: a corrupt byte region, a document that was not used, a product that was
 # kept with something dropped (a test product's unusable label, its missing pictures), a
@@ -54,14 +55,57 @@ class Outcome:
     quarantine: List[dict] = field(default_factory=list)
 
 
-def jpeg_problem(data: bytes, verify: str = "markers") -> Optional[Tuple[str, str]]:
-    """(reason, detail) when ``data`` is not a usable JPEG, else None."""
+# frame headers (SOF0-15) carry the picture's size; C4 (DHT), C8 (JPG) and CC (DAC) are not
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])
+SOS = 0xDA
+
+
+def frame_pixels(data, start: int = 0, end: Optional[int] = None) -> int:
+    """Width x height the JPEG in ``data[start:end]`` declares in its frame header, read by
+    walking the segments before the scan (a few steps; nothing is decoded). 0 when no frame
+    header comes before the scan, or the height is left to a later DNL segment.
+
+    Why: a few hundred bytes may declare 65500 x 65500 pixels. Pillow refuses the extreme
+    ones, but TensorFlow's decoder in training does not, and ~12 GB of RGB kills a worker."""
+    end = len(data) if end is None else end
+    p = start + 2
+    while p + 9 <= end:
+        if data[p] != 0xFF:
+            return 0
+        marker = data[p + 1]
+        if marker == 0xFF:  # fill byte
+            p += 1
+        elif marker in _STANDALONE:
+            p += 2
+        elif marker in _SOF:
+            return ((data[p + 5] << 8) | data[p + 6]) * ((data[p + 7] << 8) | data[p + 8])
+        elif marker == SOS:
+            return 0
+        else:
+            p += 2 + ((data[p + 2] << 8) | data[p + 3])
+    return 0
+
+
+def oversized(pixels: int, max_pixels: int) -> Tuple[str, str]:
+    return OVERSIZED_JPEG, (f"its header declares {pixels} pixels; the limit is {max_pixels} "
+                            f"(ingest.max_picture_pixels)")
+
+
+def jpeg_problem(data: bytes, verify: str = "markers",
+                 max_pixels: int = 0) -> Optional[Tuple[str, str]]:
+    """(reason, detail) when ``data`` is not a usable JPEG, else None. ``max_pixels`` > 0
+    refuses a picture whose header declares more, before anything decodes it."""
     if not isinstance(data, (bytes, bytearray)):
         return BAD_PICTURE_FIELD, f"picture is {bson_type(data)}, not binary"
     if not data.startswith(SOI):
         return NOT_JPEG, f"no JPEG start-of-image marker (first bytes {bytes(data[:4]).hex()})"
     if not data.rstrip(b"\x00").endswith(EOI):
         return TRUNCATED_JPEG, f"no JPEG end-of-image marker ({len(data)} bytes)"
+    if max_pixels > 0:
+        pixels = frame_pixels(data)
+        if pixels > max_pixels:
+            return oversized(pixels, max_pixels)
     if verify == "decode":
         from PIL import Image
 
@@ -130,7 +174,8 @@ def _label(doc: dict, kind: str, taxonomy: Taxonomy):
 
 
 def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: str,
-                    taxonomy: Taxonomy, verify_jpeg: str = "markers") -> Outcome:
+                    taxonomy: Taxonomy, verify_jpeg: str = "markers",
+                    max_pixels: int = 0) -> Outcome:
     """Turn one document's bytes into rows; never raises for bad data.
 
     Every field is checked for its BSON type: ``_id`` an int32/int64 (and the only ``_id``),
@@ -183,7 +228,7 @@ def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: s
         elif "picture" not in pic:
             problem = BAD_PICTURE_FIELD, f"imgs[{idx}] has no picture field"
         else:
-            problem = jpeg_problem(pic["picture"], verify_jpeg)
+            problem = jpeg_problem(pic["picture"], verify_jpeg, max_pixels)
         if problem:
             out.quarantine.append(_q(source, offset, length, product_id, idx, IMAGE, *problem))
             continue

@@ -80,6 +80,7 @@ class IngestContext:
     compression: str
     row_group_bytes: int
     raw_decoder: bool = True
+    max_picture_pixels: int = 0
 
 
 @dataclass(frozen=True)
@@ -269,8 +270,8 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
                                                                       source.first)):
             split = SPLITS[task.splits[i]]
             stats["documents"] += 1
-            got = rawdoc.read_product(data, view, pos, length, task.kind, taxonomy) \
-                if fast else None
+            got = rawdoc.read_product(data, view, pos, length, task.kind, taxonomy,
+                                      ctx.max_picture_pixels) if fast else None
             if got is not None and dedup.claim(got[0], offset):
                 product_id, category_id, levels, pictures = got
                 images[split].add_pictures(product_id, category_id, *levels, pictures)
@@ -280,7 +281,8 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
             # the reference decode: anything the fast path does not take, with its reasons
             out = dec.decode_document(bytes(view[pos:pos + length]), source=task.source,
                                       offset=offset, kind=task.kind, split=split,
-                                      taxonomy=taxonomy, verify_jpeg=ctx.verify_jpeg)
+                                      taxonomy=taxonomy, verify_jpeg=ctx.verify_jpeg,
+                                      max_pixels=ctx.max_picture_pixels)
             out = dedup.check(out, offset, length)
             if out.quarantine:
                 quarantine.extend(out.quarantine)
@@ -446,7 +448,8 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
     ctx = IngestContext(staging=staging.root, verify_jpeg=icfg["verify_jpeg"],
                         compression=icfg["compression"],
                         row_group_bytes=int(icfg["row_group_mb"] * (1 << 20)),
-                        raw_decoder=bool(icfg["raw_decoder"]))
+                        raw_decoder=bool(icfg["raw_decoder"]),
+                        max_picture_pixels=int(icfg["max_picture_pixels"]))
     tax_b = spark.sparkContext.broadcast(taxonomy.to_json())
 
     def run_task(task: IngestTask) -> dict:

@@ -13,7 +13,8 @@ returns the pictures as ``memoryview`` slices of the range buffer (no copy: md5 
 place, and the Parquet writer copies each once into its column). Every length is checked
 against its enclosing element and every terminator byte is checked, so a document accepted here
 is one ``bson.decode`` accepts with the same values. Anything else — another field, another
-type, a broken length, an unknown category, a picture that is not a JPEG — returns None and the
+type, a broken length, an unknown category, a picture that is not a JPEG or declares more
+pixels than allowed — returns None and the
 reference decode handles it, quarantine rows and all. tests/test_decode_split.py holds the two
 paths to the same rows over good, odd and fuzzed documents.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import struct
 from typing import List, Optional, Tuple
 
-from hierarchy.ingest.decode import EOI, SOI
+from hierarchy.ingest.decode import EOI, SOI, frame_pixels
 from hierarchy.taxonomy import Taxonomy
 
 _I32 = struct.Struct("<i").unpack_from
@@ -37,17 +38,17 @@ Product = Tuple[int, Optional[int], tuple, List[memoryview]]
 
 
 def read_product(data: bytearray, view: memoryview, pos: int, length: int, kind: str,
-                 taxonomy: Taxonomy) -> Optional[Product]:
+                 taxonomy: Taxonomy, max_pixels: int = 0) -> Optional[Product]:
     """The document at ``data[pos:pos + length]`` (``view`` = ``memoryview(data)``) as a
     product, or None when it is not exactly the dump's shape (the reference decode then
     decides). Never raises for bad bytes."""
     try:
-        return _read(data, view, pos, length, kind, taxonomy)
+        return _read(data, view, pos, length, kind, taxonomy, max_pixels)
     except (struct.error, IndexError, ValueError):
         return None
 
 
-def _read(data, view, pos, length, kind, taxonomy) -> Optional[Product]:
+def _read(data, view, pos, length, kind, taxonomy, max_pixels) -> Optional[Product]:
     end = pos + length - 1  # the document's terminating 0x00
     if length < 5 or data[end] != 0 or _I32(data, pos)[0] != length:
         return None
@@ -77,7 +78,7 @@ def _read(data, view, pos, length, kind, taxonomy) -> Optional[Product]:
             size = _I32(data, p)[0]
             if size < 5 or p + size > end:
                 return None
-            pictures = _pictures(data, view, p, p + size - 1)
+            pictures = _pictures(data, view, p, p + size - 1, max_pixels)
             if pictures is None:
                 return None
             p += size
@@ -97,7 +98,7 @@ def _read(data, view, pos, length, kind, taxonomy) -> Optional[Product]:
     return product_id, category, levels, pictures
 
 
-def _pictures(data, view, p: int, end: int) -> Optional[List[memoryview]]:
+def _pictures(data, view, p: int, end: int, max_pixels: int) -> Optional[List[memoryview]]:
     """The ``imgs`` array between its length prefix at ``p`` and its terminator at ``end``."""
     if data[end] != 0:
         return None
@@ -126,6 +127,8 @@ def _pictures(data, view, p: int, end: int) -> Optional[List[memoryview]]:
                 data[doc_end - 2:doc_end] != EOI and
                 bytes(data[max(start, doc_end - 64):doc_end]).rstrip(b"\x00")[-2:] != EOI):
             return None
+        if max_pixels > 0 and frame_pixels(data, start, doc_end) > max_pixels:
+            return None  # the reference decode quarantines it with the declared size
         out.append(view[start:doc_end])
         q = doc_end + 1
     if q != end:

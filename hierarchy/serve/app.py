@@ -308,5 +308,6 @@ def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None,
           f"(API docs at /docs)", flush=True)
     if data:
         print(review_link(data, host, port, token), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(guard.local_hosts_only(app, host, allow_remote), host=host, port=port,
+                log_level="warning", access_log=False)
     return 0

@@ -57,6 +57,20 @@ def check_host(host: str, allow_remote: bool, what: str) -> None:
             f"token the server prints), or keep 127.0.0.1 behind a proxy with TLS")
 
 
+def local_hosts_only(app, host: str, allow_remote: bool):
+    """``app`` answering only requests addressed to this machine by name or loopback address
+    when it listens on loopback. Why: a web page can re-point its own host name at 127.0.0.1
+    (DNS rebinding) and then read the review queue as a same-origin page; the Host header it
+    must send still names its own site. Listening beyond loopback (--allow-remote) the names
+    are the operator's proxy's business, and writes still need the token."""
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    if allow_remote and not is_loopback(host):
+        return app
+    return TrustedHostMiddleware(app, allowed_hosts=sorted({"localhost", "127.0.0.1", "::1",
+                                                            host.strip("[]").lower()}))
+
+
 def write_refusal(headers, token: str) -> Optional[tuple]:
     """(status, detail) that refuses a write, or None: same origin, JSON, the token."""
     origin = headers.get("origin")
@@ -94,7 +108,18 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit, key = self._limit_of(scope.get("path", ""))
         seen = 0
-        started = False
+        started = refused = False
+
+        async def refuse():
+            # answered here, not by the app: a route that reads the body would otherwise let
+            # Starlette's error middleware turn the exception into a 500 first
+            nonlocal refused
+            refused = True
+            body = json.dumps({"detail": f"request body over {limit} bytes ({key})"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
 
         async def limited_receive():
             nonlocal seen
@@ -102,25 +127,24 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    if not started and not refused:
+                        await refuse()
                     raise BodyTooLarge(limit, key)
             return message
 
         async def tracking_send(message):
             nonlocal started
+            if refused:
+                return  # the 413 is sent; what the app answers after it is dropped
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await refuse()
         try:
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise BodyTooLarge(limit, key)
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
-            if started:
+            if not refused:
                 raise
-            body = json.dumps({"detail": f"request body over {limit} bytes ({key})"}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})

@@ -225,6 +225,7 @@ def review_server(cfg, data: str, host=None, port=None, allow_remote: bool = Fal
         return {"status": "live"}
 
     print(review_link(data, host, port, token), flush=True)
-    uvicorn.run(guard.BodyLimit(app, int(scfg["max_body_bytes"]), review_limits(scfg)),
-                host=host, port=port, log_level="warning", access_log=False)
+    app = guard.BodyLimit(app, int(scfg["max_body_bytes"]), review_limits(scfg))
+    uvicorn.run(guard.local_hosts_only(app, host, allow_remote), host=host, port=port,
+                log_level="warning", access_log=False)
     return 0
