@@ -157,12 +157,16 @@ class Dataset:
         """Every part of ``kind`` the manifest lists is there, whole (its size, and the rows
         its footer declares), and no other part sits beside them: a damaged dataset is one
         line naming the file and the repair, before any work. A dataset committed before
-        parts were recorded has nothing to compare against and passes."""
+        parts were recorded is held to its counts instead (each folder's rows)."""
         entry = manifest["kinds"][kind]
         stamp = (self.root, kind, entry.get("finished"))
-        if entry.get("parts") is None or stamp in _VERIFIED:
+        if stamp in _VERIFIED:
             return
         repair = f"re-run `hierarchy ingest --kind {kind}` into {self.root}"
+        if entry.get("parts") is None:
+            self._verify_counts(entry, kind, repair)
+            _VERIFIED.add(stamp)
+            return
         for folder, parts in entry["parts"].items():
             found = _parquet_parts(self.path(folder))
             for name, rows, size in parts:
@@ -177,6 +181,28 @@ class Dataset:
                 raise DatasetDamaged(f"{min(found.values())}: not in {MANIFEST_FILE} (written "
                                      f"after the commit?) — remove it or {repair}")
         _VERIFIED.add(stamp)
+
+    def _verify_counts(self, entry: dict, kind: str, repair: str) -> None:
+        """Each folder's rows (read from the parts' footers) against the kind's counts: a
+        deleted or added part changes them, a damaged one has no readable footer."""
+        counts = entry.get("counts") or {}
+        want = {f"images/split={s}": c.get("images")
+                for s, c in (counts.get("per_split") or {}).items()}
+        want[f"products/kind={kind}"] = counts.get("products")
+        for folder in self.folders(kind):
+            if want.get(folder) is None:
+                continue
+            got = 0
+            for loc in sorted(_parquet_parts(self.path(folder)).values()):
+                try:
+                    got += storage.parquet_rows(loc)
+                except (OSError, ValueError) as exc:
+                    raise DatasetDamaged(f"{loc}: not a readable Parquet file ({exc}) — "
+                                         f"{repair}") from None
+            if got != want[folder]:
+                raise DatasetDamaged(f"{self.path(folder)}: {got} rows, {MANIFEST_FILE} counts "
+                                     f"{want[folder]} (a part missing, damaged or added) — "
+                                     f"{repair}")
 
     def begin_kind(self, manifest: dict, kind: str, taxonomy: Taxonomy) -> None:
         manifest["kinds"][kind] = {"status": "committing", "started": _now()}

@@ -505,10 +505,25 @@ def test_a_damaged_dataset_part_is_one_line_exit_3_before_any_work(spark, tmp_pa
         assert main(["curate", "--data", data, "--dry-run"]) == 3
         assert "not in manifest.json" in capsys.readouterr().err
         os.remove(extra)
+        # a dataset committed before parts were recorded is held to its counts
+        old = dict(manifest, kinds={k: {n: v for n, v in e.items() if n != "parts"}
+                                    for k, e in manifest["kinds"].items()})
+        open(os.path.join(data, "manifest.json"), "w").write(json.dumps(old))
+        os.rename(part, part + ".gone")
+        folder = os.path.join(data, "images", "split=train")
+        left = old["kinds"]["train"]["counts"]["per_split"]["train"]["images"] - rows
+        assert f"{folder}: {left} rows, manifest.json counts" in refused("--dry-run")
+        os.rename(part + ".gone", part)
+        open(part, "wb").write(original[:-8] + b"\0" * 8)
+        assert f"{part}: not a readable Parquet file" in refused("--dry-run")
     finally:
         open(part, "wb").write(original)
-    hd._VERIFIED.clear()
-    assert main(["train", "--data", data, "--models", models, "--level", "1", "--dry-run"]) == 0
+        open(os.path.join(data, "manifest.json"), "w").write(json.dumps(manifest))
+    for kept in (manifest, old):
+        open(os.path.join(data, "manifest.json"), "w").write(json.dumps(kept))
+        hd._VERIFIED.clear()
+        assert main(["train", "--data", data, "--models", models, "--level", "1",
+                     "--dry-run"]) == 0
 
 
 def test_a_second_job_on_a_busy_derby_metastore_is_refused_at_its_start(tmp_path, capsys,
