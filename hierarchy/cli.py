@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from hierarchy import modelstore, storage
+from hierarchy import joblog, modelstore, storage
 from hierarchy.config import load_config
 from hierarchy.curate.table import FLAGS
 from hierarchy.dataset import KINDS
@@ -481,7 +481,7 @@ def _evaluate(args, cfg) -> dict:
     return {"run_id": args.run_id, "recommended": result["recommended"],
             "accuracy_l3": {s: m.get("accuracy_l3") for s, m in
                             result["metrics"]["strategies"].items()},
-            "report": result["files"]["report_md"]}
+            "report": result["files"]["report_md"], "phases_s": result["phases"]}
 
 
 def _runs(args, cfg) -> dict:
@@ -621,6 +621,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     setup_logging(args.quiet, args.verbose)
     dry = bool(getattr(args, "dry_run", False))
+    log: dict = {}  # the job's log file, once the configuration names its folder
     try:
         if getattr(args, "run_id", None) is not None:
             modelstore.check_run_id(args.run_id)
@@ -628,12 +629,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.quiet:
             overrides = ["ingest.progress=false", "predict.progress=false", *overrides]
         cfg = load_config(args.config, overrides)
+        path = joblog.start(cfg, args.stage, args.verbose)
+        if path:
+            log["log"] = path
         _fill_paths(args, cfg)
         facts = STAGES[args.stage](args, cfg) or {}
     except HierarchyError as exc:  # one line a user can act on; anything else is a crash
         print(f"hierarchy {args.stage}: error: {exc}", file=sys.stderr)
         status = "usage" if exc.exit_code == EXIT_USAGE else "refused"
-        _emit(job_summary(args.stage, status, exc.exit_code, started, dry_run=dry,
+        _emit(job_summary(args.stage, status, exc.exit_code, started, dry_run=dry, **log,
                           error=str(exc)))
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - a full disk is the machine's, not a bug
@@ -641,20 +645,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                                         "data")
                                             if getattr(args, a, None)), None))
         if fault is None:
-            _emit(job_summary(args.stage, "crash", 1, started, dry_run=dry,
+            _emit(job_summary(args.stage, "crash", 1, started, dry_run=dry, **log,
                               error=f"{type(exc).__name__}: {exc}"))
             raise
         logging.getLogger("hierarchy").debug("%s failed", args.stage, exc_info=True)
         print(f"hierarchy {args.stage}: error: {fault}", file=sys.stderr)
-        _emit(job_summary(args.stage, "refused", EXIT_REFUSED, started, dry_run=dry,
+        _emit(job_summary(args.stage, "refused", EXIT_REFUSED, started, dry_run=dry, **log,
                           error=fault))
         return EXIT_REFUSED
     except BaseException as exc:
         code = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        _emit(job_summary(args.stage, "crash", code, started, dry_run=dry,
+        _emit(job_summary(args.stage, "crash", code, started, dry_run=dry, **log,
                           error=f"{type(exc).__name__}: {exc}"))
         raise
-    _emit(job_summary(args.stage, "dry-run" if dry else "done", EXIT_OK, started, **facts))
+    _emit(job_summary(args.stage, "dry-run" if dry else "done", EXIT_OK, started, **facts,
+                      **log))
     return EXIT_OK
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from hierarchy import spark_cds, storage
+from hierarchy import joblog, spark_cds, storage
 from hierarchy.config import Config
 from hierarchy.errors import Refused, UsageError
 
@@ -66,9 +66,9 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
         conf.update(catalog_conf)
     conf = _merge_java_options(conf, {**spark_cfg["conf"], **(extra_conf or {})})
     if not launched_by_spark_submit():
-        option = spark_cds.java_options(cfg, conf)
-        if option:
-            conf = _merge_java_options(conf, {"spark.driver.extraJavaOptions": option})
+        for option in (spark_cds.java_options(cfg, conf), joblog.java_options()):
+            if option:
+                conf = _merge_java_options(conf, {"spark.driver.extraJavaOptions": option})
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

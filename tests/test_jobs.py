@@ -59,3 +59,29 @@ def test_spark_submit_refuses_bad_input_with_exit_code_3(catalog, tmp_path):
     assert r.returncode == 3, r.stderr[-3000:]
     assert "above ingest.max_bad_fraction=0.01" in r.stdout + r.stderr
     assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_spark_and_python_chatter_goes_to_the_jobs_log_file_unless_verbose(catalog, tmp_path):
+    """A job's console holds its own lines; Spark's log4j warnings (the loopback host name,
+    Hive's configuration notes) land in the log file the summary line names. -v prints them."""
+    hierarchy = Path(sys.executable).parent / "hierarchy"
+    logs = tmp_path / "logs"
+
+    def ingest(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(hierarchy), "ingest", "--input", str(catalog / "train.bson"), "--categories",
+             str(catalog / "category_names.csv"), "--output", str(tmp_path / "ds"),
+             "ingest.progress=false", "spark.master=local[1]", f"spark.log_dir={logs}",
+             *extra], capture_output=True, text=True, timeout=300)
+
+    quiet = ingest()
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert not [line for line in quiet.stderr.splitlines()
+                if " WARN " in line or "log4j" in line or "setLogLevel" in line], quiet.stderr
+    log = Path(json.loads(quiet.stdout.strip().splitlines()[-1])["log"])
+    assert log.parent == logs and log.name.startswith("ingest-")
+    assert " WARN " in log.read_text()  # Spark's notes are kept, in the file
+    loud = ingest("-v")
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert " WARN " in loud.stderr and "log" not in json.loads(
+        loud.stdout.strip().splitlines()[-1])

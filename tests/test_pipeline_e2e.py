@@ -32,6 +32,10 @@ def run(*cmd, cwd, conf):
     proc = subprocess.run([*cmd, *conf], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    if Path(cmd[0]).name == "hierarchy":  # spark-submit keeps the submitter's logging
+        chatter = [line for line in proc.stderr.splitlines()
+                   if " WARN " in line or "tensorflow" in line or "Warning" in line]
+        assert not chatter, f"{cmd}: TensorFlow's or Spark's notes on the console: {chatter[:5]}"
     return proc.stdout
 
 

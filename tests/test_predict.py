@@ -140,9 +140,11 @@ def test_a_product_spread_over_partitions_and_batches_is_aggregated_once(world, 
     spread = images.repartition(5)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "3")
     try:
-        many = score(spread, plan, partitions=3).toPandas().set_index("product_id")
+        many = score(spread, {strategy: plan}, partitions=3).toPandas() \
+            .set_index("product_id")
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "10000")
-        one = score(images.coalesce(1), plan, partitions=1).toPandas().set_index("product_id")
+        one = score(images.coalesce(1), {strategy: plan}, partitions=1).toPandas() \
+            .set_index("product_id")
     finally:
         spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     assert many.index.is_unique and len(many) == len(per_product)
@@ -418,7 +420,7 @@ def test_calibration_scores_the_pictures_predict_scores(world, spark):
     for g, (t, w, v) in enumerate(grid):
         point = {"temperature": t, "w": w, "v": v}
         scored = ScoringPlan(models=replace(modelset, calibration=point), **plan)
-        rows = score(images, scored, 2).toPandas()
+        rows = score(images, {"hierarchical": scored}, 2).toPandas()
         rows = rows[~rows["fallback"]]
         assert len(rows) == sum(r.products for r in stats)
         truth = [dict(zip(ids, probs))[true_id] for ids, probs, true_id in
@@ -491,3 +493,44 @@ def test_a_table_location_with_a_quote_a_space_and_accents_is_quoted_in_sql(worl
     spark.range(3).write.parquet(str(place / "curation"))
     full = _register(spark, pcfg["catalog"], "curation_q", str(place / "curation"), False)
     assert spark.table(full).count() == 3
+
+
+def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world, spark,
+                                                                          monkeypatch):
+    """Evaluate scores every strategy of a run in one pass: flat, two-stage and blend share
+    the flat and level-1 models and the branch models' rows. Each strategy's rows are those
+    it gives scored alone, to the last digit, and each model runs once per batch."""
+    from hierarchy.infer import scoring
+    from hierarchy.infer.modelset import available_strategies
+
+    tax = Dataset(world["data"]).taxonomy()
+    strategies = available_strategies(world["models"], RUN)
+    assert {"flat", "two-stage", "blend", "fusion"} <= set(strategies)
+    plans = {s: ScoringPlan(models=load_modelset(world["models"], RUN, s, tax),
+                            taxonomy_json=tax.to_json(), prior_category_id=tax.category_ids[0],
+                            prior_share=0.1, top_k=2, blend_weight=0.5, aggregate="log_mean",
+                            tta_flip=False, top_n=5, threads=1) for s in strategies}
+    images = read_images(spark, world["data"], "test").toPandas() \
+        .sort_values(["product_id", "img_idx"]).reset_index(drop=True)
+    batches = [images.iloc[i:i + 16] for i in range(0, len(images), 16)]
+    calls: dict = {}
+    real = scoring.BatchScorer._outputs
+
+    def counted(self, ref, x):
+        calls[ref.path] = calls.get(ref.path, 0) + 1
+        return real(self, ref, x)
+
+    monkeypatch.setattr(scoring.BatchScorer, "_outputs", counted)
+    together = pd.concat(list(scoring.score_partitions(plans)(iter(batches))))
+    once = dict(calls)
+    assert max(once.values()) <= len(batches), once  # per batch, whatever reads it
+    for s in strategies:
+        calls.clear()
+        alone = pd.concat(list(scoring.score_partitions({s: plans[s]})(iter(batches))))
+        mine = together[together["strategy"] == s]
+        pd.testing.assert_frame_equal(mine.sort_values("product_id").reset_index(drop=True),
+                                      alone.sort_values("product_id").reset_index(drop=True),
+                                      check_exact=True)
+        assert mine["product_id"].is_unique
+    flat = load_modelset(world["models"], RUN, "flat", tax).flat.path
+    assert once[flat] == len(batches)  # flat, blend and the others read it: run once a batch

@@ -93,7 +93,7 @@ def test_the_scorer_loads_each_model_once_per_worker_across_batches(trained, mon
     # two tasks run by the same worker, several Arrow batches each; top_k 0: every branch
     # model scores every batch
     for _ in range(2):
-        rows = pd.concat(list(scoring.score_partitions(plan)(iter(batches))))
+        rows = pd.concat(list(scoring.score_partitions({"two-stage": plan})(iter(batches))))
         assert rows["product_id"].is_unique
         assert len(rows) == images["product_id"].nunique()
     assert len(loads) == len(models.refs())

@@ -63,16 +63,18 @@ def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
     return run
 
 
-def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None) -> dict:
+def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None,
+        grouped=None) -> dict:
     """The fitted calibration, as run.json records it. ``where``: a Spark column keeping the
-    val products it may fit on (evaluate keeps the decisions' calibration part out)."""
+    val products it may fit on (evaluate keeps the decisions' calibration part out);
+    ``grouped``: val's pictures already grouped by product (:func:`grouped_split`)."""
     from pyspark.sql import functions as F
 
     from hierarchy.infer.pipeline import by_product, read_images
 
     ccfg = cfg["calibrate"]
     grid = grid_of(ccfg)
-    images = read_images(spark, data, VAL)
+    images = grouped if grouped is not None else read_images(spark, data, VAL)
     if where is not None:
         images = images.where(where)
     total = images_in(manifest, VAL)
@@ -81,8 +83,9 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None) ->
     if share < 1.0:
         # a fixed hash sample of products (all of a product's pictures, or none)
         images = images.where((F.abs(F.xxhash64("product_id")) % 1000003) < share * 1000003)
-    stats = (by_product(images, int(cfg["predict"]["partitions"]))
-             .mapInPandas(calibration_partitions(plan, grid), STATS_DDL)
+    if grouped is None:
+        images = by_product(images, int(cfg["predict"]["partitions"]))
+    stats = (images.mapInPandas(calibration_partitions(plan, grid), STATS_DDL)
              .collect())  # one small row per partition
     hits = np.sum([r.hits for r in stats], axis=0) if stats else np.zeros(len(grid))
     nlls = np.sum([r.nll for r in stats], axis=0) if stats else np.zeros(len(grid))

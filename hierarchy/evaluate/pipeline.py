@@ -4,6 +4,8 @@ table with Spark aggregations and write the report, plots included."""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 from typing import Optional
 
@@ -13,8 +15,16 @@ from hierarchy.evaluate import calibrate, choice, decisions
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, write_report
 from hierarchy.infer.modelset import IDENTITY, PredictError, available_strategies
-from hierarchy.infer.pipeline import check_predict, run_predict, scoring_plan
+from hierarchy.infer.pipeline import (
+    check_predict,
+    grouped_split,
+    run_scoring,
+    scoring_plan,
+    training_prior,
+)
 from hierarchy.modelstore import ModelStore
+
+log = logging.getLogger(__name__)
 
 
 def check_evaluate(data: str, models: str, run_id: str, output: str) -> dict:
@@ -31,38 +41,40 @@ def check_evaluate(data: str, models: str, run_id: str, output: str) -> dict:
             for strategy in strategies}
 
 
+class _Phases:
+    """Each phase's wall seconds, logged as it ends (where an evaluate's time goes)."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+        self._t = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 2)
+        self._t = now
+        log.info("evaluate: %s %.1f s", name, self.seconds[name])
+
+
 def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
                  checked: Optional[dict] = None) -> dict:
-    """``checked``: what :func:`check_evaluate` already returned for these arguments."""
+    """``checked``: what :func:`check_evaluate` already returned for these arguments.
+    Three passes over val whatever the number of strategies: the hierarchical correction,
+    every strategy's decision rule, every strategy's table rows; each model runs once per
+    picture in each."""
     from pyspark.sql import functions as F
 
+    phases = _Phases()
     checked = dict(checked or check_evaluate(data, models, run_id, output))
     strategies = list(checked)
     run = ModelStore(models).run(run_id)
-    calibration = None
-    if "hierarchical" in checked:
-        # fitted before anything is scored, on the fit part of val only (the decisions'
-        # calibration part must not have shaped the distribution it certifies)
-        c = checked["hierarchical"]
-        plan = scoring_plan(spark, cfg, data, c.taxonomy,
-                            calibrate.modelset_for_calibration(c.modelset))
-        calibration = calibrate.fit(spark, cfg, data, c.manifest, plan,
-                                    where=decisions.val_part_filter(cfg["decide"]))
-        run.record_evaluation(calibration=calibration)
-        fitted = {k: calibration[k] for k in IDENTITY}
-        checked["hierarchical"] = replace(c, modelset=replace(c.modelset, calibration=fitted))
-    scored, rules, figures = {}, {}, {}
-    for strategy in strategies:
-        c = checked[strategy]
-        # each strategy's own rule, fitted before its val rows are written so that the
-        # table's decision columns are the ones predict will write on test
-        plan = scoring_plan(spark, cfg, data, c.taxonomy, replace(c.modelset, decision=None))
-        rule, figures[strategy] = decisions.fit(spark, cfg, data, plan)
-        rules[strategy] = rule.to_dict()
-        c = replace(c, modelset=replace(c.modelset, decision=rules[strategy]))
-        scored[strategy] = run_predict(spark, cfg, data, models, run_id, VAL, strategy,
-                                       output, checked=c)
-    table = scored[strategies[0]]["table"]
+    prior = training_prior(spark, data)
+    grouped = grouped_split(spark, data, VAL, int(cfg["predict"]["partitions"]))
+    try:
+        calibration, checked, figures, rules, table = _passes(spark, cfg, data, models, run,
+                                                              checked, output, prior, grouped,
+                                                              phases)
+    finally:
+        grouped.unpersist()
     df = spark.table(table).where((F.col("run_id") == run_id) & (F.col("split") == VAL)
                                   & F.col("strategy").isin(strategies))
     metrics = evaluate_predictions(df, Dataset(data).taxonomy())
@@ -75,11 +87,53 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     recommended = chosen["recommended"]
     run.record_evaluation(recommended=recommended, scores=scores, decisions=rules,
                           recommendation=chosen)
+    phases.done("metrics and choice")
     out_dir = evaluation_dir(output, run_id)
     files = write_report(metrics, run.histories(), out_dir, run_id)
+    phases.done("report")
     return {"run_id": run_id, "strategies": strategies, "metrics": metrics,
             "files": files, "output": out_dir, "table": table, "recommended": recommended,
-            "calibration": calibration}
+            "calibration": calibration, "phases": phases.seconds}
+
+
+def _passes(spark, cfg, data: str, models: str, run, checked: dict, output: str,
+            prior: tuple, grouped, phases: _Phases) -> tuple:
+    """The three passes over val; (calibration, checked with the rules, figures, rules,
+    table name)."""
+    calibration = None
+    if "hierarchical" in checked:
+        calibration, checked["hierarchical"] = _calibrate(spark, cfg, data, run,
+                                                          checked["hierarchical"], prior,
+                                                          grouped)
+        phases.done("hierarchical calibration")
+    # each strategy's own rule, fitted before its val rows are written so that the table's
+    # decision columns are the ones predict will write on test
+    plans = {s: scoring_plan(spark, cfg, data, c.taxonomy, replace(c.modelset, decision=None),
+                             prior) for s, c in checked.items()}
+    fitted_rules = decisions.fit(spark, cfg, data, plans, grouped)
+    rules = {s: rule.to_dict() for s, (rule, _) in fitted_rules.items()}
+    figures = {s: fig for s, (_, fig) in fitted_rules.items()}
+    phases.done("decision rules")
+    checked = {s: replace(c, modelset=replace(c.modelset, decision=rules[s]))
+               for s, c in checked.items()}
+    scored = run_scoring(spark, cfg, data, models, run.run_id, VAL, checked, output, prior,
+                         grouped)
+    phases.done("table rows")
+    return calibration, checked, figures, rules, next(iter(scored.values()))["table"]
+
+
+def _calibrate(spark, cfg, data: str, run, checked, prior: tuple, grouped):
+    """The hierarchical strategy's correction, fitted before anything is scored, on the fit
+    part of val only (the decisions' calibration part must not have shaped the distribution
+    it certifies); (the fit as run.json records it, ``checked`` with it applied)."""
+    plan = scoring_plan(spark, cfg, data, checked.taxonomy,
+                        calibrate.modelset_for_calibration(checked.modelset), prior)
+    calibration = calibrate.fit(spark, cfg, data, checked.manifest, plan,
+                                where=decisions.val_part_filter(cfg["decide"]),
+                                grouped=grouped)
+    run.record_evaluation(calibration=calibration)
+    fitted = {k: calibration[k] for k in IDENTITY}
+    return calibration, replace(checked, modelset=replace(checked.modelset, calibration=fitted))
 
 
 def headline(result: dict) -> str:

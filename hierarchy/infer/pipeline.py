@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 from hierarchy import storage
 from hierarchy.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
@@ -67,16 +67,29 @@ def by_product(images, partitions: int):
     return images.repartition(parts, "product_id").sortWithinPartitions("product_id", "img_idx")
 
 
-def score(images, plan: ScoringPlan, partitions: int):
-    """Product rows from image rows (:func:`by_product`, then the scorer)."""
-    return by_product(images, partitions).mapInPandas(score_partitions(plan),
-                                                      schema.SCORED_DDL)
+def grouped_split(spark, data: str, split: str, partitions: int):
+    """A split's pictures grouped by product (:func:`by_product`) once, kept on the executors'
+    disks for several passes (evaluate's three): each pass then skips the read and the
+    shuffle of the JPEG bytes. ``unpersist()`` it after the last."""
+    from pyspark import StorageLevel
+
+    return by_product(read_images(spark, data, split), partitions).persist(
+        StorageLevel.DISK_ONLY)
 
 
-def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple):
+def score(images, plans: Dict[str, ScoringPlan], partitions: int):
+    """Product rows of every strategy of ``plans`` from image rows, in one pass
+    (:func:`by_product`, then the scorer), with a ``strategy`` column."""
+    return by_product(images, partitions).mapInPandas(score_partitions(plans),
+                                                      schema.SCORED_BY_STRATEGY_DDL)
+
+
+def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple,
+                  strategies: Sequence[str] = ()):
     """Products of the split with no row in images/ (every picture quarantined at ingest):
     the same row the scorer gives a product none of whose pictures decodes
-    (:func:`hierarchy.infer.schema.fallback_prediction`). Only the product_id column of
+    (:func:`hierarchy.infer.schema.fallback_prediction`), once per strategy of
+    ``strategies`` (with a ``strategy`` column) when given. Only the product_id column of
     images/ is read."""
     from pyspark.sql import functions as F
 
@@ -86,13 +99,18 @@ def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple):
                    "true_category_id": F.col("category_id"), "true_l1": F.col("l1"),
                    "true_l2": F.col("l2"), "true_l3": F.col("l3")}
     missing = products.join(images.select("product_id").distinct(), "product_id", "left_anti")
-    return missing.select(*[
+    rows = missing.select(*[
         (per_product[name] if name in per_product else F.lit(row[name]))
         .cast(schema.SCORED_TYPES[name]).alias(name)
         for name in schema.SCORED_COLUMNS])
+    if not strategies:
+        return rows
+    return rows.crossJoin(F.broadcast(products.sparkSession.createDataFrame(
+        [(s,) for s in strategies], "strategy string")))
 
 
-def finish_rows(rows, run_id: str, split: str, strategy: str):
+def finish_rows(rows, run_id: str, split: str, strategy: Optional[str] = None):
+    """The table's columns; ``strategy`` None: the rows carry their own."""
     from pyspark.sql import functions as F
 
     top5 = F.expr("transform(arrays_zip(top_category_id, top_probability), "
@@ -105,7 +123,8 @@ def finish_rows(rows, run_id: str, split: str, strategy: str):
                 .withColumn("scored_at", F.current_timestamp())
                 .withColumn("run_id", F.lit(run_id))
                 .withColumn("split", F.lit(split))
-                .withColumn("strategy", F.lit(strategy))
+                .withColumn("strategy", F.col("strategy") if strategy is None
+                            else F.lit(strategy))
                 .select(*schema.TABLE_COLUMNS))
 
 
@@ -199,10 +218,12 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
     return CheckedPredict(manifest, taxonomy, load_modelset(models, run_id, strategy, taxonomy))
 
 
-def scoring_plan(spark, cfg, data: str, taxonomy: Taxonomy, modelset: ModelSet) -> ScoringPlan:
-    """What every scoring task gets (and sets the Arrow batch size it is fed with)."""
+def scoring_plan(spark, cfg, data: str, taxonomy: Taxonomy, modelset: ModelSet,
+                 prior: Optional[tuple] = None) -> ScoringPlan:
+    """What every scoring task gets (and sets the Arrow batch size it is fed with).
+    ``prior``: :func:`training_prior`, when the caller already has it."""
     pcfg = cfg["predict"]
-    prior = training_prior(spark, data)
+    prior = prior or training_prior(spark, data)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg["batch_size"]))
     return ScoringPlan(models=modelset, taxonomy_json=taxonomy.to_json(),
                        prior_category_id=prior[0], prior_share=prior[1],
@@ -214,61 +235,93 @@ def scoring_plan(spark, cfg, data: str, taxonomy: Taxonomy, modelset: ModelSet) 
 def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, strategy: str,
                 output: str, checked: Optional[CheckedPredict] = None) -> dict:
     """``checked``: what :func:`check_predict` already returned for these arguments."""
+    checked = checked or check_predict(data, models, run_id, split, strategy, output,
+                                       bool(cfg["predict"]["duplicate_lookup"]))
+    return run_scoring(spark, cfg, data, models, run_id, split, {strategy: checked},
+                       output)[strategy]
+
+
+def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
+                checked: Dict[str, CheckedPredict], output: str,
+                prior: Optional[tuple] = None, grouped=None) -> Dict[str, dict]:
+    """Score ``split`` under every strategy of ``checked`` (each :func:`check_predict`ed) in
+    one pass over its pictures, each model run once per picture, into the strategies'
+    partitions of the predictions table; {strategy: its result}. A test split also gets
+    its submission (predict scores one strategy). ``prior``: :func:`training_prior`, when
+    the caller has it; ``grouped``: the split's pictures from :func:`grouped_split`."""
     from pyspark.sql import functions as F
 
     from hierarchy.spark import run_with_progress
 
     pcfg = cfg["predict"]
     t0 = time.time()
-    checked = checked or check_predict(data, models, run_id, split, strategy, output,
-                                       bool(pcfg["duplicate_lookup"]))
-    taxonomy, modelset = checked.taxonomy, checked.modelset
-    note_decision_rule(cfg["decide"], modelset, data, models, run_id)
+    strategies = list(checked)
+    if split == TEST and len(strategies) != 1:
+        raise UsageError("the test split is scored one strategy at a time (one submission)")
+    first = checked[strategies[0]]
+    taxonomy = first.taxonomy
+    for strategy in strategies:
+        note_decision_rule(cfg["decide"], checked[strategy].modelset, data, models, run_id)
     products = read_products(spark, data, split)
     # before any scoring: a submission must hold one row per product id
     tables.check_unique_products(products, f"{data} products of split {split}")
-    plan = scoring_plan(spark, cfg, data, taxonomy, modelset)
-    prior = (plan.prior_category_id, plan.prior_share)
+    prior = prior or training_prior(spark, data)
+    plans = {s: scoring_plan(spark, cfg, data, taxonomy, checked[s].modelset, prior)
+             for s in strategies}
     images = read_images(spark, data, split)
-    rows = score(images, plan, int(pcfg["partitions"])).unionByName(
-        fallback_rows(products, images, taxonomy, prior))
+    scored = score(images, plans, int(pcfg["partitions"])) if grouped is None else \
+        grouped.mapInPandas(score_partitions(plans), schema.SCORED_BY_STRATEGY_DDL)
+    rows = scored.unionByName(
+        fallback_rows(products, images, taxonomy, prior, strategies))
     if pcfg["duplicate_lookup"]:
         rows = apply_duplicates(rows, duplicate_answers(spark, data, split, taxonomy))
-    final = finish_rows(rows, run_id, split, strategy)
-    log.info("scoring split %s with run %s (%s%s)", split, run_id, strategy,
-             f", top-{plan.top_k} branches" if strategy != "flat" and plan.top_k else "")
+    final = finish_rows(rows, run_id, split)
+    top_k = next(iter(plans.values())).top_k
+    log.info("scoring split %s with run %s (%s%s)", split, run_id, ", ".join(strategies),
+             f", top-{top_k} branches" if strategies != ["flat"] and top_k else "")
+    partitions = [{"run_id": run_id, "split": split, "strategy": s} for s in strategies]
     name, location = run_with_progress(spark, f"predict {split}",
                                        lambda: tables.write_predictions(spark, final,
-                                                                        cfg["catalog"]),
+                                                                        cfg["catalog"],
+                                                                        partitions),
                                        enabled=bool(pcfg["progress"]))
     review_view = tables.create_review_view(spark, cfg["catalog"])
     written = spark.table(name).where(
         (F.col("run_id") == run_id) & (F.col("split") == split) &
-        (F.col("strategy") == strategy))
-    stats = written.agg(F.count("*").alias("products"),
-                        F.sum((F.col("answered_by") == "duplicate").cast("int"))
-                        .alias("duplicates"),
-                        F.sum(F.col("fallback").cast("int")).alias("fallback"),
-                        *[F.sum((F.col("decision_level") == level).cast("int"))
-                          .alias(f"decided_{level}") for level in (3, 2, 1, 0)],
-                        F.sum("image_count").alias("images"),
-                        F.sum("bad_image_count").alias("bad_images")).first()
-    result = {"run_id": run_id, "split": split, "strategy": strategy, "table": name,
-              "review_view": review_view,
-              "table_path": location,
-              "products": int(stats.products), "images": int(stats.images or 0),
-              "bad_images": int(stats.bad_images or 0), "fallback": int(stats.fallback or 0),
-              "answered_by_duplicate": int(stats.duplicates or 0),
-              "untrained_branches": modelset.untrained_branches,
-              "decisions": None if modelset.decision is None else
-              {str(level): int(stats[f"decided_{level}"] or 0) for level in (3, 2, 1, 0)}}
+        F.col("strategy").isin(strategies))
+    stats = {r.strategy: r for r in written.groupBy("strategy").agg(
+        F.count("*").alias("products"),
+        F.sum((F.col("answered_by") == "duplicate").cast("int")).alias("duplicates"),
+        F.sum(F.col("fallback").cast("int")).alias("fallback"),
+        *[F.sum((F.col("decision_level") == level).cast("int")).alias(f"decided_{level}")
+          for level in (3, 2, 1, 0)],
+        F.sum("image_count").alias("images"),
+        F.sum("bad_image_count").alias("bad_images")).collect()}  # a row per strategy
+    results = {}
+    for strategy in strategies:
+        modelset, st = checked[strategy].modelset, stats.get(strategy)
+        results[strategy] = {
+            "run_id": run_id, "split": split, "strategy": strategy, "table": name,
+            "review_view": review_view, "table_path": location,
+            "products": int(st.products) if st else 0,
+            "images": int(st.images or 0) if st else 0,
+            "bad_images": int(st.bad_images or 0) if st else 0,
+            "fallback": int(st.fallback or 0) if st else 0,
+            "answered_by_duplicate": int(st.duplicates or 0) if st else 0,
+            "untrained_branches": modelset.untrained_branches,
+            "decisions": None if modelset.decision is None else
+            {str(level): int((st[f"decided_{level}"] if st else 0) or 0)
+             for level in (3, 2, 1, 0)}}
     if split == TEST:
+        (strategy,) = strategies
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
         tables.check_submission_rows(sub, products)
-        result["submission"] = tables.write_submission(sub, output,
-                                                       bool(pcfg["submission_gzip"]))
-    result["seconds"] = round(time.time() - t0, 2)
-    return result
+        results[strategy]["submission"] = tables.write_submission(
+            sub, output, bool(pcfg["submission_gzip"]))
+    seconds = round(time.time() - t0, 2)
+    for result in results.values():
+        result["seconds"] = seconds
+    return results
 
 
 def note_decision_rule(dcfg: dict, modelset: ModelSet, data: str, models: str,

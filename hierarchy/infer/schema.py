@@ -50,6 +50,9 @@ SCORED: List[Tuple[str, str]] = [
 SCORED_COLUMNS = [name for name, _ in SCORED]
 SCORED_DDL = ", ".join(f"{name} {kind}" for name, kind in SCORED)
 SCORED_TYPES: Dict[str, str] = dict(SCORED)
+# the scoring pass's output: the scored columns of one product under one strategy (a pass
+# scores every strategy of an evaluate at once)
+SCORED_BY_STRATEGY_DDL = f"{SCORED_DDL}, strategy string"
 
 TOP = ("top_category_id", "top_probability")   # become the top5 array of structs
 TRUTH = ("true_category_id", "true_l1", "true_l2", "true_l3")   # null outside val

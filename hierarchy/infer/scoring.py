@@ -1,6 +1,7 @@
 """Scoring inside a Spark task: JPEG bytes in, one row per product out.
 
-:func:`score_partitions` is what ``DataFrame.mapInPandas`` runs. Its input must hold each
+:func:`score_partitions` is what ``DataFrame.mapInPandas`` runs, for one strategy (predict) or
+all of a run's (evaluate) in one pass: each model runs once per picture. Its input must hold each
 product's images contiguously and in ascending ``product_id`` order within a partition (the
 predict job repartitions by ``product_id`` and sorts within partitions), so a product whose
 images straddle two Arrow batches is carried over and aggregated once; products never straddle
@@ -22,7 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from hierarchy import storage
+from hierarchy import joblog, storage
 from hierarchy.infer import combine, decide, schema
 from hierarchy.infer.modelset import ModelRef, ModelSet
 from hierarchy.taxonomy import Taxonomy
@@ -63,6 +64,30 @@ def _model(ref: ModelRef):
     return _CACHE[ref.path]
 
 
+def _predictor(ref: ModelRef):
+    """The model's inference as one ``tf.function`` traced once per worker for any batch size
+    (the batch dimension is left open). Keras' own predict function is retraced for each new
+    batch size until it relaxes its shapes, and a scoring task's batches, re-cut at product
+    boundaries, all differ in size: with every model of a run in one pass, those traces were
+    a large share of a pass's time."""
+    key = ("predictor", ref.path)
+    if key not in _CACHE:
+        import tensorflow as tf
+
+        model = _model(ref)
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        _CACHE[key] = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+    return _CACHE[key]
+
+
+def _run_model(ref: ModelRef, x: np.ndarray) -> List[np.ndarray]:
+    """The model's outputs on ``x``, in ``output_names`` order."""
+    out = _predictor(ref)(x)
+    if isinstance(out, dict):
+        return [out[name].numpy() for name in _model(ref).output_names]
+    return [o.numpy() for o in out] if isinstance(out, (list, tuple)) else [out.numpy()]
+
+
 def _task_cpus() -> int:
     """The cores Spark gave this task (spark.task.cpus), 1 when unknown."""
     try:
@@ -83,6 +108,8 @@ def _configure_tf(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
+    if os.environ.get(joblog.LOG_ENV):  # a quiet job: its workers' TF notes are not the user's
+        tf.get_logger().setLevel("ERROR")
     threads = threads or _task_cpus()
     if threads:
         try:
@@ -133,7 +160,7 @@ class BatchScorer:
         return self.decode(jpegs, self.min_side)
 
     def _inputs(self, images: list, ref: ModelRef, cache: dict) -> np.ndarray:
-        key = (ref.image_size, ref.backbone)
+        key = ("inputs", ref.image_size, ref.backbone)
         if key not in cache:
             import tensorflow as tf
 
@@ -144,25 +171,34 @@ class BatchScorer:
             cache[key] = tf.cast(preprocess_for(ref.backbone)(x), tf.float32).numpy()
         return cache[key]
 
+    def _cached(self, ref: ModelRef, images: list, cache: dict,
+                rows: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+        """:meth:`_outputs` of ``ref`` on ``images`` (or the ``rows`` of them), computed once
+        per batch: ``cache`` is shared by the scorers of every strategy scored in one pass
+        (flat, blend and a head over the flat trunk read the same flat outputs)."""
+        key = ("outputs", ref.path, None if rows is None else rows.tobytes())
+        if key not in cache:
+            x = self._inputs(images, ref, cache)
+            cache[key] = self._outputs(ref, x if rows is None else x[rows])
+        return cache[key]
+
     def _outputs(self, ref: ModelRef, x: np.ndarray) -> Dict[str, np.ndarray]:
         """{output name: probabilities} of one model (a flat model has one output, named
         ``probs`` like a multi-level model's level 3)."""
-        # predict_on_batch runs Keras' compiled predict function: ~30% faster than an eager
-        # model(x) call here (bench/predict_throughput.py)
-        model = _model(ref)
-        names = model.output_names
-        out = model.predict_on_batch(x)
-        out = dict(zip(names, out if isinstance(out, (list, tuple)) else [out]))
+        # a compiled function (_predictor): ~30% faster than an eager model(x) call here
+        # (bench/predict_throughput.py)
+        names = _model(ref).output_names
+        out = dict(zip(names, _run_model(ref, x)))
         if self.plan.tta_flip:
-            flipped = model.predict_on_batch(np.ascontiguousarray(x[:, :, ::-1, :]))
-            flipped = flipped if isinstance(flipped, (list, tuple)) else [flipped]
+            flipped = _run_model(ref, np.ascontiguousarray(x[:, :, ::-1, :]))
             # a fusion model's view scores are [N] log-weights: their plain mean
             out = {n: combine.flip_average(out[n], f) if np.ndim(f) == 2 else
                    0.5 * (np.asarray(out[n]) + np.asarray(f)) for n, f in zip(names, flipped)}
         return out
 
-    def _predict(self, ref: ModelRef, x: np.ndarray) -> np.ndarray:
-        return next(iter(self._outputs(ref, x).values()))
+    def _predict(self, ref: ModelRef, images: list, cache: dict,
+                 rows: Optional[np.ndarray] = None) -> np.ndarray:
+        return next(iter(self._cached(ref, images, cache, rows).values()))
 
     def components(self, images: list, cache: Optional[dict] = None) -> Dict[str, np.ndarray]:
         """The multi-level model's level-3, level-1 head and per-branch conditional outputs
@@ -170,8 +206,7 @@ class BatchScorer:
         the calibration that fits the latter, are computed from."""
         from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
-        ref = self.plan.models.multi
-        out = self._outputs(ref, self._inputs(images, ref, {} if cache is None else cache))
+        out = self._cached(self.plan.models.multi, images, {} if cache is None else cache)
         return {name: np.asarray(out[name], dtype=np.float64)
                 for name in (L3_OUTPUT, L1_HEAD, CONDITIONAL)}
 
@@ -188,29 +223,31 @@ class BatchScorer:
                 model.get_layer(EXPERTS_LAYER).groups, dtype=np.int64)
         return self._expert_groups
 
-    def weighted(self, images: list, product_ids: np.ndarray
+    def weighted(self, images: list, product_ids: np.ndarray, cache: Optional[dict] = None
                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(:meth:`probs`, each picture's weight in its product or None when all weigh the
         same): a fusion model weighs a picture by ``exp(view score)``, the pooling it was
-        trained with (:class:`hierarchy.train.models.ViewPooling`)."""
+        trained with (:class:`hierarchy.train.models.ViewPooling`). ``cache``: model outputs
+        of this batch shared with other strategies' scorers (see :meth:`_cached`)."""
         ms = self.plan.models
+        cache = {} if cache is None else cache
         if ms.strategy != "fusion":
-            return self.probs(images, product_ids), None
+            return self.probs(images, product_ids, cache), None
         from hierarchy.train.models import L3_OUTPUT, VIEW_SCORE
 
-        out = self._outputs(ms.head, self._inputs(images, ms.head, {}))
+        out = self._cached(ms.head, images, cache)
         return (np.asarray(out[L3_OUTPUT], dtype=np.float64),
                 np.exp(np.asarray(out[VIEW_SCORE], dtype=np.float64).reshape(-1)))
 
-    def probs(self, images: list, product_ids: np.ndarray) -> np.ndarray:
+    def probs(self, images: list, product_ids: np.ndarray,
+              cache: Optional[dict] = None) -> np.ndarray:
         """``images``: decoded pictures (no None), with the product of each; every picture
         of a product is in the call (two-stage picks a product's branches from all of them).
         Returns float64 [len(images), n_l3]."""
-        plan, cache = self.plan, {}
+        plan, cache = self.plan, {} if cache is None else cache
         ms = plan.models
         if ms.head is not None:  # refit, fusion: one model over a frozen trunk
-            return np.asarray(self._predict(ms.head, self._inputs(images, ms.head, cache)),
-                              dtype=np.float64)
+            return np.asarray(self._predict(ms.head, images, cache), dtype=np.float64)
         if ms.strategy in ("multi", "hierarchical"):
             from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
@@ -223,16 +260,15 @@ class BatchScorer:
                                      expert_groups=self.expert_groups())
         p_flat = p_two = None
         if ms.flat is not None:
-            p_flat = np.asarray(self._predict(ms.flat, self._inputs(images, ms.flat, cache)),
-                                dtype=np.float64)
+            p_flat = np.asarray(self._predict(ms.flat, images, cache), dtype=np.float64)
         if ms.level1 is not None:
-            p_l1 = self._predict(ms.level1, self._inputs(images, ms.level1, cache))
+            p_l1 = self._predict(ms.level1, images, cache)
 
             def branch_probs(b: int, rows: np.ndarray) -> Optional[np.ndarray]:
                 ref = ms.branches.get(b)
                 if ref is None:
                     return None  # no training images for it: uniform over its leaves
-                return self._predict(ref, self._inputs(images, ref, cache)[rows])
+                return self._predict(ref, images, cache, rows)
 
             # the product's top-k branches, from the level-1 distribution of all its pictures
             expanded = combine.product_branches(p_l1, product_ids, plan.top_k)
@@ -258,44 +294,71 @@ def aggregate_of(plan: ScoringPlan) -> str:
     return "log_mean" if plan.models.strategy == "fusion" else plan.aggregate
 
 
-def score_partitions(plan: ScoringPlan):
+def score_partitions(plans: Dict[str, ScoringPlan]):
     """The function ``mapInPandas`` runs: an iterator of image batches (sorted by product
-    within the partition) -> an iterator of product rows (:data:`schema.SCORED_DDL`)."""
+    within the partition) -> an iterator of product rows (:data:`schema.SCORED_DDL` and
+    ``strategy``), one per product and strategy of ``plans``. Every model runs once per
+    picture whatever the number of strategies that read it (:meth:`BatchScorer._cached`);
+    each strategy's rows are the ones it gives scored alone."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        scorer = BatchScorer(plan)
-        tax = scorer.taxonomy
-        acc = combine.ProductAccumulator(tax.n_l3, aggregate_of(plan))
-        seen: Dict[int, _Product] = {}
+        scorers = {name: BatchScorer(plan) for name, plan in plans.items()}
+        tax = next(iter(scorers.values())).taxonomy
+        accs = {name: combine.ProductAccumulator(tax.n_l3, aggregate_of(plan))
+                for name, plan in plans.items()}
+        seen: Dict[str, Dict[int, _Product]] = {name: {} for name in plans}
         last: Optional[int] = None
         for pdf in whole_products(batches):
             pids = pdf["product_id"].to_numpy(np.int64)
             if (np.diff(pids) < 0).any() or (last is not None and pids[0] < last):
                 raise RuntimeError("scoring input must be sorted by product_id within each "
                                    "partition (repartition + sortWithinPartitions)")
-            images = scorer.decode_for_models(pdf["jpeg"])
-            ok = np.array([im is not None for im in images], dtype=bool)
             truth = pdf[["category_id", "l1", "l2", "l3"]].to_numpy(object)
-            for i, pid in enumerate(pids.tolist()):
-                p = seen.get(pid)
-                if p is None:
-                    p = seen[pid] = _Product(truth=tuple(_none(v) for v in truth[i]))
-                if ok[i]:
-                    p.decoded += 1
-                else:
-                    p.bad += 1
-            if ok.any():
-                acc.add(pids[ok], *scorer.weighted([im for im in images if im is not None],
-                                                   pids[ok]))
+            decoded: Dict[Optional[int], list] = {}
+            cache: dict = {}  # this batch's model outputs, shared by the strategies
+            for name, scorer in scorers.items():
+                if scorer.min_side not in decoded:
+                    decoded[scorer.min_side] = scorer.decode_for_models(pdf["jpeg"])
+                _score_batch(scorer, decoded[scorer.min_side], pids, truth, seen[name],
+                             accs[name], cache)
             last = int(pids[-1])
-            out = _rows(plan, tax, acc.pop_all_except(last), seen, keep=last)
+            out = _strategy_rows(plans, tax, {n: a.pop_all_except(last) for n, a in
+                                              accs.items()}, seen, keep=last)
             if out is not None:
                 yield out
-        out = _rows(plan, tax, acc.finish(), seen, keep=None)
+        out = _strategy_rows(plans, tax, {n: a.finish() for n, a in accs.items()}, seen,
+                             keep=None)
         if out is not None:
             yield out
 
     return run
+
+
+def _score_batch(scorer: BatchScorer, images: list, pids: np.ndarray, truth: np.ndarray,
+                 seen: Dict[int, _Product], acc, cache: dict) -> None:
+    ok = np.array([im is not None for im in images], dtype=bool)
+    for i, pid in enumerate(pids.tolist()):
+        p = seen.get(pid)
+        if p is None:
+            p = seen[pid] = _Product(truth=tuple(_none(v) for v in truth[i]))
+        if ok[i]:
+            p.decoded += 1
+        else:
+            p.bad += 1
+    if ok.any():
+        acc.add(pids[ok], *scorer.weighted([im for im in images if im is not None], pids[ok],
+                                           cache))
+
+
+def _strategy_rows(plans: Dict[str, ScoringPlan], tax: Taxonomy, finished: dict,
+                   seen: Dict[str, Dict[int, _Product]], keep: Optional[int]
+                   ) -> Optional[pd.DataFrame]:
+    frames = []
+    for name, plan in plans.items():
+        rows = _rows(plan, tax, finished[name], seen[name], keep)
+        if rows is not None:
+            frames.append(rows.assign(strategy=name))
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def whole_products(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -344,11 +407,12 @@ def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]
     return out
 
 
-def score_products(scorer: BatchScorer, images: list, product_ids: np.ndarray):
+def score_products(scorer: BatchScorer, images: list, product_ids: np.ndarray,
+                   cache: Optional[dict] = None):
     """(product ids, distributions, picture counts) of whole products' decoded pictures:
     the scorer's per-picture distributions aggregated as the predict job does."""
     acc = combine.ProductAccumulator(scorer.taxonomy.n_l3, aggregate_of(scorer.plan))
-    acc.add(product_ids, *scorer.weighted(images, product_ids))
+    acc.add(product_ids, *scorer.weighted(images, product_ids, cache))
     return acc.finish()
 
 

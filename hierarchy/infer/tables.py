@@ -15,7 +15,7 @@ partition only once it is whole; the runs already there are never touched.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
 from hierarchy import storage
@@ -81,9 +81,11 @@ def partition_spec(**values: Optional[str]) -> str:
     return ", ".join(f"{k}={sql_literal(values[k])}" for k in PARTITIONS if values.get(k))
 
 
-def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
-    """Write ``df`` (one run_id/split/strategy) into its partition of the table and register
-    that partition; returns (table name, table location)."""
+def write_predictions(spark, df, catalog: dict,
+                      partitions: Sequence[Dict[str, str]]) -> Tuple[str, str]:
+    """Write ``df`` into its partitions of the table (``partitions``: the run_id / split /
+    strategy values it holds, named so that no Spark job recomputes ``df`` to find them) and
+    register them; returns (table name, table location)."""
     name = table_name(catalog)
     location, existed = _placed(spark, catalog)
     (df.select(*TABLE_COLUMNS).write.mode("overwrite")
@@ -100,10 +102,9 @@ def write_predictions(spark, df, catalog: dict) -> Tuple[str, str]:
         missing = [f"{c} {kind}" for c, kind in ADDED_COLUMNS.items() if c not in have]
         if missing:  # a table written before these columns existed
             spark.sql(f"ALTER TABLE {quoted(catalog)} ADD COLUMNS ({', '.join(missing)})")
-        first = df.select(*PARTITIONS).first()
-        if first is not None:
-            spec = partition_spec(**first.asDict())
-            spark.sql(f"ALTER TABLE {quoted(catalog)} ADD IF NOT EXISTS PARTITION ({spec})")
+        specs = " ".join(f"PARTITION ({partition_spec(**p)})" for p in partitions)
+        if specs:
+            spark.sql(f"ALTER TABLE {quoted(catalog)} ADD IF NOT EXISTS {specs}")
     spark.sql(f"REFRESH TABLE {quoted(catalog)}")
     return name, location
 

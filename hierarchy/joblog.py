@@ -1,0 +1,64 @@
+"""Where a job's third-party chatter goes: one log file per job.
+
+Spark's log4j output (its start-up notes, Hive's configuration warnings, a failed task's
+Python traceback), TensorFlow's and Keras' warnings and Python's ``warnings`` go to the job's
+log file; the console keeps what the job itself says (its ``hierarchy`` log lines, training
+progress, the summary). ``-v`` puts everything back on the console. The file's path is in
+the job's summary line (``"log"``), so a scheduler's logs lead to it.
+
+Only a JVM this process starts gets the log4j configuration: under spark-submit the
+submitter's own logging stays as configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Optional
+
+LOG_ENV = "HIERARCHY_LOG_FILE"
+LOG4J = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "log4j2.properties")
+_HANDLER_MARK = "_hierarchy_job_log"
+
+
+def log_dir(cfg) -> str:
+    return cfg["spark"]["log_dir"] or os.path.join(tempfile.gettempdir(), "hierarchy-logs")
+
+
+def start(cfg, stage: str, verbose: bool) -> Optional[str]:
+    """Send the chatter to a new log file for this job (returns its path), or, verbose,
+    leave it on the console (None)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    if verbose:
+        os.environ.pop(LOG_ENV, None)
+        return None
+    # TensorFlow's C++ notes (oneDNN, CPU features, tf.data rewrites) print before any
+    # Python logging can catch them: level 2 keeps errors only, here and in Spark's workers
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    folder = log_dir(cfg)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    handler = logging.FileHandler(path, delay=True)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    setattr(handler, _HANDLER_MARK, True)
+    # a root handler also keeps TensorFlow from adding its own stderr handler on import
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "creating experiment ..." notes
+    os.environ[LOG_ENV] = path
+    return path
+
+
+def java_options() -> Optional[str]:
+    """The driver JVM's options that send Spark's log to the job's file, or None (verbose,
+    or not a ``hierarchy`` job: Spark's own defaults)."""
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return None
+    return f"-Dlog4j2.configurationFile=file:{LOG4J} -Dhierarchy.log.file={path}"
