@@ -1,6 +1,7 @@
 """Evaluate's wall time against one predict of one strategy on the same split, side by side.
 
     .venv/bin/python bench/evaluate_cost.py [--products N] [--repeat R] [--workdir DIR]
+                                            [--before SRC]
 
 A synthetic catalog (the fast preset, ``--products`` products, 30 % of them in val) is
 ingested and a run with every model is trained once (small_cnn, 48 px, 2 epochs: level 1,
@@ -11,6 +12,8 @@ Spark started and stopped):
             strategy's decision rule, the table and the report;
   predict   --split val --strategy flat, the baseline: one strategy's scoring of the same
             pictures into the same table.
+  before    with ``--before SRC`` (a checkout of an older commit, e.g. a ``git worktree``):
+            the same evaluate with that code (``PYTHONPATH=SRC``), for a before/after.
 Each evaluate starts from a copy of the trained run, so no run has its rules already.
 Printed: min / median / max wall of each side and the ratio of the medians, with the
 pictures scored. Figures depend on the machine; never asserted.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -42,11 +46,13 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def hierarchy(*args: str, conf=()) -> float:
-    """Run one ``hierarchy`` command as a user would; its wall seconds."""
+def hierarchy(*args: str, conf=(), src: str = "") -> float:
+    """Run one ``hierarchy`` command as a user would (with the code in ``src`` when given);
+    its wall seconds."""
+    env = {**os.environ, "PYTHONPATH": src} if src else None
     t0 = time.perf_counter()
     done = subprocess.run([str(BIN / "hierarchy"), *args, "-q", *conf], capture_output=True,
-                          text=True)
+                          text=True, env=env)
     if done.returncode:
         raise SystemExit(f"hierarchy {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -76,6 +82,7 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=600)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/bench-evaluate")
+    ap.add_argument("--before", default="", help="a checkout of older code to compare with")
     args = ap.parse_args()
     work = Path(args.workdir)
     conf = ["spark.master=local[2]", f"catalog.warehouse={work / 'wh'}",
@@ -84,18 +91,20 @@ def main() -> None:
     manifest = json.loads((work / "ds" / "manifest.json").read_text())
     val = manifest["splits"]["val"]
     common = ["--data", str(work / "ds"), "--run-id", RUN_ID]
-    walls = {"evaluate": [], "predict": []}
+    walls = {"evaluate": [], "predict": [], **({"before": []} if args.before else {})}
     for r in range(args.repeat):
-        models = work / "models"
-        shutil.rmtree(models, ignore_errors=True)
-        shutil.copytree(work / "models.trained", models)
-        walls["evaluate"].append(hierarchy("evaluate", *common, "--models", str(models),
-                                           "--output", str(work / "out"), conf=conf))
+        for side, src in (("before", args.before), ("evaluate", "")):
+            if side not in walls:
+                continue
+            models = work / "models"
+            shutil.rmtree(models, ignore_errors=True)
+            shutil.copytree(work / "models.trained", models)
+            walls[side].append(hierarchy("evaluate", *common, "--models", str(models),
+                                         "--output", str(work / "out"), conf=conf, src=src))
         walls["predict"].append(hierarchy("predict", *common, "--models", str(models),
                                           "--split", "val", "--strategy", "flat", "--output",
                                           str(work / "out"), conf=conf))
-        say(f"run {r + 1}: evaluate {walls['evaluate'][-1]:.1f} s, predict flat "
-            f"{walls['predict'][-1]:.1f} s")
+        say(f"run {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in walls.items()))
     med = {k: statistics.median(v) for k, v in walls.items()}
     say(f"\nval: {val['products']} products, {val['images']} pictures; {args.repeat} runs, "
         f"alternating")
@@ -103,6 +112,8 @@ def main() -> None:
         say(f"  {k:<9} wall s  min {min(v):.1f}  median {med[k]:.1f}  max {max(v):.1f}")
     ratio = med["evaluate"] / med["predict"]
     say(f"  evaluate (7 strategies) / predict (1 strategy): {ratio:.2f}x (target <= 1.5x)")
+    if args.before:
+        say(f"  evaluate before / after: {med['before'] / med['evaluate']:.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"val": val, "walls": walls, "ratio": ratio}, indent=2))
 

@@ -21,6 +21,10 @@ from typing import Optional
 LOG_ENV = "HIERARCHY_LOG_FILE"
 LOG4J = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "log4j2.properties")
 _HANDLER_MARK = "_hierarchy_job_log"
+# this process's job log, for the JVM it starts. The environment variable carries only the
+# "quiet" to Spark's Python workers: a process merely inheriting it (a subprocess of a test, a
+# notebook kernel) is no job of ours and keeps Spark's own logging
+_current: dict = {}
 
 
 def log_dir(cfg) -> str:
@@ -36,6 +40,7 @@ def start(cfg, stage: str, verbose: bool) -> Optional[str]:
         handler.close()
     if verbose:
         os.environ.pop(LOG_ENV, None)
+        _current.pop("path", None)
         return None
     # TensorFlow's C++ notes (oneDNN, CPU features, tf.data rewrites) print before any
     # Python logging can catch them: level 2 keeps errors only, here and in Spark's workers
@@ -52,13 +57,14 @@ def start(cfg, stage: str, verbose: bool) -> Optional[str]:
     logging.captureWarnings(True)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # "creating experiment ..." notes
     os.environ[LOG_ENV] = path
+    _current["path"] = path
     return path
 
 
 def java_options() -> Optional[str]:
     """The driver JVM's options that send Spark's log to the job's file, or None (verbose,
     or not a ``hierarchy`` job: Spark's own defaults)."""
-    path = os.environ.get(LOG_ENV)
+    path = _current.get("path")
     if not path:
         return None
     return f"-Dlog4j2.configurationFile=file:{LOG4J} -Dhierarchy.log.file={path}"

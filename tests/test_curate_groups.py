@@ -11,7 +11,7 @@ import bson
 import numpy as np
 import pytest
 
-from hierarchy.curate.groups import EDGES, components, near_edges
+from hierarchy.curate.groups import EDGES, close_pairs, components, near_edges
 
 pytestmark = pytest.mark.spark
 
@@ -163,12 +163,23 @@ def planted_edges(tmp_path_factory, spark):
     with open(root / "train.bson", "rb") as fh:
         values = [picture_hash(img["picture"])[0] for doc in bson.decode_file_iter(fh)
                   for img in doc["imgs"]]
-    pics = spark.createDataFrame([(int(v),) for v in values], "phash long")
-    edges, _ = near_edges(spark, pics, d=4, m=6)
-    return edges.localCheckpoint()
+    pics = spark.createDataFrame([(int(v),) for v in values] + [(None,)], "phash long")
+    edges, stats = near_edges(spark, pics, d=4, m=6)
+    return edges.localCheckpoint(), stats, np.array(values, np.int64)
+
+
+def test_near_edges_are_every_close_pair(planted_edges):
+    edges, stats, values = planted_edges
+    distinct = np.unique(values)
+    a, b, dist = close_pairs(distinct, 4)
+    assert sorted(tuple(r) for r in edges.select("a", "b", "distance").collect()) == \
+        sorted(zip(a.tolist(), b.tolist(), dist.tolist()))
+    assert stats["distinct_hashes"] == len(distinct) < len(values)
+    assert stats["all_pairs"] > 10 * stats["comparisons"] > 0 and stats["largest_bucket"] > 2
 
 
 def test_components_match_label_propagation_on_a_planted_catalog(spark, planted_edges):
+    planted_edges = planted_edges[0]
     new, rounds = components(spark, planted_edges)
     old, old_rounds = propagation(spark, planted_edges, max_rounds=1000)
     pairs = [(r.a, r.b) for r in planted_edges.select("a", "b").collect()]

@@ -83,7 +83,7 @@ def write_report(report_dir: str, summary: dict, sheet_groups: int = 8) -> str:
         f"- comparisons made: {g['comparisons']} (all pairs would be {g['all_pairs']}: "
         f"{g['comparisons'] / max(g['all_pairs'], 1):.2e} of them)",
         f"- largest bucket: {g['largest_bucket']} hashes; edges found: {g['edges']}; "
-        f"propagation rounds: {g['rounds']}", "",
+        f"connected-components rounds: {g['rounds']}", "",
         "## Time", "",
         *[f"- {k}: {v} s" for k, v in summary["seconds"].items()], "",
         "## Review queue (most urgent first)", "",
