@@ -109,6 +109,53 @@ def test_augment_image_is_seeded_and_bounded():
     assert a.min() >= 0.0 and a.max() <= 255.0
 
 
+def test_resample_is_the_projective_transform_kernel():
+    """The XLA resampler computes what ImageProjectiveTransformV3 (bilinear, white constant
+    fill) does with the same affine maps, on a padded batch of pictures of different sizes;
+    float rounding only (noise pictures: neighbours differ by up to 255 grey levels)."""
+    rng = np.random.default_rng(2)
+    sizes = [(120, 300), (90, 90), (200, 70)]
+    pictures = [rng.integers(0, 256, (h, w, 3)).astype(np.uint8) for h, w in sizes]
+    padded = np.zeros((3, 200, 300, 3), np.uint8)
+    for i, p in enumerate(pictures):
+        padded[i, :p.shape[0], :p.shape[1]] = p
+    u = rng.uniform(size=(3, 8)).astype(np.float32)
+    u[0, [0, 3]] = 0.999   # the whole height, turned by ~10 degrees: corners outside
+    frac, shift, angle, mirror = tdata._crop(tf.constant(u))
+    transforms = tdata._affine(tf.constant(sizes), frac, shift, angle, mirror, SIZE)
+    got = tdata._resample(tf.constant(padded), tf.constant(sizes), transforms, SIZE).numpy()
+    for i, p in enumerate(pictures):
+        want = tf.raw_ops.ImageProjectiveTransformV3(
+            images=tf.constant(p, tf.float32)[None],
+            transforms=tf.pad(transforms[i:i + 1], [[0, 0], [0, 2]]),
+            output_shape=tf.constant([SIZE, SIZE]), fill_value=255.0,
+            interpolation="BILINEAR", fill_mode="CONSTANT")[0].numpy()
+        np.testing.assert_allclose(got[i], want, atol=0.02)
+    corners = got[0, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == 255.0).all(axis=-1).sum() == 2   # two corners outside the picture
+
+
+def test_the_window_holds_every_pixel_the_augmentation_reads():
+    """Cutting a picture to its crop_window before batching changes no output pixel (beyond
+    float rounding of the moved origin: on noise, a 1e-5 px shift is a few 1e-3 grey levels;
+    a pixel missing from the window would be tens)."""
+    rng = np.random.default_rng(3)
+    for h, w in [(120, 300), (300, 90), (80, 80)]:
+        image = tf.constant(rng.integers(0, 256, (h, w, 3)), tf.uint8)
+        longest = 0
+        for k in range(20):
+            u = tdata._draws(tf.constant([k, h], tf.int64))
+            window, meta = tdata.cut_for_augmentation(image, u)
+            whole = tf.constant([h, w, 0, 0, h, w], tf.int32)
+            a = tdata.augment_batch(window[None], meta[None], u[None], SIZE)[0].numpy()
+            b = tdata.augment_batch(image[None], whole[None], u[None], SIZE)[0].numpy()
+            np.testing.assert_allclose(a, b, atol=0.01)
+            assert window.shape[0] <= h and window.shape[1] <= w
+            longest = max(longest, *window.shape[:2])
+        # a panorama is cut to about its crop (at most ~1.16 x the shorter side, + margins)
+        assert longest <= 1.16 * min(h, w) + 6
+
+
 # ------------------------------------------------------------------------------ dataset
 def test_batch_shapes_and_dtypes(dataset):
     data, _, _ = dataset
@@ -339,15 +386,15 @@ def test_scaled_decode_is_as_faithful_as_the_full_decode(real_bson, size):
 
 
 def test_batched_colour_is_the_per_picture_augmentation(real_bson):
-    """The input pipeline's split of augment_image (geometry per picture, colour per batch)
-    gives augment_image's pixels."""
+    """The input pipeline's split of augment_image (decode and window per picture, geometry and
+    colour per padded batch) gives augment_image's pixels."""
     import tensorflow as tf
 
     jpegs = _real_jpegs(real_bson)[:8]
     decode = tdata._decode_fn(64, True, 5, dct_scaling=False)
-    parts = [decode(tf.constant(i, tf.int64), (tf.constant(j),)) for i, j in enumerate(jpegs)]
-    batch = tdata._per_batch(True, lambda x: x)(tf.stack([p[0] for p in parts]),
-                                               tf.stack([p[1] for p in parts]))[0]
+    ds = tf.data.Dataset.from_tensor_slices((tf.range(8, dtype=tf.int64), jpegs))
+    ds = tdata._batch(ds.map(lambda i, j: decode(i, (j,))), 8, False, True)
+    batch = next(iter(ds.map(tdata._per_batch(True, lambda x: x, 64))))[0]
     base = tf.constant([5, 0x5EED], dtype=tf.int64)
     for i, jpeg in enumerate(jpegs):
         one = tdata.augment_image(tf.io.decode_jpeg(jpeg, channels=3), 64,
@@ -363,12 +410,12 @@ def test_scaled_decode_keeps_the_training_augmentation(real_bson, size):
     resampling differs, by about what the validation path differs (ratio 1: identically)."""
     import tensorflow as tf
 
-    finish = tdata._per_batch(True, lambda x: x)
+    finish = tdata._per_batch(True, lambda x: x, size)
 
     def picture(dct: bool, i: int, jpeg: bytes):
-        image, factors = tdata._decode_fn(size, True, 0, dct_scaling=dct)(
+        window, meta, u = tdata._decode_fn(size, True, 0, dct_scaling=dct)(
             tf.constant(i, tf.int64), (tf.constant(jpeg),))
-        return finish(image[None], factors[None])[0][0]
+        return finish(window[None], meta[None], u[None])[0][0]
 
     diffs, val = [], []
     for i, jpeg in enumerate(_real_jpegs(real_bson)):

@@ -15,15 +15,19 @@ One call, :func:`make_dataset`, gives a Horovod worker its stream of
    ``num_epochs=None`` a worker whose shard holds no matching row would wait forever.
 3. **Shuffle** the (small) JPEG byte strings, not decoded pixels: the buffer costs ~5 KB a
    row, and nothing decoded is ever written to disk or cached.
-4. **Decode** in TensorFlow (``decode_jpeg``), then one resampling to ``image_size``: plain
-   bilinear resize for validation; for training a single projective transform that does the
-   random crop (85-100 % of the side, anywhere in the picture), the resize, a random
-   horizontal flip and a rotation of up to +-10 degrees in one bilinear pass, followed by a
-   small colour jitter (brightness, contrast, saturation). Random draws are stateless, seeded by
-   ``seed`` and the element's position in the stream, so a given seed and read order give the
-   same pictures. Then ``preprocess`` (pixels in [0, 255] -> what the backbone wants).
+4. **Decode** in TensorFlow (``decode_jpeg``, one picture at a time), then one resampling to
+   ``image_size``: plain bilinear resize for validation; for training a single affine map
+   that does the random crop (85-100 % of the side, anywhere in the picture), the resize, a
+   random horizontal flip and a rotation of up to +-10 degrees in one bilinear pass, followed
+   by a small colour jitter (brightness, contrast, saturation). Random draws are stateless,
+   seeded by ``seed`` and the element's position in the stream, so a given seed and read order
+   give the same pictures. Then ``preprocess`` (pixels in [0, 255] -> what the backbone
+   wants).
 5. **Batch** (``drop_remainder`` when training, so shapes are static for the model) and
-   **prefetch**.
+   **prefetch**. Training batches the decoded pictures (each cut to the part its crop can
+   reach) and runs the geometry and the colour on the whole batch, compiled by XLA: per
+   picture, TensorFlow's projective-transform kernel and a few dozen small ops cost more
+   than the decode itself.
 
 With ``repeat=True`` (the default) the stream never ends: Keras runs ``steps_per_epoch`` steps,
 the same number on every worker (:func:`steps_per_epoch`), whatever the size of each shard.
@@ -165,83 +169,188 @@ def shard_jpeg_bytes(groups: List[RowGroup], rank: int, world_size: int,
 
 
 # ------------------------------------------------------------------------------ images
+# how much wider than the crop the part of a picture a rotated crop can sample is, at most:
+# a square turned by theta covers (|cos| + |sin|) of its side on each axis
+ROTATED_REACH = math.cos(math.radians(MAX_ROTATION_DEG)) + math.sin(math.radians(MAX_ROTATION_DEG))
+
+
 def _draws(seed: tf.Tensor) -> tf.Tensor:
     """float32 [8] in [0, 1): every random number of one picture's augmentation, in one op
     instead of a dozen (at 64 px each op's fixed cost, not its arithmetic, is what counts)."""
     return tf.random.stateless_uniform([8], seed)
 
 
-def _geometry(image: tf.Tensor, image_size: int, u: tf.Tensor) -> tf.Tensor:
-    """Random crop + resize + flip + rotation of a decoded picture, in one bilinear pass;
-    ``u``: the picture's :func:`_draws`."""
-    frac = CROP_MIN + (1.0 - CROP_MIN) * u[0]
-    shift = u[1:3] * 2.0 - 1.0
-    angle = (u[3] * 2.0 - 1.0) * (MAX_ROTATION_DEG * math.pi / 180)
-    mirror = u[4] < 0.5
-    return warp(image, image_size, frac, shift, angle, mirror)
+def _crop(u: tf.Tensor):
+    """(frac, shift (row, col), angle, mirror) of the geometry from draws ``u`` [..., 8]."""
+    frac = CROP_MIN + (1.0 - CROP_MIN) * u[..., 0]
+    shift = u[..., 1:3] * 2.0 - 1.0
+    angle = (u[..., 3] * 2.0 - 1.0) * (MAX_ROTATION_DEG * math.pi / 180)
+    return frac, shift, angle, u[..., 4] < 0.5
 
 
-def warp(image: tf.Tensor, image_size: int, frac, shift, angle, mirror) -> tf.Tensor:
-    """Crop a square of ``frac`` x the shorter side, moved by ``shift`` (in [-1, 1] of the room
-    left on each axis, (row, col)) from the centre, rotate it by ``angle`` radians, mirror it
-    when ``mirror``, and resample to ``image_size`` — one ImageProjectiveTransformV3.
+def crop_window(size: tf.Tensor, u: tf.Tensor):
+    """(top-left corner, size), int32 [2] each (row, col): the part of a decoded picture of
+    ``size`` that its augmentation (draws ``u`` [8]) can read — the rotated crop's bounding box
+    plus two pixels for the bilinear neighbours and rounding. Pictures are cut to it before
+    they are batched, so one long panorama does not pad every picture of its batch to its
+    length."""
+    frac, shift, _, _ = _crop(u)
+    extent = tf.cast(size, tf.float32)
+    side = frac * tf.reduce_min(extent)
+    centre = extent / 2.0 + shift * (extent - side) / 2.0 - 0.5    # in pixel indices
+    reach = side * (ROTATED_REACH / 2.0) + 2.0
+    top_left = tf.maximum(tf.cast(tf.floor(centre - reach), tf.int32), 0)
+    bottom_right = tf.minimum(tf.cast(tf.floor(centre + reach), tf.int32) + 2, size)
+    return top_left, bottom_right - top_left
 
-    Output pixel (x, y) samples the source at centre + offset + k R F (u, v), where (u, v) is
-    the pixel's position from the output centre, k = crop side / output side, F the mirror and
-    R the rotation; pixel centres sit at +0.5, as in tf.image.resize, so frac=1, shift=0,
-    angle=0 is exactly a bilinear resize. Out-of-picture samples (corners of a rotated full-size
-    crop) are white, as the background of most product photos; TF's CPU kernel runs about
-    twice as fast with a constant fill as with NEAREST or REFLECT."""
-    size = tf.cast(tf.shape(image)[:2], tf.float32)          # (height, width)
-    side = tf.cast(frac, tf.float32) * tf.reduce_min(size)
-    off = tf.cast(shift, tf.float32) * (size - side) / 2.0   # (row, col) offset of the crop
+
+def _affine(size, frac, shift, angle, mirror, image_size: int, origin=None) -> tf.Tensor:
+    """float32 [B, 6]: for each picture (``size`` [B, 2] (height, width), the other arguments
+    [B] or [B, 2]), the affine map from output pixels to source pixels of :func:`warp`; with
+    ``origin`` [B, 2] (row, col), in the coordinates of the window cut at that corner."""
+    size = tf.cast(size, tf.float32)
+    side = tf.cast(frac, tf.float32) * tf.reduce_min(size, axis=-1)
+    off = tf.cast(shift, tf.float32) * (size - side[:, None]) / 2.0   # crop offset (row, col)
     angle = tf.cast(angle, tf.float32)
     sign = tf.where(tf.cast(mirror, tf.bool), -1.0, 1.0)
     k = side / image_size
     a, b = k * tf.cos(angle), k * tf.sin(angle)
     c = 0.5 - image_size / 2.0                               # u = x + c, v = y + c
     # x_in + 0.5 = W/2 + off_x + sign*a*u - b*v ; y_in + 0.5 = H/2 + off_y + sign*b*u + a*v
-    tx = (sign * a - b) * c + size[1] / 2.0 + off[1] - 0.5
-    ty = (sign * b + a) * c + size[0] / 2.0 + off[0] - 0.5
-    transform = tf.stack([sign * a, -b, tx, sign * b, a, ty, 0.0, 0.0])
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=tf.cast(image, tf.float32)[None], transforms=transform[None],
-        output_shape=tf.constant([image_size, image_size], tf.int32), fill_value=255.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT")
-    return tf.ensure_shape(out[0], [image_size, image_size, 3])
+    centre = size / 2.0 + off - 0.5
+    if origin is not None:
+        centre -= tf.cast(origin, tf.float32)
+    tx = (sign * a - b) * c + centre[:, 1]
+    ty = (sign * b + a) * c + centre[:, 0]
+    return tf.stack([sign * a, -b, tx, sign * b, a, ty], axis=1)
+
+
+def warp(image: tf.Tensor, image_size: int, frac, shift, angle, mirror) -> tf.Tensor:
+    """Crop a square of ``frac`` x the shorter side, moved by ``shift`` (in [-1, 1] of the room
+    left on each axis, (row, col)) from the centre, rotate it by ``angle`` radians, mirror it
+    when ``mirror``, and resample to ``image_size`` — one bilinear pass (:func:`_resample`).
+
+    Output pixel (x, y) samples the source at centre + offset + k R F (u, v), where (u, v) is
+    the pixel's position from the output centre, k = crop side / output side, F the mirror and
+    R the rotation; pixel centres sit at +0.5, as in tf.image.resize, so frac=1, shift=0,
+    angle=0 is exactly a bilinear resize. Out-of-picture samples (corners of a rotated full-size
+    crop) are white, as the background of most product photos."""
+    size = tf.shape(image)[:2]
+    transform = _affine(size[None], tf.reshape(frac, [1]), tf.reshape(shift, [1, 2]),
+                        tf.reshape(angle, [1]), tf.reshape(mirror, [1]), image_size)
+    return _resample(image[None], size[None], transform, image_size)[0]
+
+
+def _resample(images: tf.Tensor, valid: tf.Tensor, transforms: tf.Tensor,
+              image_size: int) -> tf.Tensor:
+    """float32 [B, S, S, 3] in [0, 255]: each picture of ``images`` [B, H, W, 3] (its top-left
+    ``valid`` [B, 2] (height, width) holds the picture, the rest is padding) sampled by its
+    affine map ``transforms`` [B, 6] — what ImageProjectiveTransformV3 (bilinear, constant
+    white fill) computes with the transform (t0, t1, t2, t3, t4, t5, 0, 0).
+
+    The pixels go to :func:`_bilinear` flattened and padded to one of four lengths per power
+    of two: XLA compiles once per input shape, and pictures of varying sizes would otherwise
+    compile a new program for nearly every batch."""
+    flat = tf.reshape(images, [-1, 3])
+    n = tf.shape(flat)[0]
+    step = tf.bitwise.left_shift(1, tf.maximum(_log2_floor(n) - 2, 0))
+    flat = tf.pad(flat, [[0, (n + step - 1) // step * step - n], [0, 0]])
+    strides = tf.stack([tf.shape(images)[1] * tf.shape(images)[2], tf.shape(images)[2]])
+    grid = tf.range(image_size, dtype=tf.float32)
+    return _bilinear(flat, strides, tf.cast(valid, tf.int32), transforms, grid)
+
+
+def _log2_floor(n: tf.Tensor) -> tf.Tensor:
+    """floor(log2(n)) of an int32 n >= 1, exact (no float rounding at powers of two)."""
+    bits = tf.constant([1 << i for i in range(31)], tf.int32)
+    return tf.reduce_sum(tf.cast(bits <= n, tf.int32)) - 1
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _bilinear(flat, strides, valid, transforms, grid):
+    """Bilinear sampling, compiled by XLA into one loop over the output pixels: the same
+    arithmetic as TensorFlow's ImageProjectiveTransformV3 kernel, which evaluates the transform
+    for every channel of every pixel and took ~150 us per 64 px picture, more than the JPEG
+    decode (see :func:`_resample` for the arguments; picture b's pixel (y, x) is
+    flat[b * strides[0] + y * strides[1] + x])."""
+    t = transforms[:, :, None, None]
+    in_x = t[:, 0] * grid + t[:, 1] * grid[:, None] + t[:, 2]      # [B, S, S]
+    in_y = t[:, 3] * grid + t[:, 4] * grid[:, None] + t[:, 5]
+    x0, y0 = tf.floor(in_x), tf.floor(in_y)
+    col, row = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+    height, width = valid[:, 0, None, None], valid[:, 1, None, None]
+    start = (tf.range(tf.shape(valid)[0]) * strides[0])[:, None, None]
+
+    def pixel(y, x):
+        inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+        index = start + tf.clip_by_value(y, 0, height - 1) * strides[1] \
+            + tf.clip_by_value(x, 0, width - 1)
+        return tf.where(inside[..., None], tf.cast(tf.gather(flat, index), tf.float32), 255.0)
+
+    wx0, wx1 = ((x0 + 1.0) - in_x)[..., None], (in_x - x0)[..., None]
+    wy0, wy1 = ((y0 + 1.0) - in_y)[..., None], (in_y - y0)[..., None]
+    top = wx0 * pixel(row, col) + wx1 * pixel(row, col + 1)
+    bottom = wx0 * pixel(row + 1, col) + wx1 * pixel(row + 1, col + 1)
+    return wy0 * top + wy1 * bottom
 
 
 def colour_factors(u: tf.Tensor) -> tf.Tensor:
-    """float32 [3]: brightness delta, contrast factor, saturation factor of one picture, from
-    its :func:`_draws`."""
+    """float32 [..., 3]: brightness delta, contrast factor, saturation factor of each picture,
+    from its :func:`_draws` [..., 8]."""
     lo = tf.constant([-BRIGHTNESS, CONTRAST[0], SATURATION[0]], tf.float32)
     hi = tf.constant([BRIGHTNESS, CONTRAST[1], SATURATION[1]], tf.float32)
-    return lo + (hi - lo) * u[5:8]
+    return lo + (hi - lo) * u[..., 5:8]
 
 
+GREY = (0.2989, 0.5870, 0.1140)   # tf.image.rgb_to_grayscale's weights
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
 def apply_colour(images: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
     """Small brightness / contrast / saturation jitter of float pixels in [0, 255], a batch
-    [B, S, S, 3] at once with its factors [B, 3]: a handful of vectorised ops per batch
-    instead of a dozen per picture (at 64 px the per-op cost, not the arithmetic, was what
-    the augmentation spent). Contrast is tf.image.adjust_contrast's (around each channel's
-    mean); saturation a blend with the grey picture (PIL's ImageEnhance.Color): the effect of
-    tf.image's HSV round trip for small factors, at a fraction of its cost."""
+    [B, S, S, 3] at once with its factors [B, 3]. Contrast is tf.image.adjust_contrast's
+    (around each channel's mean); saturation a blend with the grey picture (PIL's
+    ImageEnhance.Color): the effect of tf.image's HSV round trip for small factors, at a
+    fraction of its cost. Compiled by XLA into two passes over the pixels: as a dozen
+    TensorFlow ops with broadcasting it cost more per picture than the decode."""
     f = factors[:, None, None, :]
     x = images / 255.0 + f[..., 0:1]
     mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
     x = (x - mean) * f[..., 1:2] + mean
-    grey = tf.image.rgb_to_grayscale(x)
+    grey = tf.reduce_sum(x * tf.constant(GREY), axis=-1, keepdims=True)
     x = grey + f[..., 2:3] * (x - grey)
     return tf.clip_by_value(x, 0.0, 1.0) * 255.0
+
+
+def cut_for_augmentation(image: tf.Tensor, u: tf.Tensor):
+    """(window of a decoded picture, int32 [6] (height, width, top, left, window height,
+    window width)): what :func:`augment_batch` needs of one picture with draws ``u``."""
+    size = tf.shape(image)[:2]
+    top_left, extent = crop_window(size, u)
+    window = tf.slice(image, tf.concat([top_left, [0]], 0), tf.concat([extent, [-1]], 0))
+    return window, tf.concat([size, top_left, extent], 0)
+
+
+def augment_batch(windows: tf.Tensor, meta: tf.Tensor, u: tf.Tensor,
+                  image_size: int) -> tf.Tensor:
+    """Training augmentation of a batch: ``windows`` [B, H, W, 3] uint8 (from
+    :func:`cut_for_augmentation`, padded to the largest), ``meta`` [B, 6], draws ``u`` [B, 8]
+    -> float32 [B, S, S, 3] in [0, 255]: random crop + resize + flip + rotation in one
+    bilinear pass, then the colour jitter."""
+    frac, shift, angle, mirror = _crop(u)
+    transforms = _affine(meta[:, 0:2], frac, shift, angle, mirror, image_size, meta[:, 2:4])
+    images = _resample(windows, meta[:, 4:6], transforms, image_size)
+    return apply_colour(images, colour_factors(u))
 
 
 def augment_image(image: tf.Tensor, image_size: int, seed: tf.Tensor) -> tf.Tensor:
     """Training augmentation of one decoded uint8 picture -> float32 [S, S, 3] in [0, 255].
 
     ``seed``: int32/int64 tensor of shape [2] (stateless: same seed, same picture). The input
-    pipeline runs the same two steps, the colour per batch (:func:`apply_colour`)."""
+    pipeline runs the same steps, the geometry and colour per batch (:func:`augment_batch`)."""
     u = _draws(seed)
-    return apply_colour(_geometry(image, image_size, u)[None], colour_factors(u)[None])[0]
+    window, meta = cut_for_augmentation(image, u)
+    return augment_batch(window[None], meta[None], u[None], image_size)[0]
 
 
 # ------------------------------------------------------------------------------ dataset
@@ -369,12 +478,13 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
                 # each pass in another row-group order, as Petastorm's endless reader gives
                 ds = ds.shuffle(groups_read, seed=seed, reshuffle_each_iteration=True)
             ds = ds.repeat()
-        ds = ds.unbatch()
+        # labels and keys are made for a whole column batch at once, then split into rows:
+        # per row, that map was a third of the reading and shuffling's cost
+        ds = ds.map(_record_fn(label, taxonomy, return_keys, relabel)).unbatch()
         if tf_shards:
             # cached: sharded after the repeat, as the endless stream is, so a split of fewer
             # rows than workers still gives every worker rows (from the later passes)
             ds = ds.shard(world_size, rank)
-        ds = ds.map(_record_fn(label, taxonomy, return_keys, relabel))
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
@@ -389,8 +499,9 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
             .ignore_errors(log_warning=True),
             cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=training)
-        ds = ds.map(_per_batch(augmenting, preprocess), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = _batch(ds, batch_size, training, augmenting)
+        ds = ds.map(_per_batch(augmenting, preprocess, image_size),
+                    num_parallel_calls=tf.data.AUTOTUNE)
         if label == "levels":
             from hierarchy.train.models import level_targets
 
@@ -470,7 +581,8 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, rela
         else:
             y = tf.cast(getattr(row, "l3" if label == "levels" else label), tf.int32)
         if return_keys:
-            key = tf.stack([tf.cast(row.product_id, tf.int64), tf.cast(row.img_idx, tf.int64)])
+            key = tf.stack([tf.cast(row.product_id, tf.int64), tf.cast(row.img_idx, tf.int64)],
+                           axis=-1)
             return row.jpeg, y, key
         return row.jpeg, y
 
@@ -518,9 +630,11 @@ def resize_for_model(image: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def _decode_fn(image_size: int, augmenting: bool, seed: int, dct_scaling: bool = True):
-    """Per picture: decode, then the geometry (training) or the resize (validation). Returns
-    (float32 [S, S, 3] in [0, 255], colour factors [3] or nothing, *rest); the colour jitter
-    and the backbone's preprocessing run per batch (:func:`_per_batch`)."""
+    """Per picture: decode, then (validation) the resize: float32 [S, S, 3] in [0, 255], or
+    (training) the draws and the window the augmentation reads: (uint8 window, int32 [6],
+    draws float32 [8]) (:func:`cut_for_augmentation`), then *rest. The geometry, the colour
+    jitter and the backbone's preprocessing run per batch (:func:`_per_batch`): per picture,
+    each of their ops costs a fixed ~2 us however small the picture."""
     base = tf.constant([seed, 0x5EED], dtype=tf.int64)
     # a training crop keeps CROP_MIN of the shorter side and maps it onto image_size: decode
     # no smaller than that, so the warp never enlarges a picture the DCT shrank
@@ -534,17 +648,27 @@ def _decode_fn(image_size: int, augmenting: bool, seed: int, dct_scaling: bool =
             image = tf.io.decode_jpeg(jpeg, channels=3)
         if augmenting:
             u = _draws(tf.random.experimental.stateless_fold_in(base, position))
-            return (_geometry(image, image_size, u), colour_factors(u), *rest)
+            return (*cut_for_augmentation(image, u), u, *rest)
         return (resize_for_model(image, image_size), *rest)
 
     return decode
 
 
-def _per_batch(augmenting: bool, preprocess):
+def _batch(ds: tf.data.Dataset, batch_size: int, drop_remainder: bool,
+           augmenting: bool) -> tf.data.Dataset:
+    """Batches of :func:`_decode_fn`'s pictures: training's windows differ in size and are
+    padded to the largest of their batch (the padding is never read)."""
+    if not augmenting:
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
+    padding = (tf.constant(0, tf.uint8),) + (None,) * (len(ds.element_spec) - 1)
+    return ds.padded_batch(batch_size, padding_values=padding, drop_remainder=drop_remainder)
+
+
+def _per_batch(augmenting: bool, preprocess, image_size: int):
     def finish(images, *rest):
         if augmenting:
-            factors, *rest = rest
-            images = apply_colour(images, factors)
+            meta, u, *rest = rest
+            images = augment_batch(images, meta, u, image_size)
         return (tf.cast(preprocess(images), tf.float32), *rest)
 
     return finish
