@@ -487,21 +487,8 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
             ds = ds.shard(world_size, rank)
         if training and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
-        augmenting = training and augment
-        decode = _decode_fn(image_size, augmenting, seed, dct_scaling)
-        # a picture TensorFlow cannot decode (ingest's default check looks at the JPEG
-        # markers only) is dropped with a warning instead of ending the training. Pictures
-        # are decoded in small inner datasets of DECODE_CHUNK, so ignore_errors only ever
-        # sees decode errors, never an error of the reader upstream (which must stay fatal)
-        ds = ds.batch(DECODE_CHUNK).interleave(
-            lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(decode)
-            .ignore_errors(log_warning=True),
-            cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = _batch(ds, batch_size, training, augmenting)
-        ds = ds.map(_per_batch(augmenting, preprocess, image_size),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+        ds = _pictures(ds, image_size, batch_size, training, training and augment, seed,
+                       dct_scaling, preprocess)
         if label == "levels":
             from hierarchy.train.models import level_targets
 
@@ -512,6 +499,26 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
     finally:
         reader.stop()
         reader.join()
+
+
+def _pictures(ds: tf.data.Dataset, image_size: int, batch_size: int, training: bool,
+              augmenting: bool, seed: int, dct_scaling: bool, preprocess) -> tf.data.Dataset:
+    """Rows (jpeg, label, *keys) -> batches (images, label, *keys), decoded, augmented and
+    preprocessed."""
+    ds = ds.enumerate()  # position in the stream -> per-picture augmentation seed
+    decode = _decode_fn(image_size, augmenting, seed, dct_scaling)
+    # a picture TensorFlow cannot decode (ingest's default check looks at the JPEG
+    # markers only) is dropped with a warning instead of ending the training. Pictures
+    # are decoded in small inner datasets of DECODE_CHUNK, so ignore_errors only ever
+    # sees decode errors, never an error of the reader upstream (which must stay fatal)
+    ds = ds.batch(DECODE_CHUNK).interleave(
+        lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(decode)
+        .ignore_errors(log_warning=True),
+        cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = _batch(ds, batch_size, training, augmenting)
+    return ds.map(_per_batch(augmenting, preprocess, image_size),
+                  num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _relabels(exclusion, taxonomy: Optional[Taxonomy]):
@@ -605,11 +612,13 @@ def decode_scaled(jpeg: tf.Tensor, min_side: float) -> tf.Tensor:
     conversion then work on 1/4 (1/16, 1/64) of the pixels, and the resize that follows
     reads a picture already close to the model's size (it also aliases less: the scaled IDCT
     averages what a bilinear resize of the full picture would skip). uint8 out."""
-    shape = tf.image.extract_jpeg_shape(jpeg)
-    short = tf.cast(tf.reduce_min(shape[:2]), tf.float32)
-    # the condition is monotone in the ratio: the count of ratios that pass picks the largest
-    index = tf.add_n([tf.cast(tf.math.ceil(short / r) >= min_side, tf.int32)
-                      for r in DCT_RATIOS[1:]])
+    short = tf.reduce_min(tf.image.extract_jpeg_shape(jpeg)[:2])
+    # ceil(short / r) >= min_side  <=>  short > r * (ceil(min_side) - 1), in integers; the
+    # condition is monotone in the ratio: the count of ratios that pass picks the largest.
+    # One comparison of a vector instead of a dozen scalar ops: run per picture, each op's
+    # fixed cost counts
+    above = tf.constant([r * (math.ceil(min_side) - 1) for r in DCT_RATIOS[1:]], tf.int32)
+    index = tf.reduce_sum(tf.cast(short > above, tf.int32))
     return tf.switch_case(index, [
         (lambda r=r: tf.io.decode_jpeg(jpeg, channels=3, ratio=r)) for r in DCT_RATIOS])
 
