@@ -60,7 +60,9 @@ MAX_ROTATION_DEG = 10.0
 BRIGHTNESS = 0.08          # +- fraction of full scale
 CONTRAST = (0.85, 1.15)
 SATURATION = (0.85, 1.15)
-DECODE_CHUNK = 16          # pictures per inner decode dataset (see make_dataset)
+# pictures per inner decode dataset (see _pictures): each costs an iterator and a function
+# instantiation, ~5 % of the training input's CPU time at 16 pictures
+DECODE_CHUNK = 64
 
 # petastorm 0.13 drives pyarrow's legacy ParquetDataset and warns about it on every row group
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
