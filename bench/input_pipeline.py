@@ -1,7 +1,7 @@
 """Training input pipeline throughput against a bare JPEG decode loop, on the same pictures.
 
     .venv/bin/python bench/input_pipeline.py [--products N] [--image-size S] [--batch B]
-                                             [--seconds T] [--workdir DIR]
+                                             [--seconds T] [--rounds R] [--workdir DIR]
 
 Generates a synthetic catalog (3000 products by default, reused while the settings stay the
 same) and ingests it under bench/results/input_pipeline/, then, side by side in one process:
@@ -14,6 +14,11 @@ same) and ingests it under bench/results/input_pipeline/, then, side by side in 
 
 Both are also given per core (images/s divided by the cores TensorFlow may use). Figures go to
 stdout and bench/results/input_pipeline.json; they depend on the machine and are never asserted.
+
+The ratio compares figures taken one after the other: on a machine whose load changes (other
+jobs on the same cores) it swings with that load. --rounds R alternates the bare loop and each
+pipeline in R slices of T/R seconds and gives the median of the R ratios, each to the loop run
+just before.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -73,22 +79,45 @@ def prepare(workdir: Path, products: int, seed: int) -> str:
     return str(data)
 
 
-def bench_baseline(data: str, seconds: float) -> dict:
-    jpegs = pq.read_table(f"{data}/images/split=train", columns=["jpeg"]).column(0).to_pylist()
-    for jpeg in jpegs[:20]:  # warm-up
-        tf.io.decode_jpeg(jpeg, channels=3)
+def decode_loop(jpegs: list, seconds: float) -> tuple:
+    """(pictures, seconds) of the bare loop: tf.io.decode_jpeg over ``jpegs``, one at a time,
+    whole passes for about ``seconds``."""
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for jpeg in jpegs:
             tf.io.decode_jpeg(jpeg, channels=3)
         n += len(jpegs)
-    elapsed = time.perf_counter() - t0
+    return n, time.perf_counter() - t0
+
+
+def load_jpegs(data: str) -> list:
+    jpegs = pq.read_table(f"{data}/images/split=train", columns=["jpeg"]).column(0).to_pylist()
+    for jpeg in jpegs[:20]:  # warm-up
+        tf.io.decode_jpeg(jpeg, channels=3)
+    return jpegs
+
+
+def bench_baseline(data: str, seconds: float) -> dict:
+    jpegs = load_jpegs(data)
+    n, elapsed = decode_loop(jpegs, seconds)
     return {"images": n, "seconds": round(elapsed, 3), "images_per_s": n / elapsed,
             "distinct_pictures": len(jpegs)}
 
 
+def pipeline_loop(it, seconds: float) -> tuple:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        images, _ = next(it)
+        n += int(images.shape[0])
+    return n, time.perf_counter() - t0
+
+
 def bench_pipeline(data: str, seconds: float, *, training: bool, image_size: int,
-                   batch_size: int, reader_workers: int, **options) -> dict:
+                   batch_size: int, reader_workers: int, rounds: int = 1, jpegs=None,
+                   **options) -> dict:
+    """Pipeline images/s over ``seconds``; with ``rounds`` > 1, in that many slices, each
+    right after a slice of the bare loop over ``jpegs`` (figures of the same moment on a
+    machine whose load changes: the ratio of each round is kept)."""
     with tdata.make_dataset(data, "train", label="l3", image_size=image_size,
                             batch_size=batch_size, training=training, augment=training,
                             reader_workers=reader_workers, repeat=True, seed=0,
@@ -96,12 +125,20 @@ def bench_pipeline(data: str, seconds: float, *, training: bool, image_size: int
         it = iter(ds)
         for _ in range(3):  # warm-up: reader threads started, tf.data autotune
             next(it)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            images, _ = next(it)
-            n += int(images.shape[0])
-        elapsed = time.perf_counter() - t0
-    return {"images": n, "seconds": round(elapsed, 3), "images_per_s": n / elapsed}
+        if rounds <= 1:
+            n, elapsed = pipeline_loop(it, seconds)
+            return {"images": n, "seconds": round(elapsed, 3), "images_per_s": n / elapsed}
+        totals, ratios = [0, 0.0, 0, 0.0], []
+        for _ in range(rounds):
+            b_n, b_s = decode_loop(jpegs, seconds / rounds)
+            for _ in range(5):  # what the input prefetched while the loop ran is not counted
+                next(it)
+            p_n, p_s = pipeline_loop(it, seconds / rounds)
+            ratios.append((p_n / p_s) / (b_n / b_s))
+            totals = [totals[0] + p_n, totals[1] + p_s, totals[2] + b_n, totals[3] + b_s]
+    return {"images": totals[0], "seconds": round(totals[1], 3),
+            "images_per_s": totals[0] / totals[1], "baseline_images_per_s": totals[2] / totals[3],
+            "ratio_rounds": ratios}
 
 
 def variants(measure_options: bool):
@@ -131,6 +168,22 @@ def variants(measure_options: bool):
     return out
 
 
+def report(name: str, res: dict, options: dict, base: dict, cores: int) -> dict:
+    """Ratios to the bare loop: to the loop's figure measured before the variants, or with
+    --rounds the median of the rounds' ratios (each to the loop run just before)."""
+    res["options"] = options
+    res["per_core"] = res["images_per_s"] / cores
+    rounds = sorted(res.get("ratio_rounds", ()))
+    ratio = statistics.median(rounds) if rounds else res["images_per_s"] / base["images_per_s"]
+    res["ratio_total_vs_baseline"] = ratio
+    res["ratio_per_core_vs_baseline"] = ratio / cores
+    spread = f" (rounds min {rounds[0]:.2f} max {rounds[-1]:.2f}, loop " \
+             f"{res['baseline_images_per_s']:.0f} img/s)" if rounds else ""
+    say(f"pipeline  {name:44s} {res['images_per_s']:7.0f} img/s "
+        f"({res['per_core']:.0f}/core) = {ratio:.2f}x baseline{spread}")
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--products", type=int, default=3000)
@@ -142,6 +195,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--reader-workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="> 1: alternate the bare loop and each pipeline in this many slices "
+                         "of --seconds and give the median ratio (a machine shared with "
+                         "other work: both sides see the same load)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "results" / "input_pipeline")
     args = ap.parse_args(argv)
     if args.image_size is None:
@@ -158,18 +215,13 @@ def main(argv=None) -> int:
 
     base = bench_baseline(data, args.seconds)
     say(f"baseline  bare decode_jpeg loop (1 thread)    {base['images_per_s']:9.0f} img/s")
+    jpegs = load_jpegs(data) if args.rounds > 1 else None
     results = {"baseline": base, "variants": {}}
     for name, training, options in variants(args.options):
         res = bench_pipeline(data, args.seconds, training=training, image_size=args.image_size,
                              batch_size=args.batch, reader_workers=args.reader_workers,
-                             **options)
-        res["options"] = options
-        res["per_core"] = res["images_per_s"] / cores
-        res["ratio_total_vs_baseline"] = res["images_per_s"] / base["images_per_s"]
-        res["ratio_per_core_vs_baseline"] = res["per_core"] / base["images_per_s"]
-        results["variants"][name] = res
-        say(f"pipeline  {name:44s} {res['images_per_s']:7.0f} img/s "
-            f"({res['per_core']:.0f}/core) = {res['ratio_total_vs_baseline']:.2f}x baseline")
+                             rounds=args.rounds, jpegs=jpegs, **options)
+        results["variants"][name] = report(name, res, options, base, cores)
     # the configured defaults (conf/local.yaml train:) are what training runs
     for split in ("train", "val"):
         res = results["variants"][f"{split}: configured defaults"]
