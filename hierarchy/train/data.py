@@ -513,10 +513,13 @@ def _pictures(ds: tf.data.Dataset, image_size: int, batch_size: int, training: b
     # markers only) is dropped with a warning instead of ending the training. Pictures
     # are decoded in small inner datasets of DECODE_CHUNK, so ignore_errors only ever
     # sees decode errors, never an error of the reader upstream (which must stay fatal)
-    ds = ds.batch(DECODE_CHUNK).interleave(
+    # a chunk no longer than the batch (but 16 at least): a shard of a few rows would
+    # otherwise read many passes of its row groups before its first small batch
+    size = min(DECODE_CHUNK, max(16, batch_size))
+    ds = ds.batch(size).interleave(
         lambda *chunk: tf.data.Dataset.from_tensor_slices(chunk).map(decode)
         .ignore_errors(log_warning=True),
-        cycle_length=tf.data.AUTOTUNE, block_length=DECODE_CHUNK,
+        cycle_length=tf.data.AUTOTUNE, block_length=size,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _batch(ds, batch_size, training, augmenting)
     return ds.map(_per_batch(augmenting, preprocess, image_size),
