@@ -1,8 +1,11 @@
 """The pipeline on a real multi-process cluster, as a user runs it.
 
 A Spark standalone master and two workers (one core each) from the pip pyspark jars; the code
-and its stack shipped as `make dist` builds them (a packed virtualenv via --archives, the job
-files from dist/jobs); every command started from a working folder outside the source tree; a
+and its stack as `make dist` builds them, deployed both ways the README gives: shipped with
+each job (the packed virtualenv via --archives: the first ingest and the Horovod training) and
+unpacked once per node (the other jobs: each then skips copying and unpacking the archive on
+the driver and on every executor, a minute a job here); the job files from dist/jobs; every
+command started from a working folder outside the source tree; a
 PostgreSQL metastore several processes use at once; and the Spark Thrift server analysts query
 while a job writes. Anything only the driver has (a module, a file, a relative path) fails
 here: the executors are other processes with their own working folders, started by the workers.
@@ -79,30 +82,36 @@ def conf_of(world) -> list:
             "ingest.progress=false", "predict.progress=false"]
 
 
-def environment(world) -> dict:
+def environment(world, shipped: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYSPARK", "VIRTUAL_ENV"))}
     env.update({
         # client mode: the driver runs here, from the unpacked archive; executors unpack it
-        # into their own working folders
+        # into their own working folders (shipped), or use the copy unpacked on their node
+        # (the workers share this machine: the same folder)
         "PYSPARK_DRIVER_PYTHON": str(world["env"] / "bin" / "python"),
-        "PYSPARK_PYTHON": "./environment/bin/python",
+        "PYSPARK_PYTHON": "./environment/bin/python" if shipped
+                          else str(world["env"] / "bin" / "python"),
         "HIERARCHY_METASTORE_PASSWORD": "hive",
         "PATH": f"{world['env'] / 'bin'}{os.pathsep}{os.environ['PATH']}",
     })
     return env
 
 
-def submit(world, job: str, *args, master: str = "", timeout: int = 900):
-    """`spark-submit dist/jobs/<job>.py ...` from the users' folder; returns the summary."""
+def submit(world, job: str, *args, master: str = "", timeout: int = 900, shipped: bool = False):
+    """`spark-submit dist/jobs/<job>.py ...` from the users' folder; returns the summary.
+    ``shipped``: the environment travels with the job (--archives), else the executors use
+    the one unpacked on their node."""
     cmd = [str(spark_home() / "bin" / "spark-submit"),
            "--master", master or world["cluster"].url,
-           "--archives", f"{EXECUTOR_ARCHIVE}#environment",
+           *(["--archives", f"{EXECUTOR_ARCHIVE}#environment"] if shipped else []),
            "--driver-class-path", JDBC_JAR,
            "--conf", "spark.executor.memory=1500m", "--conf", "spark.ui.enabled=false",
            "--conf", "spark.executorEnv.TF_CPP_MIN_LOG_LEVEL=2",
            str(DIST / "jobs" / f"{job}.py"), *args, *conf_of(world)]
-    proc = subprocess.run(cmd, cwd=world["work"], env=environment(world), capture_output=True,
-                          text=True, timeout=timeout)
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=world["work"], env=environment(world, shipped),
+                          capture_output=True, text=True, timeout=timeout)
+    print(f"\nspark-submit {job} {' '.join(args[:6])}: {time.time() - started:.0f} s")
     assert proc.returncode == 0, f"{job} {args}: exit {proc.returncode}\n" \
         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc
@@ -126,11 +135,11 @@ def pipeline(world):
                   "--test-products", "24", "--taxonomy", "small", cwd=work)
     cats = ["--categories", "syn/category_names.csv", "--output", "ds"]
     summaries = {"ingest": submit(world, "ingest", "--input", "syn/train.bson", *cats,
-                                  "ingest.split_mb=0.2")[0]}
+                                  "ingest.split_mb=0.2", shipped=True)[0]}
     submit(world, "ingest", "--input", "syn/test.bson", "--kind", "test", *cats)
     r1 = ["--data", "ds", "--models", "models", "--run-id", "r1"]
     summaries["level1"], summaries["level1_proc"] = submit(
-        world, "train", *r1, "--level", "1", "--np", "2", *TRAIN)
+        world, "train", *r1, "--level", "1", "--np", "2", *TRAIN, shipped=True)
     summaries["flat"] = submit(world, "train", *r1, "--level", "3", "--mode", "flat", "--np",
                                "2", *TRAIN)[0]
     summaries["predict"] = submit(world, "predict", *r1, "--split", "test", "--strategy",
@@ -143,8 +152,9 @@ def test_jobs_ran_on_the_workers_with_the_shipped_environment(world, pipeline):
     assert pipeline["ingest"]["status"] == "done" and pipeline["ingest"]["products"] == 160
     apps = {a["id"] for a in world["cluster"].completed_apps()}
     assert len(apps) >= 6, apps  # every job was an application of the standalone master
-    # both workers launched executors for every job (whose only Python is the archive's
-    # ./environment/bin/python: that the jobs ran at all says the archive was unpacked there)
+    # both workers launched executors for every job (a shipped job's only Python is the
+    # archive's ./environment/bin/python: that it ran at all says the archive was unpacked
+    # there; the others ran the node's copy)
     launched = world["cluster"].launched()
     assert launched["worker-0"] >= apps and launched["worker-1"] >= apps, launched
 
