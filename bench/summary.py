@@ -20,7 +20,8 @@ HISTORY = RESULTS / "history.jsonl"
 
 
 SOURCES = {"ingest": "ingest_throughput", "input": "input_pipeline", "gpu_train": "gpu_train",
-           "taxonomy full": "taxonomy_scale"}
+           "taxonomy full": "taxonomy_scale", "evaluate": "evaluate_cost",
+           "curate": "curate_cost"}
 
 
 def _load(name: str):
@@ -68,6 +69,14 @@ def figures() -> dict:
         if scale["predict"]["worker_peak_rss"]:  # 0: no worker was found to read
             out["taxonomy full: scoring worker peak RSS, MB"] = round(
                 scale["predict"]["worker_peak_rss"] / 1e6)
+    evaluate = _load("evaluate_cost")
+    if evaluate and "ratio" in evaluate:
+        out["evaluate: every strategy / one predict, same split (x)"] = round(
+            evaluate["ratio"], 3)
+    curate = _load("curate_cost")
+    if curate:
+        out[f"curate: curate / ingest, {curate['preset']} preset (x)"] = \
+            curate["curate_over_ingest"]
     return {k: v for k, v in out.items() if v is not None}
 
 
