@@ -73,6 +73,7 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    _reap_jvm_at_exit()
     if derby:
         # open the metastore now and hold it for the job's life: a second job started later
         # is refused at its start instead of failing minutes in at its first table write
@@ -82,6 +83,35 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
 
 class MetastoreBusy(Refused, RuntimeError):
     pass
+
+
+_REAPED: set = set()
+
+
+def _reap_jvm_at_exit() -> None:
+    """When this process started Spark's JVM (a ``hierarchy`` command, not spark-submit),
+    wait at exit until that JVM is gone. PySpark's JVM exits when it reads the end of its
+    stdin, i.e. after Python has exited: a job that returned could still hold its resources
+    for a moment, and the next command of a script (``make demo``: predict, then curate) found
+    the embedded Derby metastore locked and was refused. In-process sessions of one Python
+    keep sharing the JVM until then."""
+    import atexit
+
+    from pyspark import SparkContext
+
+    proc = getattr(SparkContext._gateway, "proc", None)
+    if proc is None or id(proc) in _REAPED:
+        return
+    _REAPED.add(id(proc))
+
+    def reap():
+        try:
+            proc.stdin.close()   # PythonGatewayServer exits on EOF of its stdin
+            proc.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - at exit: never turn a finished job into a failure
+            pass
+
+    atexit.register(reap)
 
 
 def _derby_path(catalog: dict) -> Optional[str]:
@@ -129,6 +159,9 @@ def stop_spark(spark) -> None:
     server = getattr(sc, "_accumulatorServer", None)
     if server is not None:
         server.server_shutdown = True  # the handler leaves its loop at its next tick
+        # ... unless the JVM exits first (at the process's exit, _reap_jvm_at_exit): its
+        # socket then closes under the handler, an expected end, not a traceback to print
+        server.handle_error = lambda request, client_address: None
         sc._accumulatorServer = None
         threading.Thread(target=server.shutdown, name="accumulator-server-stop",
                          daemon=True).start()

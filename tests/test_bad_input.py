@@ -558,6 +558,27 @@ def test_a_second_job_on_a_busy_derby_metastore_is_refused_at_its_start(tmp_path
         holder.wait()
 
 
+def test_a_finished_command_has_let_go_of_the_derby_metastore(tmp_path):
+    """`make demo` runs predict then curate on one embedded Derby: curate was refused as
+    "another job has this metastore open" because predict's JVM outlived its Python for a
+    moment. A `hierarchy` command now returns only once its JVM is gone."""
+    from hierarchy.spark import refuse_busy_derby
+
+    wh = tmp_path / "wh"
+    over = [f"catalog.warehouse={wh}", f"catalog.metastore={wh / 'ms'}", "spark.master=local[1]"]
+    hierarchy = str(Path(sys.executable).parent / "hierarchy")
+    log = tmp_path / "console.txt"
+    for _ in range(2):
+        # output to a file, as a terminal: pipes would make the wait last until every
+        # process holding them (the JVM too) has closed them, and hide the race
+        with open(log, "w") as out:
+            code = subprocess.run([hierarchy, "runs", "list", "-q", *over], stdout=out,
+                                  stderr=subprocess.STDOUT, timeout=300).returncode
+        refuse_busy_derby(str(wh / "ms"))   # raises while any JVM holds the lock
+        console = log.read_text()
+        assert code == 0 and "----" not in console, console   # no socket error at exit
+
+
 @contextlib.contextmanager
 def small_disk(where: Path, size: str):
     """A real file system of ``size`` at ``where`` (a tmpfs mounted as root), else a skip."""
