@@ -12,8 +12,10 @@ submitter's own logging stays as configured.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from typing import Optional
@@ -43,8 +45,11 @@ def start(cfg, stage: str, verbose: bool) -> Optional[str]:
         _current.pop("path", None)
         return None
     # TensorFlow's C++ notes (oneDNN, CPU features, tf.data rewrites) print before any
-    # Python logging can catch them: level 2 keeps errors only, here and in Spark's workers
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Python logging can catch them: level 3, here and in Spark's workers. Not 2: XLA's
+    # stream executor logs "SetPriority unimplemented" as an ERROR for each stream the
+    # training input's compiled augmentation opens on a CPU; a TensorFlow failure that
+    # matters reaches the job as a Python exception, with its message
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     folder = log_dir(cfg)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
@@ -59,6 +64,37 @@ def start(cfg, stage: str, verbose: bool) -> Optional[str]:
     os.environ[LOG_ENV] = path
     _current["path"] = path
     return path
+
+
+def quiet(logger: str) -> None:
+    """Warnings only from a library's ``logger`` during a (non-verbose) job: for a library
+    that sets its own level when it is imported (MLflow: INFO, "Creating a new
+    experiment" on the console), called after that import."""
+    if _current.get("path"):
+        logging.getLogger(logger).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def native_stderr_to_log():
+    """For the block, the process's file descriptor 2 writes to the job's log file (a no-op
+    when verbose or outside a job). C++ libraries write there directly, out of Python's
+    reach: absl's and XLA's once-per-process notes at the first compile ("All log messages
+    before absl::InitializeLog() ...", "Compiled cluster using XLA!") ignore
+    TF_CPP_MIN_LOG_LEVEL."""
+    path = _current.get("path")
+    if not path:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
 
 
 def java_options() -> Optional[str]:

@@ -9,6 +9,7 @@ import base64
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,9 @@ from corrupt import declaring, split_docs
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SAMPLE = REAL / "sample_submission_head1000.csv"
+# a C++ library's own log line: absl's "I0000 00:00:17.. 123 file.cc:42]" or TensorFlow's
+# "2026-12-04 20:46:31.659351: E file.h:177]"
+NATIVE_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] )")
 
 pytestmark = pytest.mark.spark
 
@@ -34,7 +38,8 @@ def run(*cmd, cwd, conf):
     assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     if Path(cmd[0]).name == "hierarchy":  # spark-submit keeps the submitter's logging
         chatter = [line for line in proc.stderr.splitlines()
-                   if " WARN " in line or "tensorflow" in line or "Warning" in line]
+                   if " WARN " in line or "tensorflow" in line or "Warning" in line
+                   or NATIVE_LOG.match(line) or "absl::" in line]
         assert not chatter, f"{cmd}: TensorFlow's or Spark's notes on the console: {chatter[:5]}"
     return proc.stdout
 

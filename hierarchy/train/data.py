@@ -522,8 +522,21 @@ def _pictures(ds: tf.data.Dataset, image_size: int, batch_size: int, training: b
         cycle_length=tf.data.AUTOTUNE, block_length=size,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = _batch(ds, batch_size, training, augmenting)
+    if augmenting:
+        _first_compile_quietly(image_size)
     return ds.map(_per_batch(augmenting, preprocess, image_size),
                   num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _first_compile_quietly(image_size: int) -> None:
+    """Compile the augmentation once on a tiny batch with the C++ notes of a process's first
+    XLA compile sent to the job's log (:func:`hierarchy.joblog.native_stderr_to_log`):
+    printed from the input pipeline's threads they would land on the console."""
+    from hierarchy import joblog
+
+    with joblog.native_stderr_to_log():
+        augment_batch(tf.zeros([1, 8, 8, 3], tf.uint8), tf.constant([[8, 8, 0, 0, 8, 8]]),
+                      tf.zeros([1, 8]), image_size)
 
 
 def _relabels(exclusion, taxonomy: Optional[Taxonomy]):

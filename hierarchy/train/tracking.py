@@ -35,6 +35,9 @@ class Tracker:
             return
         import mlflow
 
+        from hierarchy import joblog
+
+        joblog.quiet("mlflow")
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.experiment)
         name = f"{spec.run_id}/{spec.key}"
