@@ -534,7 +534,8 @@ def _first_compile_quietly(image_size: int) -> None:
     printed from the input pipeline's threads they would land on the console."""
     from hierarchy import joblog
 
-    with joblog.native_stderr_to_log():
+    # on the host, as tf.data runs it (a GPU worker would otherwise compile for its GPU)
+    with joblog.native_stderr_to_log(), tf.device("/CPU:0"):
         augment_batch(tf.zeros([1, 8, 8, 3], tf.uint8), tf.constant([[8, 8, 0, 0, 8, 8]]),
                       tf.zeros([1, 8]), image_size)
 
