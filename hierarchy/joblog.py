@@ -45,11 +45,12 @@ def start(cfg, stage: str, verbose: bool) -> Optional[str]:
         _current.pop("path", None)
         return None
     # TensorFlow's C++ notes (oneDNN, CPU features, tf.data rewrites) print before any
-    # Python logging can catch them: level 3, here and in Spark's workers. Not 2: XLA's
-    # stream executor logs "SetPriority unimplemented" as an ERROR for each stream the
-    # training input's compiled augmentation opens on a CPU; a TensorFlow failure that
-    # matters reaches the job as a Python exception, with its message
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # Python logging can catch them: level 3, here and in Spark's workers, whatever the
+    # environment says (-v leaves it alone). Not 2: XLA's stream executor logs "SetPriority
+    # unimplemented" as an ERROR for each stream the training input's compiled augmentation
+    # opens on a CPU; a TensorFlow failure that matters reaches the job as a Python
+    # exception, with its message
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     folder = log_dir(cfg)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")

@@ -99,13 +99,17 @@ def _reap_jvm_at_exit() -> None:
 
     from pyspark import SparkContext
 
-    proc = getattr(SparkContext._gateway, "proc", None)
+    gateway = SparkContext._gateway
+    proc = getattr(gateway, "proc", None)
     if proc is None or id(proc) in _REAPED:
         return
     _REAPED.add(id(proc))
 
     def reap():
         try:
+            # py4j's connections closed first: the Java objects Python frees after the atexit
+            # handlers then skip telling a JVM that is gone (else a traceback per object)
+            gateway.close()
             proc.stdin.close()   # PythonGatewayServer exits on EOF of its stdin
             proc.wait(timeout=60)
         except Exception:  # noqa: BLE001 - at exit: never turn a finished job into a failure
