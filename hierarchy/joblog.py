@@ -61,9 +61,9 @@ def start(cfg, stage: str, verbose: bool) -> Optional[str]:
     # a root handler also keeps TensorFlow from adding its own stderr handler on import
     root.addHandler(handler)
     logging.captureWarnings(True)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "creating experiment ..." notes
     os.environ[LOG_ENV] = path
     _current["path"] = path
+    quiet("mlflow")  # "creating experiment ..." notes (again after its import: tracking.py)
     return path
 
 
