@@ -33,7 +33,7 @@ help:
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - ingest, input-pipeline, training and scoring throughput against baselines"
 	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset, 3 training seeds (~30 min)"
-	@echo "make lint   - ruff, and make audit: the installed stack against the local advisories"
+	@echo "make lint   - ruff, lint-imports (the layers), and make audit: the installed stack against the local advisories"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
 	@echo "make setup-gpu - on a GPU node instead of setup: CUDA TensorFlow, horovod with NCCL (README: GPU cluster)"
 	@echo "make check-gpu-deps - resolve the GPU pins against the others (pip --dry-run: no GPU, nothing installed)"
@@ -157,7 +157,7 @@ $(DIST_ENV)/.stamp: $(HOROVOD_WHEEL) requirements/base.txt requirements/dist.txt
 
 dist/hierarchy-env.tar.gz: $(DIST_ENV)/.stamp $(WHEEL)
 	$(DIST_ENV)/bin/python -m pip install -q --no-deps --force-reinstall $(WHEEL)
-	cd /tmp && $(abspath $(DIST_ENV))/bin/python -c "import hierarchy.config as c, horovod.tensorflow.keras as h; \
+	cd /tmp && $(abspath $(DIST_ENV))/bin/python -c "import hierarchy.contracts.config as c, horovod.tensorflow.keras as h; \
 		assert h.gloo_built() and 'site-packages' in c.__file__, c.__file__"
 	$(VENV)/bin/venv-pack -q -p $(DIST_ENV) -o dist/.partial-env.tar.gz --force && mv dist/.partial-env.tar.gz $@ && chmod 644 $@
 	@ls -lh dist/
@@ -234,6 +234,7 @@ test: setup os-packages dist
 
 lint: setup audit
 	$(VENV)/bin/ruff check hierarchy jobs tests bench tools
+	$(VENV)/bin/lint-imports --no-cache
 
 # The installed stack against the local copy of advisories (requirements/advisories.json;
 # pip-audit's services are not reachable from these machines: see tools/audit.py)

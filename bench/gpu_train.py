@@ -43,7 +43,7 @@ import tensorflow as tf  # noqa: E402
 from input_pipeline import prepare  # noqa: E402
 from train_throughput import bench_baseline, bench_training  # noqa: E402
 
-from hierarchy.config import load_config  # noqa: E402
+from hierarchy.contracts.config import load_config  # noqa: E402
 from hierarchy.train import gpu as tgpu  # noqa: E402
 from hierarchy.train import models as tmodels  # noqa: E402
 

@@ -36,10 +36,10 @@ import bson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hierarchy.config import load_config
-from hierarchy.ingest.schema import IMAGES_FILE
+from hierarchy.contracts.config import load_config
+from hierarchy.contracts.schema import IMAGES_FILE
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.synth.catalog import generate
-from hierarchy.taxonomy import Taxonomy
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "ingest_throughput.json"

@@ -58,7 +58,7 @@ def prepare(workdir: Path, products: int, seed: int) -> str:
             and (data / "manifest.json").exists():
         say(f"[data] reusing {data}")
         return str(data)
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
     from hierarchy.ingest.pipeline import run_ingest
     from hierarchy.spark import get_spark, stop_spark
     from hierarchy.synth import generate
@@ -144,7 +144,7 @@ def bench_pipeline(data: str, seconds: float, *, training: bool, image_size: int
 def variants(measure_options: bool):
     """(name, training, make_dataset options): the reference path, each speed-up added one by
     one (--options), and the configured defaults."""
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
 
     # cache_mb=0 on every side: this catalog would fit train.input_cache_mb and be read from
     # memory after one pass, which a 58 GB split never is; the bench times the streaming path
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "results" / "input_pipeline")
     args = ap.parse_args(argv)
     if args.image_size is None:
-        from hierarchy.config import load_config
+        from hierarchy.contracts.config import load_config
 
         args.image_size = int(load_config()["train"]["image_size"])
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,8 @@ def say(text: str) -> None:
 
 
 def taxonomy():
+    from hierarchy.contracts.taxonomy import Taxonomy
     from hierarchy.synth.taxonomy import SHAPES, tree_rows
-    from hierarchy.taxonomy import Taxonomy
 
     if CATEGORIES.exists():
         return Taxonomy.from_csv(str(CATEGORIES)), "official category_names.csv"
@@ -68,7 +68,7 @@ def build(models: Path) -> dict:
     strategy's files in MB."""
     import tensorflow as tf
 
-    from hierarchy import modelstore
+    from hierarchy.contracts import modelstore
     from hierarchy.train import models as tmodels
 
     tax, _ = taxonomy()

@@ -45,14 +45,17 @@ import pyarrow.parquet as pq  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from input_pipeline import prepare  # noqa: E402
 
-from hierarchy.config import load_config  # noqa: E402
-from hierarchy.dataset import Dataset  # noqa: E402
+from hierarchy.contracts.config import load_config  # noqa: E402
+from hierarchy.contracts.dataset import Dataset  # noqa: E402
+from hierarchy.contracts.model import (  # noqa: E402
+    custom_objects,
+    preprocess_for,
+    resize_for_model,  # noqa: E402
+)
+from hierarchy.contracts.modelstore import FLAT, ModelStore  # noqa: E402
 from hierarchy.infer.modelset import ModelRef, ModelSet  # noqa: E402
 from hierarchy.infer.pipeline import read_images, score, training_prior  # noqa: E402
 from hierarchy.infer.scoring import ScoringPlan  # noqa: E402
-from hierarchy.modelstore import FLAT, ModelStore  # noqa: E402
-from hierarchy.train.data import resize_for_model  # noqa: E402
-from hierarchy.train.models import custom_objects, preprocess_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "predict_throughput.json"

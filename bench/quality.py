@@ -311,7 +311,7 @@ def score(args, work: Path, runs: dict, train_images: int) -> None:
     syn, data, models, out = work / "synth", work / "dataset", work / "models", work / "output"
     e = args.epochs
     sys.path.insert(0, str(ROOT))
-    from hierarchy.dataset import Dataset
+    from hierarchy.contracts.dataset import Dataset
 
     taxonomy = Dataset(str(data)).taxonomy()
     solution = np.loadtxt(syn / "test_solution.csv", delimiter=",", skiprows=1, dtype=np.int64,

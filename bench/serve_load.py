@@ -49,7 +49,7 @@ def products(models: str, run_id: str, n: int) -> list:
     """[[jpeg bytes]] of up to n products of the run's dataset (test split, else val)."""
     import pyarrow.dataset as pds
 
-    from hierarchy.modelstore import ModelStore
+    from hierarchy.contracts.modelstore import ModelStore
 
     data = ModelStore(models).run(run_id).read()["dataset"]["path"]
     ds = pds.dataset(os.path.join(data, "images"), partitioning="hive")
@@ -66,10 +66,9 @@ def baseline(models: str, run_id: str, items: list) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
+    from hierarchy.contracts.model import custom_objects, preprocess_for, resize_for_model
     from hierarchy.serve.classifier import Classifier
-    from hierarchy.train.data import resize_for_model
-    from hierarchy.train.models import custom_objects, preprocess_for
 
     refs = Classifier(load_config(), models, run_id).modelset.refs()
     loaded = [(tf.keras.models.load_model(r.path, custom_objects=custom_objects(),

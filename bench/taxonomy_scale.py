@@ -88,7 +88,7 @@ def proc_mem(pid: int) -> tuple:
 
 def daemon_module() -> str:
     """The module Spark starts the Python worker daemon from (``spark.python.daemon.module``)."""
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
 
     return str(load_config()["spark"]["conf"].get("spark.python.daemon.module",
                                                   "pyspark.daemon"))
@@ -221,7 +221,7 @@ def load_every_model(models: str, run_id: str, data: str) -> dict:
     worker's loader and called once on 8 pictures; RSS after each."""
     import numpy as np
 
-    from hierarchy.dataset import Dataset
+    from hierarchy.contracts.dataset import Dataset
     from hierarchy.infer import scoring
     from hierarchy.infer.modelset import load_modelset
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorflow as tf  # noqa: E402
 from input_pipeline import prepare  # noqa: E402
 
-from hierarchy.config import load_config  # noqa: E402
+from hierarchy.contracts import model as cmodel
+from hierarchy.contracts.config import load_config  # noqa: E402
 from hierarchy.train import data as tdata  # noqa: E402
 from hierarchy.train import gpu as tgpu  # noqa: E402
 from hierarchy.train import models as tmodels  # noqa: E402
@@ -86,7 +87,7 @@ def bench_training(tcfg: dict, data: str, classes: int, steps: int) -> float:
     with tdata.make_dataset(data, "train", label="l1", image_size=tcfg["image_size"],
                             batch_size=tcfg["batch_size"], training=True,
                             augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
-                            preprocess=tmodels.preprocess_for(tcfg["backbone"]),
+                            preprocess=cmodel.preprocess_for(tcfg["backbone"]),
                             reader_workers=tcfg["reader_workers"]) as ds:
         _model(tcfg, classes).fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0,
                                   callbacks=[clock])

@@ -8,9 +8,10 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from hierarchy import joblog, spark_cds, storage
-from hierarchy.config import Config
-from hierarchy.errors import Refused, UsageError
+from hierarchy import joblog, spark_cds
+from hierarchy.contracts import storage
+from hierarchy.contracts.config import Config
+from hierarchy.contracts.errors import Refused, UsageError
 
 
 # ------------------------------------------------------------------ SQL text

@@ -32,8 +32,8 @@ import sys
 import tempfile
 from typing import Optional
 
-from hierarchy.config import Config, load_config
-from hierarchy.errors import UsageError
+from hierarchy.contracts.config import Config, load_config
+from hierarchy.contracts.errors import UsageError
 
 log = logging.getLogger(__name__)
 _warned = set()

@@ -35,7 +35,7 @@ def real_categories() -> Path:
 
 @pytest.fixture(scope="session")
 def cfg(tmp_path_factory):
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
 
     # the test session's own metastore: Derby lets one JVM at a time open a database
     wh = tmp_path_factory.mktemp("warehouse")
@@ -57,7 +57,7 @@ def ingested_synth(spark, root: Path, products: int, seed: int, test_products: i
                    overrides=()) -> str:
     """A small `small`-taxonomy catalog generated under ``root/synth`` and its train dump
     ingested into ``root/ds`` (returned) with local[2] and ``ingest.*`` overrides."""
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
     from hierarchy.ingest.pipeline import run_ingest
     from hierarchy.synth import generate
 

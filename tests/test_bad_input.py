@@ -28,15 +28,15 @@ from corrupt import JPEG_OK, split_docs
 
 import hierarchy.petastorm_fix  # noqa: F401
 from hierarchy.cli import main
-from hierarchy.config import load_config
-from hierarchy.dataset import DatasetNotReady
-from hierarchy.errors import Refused
+from hierarchy.contracts.config import load_config
+from hierarchy.contracts.dataset import DatasetNotReady
+from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.modelstore import RunMismatch
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer.modelset import PredictError
 from hierarchy.ingest.decode import decode_document
 from hierarchy.ingest.lock import OutputLocked
 from hierarchy.ingest.pipeline import IngestError, run_ingest
-from hierarchy.modelstore import RunMismatch
-from hierarchy.taxonomy import Taxonomy
 from hierarchy.train.data import EmptySplitError
 from hierarchy.train.launch import TrainError
 from hierarchy.train.models import WeightsUnavailable
@@ -466,7 +466,7 @@ def test_a_damaged_dataset_part_is_one_line_exit_3_before_any_work(spark, tmp_pa
     before Spark or Horovod start (training once succeeded with 7.6% of pictures missing)."""
     from conftest import ingested_synth
 
-    import hierarchy.dataset as hd
+    import hierarchy.contracts.dataset as hd
     import hierarchy.spark
 
     data = ingested_synth(spark, tmp_path, products=120, seed=4, test_products=0,
@@ -534,7 +534,7 @@ def test_a_second_job_on_a_busy_derby_metastore_is_refused_at_its_start(tmp_path
     over = [f"catalog.warehouse={wh}", f"catalog.metastore={wh / 'ms'}", "spark.master=local[1]"]
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from hierarchy.config import load_config; "
+         "import sys, time; from hierarchy.contracts.config import load_config; "
          "from hierarchy.spark import get_spark; "
          "s = get_spark(load_config(overrides=sys.argv[1:]), 'holder', hold_metastore=True); "
          "print('held', flush=True); time.sleep(600)", *over],
@@ -629,8 +629,8 @@ def test_a_full_disk_at_a_training_checkpoint_names_the_run_folder(tmp_path):
     run's folder, the one line a user sees. The last complete epoch's state stays intact."""
     import tensorflow as tf
 
-    from hierarchy.errors import environment_fault
-    from hierarchy.modelstore import ModelStore
+    from hierarchy.contracts.errors import environment_fault
+    from hierarchy.contracts.modelstore import ModelStore
     from hierarchy.train.callbacks import CheckpointCallback
 
     with small_disk(tmp_path / "tiny", "256k") as tiny:
@@ -649,7 +649,7 @@ def test_a_full_disk_at_a_training_checkpoint_names_the_run_folder(tmp_path):
 
 
 def test_environment_faults_are_found_in_the_exception_chain():
-    from hierarchy.errors import environment_fault
+    from hierarchy.contracts.errors import environment_fault
 
     full = OSError(28, "No space left on device", "/data/ckpt/model.h5")
     assert environment_fault(full).startswith("/data/ckpt/model.h5: no space left")

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from quality import paired_bootstrap, product_scores  # noqa: E402
 
-from hierarchy.taxonomy import Taxonomy  # noqa: E402
+from hierarchy.contracts.taxonomy import Taxonomy  # noqa: E402
 
 TAX = Taxonomy.from_rows([(10, "A", "A1", "a"), (11, "A", "A2", "b"), (12, "B", "A1", "c")])
 

@@ -176,7 +176,8 @@ def test_two_outputs_one_table_queried_from_a_fresh_shell_elsewhere(world, pipel
     rows = [json.loads(line) for line in listed.strip().splitlines()[:-1]]
     assert {(r["run_id"], r["split"], r["strategy"]) for r in rows} == {
         ("r1", "test", "flat"), ("r1", "val", "flat")}
-    query = ("from hierarchy.config import load_config; from hierarchy.spark import get_spark;"
+    query = ("from hierarchy.contracts.config import load_config;"
+             " from hierarchy.spark import get_spark;"
              " import sys; s = get_spark(load_config(overrides=sys.argv[1:]));"
              " import json; print('ROWS', json.dumps(dict(tuple(r) for r in s.sql('SELECT "
              "split, count(*) FROM predictions GROUP BY split').collect()))); s.stop()")

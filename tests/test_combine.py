@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer.combine import (
     ProductAccumulator,
     blend,
@@ -11,7 +12,6 @@ from hierarchy.infer.combine import (
     top_n,
     two_stage,
 )
-from hierarchy.taxonomy import Taxonomy
 
 # category ids interleave the branches, so branch-local order != level-3 order:
 # A (l1 0): l3 0, 2, 4   B (l1 1): l3 1 (single leaf)   C (l1 2): l3 3, 5
@@ -367,12 +367,11 @@ from hierarchy.infer.combine import (  # noqa: E402
     fit_temperature,
     group_mean_log,
     hierarchical_correction,
-    kinship_smoothing,
     leaf_conditional,
     nll,
     product_branches,
-    smoothing_targets,
 )
+from hierarchy.train.targets import kinship_smoothing, smoothing_targets  # noqa: E402
 
 
 def test_product_level_top_k_at_k_all_is_the_exact_product():

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from hierarchy.cli import main
-from hierarchy.config import ConfigError, load_config
+from hierarchy.contracts.config import ConfigError, load_config
 
 
 def test_default_is_the_embedded_local_config():
@@ -113,12 +113,12 @@ def test_the_default_config_is_read_from_the_package_even_zipped(tmp_path):
         for f in pkg.rglob("*"):
             if f.suffix in (".py", ".yaml") and "__pycache__" not in f.parts:
                 z.write(f, Path("hierarchy") / f.relative_to(pkg))
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import hierarchy.config as c; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import hierarchy.contracts.config as c; "
             "assert c.__file__.startswith(sys.argv[1]), c.__file__; "
             "print(c.load_config()['ingest']['split_mb'])")
     out = subprocess.run([sys.executable, "-I", "-c", code, str(zipped)], capture_output=True,
                          text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
 
     assert out.stdout.strip() == str(load_config()["ingest"]["split_mb"])

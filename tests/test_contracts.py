@@ -8,12 +8,11 @@ import shutil
 import pandas as pd
 import pytest
 
-from hierarchy import modelstore, storage
 from hierarchy.cli import main
-from hierarchy.dataset import KIND_SPLITS, SPLITS, Dataset, kind_of_split
-from hierarchy.infer import schema
-from hierarchy.modelstore import ModelStore
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.contracts import modelstore, predictions, storage
+from hierarchy.contracts.dataset import KIND_SPLITS, SPLITS, Dataset, kind_of_split
+from hierarchy.contracts.modelstore import ModelStore
+from hierarchy.contracts.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_rows([(10, "A", "A1", "x"), (20, "A", "A2", "y"), (30, "B", "B1", "z")])
 
@@ -100,15 +99,16 @@ def test_storage_speaks_urls_and_paths_alike(tmp_path):
 
 # ------------------------------------------------------------------ predictions schema
 def test_predictions_columns_derive_from_one_declaration():
-    assert schema.TABLE_COLUMNS[:9] == schema.SCORED_COLUMNS[:9]
-    assert "top5" in schema.TABLE_COLUMNS and "top_category_id" not in schema.TABLE_COLUMNS
-    assert schema.TABLE_COLUMNS[-3:] == list(schema.PARTITIONS)
-    assert schema.SCORED_DDL.startswith("product_id long, category_id long")
-    row = schema.fallback_prediction(TAX, 20, 0.25)
+    assert predictions.TABLE_COLUMNS[:9] == predictions.SCORED_COLUMNS[:9]
+    assert "top5" in predictions.TABLE_COLUMNS
+    assert "top_category_id" not in predictions.TABLE_COLUMNS
+    assert predictions.TABLE_COLUMNS[-3:] == list(predictions.PARTITIONS)
+    assert predictions.SCORED_DDL.startswith("product_id long, category_id long")
+    row = predictions.fallback_prediction(TAX, 20, 0.25)
     assert (row["category_id"], row["category_level3"], row["l1"], row["confidence"],
             row["top_category_id"], row["fallback"]) == (20, "y", 0, 0.25, [20], True)
-    assert set(row) | {"product_id", "bad_image_count", *schema.TRUTH} == \
-        set(schema.SCORED_COLUMNS)
+    assert set(row) | {"product_id", "bad_image_count", *predictions.TRUTH} == \
+        set(predictions.SCORED_COLUMNS)
 
 
 @pytest.mark.spark
@@ -120,8 +120,8 @@ def test_the_spark_fallback_row_is_the_scorer_fallback_row(spark):
                                "n_bad_images int")
     images = spark.createDataFrame([(8,)], "product_id long")
     got = fallback_rows(products, images, TAX, (20, 0.25)).toPandas()
-    assert list(got.columns) == schema.SCORED_COLUMNS
-    want = {"product_id": 7, **schema.fallback_prediction(TAX, 20, 0.25),
+    assert list(got.columns) == predictions.SCORED_COLUMNS
+    want = {"product_id": 7, **predictions.fallback_prediction(TAX, 20, 0.25),
             "bad_image_count": 3, "true_category_id": 30, "true_l1": 1, "true_l2": 2,
             "true_l3": 2}
     row = got.iloc[0].to_dict()
@@ -135,7 +135,7 @@ def test_the_spark_fallback_row_is_the_scorer_fallback_row(spark):
 # ------------------------------------------------------------------ command line
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory, spark):
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
     from hierarchy.ingest.pipeline import run_ingest
     from hierarchy.synth import generate
 
@@ -231,7 +231,7 @@ def test_a_predictions_frame_has_the_declared_pandas_types():
     probs = np.array([[0.1, 0.2, 0.7]])
     seen = {5: _Product(decoded=1, truth=(30, 1, 2, 2)), 6: _Product(bad=2)}
     df = _rows(Plan(), TAX, (np.array([5]), probs, np.array([1])), seen, keep=None)
-    assert list(df.columns) == schema.SCORED_COLUMNS
+    assert list(df.columns) == predictions.SCORED_COLUMNS
     assert df.loc[0, "category_id"] == 30 and df.loc[0, "top_category_id"] == [30, 20]
     assert bool(df.loc[1, "fallback"]) and df.loc[1, "category_id"] == 20
     assert str(df["true_l1"].dtype) == "Int32" and pd.isna(df.loc[1, "true_l1"])

@@ -16,10 +16,10 @@ import pyarrow.dataset as pds
 import pytest
 from cluster import free_port
 
-from hierarchy.config import load_config
-from hierarchy.curate import table as ct
+from hierarchy.contracts import curation as ct
+from hierarchy.contracts.config import load_config
+from hierarchy.contracts.dataset import Dataset
 from hierarchy.curate.groups import band_keys, close_pairs, tables
-from hierarchy.dataset import Dataset
 from hierarchy.synth.plant import Plants, expected_flags, precision_recall
 
 pytestmark = pytest.mark.spark

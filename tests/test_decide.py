@@ -5,8 +5,8 @@ distribution), whose mistakes fall mostly between siblings, as real catalogs' do
 import numpy as np
 import pytest
 
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import combine, decide
-from hierarchy.taxonomy import Taxonomy
 
 
 def taxonomy(n_l1=4, l2_per=3, l3_per=4):

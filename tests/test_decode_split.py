@@ -6,9 +6,9 @@ from bson.binary import Binary
 from bson.int64 import Int64
 from corrupt import JPEG_OK, split_docs
 
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest.decode import decode_document, iter_documents, jpeg_problem
 from hierarchy.ingest.split import TRAIN, VAL, assign_splits
-from hierarchy.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_rows([(10, "A", "A1", "x"), (20, "A", "A2", "y"), (30, "B", "B1", "z")])
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from hierarchy.contracts.modelstore import ModelStore
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import write_report
-from hierarchy.modelstore import ModelStore
-from hierarchy.taxonomy import Taxonomy
 
 pytestmark = pytest.mark.spark
 
@@ -221,7 +221,7 @@ def test_write_report_without_history_or_predictions(tmp_path):
 def test_write_report_on_a_non_local_filesystem(metrics, scheme, tmp_path, monkeypatch):
     """The report goes wherever --output points (as on hdfs:// with the cluster config), never
     to a local folder named after the scheme."""
-    from hierarchy import storage
+    from hierarchy.contracts import storage
 
     monkeypatch.chdir(tmp_path)
     base = f"memory://reports-{tmp_path.name}" if scheme == "memory" else \

@@ -9,6 +9,7 @@ tf = pytest.importorskip("tensorflow")
 
 from test_train_models import _reloads_with_the_same_answers  # noqa: E402
 
+from hierarchy.contracts import model as cmodel  # noqa: E402
 from hierarchy.infer.combine import ProductAccumulator  # noqa: E402
 from hierarchy.train import experts, fusion, models  # noqa: E402
 
@@ -33,7 +34,7 @@ def _pool(probs, weights, pids) -> np.ndarray:
 def test_refit_model_starts_as_the_flat_model_and_reloads(tmp_path):
     flat = _flat(1)
     refit = models.build_refit_model(flat, hidden=4)
-    assert refit.output_names == [models.L3_OUTPUT]
+    assert refit.output_names == [cmodel.L3_OUTPUT]
     x = np.random.default_rng(2).random((5, 32, 32, 3), dtype=np.float32)
     np.testing.assert_allclose(refit.predict_on_batch(x), flat.predict_on_batch(x), atol=1e-5)
     _reloads_with_the_same_answers(refit, x, str(tmp_path / "refit.h5"))
@@ -44,7 +45,7 @@ def test_untrained_fusion_is_the_flat_model_with_predicts_geometric_mean(tmp_pat
     kernel, bias = models.expert_source_rows(flat, "all")
     head = models.fusion_view_head(kernel, bias, hidden=8, dropout=0.0, score_hidden=4)
     fused = models.build_fusion_model(flat, head)
-    assert fused.output_names == [models.L3_OUTPUT, models.VIEW_SCORE]
+    assert fused.output_names == [cmodel.L3_OUTPUT, cmodel.VIEW_SCORE]
     x = np.random.default_rng(4).random((7, 32, 32, 3), dtype=np.float32)
     probs, scores = fused.predict_on_batch(x)
     np.testing.assert_allclose(probs, flat.predict_on_batch(x), atol=1e-5)
@@ -62,7 +63,7 @@ def test_untrained_fusion_is_the_flat_model_with_predicts_geometric_mean(tmp_pat
 
 
 def test_fusion_over_a_multi_level_trunk_starts_as_its_level_3():
-    from hierarchy.taxonomy import Taxonomy
+    from hierarchy.contracts.taxonomy import Taxonomy
 
     tax = Taxonomy.from_rows([(10 + i, f"L1 {i // 3}", f"L2 {i // 3}", f"leaf {i}")
                               for i in range(N_L3)])
@@ -71,7 +72,7 @@ def test_fusion_over_a_multi_level_trunk_starts_as_its_level_3():
     fused = models.build_fusion_model(
         multi, models.fusion_view_head(kernel, bias, hidden=4, dropout=0.0, score_hidden=4))
     x = np.random.default_rng(8).random((3, 32, 32, 3), dtype=np.float32)
-    want = dict(zip(multi.output_names, multi.predict_on_batch(x)))[models.L3_OUTPUT]
+    want = dict(zip(multi.output_names, multi.predict_on_batch(x)))[cmodel.L3_OUTPUT]
     np.testing.assert_allclose(fused.predict_on_batch(x)[0], want, atol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_view_pooling_weighs_pictures_as_predicts_accumulator_does():
     for i, p in enumerate(pids):
         k = int(mask[p].sum())
         padded[p * views + k], padded_scores[p * views + k], mask[p, k] = probs[i], scores[i], True
-    pooled = models.ViewPooling()(tf.constant(padded), tf.constant(padded_scores),
+    pooled = cmodel.ViewPooling()(tf.constant(padded), tf.constant(padded_scores),
                                   tf.constant(mask)).numpy()
     np.testing.assert_allclose(pooled, _pool(probs, np.exp(scores), pids), atol=1e-5)
     # batched in two parts, the accumulator gives the same product

@@ -16,7 +16,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 hvd = pytest.importorskip("horovod.tensorflow.keras")
 
-from hierarchy.taxonomy import Taxonomy  # noqa: E402
+from hierarchy.contracts import model as cmodel  # noqa: E402
+from hierarchy.contracts.taxonomy import Taxonomy  # noqa: E402
 from hierarchy.train import gpu, models  # noqa: E402
 
 ON_GPU = bool(tf.config.list_physical_devices("GPU"))
@@ -58,11 +59,11 @@ def test_policy_switch_and_float32_outputs():
     taxonomy = Taxonomy.from_rows([(10 + i, f"L{i % 2}", f"M{i % 4}", f"leaf{i}")
                                    for i in range(8)])
     multi = models.build_multi_model("small_cnn", taxonomy, SIZE)
-    assert [o.dtype for o in multi.outputs] == [tf.float32] * len(models.MULTI_OUTPUTS)
+    assert [o.dtype for o in multi.outputs] == [tf.float32] * len(cmodel.MULTI_OUTPUTS)
 
 
 def test_switches_come_from_the_config():
-    from hierarchy.config import ConfigError, load_config
+    from hierarchy.contracts.config import ConfigError, load_config
 
     train = load_config()["train"]
     assert (train["mixed_precision"], train["xla"]) == ("auto", "auto")
@@ -135,6 +136,7 @@ import json, os, sys
 import numpy as np
 import tensorflow as tf
 import horovod.tensorflow.keras as hvd
+from hierarchy.contracts import model as cmodel
 from hierarchy.train import gpu, models
 
 hvd.init()
@@ -147,7 +149,7 @@ models.compile_model(model, 1e-3, 0.0, optimizer=opt)
 rng = np.random.default_rng(100 + rank)  # different pictures on each rank
 x = rng.random((4, 32, 32, 3), dtype=np.float32)
 y = rng.integers(0, 4, 4).astype(np.int32)
-loss_fn = models.SmoothedSparseCrossentropy(0.0)
+loss_fn = cmodel.SmoothedSparseCrossentropy(0.0)
 variables = model.trainable_variables
 
 # the gradients the loss-scaled Horovod optimizer hands to Adam...

@@ -9,10 +9,10 @@ import pytest
 from corrupt import catalogue_of_failures, split_docs
 
 import hierarchy.petastorm_fix  # noqa: F401
-from hierarchy.config import load_config
-from hierarchy.dataset import Dataset, DatasetNotReady
+from hierarchy.contracts.config import load_config
+from hierarchy.contracts.dataset import Dataset, DatasetNotReady
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest.pipeline import IngestError, run_ingest
-from hierarchy.taxonomy import Taxonomy
 
 pytestmark = pytest.mark.spark
 
@@ -237,7 +237,7 @@ def test_a_second_ingest_into_a_busy_folder_is_refused_and_a_dead_ones_lock_take
     import subprocess
     import sys
 
-    from hierarchy.dataset import LOCK_FILE
+    from hierarchy.contracts.dataset import LOCK_FILE
     from hierarchy.ingest.lock import OutputLocked
 
     out = tmp_path / "ds"
@@ -264,7 +264,7 @@ def test_fast_decoder_writes_the_reference_dataset(spark, cfg, real_bson, real_c
     Petastorm row-group index written from the writers' counts matches the footers."""
     from fuzz import mutate
 
-    from hierarchy.ingest.unischema import read_row_groups
+    from hierarchy.contracts.schema import read_row_groups
 
     dump = tmp_path / "fuzzed.bson"
     dump.write_bytes(real_bson.read_bytes() + mutate(real_bson.read_bytes(), 5, 6).bytes())

@@ -332,7 +332,7 @@ def test_analyst_notebook(predictions_catalog, tmp_path):
 def register(rows_file: str, output: str, overrides: List[str]) -> None:
     """Write the rows as the predictions table (Parquet partitioned by run_id/split/strategy
     at ``output``) and register it in the metastore of ``overrides``."""
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
     from hierarchy.spark import get_spark
 
     cfg = load_config(overrides=overrides)

@@ -7,6 +7,7 @@ present, so the submission's header and id column can be compared with it byte f
 
 import base64
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -109,7 +110,8 @@ def test_submission_matches_the_kaggle_format(pipeline):
 
 
 def test_an_analyst_queries_the_table_by_its_plain_name(pipeline):
-    query = ("from hierarchy.config import load_config; from hierarchy.spark import get_spark; "
+    query = ("from hierarchy.contracts.config import load_config; "
+             "from hierarchy.spark import get_spark; "
              "import sys; s = get_spark(load_config(overrides=sys.argv[1:])); "
              "print('ROWS', s.sql(\"SELECT count(*) FROM predictions WHERE run_id = 'e2e' "
              "AND split = 'test'\").first()[0]); s.stop()")
@@ -647,7 +649,8 @@ def test_a_crash_exits_1_with_its_traceback_after_the_summary_line(monkeypatch, 
     def broken(args, cfg):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setitem(cli.STAGES, "synth", broken)
+    monkeypatch.setitem(cli.COMMANDS, "synth", dataclasses.replace(cli.COMMANDS["synth"],
+                                                                   run=broken))
     with pytest.raises(RuntimeError, match="disk on fire"):  # the interpreter exits 1 on it
         cli.main(["synth", "--output", "x"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from corrupt import JPEG_OK, split_docs
 
-from hierarchy.config import load_config
-from hierarchy.dataset import Dataset
-from hierarchy.errors import UsageError
+from hierarchy.contracts.config import load_config
+from hierarchy.contracts.dataset import Dataset
+from hierarchy.contracts.errors import UsageError
 from hierarchy.infer.modelset import PredictError, load_modelset
 from hierarchy.infer.pipeline import read_images, run_predict, score
 from hierarchy.infer.scoring import ScoringPlan

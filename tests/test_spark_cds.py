@@ -12,12 +12,12 @@ import textwrap
 import pytest
 
 from hierarchy import spark_cds
-from hierarchy.config import load_config
+from hierarchy.contracts.config import load_config
 from hierarchy.spark import _merge_java_options, metastore_conf
 
 SESSION = textwrap.dedent("""
     import sys
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
     from hierarchy.spark import get_spark, stop_spark
 
     spark = get_spark(load_config(None, sys.argv[1:]), "cds", catalog=False)

@@ -9,7 +9,7 @@ import textwrap
 def test_stop_spark_keeps_accumulators_and_lets_a_new_session_start(tmp_path):
     script = textwrap.dedent("""
         from pyspark import SparkContext
-        from hierarchy.config import load_config
+        from hierarchy.contracts.config import load_config
         from hierarchy.spark import get_spark, stop_spark
 
         cfg = load_config(None, ["spark.master=local[2]"])

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.synth import catalog, generate, make_taxonomy
 from hierarchy.synth.images import N_FAMILIES, family_of, marks_of, render_picture
-from hierarchy.taxonomy import Taxonomy
 
 REAL_CSV = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "cdiscount", "category_names.csv"

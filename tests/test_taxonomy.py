@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hierarchy.taxonomy import Taxonomy, TaxonomyError
+from hierarchy.contracts.taxonomy import Taxonomy, TaxonomyError
 
 HEADER = "category_id,category_level1,category_level2,category_level3\n"
 SMALL = HEADER + (

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from hierarchy.config import load_config
-from hierarchy.modelstore import ModelStore
+from hierarchy.contracts.config import load_config
+from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.train.launch import run_training
 
 pytestmark = pytest.mark.spark
@@ -57,7 +57,7 @@ def test_level1_on_two_gloo_workers_under_horovod_spark(dataset, spark, tmp_path
 def test_interrupted_run_resumes_from_its_last_checkpoint(dataset, tmp_path):
     import tensorflow as tf
 
-    from hierarchy.train.models import custom_objects
+    from hierarchy.contracts.model import custom_objects
 
     models = str(tmp_path / "models")
     # first call stops after one epoch (as if killed then), the second asks for two
@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(dataset, tmp_path):
 
 
 def test_branch_mode_trains_requested_branches_with_local_labels(dataset, tmp_path):
-    from hierarchy.taxonomy import Taxonomy
+    from hierarchy.contracts.taxonomy import Taxonomy
 
     tax = Taxonomy.from_json((dataset / "taxonomy.json").read_text())
     models = str(tmp_path / "models")
@@ -128,7 +128,7 @@ def test_same_command_runs_under_horovodrun(dataset, tmp_path):
 
 
 def test_multi_mode_trains_one_model_with_every_level(dataset, tmp_path):
-    from hierarchy.train.models import MULTI_OUTPUTS
+    from hierarchy.contracts.model import MULTI_OUTPUTS
 
     models = str(tmp_path / "models")
     res = run_training(train_cfg(epochs=2), str(dataset), models, "r5", level=3, mode="multi")
@@ -151,7 +151,7 @@ def test_experts_read_only_their_branch_and_start_from_the_multi_model(dataset, 
     import numpy as np
     import pyarrow.parquet as pq
 
-    from hierarchy.dataset import Dataset
+    from hierarchy.contracts.dataset import Dataset
     from hierarchy.train import experts
     from hierarchy.train.launch import TrainError
 

@@ -8,6 +8,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from hierarchy.contracts import model as cmodel  # noqa: E402
 from hierarchy.train import data as tdata  # noqa: E402
 
 SIZE = 48
@@ -18,8 +19,8 @@ def dataset(tmp_path_factory, spark):
     """200 synthetic products ingested with small byte ranges: several row groups per split."""
     from conftest import ingested_synth
 
-    from hierarchy.dataset import Dataset
-    from hierarchy.taxonomy import Taxonomy
+    from hierarchy.contracts.dataset import Dataset
+    from hierarchy.contracts.taxonomy import Taxonomy
 
     root = tmp_path_factory.mktemp("train_data")
     out = ingested_synth(spark, root, 200, 1, 20, ["split_mb=0.3"])
@@ -310,7 +311,7 @@ def test_an_undecodable_picture_is_dropped_not_fatal(tmp_path, spark):
     import bson
     from corrupt import JPEG_OK
 
-    from hierarchy.config import load_config
+    from hierarchy.contracts.config import load_config
     from hierarchy.ingest.pipeline import run_ingest
     from hierarchy.synth import generate
 
@@ -349,12 +350,12 @@ def _mean_abs(a, b) -> float:
 
 
 def test_dct_ratio_keeps_the_shorter_side():
-    assert tdata.dct_ratio(180, 180, 64) == 2    # 90 >= 64, 45 < 64
-    assert tdata.dct_ratio(180, 180, 45) == 4    # ceil(180 / 4) = 45
-    assert tdata.dct_ratio(180, 180, 22) == 8    # ceil(180 / 8) = 23
-    assert tdata.dct_ratio(180, 180, 91) == 1
-    assert tdata.dct_ratio(500, 181, 46) == 4    # ceil(181 / 4) = 46: the shorter side rules
-    assert tdata.dct_ratio(500, 181, 47) == 2
+    assert cmodel.dct_ratio(180, 180, 64) == 2    # 90 >= 64, 45 < 64
+    assert cmodel.dct_ratio(180, 180, 45) == 4    # ceil(180 / 4) = 45
+    assert cmodel.dct_ratio(180, 180, 22) == 8    # ceil(180 / 8) = 23
+    assert cmodel.dct_ratio(180, 180, 91) == 1
+    assert cmodel.dct_ratio(500, 181, 46) == 4    # ceil(181 / 4) = 46: the shorter side rules
+    assert cmodel.dct_ratio(500, 181, 47) == 2
 
 
 @pytest.mark.parametrize("size", [45, 64, 80, 90, 128])
@@ -373,11 +374,11 @@ def test_scaled_decode_is_as_faithful_as_the_full_decode(real_bson, size):
     fast_err = ref_err = diff = 0.0  # mean absolute differences, grey levels of 255
     jpegs = _real_jpegs(real_bson)
     for jpeg in jpegs:
-        ref = tdata.decode_for_model(jpeg, size, dct_scaling=False).numpy()
-        fast = tdata.decode_for_model(jpeg, size, dct_scaling=True).numpy()
+        ref = cmodel.decode_for_model(jpeg, size, dct_scaling=False).numpy()
+        fast = cmodel.decode_for_model(jpeg, size, dct_scaling=True).numpy()
         area = tf.image.resize(tf.io.decode_jpeg(jpeg, channels=3), [size, size],
                                method="area").numpy()
-        if tdata.dct_ratio(180, 180, size) == 1:
+        if cmodel.dct_ratio(180, 180, size) == 1:
             assert np.array_equal(fast, ref)
         fast_err += _mean_abs(fast, area) / len(jpegs)
         ref_err += _mean_abs(ref, area) / len(jpegs)
@@ -420,9 +421,9 @@ def test_scaled_decode_keeps_the_training_augmentation(real_bson, size):
     diffs, val = [], []
     for i, jpeg in enumerate(_real_jpegs(real_bson)):
         diffs.append(_mean_abs(picture(True, i, jpeg), picture(False, i, jpeg)))
-        val.append(_mean_abs(tdata.decode_for_model(jpeg, size, True),
-                             tdata.decode_for_model(jpeg, size, False)))
-    if tdata.dct_ratio(180, 180, size / tdata.CROP_MIN) == 1:
+        val.append(_mean_abs(cmodel.decode_for_model(jpeg, size, True),
+                             cmodel.decode_for_model(jpeg, size, False)))
+    if cmodel.dct_ratio(180, 180, size / tdata.CROP_MIN) == 1:
         assert max(diffs) == 0.0
     else:
         assert np.mean(diffs) <= 1.25 * np.mean(val) + 0.5, (np.mean(diffs), np.mean(val))

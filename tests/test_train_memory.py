@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hierarchy.config import load_config
-from hierarchy.dataset import Dataset
+from hierarchy.contracts.config import load_config
+from hierarchy.contracts.dataset import Dataset
 from hierarchy.train.launch import run_training
 
 pytestmark = pytest.mark.spark

@@ -7,6 +7,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from hierarchy.contracts import model as cmodel  # noqa: E402
 from hierarchy.train import models  # noqa: E402
 
 APPS = ["mobilenet_v2", "efficientnet_b0", "resnet50", "inception_v3"]
@@ -38,7 +39,7 @@ def test_every_backbone_builds_offline(backbone):
     assert isinstance(body, tf.keras.Model)
     assert len(body.output_shape) == 2  # pooled features
     x = np.random.default_rng(0).uniform(0, 255, (2, size, size, 3)).astype("float32")
-    y = model(models.preprocess_for(backbone)(tf.constant(x)), training=False)
+    y = model(cmodel.preprocess_for(backbone)(tf.constant(x)), training=False)
     assert y.shape == (2, 7) and y.dtype == tf.float32
     np.testing.assert_allclose(y.numpy().sum(axis=1), 1.0, rtol=1e-5)
 
@@ -73,7 +74,7 @@ def test_mixed_precision_keeps_float32_output():
 
 @pytest.mark.parametrize("backbone", ["small_cnn", *APPS])
 def test_preprocess_runs_in_tf_data(backbone):
-    pre = models.preprocess_for(backbone)
+    pre = cmodel.preprocess_for(backbone)
     img = tf.fill((4, 4, 3), 255.0)
     ds = tf.data.Dataset.from_tensors(img).map(pre)
     out = next(iter(ds)).numpy()
@@ -252,14 +253,14 @@ def test_smoothed_loss_matches_categorical():
     y_true = tf.constant([0, 2, 1])
     y_pred = tf.constant([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.4, 0.3]])
     for eps in (0.0, 0.1):
-        ours = models.SmoothedSparseCrossentropy(eps)(y_true, y_pred)
+        ours = cmodel.SmoothedSparseCrossentropy(eps)(y_true, y_pred)
         ref = tf.keras.losses.CategoricalCrossentropy(label_smoothing=eps)(
             tf.one_hot(y_true, 3), y_pred)
         np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6)
     # labels shaped (batch, 1) as some pipelines yield them
     np.testing.assert_allclose(
-        models.SmoothedSparseCrossentropy(0.1)(tf.reshape(y_true, (-1, 1)), y_pred).numpy(),
-        models.SmoothedSparseCrossentropy(0.1)(y_true, y_pred).numpy(), rtol=1e-6)
+        cmodel.SmoothedSparseCrossentropy(0.1)(tf.reshape(y_true, (-1, 1)), y_pred).numpy(),
+        cmodel.SmoothedSparseCrossentropy(0.1)(y_true, y_pred).numpy(), rtol=1e-6)
 
 
 def test_small_cnn_learns_colour():
@@ -291,21 +292,22 @@ def test_saved_model_reloads_with_same_predictions(tmp_path):
     loaded = tf.keras.models.load_model(str(path))  # the loss is registered: no custom_objects
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
-    assert isinstance(loaded.loss, models.SmoothedSparseCrossentropy)
+    assert isinstance(loaded.loss, cmodel.SmoothedSparseCrossentropy)
     assert loaded.loss.label_smoothing == pytest.approx(0.2)
     assert loaded.get_layer("backbone").count_params() == \
         model.get_layer("backbone").count_params()
     # and it trains on after reloading (the optimizer and loss came back)
     loaded.fit(x, y, batch_size=16, epochs=1, verbose=0)
     # custom_objects() keeps working for callers that pass it
-    again = tf.keras.models.load_model(str(path), custom_objects=models.custom_objects())
+    again = tf.keras.models.load_model(str(path), custom_objects=cmodel.custom_objects())
     np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0),
                                rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- multi-level model
-from hierarchy.infer.combine import kinship_smoothing, marginal_l1, smoothing_targets  # noqa
-from hierarchy.taxonomy import Taxonomy  # noqa: E402
+from hierarchy.infer.combine import marginal_l1  # noqa
+from hierarchy.train.targets import kinship_smoothing, smoothing_targets  # noqa
+from hierarchy.contracts.taxonomy import Taxonomy  # noqa: E402
 
 MULTI_ROWS = [(10 + i, f"L{i % 3}", f"M{i % 6}", f"leaf{i}") for i in range(18)]
 MULTI_TAX = Taxonomy.from_rows(MULTI_ROWS)
@@ -313,14 +315,14 @@ MULTI_TAX = Taxonomy.from_rows(MULTI_ROWS)
 
 def test_multi_model_outputs_agree_with_the_taxonomy(tmp_path):
     model = models.build_multi_model("small_cnn", MULTI_TAX, 32)
-    assert tuple(model.output_names) == models.MULTI_OUTPUTS
+    assert tuple(model.output_names) == cmodel.MULTI_OUTPUTS
     x = np.random.default_rng(0).random((5, 32, 32, 3), dtype=np.float32)
     out = dict(zip(model.output_names, model.predict_on_batch(x)))
-    p3 = out[models.L3_OUTPUT]
-    np.testing.assert_allclose(out[models.L1_SUM], marginal_l1(p3, MULTI_TAX), atol=1e-6)
+    p3 = out[cmodel.L3_OUTPUT]
+    np.testing.assert_allclose(out[cmodel.L1_SUM], marginal_l1(p3, MULTI_TAX), atol=1e-6)
     node, n_nodes = models.level2_nodes(MULTI_TAX)
-    assert out[models.L2_SUM].shape == (5, n_nodes) == out[models.L2_HEAD].shape
-    cond = out[models.CONDITIONAL]
+    assert out[cmodel.L2_SUM].shape == (5, n_nodes) == out[cmodel.L2_HEAD].shape
+    cond = out[cmodel.CONDITIONAL]
     for b in range(MULTI_TAX.n_l1):  # one softmax per level-1 branch
         np.testing.assert_allclose(cond[:, MULTI_TAX.branch(b)].sum(1), 1.0, atol=1e-5)
     # the HDF5 file the store publishes loads back with the same answers
@@ -329,7 +331,7 @@ def test_multi_model_outputs_agree_with_the_taxonomy(tmp_path):
 
 def _reloads_with_the_same_answers(model, x, path: str) -> None:
     model.save(path, include_optimizer=False)
-    again = tf.keras.models.load_model(path, custom_objects=models.custom_objects(),
+    again = tf.keras.models.load_model(path, custom_objects=cmodel.custom_objects(),
                                        compile=False)
     for a, b in zip(model.predict_on_batch(x), again.predict_on_batch(x)):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -339,17 +341,17 @@ def test_no_training_phase_unfreezes_the_summing_layers():
     model = models.build_multi_model("small_cnn", MULTI_TAX, 32)
     for phase in models.PHASES:
         models.set_phase(model, phase, 2)
-        assert not model.get_layer(models.L1_SUM).trainable_weights
+        assert not model.get_layer(cmodel.L1_SUM).trainable_weights
 
 
 def test_kinship_loss_builds_the_smoothing_targets():
     node, _ = models.level2_nodes(MULTI_TAX)
     kin = kinship_smoothing(MULTI_TAX, 0.2)
-    loss = models.KinshipCrossentropy(kin, MULTI_TAX.l1_of_l3, node)
+    loss = cmodel.KinshipCrossentropy(kin, MULTI_TAX.l1_of_l3, node)
     y = np.array([0, 5, 17])
     np.testing.assert_allclose(loss.targets(tf.constant(y)).numpy(),
                                smoothing_targets(kin, MULTI_TAX, y), atol=1e-6)
-    again = models.KinshipCrossentropy.from_config(loss.get_config())
+    again = cmodel.KinshipCrossentropy.from_config(loss.get_config())
     np.testing.assert_allclose(again.targets(tf.constant(y)).numpy(),
                                loss.targets(tf.constant(y)).numpy())
 
@@ -357,13 +359,13 @@ def test_kinship_loss_builds_the_smoothing_targets():
 def test_branch_loss_is_the_conditional_nll_inside_the_true_branch():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4, MULTI_TAX.n_l3)).astype(np.float32)
-    cond = models.BranchSoftmax(MULTI_TAX.l1_of_l3, MULTI_TAX.n_l1)(logits).numpy()
+    cond = cmodel.BranchSoftmax(MULTI_TAX.l1_of_l3, MULTI_TAX.n_l1)(logits).numpy()
     y = np.array([0, 4, 9, 17])
-    got = models.BranchCrossentropy(MULTI_TAX.l1_of_l3)(tf.constant(y), cond).numpy()
+    got = cmodel.BranchCrossentropy(MULTI_TAX.l1_of_l3)(tf.constant(y), cond).numpy()
     assert got == pytest.approx(-np.mean(np.log(cond[np.arange(4), y])), rel=1e-5)
     # smoothing spreads over the true branch's leaves only
     eps = 0.3
-    smooth = models.BranchCrossentropy(MULTI_TAX.l1_of_l3, eps)
+    smooth = cmodel.BranchCrossentropy(MULTI_TAX.l1_of_l3, eps)
     per = smooth.call(tf.constant(y), cond).numpy()
     for i, leaf in enumerate(y):
         leaves = MULTI_TAX.branch(MULTI_TAX.l1_of_l3[leaf])
@@ -390,7 +392,7 @@ def _randomised(model, seed: int):
 def test_experts_start_as_the_multi_models_conditional(tmp_path):
     multi = _randomised(models.build_multi_model("small_cnn", MULTI_TAX, 32), 2)
     experts = models.build_experts_model(multi, MULTI_TAX, hidden=8)
-    assert tuple(experts.output_names) == (models.L3_OUTPUT, models.L1_HEAD, models.CONDITIONAL)
+    assert tuple(experts.output_names) == (cmodel.L3_OUTPUT, cmodel.L1_HEAD, cmodel.CONDITIONAL)
     x = np.random.default_rng(3).random((6, 32, 32, 3), dtype=np.float32)
     want = dict(zip(multi.output_names, multi.predict_on_batch(x)))
     got = dict(zip(experts.output_names, experts.predict_on_batch(x)))
@@ -400,19 +402,19 @@ def test_experts_start_as_the_multi_models_conditional(tmp_path):
     layer = experts.get_layer("branch_experts")
     features = multi.get_layer("backbone").predict_on_batch(x)
     for b in range(MULTI_TAX.n_l1):
-        head = layer.head(b)
+        head = models.expert_of(layer, b)
         np.testing.assert_allclose(head.predict_on_batch(features),
-                                   want[models.CONDITIONAL][:, MULTI_TAX.branch(b)], atol=1e-5)
+                                   want[cmodel.CONDITIONAL][:, MULTI_TAX.branch(b)], atol=1e-5)
     # a trained head copied back changes its branch only, and the file keeps it
-    head = _randomised(layer.head(1), 4)
-    layer.set_branch(1, head)
-    after = dict(zip(experts.output_names, experts.predict_on_batch(x)))[models.CONDITIONAL]
+    head = _randomised(models.expert_of(layer, 1), 4)
+    models.set_expert(layer, 1, head)
+    after = dict(zip(experts.output_names, experts.predict_on_batch(x)))[cmodel.CONDITIONAL]
     np.testing.assert_allclose(after[:, MULTI_TAX.branch(1)], head.predict_on_batch(features),
                                atol=1e-5)
     others = [leaf for b in (0, 2) for leaf in MULTI_TAX.branch(b)]
-    np.testing.assert_allclose(after[:, others], want[models.CONDITIONAL][:, others], atol=1e-6)
+    np.testing.assert_allclose(after[:, others], want[cmodel.CONDITIONAL][:, others], atol=1e-6)
     assert not np.allclose(after[:, MULTI_TAX.branch(1)],
-                           want[models.CONDITIONAL][:, MULTI_TAX.branch(1)], atol=1e-3)
+                           want[cmodel.CONDITIONAL][:, MULTI_TAX.branch(1)], atol=1e-3)
     _reloads_with_the_same_answers(experts, x, str(tmp_path / "experts.h5"))
 
 
@@ -422,24 +424,24 @@ def test_experts_over_a_flat_model_start_as_its_conditional():
     x = np.random.default_rng(6).random((4, 32, 32, 3), dtype=np.float32)
     p_flat = flat.predict_on_batch(x)
     out = dict(zip(experts.output_names, experts.predict_on_batch(x)))
-    np.testing.assert_allclose(out[models.L3_OUTPUT], p_flat, atol=1e-6)
-    np.testing.assert_allclose(out[models.L1_HEAD], marginal_l1(p_flat, MULTI_TAX), atol=1e-5)
-    np.testing.assert_allclose(out[models.CONDITIONAL], leaf_conditional(p_flat, MULTI_TAX),
+    np.testing.assert_allclose(out[cmodel.L3_OUTPUT], p_flat, atol=1e-6)
+    np.testing.assert_allclose(out[cmodel.L1_HEAD], marginal_l1(p_flat, MULTI_TAX), atol=1e-5)
+    np.testing.assert_allclose(out[cmodel.CONDITIONAL], leaf_conditional(p_flat, MULTI_TAX),
                                atol=1e-5)
 
 
 def test_one_expert_over_every_leaf_starts_as_the_flat_model():
     flat = _randomised(models.build_model("small_cnn", MULTI_TAX.n_l3, 32), 8)
     experts = models.build_experts_model(flat, MULTI_TAX, hidden=4, groups="all")
-    layer = experts.get_layer(models.EXPERTS_LAYER)
+    layer = experts.get_layer(cmodel.EXPERTS_LAYER)
     assert layer.n_groups == 1 and set(layer.groups) == {0}
     x = np.random.default_rng(9).random((4, 32, 32, 3), dtype=np.float32)
     out = dict(zip(experts.output_names, experts.predict_on_batch(x)))
-    np.testing.assert_allclose(out[models.CONDITIONAL], flat.predict_on_batch(x), atol=1e-5)
+    np.testing.assert_allclose(out[cmodel.CONDITIONAL], flat.predict_on_batch(x), atol=1e-5)
     with pytest.raises(ValueError, match="branch, all"):
         models.expert_groups(MULTI_TAX, "level2")
     # over a multi-level model, one expert is a refit of its level 3, not of its branch head
     multi = _randomised(models.build_multi_model("small_cnn", MULTI_TAX, 32), 10)
     one = models.build_experts_model(multi, MULTI_TAX, hidden=4, groups="all")
     got = dict(zip(one.output_names, one.predict_on_batch(x)))
-    np.testing.assert_allclose(got[models.CONDITIONAL], got[models.L3_OUTPUT], atol=1e-5)
+    np.testing.assert_allclose(got[cmodel.CONDITIONAL], got[cmodel.L3_OUTPUT], atol=1e-5)

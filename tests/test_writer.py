@@ -45,7 +45,7 @@ def test_a_task_writes_its_tables_without_importing_pandas(tmp_path):
     of each Python worker's first task when pyarrow converts a list — was never imported."""
     script = textwrap.dedent(f"""
         import sys
-        from hierarchy.ingest.schema import IMAGES_FILE, QUARANTINE_FILE
+        from hierarchy.contracts.schema import IMAGES_FILE, QUARANTINE_FILE
         from hierarchy.ingest.writer import PartWriter, write_table
         w = PartWriter({str(tmp_path / 'images.parquet')!r}, IMAGES_FILE, "none", 1 << 20,
                        "nbytes")

@@ -28,11 +28,11 @@ import logging
 import time
 import uuid
 
-from hierarchy import storage
-from hierarchy.curate import table as ct
+from hierarchy.contracts import curation as ct
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import Dataset
 from hierarchy.curate.groups import components, near_edges
 from hierarchy.curate.hashing import HASHED, algorithm, hash_batch
-from hierarchy.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,8 @@ def review_queue(spark, rows, data: str, ccfg: dict, out: str) -> None:
 
 def check_curate(cfg, data: str) -> dict:
     """{split: pictures} of the dataset's committed splits; refusals before Spark starts."""
-    from hierarchy.dataset import DatasetNotReady
-    from hierarchy.errors import UsageError
+    from hierarchy.contracts.dataset import DatasetNotReady
+    from hierarchy.contracts.errors import UsageError
 
     ccfg = cfg["curate"]
     if int(ccfg["hash_blocks"]) <= int(ccfg["near_distance"]):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import io
 from typing import Dict, List
 
-from hierarchy import storage
-from hierarchy.curate.table import FLAGS
+from hierarchy.contracts import storage
+from hierarchy.contracts.curation import FLAGS
 
 THUMB = 96
 

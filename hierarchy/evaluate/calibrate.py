@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from hierarchy.dataset import VAL, images_in
+from hierarchy.contracts.dataset import VAL, images_in
 from hierarchy.infer import combine
 from hierarchy.infer.modelset import IDENTITY, ModelSet
 from hierarchy.infer.scoring import BatchScorer, ScoringPlan, whole_products
@@ -37,7 +37,7 @@ def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
     one row of summed grid statistics per partition."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
+        from hierarchy.contracts.model import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
         scorer = BatchScorer(plan)
         expert_groups = scorer.expert_groups()

@@ -18,7 +18,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from hierarchy.dataset import VAL
+from hierarchy.contracts.dataset import VAL
 from hierarchy.infer import decide
 from hierarchy.infer.scoring import BatchScorer, ScoringPlan, score_products, whole_products
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.contracts.taxonomy import Taxonomy
 
 # report order for the strategies the predict job knows; any other name follows, sorted
 STRATEGY_ORDER = ("flat", "two-stage", "blend", "multi", "hierarchical", "refit", "fusion")

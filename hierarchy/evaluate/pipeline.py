@@ -9,8 +9,9 @@ import time
 from dataclasses import replace
 from typing import Optional
 
-from hierarchy import storage
-from hierarchy.dataset import VAL, Dataset
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import VAL, Dataset
+from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.evaluate import calibrate, choice, decisions
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, write_report
@@ -22,7 +23,6 @@ from hierarchy.infer.pipeline import (
     scoring_plan,
     training_prior,
 )
-from hierarchy.modelstore import ModelStore
 
 log = logging.getLogger(__name__)
 

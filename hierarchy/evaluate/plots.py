@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from typing import Dict, Sequence
 
-from hierarchy import storage
+from hierarchy.contracts import storage
 
 MAX_LABEL = 28  # level-1 names run long ("ELECTROMENAGER - ..."): keep the axes readable
 METRICS = (("loss", "loss"), ("accuracy", "accuracy"))

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Dict, List, Optional
 
-from hierarchy import storage
+from hierarchy.contracts import storage
 from hierarchy.evaluate.plots import plot_confusion, plot_risk_coverage, plot_training_curves
 
 HEADLINE = (

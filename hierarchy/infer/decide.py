@@ -38,8 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import combine
-from hierarchy.taxonomy import Taxonomy
 
 LEVELS = (3, 2, 1)      # deepest first
 REVIEW = 0              # decision_level of a product sent to review

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from hierarchy import modelstore, storage
-from hierarchy.errors import Refused
-from hierarchy.modelstore import ModelStore, Run
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.contracts import modelstore, storage
+from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.modelstore import ModelStore, Run
+from hierarchy.contracts.taxonomy import Taxonomy
 
 STRATEGIES = ("flat", "two-stage", "blend", "multi", "hierarchical", "refit", "fusion")
 AUTO = "auto"  # the run's recommended strategy (evaluate records it)

@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-from hierarchy import storage
-from hierarchy.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
-from hierarchy.errors import UsageError
-from hierarchy.infer import decide, schema, tables
+from hierarchy.contracts import predictions, storage
+from hierarchy.contracts.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
+from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.taxonomy import Taxonomy
+from hierarchy.infer import decide, tables
 from hierarchy.infer.modelset import ModelSet, PredictError, load_modelset
 from hierarchy.infer.scoring import INPUT_COLUMNS, ScoringPlan, score_partitions
-from hierarchy.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +81,19 @@ def score(images, plans: Dict[str, ScoringPlan], partitions: int):
     """Product rows of every strategy of ``plans`` from image rows, in one pass
     (:func:`by_product`, then the scorer), with a ``strategy`` column."""
     return by_product(images, partitions).mapInPandas(score_partitions(plans),
-                                                      schema.SCORED_BY_STRATEGY_DDL)
+                                                      predictions.SCORED_BY_STRATEGY_DDL)
 
 
 def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple,
                   strategies: Sequence[str] = ()):
     """Products of the split with no row in images/ (every picture quarantined at ingest):
     the same row the scorer gives a product none of whose pictures decodes
-    (:func:`hierarchy.infer.schema.fallback_prediction`), once per strategy of
+    (:func:`hierarchy.infer.predictions.fallback_prediction`), once per strategy of
     ``strategies`` (with a ``strategy`` column) when given. Only the product_id column of
     images/ is read."""
     from pyspark.sql import functions as F
 
-    row = schema.fallback_prediction(taxonomy, *prior)
+    row = predictions.fallback_prediction(taxonomy, *prior)
     per_product = {"product_id": F.col("product_id"),
                    "bad_image_count": F.col("n_bad_images"),
                    "true_category_id": F.col("category_id"), "true_l1": F.col("l1"),
@@ -101,8 +101,8 @@ def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple,
     missing = products.join(images.select("product_id").distinct(), "product_id", "left_anti")
     rows = missing.select(*[
         (per_product[name] if name in per_product else F.lit(row[name]))
-        .cast(schema.SCORED_TYPES[name]).alias(name)
-        for name in schema.SCORED_COLUMNS])
+        .cast(predictions.SCORED_TYPES[name]).alias(name)
+        for name in predictions.SCORED_COLUMNS])
     if not strategies:
         return rows
     return rows.crossJoin(F.broadcast(products.sparkSession.createDataFrame(
@@ -125,7 +125,7 @@ def finish_rows(rows, run_id: str, split: str, strategy: Optional[str] = None):
                 .withColumn("split", F.lit(split))
                 .withColumn("strategy", F.col("strategy") if strategy is None
                             else F.lit(strategy))
-                .select(*schema.TABLE_COLUMNS))
+                .select(*predictions.TABLE_COLUMNS))
 
 
 def duplicate_answers(spark, data: str, split: str, taxonomy: Taxonomy):
@@ -136,7 +136,7 @@ def duplicate_answers(spark, data: str, split: str, taxonomy: Taxonomy):
     table's key columns only."""
     from pyspark.sql import functions as F
 
-    from hierarchy.curate import table as ct
+    from hierarchy.contracts import curation as ct
 
     cur = spark.read.parquet(storage.to_url(ct.curation_path(data)))
     usable = ~F.col("placeholder") & ~F.col("conflicting_labels") & \
@@ -153,7 +153,7 @@ def duplicate_answers(spark, data: str, split: str, taxonomy: Taxonomy):
     def answer(l3: int) -> dict:
         # an exact copy of a training picture with one label: filed at that leaf
         cat = int(taxonomy.category_of_l3(l3))
-        return {**schema.leaf_prediction(taxonomy, l3, 1.0, [cat], [1.0],
+        return {**predictions.leaf_prediction(taxonomy, l3, 1.0, [cat], [1.0],
                                          int(taxonomy.l1_of_l3[l3]), 1.0),
                 "decision_level": 3, "decision_id": cat,
                 "decision_name": decide.Nodes.of(taxonomy).name(3, l3),
@@ -162,7 +162,7 @@ def duplicate_answers(spark, data: str, split: str, taxonomy: Taxonomy):
     rows = [answer(l3) for l3 in range(taxonomy.n_l3)]
     leaves = spark.createDataFrame(
         [(int(taxonomy.category_of_l3(l3)), *row.values()) for l3, row in enumerate(rows)],
-        ", ".join(["answer long"] + [f"{k} {schema.SCORED_TYPES[k]}" for k in rows[0]]))
+        ", ".join(["answer long"] + [f"{k} {predictions.SCORED_TYPES[k]}" for k in rows[0]]))
     return answers.join(F.broadcast(leaves), "answer").drop("answer")
 
 
@@ -201,7 +201,7 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
     if split not in (TEST, VAL):
         raise UsageError(f"--split {split!r}: expected test or val")
     if duplicate_lookup:
-        from hierarchy.curate.table import has_curation
+        from hierarchy.contracts.curation import has_curation
 
         if not has_curation(data):
             raise PredictError(f"{data}: predict.duplicate_lookup needs the curation table — "
@@ -270,7 +270,7 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
              for s in strategies}
     images = read_images(spark, data, split)
     scored = score(images, plans, int(pcfg["partitions"])) if grouped is None else \
-        grouped.mapInPandas(score_partitions(plans), schema.SCORED_BY_STRATEGY_DDL)
+        grouped.mapInPandas(score_partitions(plans), predictions.SCORED_BY_STRATEGY_DDL)
     rows = scored.unionByName(
         fallback_rows(products, images, taxonomy, prior, strategies))
     if pcfg["duplicate_lookup"]:

@@ -9,7 +9,7 @@ partitions. Models are loaded once per Python worker process and reused by every
 every task that worker runs (Spark reuses Python workers by default).
 
 JPEGs are decoded and resized exactly as training's validation input
-(:func:`hierarchy.train.data.resize_for_model`), then preprocessed for each model's backbone.
+(:func:`hierarchy.contracts.model.resize_for_model`), then preprocessed for each model's backbone.
 A picture TensorFlow cannot decode is counted, not fatal; a product none of whose pictures
 decodes gets the training prior's most frequent category and ``fallback = true``.
 """
@@ -23,10 +23,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-from hierarchy import joblog, storage
-from hierarchy.infer import combine, decide, schema
+from hierarchy import joblog
+from hierarchy.contracts import predictions, storage
+from hierarchy.contracts.taxonomy import Taxonomy
+from hierarchy.infer import combine, decide
 from hierarchy.infer.modelset import ModelRef, ModelSet
-from hierarchy.taxonomy import Taxonomy
 
 INPUT_COLUMNS = ["product_id", "img_idx", "jpeg", "category_id", "l1", "l2", "l3"]
 
@@ -56,7 +57,7 @@ def _model(ref: ModelRef):
     if ref.path not in _CACHE:
         import tensorflow as tf
 
-        from hierarchy.train.models import custom_objects
+        from hierarchy.contracts.model import custom_objects
 
         # Keras reads local files only: a model on HDFS/S3 is copied once per worker
         _CACHE[ref.path] = tf.keras.models.load_model(
@@ -131,7 +132,7 @@ class BatchScorer:
         for ref in plan.models.refs():
             _model(ref)  # load now: a broken model file fails the first task, not the 1000th
         # decoded once for every model, at the DCT scale the largest input still fits (what
-        # validation does: hierarchy.train.data.decode_for_model)
+        # validation does: hierarchy.contracts.model.decode_for_model)
         self.min_side = max((ref.image_size for ref in plan.models.refs()), default=None)
 
     @staticmethod
@@ -140,7 +141,7 @@ class BatchScorer:
         the largest DCT scale that keeps the shorter side >= min_side."""
         import tensorflow as tf
 
-        from hierarchy.train.data import decode_scaled
+        from hierarchy.contracts.model import decode_scaled
 
         out = []
         for raw in jpegs:
@@ -164,8 +165,7 @@ class BatchScorer:
         if key not in cache:
             import tensorflow as tf
 
-            from hierarchy.train.data import resize_for_model
-            from hierarchy.train.models import preprocess_for
+            from hierarchy.contracts.model import preprocess_for, resize_for_model
 
             x = tf.stack([resize_for_model(im, ref.image_size) for im in images])
             cache[key] = tf.cast(preprocess_for(ref.backbone)(x), tf.float32).numpy()
@@ -204,7 +204,7 @@ class BatchScorer:
         """The multi-level model's level-3, level-1 head and per-branch conditional outputs
         (float64) for decoded pictures: what the ``multi`` and ``hierarchical`` strategies, and
         the calibration that fits the latter, are computed from."""
-        from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
+        from hierarchy.contracts.model import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
         out = self._cached(self.plan.models.multi, images, {} if cache is None else cache)
         return {name: np.asarray(out[name], dtype=np.float64)
@@ -214,7 +214,7 @@ class BatchScorer:
         """The group of every leaf in the ``conditional`` output the hierarchical strategy
         reads: an experts model's own (:func:`hierarchy.train.models.expert_groups`), None
         (level-1 branches) for a multi-level model's per-branch head."""
-        from hierarchy.train.models import EXPERTS_LAYER
+        from hierarchy.contracts.model import EXPERTS_LAYER
 
         if not hasattr(self, "_expert_groups"):
             model = _model(self.plan.models.multi)
@@ -227,13 +227,13 @@ class BatchScorer:
                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(:meth:`probs`, each picture's weight in its product or None when all weigh the
         same): a fusion model weighs a picture by ``exp(view score)``, the pooling it was
-        trained with (:class:`hierarchy.train.models.ViewPooling`). ``cache``: model outputs
+        trained with (:class:`hierarchy.train.cmodel.ViewPooling`). ``cache``: model outputs
         of this batch shared with other strategies' scorers (see :meth:`_cached`)."""
         ms = self.plan.models
         cache = {} if cache is None else cache
         if ms.strategy != "fusion":
             return self.probs(images, product_ids, cache), None
-        from hierarchy.train.models import L3_OUTPUT, VIEW_SCORE
+        from hierarchy.contracts.model import L3_OUTPUT, VIEW_SCORE
 
         out = self._cached(ms.head, images, cache)
         return (np.asarray(out[L3_OUTPUT], dtype=np.float64),
@@ -249,7 +249,7 @@ class BatchScorer:
         if ms.head is not None:  # refit, fusion: one model over a frozen trunk
             return np.asarray(self._predict(ms.head, images, cache), dtype=np.float64)
         if ms.strategy in ("multi", "hierarchical"):
-            from hierarchy.train.models import CONDITIONAL, L1_HEAD, L3_OUTPUT
+            from hierarchy.contracts.model import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
             out = self.components(images, cache)
             if ms.strategy == "multi":
@@ -296,10 +296,11 @@ def aggregate_of(plan: ScoringPlan) -> str:
 
 def score_partitions(plans: Dict[str, ScoringPlan]):
     """The function ``mapInPandas`` runs: an iterator of image batches (sorted by product
-    within the partition) -> an iterator of product rows (:data:`schema.SCORED_DDL` and
-    ``strategy``), one per product and strategy of ``plans``. Every model runs once per
-    picture whatever the number of strategies that read it (:meth:`BatchScorer._cached`);
-    each strategy's rows are the ones it gives scored alone."""
+    within the partition) -> an iterator of product rows
+    (:data:`hierarchy.contracts.predictions.SCORED_DDL` and ``strategy``), one per product and
+    strategy of ``plans``. Every model runs once per picture whatever the number of strategies
+    that read it (:meth:`BatchScorer._cached`); each strategy's rows are the ones it gives
+    scored alone."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         scorers = {name: BatchScorer(plan) for name, plan in plans.items()}
@@ -385,9 +386,9 @@ def _none(v):
 
 
 def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]:
-    """The predicted columns (:func:`schema.leaf_prediction`) and the decision
-    (:mod:`hierarchy.infer.decide`) of each product distribution: what the predictions table
-    holds and what the HTTP API answers, from the same code. With a fitted rule every column
+    """The predicted columns (:func:`hierarchy.contracts.predictions.leaf_prediction`) and the
+    decision (:mod:`hierarchy.infer.decide`) of each product distribution: what the predictions
+    table holds and what the HTTP API answers, from the same code. With a fitted rule every column
     comes from the distribution at the rule's temperature (the leaf ranking is unchanged)."""
     rule = plan.models.decision_rule()
     if rule is not None and len(probs):
@@ -401,7 +402,7 @@ def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]
     out = []
     for i in range(len(probs)):
         l1 = int(np.argmax(marg[i]))
-        out.append({**schema.leaf_prediction(tax, int(top_idx[i, 0]), top_p[i, 0],
+        out.append({**predictions.leaf_prediction(tax, int(top_idx[i, 0]), top_p[i, 0],
                                              cat_ids[top_idx[i]], top_p[i], l1, marg[i, l1]),
                     **decisions[i]})
     return out
@@ -425,7 +426,7 @@ def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
         return None
     scored = {int(pid): i for i, pid in enumerate(ids.tolist())}
     columns = predicted(plan, tax, probs)
-    fallback = schema.fallback_prediction(tax, plan.prior_category_id, plan.prior_share)
+    fallback = predictions.fallback_prediction(tax, plan.prior_category_id, plan.prior_share)
     records = []
     for pid in sorted(done):
         meta = seen.pop(pid)
@@ -435,6 +436,6 @@ def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
         else:
             row = {**columns[i], "image_count": meta.decoded, "fallback": False}
         records.append({"product_id": pid, **row, "bad_image_count": meta.bad,
-                        **dict(zip(schema.TRUTH, meta.truth))})
-    df = pd.DataFrame.from_records(records, columns=schema.SCORED_COLUMNS)
-    return df.astype(schema.PANDAS_DTYPES)
+                        **dict(zip(predictions.TRUTH, meta.truth))})
+    df = pd.DataFrame.from_records(records, columns=predictions.SCORED_COLUMNS)
+    return df.astype(predictions.PANDAS_DTYPES)

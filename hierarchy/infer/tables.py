@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
-from hierarchy import storage
-from hierarchy.errors import UsageError
+from hierarchy.contracts import storage
+from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.predictions import ADDED_COLUMNS, PARTITIONS, TABLE_COLUMNS
 from hierarchy.infer.modelset import PredictError
-from hierarchy.infer.schema import ADDED_COLUMNS, PARTITIONS, TABLE_COLUMNS
 from hierarchy.spark import sql_literal, sql_name
 
 
@@ -44,11 +44,6 @@ def _existing_location(spark, name: str) -> str:
     return ""
 
 
-def _same_place(a: str, b: str) -> bool:
-    strip = lambda u: u.replace("file://", "").replace("file:", "").rstrip("/")  # noqa: E731
-    return strip(a) == strip(b)
-
-
 def table_location(spark, catalog: dict) -> str:
     """Where the table's files are: the registered table's own location, else
     ``catalog.location``, else ``<database location>/<table>``. Refuses a table registered
@@ -62,7 +57,7 @@ def _placed(spark, catalog: dict) -> Tuple[str, bool]:
     existing = _existing_location(spark, name)
     wanted = storage.to_url(catalog["location"]) if catalog["location"] else ""
     storage.require_hadoop_path(wanted, "catalog.location")
-    if existing and wanted and not _same_place(existing, wanted):
+    if existing and wanted and not storage.same_location(existing, wanted):
         raise PredictError(
             f"table {name} lives at {existing}, but catalog.location is {wanted}: set "
             f"catalog.location={existing} (or empty), or name another table with "

@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import bson
 from bson.int64 import Int64
 
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.contracts.taxonomy import Taxonomy
 
 SOI = b"\xff\xd8\xff"
 EOI = b"\xff\xd9"

@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from hierarchy import storage
-from hierarchy.dataset import KIND_SPLITS, Dataset
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import KIND_SPLITS, Dataset
 from hierarchy.ingest import decode as dec
 
 RANGE_PART = r"part-(\d+)\.parquet$"
@@ -164,7 +164,7 @@ def drop_in_range(range_id: int, rows: Iterable[dict], staging: Dataset, kind: s
     """Step 2b, one task per affected range: drop the duplicates from its part files and
     write their quarantine rows. Returns the change to the manifest counts (the shape of a
     decode task's stats, with negative product/image counts)."""
-    from hierarchy.ingest.schema import QUARANTINE_FILE, images_key
+    from hierarchy.contracts.schema import QUARANTINE_FILE, images_key
     from hierarchy.ingest.writer import write_table
 
     rows = list(rows)

@@ -21,9 +21,9 @@ import time
 import uuid
 from typing import Iterator, Optional
 
-from hierarchy import storage
-from hierarchy.dataset import Dataset
-from hierarchy.errors import Refused
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import Dataset
+from hierarchy.contracts.errors import Refused
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,17 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from hierarchy import storage
-from hierarchy.dataset import KIND_SPLITS, SPLITS, Dataset
-from hierarchy.errors import Refused, UsageError
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import KIND_SPLITS, SPLITS, Dataset
+from hierarchy.contracts.errors import Refused, UsageError
+from hierarchy.contracts.schema import IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE, images_key
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest import decode as dec
 from hierarchy.ingest import duplicates, rawdoc
 from hierarchy.ingest.lock import check_unlocked, output_lock
 from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
-from hierarchy.ingest.schema import IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE, images_key
 from hierarchy.ingest.split import assign_splits
 from hierarchy.ingest.writer import PartWriter, write_table
-from hierarchy.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class IngestTask:
     end: int
     n_docs: int
     kind: str
-    splits: bytes      # one code per document: an index into hierarchy.dataset.SPLITS
+    splits: bytes      # one code per document: an index into hierarchy.contracts.dataset.SPLITS
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ def images_index(dataset: Dataset, kind: str, written: Dict[str, int]) -> Dict[s
     """The row-group count of every part file under images/ once this kind is committed:
     this ingest's from its writers, the other kind's kept from the index in place (a
     footer is read only for a file the index does not know)."""
-    from hierarchy.ingest.unischema import part_row_groups, read_row_groups
+    from hierarchy.contracts.schema import part_row_groups, read_row_groups
 
     mine = tuple(f"split={s}/" for s in KIND_SPLITS[kind])
     known = {k: n for k, n in read_row_groups(dataset.images()).items()
@@ -355,8 +355,8 @@ def images_index(dataset: Dataset, kind: str, written: Dict[str, int]) -> Dict[s
 
 def write_petastorm_metadata(dataset: Dataset, kind: str, written: Dict[str, int]) -> None:
     """images/_common_metadata: the Unischema and the row-group index Petastorm readers use
-    (:func:`hierarchy.ingest.unischema.write_metadata`), without a Spark job."""
-    from hierarchy.ingest.unischema import write_metadata
+    (:func:`hierarchy.contracts.schema.write_metadata`), without a Spark job."""
+    from hierarchy.contracts.schema import write_metadata
 
     write_metadata(dataset.images(), images_index(dataset, kind, written))
 
@@ -456,7 +456,9 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
         return process_range(task, ctx, _taxonomy(tax_b.value))
 
     # the commit's Petastorm (and pandas) imports, ~0.25 s, while the workers still start
-    import hierarchy.ingest.unischema  # noqa: F401
+    from hierarchy.contracts.schema import images_unischema
+
+    images_unischema()
     from hierarchy.spark import collect_with_progress, run_with_progress
 
     warmup_s = warm.join()

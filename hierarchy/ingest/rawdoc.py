@@ -24,8 +24,8 @@ from __future__ import annotations
 import struct
 from typing import List, Optional, Tuple
 
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest.decode import EOI, SOI, frame_pixels
-from hierarchy.taxonomy import Taxonomy
 
 _I32 = struct.Struct("<i").unpack_from
 _I64 = struct.Struct("<q").unpack_from

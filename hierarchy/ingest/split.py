@@ -12,7 +12,7 @@ import numpy as np
 
 from hierarchy.ingest.scan import NO_VALUE
 
-# split codes: indexes into hierarchy.dataset.SPLITS
+# split codes: indexes into hierarchy.contracts.dataset.SPLITS
 TRAIN, VAL, TEST = 0, 1, 2
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

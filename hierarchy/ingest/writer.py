@@ -1,9 +1,9 @@
 """Parquet part files written by the tasks themselves.
 
 Each task writes its own files with deterministic names (one per split and table per byte
-range), under a temporary name renamed on close (:func:`hierarchy.storage.atomic_output`): a
-retried or speculative task replaces its file instead of adding a second copy, and a killed
-task leaves no file a reader would pick up.
+range), under a temporary name renamed on close
+(:func:`hierarchy.contracts.storage.atomic_output`): a retried or speculative task replaces its
+file instead of adding a second copy, and a killed task leaves no file a reader would pick up.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hierarchy import storage
+from hierarchy.contracts import storage
 
 _md5 = hashlib.md5
 

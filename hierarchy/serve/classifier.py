@@ -23,10 +23,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.infer import decide
 from hierarchy.infer.modelset import PredictError, load_modelset, resolve_strategy
 from hierarchy.infer.scoring import BatchScorer, ScoringPlan, predicted, score_products
-from hierarchy.modelstore import ModelStore
 
 log = logging.getLogger(__name__)
 JPEG_MAGIC = b"\xff\xd8\xff"

@@ -19,7 +19,7 @@ import secrets
 from typing import Dict, Optional
 from urllib.parse import urlsplit
 
-from hierarchy.errors import Refused
+from hierarchy.contracts.errors import Refused
 
 TOKEN_HEADER = "x-review-token"
 # a team that wants a stable token (several reviewers behind one link) sets it here rather

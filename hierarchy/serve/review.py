@@ -13,7 +13,7 @@ categories; a reviewer marks a picture or a whole group keep / drop / relabel.
                                        serve.review_max_body_bytes, only queued pictures
 
 The queue is what ``hierarchy curate`` wrote to ``curation_report/review/``; decisions go to
-``reviews/`` (one new file per decision: :func:`hierarchy.curate.table.append_reviews`), which
+``reviews/`` (one new file per decision: :func:`hierarchy.contracts.curation.append_reviews`), which
 the next curate and every training read. A group decision is recorded for every member of the
 group, not only the pictures shown.
 """
@@ -28,10 +28,10 @@ from typing import Dict, List
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from hierarchy import storage
-from hierarchy.curate import table as ct
-from hierarchy.dataset import Dataset
-from hierarchy.errors import Refused
+from hierarchy.contracts import curation as ct
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import Dataset
+from hierarchy.contracts.errors import Refused
 from hierarchy.serve import guard
 
 STATIC = Path(__file__).resolve().parent / "static"

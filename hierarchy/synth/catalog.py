@@ -19,11 +19,11 @@ import bson
 import numpy as np
 from tqdm import tqdm
 
-from hierarchy import storage
+from hierarchy.contracts import storage
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.synth.images import FAST, HARD, DrawStyle, render_product
 from hierarchy.synth.plant import TRUTH, TRUTH_HEADER, Planter, Plants
 from hierarchy.synth.taxonomy import make_taxonomy
-from hierarchy.taxonomy import Taxonomy
 
 BLOCK = 256
 # Pictures per product: 1..4, mean 1.75 like the real train set (12.37M images / 7.07M products).

@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.contracts.taxonomy import Taxonomy
 
 # (level-1, level-2, leaves, lognormal sigma of level-2 per level-1, of leaves per level-2)
 SHAPES = {

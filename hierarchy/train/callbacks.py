@@ -8,8 +8,8 @@ import warnings
 
 import tensorflow as tf
 
-from hierarchy import storage
-from hierarchy.modelstore import Run
+from hierarchy.contracts import storage
+from hierarchy.contracts.modelstore import Run
 
 # HDF5 is chosen on purpose (see store.MODEL_FILE); Keras says it is legacy on every save
 warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")

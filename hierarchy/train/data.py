@@ -46,11 +46,11 @@ import numpy as np
 import tensorflow as tf
 
 import hierarchy.petastorm_fix  # noqa: F401 - one-pass readers could end with no rows
-from hierarchy import storage
-from hierarchy.dataset import Dataset, images_in
-from hierarchy.errors import Refused
-from hierarchy.taxonomy import Taxonomy
-from hierarchy.train.models import scale_01
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import Dataset, images_in
+from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.model import decode_scaled, resize_for_model, scale_01
+from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.train.spec import LABELS
 
 log = logging.getLogger(__name__)
@@ -389,7 +389,7 @@ def make_dataset(data: str, split: str, *, label: str, image_size: int, batch_si
                 them from memory, still reshuffled each pass. A small branch is otherwise
                 re-scanned over every row group of the split for each pass: 16 passes for
                 one batch of 32 from a branch of 2 pictures. 0: always stream.
-    exclusion   a :class:`hierarchy.curate.table.Exclusion`: its pictures are filtered out in
+    exclusion   a :class:`hierarchy.contracts.curation.Exclusion`: its pictures are filtered out in
                 the reader (on the key columns, before the JPEGs are loaded) and its relabels
                 replace the stored labels (a branch model gains the pictures relabelled into
                 its branch and loses those relabelled out).
@@ -565,7 +565,7 @@ def _curation_predicate(excluded: np.ndarray, relabel, branch: Optional[int]):
     import pandas as pd
     from petastorm.predicates import in_lambda
 
-    from hierarchy.curate.table import picture_key
+    from hierarchy.contracts.curation import picture_key
 
     def keep(l1, product_id, img_idx):
         key = picture_key(product_id.to_numpy(), img_idx.to_numpy())
@@ -587,7 +587,7 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, rela
         table = tf.constant(taxonomy.local_of_l3(), dtype=tf.int32)
     lookup = None
     if relabel is not None:
-        from hierarchy.curate.table import KEY_BITS
+        from hierarchy.contracts.curation import KEY_BITS
 
         lookup = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
             tf.constant(relabel[0]), tf.constant(relabel[1])), default_value=-1)
@@ -613,48 +613,6 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, rela
         return row.jpeg, y
 
     return record
-
-
-DCT_RATIOS = (1, 2, 4, 8)  # what libjpeg can scale by while it decodes (tf.io.decode_jpeg)
-
-
-def dct_ratio(height: int, width: int, min_side: float) -> int:
-    """The largest DCT scale factor whose output keeps the shorter side >= ``min_side``
-    (libjpeg's scaled size is ceil(side / ratio)); 1 when even half would be too small."""
-    short = min(height, width)
-    return max(r for r in DCT_RATIOS if r == 1 or -(-short // r) >= min_side)
-
-
-def decode_scaled(jpeg: tf.Tensor, min_side: float) -> tf.Tensor:
-    """Decode only the pixels the model will see: libjpeg's DCT-domain downscaling (1/2, 1/4,
-    1/8) as far as the shorter side stays >= ``min_side``. The inverse DCT and the colour
-    conversion then work on 1/4 (1/16, 1/64) of the pixels, and the resize that follows
-    reads a picture already close to the model's size (it also aliases less: the scaled IDCT
-    averages what a bilinear resize of the full picture would skip). uint8 out."""
-    short = tf.reduce_min(tf.image.extract_jpeg_shape(jpeg)[:2])
-    # ceil(short / r) >= min_side  <=>  short > r * (ceil(min_side) - 1), in integers; the
-    # condition is monotone in the ratio: the count of ratios that pass picks the largest.
-    # One comparison of a vector instead of a dozen scalar ops: run per picture, each op's
-    # fixed cost counts
-    above = tf.constant([r * (math.ceil(min_side) - 1) for r in DCT_RATIOS[1:]], tf.int32)
-    index = tf.reduce_sum(tf.cast(short > above, tf.int32))
-    return tf.switch_case(index, [
-        (lambda r=r: tf.io.decode_jpeg(jpeg, channels=3, ratio=r)) for r in DCT_RATIOS])
-
-
-def decode_for_model(jpeg: tf.Tensor, image_size: int, dct_scaling: bool = True) -> tf.Tensor:
-    """JPEG bytes -> float32 [S, S, 3] in [0, 255]: validation's input, and the predict
-    stage's (:mod:`hierarchy.infer.scoring` decodes the same way, so scores match)."""
-    image = decode_scaled(jpeg, image_size) if dct_scaling else \
-        tf.io.decode_jpeg(jpeg, channels=3)
-    return resize_for_model(image, image_size)
-
-
-def resize_for_model(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decoded uint8 picture -> float32 [S, S, 3] in [0, 255]: what validation feeds the model,
-    and what the predict stage feeds it too (the same function, so scores match)."""
-    return tf.ensure_shape(tf.image.resize(image, [image_size, image_size]),
-                           [image_size, image_size, 3])
 
 
 def _decode_fn(image_size: int, augmenting: bool, seed: int, dct_scaling: bool = True):

@@ -15,7 +15,7 @@
    model's level-3 head refit on its frozen features (a named step of the recipe, and the
    control for what the hierarchy adds). **fusion** trains a head on whole products
    (:mod:`hierarchy.train.fusion`).
-3. **One model.** Rank 0 copies the heads into :class:`~hierarchy.train.models.BranchExperts`
+3. **One model.** Rank 0 copies the heads into :class:`~hierarchy.train.cmodel.BranchExperts`
    on the source's trunk (:func:`~hierarchy.train.models.build_experts_model`: the source's
    heads too, what the ``hierarchical`` strategy reads from one trunk pass;
    :func:`~hierarchy.train.models.build_refit_model`; or
@@ -34,7 +34,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from hierarchy import modelstore, storage
+from hierarchy.contracts import model as cmodel
+from hierarchy.contracts import modelstore, storage
 from hierarchy.train.spec import TrainSpec
 
 Select = Callable[[np.ndarray], np.ndarray]  # product ids -> which rows to keep
@@ -223,7 +224,7 @@ def train_experts(spec: TrainSpec) -> dict:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from hierarchy.dataset import VAL, Dataset, images_in
+    from hierarchy.contracts.dataset import VAL, Dataset, images_in
     from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
     from hierarchy.train.gpu import pin_gpu
@@ -241,7 +242,7 @@ def train_experts(spec: TrainSpec) -> dict:
     manifest = dataset.require_complete(["train"])
     taxonomy = dataset.taxonomy()
     source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
-                                        custom_objects=tmodels.custom_objects(), compile=False)
+                                        custom_objects=cmodel.custom_objects(), compile=False)
     trunk = source.get_layer("backbone")
     groups = groups_of(spec.key)
     kernel, bias = tmodels.expert_source_rows(source, groups)
@@ -258,10 +259,10 @@ def train_experts(spec: TrainSpec) -> dict:
                 shutil.rmtree(old)
     barrier("clean")
     extracted = {}
-    from hierarchy.curate.table import Exclusion
+    from hierarchy.contracts.curation import Exclusion
 
     exclusion = Exclusion(spec.data, tcfg["exclude"])
-    preprocess = tmodels.preprocess_for(tcfg["backbone"])
+    preprocess = cmodel.preprocess_for(tcfg["backbone"])
     for split in ("train", VAL):
         if not images_in(manifest, split):
             continue
@@ -395,7 +396,7 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
     else:
         model = tmodels.build_experts_model(source, taxonomy, int(tcfg["expert_hidden"]),
                                             groups)
-    layer = model.get_layer(tmodels.EXPERTS_LAYER)
+    layer = model.get_layer(cmodel.EXPERTS_LAYER)
     per_branch, hits, hits0, seen = {}, 0.0, 0.0, 0
     for b in range(layer.n_groups):
         info = storage.read_json(os.path.join(heads_dir, f"{b}.json"), None)
@@ -403,9 +404,9 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
             continue
         with np.load(os.path.join(heads_dir, f"{b}.npz")) as z:
             weights = [z[f"arr_{i}"] for i in range(len(z.files))]
-        head = layer.head(b)
+        head = tmodels.expert_of(layer, b)
         head.set_weights(weights)
-        layer.set_branch(b, head)
+        tmodels.set_expert(layer, b, head)
         per_branch[str(b)] = info
         if info["val_images"] and info["val_accuracy"] is not None:
             hits += info["val_accuracy"] * info["val_images"]

@@ -13,10 +13,10 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hierarchy import modelstore, storage
-from hierarchy.dataset import TRAIN, Dataset, images_in
-from hierarchy.errors import Refused, UsageError
-from hierarchy.modelstore import ModelStore
+from hierarchy.contracts import modelstore, storage
+from hierarchy.contracts.dataset import TRAIN, Dataset, images_in
+from hierarchy.contracts.errors import Refused, UsageError
+from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)

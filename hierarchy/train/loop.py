@@ -13,7 +13,8 @@ import os
 import shutil
 import time
 
-from hierarchy import storage
+from hierarchy.contracts import model as cmodel
+from hierarchy.contracts import storage
 from hierarchy.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ def train_model(spec: TrainSpec) -> dict:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from hierarchy.curate.table import Exclusion
-    from hierarchy.dataset import VAL, Dataset, images_in
+    from hierarchy.contracts.curation import Exclusion
+    from hierarchy.contracts.dataset import VAL, Dataset, images_in
     from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
     from hierarchy.train.callbacks import (
@@ -108,7 +109,7 @@ def train_model(spec: TrainSpec) -> dict:
         # epochs logged after the last complete checkpoint are trained again: drop them
         history = {k: v[:initial_epoch] for k, v in history.items()}
         t0 = time.time()
-        preprocess = tmodels.preprocess_for(tcfg["backbone"])
+        preprocess = cmodel.preprocess_for(tcfg["backbone"])
         common = dict(label=label, image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
                       preprocess=preprocess, branch=branch, taxonomy=taxonomy, rank=rank,
                       world_size=size, reader_workers=tcfg["reader_workers"],

@@ -14,28 +14,32 @@ from typing import Callable, Optional, Union
 
 import tensorflow as tf
 
-from hierarchy.errors import Refused
+from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.model import (
+    CONDITIONAL,
+    EXPERTS_LAYER,
+    KERAS_APPS,
+    L1_HEAD,
+    L1_SUM,
+    L2_HEAD,
+    L2_SUM,
+    L3_OUTPUT,
+    VIEW_SCORE,
+    BranchCrossentropy,
+    BranchExperts,
+    BranchSoftmax,
+    KinshipCrossentropy,
+    NodeSum,
+    SmoothedSparseCrossentropy,
+    ViewPooling,
+    ViewScore,
+    check_backbone,
+    custom_objects,
+)
 
 WEIGHTS_KEY = "train.weights"
 
 
-@dataclass(frozen=True)
-class _App:
-    constructor: str  # tf.keras.applications.<constructor>
-    family: str  # tf.keras.applications.<family>.preprocess_input
-    weights_file: str  # Keras' no-top ImageNet weights file
-    min_size: int
-
-
-_APPS = {
-    "mobilenet_v2": _App("MobileNetV2", "mobilenet_v2",
-                         "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", 32),
-    "efficientnet_b0": _App("EfficientNetB0", "efficientnet", "efficientnetb0_notop.h5", 32),
-    "resnet50": _App("ResNet50", "resnet50",
-                     "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", 32),
-    "inception_v3": _App("InceptionV3", "inception_v3",
-                         "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", 75),
-}
 SMALL_CNN_MIN_SIZE = 32
 SMALL_CNN_FILTERS = (32, 48, 64, 128)  # ~117k parameters
 
@@ -57,7 +61,7 @@ def _small_cnn(image_size: int) -> tf.keras.Model:
 
 def _application(backbone: str) -> Callable[[int], tf.keras.Model]:
     def build(image_size: int) -> tf.keras.Model:
-        ctor = getattr(tf.keras.applications, _APPS[backbone].constructor)
+        ctor = getattr(tf.keras.applications, KERAS_APPS[backbone].constructor)
         # weights=None always: a download would hang or fail on a training node
         base = ctor(include_top=False, weights=None, input_shape=(image_size, image_size, 3),
                     pooling="avg")
@@ -71,7 +75,7 @@ def _application(backbone: str) -> Callable[[int], tf.keras.Model]:
 # name -> builder(image_size) of the no-top backbone sub-model (named "backbone", random init)
 BACKBONES: dict[str, Callable[[int], tf.keras.Model]] = {
     "small_cnn": _small_cnn,
-    **{name: _application(name) for name in _APPS},
+    **{name: _application(name) for name in KERAS_APPS},
 }
 
 
@@ -79,27 +83,22 @@ class WeightsUnavailable(Refused, RuntimeError):
     """Pretrained weights were asked for but no local file provides them."""
 
 
-def _check_backbone(backbone: str) -> None:
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; one of {', '.join(BACKBONES)}")
-
-
 def expected_weights_file(backbone: str) -> Optional[str]:
     """Keras' file name of the no-top ImageNet weights (None for small_cnn: it has none)."""
-    _check_backbone(backbone)
-    app = _APPS.get(backbone)
+    check_backbone(backbone)
+    app = KERAS_APPS.get(backbone)
     return app.weights_file if app else None
 
 
 def min_image_size(backbone: str) -> int:
-    _check_backbone(backbone)
-    app = _APPS.get(backbone)
+    check_backbone(backbone)
+    app = KERAS_APPS.get(backbone)
     return app.min_size if app else SMALL_CNN_MIN_SIZE
 
 
 def check_weights(backbone: str, weights: Optional[Union[str, os.PathLike]]) -> None:
     """Fail fast, before any model is built, when ``weights`` is not None or a local file."""
-    _check_backbone(backbone)
+    check_backbone(backbone)
     if weights is None:
         return
     if isinstance(weights, (str, os.PathLike)) and os.path.isfile(weights):
@@ -117,19 +116,6 @@ def check_weights(backbone: str, weights: Optional[Union[str, os.PathLike]]) -> 
         f"to download them. Copy Keras' no-top ImageNet file {expected} to shared storage "
         f"and set {WEIGHTS_KEY}=/path/to/{expected} (or {WEIGHTS_KEY}=null to start from "
         "random weights)")
-
-
-def preprocess_for(backbone: str) -> Callable[[tf.Tensor], tf.Tensor]:
-    """float32 pixels in [0, 255] -> what the backbone was trained on (pure TF ops)."""
-    _check_backbone(backbone)
-    if backbone == "small_cnn":
-        return scale_01
-    return getattr(tf.keras.applications, _APPS[backbone].family).preprocess_input
-
-
-def scale_01(x: tf.Tensor) -> tf.Tensor:
-    """[0, 255] -> [0, 1]: small_cnn's input, trained from scratch."""
-    return tf.cast(x, tf.float32) / 255.0
 
 
 def build_backbone(backbone: str, image_size: int,
@@ -243,7 +229,7 @@ def load_backbone(url: str) -> Backbone:
     """The backbone of the saved model at ``url``, read once per process and version of the
     file: a process that trains the branch models one after another (49 on the real
     catalog) otherwise rebuilt the whole level-1 model from its .h5 for each of them."""
-    from hierarchy import storage
+    from hierarchy.contracts import storage
 
     info = storage.file_info(url)
     key = (url, info.size, info.mtime_ns)
@@ -269,40 +255,6 @@ def enable_mixed_precision_if_gpu(policy: Union[str, bool] = "auto") -> str:
     return name
 
 
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class SmoothedSparseCrossentropy(tf.keras.losses.Loss):
-    """Sparse int labels with label smoothing (Keras 2.15's sparse loss has no smoothing)."""
-
-    def __init__(self, label_smoothing: float = 0.0, name: str = "smoothed_sparse_ce",
-                 **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.label_smoothing = float(label_smoothing)
-
-    def call(self, y_true, y_pred):
-        onehot = tf.one_hot(tf.cast(tf.reshape(y_true, [-1]), tf.int32), tf.shape(y_pred)[-1],
-                            dtype=y_pred.dtype)
-        return tf.keras.losses.categorical_crossentropy(
-            onehot, y_pred, label_smoothing=self.label_smoothing)
-
-    def get_config(self):
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
-
-
-def custom_objects() -> dict:
-    """For ``tf.keras.models.load_model`` (registration already covers ``.keras`` files)."""
-    return {"SmoothedSparseCrossentropy": SmoothedSparseCrossentropy,
-            "hierarchy>SmoothedSparseCrossentropy": SmoothedSparseCrossentropy,
-            "KinshipCrossentropy": KinshipCrossentropy,
-            "hierarchy>KinshipCrossentropy": KinshipCrossentropy,
-            "NodeSum": NodeSum, "hierarchy>NodeSum": NodeSum,
-            "BranchSoftmax": BranchSoftmax, "hierarchy>BranchSoftmax": BranchSoftmax,
-            "BranchCrossentropy": BranchCrossentropy,
-            "hierarchy>BranchCrossentropy": BranchCrossentropy,
-            "BranchExperts": BranchExperts, "hierarchy>BranchExperts": BranchExperts,
-            "ViewScore": ViewScore, "hierarchy>ViewScore": ViewScore,
-            "ViewPooling": ViewPooling, "hierarchy>ViewPooling": ViewPooling}
-
-
 def compile_model(model: tf.keras.Model, learning_rate: float, label_smoothing: float,
                   optimizer=None, jit_compile: bool = False) -> None:
     """Smoothed sparse cross-entropy, accuracy and top-5; Adam unless an optimizer is given;
@@ -318,14 +270,6 @@ def compile_model(model: tf.keras.Model, learning_rate: float, label_smoothing: 
 
 
 # ------------------------------------------------------------------------------ multi-level
-# Output names of a multi-level model. "probs" is the level-3 distribution, named as the flat
-# model's only output so that every scorer reads level 3 the same way; the others train it.
-L3_OUTPUT = "probs"
-L1_HEAD, L2_HEAD = "probs_l1", "probs_l2"        # heads of their own on the shared features
-L1_SUM, L2_SUM = "marginal_l1", "marginal_l2"    # the level-3 distribution summed per node
-CONDITIONAL = "conditional"    # P(l3 | its level-1 branch): one softmax per branch (experts)
-EXPERTS_LAYER = "branch_experts"  # an experts model's heads (their groups are in its config)
-MULTI_OUTPUTS = (L3_OUTPUT, L1_HEAD, L2_HEAD, L1_SUM, L2_SUM, CONDITIONAL)
 
 
 def level2_nodes(taxonomy) -> tuple:
@@ -336,77 +280,6 @@ def level2_nodes(taxonomy) -> tuple:
     pairs = taxonomy.l1_of_l3.astype(np.int64) * (taxonomy.n_l2 + 1) + taxonomy.l2_of_l3
     _, node = np.unique(pairs, return_inverse=True)
     return node.astype(np.int32), int(node.max()) + 1
-
-
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class BranchSoftmax(tf.keras.layers.Layer):
-    """[B, n_l3] logits -> P(l3 | branch of l3): a softmax inside each level-1 branch, so each
-    row sums to one per branch (to n_l1 in all). A head of per-branch experts on the shared
-    features, trained only to tell a branch's leaves apart (:class:`BranchCrossentropy`)."""
-
-    def __init__(self, groups, n_groups: int, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.groups = [int(g) for g in groups]
-        self.n_groups = int(n_groups)
-        self._groups = tf.constant(self.groups, tf.int32)
-
-    def call(self, logits):
-        z = tf.transpose(tf.cast(logits, tf.float32))                        # [n_l3, B]
-        top = tf.math.unsorted_segment_max(z, self._groups, self.n_groups)   # [n_l1, B]
-        e = tf.exp(z - tf.gather(top, self._groups))
-        total = tf.math.unsorted_segment_sum(e, self._groups, self.n_groups)
-        return tf.transpose(e / tf.gather(total, self._groups))
-
-    def get_config(self):
-        return {**super().get_config(), "groups": self.groups, "n_groups": self.n_groups}
-
-
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class BranchCrossentropy(tf.keras.losses.Loss):
-    """-log P(y | branch of y) of a :class:`BranchSoftmax` output, the target smoothed by
-    ``label_smoothing`` over the true branch's leaves only (the other branches' columns are
-    other softmaxes and take no part)."""
-
-    def __init__(self, l1_of_l3, label_smoothing: float = 0.0, name: str = "branch_ce",
-                 **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.l1_of_l3 = [int(v) for v in l1_of_l3]
-        self.label_smoothing = float(label_smoothing)
-        self._l1 = tf.constant(self.l1_of_l3, tf.int32)
-
-    def call(self, y_true, y_pred):
-        y = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-        same = tf.cast(tf.equal(tf.gather(self._l1, y)[:, None], self._l1[None, :]), tf.float32)
-        own = tf.one_hot(y, tf.shape(self._l1)[0], dtype=tf.float32)
-        eps = self.label_smoothing
-        target = (1.0 - eps) * own + eps * same / tf.reduce_sum(same, axis=1, keepdims=True)
-        logp = tf.math.log(tf.clip_by_value(tf.cast(y_pred, tf.float32), 1e-7, 1.0))
-        return -tf.reduce_sum(target * logp, axis=1)
-
-    def get_config(self):
-        return {**super().get_config(), "l1_of_l3": self.l1_of_l3,
-                "label_smoothing": self.label_smoothing}
-
-
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class NodeSum(tf.keras.layers.Layer):
-    """[B, n_l3] leaf probabilities -> [B, n_nodes]: each leaf's probability added into its
-    node. A layer without weights (a constant one-hot matmul), so no training phase can
-    unfreeze it, and its config — the node of each leaf — is all a saved model needs."""
-
-    def __init__(self, groups, n_groups: int, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.groups = [int(g) for g in groups]
-        self.n_groups = int(n_groups)
-        self._onehot = tf.one_hot(self.groups, self.n_groups, dtype=tf.float32)
-
-    def call(self, p):
-        return tf.matmul(tf.cast(p, tf.float32), self._onehot)
-
-    def get_config(self):
-        return {**super().get_config(), "groups": self.groups, "n_groups": self.n_groups}
 
 
 def build_multi_model(backbone: str, taxonomy, image_size: int,
@@ -435,41 +308,6 @@ def build_multi_model(backbone: str, taxonomy, image_size: int,
     return tf.keras.Model(inputs, [p3, p1, p2, s1, s2, cond], name=name)
 
 
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class KinshipCrossentropy(tf.keras.losses.Loss):
-    """Cross-entropy against hierarchy-aware smoothed targets: of the smoothing mass
-    ``epsilon``, siblings (same level-2 node) get more per leaf than cousins (same level 1),
-    cousins more than strangers. ``kinship`` is
-    :func:`hierarchy.infer.combine.kinship_smoothing`'s [n_l3, 4] table; the full [B, n_l3]
-    target rows are built per batch, never stored."""
-
-    def __init__(self, kinship, l1_of_l3, l2_node_of_l3, name: str = "kinship_ce", **kwargs):
-        super().__init__(name=name, **kwargs)
-        self.kinship = [[float(v) for v in row] for row in kinship]
-        self.l1_of_l3 = [int(v) for v in l1_of_l3]
-        self.l2_node_of_l3 = [int(v) for v in l2_node_of_l3]
-        self._k = tf.constant(self.kinship, tf.float32)
-        self._l1 = tf.constant(self.l1_of_l3, tf.int32)
-        self._l2 = tf.constant(self.l2_node_of_l3, tf.int32)
-
-    def targets(self, y_true):
-        y = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-        k = tf.gather(self._k, y)                                     # [B, 4]
-        same_l2 = tf.equal(tf.gather(self._l2, y)[:, None], self._l2[None, :])
-        same_l1 = tf.equal(tf.gather(self._l1, y)[:, None], self._l1[None, :])
-        rows = tf.where(same_l2, k[:, 1:2], tf.where(same_l1, k[:, 2:3], k[:, 3:4]))
-        own = tf.equal(y[:, None], tf.range(tf.shape(self._l1)[0])[None, :])
-        return tf.where(own, k[:, 0:1], rows)
-
-    def call(self, y_true, y_pred):
-        return tf.keras.losses.categorical_crossentropy(
-            self.targets(y_true), tf.cast(y_pred, tf.float32))
-
-    def get_config(self):
-        return {**super().get_config(), "kinship": self.kinship, "l1_of_l3": self.l1_of_l3,
-                "l2_node_of_l3": self.l2_node_of_l3}
-
-
 def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
                         label_smoothing: float, tcfg: dict, optimizer=None,
                         jit_compile: bool = False) -> None:
@@ -479,7 +317,7 @@ def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
     ``multi_conditional_weight``. With ``kinship_smoothing`` level 3's smoothing mass goes
     mostly to siblings (``kinship_shares``): milder mistakes, but on the hard preset it cost
     ~5 points of level-3 accuracy, so it is off by default (plain smoothing)."""
-    from hierarchy.infer.combine import kinship_smoothing
+    from hierarchy.train.targets import kinship_smoothing
 
     node, _ = level2_nodes(taxonomy)
     if tcfg["kinship_smoothing"]:
@@ -557,92 +395,6 @@ def expert_head(kernel, bias, hidden: int, dropout: float, name: str = "expert")
     return tf.keras.Model(inputs, outputs, name=name)
 
 
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class BranchExperts(tf.keras.layers.Layer):
-    """features [B, D] -> leaf logits [B, n_l3]: every level-1 branch's :func:`expert_head`
-    (before its softmax) in one layer, so one trunk pass feeds all of them. Leaves keep the
-    taxonomy's order; a :class:`BranchSoftmax` after it makes each branch a distribution.
-    The residual MLPs run branch by branch: a [B, branches, leaves] product would not fit at
-    5270 leaves."""
-
-    def __init__(self, groups, n_groups: int, hidden: int, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        import numpy as np
-
-        self.groups = [int(g) for g in groups]
-        self.n_groups = int(n_groups)
-        self.hidden = int(hidden)
-        g = np.asarray(self.groups)
-        self._members = [np.flatnonzero(g == b) for b in range(self.n_groups)]
-        # residual logits are made branch after branch: this gather puts them back in leaf order
-        self._order = np.argsort(np.concatenate(self._members), kind="stable").astype(np.int32)
-
-    def build(self, input_shape):
-        d, n = int(input_shape[-1]), len(self.groups)
-        self.kernel = self.add_weight(name="kernel", shape=(d, n), initializer="zeros")
-        self.bias = self.add_weight(name="bias", shape=(n,), initializer="zeros")
-        if self.hidden:
-            self.hidden_kernel = self.add_weight(name="hidden_kernel",
-                                                 shape=(self.n_groups, d, self.hidden),
-                                                 initializer="zeros")
-            self.hidden_bias = self.add_weight(name="hidden_bias",
-                                               shape=(self.n_groups, self.hidden),
-                                               initializer="zeros")
-            self.residual_kernel = self.add_weight(name="residual_kernel",
-                                                   shape=(self.hidden, n), initializer="zeros")
-            self.residual_bias = self.add_weight(name="residual_bias", shape=(n,),
-                                                 initializer="zeros")
-        super().build(input_shape)
-
-    def call(self, x):
-        x = tf.cast(x, tf.float32)
-        logits = tf.matmul(x, self.kernel) + self.bias
-        if self.hidden:
-            parts = []
-            for b, members in enumerate(self._members):
-                if len(members):
-                    h = tf.nn.relu(tf.matmul(x, self.hidden_kernel[b]) + self.hidden_bias[b])
-                    parts.append(tf.matmul(h, tf.gather(self.residual_kernel, members, axis=1)))
-            logits += tf.gather(tf.concat(parts, axis=1), self._order, axis=1) + \
-                self.residual_bias
-        return logits
-
-    def set_branch(self, branch: int, head: tf.keras.Model) -> None:
-        """Copy one trained :func:`expert_head` into the branch's slice of the weights."""
-        members = self._members[branch]
-        kernel, bias = (v.numpy() for v in (self.kernel, self.bias))
-        w, c = head.get_layer("linear").get_weights()
-        kernel[:, members], bias[members] = w, c
-        self.kernel.assign(kernel)
-        self.bias.assign(bias)
-        if self.hidden:
-            hk, hb = head.get_layer("hidden").get_weights()
-            rk, rb = head.get_layer("residual").get_weights()
-            self.hidden_kernel[branch].assign(hk)
-            self.hidden_bias[branch].assign(hb)
-            res_k, res_b = self.residual_kernel.numpy(), self.residual_bias.numpy()
-            res_k[:, members], res_b[members] = rk, rb
-            self.residual_kernel.assign(res_k)
-            self.residual_bias.assign(res_b)
-
-    def head(self, branch: int, dropout: float = 0.0) -> tf.keras.Model:
-        """The branch's expert as a stand-alone :func:`expert_head` (its current weights)."""
-        members = self._members[branch]
-        model = expert_head(self.kernel.numpy()[:, members], self.bias.numpy()[members],
-                            self.hidden, dropout, name=f"expert_{branch}")
-        if self.hidden:
-            model.get_layer("hidden").set_weights([self.hidden_kernel[branch].numpy(),
-                                                   self.hidden_bias[branch].numpy()])
-            model.get_layer("residual").set_weights([
-                self.residual_kernel.numpy()[:, members], self.residual_bias.numpy()[members]])
-        return model
-
-    def get_config(self):
-        return {**super().get_config(), "groups": self.groups, "n_groups": self.n_groups,
-                "hidden": self.hidden}
-
-
 EXPERT_GROUPS = ("branch", "all")
 
 
@@ -658,6 +410,41 @@ def expert_groups(taxonomy, kind: str):
     if kind == "all":
         return np.zeros(taxonomy.n_l3, np.int32), 1
     raise ValueError(f"expert groups {kind!r}: one of {', '.join(EXPERT_GROUPS)}")
+
+
+def set_expert(layer: BranchExperts, branch: int, head: tf.keras.Model) -> None:
+    """Copy one trained :func:`expert_head` into the branch's slice of a
+    :class:`~hierarchy.contracts.model.BranchExperts` layer's weights."""
+    members = layer.members[branch]
+    kernel, bias = (v.numpy() for v in (layer.kernel, layer.bias))
+    w, c = head.get_layer("linear").get_weights()
+    kernel[:, members], bias[members] = w, c
+    layer.kernel.assign(kernel)
+    layer.bias.assign(bias)
+    if layer.hidden:
+        hk, hb = head.get_layer("hidden").get_weights()
+        rk, rb = head.get_layer("residual").get_weights()
+        layer.hidden_kernel[branch].assign(hk)
+        layer.hidden_bias[branch].assign(hb)
+        res_k, res_b = layer.residual_kernel.numpy(), layer.residual_bias.numpy()
+        res_k[:, members], res_b[members] = rk, rb
+        layer.residual_kernel.assign(res_k)
+        layer.residual_bias.assign(res_b)
+
+
+def expert_of(layer: BranchExperts, branch: int, dropout: float = 0.0) -> tf.keras.Model:
+    """A branch's expert in a :class:`~hierarchy.contracts.model.BranchExperts` layer as a
+    stand-alone :func:`expert_head` (its current weights)."""
+    members = layer.members[branch]
+    model = expert_head(layer.kernel.numpy()[:, members], layer.bias.numpy()[members],
+                        layer.hidden, dropout, name=f"expert_{branch}")
+    if layer.hidden:
+        model.get_layer("hidden").set_weights([layer.hidden_kernel[branch].numpy(),
+                                               layer.hidden_bias[branch].numpy()])
+        model.get_layer("residual").set_weights([
+            layer.residual_kernel.numpy()[:, members], layer.residual_bias.numpy()[members]])
+    return model
+
 
 
 def build_experts_model(source: tf.keras.Model, taxonomy, hidden: int, groups: str = "branch",
@@ -688,7 +475,7 @@ def build_experts_model(source: tf.keras.Model, taxonomy, hidden: int, groups: s
 
 def build_refit_model(source: tf.keras.Model, hidden: int, name: str = "refit") -> tf.keras.Model:
     """The source's trunk with one :class:`BranchExperts` group over every leaf, from the
-    source's level-3 rows (the trained head is copied in by :meth:`BranchExperts.set_branch`):
+    source's level-3 rows (the trained head is copied in by :func:`set_expert`):
     ``--mode refit``'s model, whose only output, ``probs``, is read as a flat model's is."""
     kernel, bias = expert_source_rows(source, "all")
     inputs = tf.keras.Input(source.input_shape[1:], dtype="float32", name="image")
@@ -701,42 +488,6 @@ def build_refit_model(source: tf.keras.Model, hidden: int, name: str = "refit") 
 
 
 # ------------------------------------------------------------------------------ fusion
-VIEW_SCORE = "view_score"  # a fusion model's second output: the log-weight of each picture
-SCORE_BOUND = 8.0          # |view score| < this: exp() of it is safe in any dtype
-
-
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class ViewScore(tf.keras.layers.Layer):
-    """[N, 1] -> [N]: ``SCORE_BOUND * tanh(s / SCORE_BOUND)``, a log-weight kept in range so
-    that the products' accumulators add ``exp()`` of it without an overflow guard."""
-
-    def call(self, s):
-        return SCORE_BOUND * tf.tanh(tf.squeeze(tf.cast(s, tf.float32), -1) / SCORE_BOUND)
-
-
-@tf.keras.utils.register_keras_serializable(package="hierarchy")
-class ViewPooling(tf.keras.layers.Layer):
-    """(per-picture probs [B*V, C], view scores [B*V], mask [B, V]) -> product probs [B, C]:
-    the softmax of the view-weighted mean of ``log(max(p, eps))``, weights the softmax of the
-    scores over a product's present pictures. The same arithmetic as
-    :class:`hierarchy.infer.combine.ProductAccumulator` with weights ``exp(score)``, so the
-    product a head is trained on is the product predict answers."""
-
-    def __init__(self, eps: float = 1e-7, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.eps = float(eps)
-
-    def call(self, probs, scores, mask):
-        shape = tf.shape(mask)
-        logp = tf.math.log(tf.maximum(tf.cast(probs, tf.float32), self.eps))
-        logp = tf.reshape(logp, [shape[0], shape[1], -1])
-        s = tf.where(mask, tf.reshape(scores, shape), tf.fill(shape, -1e9))
-        w = tf.nn.softmax(s, axis=1)
-        return tf.nn.softmax(tf.reduce_sum(w[:, :, None] * logp, axis=1), axis=-1)
-
-    def get_config(self):
-        return {**super().get_config(), "eps": self.eps}
 
 
 def fusion_view_head(kernel, bias, hidden: int, dropout: float, score_hidden: int,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from hierarchy import modelstore
+from hierarchy.contracts import modelstore
 
 LABELS = ("l1", "l3", "branch", "levels", "experts")
 

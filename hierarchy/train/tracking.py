@@ -1,14 +1,14 @@
 """Experiment tracking with MLflow: every trained model is a run with its parameters, metrics
 per epoch and artifacts, so experiments are compared in MLflow, not in a spreadsheet. The
 default is a file store under ``<models>/mlruns`` (``mlflow ui --backend-store-uri`` on it,
-see :attr:`hierarchy.modelstore.ModelStore.mlruns`); ``train.tracking_uri`` points at a
+see :attr:`hierarchy.contracts.modelstore.ModelStore.mlruns`); ``train.tracking_uri`` points at a
 tracking server instead."""
 
 from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from hierarchy import storage
+from hierarchy.contracts import storage
 
 
 def _flat(prefix: str, obj, out: dict) -> dict:

@@ -8,7 +8,7 @@
   taxonomy.json                                 the category table it was ingested with
   manifest.json                                 inputs, counts, status per kind
   curation/split=*/part-*.parquet               hierarchy curate: flags per picture, and
-  reviews/part-*.parquet                        review decisions (hierarchy.curate.table)
+  reviews/part-*.parquet                        review decisions (hierarchy.contracts.curation)
   curation_report/                              curate's report and review queue
   _staging/<kind>-<token>/                      an ingest in progress (same layout)
   _ingest.lock                                  the ingest holding the folder
@@ -19,7 +19,8 @@ train and val splits, a test dump the test split. A kind is marked ``committing`
 manifest before its partitions are swapped in and ``complete`` after, so an interrupted commit
 is never mistaken for a finished dataset (:meth:`Dataset.require_complete`).
 
-Every path goes through :mod:`hierarchy.storage`, so a dataset on HDFS or S3 is the same code.
+Every path goes through :mod:`hierarchy.contracts.storage`, so a dataset on HDFS or S3 is the
+same code.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from hierarchy import storage
-from hierarchy.errors import Refused
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.contracts import storage
+from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.taxonomy import Taxonomy
 
 TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)           # a split's code in an ingest plan is its index here

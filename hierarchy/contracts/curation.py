@@ -26,8 +26,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from hierarchy import storage
-from hierarchy.dataset import Dataset
+from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import Dataset
 
 CURATION, REVIEWS, REPORT = "curation", "reviews", "curation_report"
 FLAGS = ("blank", "placeholder", "duplicate", "near_duplicate", "conflicting_labels", "leakage")

@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import yaml
 
-from hierarchy.errors import UsageError
+from hierarchy.contracts import storage
+from hierarchy.contracts.errors import UsageError
 
 # The default ships inside the package (a wheel on a cluster node has no source tree, and a
 # --py-files zip has no folders at all: read as a package resource); conf/local.yaml in a
@@ -353,13 +354,9 @@ def data_root(configured: str) -> str:
     """The project data root: ``paths.root``, else $HIERARCHY_HOME, else ~/hierarchy. A
     relative root (given on a command line) is the shell's; the result is absolute or a URL."""
     root = configured or os.environ.get(HOME_VARIABLE) or "~/hierarchy"
-    if "://" in root:
+    if storage.is_url(root):
         return root.rstrip("/")
     return os.path.abspath(os.path.expanduser(root))
-
-
-def _is_location(value: str) -> bool:
-    return "://" in value or value.startswith("jdbc:") or os.path.isabs(value)
 
 
 def _resolve_paths(cfg: dict) -> None:
@@ -368,7 +365,7 @@ def _resolve_paths(cfg: dict) -> None:
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = cfg[section][name]
-        if isinstance(value, str) and value and not _is_location(value):
+        if isinstance(value, str) and value and not storage.is_location(value):
             value = os.path.expanduser(value)
             cfg[section][name] = value if os.path.isabs(value) else f"{root}/{value}"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
-from hierarchy.taxonomy import Taxonomy
+from hierarchy.contracts.taxonomy import Taxonomy
 
 PARTITIONS = ("run_id", "split", "strategy")
 

@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from hierarchy.errors import UsageError
+from hierarchy.contracts.errors import UsageError
 
 COLUMNS = ("category_id", "category_level1", "category_level2", "category_level3")
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from hierarchy.errors import UsageError
+from hierarchy.contracts.errors import UsageError
 
 _MISSING = object()
 
@@ -34,6 +34,26 @@ _MISSING = object()
 def is_remote(url: str) -> bool:
     """True for a URL whose filesystem is not this machine's (``hdfs://``, ``s3://``...)."""
     return "://" in url and not url.startswith("file://")
+
+
+def is_url(value: str) -> bool:
+    """True for a location with a scheme (``file:///d``, ``hdfs://nn/d``), False for a path."""
+    return "://" in value
+
+
+def is_location(value: str) -> bool:
+    """A URL, a JDBC URL or an absolute path: a value that names its place on its own (a
+    relative one is resolved against the data root)."""
+    return is_url(value) or value.startswith("jdbc:") or os.path.isabs(value)
+
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two spellings name one local folder: Hadoop's ``file:/d``, ``file:///d/`` and
+    ``/d`` are the same place."""
+    def plain(u: str) -> str:
+        return u.replace("file://", "").replace("file:", "").rstrip("/")
+
+    return plain(a) == plain(b)
 
 
 def resolve(url: str) -> Tuple[pafs.FileSystem, str]:

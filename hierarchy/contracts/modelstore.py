@@ -28,7 +28,7 @@ A model is named by its *key*: ``level1``, ``flat``, ``multi``, ``experts``, ``r
 ``fusion`` or ``branch/<l1 id>``. Keras
 writes models with plain file I/O, so training needs the store on a filesystem every worker
 sees (local disk, NFS, a mounted bucket); prediction also reads models from HDFS/S3 URLs
-(copied locally once per worker). Everything else goes through :mod:`hierarchy.storage`.
+(copied locally once per worker). Everything else goes through :mod:`hierarchy.contracts.storage`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from hierarchy import storage
-from hierarchy.errors import Refused, UsageError
+from hierarchy.contracts import storage
+from hierarchy.contracts.errors import Refused, UsageError
 
 LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
 EXPERTS, REFIT, FUSION = "experts", "refit", "fusion"
@@ -242,7 +242,7 @@ class Run:
     def taxonomy(self):
         """The run's category table: its own copy, else its dataset's (runs trained before
         the copy was kept). RunMismatch when neither exists or it is not the run's."""
-        from hierarchy.taxonomy import Taxonomy
+        from hierarchy.contracts.taxonomy import Taxonomy
 
         recorded = self.read()
         own = storage.join(self.path, TAXONOMY_FILE)
