@@ -131,3 +131,19 @@ def test_the_check_sees_what_it_looks_for():
     assert not list(_scheme_or_rename_uses(ast.parse(
         "def g(u):\n    u.startswith('jdbc:')\n"
         "    return f'jdbc:postgresql://{u}' + u.replace('a', 'b')\n")))
+
+
+def test_only_the_contracts_swap_folders_in():
+    # a commit (a staged folder swapped in) is spelled by the contract that owns the folder
+    # (Dataset.stage / replacing, storage.single_part_file), never by a stage's own calls
+    found = []
+    for path, tree in _modules("hierarchy", "jobs"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("hierarchy/contracts/"):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    isinstance(node.func.value, ast.Name) and node.func.value.id == "storage" \
+                    and node.func.attr in ("replace", "move", "staged_folder"):
+                found.append(f"{rel}:{node.lineno}: storage.{node.func.attr}")
+    assert not found, "\n".join(found)

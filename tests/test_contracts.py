@@ -48,6 +48,43 @@ def test_manifest_commit_protocol(tmp_path):
     assert ds.taxonomy().fingerprint == TAX.fingerprint
 
 
+def test_a_dataset_table_is_replaced_whole_or_not_at_all(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    table = ds.path("curation")
+    storage.write_text_atomic(storage.join(table, "old.parquet"), "old")
+    with pytest.raises(RuntimeError, match="half way"):
+        with ds.replacing(table) as staged:
+            storage.write_text_atomic(storage.join(staged, "new.parquet"), "new")
+            raise RuntimeError("half way")
+    assert [n for n, _, _ in storage.list_dir(table)] == ["old.parquet"]
+    assert not storage.exists(ds.staging().root)  # nothing staged is left
+    with ds.replacing(table) as staged:
+        storage.write_text_atomic(storage.join(staged, "new.parquet"), "new")
+    assert [n for n, _, _ in storage.list_dir(table)] == ["new.parquet"]
+    assert not storage.exists(ds.staging().root)
+    with pytest.raises(KeyError):
+        with ds.scratch("curate") as scratch:
+            storage.write_text_atomic(scratch.path("hashes", "h.parquet"), "h")
+            raise KeyError("stop")
+    assert storage.list_dir(ds.staging().root) == []
+
+
+def test_a_single_part_spark_output_becomes_one_file(tmp_path):
+    dest = str(tmp_path / "out" / "submission.csv")
+    staging = str(tmp_path / "out" / "_staging-submission-x")
+    with storage.single_part_file(dest, staging) as folder:
+        storage.write_text_atomic(storage.join(folder, "part-00000.csv"), "_id,category_id\n")
+        storage.write_text_atomic(storage.join(folder, "_SUCCESS"), "")
+    assert storage.read_text(dest) == "_id,category_id\n" and not storage.exists(staging)
+    from hierarchy.contracts.errors import Refused
+
+    with pytest.raises(Refused, match="expected one part file, found 2"):
+        with storage.single_part_file(dest, staging) as folder:
+            for i in range(2):
+                storage.write_text_atomic(storage.join(folder, f"part-{i}.csv"), "x")
+    assert storage.read_text(dest) == "_id,category_id\n" and not storage.exists(staging)
+
+
 def test_model_store_layout_and_run_record(tmp_path):
     run = ModelStore(str(tmp_path)).run("r1")
     assert run.model_file("branch/3") == f"{tmp_path}/r1/branch/3/model.h5"

@@ -187,14 +187,14 @@ def test_a_different_taxonomy_is_refused(spark, cfg, real_bson, real_categories,
 def test_interrupted_commit_is_not_mistaken_for_complete(spark, cfg, real_bson,
                                                          real_categories, tmp_path,
                                                          monkeypatch):
-    from hierarchy.ingest import pipeline
+    from hierarchy.contracts import dataset
 
     out = tmp_path / "ds"
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed during commit")
 
-    monkeypatch.setattr(pipeline, "write_petastorm_metadata", crash)
+    monkeypatch.setattr(dataset, "write_metadata", crash)
     with pytest.raises(KeyboardInterrupt):
         ingest(spark, cfg, [real_bson], real_categories, out)
     with pytest.raises(DatasetNotReady, match="the train ingest is committing, not complete"):

@@ -10,7 +10,7 @@
   curation/split=*/part-*.parquet               hierarchy curate: flags per picture, and
   reviews/part-*.parquet                        review decisions (hierarchy.contracts.curation)
   curation_report/                              curate's report and review queue
-  _staging/<kind>-<token>/                      an ingest in progress (same layout)
+  _staging/<kind>-<token>/                      an ingest in progress (Dataset.stage)
   _ingest.lock                                  the ingest holding the folder
 ```
 
@@ -25,12 +25,16 @@ same code.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import time
+import uuid
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from hierarchy.contracts import storage
 from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.schema import images_key, part_row_groups, read_row_groups, write_metadata
 from hierarchy.contracts.taxonomy import Taxonomy
 
 TRAIN, VAL, TEST = "train", "val", "test"
@@ -205,6 +209,54 @@ class Dataset:
                                      f"{want[folder]} (a part missing, damaged or added) — "
                                      f"{repair}")
 
+    # ---------------------------------------------------------------- commit
+    def stage(self, kind: str) -> StagedKind:
+        """A new staging folder for an ingest of ``kind``, what an earlier one of the kind
+        left there removed: the ingest writes its parts into it, then commits it whole."""
+        for name, location, _ in storage.list_dir(self.staging().root):
+            if name.startswith(f"{kind}-"):
+                storage.remove(location)
+        return StagedKind(self, kind, self.staging(f"{kind}-{uuid.uuid4().hex[:12]}"))
+
+    @contextlib.contextmanager
+    def scratch(self, job: str) -> Iterator[Dataset]:
+        """A private folder under ``_staging/`` for a job's intermediate files, removed when
+        the block ends, whatever happens."""
+        scratch = self.staging(f"{job}-{uuid.uuid4().hex[:12]}")
+        try:
+            yield scratch
+        finally:
+            storage.remove(scratch.root)
+
+    @contextlib.contextmanager
+    def replacing(self, folder: str) -> Iterator[str]:
+        """Rewrite a whole table of the dataset (``curation/``): yields a staging folder to
+        write it in; when the block ends without an error the new table replaces ``folder``
+        in one step, else ``folder`` is left as it was and nothing staged remains."""
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        staging = self.staging(f"{name}-{uuid.uuid4().hex[:12]}").root
+        try:
+            with storage.staged_folder(folder, staging) as staged:
+                yield staged
+        finally:
+            if not storage.list_dir(self.staging().root):
+                storage.remove(self.staging().root)
+
+    def images_index(self, kind: str, written: Dict[str, int]) -> Dict[str, int]:
+        """The row-group count of every part file under images/ once ``kind`` is committed:
+        the kind's own from its writers (``written``), the other kind's kept from the index
+        in place (a footer is read only for a file the index does not know)."""
+        mine = tuple(f"split={s}/" for s in KIND_SPLITS[kind])
+        known = {k: n for k, n in read_row_groups(self.images()).items()
+                 if not k.startswith(mine)}
+        known.update(written)
+        present = [images_key(split, name)
+                   for split in SPLITS for name, _, is_file in storage.list_dir(
+                       self.images(split)) if is_file and name.endswith(".parquet")]
+        unknown = [k for k in present if k not in known]
+        known.update(part_row_groups(self.images(), unknown))
+        return {k: known[k] for k in present}
+
     def begin_kind(self, manifest: dict, kind: str, taxonomy: Taxonomy) -> None:
         manifest["kinds"][kind] = {"status": "committing", "started": _now()}
         self._write_manifest(manifest, taxonomy)
@@ -225,6 +277,49 @@ class Dataset:
         manifest["splits"] = dict(sorted(splits.items()))
         manifest["updated"] = _now()
         storage.write_json_atomic(self.manifest_path, manifest)
+
+
+@dataclass
+class StagedKind:
+    """One kind's ingest output, staged beside the dataset (``staging``: the same layout).
+    :meth:`commit` swaps its partitions in and :meth:`record` marks the kind complete; until
+    then readers see the dataset as it was, and an interrupted commit leaves the kind
+    ``committing``, which no reader takes for finished. A refused ingest leaves the staging
+    folder in place (its quarantine says what was wrong) for the next :meth:`Dataset.stage`
+    of the kind to remove."""
+
+    dataset: Dataset
+    kind: str
+    staging: Dataset
+    _manifest: Optional[dict] = None
+    _taxonomy: Optional[Taxonomy] = None
+
+    def commit(self, taxonomy: Taxonomy, row_groups: Dict[str, int]) -> float:
+        """The kind marked ``committing``, its staged partitions swapped in, Petastorm's
+        ``images/_common_metadata`` (from ``row_groups``, the writers' counts per part) and
+        the taxonomy written, the staging folder removed. Returns the metadata's seconds."""
+        ds, kind = self.dataset, self.kind
+        self._manifest, self._taxonomy = ds.manifest(), taxonomy
+        ds.begin_kind(self._manifest, kind, taxonomy)
+        for split in KIND_SPLITS[kind]:
+            storage.replace(self.staging.images(split), ds.images(split))
+        storage.replace(self.staging.products(kind), ds.products(kind))
+        storage.replace(self.staging.quarantine(kind), ds.quarantine(kind))
+        t0 = time.perf_counter()
+        if storage.exists(ds.images()):
+            write_metadata(ds.images(), ds.images_index(kind, row_groups))
+        metadata_s = time.perf_counter() - t0
+        ds.write_taxonomy(taxonomy)
+        storage.remove(self.staging.root)
+        if not storage.list_dir(ds.staging().root):
+            storage.remove(ds.staging().root)
+        return metadata_s
+
+    def record(self, entry: dict) -> None:
+        """The kind's manifest entry, ``complete``: readers take the kind from here on."""
+        if self._manifest is None:
+            raise RuntimeError(f"{self.staging.root}: record() before commit()")
+        self.dataset.finish_kind(self._manifest, self.kind, entry, self._taxonomy)
 
 
 def _parquet_parts(folder: str) -> Dict[str, str]:

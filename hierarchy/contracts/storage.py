@@ -25,7 +25,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.errors import Refused, UsageError
 
 _MISSING = object()
 
@@ -186,6 +186,35 @@ def replace(src: str, dst: str) -> None:
     remove(dst)
     if exists(src):
         move(src, dst)
+
+
+@contextlib.contextmanager
+def staged_folder(destination: str, staging: str) -> Iterator[str]:
+    """Write a whole folder at ``staging`` (yielded): when the block ends without an error
+    it replaces ``destination`` in one step; on an error it is removed and ``destination``
+    is left as it was."""
+    try:
+        yield staging
+    except BaseException:
+        remove(staging)
+        raise
+    replace(staging, destination)
+
+
+@contextlib.contextmanager
+def single_part_file(destination: str, staging: str) -> Iterator[str]:
+    """For a Spark writer of one partition: it writes the folder ``staging`` (yielded); when
+    the block ends, that folder's one ``part-*`` file becomes ``destination`` by a rename (a
+    reader never sees half a file; HDFS cannot rename onto a file, so the old one goes
+    first) and the folder is removed, on an error too."""
+    try:
+        yield staging
+        parts = [loc for name, loc, _ in list_dir(staging) if name.startswith("part-")]
+        if len(parts) != 1:
+            raise Refused(f"{staging}: expected one part file, found {len(parts)}")
+        replace(parts[0], destination)
+    finally:
+        remove(staging)
 
 
 # ------------------------------------------------------------------ reading

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
@@ -237,9 +236,7 @@ def run_curate(spark, cfg, data: str) -> dict:
     timings = {}
     t0 = time.perf_counter()
     ds = Dataset(data)
-    token = uuid.uuid4().hex[:12]
-    staging = ds.staging(f"curate-{token}")
-    try:
+    with ds.scratch("curate") as staging:
         hashed_path = staging.path("hashes")
         extract(spark, data).write.parquet(storage.to_url(hashed_path))
         pics = spark.read.parquet(storage.to_url(hashed_path))
@@ -259,12 +256,11 @@ def run_curate(spark, cfg, data: str) -> dict:
         if storage.list_files(ct.reviews_path(data), ".parquet"):
             reviews = spark.read.parquet(storage.to_url(ct.reviews_path(data)))
         rows = flag(pics, labels, reviews, ccfg)
-        staged = staging.path(ct.CURATION)
-        rows.write.partitionBy("split").parquet(storage.to_url(staged))
+        with ds.replacing(ct.curation_path(data)) as staged:
+            rows.write.partitionBy("split").parquet(storage.to_url(staged))
         timings["flag"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        storage.replace(staged, ct.curation_path(data))
         table = spark.read.parquet(storage.to_url(ct.curation_path(data)))
         counts = table.agg(F.count("*").alias("pictures"),
                            F.sum(F.col("hash_error").isNotNull().cast("int")).alias("undecodable"),
@@ -283,8 +279,6 @@ def run_curate(spark, cfg, data: str) -> dict:
         report_dir = ct.report_path(data)
         review_queue(spark, table, data, ccfg, storage.join(report_dir, "review"))
         timings["write"] = time.perf_counter() - t
-    finally:
-        storage.remove(staging.root)
 
     from hierarchy.curate.report import write_report
 

@@ -228,12 +228,6 @@ def write_submission(sub, output: str, gzip: bool) -> str:
                  .write.option("header", True))
     if gzip:
         writer = writer.option("compression", "gzip")
-    writer.csv(storage.to_url(staging))
-    parts = [loc for name_, loc, _ in storage.list_dir(staging) if name_.startswith("part-")]
-    if len(parts) != 1:
-        raise PredictError(f"{staging}: expected one CSV part, found {len(parts)}")
-    # a rename: a reader never sees a half-written file (HDFS cannot rename onto a file,
-    # so the old one is removed first)
-    storage.replace(parts[0], storage.join(output, name))
-    storage.remove(staging)
+    with storage.single_part_file(storage.join(output, name), staging) as folder:
+        writer.csv(storage.to_url(folder))
     return storage.join(output, name)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
@@ -335,44 +334,6 @@ def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> d
 
 
 # ------------------------------------------------------------------------------ load
-def images_index(dataset: Dataset, kind: str, written: Dict[str, int]) -> Dict[str, int]:
-    """The row-group count of every part file under images/ once this kind is committed:
-    this ingest's from its writers, the other kind's kept from the index in place (a
-    footer is read only for a file the index does not know)."""
-    from hierarchy.contracts.schema import part_row_groups, read_row_groups
-
-    mine = tuple(f"split={s}/" for s in KIND_SPLITS[kind])
-    known = {k: n for k, n in read_row_groups(dataset.images()).items()
-             if not k.startswith(mine)}
-    known.update(written)
-    present = [images_key(split, name)
-               for split in SPLITS for name, _, is_file in storage.list_dir(
-                   dataset.images(split)) if is_file and name.endswith(".parquet")]
-    unknown = [k for k in present if k not in known]
-    known.update(part_row_groups(dataset.images(), unknown))
-    return {k: known[k] for k in present}
-
-
-def write_petastorm_metadata(dataset: Dataset, kind: str, written: Dict[str, int]) -> None:
-    """images/_common_metadata: the Unischema and the row-group index Petastorm readers use
-    (:func:`hierarchy.contracts.schema.write_metadata`), without a Spark job."""
-    from hierarchy.contracts.schema import write_metadata
-
-    write_metadata(dataset.images(), images_index(dataset, kind, written))
-
-
-def commit(dataset: Dataset, staging: Dataset, kind: str, written: Dict[str, int]) -> float:
-    """Swap the staged folders in; returns the seconds spent on the Petastorm metadata."""
-    for split in KIND_SPLITS[kind]:
-        storage.replace(staging.images(split), dataset.images(split))
-    storage.replace(staging.products(kind), dataset.products(kind))
-    storage.replace(staging.quarantine(kind), dataset.quarantine(kind))
-    t0 = time.perf_counter()
-    if storage.exists(dataset.images()):
-        write_petastorm_metadata(dataset, kind, written)
-    return time.perf_counter() - t0
-
-
 def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
                kind: str = "train", checked: Optional[CheckedIngest] = None,
                spark_start_s: Optional[float] = None) -> dict:
@@ -438,10 +399,8 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
                        slots=spark.sparkContext.defaultParallelism)
     t_scan = time.time()
 
-    for name, location, _ in storage.list_dir(dataset.staging().root):
-        if name.startswith(f"{kind}-"):
-            storage.remove(location)
-    staging = dataset.staging(f"{kind}-{uuid.uuid4().hex[:12]}")
+    staged = dataset.stage(kind)
+    staging = staged.staging
     region_rows = corrupt_rows(scans)
     write_table(storage.join(staging.quarantine(kind), "part-scan.parquet"), region_rows,
                 QUARANTINE_FILE)
@@ -497,13 +456,7 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
             f"ingest.max_bad_fraction={icfg['max_bad_fraction']} ({top}); nothing was "
             f"committed, the quarantine is in {staging.quarantine()}")
 
-    manifest = dataset.manifest()
-    dataset.begin_kind(manifest, kind, taxonomy)
-    metadata_s = commit(dataset, staging, kind, written)
-    dataset.write_taxonomy(taxonomy)
-    storage.remove(staging.root)
-    if not storage.list_dir(dataset.staging().root):
-        storage.remove(dataset.staging().root)
+    metadata_s = staged.commit(taxonomy, written)
     t_commit = time.time()
     counts.pop("by_source")
     entry = {
@@ -527,7 +480,7 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
                     "total_s": round(t_commit - t0, 3)},
         "tasks": len(tasks),
     }
-    dataset.finish_kind(manifest, kind, entry, taxonomy)
+    staged.record(entry)
     log.debug("ingest %s committed into %s", kind, dataset.root)
     return entry
 
