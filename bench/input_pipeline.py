@@ -118,10 +118,9 @@ def bench_pipeline(data: str, seconds: float, *, training: bool, image_size: int
     """Pipeline images/s over ``seconds``; with ``rounds`` > 1, in that many slices, each
     right after a slice of the bare loop over ``jpegs`` (figures of the same moment on a
     machine whose load changes: the ratio of each round is kept)."""
-    with tdata.make_dataset(data, "train", label="l3", image_size=image_size,
-                            batch_size=batch_size, training=training, augment=training,
-                            reader_workers=reader_workers, repeat=True, seed=0,
-                            **options) as ds:
+    with tdata.make_dataset(data, "train", tdata.InputOptions(
+            label="l3", image_size=image_size, batch_size=batch_size, training=training,
+            augment=training, reader_workers=reader_workers, repeat=True, seed=0, **options)) as ds:
         it = iter(ds)
         for _ in range(3):  # warm-up: reader threads started, tf.data autotune
             next(it)

@@ -84,11 +84,11 @@ def bench_baseline(tcfg: dict, classes: int, steps: int) -> float:
 
 def bench_training(tcfg: dict, data: str, classes: int, steps: int) -> float:
     clock = _Clock()
-    with tdata.make_dataset(data, "train", label="l1", image_size=tcfg["image_size"],
-                            batch_size=tcfg["batch_size"], training=True,
-                            augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
-                            preprocess=cmodel.preprocess_for(tcfg["backbone"]),
-                            reader_workers=tcfg["reader_workers"]) as ds:
+    with tdata.make_dataset(data, "train", tdata.InputOptions(
+            label="l1", image_size=tcfg["image_size"], batch_size=tcfg["batch_size"], training=True,
+            augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
+            preprocess=cmodel.preprocess_for(tcfg["backbone"]),
+            reader_workers=tcfg["reader_workers"])) as ds:
         _model(tcfg, classes).fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0,
                                   callbacks=[clock])
     return clock.rate(tcfg["batch_size"])

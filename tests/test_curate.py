@@ -146,9 +146,10 @@ def _keys_read(data, split, exclusion, label="l3", branch=None):
     from hierarchy.train import data as tdata
 
     tax = Dataset(data).taxonomy()
-    with tdata.make_dataset(data, split, label=label, image_size=32, batch_size=64,
-                            training=False, repeat=False, return_keys=True, taxonomy=tax,
-                            branch=branch, exclusion=exclusion, reader_workers=1) as ds:
+    with tdata.make_dataset(data, split, tdata.InputOptions(
+            label=label, image_size=32, batch_size=64, training=False, repeat=False,
+            return_keys=True, taxonomy=tax, branch=branch, exclusion=exclusion,
+            reader_workers=1)) as ds:
         out = [(k.numpy(), y.numpy()) for _, y, k in ds]
     keys = np.concatenate([k for k, _ in out]) if out else np.zeros((0, 2), np.int64)
     labels = np.concatenate([y for _, y in out]) if out else np.zeros(0, np.int32)

@@ -9,7 +9,10 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from hierarchy.contracts import model as cmodel  # noqa: E402
+from hierarchy.train import augment as taug  # noqa: E402
 from hierarchy.train import data as tdata  # noqa: E402
+from hierarchy.train import pictures as tpic  # noqa: E402
+from hierarchy.train import shards as tshards  # noqa: E402
 
 SIZE = 48
 
@@ -44,7 +47,8 @@ def collect(data, split, **kwargs):
     kwargs = {"image_size": SIZE, "batch_size": 4, "training": False, "repeat": False,
               **kwargs}
     out = {}
-    with tdata.make_dataset(data, split, return_keys=True, **kwargs) as ds:
+    with tdata.make_dataset(data, split, tdata.InputOptions(
+            return_keys=True, **kwargs)) as ds:
         for _, labels, keys in ds:
             for key, y in zip(keys.numpy().tolist(), labels.numpy().tolist()):
                 assert tuple(key) not in out, f"{key} read twice"
@@ -83,15 +87,15 @@ def test_warp_identity_is_resize_and_mirror_is_flip():
     rng = np.random.default_rng(0)
     image = tf.constant(rng.integers(0, 256, (180, 180, 3)), tf.uint8)
     resized = tf.image.resize(image, [SIZE, SIZE]).numpy()
-    plain = tdata.warp(image, SIZE, 1.0, [0.0, 0.0], 0.0, False).numpy()
+    plain = taug.warp(image, SIZE, 1.0, [0.0, 0.0], 0.0, False).numpy()
     np.testing.assert_allclose(plain, resized, atol=1e-3)
-    mirrored = tdata.warp(image, SIZE, 1.0, [0.0, 0.0], 0.0, True).numpy()
+    mirrored = taug.warp(image, SIZE, 1.0, [0.0, 0.0], 0.0, True).numpy()
     np.testing.assert_allclose(mirrored, resized[:, ::-1], atol=1e-3)
     # a crop of the top-left corner: frac 0.5 moved fully up and left = image[:90, :90]
-    corner = tdata.warp(image, 90, 0.5, [-1.0, -1.0], 0.0, False).numpy()
+    corner = taug.warp(image, 90, 0.5, [-1.0, -1.0], 0.0, False).numpy()
     np.testing.assert_allclose(corner, image.numpy()[:90, :90].astype(np.float32), atol=1e-3)
     # a quarter turn moves the top row to the left column (either direction: check one)
-    turned = tdata.warp(image, 180, 1.0, [0.0, 0.0], np.pi / 2, False).numpy()
+    turned = taug.warp(image, 180, 1.0, [0.0, 0.0], np.pi / 2, False).numpy()
     src = image.numpy().astype(np.float32)
     assert (np.allclose(turned[:, 0], src[0, ::-1], atol=1e-2)
             or np.allclose(turned[:, 0], src[0], atol=1e-2))
@@ -101,9 +105,9 @@ def test_augment_image_is_seeded_and_bounded():
     rng = np.random.default_rng(1)
     image = tf.constant(rng.integers(0, 256, (180, 180, 3)), tf.uint8)
     seed = tf.constant([3, 4], tf.int64)
-    a = tdata.augment_image(image, SIZE, seed).numpy()
-    b = tdata.augment_image(image, SIZE, seed).numpy()
-    c = tdata.augment_image(image, SIZE, tf.constant([3, 5], tf.int64)).numpy()
+    a = taug.augment_image(image, SIZE, seed).numpy()
+    b = taug.augment_image(image, SIZE, seed).numpy()
+    c = taug.augment_image(image, SIZE, tf.constant([3, 5], tf.int64)).numpy()
     assert a.shape == (SIZE, SIZE, 3) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
@@ -122,9 +126,9 @@ def test_resample_is_the_projective_transform_kernel():
         padded[i, :p.shape[0], :p.shape[1]] = p
     u = rng.uniform(size=(3, 8)).astype(np.float32)
     u[0, [0, 3]] = 0.999   # the whole height, turned by ~10 degrees: corners outside
-    frac, shift, angle, mirror = tdata._crop(tf.constant(u))
-    transforms = tdata._affine(tf.constant(sizes), frac, shift, angle, mirror, SIZE)
-    got = tdata._resample(tf.constant(padded), tf.constant(sizes), transforms, SIZE).numpy()
+    frac, shift, angle, mirror = taug._crop(tf.constant(u))
+    transforms = taug._affine(tf.constant(sizes), frac, shift, angle, mirror, SIZE)
+    got = taug._resample(tf.constant(padded), tf.constant(sizes), transforms, SIZE).numpy()
     for i, p in enumerate(pictures):
         want = tf.raw_ops.ImageProjectiveTransformV3(
             images=tf.constant(p, tf.float32)[None],
@@ -145,11 +149,11 @@ def test_the_window_holds_every_pixel_the_augmentation_reads():
         image = tf.constant(rng.integers(0, 256, (h, w, 3)), tf.uint8)
         longest = 0
         for k in range(20):
-            u = tdata._draws(tf.constant([k, h], tf.int64))
-            window, meta = tdata.cut_for_augmentation(image, u)
+            u = taug.draws(tf.constant([k, h], tf.int64))
+            window, meta = taug.cut_for_augmentation(image, u)
             whole = tf.constant([h, w, 0, 0, h, w], tf.int32)
-            a = tdata.augment_batch(window[None], meta[None], u[None], SIZE)[0].numpy()
-            b = tdata.augment_batch(image[None], whole[None], u[None], SIZE)[0].numpy()
+            a = taug.augment_batch(window[None], meta[None], u[None], SIZE)[0].numpy()
+            b = taug.augment_batch(image[None], whole[None], u[None], SIZE)[0].numpy()
             np.testing.assert_allclose(a, b, atol=0.01)
             assert window.shape[0] <= h and window.shape[1] <= w
             longest = max(longest, *window.shape[:2])
@@ -160,8 +164,8 @@ def test_the_window_holds_every_pixel_the_augmentation_reads():
 # ------------------------------------------------------------------------------ dataset
 def test_batch_shapes_and_dtypes(dataset):
     data, _, _ = dataset
-    with tdata.make_dataset(data, "train", label="l3", image_size=SIZE, batch_size=8,
-                            training=True, seed=3) as ds:
+    with tdata.make_dataset(data, "train", tdata.InputOptions(
+            label="l3", image_size=SIZE, batch_size=8, training=True, seed=3)) as ds:
         images_spec, labels_spec = ds.element_spec
         assert images_spec.shape.as_list() == [8, SIZE, SIZE, 3]   # static: drop_remainder
         assert images_spec.dtype == tf.float32 and labels_spec.dtype == tf.int32
@@ -171,9 +175,9 @@ def test_batch_shapes_and_dtypes(dataset):
         assert 0.0 <= float(tf.reduce_min(images)) and float(tf.reduce_max(images)) <= 1.0
         assert 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < 40
     # a custom preprocess sees [0, 255] float pixels
-    with tdata.make_dataset(data, "val", label="l1", image_size=SIZE, batch_size=4,
-                            training=False, repeat=False,
-                            preprocess=lambda x: x - 127.5) as ds:
+    with tdata.make_dataset(data, "val", tdata.InputOptions(
+            label="l1", image_size=SIZE, batch_size=4, training=False, repeat=False,
+            preprocess=lambda x: x - 127.5)) as ds:
         images, _ = next(iter(ds))
     assert float(tf.reduce_min(images)) >= -127.5 and float(tf.reduce_max(images)) > 1.0
 
@@ -202,8 +206,9 @@ def test_branch_reads_only_its_rows_with_local_labels(dataset):
     train_branch = int(max(manifest["splits"]["train"]["images_per_l1"],
                            key=manifest["splits"]["train"]["images_per_l1"].get))
     n_leaves = tdata.class_count(tax, "branch", train_branch)
-    with tdata.make_dataset(data, "train", label="branch", branch=train_branch, taxonomy=tax,
-                            image_size=SIZE, batch_size=8, training=True) as ds:
+    with tdata.make_dataset(data, "train", tdata.InputOptions(
+            label="branch", branch=train_branch, taxonomy=tax, image_size=SIZE, batch_size=8,
+            training=True)) as ds:
         labels = np.concatenate([y.numpy() for _, y in ds.take(10)])
     assert labels.min() >= 0 and labels.max() < n_leaves
     # level-3 labels of a branch reader are leaves of that branch
@@ -220,10 +225,12 @@ def test_branch_without_rows(dataset):
         pytest.skip("every branch has validation images in this catalog")
     kwargs = dict(label="branch", branch=missing[0], taxonomy=tax, image_size=SIZE,
                   batch_size=4)
-    with tdata.make_dataset(data, "val", training=False, **kwargs) as ds:   # repeat=True
+    with tdata.make_dataset(data, "val", tdata.InputOptions(
+            training=False, **kwargs)) as ds:   # repeat=True
         assert list(ds) == []
     with pytest.raises(tdata.EmptySplitError, match="no images"):
-        with tdata.make_dataset(data, "val", training=True, **kwargs):
+        with tdata.make_dataset(data, "val", tdata.InputOptions(
+                training=True, **kwargs)):
             pass
 
 
@@ -231,10 +238,10 @@ def test_branch_without_rows(dataset):
 def test_shards_cover_the_split_once(dataset, world_size):
     data, _, _ = dataset
     expected = parquet_rows(data, "val")
-    groups = tdata.split_row_groups(data, "val")
+    groups = tshards.split_row_groups(data, "val")
     # world 2: Petastorm shards row groups; world 5 > row groups: every worker reads all
     # and tf.data keeps 1/5 of the rows
-    assert tdata._petastorm_can_shard(groups, world_size) == (world_size <= len(groups))
+    assert tshards.petastorm_can_shard(groups, world_size) == (world_size <= len(groups))
     shards = [collect(data, "val", label="l3", rank=r, world_size=world_size)
               for r in range(world_size)]
     seen = Counter(k for shard in shards for k in shard)
@@ -257,7 +264,8 @@ def test_augmentation_in_training_only(dataset):
                   reader_workers=1, repeat=False, return_keys=True, seed=5)
 
     def first(split, **kwargs):
-        with tdata.make_dataset(data, split, **{**common, **kwargs}) as ds:
+        with tdata.make_dataset(data, split, tdata.InputOptions(
+                **{**common, **kwargs})) as ds:
             images, labels, keys = next(iter(ds))
         return images.numpy(), keys.numpy()
 
@@ -275,8 +283,9 @@ def test_augmentation_in_training_only(dataset):
     # the row order may change, so compare per key)
     def val_pass():
         out = {}
-        with tdata.make_dataset(data, "val", label="l3", image_size=SIZE, batch_size=3,
-                                training=False, repeat=False, return_keys=True) as ds:
+        with tdata.make_dataset(data, "val", tdata.InputOptions(
+                label="l3", image_size=SIZE, batch_size=3, training=False, repeat=False,
+                return_keys=True)) as ds:
             for images, _, keys in ds:
                 for image, key in zip(images.numpy(), keys.numpy().tolist()):
                     out[tuple(key)] = image
@@ -292,16 +301,20 @@ def test_bad_arguments(dataset):
     data, _, tax = dataset
     common = dict(image_size=SIZE, batch_size=4, training=False)
     with pytest.raises(ValueError, match="unknown label"):
-        with tdata.make_dataset(data, "val", label="l2", **common):
+        with tdata.make_dataset(data, "val", tdata.InputOptions(
+                label="l2", **common)):
             pass
     with pytest.raises(ValueError, match="needs branch"):
-        with tdata.make_dataset(data, "val", label="branch", **common):
+        with tdata.make_dataset(data, "val", tdata.InputOptions(
+                label="branch", **common)):
             pass
     with pytest.raises(ValueError, match="out of range"):
-        with tdata.make_dataset(data, "val", label="branch", branch=99, taxonomy=tax, **common):
+        with tdata.make_dataset(data, "val", tdata.InputOptions(
+                label="branch", branch=99, taxonomy=tax, **common)):
             pass
     with pytest.raises(ValueError, match="no labels"):
-        with tdata.make_dataset(data, "test", label="l1", **common):
+        with tdata.make_dataset(data, "test", tdata.InputOptions(
+                label="l1", **common)):
             pass
 
 
@@ -329,8 +342,8 @@ def test_an_undecodable_picture_is_dropped_not_fatal(tmp_path, spark):
                "train")
     rows = parquet_rows(data, "train")
     assert (999999, 0) in rows  # it did reach images/
-    with tdata.make_dataset(data, "train", label="l1", image_size=SIZE, batch_size=8,
-                            training=True, seed=1) as ds:
+    with tdata.make_dataset(data, "train", tdata.InputOptions(
+            label="l1", image_size=SIZE, batch_size=8, training=True, seed=1)) as ds:
         seen = sum(int(labels.shape[0]) for _, labels in ds.take(2 * len(rows) // 8 + 2))
     assert seen > len(rows)  # more than one pass over the split, no error
     got = collect(data, "train", label="l1")
@@ -392,13 +405,13 @@ def test_batched_colour_is_the_per_picture_augmentation(real_bson):
     import tensorflow as tf
 
     jpegs = _real_jpegs(real_bson)[:8]
-    decode = tdata._decode_fn(64, True, 5, dct_scaling=False)
+    decode = tpic._decode_fn(64, True, 5, dct_scaling=False)
     ds = tf.data.Dataset.from_tensor_slices((tf.range(8, dtype=tf.int64), jpegs))
-    ds = tdata._batch(ds.map(lambda i, j: decode(i, (j,))), 8, False, True)
-    batch = next(iter(ds.map(tdata._per_batch(True, lambda x: x, 64))))[0]
+    ds = tpic._batch(ds.map(lambda i, j: decode(i, (j,))), 8, False, True)
+    batch = next(iter(ds.map(tpic._per_batch(True, lambda x: x, 64))))[0]
     base = tf.constant([5, 0x5EED], dtype=tf.int64)
     for i, jpeg in enumerate(jpegs):
-        one = tdata.augment_image(tf.io.decode_jpeg(jpeg, channels=3), 64,
+        one = taug.augment_image(tf.io.decode_jpeg(jpeg, channels=3), 64,
                                   tf.random.experimental.stateless_fold_in(
                                       base, tf.constant(i, tf.int64)))
         assert np.abs(batch[i].numpy() - one.numpy()).max() < 1e-3
@@ -411,10 +424,10 @@ def test_scaled_decode_keeps_the_training_augmentation(real_bson, size):
     resampling differs, by about what the validation path differs (ratio 1: identically)."""
     import tensorflow as tf
 
-    finish = tdata._per_batch(True, lambda x: x, size)
+    finish = tpic._per_batch(True, lambda x: x, size)
 
     def picture(dct: bool, i: int, jpeg: bytes):
-        window, meta, u = tdata._decode_fn(size, True, 0, dct_scaling=dct)(
+        window, meta, u = tpic._decode_fn(size, True, 0, dct_scaling=dct)(
             tf.constant(i, tf.int64), (tf.constant(jpeg),))
         return finish(window[None], meta[None], u[None])[0][0]
 
@@ -423,7 +436,7 @@ def test_scaled_decode_keeps_the_training_augmentation(real_bson, size):
         diffs.append(_mean_abs(picture(True, i, jpeg), picture(False, i, jpeg)))
         val.append(_mean_abs(cmodel.decode_for_model(jpeg, size, True),
                              cmodel.decode_for_model(jpeg, size, False)))
-    if cmodel.dct_ratio(180, 180, size / tdata.CROP_MIN) == 1:
+    if cmodel.dct_ratio(180, 180, size / taug.CROP_MIN) == 1:
         assert max(diffs) == 0.0
     else:
         assert np.mean(diffs) <= 1.25 * np.mean(val) + 0.5, (np.mean(diffs), np.mean(val))
@@ -446,12 +459,12 @@ def test_small_stream_is_read_once_then_repeated_from_memory(dataset, tmp_path, 
     shutil.copytree(data, copy)
     branch, rows = _smallest_train_branch(manifest)
     expected = {k for k, (l1, _) in parquet_rows(data, "train").items() if l1 == branch}
-    groups = tdata.split_row_groups(str(copy), "train", branch)
-    assert 0 < tdata.shard_jpeg_bytes(groups, 0, 1, False) < 1 << 20
+    groups = tshards.split_row_groups(str(copy), "train", branch)
+    assert 0 < tshards.shard_jpeg_bytes(groups, 0, 1, False) < 1 << 20
     seen = Counter()
-    with tdata.make_dataset(str(copy), "train", label="branch", branch=branch, taxonomy=tax,
-                            image_size=SIZE, batch_size=2, training=True, shuffle_buffer=4,
-                            return_keys=True, cache_mb=cache_mb) as ds:
+    with tdata.make_dataset(str(copy), "train", tdata.InputOptions(
+            label="branch", branch=branch, taxonomy=tax, image_size=SIZE, batch_size=2,
+            training=True, shuffle_buffer=4, return_keys=True, cache_mb=cache_mb)) as ds:
         it = iter(ds)
         for _ in range(rows):  # two passes of the branch
             seen.update(map(tuple, next(it)[2].numpy().tolist()))
@@ -479,8 +492,9 @@ def test_a_cached_stream_serves_every_iterator(dataset):
     # before a whole pass: each new iterator must still get the whole stream
     data, manifest, _ = dataset
     rows = manifest["splits"]["val"]["images"]
-    with tdata.make_dataset(data, "val", label="l1", image_size=SIZE, batch_size=4,
-                            training=False, return_keys=True, cache_mb=256) as ds:
+    with tdata.make_dataset(data, "val", tdata.InputOptions(
+            label="l1", image_size=SIZE, batch_size=4, training=False, return_keys=True,
+            cache_mb=256)) as ds:
         first = [tuple(k) for _, _, keys in ds.take(1) for k in keys.numpy().tolist()]
         for _ in range(3):
             keys = [tuple(k) for _, _, ks in ds.take(-(-2 * rows // 4))
@@ -498,10 +512,10 @@ def test_cached_stream_shards_like_the_endless_one(dataset):
     world = per_l1[str(branch)] + 2
 
     def keys(rank, cache_mb):
-        with tdata.make_dataset(data, "val", label="l1", branch=branch, taxonomy=tax,
-                                image_size=SIZE, batch_size=2, training=False,
-                                return_keys=True, rank=rank, world_size=world,
-                                cache_mb=cache_mb) as ds:
+        with tdata.make_dataset(data, "val", tdata.InputOptions(
+                label="l1", branch=branch, taxonomy=tax, image_size=SIZE, batch_size=2,
+                training=False, return_keys=True, rank=rank, world_size=world,
+                cache_mb=cache_mb)) as ds:
             return [tuple(k) for _, _, ks in ds.take(6) for k in ks.numpy().tolist()]
 
     for rank in range(world):
@@ -514,10 +528,10 @@ def test_cached_training_passes_change_row_group_order(dataset):
     # (the row shuffle is off here, so only the row-group order can change)
     data, manifest, _ = dataset
     rows = manifest["splits"]["train"]["images"]
-    assert len(tdata.split_row_groups(data, "train")) > 2
-    with tdata.make_dataset(data, "train", label="l1", image_size=SIZE, batch_size=1,
-                            training=True, augment=False, shuffle_buffer=1, return_keys=True,
-                            cache_mb=256) as ds:
+    assert len(tshards.split_row_groups(data, "train")) > 2
+    with tdata.make_dataset(data, "train", tdata.InputOptions(
+            label="l1", image_size=SIZE, batch_size=1, training=True, augment=False,
+            shuffle_buffer=1, return_keys=True, cache_mb=256)) as ds:
         keys = [tuple(k) for _, _, ks in ds.take(3 * rows) for k in ks.numpy().tolist()]
     passes = [keys[i * rows:(i + 1) * rows] for i in range(3)]
     assert len(set(keys)) == rows, (len(set(keys)), rows, [len(set(p)) for p in passes])

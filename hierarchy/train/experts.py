@@ -266,12 +266,11 @@ def train_experts(spec: TrainSpec) -> dict:
     for split in ("train", VAL):
         if not images_in(manifest, split):
             continue
-        with tdata.make_dataset(spec.data, split, label="l3", image_size=tcfg["image_size"],
-                                batch_size=tcfg["batch_size"], training=False, repeat=False,
-                                return_keys=True, preprocess=preprocess, rank=rank,
-                                world_size=size, taxonomy=taxonomy,
-                                reader_workers=tcfg["reader_workers"],
-                                exclusion=exclusion, **tdata.input_options(tcfg)) as ds:
+        with tdata.make_dataset(spec.data, split, tdata.InputOptions(
+                label="l3", image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
+                training=False, repeat=False, return_keys=True, preprocess=preprocess, rank=rank,
+                world_size=size, taxonomy=taxonomy, reader_workers=tcfg["reader_workers"],
+                exclusion=exclusion, **tdata.input_options(tcfg))) as ds:
             extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
     barrier("features")
     os.makedirs(heads_dir, exist_ok=True)

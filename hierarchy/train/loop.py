@@ -114,10 +114,11 @@ def train_model(spec: TrainSpec) -> dict:
                       preprocess=preprocess, branch=branch, taxonomy=taxonomy, rank=rank,
                       world_size=size, reader_workers=tcfg["reader_workers"],
                       exclusion=exclusion, **tdata.input_options(tcfg))
-        with tdata.make_dataset(spec.data, "train", training=True, augment=tcfg["augment"],
-                                shuffle_buffer=tcfg["shuffle_buffer"], seed=tcfg["seed"] + rank,
-                                **common) as train_ds, \
-                tdata.make_dataset(spec.data, "val", training=False, **common) as val_ds:
+        with tdata.make_dataset(spec.data, "train", tdata.InputOptions(
+                training=True, augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
+                seed=tcfg["seed"] + rank, **common)) as train_ds, \
+                tdata.make_dataset(spec.data, "val", tdata.InputOptions(
+                        training=False, **common)) as val_ds:
             for phase, first, end, lr in phases:
                 if end <= initial_epoch:
                     continue
