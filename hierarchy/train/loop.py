@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from hierarchy.contracts import model as cmodel
 from hierarchy.contracts import storage
@@ -32,6 +34,169 @@ def _phases(tcfg: dict) -> list:
     return [("full", 0, epochs, lr)]
 
 
+@dataclass
+class _Worker:
+    """One Horovod worker's fixed facts, for the functions a training is made of."""
+
+    hvd: Any
+    spec: TrainSpec
+    rank: int
+    size: int
+    policy: str = "float32"     # the mixed-precision policy in force
+    jit: bool = False           # the train step compiled by XLA
+
+    @property
+    def tcfg(self) -> dict:
+        return self.spec.train
+
+
+@dataclass
+class _Data:
+    """What a model trains on: the classes, the curation, the steps of an epoch."""
+
+    taxonomy: Any
+    n_classes: int
+    exclusion: Any
+    steps: int
+    val_steps: int
+    has_val: bool
+
+
+def _training_data(w: _Worker) -> _Data:
+    from hierarchy.contracts.curation import Exclusion
+    from hierarchy.contracts.dataset import VAL, Dataset, images_in
+    from hierarchy.train import data as tdata
+
+    spec, tcfg, branch = w.spec, w.tcfg, w.spec.branch
+    dataset = Dataset(spec.data)
+    manifest = dataset.require_complete(["train"])
+    taxonomy = dataset.taxonomy()
+    exclusion = Exclusion(spec.data, tcfg["exclude"])
+    steps = tdata.steps_per_epoch(manifest, "train", tcfg["batch_size"], w.size, branch,
+                                  left_out=exclusion.count("train", branch))
+    val_steps = tdata.steps_per_epoch(manifest, "val", tcfg["batch_size"], w.size, branch,
+                                      left_out=exclusion.count("val", branch))
+    has_val = images_in(manifest, VAL, branch) - exclusion.count("val", branch) > 0
+    if exclusion.active and w.rank == 0:
+        log.info("%s: curation leaves out %s pictures (train.exclude=%s, reviews, val leakage); "
+                 "%d relabelled", spec.key, exclusion.summary()["left_out"], tcfg["exclude"],
+                 len(exclusion.relabels))
+    return _Data(taxonomy, tdata.class_count(taxonomy, spec.label, branch), exclusion, steps,
+                 val_steps, has_val)
+
+
+def _new_model(w: _Worker, data: _Data, initial_epoch: int):
+    """The model to train: built (a branch model from the level-1 backbone), its weights
+    replaced from the checkpoint later when ``initial_epoch`` > 0."""
+    from hierarchy.train import models as tmodels
+
+    tcfg, spec = w.tcfg, w.spec
+    if initial_epoch == 0:
+        tmodels.check_weights(tcfg["backbone"], tcfg["weights"])
+    build = dict(image_size=tcfg["image_size"],
+                 weights=tcfg["weights"] if initial_epoch == 0 else None,
+                 dropout=tcfg["dropout"], name=spec.key.replace("/", "_"))
+    model = (tmodels.build_multi_model(tcfg["backbone"], data.taxonomy, **build)
+             if spec.label == "levels" else
+             tmodels.build_model(tcfg["backbone"], data.n_classes, **build))
+    if initial_epoch == 0 and spec.init_from:
+        tmodels.copy_backbone(tmodels.load_backbone(spec.init_from), model)
+    return model
+
+
+def _compile(w: _Worker, model, data: _Data, lr: float):
+    """Compile for one phase; returns the optimizer. The rate is scaled by the workers: the
+    global batch grows with them (Goyal et al. 2017); LossScaleOptimizer(DistributedOptimizer
+    (Adam)) under mixed precision (the order matters: hierarchy.train.gpu.make_optimizer)."""
+    from hierarchy.train import gpu as tgpu
+    from hierarchy.train import models as tmodels
+
+    tcfg = w.tcfg
+    opt = tgpu.make_optimizer(w.hvd, lr * w.size, mixed=w.policy == "mixed_float16",
+                              distributed=w.size > 1)
+    if w.spec.label == "levels":
+        tmodels.compile_multi_model(model, data.taxonomy, lr * w.size, tcfg["label_smoothing"],
+                                    tcfg, optimizer=opt, jit_compile=w.jit)
+    else:
+        tmodels.compile_model(model, lr * w.size, tcfg["label_smoothing"], optimizer=opt,
+                              jit_compile=w.jit)
+    return opt
+
+
+def _callbacks(w: _Worker, data: _Data, phase: str, lr: float, history: dict, tracker) -> list:
+    import tensorflow as tf
+
+    from hierarchy.train.callbacks import (
+        CheckpointCallback,
+        LevelThreeAliases,
+        SyncNonTrainableCallback,
+        TrackingCallback,
+    )
+
+    hvd, tcfg = w.hvd, w.tcfg
+    callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0),
+                 hvd.callbacks.MetricAverageCallback()]
+    if w.spec.label == "levels":
+        callbacks.append(LevelThreeAliases())  # level 3's figures under every model's names
+    if w.size > 1:
+        # before any checkpoint: every rank then holds (and rank 0 saves) the same model
+        callbacks.append(SyncNonTrainableCallback())
+    if phase != "fine_tune" and tcfg["warmup_epochs"] > 0:
+        callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
+            initial_lr=lr * w.size, warmup_epochs=tcfg["warmup_epochs"],
+            steps_per_epoch=data.steps, verbose=0))
+    if tcfg["early_stopping_patience"] > 0 and data.has_val:
+        # every worker sees the same averaged val_loss, so all stop together
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=tcfg["early_stopping_patience"],
+            restore_best_weights=False))
+    if w.rank == 0:
+        callbacks += [CheckpointCallback(w.spec.run, w.spec.key, history, phase),
+                      TrackingCallback(tracker)]
+    return callbacks
+
+
+def _fit(w: _Worker, model, data: _Data, state: dict, initial_epoch: int, history: dict,
+         tracker) -> None:
+    """Every phase left, from ``initial_epoch`` (a resumed run's last complete epoch)."""
+    import tensorflow as tf
+
+    from hierarchy.train import data as tdata
+    from hierarchy.train import models as tmodels
+
+    spec, tcfg = w.spec, w.tcfg
+    common = dict(label=spec.label, image_size=tcfg["image_size"],
+                  batch_size=tcfg["batch_size"], preprocess=cmodel.preprocess_for(
+                      tcfg["backbone"]), branch=spec.branch, taxonomy=data.taxonomy,
+                  rank=w.rank, world_size=w.size, reader_workers=tcfg["reader_workers"],
+                  exclusion=data.exclusion, **tdata.input_options(tcfg))
+    with tdata.make_dataset(spec.data, "train", tdata.InputOptions(
+            training=True, augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
+            seed=tcfg["seed"] + w.rank, **common)) as train_ds, \
+            tdata.make_dataset(spec.data, "val", tdata.InputOptions(
+                training=False, **common)) as val_ds:
+        for phase, first, end, lr in _phases(tcfg):
+            if end <= initial_epoch:
+                continue
+            tmodels.set_phase(model, phase, tcfg["fine_tune_layers"])
+            opt = _compile(w, model, data, lr)
+            if initial_epoch > first:
+                # resume inside this phase: weights and optimizer state (moments, step count)
+                # from the last complete epoch; rank 0's copy is then broadcast as usual
+                opt.build(model.trainable_variables)
+                tf.train.Checkpoint(model=model, optimizer=opt).read(
+                    state["checkpoint"]).assert_existing_objects_matched()
+            model.fit(train_ds, steps_per_epoch=data.steps, epochs=end,
+                      initial_epoch=max(first, initial_epoch),
+                      validation_data=val_ds if data.has_val else None,
+                      validation_steps=data.val_steps if data.has_val else None,
+                      callbacks=_callbacks(w, data, phase, lr, history, tracker),
+                      verbose=2 if w.rank == 0 else 0)
+            if model.stop_training:
+                break
+            initial_epoch = end
+
+
 def train_model(spec: TrainSpec) -> dict:
     """Train (or resume) the model described by ``spec``; returns a summary per worker."""
     if spec.label == "experts":
@@ -46,139 +211,38 @@ def train_model(spec: TrainSpec) -> dict:
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from hierarchy.contracts.curation import Exclusion
-    from hierarchy.contracts.dataset import VAL, Dataset, images_in
-    from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
-    from hierarchy.train.callbacks import (
-        CheckpointCallback,
-        LevelThreeAliases,
-        SyncNonTrainableCallback,
-        TrackingCallback,
-    )
     from hierarchy.train.tracking import Tracker
 
     hvd.init()
     tgpu.pin_gpu(hvd.local_rank(), hvd.local_size())  # one GPU per process, before any use
-    rank, size = hvd.rank(), hvd.size()
+    w = _Worker(hvd, spec, hvd.rank(), hvd.size())
     tcfg = spec.train
-    tf.keras.utils.set_random_seed(tcfg["seed"] + rank)
-
-    # ---- data
-    dataset = Dataset(spec.data)
-    manifest = dataset.require_complete(["train"])
-    taxonomy = dataset.taxonomy()
-    label, branch = spec.label, spec.branch
-    n_classes = tdata.class_count(taxonomy, label, branch)
-    exclusion = Exclusion(spec.data, tcfg["exclude"])
-    steps = tdata.steps_per_epoch(manifest, "train", tcfg["batch_size"], size, branch,
-                                  left_out=exclusion.count("train", branch))
-    val_steps = tdata.steps_per_epoch(manifest, "val", tcfg["batch_size"], size, branch,
-                                      left_out=exclusion.count("val", branch))
-    has_val = images_in(manifest, VAL, branch) - exclusion.count("val", branch) > 0
-    if exclusion.active and rank == 0:
-        log.info("%s: curation leaves out %s pictures (train.exclude=%s, reviews, val leakage); "
-                 "%d relabelled", spec.key, exclusion.summary()["left_out"], tcfg["exclude"],
-                 len(exclusion.relabels))
-
-    # ---- model: resume from the last checkpoint, else build (branch: level-1 backbone)
-    policy = tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
-    jit = tgpu.use_xla(tcfg["xla"], tgpu.has_gpu(), size, horovod_xla)
-    run = spec.run
-    state = storage.read_json(run.state_file(spec.key), {}) or {}
+    tf.keras.utils.set_random_seed(tcfg["seed"] + w.rank)
+    data = _training_data(w)
+    w.policy = tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
+    w.jit = tgpu.use_xla(tcfg["xla"], tgpu.has_gpu(), w.size, horovod_xla)
+    state = storage.read_json(spec.run.state_file(spec.key), {}) or {}
     initial_epoch = int(state.get("epoch", 0))
-    phases = _phases(tcfg)
     if initial_epoch >= tcfg["epochs"]:
-        return {"rank": rank, "status": "already trained", "epochs": initial_epoch,
+        return {"rank": w.rank, "status": "already trained", "epochs": initial_epoch,
                 "checksum": None, "key": spec.key}
-    if initial_epoch == 0:
-        tmodels.check_weights(tcfg["backbone"], tcfg["weights"])
-    multi = label == "levels"
-    build = dict(image_size=tcfg["image_size"],
-                 weights=tcfg["weights"] if initial_epoch == 0 else None,
-                 dropout=tcfg["dropout"], name=spec.key.replace("/", "_"))
-    model = (tmodels.build_multi_model(tcfg["backbone"], taxonomy, **build) if multi else
-             tmodels.build_model(tcfg["backbone"], n_classes, **build))
-    if initial_epoch == 0 and spec.init_from:
-        tmodels.copy_backbone(tmodels.load_backbone(spec.init_from), model)
-
-    tracker = Tracker(spec.tracking_uri, spec.experiment, enabled=rank == 0)
+    model = _new_model(w, data, initial_epoch)
+    tracker = Tracker(spec.tracking_uri, spec.experiment, enabled=w.rank == 0)
     tracker.start(spec, resumed_at=initial_epoch)
     try:
-        history: dict = storage.read_json(run.history_file(spec.key), {}) or {}
+        history: dict = storage.read_json(spec.run.history_file(spec.key), {}) or {}
         # epochs logged after the last complete checkpoint are trained again: drop them
         history = {k: v[:initial_epoch] for k, v in history.items()}
         t0 = time.time()
-        preprocess = cmodel.preprocess_for(tcfg["backbone"])
-        common = dict(label=label, image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
-                      preprocess=preprocess, branch=branch, taxonomy=taxonomy, rank=rank,
-                      world_size=size, reader_workers=tcfg["reader_workers"],
-                      exclusion=exclusion, **tdata.input_options(tcfg))
-        with tdata.make_dataset(spec.data, "train", tdata.InputOptions(
-                training=True, augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
-                seed=tcfg["seed"] + rank, **common)) as train_ds, \
-                tdata.make_dataset(spec.data, "val", tdata.InputOptions(
-                        training=False, **common)) as val_ds:
-            for phase, first, end, lr in phases:
-                if end <= initial_epoch:
-                    continue
-                tmodels.set_phase(model, phase, tcfg["fine_tune_layers"])
-                # scaled by workers: the global batch grows with them (Goyal et al. 2017);
-                # LossScaleOptimizer(DistributedOptimizer(Adam)) under mixed precision
-                # (the order matters: hierarchy.train.gpu.make_optimizer)
-                opt = tgpu.make_optimizer(hvd, lr * size, mixed=policy == "mixed_float16",
-                                          distributed=size > 1)
-                if multi:
-                    tmodels.compile_multi_model(model, taxonomy, lr * size,
-                                                tcfg["label_smoothing"], tcfg,
-                                                optimizer=opt, jit_compile=jit)
-                else:
-                    tmodels.compile_model(model, lr * size, tcfg["label_smoothing"],
-                                          optimizer=opt, jit_compile=jit)
-                if initial_epoch > first:
-                    # resume inside this phase: weights and optimizer state (moments, step count)
-                    # from the last complete epoch; rank 0's copy is then broadcast as usual
-                    opt.build(model.trainable_variables)
-                    tf.train.Checkpoint(model=model, optimizer=opt).read(
-                        state["checkpoint"]).assert_existing_objects_matched()
-                callbacks = [
-                    hvd.callbacks.BroadcastGlobalVariablesCallback(0),
-                    hvd.callbacks.MetricAverageCallback(),
-                ]
-                if multi:
-                    # level 3's figures under the names every model's history uses
-                    callbacks.append(LevelThreeAliases())
-                if size > 1:
-                    # before any checkpoint: every rank then holds (and rank 0 saves) the same model
-                    callbacks.append(SyncNonTrainableCallback())
-                if phase != "fine_tune" and tcfg["warmup_epochs"] > 0:
-                    callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-                        initial_lr=lr * size, warmup_epochs=tcfg["warmup_epochs"],
-                        steps_per_epoch=steps, verbose=0))
-                if tcfg["early_stopping_patience"] > 0 and has_val:
-                    # every worker sees the same averaged val_loss, so all stop together
-                    callbacks.append(tf.keras.callbacks.EarlyStopping(
-                        monitor="val_loss", patience=tcfg["early_stopping_patience"],
-                        restore_best_weights=False))
-                if rank == 0:
-                    callbacks += [CheckpointCallback(run, spec.key, history, phase),
-                                  TrackingCallback(tracker)]
-                model.fit(train_ds, steps_per_epoch=steps, epochs=end,
-                          initial_epoch=max(first, initial_epoch),
-                          validation_data=val_ds if has_val else None,
-                          validation_steps=val_steps if has_val else None,
-                          callbacks=callbacks, verbose=2 if rank == 0 else 0)
-                if model.stop_training:
-                    break
-                initial_epoch = end
-
-        checksum = tmodels.weights_checksum(model)
-        result = {"rank": rank, "size": size, "key": spec.key, "checksum": checksum,
+        _fit(w, model, data, state, initial_epoch, history, tracker)
+        result = {"rank": w.rank, "size": w.size, "key": spec.key,
+                  "checksum": tmodels.weights_checksum(model),
                   "iterations": int(model.optimizer.iterations.numpy()),
-                  "policy": policy, "xla": jit, "seconds": round(time.time() - t0, 2)}
-        if rank == 0:
-            result.update(_finish(model, spec, history, taxonomy, n_classes, steps, tracker,
-                                   exclusion.summary()))
+                  "policy": w.policy, "xla": w.jit, "seconds": round(time.time() - t0, 2)}
+        if w.rank == 0:
+            result.update(_finish(model, spec, history, data.taxonomy, data.n_classes,
+                                  data.steps, tracker, data.exclusion.summary()))
     except BaseException:
         tracker.end(failed=True)  # a run that failed is not left open in MLflow
         raise
