@@ -218,14 +218,57 @@ def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: di
             "val_accuracy_initial": before.get("accuracy"), "val_accuracy": after.get("accuracy")}
 
 
+def _extract_features(spec: TrainSpec, manifest: dict, taxonomy, trunk, root: str,
+                      rank: int, size: int) -> dict:
+    """This worker's share of the trunk's features of train and val, written under ``root``
+    (curated pictures left out); pictures extracted per split."""
+    from hierarchy.contracts.curation import Exclusion
+    from hierarchy.contracts.dataset import VAL, images_in
+    from hierarchy.train import data as tdata
+
+    tcfg = spec.train
+    extracted = {}
+    exclusion = Exclusion(spec.data, tcfg["exclude"])
+    preprocess = cmodel.preprocess_for(tcfg["backbone"])
+    for split in ("train", VAL):
+        if not images_in(manifest, split):
+            continue
+        with tdata.make_dataset(spec.data, split, tdata.InputOptions(
+                label="l3", image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
+                training=False, repeat=False, return_keys=True, preprocess=preprocess, rank=rank,
+                world_size=size, taxonomy=taxonomy, reader_workers=tcfg["reader_workers"],
+                exclusion=exclusion, **tdata.input_options(tcfg))) as ds:
+            extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
+    return extracted
+
+
+def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str, tcfg: dict,
+                 rank: int, size: int) -> None:
+    """This worker's share of the groups' heads (group g on rank g % size), each saved to
+    ``heads_dir`` as <g>.json (its figures) and <g>.npz (its weights)."""
+    from hierarchy.train import models as tmodels
+
+    group_of, n_groups = tmodels.expert_groups(taxonomy, groups)
+    for g in range(rank, n_groups, size):
+        members = np.flatnonzero(group_of == g)
+        if len(members) < 2:
+            continue  # one leaf: P(l3 | group) = 1, nothing to learn
+        branches = sorted(set(taxonomy.l1_of_l3[members].tolist()))
+        trained = train_group(root, members, branches, kernel, bias, tcfg,
+                              int(tcfg["seed"]) * 7919 + g, name=f"expert_{g}")
+        if trained is not None:
+            storage.write_json_atomic(os.path.join(heads_dir, f"{g}.json"),
+                                      {k: v for k, v in trained.items() if k != "weights"})
+            np.savez(os.path.join(heads_dir, f"{g}.npz"), *trained["weights"])
+
+
 def train_experts(spec: TrainSpec) -> dict:
     """The ``experts`` model of ``spec.run`` (see the module notes); a result per worker."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from hierarchy.contracts.dataset import VAL, Dataset, images_in
-    from hierarchy.train import data as tdata
+    from hierarchy.contracts.dataset import Dataset
     from hierarchy.train import models as tmodels
     from hierarchy.train.gpu import pin_gpu
 
@@ -258,20 +301,7 @@ def train_experts(spec: TrainSpec) -> dict:
             if os.path.isdir(old):
                 shutil.rmtree(old)
     barrier("clean")
-    extracted = {}
-    from hierarchy.contracts.curation import Exclusion
-
-    exclusion = Exclusion(spec.data, tcfg["exclude"])
-    preprocess = cmodel.preprocess_for(tcfg["backbone"])
-    for split in ("train", VAL):
-        if not images_in(manifest, split):
-            continue
-        with tdata.make_dataset(spec.data, split, tdata.InputOptions(
-                label="l3", image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
-                training=False, repeat=False, return_keys=True, preprocess=preprocess, rank=rank,
-                world_size=size, taxonomy=taxonomy, reader_workers=tcfg["reader_workers"],
-                exclusion=exclusion, **tdata.input_options(tcfg))) as ds:
-            extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
+    extracted = _extract_features(spec, manifest, taxonomy, trunk, root, rank, size)
     barrier("features")
     os.makedirs(heads_dir, exist_ok=True)
     tuning = None
@@ -290,18 +320,7 @@ def train_experts(spec: TrainSpec) -> dict:
         barrier("fusion")
         result["seconds"] = round(time.time() - t0, 2)
         return result
-    group_of, n_groups = tmodels.expert_groups(taxonomy, groups)
-    for g in range(rank, n_groups, size):
-        members = np.flatnonzero(group_of == g)
-        if len(members) < 2:
-            continue  # one leaf: P(l3 | group) = 1, nothing to learn
-        branches = sorted(set(taxonomy.l1_of_l3[members].tolist()))
-        trained = train_group(root, members, branches, kernel, bias, tcfg,
-                              int(tcfg["seed"]) * 7919 + g, name=f"expert_{g}")
-        if trained is not None:
-            storage.write_json_atomic(os.path.join(heads_dir, f"{g}.json"),
-                                      {k: v for k, v in trained.items() if k != "weights"})
-            np.savez(os.path.join(heads_dir, f"{g}.npz"), *trained["weights"])
+    _train_heads(root, heads_dir, kernel, bias, taxonomy, groups, tcfg, rank, size)
     barrier("heads")
     result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
               "images_extracted": extracted, "seconds": round(time.time() - t0, 2)}
