@@ -141,6 +141,119 @@ def _json_pictures(pid: str, item, max_pics: int, limits: Limits) -> List[bytes]
     return raws
 
 
+async def _multipart_products(request: Request, max_pics: int, limits: Limits) -> List[tuple]:
+    form = await request.form(max_files=1000, max_fields=1000)
+    files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+    if len(files) > max_pics:
+        raise BadInput(413, f"product has more than {max_pics} pictures (serve.max_pictures)")
+    raws = [await f.read() for f in files]
+    pid = str(form.get("id") or "0")
+    return [(pid, [limits.check(r, f"picture {i} ({files[i].filename})")
+                   for i, r in enumerate(raws)])]
+
+
+def _json_products(body: bytes, scfg: dict, max_pics: int, limits: Limits) -> List[tuple]:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(422, f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadInput(422, 'body is JSON nested too deep: expected {"products": '
+                            '[{"id": ..., "pictures": [base64 JPEG, ...]}, ...]}') from None
+    items = doc.get("products") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        raise BadInput(422, 'expected {"products": [{"id": ..., "pictures": '
+                            '[base64 JPEG, ...]}, ...]}')
+    if len(items) > int(scfg["max_products"]):
+        raise BadInput(413, f"{len(items)} products; the limit is "
+                            f"{scfg['max_products']} (serve.max_products)")
+    out = []
+    for n, item in enumerate(items):
+        pid = str(item.get("id", n)) if isinstance(item, dict) else str(n)
+        try:
+            out.append((pid, _json_pictures(pid, item, max_pics, limits)))
+        except BadInput as exc:
+            out.append((pid, exc))
+    if not out:
+        raise BadInput(422, "no products in the request")
+    return out
+
+
+async def _request_products(request: Request, scfg: dict) -> List[tuple]:
+    """[(id, [jpeg bytes] or the product's BadInput)] of the request, checked for count,
+    size and format. A request-wide problem raises; in a JSON batch a product's own problem
+    is its entry (the others go on)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    max_pics, limits = int(scfg["max_pictures"]), Limits(scfg)
+    if ctype == "multipart/form-data":
+        return await _multipart_products(request, max_pics, limits)
+    if ctype == "application/json":
+        return _json_products(await request.body(), scfg, max_pics, limits)
+    raise BadInput(415, f"content type {ctype or 'missing'}: send multipart/form-data "
+                        f"(field 'files') or application/json")
+
+
+async def _decoded(classifier: Classifier, items: List[tuple]):
+    """(a result per product: its BadInput or None, the products to answer, their places):
+    the pictures decoded off the event loop; a product with a picture that does not decode
+    is refused, the others go on."""
+    import asyncio
+
+    results: list = [raws if isinstance(raws, BadInput) else
+                     BadInput(422, f"product {pid} has no pictures") if not raws else None
+                     for pid, raws in items]
+    todo = [n for n, r in enumerate(results) if r is None]
+    decoded = await asyncio.to_thread(lambda: [classifier.decode(items[n][1]) for n in todo])
+    products, placed = [], []
+    for n, images in zip(todo, decoded):
+        pid = items[n][0]
+        bad = [i for i, im in enumerate(images) if im is None]
+        if bad:
+            results[n] = BadInput(422, f"product {pid} picture {bad[0]} is a JPEG that "
+                                       f"does not decode")
+        else:
+            products.append(Product(pid, images))
+            placed.append(n)
+    return results, products, placed
+
+
+def _refusal(pid: str, bad: BadInput) -> dict:
+    return {"id": pid, "error": {"status": bad.status, "detail": bad.detail}}
+
+
+async def _classify(request: Request, classifier: Classifier, scfg: dict, batcher):
+    """POST /v1/classify: every product of the request answered, or refused by name."""
+    t0 = time.perf_counter()
+    if not classifier.ready.is_set():
+        detail = (f"the models failed to load: {classifier.error}" if classifier.error
+                  else "the models are still loading (see /health/ready)")
+        return JSONResponse({"detail": detail}, status_code=503)
+    try:
+        items = await _request_products(request, scfg)
+    except BodyTooLarge:
+        raise BadInput(413, f"request body over {scfg['max_body_bytes']} bytes "
+                            f"(serve.max_body_bytes)") from None
+    results, products, placed = await _decoded(classifier, items)
+    errors = [_refusal(items[n][0], r) for n, r in enumerate(results)
+              if isinstance(r, BadInput)]
+    if not products:  # nothing to answer: the request itself failed
+        first = next(r for r in results if isinstance(r, BadInput))
+        return JSONResponse({"detail": first.detail, "errors": errors},
+                            status_code=first.status)
+    if errors:
+        log.info("classify: %d of %d products refused (first: %s)", len(errors),
+                 len(items), errors[0]["error"]["detail"])
+    answers, queued, model_s = await batcher.submit(products)
+    for n, answer in zip(placed, answers):
+        results[n] = answer
+    return {"run_id": classifier.run_id, "strategy": classifier.strategy,
+            "products": [_refusal(items[n][0], r) if isinstance(r, BadInput) else r
+                         for n, r in enumerate(results)],
+            "timing_ms": {"queue": round(queued * 1000, 2),
+                          "model": round(model_s * 1000, 2),
+                          "total": round((time.perf_counter() - t0) * 1000, 2)}}
+
+
 def create_app(classifier: Classifier, scfg: dict, data=None, token: str = ""):
     # (FastAPI reads the endpoints' annotations, Request included, from this module's names)
     batcher_box: dict = {}
@@ -188,101 +301,9 @@ def create_app(classifier: Classifier, scfg: dict, data=None, token: str = ""):
     async def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    async def products_of(request: Request) -> List[tuple]:
-        """[(id, [jpeg bytes] or the product's BadInput)] of the request, checked for count,
-        size and format. A request-wide problem raises; in a JSON batch a product's own
-        problem is its entry (the others go on)."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        max_pics, limits = int(scfg["max_pictures"]), Limits(scfg)
-        if ctype == "multipart/form-data":
-            form = await request.form(max_files=1000, max_fields=1000)
-            files = [v for _, v in form.multi_items() if hasattr(v, "read")]
-            if len(files) > max_pics:
-                raise BadInput(413, f"product has more than {max_pics} pictures "
-                                    f"(serve.max_pictures)")
-            raws = [await f.read() for f in files]
-            pid = str(form.get("id") or "0")
-            return [(pid, [limits.check(r, f"picture {i} ({files[i].filename})")
-                           for i, r in enumerate(raws)])]
-        if ctype == "application/json":
-            try:
-                doc = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise BadInput(422, f"body is not JSON: {exc}") from None
-            except RecursionError:
-                raise BadInput(422, 'body is JSON nested too deep: expected {"products": '
-                                    '[{"id": ..., "pictures": [base64 JPEG, ...]}, ...]}') from None
-            items = doc.get("products") if isinstance(doc, dict) else None
-            if not isinstance(items, list):
-                raise BadInput(422, 'expected {"products": [{"id": ..., "pictures": '
-                                    '[base64 JPEG, ...]}, ...]}')
-            if len(items) > int(scfg["max_products"]):
-                raise BadInput(413, f"{len(items)} products; the limit is "
-                                    f"{scfg['max_products']} (serve.max_products)")
-            out = []
-            for n, item in enumerate(items):
-                pid = str(item.get("id", n)) if isinstance(item, dict) else str(n)
-                try:
-                    out.append((pid, _json_pictures(pid, item, max_pics, limits)))
-                except BadInput as exc:
-                    out.append((pid, exc))
-            if not out:
-                raise BadInput(422, "no products in the request")
-            return out
-        raise BadInput(415, f"content type {ctype or 'missing'}: send multipart/form-data "
-                            f"(field 'files') or application/json")
-
     @app.post("/v1/classify", openapi_extra={"requestBody": CLASSIFY_BODY})
     async def classify(request: Request):
-        t0 = time.perf_counter()
-        if not classifier.ready.is_set():
-            detail = (f"the models failed to load: {classifier.error}" if classifier.error
-                      else "the models are still loading (see /health/ready)")
-            return JSONResponse({"detail": detail}, status_code=503)
-        import asyncio
-
-        try:
-            items = await products_of(request)
-        except BodyTooLarge:
-            raise BadInput(413, f"request body over {scfg['max_body_bytes']} bytes "
-                                f"(serve.max_body_bytes)") from None
-        results: list = [raws if isinstance(raws, BadInput) else
-                         BadInput(422, f"product {pid} has no pictures") if not raws else None
-                         for pid, raws in items]
-        todo = [n for n, r in enumerate(results) if r is None]
-        decoded = await asyncio.to_thread(
-            lambda: [classifier.decode(items[n][1]) for n in todo])
-        products, placed = [], []
-        for n, images in zip(todo, decoded):
-            pid = items[n][0]
-            bad = [i for i, im in enumerate(images) if im is None]
-            if bad:
-                results[n] = BadInput(422, f"product {pid} picture {bad[0]} is a JPEG that "
-                                           f"does not decode")
-            else:
-                products.append(Product(pid, images))
-                placed.append(n)
-        def refusal(n: int) -> dict:
-            return {"id": items[n][0], "error": {"status": results[n].status,
-                                                 "detail": results[n].detail}}
-
-        errors = [refusal(n) for n, r in enumerate(results) if isinstance(r, BadInput)]
-        if not products:  # nothing to answer: the request itself failed
-            first = next(r for r in results if isinstance(r, BadInput))
-            return JSONResponse({"detail": first.detail, "errors": errors},
-                                status_code=first.status)
-        if errors:
-            log.info("classify: %d of %d products refused (first: %s)", len(errors),
-                     len(items), errors[0]["error"]["detail"])
-        answers, queued, model_s = await batcher_box["b"].submit(products)
-        for n, answer in zip(placed, answers):
-            results[n] = answer
-        return {"run_id": classifier.run_id, "strategy": classifier.strategy,
-                "products": [refusal(n) if isinstance(r, BadInput) else r
-                             for n, r in enumerate(results)],
-                "timing_ms": {"queue": round(queued * 1000, 2),
-                              "model": round(model_s * 1000, 2),
-                              "total": round((time.perf_counter() - t0) * 1000, 2)}}
+        return await _classify(request, classifier, scfg, batcher_box["b"])
 
     from hierarchy.serve.review import review_limits
 
