@@ -14,7 +14,6 @@ load      swap the staged partitions of this kind (train: split=train/val, test:
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 from collections import Counter
@@ -24,23 +23,25 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from hierarchy.contracts import storage
-from hierarchy.contracts.dataset import KIND_SPLITS, SPLITS, Dataset
-from hierarchy.contracts.errors import Refused, UsageError
-from hierarchy.contracts.schema import IMAGES_FILE, PRODUCTS_FILE, QUARANTINE_FILE, images_key
+from hierarchy.contracts.dataset import KIND_SPLITS, Dataset
+from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.schema import IMAGES_FILE, QUARANTINE_FILE
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest import decode as dec
-from hierarchy.ingest import duplicates, rawdoc
+from hierarchy.ingest import duplicates
 from hierarchy.ingest.lock import check_unlocked, output_lock
 from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
 from hierarchy.ingest.split import assign_splits
-from hierarchy.ingest.writer import PartWriter, write_table
+from hierarchy.ingest.transform import (
+    IngestContext,
+    IngestError,
+    IngestTask,
+    cached_taxonomy,
+    process_range,
+)
+from hierarchy.ingest.writer import write_table
 
 log = logging.getLogger(__name__)
-
-
-class IngestError(Refused, RuntimeError):
-    """The job refused to commit (bad input above the threshold, an input without a usable
-    document, taxonomy mismatch...)."""
 
 
 @dataclass(frozen=True)
@@ -55,31 +56,6 @@ class InputFile:
         mtime = dt.datetime.fromtimestamp(self.mtime, dt.UTC).isoformat() if self.mtime \
             else None
         return {"path": self.url, "size": self.size, "mtime": mtime}
-
-
-@dataclass(frozen=True)
-class IngestTask:
-    """One Spark task: a contiguous byte range of one input, and each document's split."""
-
-    range_id: int
-    source: str
-    start: int
-    end: int
-    n_docs: int
-    kind: str
-    splits: bytes      # one code per document: an index into hierarchy.contracts.dataset.SPLITS
-
-
-@dataclass(frozen=True)
-class IngestContext:
-    """What every task of one ingest shares (shipped once in the task closure)."""
-
-    staging: str
-    verify_jpeg: str
-    compression: str
-    row_group_bytes: int
-    raw_decoder: bool = True
-    max_picture_pixels: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,147 +168,6 @@ def corrupt_rows(scans: Sequence[ScanResult]) -> List[dict]:
     ]
 
 
-# ------------------------------------------------------------------------------ transform
-_TAXONOMY_CACHE: Dict[str, Taxonomy] = {}
-
-
-def _taxonomy(text: str) -> Taxonomy:
-    # parsed once per Python worker, not once per task
-    key = str(hash(text))
-    if key not in _TAXONOMY_CACHE:
-        _TAXONOMY_CACHE[key] = Taxonomy.from_json(text)
-    return _TAXONOMY_CACHE[key]
-
-
-class _Range:
-    """A task's bytes: a read-only map of the page cache for a local file (no copy, nothing
-    to zero), else one read into a buffer. ``data[first:]`` is the range; the fast path and
-    the writers slice it in place, so it is closed only after the writers are."""
-
-    def __init__(self, url: str, start: int, size: int):
-        self._map = None
-        try:
-            local = storage.map_local(url, start, size) if size else None
-        except ValueError as exc:
-            raise IngestError(f"{exc}; the file shrank since the scan") from None
-        if local is not None:
-            self._map, self.first = local
-            self.data = self._map
-            return
-        self.data, self.first = bytearray(size), 0
-        view = memoryview(self.data)
-        fs, path = storage.resolve(url)
-        with fs.open_input_file(path) as fh:
-            fh.seek(start)
-            got = 0
-            while got < size:
-                n = fh.readinto(view[got:])
-                if not n:
-                    raise IngestError(f"{url}: {size - got} byte(s) missing at offset "
-                                      f"{start + got}; the file shrank since the scan")
-                got += n
-
-    def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a slice still exported (an aborted task): the GC closes it
-                pass
-
-
-def process_range(task: IngestTask, ctx: IngestContext, taxonomy: Taxonomy) -> dict:
-    """Decode one byte range and write its part files; returns small counts for the manifest."""
-    started = time.time()
-    t0 = time.perf_counter()
-    source = _Range(task.source, task.start, task.end - task.start)
-    data = source.data
-    view = memoryview(data)
-    t_read = time.perf_counter() - t0
-    staging = Dataset(ctx.staging)
-    name = duplicates.part_name(task.range_id)
-    images = {
-        split: PartWriter(storage.join(staging.images(split), name), IMAGES_FILE,
-                          ctx.compression, ctx.row_group_bytes, "nbytes")
-        for split in KIND_SPLITS[task.kind]
-    }
-    products: List[dict] = []
-    quarantine: List[dict] = []
-    stats = {"documents": 0, "bad_documents": 0}
-    dedup = duplicates.RangeDeduplicator(task.source)
-    fast = ctx.raw_decoder and ctx.verify_jpeg == "markers"
-    # the loop makes no reference cycles (refcounting frees everything), while the cyclic
-    # collector would walk every picture slice and row it holds, ~5 % of a task
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for i, (offset, pos, length) in enumerate(dec.document_spans(data, task.start,
-                                                                      source.first)):
-            split = SPLITS[task.splits[i]]
-            stats["documents"] += 1
-            got = rawdoc.read_product(data, view, pos, length, task.kind, taxonomy,
-                                      ctx.max_picture_pixels) if fast else None
-            if got is not None and dedup.claim(got[0], offset):
-                product_id, category_id, levels, pictures = got
-                images[split].add_pictures(product_id, category_id, *levels, pictures)
-                products.append(dec.product_row(product_id, category_id, levels, split,
-                                                len(pictures), 0, task.source, offset, length))
-                continue
-            # the reference decode: anything the fast path does not take, with its reasons
-            out = dec.decode_document(bytes(view[pos:pos + length]), source=task.source,
-                                      offset=offset, kind=task.kind, split=split,
-                                      taxonomy=taxonomy, verify_jpeg=ctx.verify_jpeg,
-                                      max_pixels=ctx.max_picture_pixels)
-            out = dedup.check(out, offset, length)
-            if out.quarantine:
-                quarantine.extend(out.quarantine)
-            if out.product is None:
-                stats["bad_documents"] += 1
-                continue
-            products.append(out.product)
-            images[split].extend(out.images)
-        if stats["documents"] != task.n_docs:
-            raise IngestError(
-                f"{task.source} bytes {task.start}-{task.end}: decoded {stats['documents']} "
-                f"documents where the scan indexed {task.n_docs}")
-        for writer in images.values():
-            writer.close()
-    except BaseException:
-        for writer in images.values():
-            writer.abort()
-        raise
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-        del view
-        source.close()
-    t_tables = time.perf_counter()
-    if products:
-        write_table(storage.join(staging.products(task.kind), name), products, PRODUCTS_FILE)
-    if quarantine:
-        write_table(storage.join(staging.quarantine(task.kind), name), quarantine,
-                    QUARANTINE_FILE)
-    finished = time.perf_counter()
-    write_s = sum(w.seconds for w in images.values()) + finished - t_tables
-    stats["row_groups"] = {images_key(split, name): w.row_groups
-                           for split, w in images.items() if w.row_groups}
-    stats["task_s"] = {"read": t_read, "write": write_s,
-                       "decode": finished - t0 - t_read - write_s}
-    stats["started"], stats["finished"] = started, started + finished - t0
-    stats["quarantine"] = dec.count_reasons(quarantine)
-    counts: Dict[str, Counter] = {"products": Counter(), "images": Counter(),
-                                  "images_l1": Counter()}
-    for p in products:
-        counts["products"][p["split"]] += 1
-        counts["images"][p["split"]] += p["n_images"]
-        if p["l1"] is not None and p["n_images"]:
-            counts["images_l1"][(p["split"], p["l1"])] += p["n_images"]
-    stats.update({key: dict(c) for key, c in counts.items()})
-    stats["image_bytes"] = sum(w.nbytes for w in images.values())
-    stats["products_by_source"] = {task.source: len(products)}
-    stats["quarantine_by_source"] = {task.source: stats["quarantine"]}
-    return stats
-
-
 # ------------------------------------------------------------------------------ load
 def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
                kind: str = "train", checked: Optional[CheckedIngest] = None,
@@ -348,7 +183,7 @@ def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
 
 
 def _load_task_modules(_) -> int:
-    from hierarchy.ingest import writer  # what a decode task imports
+    from hierarchy.ingest import transform, writer  # noqa: F401 - what a decode task imports
 
     writer.warm_up(IMAGES_FILE)
     return 0
@@ -383,69 +218,57 @@ class _WarmWorkers:
         return self.seconds
 
 
-def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: str,
-                   spark_start_s: Optional[float]) -> dict:
-    icfg = cfg["ingest"]
-    progress = bool(icfg["progress"])
-    t0 = time.time()
-    taxonomy, files = checked.taxonomy, checked.files
-    # again under the lock: another ingest may have committed since the check
-    _check_taxonomy(dataset, taxonomy, checked.categories)
+def _context(icfg: dict, staging: Dataset) -> IngestContext:
+    return IngestContext(staging=staging.root, verify_jpeg=icfg["verify_jpeg"],
+                         compression=icfg["compression"],
+                         row_group_bytes=int(icfg["row_group_mb"] * (1 << 20)),
+                         raw_decoder=bool(icfg["raw_decoder"]),
+                         max_picture_pixels=int(icfg["max_picture_pixels"]))
 
-    warm = _WarmWorkers(spark)  # Python workers start while the driver scans
-    scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
-    tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
-                       icfg["val_fraction"], icfg["split_seed"],
-                       slots=spark.sparkContext.defaultParallelism)
-    t_scan = time.time()
 
-    staged = dataset.stage(kind)
-    staging = staged.staging
-    region_rows = corrupt_rows(scans)
-    write_table(storage.join(staging.quarantine(kind), "part-scan.parquet"), region_rows,
-                QUARANTINE_FILE)
-    ctx = IngestContext(staging=staging.root, verify_jpeg=icfg["verify_jpeg"],
-                        compression=icfg["compression"],
-                        row_group_bytes=int(icfg["row_group_mb"] * (1 << 20)),
-                        raw_decoder=bool(icfg["raw_decoder"]),
-                        max_picture_pixels=int(icfg["max_picture_pixels"]))
+def _decode(spark, tasks: List[IngestTask], ctx: IngestContext, taxonomy: Taxonomy,
+            warm: _WarmWorkers, progress: bool, marks: Dict[str, float]) -> List[dict]:
+    """The decode job: one Spark task per byte range; returns their counts. ``marks`` gets
+    the times the job waited for its workers, was submitted and ended."""
     tax_b = spark.sparkContext.broadcast(taxonomy.to_json())
 
     def run_task(task: IngestTask) -> dict:
-        return process_range(task, ctx, _taxonomy(tax_b.value))
+        return process_range(task, ctx, cached_taxonomy(tax_b.value))
 
     # the commit's Petastorm (and pandas) imports, ~0.25 s, while the workers still start
     from hierarchy.contracts.schema import images_unischema
 
     images_unischema()
-    from hierarchy.spark import collect_with_progress, run_with_progress
+    from hierarchy.spark import collect_with_progress
 
-    warmup_s = warm.join()
-    t_workers = time.time()  # the scan is done; what is left of the warm-up is waited for
+    marks["warmup_s"] = warm.join()
+    marks["workers"] = time.time()  # the scan is done; what is left of the warm-up is waited for
     results = []
-    t_submit = time.time()
+    marks["submit"] = time.time()
     if tasks:
         rdd = spark.sparkContext.parallelize(tasks, len(tasks)).map(run_task)
         results = collect_with_progress(rdd, "decode", len(tasks), progress)
-    t_decode = time.time()
-    task_s = {k: round(sum(r["task_s"][k] for r in results), 3)
-              for k in ("read", "decode", "write")}
-    # how long the first task waited for a Python worker (fork, imports) after submission
-    worker_start = min((r["started"] for r in results), default=t_submit) - t_submit
-    pids = [s.product_ids for s in scans]
-    if duplicates.may_repeat_across_ranges(
-            np.concatenate(pids) if pids else [], [t.n_docs for t in tasks]):
-        results += run_with_progress(
-            spark, "duplicate ids", lambda: duplicates.resolve(
-                spark, staging, kind, [f.url for f in files]),
-            enabled=progress)
-    t_dedup = time.time()
-    written: Dict[str, int] = {}
-    for r in results:  # the duplicate step's rewrites come last and override
-        written.update(r.get("row_groups", {}))
+    marks["decode"] = time.time()
+    return results
 
-    counts = summarize(results, scans, region_rows)
-    _refuse_empty_inputs(files, counts, staging.quarantine())
+
+def _resolve_duplicates(spark, scans, tasks, staging: Dataset, kind: str, files, progress: bool
+                        ) -> List[dict]:
+    """A product id seen in two byte ranges keeps its first copy (a Spark job over the staged
+    parts, only when the scan saw an id that could repeat across ranges)."""
+    from hierarchy.spark import run_with_progress
+
+    pids = [s.product_ids for s in scans]
+    if not duplicates.may_repeat_across_ranges(
+            np.concatenate(pids) if pids else [], [t.n_docs for t in tasks]):
+        return []
+    return run_with_progress(
+        spark, "duplicate ids", lambda: duplicates.resolve(
+            spark, staging, kind, [f.url for f in files]), enabled=progress)
+
+
+def _refuse_too_bad(counts: dict, icfg: dict, staging: Dataset) -> float:
+    """The share of unusable documents and regions; IngestError above the threshold."""
     bad = counts["bad_documents"] + counts["corrupt_regions"]
     units = counts["documents"] + counts["corrupt_regions"]
     fraction = bad / units if units else 0.0
@@ -455,31 +278,70 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
             f"{bad} of {units} documents or regions unusable ({fraction:.2%}) is above "
             f"ingest.max_bad_fraction={icfg['max_bad_fraction']} ({top}); nothing was "
             f"committed, the quarantine is in {staging.quarantine()}")
+    return fraction
 
+
+def _timings(marks: Dict[str, float], results: List[dict], metadata_s: float,
+             spark_start_s: Optional[float]) -> dict:
+    task_s = {k: round(sum(r["task_s"][k] for r in results), 3)
+              for k in ("read", "decode", "write")}
+    # how long the first task waited for a Python worker (fork, imports) after submission
+    worker_start = min((r["started"] for r in results), default=marks["submit"]) - \
+        marks["submit"]
+    m = marks
+    return {**({"spark_start_s": round(spark_start_s, 3)} if spark_start_s is not None else {}),
+            "scan_s": round(m["scan"] - m["start"], 3),
+            # the workers' start beside the scan, and what the job still waited for
+            "worker_warmup_s": round(m["warmup_s"], 3),
+            "worker_wait_s": round(m["workers"] - m["scan"], 3),
+            "worker_start_s": round(max(0.0, worker_start), 3),
+            "decode_s": round(m["decode"] - m["workers"], 3),
+            "tasks_s": task_s,
+            "duplicates_s": round(m["dedup"] - m["decode"], 3),
+            "metadata_s": round(metadata_s, 3),
+            "commit_s": round(m["commit"] - m["dedup"] - metadata_s, 3),
+            "total_s": round(m["commit"] - m["start"], 3)}
+
+
+def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: str,
+                   spark_start_s: Optional[float]) -> dict:
+    icfg = cfg["ingest"]
+    progress = bool(icfg["progress"])
+    marks = {"start": time.time()}
+    taxonomy, files = checked.taxonomy, checked.files
+    # again under the lock: another ingest may have committed since the check
+    _check_taxonomy(dataset, taxonomy, checked.categories)
+
+    warm = _WarmWorkers(spark)  # Python workers start while the driver scans
+    scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
+    tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
+                       icfg["val_fraction"], icfg["split_seed"],
+                       slots=spark.sparkContext.defaultParallelism)
+    marks["scan"] = time.time()
+
+    staged = dataset.stage(kind)
+    region_rows = corrupt_rows(scans)
+    write_table(storage.join(staged.staging.quarantine(kind), "part-scan.parquet"),
+                region_rows, QUARANTINE_FILE)
+    results = _decode(spark, tasks, _context(icfg, staged.staging), taxonomy, warm, progress,
+                      marks)
+    decoded = len(results)
+    results += _resolve_duplicates(spark, scans, tasks, staged.staging, kind, files, progress)
+    marks["dedup"] = time.time()
+    written: Dict[str, int] = {}
+    for r in results:  # the duplicate step's rewrites come last and override
+        written.update(r.get("row_groups", {}))
+
+    counts = summarize(results, scans, region_rows)
+    _refuse_empty_inputs(files, counts, staged.staging.quarantine())
+    fraction = _refuse_too_bad(counts, icfg, staged.staging)
     metadata_s = staged.commit(taxonomy, written)
-    t_commit = time.time()
+    marks["commit"] = time.time()
     counts.pop("by_source")
-    entry = {
-        "status": "complete",
-        "inputs": [f.record() for f in files],
-        "counts": counts,
-        "bad_fraction": round(fraction, 6),
-        "config": dict(icfg),
-        "timings": {**({"spark_start_s": round(spark_start_s, 3)}
-                       if spark_start_s is not None else {}),
-                    "scan_s": round(t_scan - t0, 3),
-                    # the workers' start beside the scan, and what the job still waited for
-                    "worker_warmup_s": round(warmup_s, 3),
-                    "worker_wait_s": round(t_workers - t_scan, 3),
-                    "worker_start_s": round(max(0.0, worker_start), 3),
-                    "decode_s": round(t_decode - t_workers, 3),
-                    "tasks_s": task_s,
-                    "duplicates_s": round(t_dedup - t_decode, 3),
-                    "metadata_s": round(metadata_s, 3),
-                    "commit_s": round(t_commit - t_dedup - metadata_s, 3),
-                    "total_s": round(t_commit - t0, 3)},
-        "tasks": len(tasks),
-    }
+    entry = {"status": "complete", "inputs": [f.record() for f in files], "counts": counts,
+             "bad_fraction": round(fraction, 6), "config": dict(icfg),
+             "timings": _timings(marks, results[:decoded], metadata_s, spark_start_s),
+             "tasks": len(tasks)}
     staged.record(entry)
     log.debug("ingest %s committed into %s", kind, dataset.root)
     return entry
