@@ -55,6 +55,67 @@ def extract(spark, data: str):
     return images.mapInArrow(lambda batches: map(hash_batch, batches), StructType(fields))
 
 
+def _group_stats(pics):
+    """Per group of near-identical pictures: its size, products, categories, the splits it
+    spans and its label counts (a JSON map category -> pictures)."""
+    from pyspark.sql import functions as F
+
+    cats = (pics.where(F.col("category_id").isNotNull() & F.col("group_hash").isNotNull())
+                .groupBy("group_hash", "category_id").count()
+                .groupBy("group_hash")
+                .agg(F.to_json(F.map_from_entries(F.collect_list(F.struct(
+                    F.col("category_id").cast("string"), F.col("count")))))
+                    .alias("category_counts"),
+                     (F.max("count") / F.sum("count")).alias("top_category_share")))
+    return (pics.where(F.col("group_hash").isNotNull()).groupBy("group_hash")
+                .agg(F.count("*").alias("group_pictures"),
+                     F.countDistinct("product_id").alias("group_products"),
+                     F.countDistinct("category_id").alias("group_categories"),
+                     F.countDistinct("md5").alias("group_distinct"),
+                     F.max((F.col("split") == "train").cast("int")).alias("in_train"),
+                     F.max((F.col("split") == "val").cast("int")).alias("in_val"),
+                     F.max("hash_categories").alias("group_hash_categories"))
+                .join(cats, "group_hash", "left"))
+
+
+def _reason():
+    """One line saying why a picture is flagged, from its flags and group figures."""
+    from pyspark.sql import functions as F
+
+    grouped = F.coalesce(F.col("group_pictures"), F.lit(1)) > 1
+    return F.concat_ws("; ", F.filter(F.array(
+        F.when(F.col("blank"), F.format_string("near-uniform (pixel std %.1f)", "pixel_std")),
+        F.when(F.col("duplicate"), F.format_string("%d exact copies", "exact_copies")),
+        F.when(grouped, F.format_string("group of %d pictures (%d distinct), %d products, "
+                                        "%d categories", "group_pictures", "group_distinct",
+                                        "group_products", "group_categories")),
+        F.when(F.col("placeholder") | F.col("conflicting_labels"),
+               F.concat(F.lit("labels "), F.col("category_counts"))),
+        F.when(F.col("leakage"), F.lit("in train and val")),
+        F.when(F.col("hash_error").isNotNull(), F.col("hash_error"))), lambda x: x.isNotNull()))
+
+
+def _with_reviews(rows, reviews):
+    """Each picture's latest review decision (review, its category, who and when), or nulls."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if reviews is None:
+        return (rows.withColumn("review", F.lit(None).cast("string"))
+                    .withColumn("review_category_id", F.lit(None).cast("long"))
+                    .withColumn("reviewed_by", F.lit(None).cast("string"))
+                    .withColumn("reviewed_at", F.lit(None).cast("timestamp")))
+    latest = (reviews.withColumn("_n", F.row_number().over(
+        Window.partitionBy("product_id", "img_idx")
+              .orderBy(F.desc("decided_at"), F.desc("review_id"))))
+              .where("_n = 1")
+              .select("product_id", "img_idx", F.col("decision").alias("review"),
+                      F.col("category_id").alias("review_category_id"),
+                      F.col("reviewer").alias("reviewed_by"),
+                      F.col("decided_at").alias("reviewed_at")))
+    return rows.join(latest, ["product_id", "img_idx"], "left")
+
+
 def flag(pics, edges_labels, reviews, ccfg: dict):
     """The curation rows: one per picture, its group, counts, flags and review."""
     from pyspark.sql import Window
@@ -67,23 +128,7 @@ def flag(pics, edges_labels, reviews, ccfg: dict):
     # the near group: different products that merely look alike are filed apart rightly
     pics = pics.withColumn("hash_categories", F.when(F.col("phash").isNotNull(), F.size(
         F.collect_set("category_id").over(Window.partitionBy("phash")))))
-    cats = (pics.where(F.col("category_id").isNotNull() & F.col("group_hash").isNotNull())
-                .groupBy("group_hash", "category_id").count()
-                .groupBy("group_hash")
-                .agg(F.to_json(F.map_from_entries(F.collect_list(F.struct(
-                    F.col("category_id").cast("string"), F.col("count")))))
-                    .alias("category_counts"),
-                     (F.max("count") / F.sum("count")).alias("top_category_share")))
-    stats = (pics.where(F.col("group_hash").isNotNull()).groupBy("group_hash")
-                 .agg(F.count("*").alias("group_pictures"),
-                      F.countDistinct("product_id").alias("group_products"),
-                      F.countDistinct("category_id").alias("group_categories"),
-                      F.countDistinct("md5").alias("group_distinct"),
-                      F.max((F.col("split") == "train").cast("int")).alias("in_train"),
-                      F.max((F.col("split") == "val").cast("int")).alias("in_val"),
-                      F.max("hash_categories").alias("group_hash_categories"))
-                 .join(cats, "group_hash", "left"))
-    rows = pics.join(stats, "group_hash", "left")
+    rows = pics.join(_group_stats(pics), "group_hash", "left")
     grouped = F.coalesce(F.col("group_pictures"), F.lit(1)) > 1
     placeholder = grouped & (F.col("group_products") >= ccfg["placeholder_min_products"]) & \
         (F.col("group_categories") >= ccfg["placeholder_min_categories"]) & \
@@ -100,36 +145,11 @@ def flag(pics, edges_labels, reviews, ccfg: dict):
          .alias("leakage"))
     flags = F.filter(F.array(*[F.when(F.col(f), F.lit(f)) for f in ct.FLAGS]),
                      lambda x: x.isNotNull())
-    reason = F.concat_ws("; ", F.filter(F.array(
-        F.when(F.col("blank"), F.format_string("near-uniform (pixel std %.1f)", "pixel_std")),
-        F.when(F.col("duplicate"), F.format_string("%d exact copies", "exact_copies")),
-        F.when(grouped, F.format_string("group of %d pictures (%d distinct), %d products, "
-                                        "%d categories", "group_pictures", "group_distinct",
-                                        "group_products", "group_categories")),
-        F.when(F.col("placeholder") | F.col("conflicting_labels"),
-               F.concat(F.lit("labels "), F.col("category_counts"))),
-        F.when(F.col("leakage"), F.lit("in train and val")),
-        F.when(F.col("hash_error").isNotNull(), F.col("hash_error"))), lambda x: x.isNotNull()))
-    rows = rows.withColumn("flags", flags).withColumn("reason", reason)
+    rows = rows.withColumn("flags", flags).withColumn("reason", _reason())
     rows = rows.withColumn("group_id", F.when(F.col("group_hash").isNotNull(),
                                               _hex(F.col("group_hash"))))
     rows = rows.withColumn("phash_hex", _hex(F.col("phash")))
-    if reviews is not None:
-        latest = (reviews.withColumn("_n", F.row_number().over(
-            Window.partitionBy("product_id", "img_idx")
-                  .orderBy(F.desc("decided_at"), F.desc("review_id"))))
-                  .where("_n = 1")
-                  .select("product_id", "img_idx", F.col("decision").alias("review"),
-                          F.col("category_id").alias("review_category_id"),
-                          F.col("reviewer").alias("reviewed_by"),
-                          F.col("decided_at").alias("reviewed_at")))
-        rows = rows.join(latest, ["product_id", "img_idx"], "left")
-    else:
-        rows = (rows.withColumn("review", F.lit(None).cast("string"))
-                    .withColumn("review_category_id", F.lit(None).cast("long"))
-                    .withColumn("reviewed_by", F.lit(None).cast("string"))
-                    .withColumn("reviewed_at", F.lit(None).cast("timestamp")))
-    return rows.select(
+    return _with_reviews(rows, reviews).select(
         "product_id", "img_idx", "category_id", "l1", "l3", "nbytes", "md5",
         F.col("phash_hex").alias("phash"), F.lit(algorithm()).alias("hash_algorithm"),
         "pixel_std", "hash_error", "group_id",

@@ -289,29 +289,10 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     written = spark.table(name).where(
         (F.col("run_id") == run_id) & (F.col("split") == split) &
         F.col("strategy").isin(strategies))
-    stats = {r.strategy: r for r in written.groupBy("strategy").agg(
-        F.count("*").alias("products"),
-        F.sum((F.col("answered_by") == "duplicate").cast("int")).alias("duplicates"),
-        F.sum(F.col("fallback").cast("int")).alias("fallback"),
-        *[F.sum((F.col("decision_level") == level).cast("int")).alias(f"decided_{level}")
-          for level in (3, 2, 1, 0)],
-        F.sum("image_count").alias("images"),
-        F.sum("bad_image_count").alias("bad_images")).collect()}  # a row per strategy
-    results = {}
-    for strategy in strategies:
-        modelset, st = checked[strategy].modelset, stats.get(strategy)
-        results[strategy] = {
-            "run_id": run_id, "split": split, "strategy": strategy, "table": name,
-            "review_view": review_view, "table_path": location,
-            "products": int(st.products) if st else 0,
-            "images": int(st.images or 0) if st else 0,
-            "bad_images": int(st.bad_images or 0) if st else 0,
-            "fallback": int(st.fallback or 0) if st else 0,
-            "answered_by_duplicate": int(st.duplicates or 0) if st else 0,
-            "untrained_branches": modelset.untrained_branches,
-            "decisions": None if modelset.decision is None else
-            {str(level): int((st[f"decided_{level}"] if st else 0) or 0)
-             for level in (3, 2, 1, 0)}}
+    stats = _written_stats(written)
+    results = {s: {"run_id": run_id, "split": split, "strategy": s, "table": name,
+                   "review_view": review_view, "table_path": location,
+                   **_result_counts(stats.get(s), checked[s].modelset)} for s in strategies}
     if split == TEST:
         (strategy,) = strategies
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
@@ -322,6 +303,32 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     for result in results.values():
         result["seconds"] = seconds
     return results
+
+
+def _written_stats(written) -> dict:
+    """{strategy: a Row of its counts} of the partitions just written (one small job)."""
+    from pyspark.sql import functions as F
+
+    return {r.strategy: r for r in written.groupBy("strategy").agg(
+        F.count("*").alias("products"),
+        F.sum((F.col("answered_by") == "duplicate").cast("int")).alias("duplicates"),
+        F.sum(F.col("fallback").cast("int")).alias("fallback"),
+        *[F.sum((F.col("decision_level") == level).cast("int")).alias(f"decided_{level}")
+          for level in (3, 2, 1, 0)],
+        F.sum("image_count").alias("images"),
+        F.sum("bad_image_count").alias("bad_images")).collect()}  # a row per strategy
+
+
+def _result_counts(st, modelset: ModelSet) -> dict:
+    return {"products": int(st.products) if st else 0,
+            "images": int(st.images or 0) if st else 0,
+            "bad_images": int(st.bad_images or 0) if st else 0,
+            "fallback": int(st.fallback or 0) if st else 0,
+            "answered_by_duplicate": int(st.duplicates or 0) if st else 0,
+            "untrained_branches": modelset.untrained_branches,
+            "decisions": None if modelset.decision is None else
+            {str(level): int((st[f"decided_{level}"] if st else 0) or 0)
+             for level in (3, 2, 1, 0)}}
 
 
 def note_decision_rule(dcfg: dict, modelset: ModelSet, data: str, models: str,

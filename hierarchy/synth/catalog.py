@@ -238,42 +238,8 @@ def generate(
     workers = max(1, min(workers or os.cpu_count() or 1, n_blocks))
 
     os.makedirs(output_dir, exist_ok=True)
-    paths = {s: os.path.join(output_dir, name) for s, name in FILES.items()}
-    csv_path = os.path.join(output_dir, "category_names.csv")
-    images = {TRAIN: 0, TEST: 0}
-    used = np.zeros(tax.n_l3, dtype=bool)
-    # each file under a temporary name, all renamed only when everything was written
-    with (
-        storage.atomic_local_file(paths[TRAIN]) as train_tmp,
-        storage.atomic_local_file(paths[TEST]) as test_tmp,
-        storage.atomic_local_file(csv_path) as csv_tmp,
-        storage.atomic_local_file(os.path.join(output_dir, SOLUTION)) as solution_tmp,
-        storage.atomic_local_file(os.path.join(output_dir, TRUTH)) as truth_tmp,
-    ):
-        with (
-            open(train_tmp, "wb") as f_train,
-            open(test_tmp, "wb") as f_test,
-            open(solution_tmp, "w") as f_solution,
-            open(truth_tmp, "w") as f_truth,
-            tqdm(
-                total=products + test_products, unit="product", disable=not progress, desc="synth"
-            ) as bar,
-        ):
-            out = {TRAIN: f_train, TEST: f_test}
-            f_solution.write("_id,category_id\n")
-            f_truth.write(TRUTH_HEADER)
-            planted = 0
-            for split, blob, n_images, leaves, truth in _run(plan, train_ids, test_ids, workers,
-                                                             solution=f_solution):
-                out[split].write(blob)
-                f_truth.writelines(truth)
-                planted += len(truth)
-                images[split] += n_images
-                if split == TRAIN:
-                    used[leaves] = True
-                bar.update(len(leaves))
-        tax.to_csv(csv_tmp)
-
+    images, used, planted = _write_files(plan, tax, output_dir, train_ids, test_ids, workers,
+                                         progress)
     seconds = time.perf_counter() - started
     files = dict(FILES, csv="category_names.csv", solution=SOLUTION)
     if not plants.any:
@@ -295,6 +261,48 @@ def generate(
         "seconds": round(seconds, 3),
         "products_per_second": round((products + test_products) / max(seconds, 1e-9), 1),
     }
+
+
+def _write_files(plan: Plan, tax: Taxonomy, output_dir: str, train_ids: np.ndarray,
+                 test_ids: np.ndarray, workers: int, progress: bool):
+    """Every file of the catalog, each under a temporary name and all renamed only when
+    everything was written; (pictures per split, leaves used in train, planted problems)."""
+    paths = {s: os.path.join(output_dir, name) for s, name in FILES.items()}
+    csv_path = os.path.join(output_dir, "category_names.csv")
+    images = {TRAIN: 0, TEST: 0}
+    used = np.zeros(tax.n_l3, dtype=bool)
+    with (
+        storage.atomic_local_file(paths[TRAIN]) as train_tmp,
+        storage.atomic_local_file(paths[TEST]) as test_tmp,
+        storage.atomic_local_file(csv_path) as csv_tmp,
+        storage.atomic_local_file(os.path.join(output_dir, SOLUTION)) as solution_tmp,
+        storage.atomic_local_file(os.path.join(output_dir, TRUTH)) as truth_tmp,
+    ):
+        with (
+            open(train_tmp, "wb") as f_train,
+            open(test_tmp, "wb") as f_test,
+            open(solution_tmp, "w") as f_solution,
+            open(truth_tmp, "w") as f_truth,
+            tqdm(
+                total=len(train_ids) + len(test_ids), unit="product", disable=not progress,
+                desc="synth"
+            ) as bar,
+        ):
+            out = {TRAIN: f_train, TEST: f_test}
+            f_solution.write("_id,category_id\n")
+            f_truth.write(TRUTH_HEADER)
+            planted = 0
+            for split, blob, n_images, leaves, truth in _run(plan, train_ids, test_ids, workers,
+                                                             solution=f_solution):
+                out[split].write(blob)
+                f_truth.writelines(truth)
+                planted += len(truth)
+                images[split] += n_images
+                if split == TRAIN:
+                    used[leaves] = True
+                bar.update(len(leaves))
+        tax.to_csv(csv_tmp)
+    return images, used, planted
 
 
 def _run(plan: Plan, train_ids: np.ndarray, test_ids: np.ndarray, workers: int, solution):
