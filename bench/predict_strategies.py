@@ -69,6 +69,7 @@ def build(models: Path) -> dict:
     import tensorflow as tf
 
     from hierarchy.contracts import modelstore
+    from hierarchy.train import heads as theads
     from hierarchy.train import models as tmodels
 
     tax, _ = taxonomy()
@@ -91,7 +92,7 @@ def build(models: Path) -> dict:
                 tf.keras.backend.clear_session()
         multi = tmodels.build_multi_model("small_cnn", tax, SIZE)
         save(modelstore.MULTI, multi)
-        save(modelstore.EXPERTS, tmodels.build_experts_model(multi, tax, 128))
+        save(modelstore.EXPERTS, theads.build_experts_model(multi, tax, 128))
         Path(run.run_file).write_text(json.dumps({
             "run_id": RUN_ID, "taxonomy_fingerprint": tax.fingerprint,
             "calibration": {"temperature": 1.0, "w": 1.0, "v": 1.0, "model": "experts"}}))

@@ -12,6 +12,7 @@ from test_train_models import _reloads_with_the_same_answers  # noqa: E402
 from hierarchy.contracts import model as cmodel  # noqa: E402
 from hierarchy.infer.combine import ProductAccumulator  # noqa: E402
 from hierarchy.train import experts, fusion, models  # noqa: E402
+from hierarchy.train import heads as theads  # noqa: E402
 
 N_L3 = 6
 
@@ -33,7 +34,7 @@ def _pool(probs, weights, pids) -> np.ndarray:
 
 def test_refit_model_starts_as_the_flat_model_and_reloads(tmp_path):
     flat = _flat(1)
-    refit = models.build_refit_model(flat, hidden=4)
+    refit = theads.build_refit_model(flat, hidden=4)
     assert refit.output_names == [cmodel.L3_OUTPUT]
     x = np.random.default_rng(2).random((5, 32, 32, 3), dtype=np.float32)
     np.testing.assert_allclose(refit.predict_on_batch(x), flat.predict_on_batch(x), atol=1e-5)
@@ -42,9 +43,9 @@ def test_refit_model_starts_as_the_flat_model_and_reloads(tmp_path):
 
 def test_untrained_fusion_is_the_flat_model_with_predicts_geometric_mean(tmp_path):
     flat = _flat(3)
-    kernel, bias = models.expert_source_rows(flat, "all")
-    head = models.fusion_view_head(kernel, bias, hidden=8, dropout=0.0, score_hidden=4)
-    fused = models.build_fusion_model(flat, head)
+    kernel, bias = theads.expert_source_rows(flat, "all")
+    head = theads.fusion_view_head(kernel, bias, hidden=8, dropout=0.0, score_hidden=4)
+    fused = theads.build_fusion_model(flat, head)
     assert fused.output_names == [cmodel.L3_OUTPUT, cmodel.VIEW_SCORE]
     x = np.random.default_rng(4).random((7, 32, 32, 3), dtype=np.float32)
     probs, scores = fused.predict_on_batch(x)
@@ -57,7 +58,7 @@ def test_untrained_fusion_is_the_flat_model_with_predicts_geometric_mean(tmp_pat
     for p, f in zip(pids, feats):
         k = int(mask[p].sum())
         batch[p, k], mask[p, k] = f, True
-    product = models.fusion_product_model(head).predict_on_batch([batch, mask])
+    product = theads.fusion_product_model(head).predict_on_batch([batch, mask])
     np.testing.assert_allclose(product, _pool(probs.astype(np.float64), None, pids), atol=1e-5)
     _reloads_with_the_same_answers(fused, x, str(tmp_path / "fusion.h5"))
 
@@ -68,9 +69,9 @@ def test_fusion_over_a_multi_level_trunk_starts_as_its_level_3():
     tax = Taxonomy.from_rows([(10 + i, f"L1 {i // 3}", f"L2 {i // 3}", f"leaf {i}")
                               for i in range(N_L3)])
     multi = models.build_multi_model("small_cnn", tax, 32)
-    kernel, bias = models.expert_source_rows(multi, "all")  # the level-3 head's rows
-    fused = models.build_fusion_model(
-        multi, models.fusion_view_head(kernel, bias, hidden=4, dropout=0.0, score_hidden=4))
+    kernel, bias = theads.expert_source_rows(multi, "all")  # the level-3 head's rows
+    fused = theads.build_fusion_model(
+        multi, theads.fusion_view_head(kernel, bias, hidden=4, dropout=0.0, score_hidden=4))
     x = np.random.default_rng(8).random((3, 32, 32, 3), dtype=np.float32)
     want = dict(zip(multi.output_names, multi.predict_on_batch(x)))[cmodel.L3_OUTPUT]
     np.testing.assert_allclose(fused.predict_on_batch(x)[0], want, atol=1e-5)

@@ -8,6 +8,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from hierarchy.contracts import model as cmodel  # noqa: E402
+from hierarchy.train import heads as theads  # noqa: E402
 from hierarchy.train import models  # noqa: E402
 
 APPS = ["mobilenet_v2", "efficientnet_b0", "resnet50", "inception_v3"]
@@ -391,7 +392,7 @@ def _randomised(model, seed: int):
 
 def test_experts_start_as_the_multi_models_conditional(tmp_path):
     multi = _randomised(models.build_multi_model("small_cnn", MULTI_TAX, 32), 2)
-    experts = models.build_experts_model(multi, MULTI_TAX, hidden=8)
+    experts = theads.build_experts_model(multi, MULTI_TAX, hidden=8)
     assert tuple(experts.output_names) == (cmodel.L3_OUTPUT, cmodel.L1_HEAD, cmodel.CONDITIONAL)
     x = np.random.default_rng(3).random((6, 32, 32, 3), dtype=np.float32)
     want = dict(zip(multi.output_names, multi.predict_on_batch(x)))
@@ -402,12 +403,12 @@ def test_experts_start_as_the_multi_models_conditional(tmp_path):
     layer = experts.get_layer("branch_experts")
     features = multi.get_layer("backbone").predict_on_batch(x)
     for b in range(MULTI_TAX.n_l1):
-        head = models.expert_of(layer, b)
+        head = theads.expert_of(layer, b)
         np.testing.assert_allclose(head.predict_on_batch(features),
                                    want[cmodel.CONDITIONAL][:, MULTI_TAX.branch(b)], atol=1e-5)
     # a trained head copied back changes its branch only, and the file keeps it
-    head = _randomised(models.expert_of(layer, 1), 4)
-    models.set_expert(layer, 1, head)
+    head = _randomised(theads.expert_of(layer, 1), 4)
+    theads.set_expert(layer, 1, head)
     after = dict(zip(experts.output_names, experts.predict_on_batch(x)))[cmodel.CONDITIONAL]
     np.testing.assert_allclose(after[:, MULTI_TAX.branch(1)], head.predict_on_batch(features),
                                atol=1e-5)
@@ -420,7 +421,7 @@ def test_experts_start_as_the_multi_models_conditional(tmp_path):
 
 def test_experts_over_a_flat_model_start_as_its_conditional():
     flat = _randomised(models.build_model("small_cnn", MULTI_TAX.n_l3, 32), 5)
-    experts = models.build_experts_model(flat, MULTI_TAX, hidden=0)
+    experts = theads.build_experts_model(flat, MULTI_TAX, hidden=0)
     x = np.random.default_rng(6).random((4, 32, 32, 3), dtype=np.float32)
     p_flat = flat.predict_on_batch(x)
     out = dict(zip(experts.output_names, experts.predict_on_batch(x)))
@@ -432,16 +433,16 @@ def test_experts_over_a_flat_model_start_as_its_conditional():
 
 def test_one_expert_over_every_leaf_starts_as_the_flat_model():
     flat = _randomised(models.build_model("small_cnn", MULTI_TAX.n_l3, 32), 8)
-    experts = models.build_experts_model(flat, MULTI_TAX, hidden=4, groups="all")
+    experts = theads.build_experts_model(flat, MULTI_TAX, hidden=4, groups="all")
     layer = experts.get_layer(cmodel.EXPERTS_LAYER)
     assert layer.n_groups == 1 and set(layer.groups) == {0}
     x = np.random.default_rng(9).random((4, 32, 32, 3), dtype=np.float32)
     out = dict(zip(experts.output_names, experts.predict_on_batch(x)))
     np.testing.assert_allclose(out[cmodel.CONDITIONAL], flat.predict_on_batch(x), atol=1e-5)
     with pytest.raises(ValueError, match="branch, all"):
-        models.expert_groups(MULTI_TAX, "level2")
+        theads.expert_groups(MULTI_TAX, "level2")
     # over a multi-level model, one expert is a refit of its level 3, not of its branch head
     multi = _randomised(models.build_multi_model("small_cnn", MULTI_TAX, 32), 10)
-    one = models.build_experts_model(multi, MULTI_TAX, hidden=4, groups="all")
+    one = theads.build_experts_model(multi, MULTI_TAX, hidden=4, groups="all")
     got = dict(zip(one.output_names, one.predict_on_batch(x)))
     np.testing.assert_allclose(got[cmodel.CONDITIONAL], got[cmodel.L3_OUTPUT], atol=1e-5)

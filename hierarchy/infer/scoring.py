@@ -212,7 +212,7 @@ class BatchScorer:
 
     def expert_groups(self) -> Optional[np.ndarray]:
         """The group of every leaf in the ``conditional`` output the hierarchical strategy
-        reads: an experts model's own (:func:`hierarchy.train.models.expert_groups`), None
+        reads: an experts model's own (:func:`hierarchy.train.heads.expert_groups`), None
         (level-1 branches) for a multi-level model's per-branch head."""
         from hierarchy.contracts.model import EXPERTS_LAYER
 

@@ -8,14 +8,14 @@
    pass over the data, whatever the number of branches.
 2. **experts: one head per branch** (branch ``b`` on worker ``b mod workers``), reading only
    its own ``l1=b`` folder: the source's rows for the branch's leaves plus a residual MLP
-   that starts at zero (:func:`hierarchy.train.models.expert_head`), so before training the
+   that starts at zero (:func:`hierarchy.train.heads.expert_head`), so before training the
    expert *is* the source's P(l3 | b) and training can only add what the branch's own images
    teach. Features are streamed row group by row group (shuffled each epoch, then a shuffle
    buffer), never loaded whole. **refit** trains one such head over every leaf: the flat
    model's level-3 head refit on its frozen features (a named step of the recipe, and the
    control for what the hierarchy adds). **fusion** trains a head on whole products
    (:mod:`hierarchy.train.fusion`).
-3. **One model.** Rank 0 copies the heads into :class:`~hierarchy.train.cmodel.BranchExperts`
+3. **One model.** Rank 0 copies the heads into :class:`~hierarchy.contracts.model.BranchExperts`
    on the source's trunk (:func:`~hierarchy.train.models.build_experts_model`: the source's
    heads too, what the ``hierarchical`` strategy reads from one trunk pass;
    :func:`~hierarchy.train.models.build_refit_model`; or
@@ -34,7 +34,6 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from hierarchy.contracts import model as cmodel
 from hierarchy.contracts import modelstore, storage
 from hierarchy.train.spec import TrainSpec
 
@@ -183,7 +182,7 @@ def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: di
     some train products only (tuning trains beside a hold-out)."""
     import tensorflow as tf
 
-    from hierarchy.train.models import expert_head
+    from hierarchy.train.heads import expert_head
 
     members = np.asarray(members)
     local = np.full(kernel.shape[1], -1, np.int64)  # leaf -> its index in the expert
@@ -222,6 +221,7 @@ def _extract_features(spec: TrainSpec, manifest: dict, taxonomy, trunk, root: st
                       rank: int, size: int) -> dict:
     """This worker's share of the trunk's features of train and val, written under ``root``
     (curated pictures left out); pictures extracted per split."""
+    from hierarchy.contracts import model as cmodel
     from hierarchy.contracts.curation import Exclusion
     from hierarchy.contracts.dataset import VAL, images_in
     from hierarchy.train import data as tdata
@@ -246,9 +246,9 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
                  rank: int, size: int) -> None:
     """This worker's share of the groups' heads (group g on rank g % size), each saved to
     ``heads_dir`` as <g>.json (its figures) and <g>.npz (its weights)."""
-    from hierarchy.train import models as tmodels
+    from hierarchy.train import heads as theads
 
-    group_of, n_groups = tmodels.expert_groups(taxonomy, groups)
+    group_of, n_groups = theads.expert_groups(taxonomy, groups)
     for g in range(rank, n_groups, size):
         members = np.flatnonzero(group_of == g)
         if len(members) < 2:
@@ -264,12 +264,14 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
 
 def train_experts(spec: TrainSpec) -> dict:
     """The ``experts`` model of ``spec.run`` (see the module notes); a result per worker."""
+    from hierarchy.contracts import model as cmodel
+    from hierarchy.train import heads as theads
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
     from hierarchy.contracts.dataset import Dataset
-    from hierarchy.train import models as tmodels
     from hierarchy.train.gpu import pin_gpu
 
     hvd.init()
@@ -288,7 +290,7 @@ def train_experts(spec: TrainSpec) -> dict:
                                         custom_objects=cmodel.custom_objects(), compile=False)
     trunk = source.get_layer("backbone")
     groups = groups_of(spec.key)
-    kernel, bias = tmodels.expert_source_rows(source, groups)
+    kernel, bias = theads.expert_source_rows(source, groups)
     root = features_dir(spec)
 
     def barrier(name: str) -> None:
@@ -393,9 +395,10 @@ def _publish(spec: TrainSpec, model, metrics: dict) -> dict:
 
 def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: dict,
                      tuning: Optional[dict]) -> dict:
-    from hierarchy.train import models as tmodels
 
-    model = tmodels.build_fusion_model(source, trained.pop("head"))
+    from hierarchy.train import heads as theads
+
+    model = theads.build_fusion_model(source, trained.pop("head"))
     keys = ("fusion_epochs", "fusion_hidden", "fusion_score_hidden", "fusion_dropout",
             "fusion_learning_rate", "fusion_label_smoothing", "fusion_max_views")
     metrics = {**trained, "source": spec.init_from, **{k: tcfg[k] for k in keys},
@@ -406,13 +409,15 @@ def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: dic
 
 def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
               tuning: Optional[dict] = None) -> dict:
-    from hierarchy.train import models as tmodels
+
+    from hierarchy.contracts import model as cmodel
+    from hierarchy.train import heads as theads
 
     groups = groups_of(spec.key)
     if spec.key == modelstore.REFIT:
-        model = tmodels.build_refit_model(source, int(tcfg["expert_hidden"]))
+        model = theads.build_refit_model(source, int(tcfg["expert_hidden"]))
     else:
-        model = tmodels.build_experts_model(source, taxonomy, int(tcfg["expert_hidden"]),
+        model = theads.build_experts_model(source, taxonomy, int(tcfg["expert_hidden"]),
                                             groups)
     layer = model.get_layer(cmodel.EXPERTS_LAYER)
     per_branch, hits, hits0, seen = {}, 0.0, 0.0, 0
@@ -422,9 +427,9 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
             continue
         with np.load(os.path.join(heads_dir, f"{b}.npz")) as z:
             weights = [z[f"arr_{i}"] for i in range(len(z.files))]
-        head = tmodels.expert_of(layer, b)
+        head = theads.expert_of(layer, b)
         head.set_weights(weights)
-        tmodels.set_expert(layer, b, head)
+        theads.set_expert(layer, b, head)
         per_branch[str(b)] = info
         if info["val_images"] and info["val_accuracy"] is not None:
             hits += info["val_accuracy"] * info["val_images"]

@@ -113,7 +113,7 @@ def train_fusion_head(root: str, kernel, bias, tcfg: dict, seed: int,
     hold-out)."""
     import tensorflow as tf
 
-    from hierarchy.train.models import fusion_product_model, fusion_view_head
+    from hierarchy.train.heads import fusion_product_model, fusion_view_head
 
     tf.keras.utils.set_random_seed(seed)
     head = fusion_view_head(kernel, bias, int(tcfg["fusion_hidden"]),

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hierarchy.contracts import model as cmodel
 from hierarchy.contracts import storage
 from hierarchy.train.spec import TrainSpec
 
@@ -161,6 +160,7 @@ def _fit(w: _Worker, model, data: _Data, state: dict, initial_epoch: int, histor
     """Every phase left, from ``initial_epoch`` (a resumed run's last complete epoch)."""
     import tensorflow as tf
 
+    from hierarchy.contracts import model as cmodel
     from hierarchy.train import data as tdata
     from hierarchy.train import models as tmodels
 
