@@ -147,3 +147,22 @@ def test_only_the_contracts_swap_folders_in():
                     and node.func.attr in ("replace", "move", "staged_folder"):
                 found.append(f"{rel}:{node.lineno}: storage.{node.func.attr}")
     assert not found, "\n".join(found)
+
+
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 80
+
+
+def test_the_library_stays_in_short_files_and_functions():
+    long_files, long_functions = [], []
+    for path, tree in _modules("hierarchy", "jobs"):
+        rel = path.relative_to(ROOT).as_posix()
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_FILE_LINES:
+            long_files.append(f"{rel}: {lines} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{rel}:{node.lineno} {node.name}: {n} lines")
+    assert not long_files and not long_functions, "\n".join(long_files + long_functions)
