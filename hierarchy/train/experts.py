@@ -264,14 +264,13 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
 
 def train_experts(spec: TrainSpec) -> dict:
     """The ``experts`` model of ``spec.run`` (see the module notes); a result per worker."""
-    from hierarchy.contracts import model as cmodel
-    from hierarchy.train import heads as theads
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
+    from hierarchy.contracts import model as cmodel
     from hierarchy.contracts.dataset import Dataset
+    from hierarchy.train import heads as theads
     from hierarchy.train.gpu import pin_gpu
 
     hvd.init()
