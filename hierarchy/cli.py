@@ -155,13 +155,14 @@ CATALOG_COMMANDS = (
             add_arguments=_thriftserver_arguments, run=_thriftserver),
 )
 
-# every command, in the order of `hierarchy --help`; each stage declares its own
-COMMANDS: Dict[str, Command] = {c.name: c for c in (
-    *synth_command.COMMANDS, *ingest_command.COMMANDS, *train_command.COMMANDS,
-    *infer_command.COMMANDS[:1], *evaluate_command.COMMANDS, *curate_command.COMMANDS,
-    *serve_command.COMMANDS[:1], *infer_command.COMMANDS[1:], *CATALOG_COMMANDS,
-    *serve_command.COMMANDS[1:])}
-STAGES = tuple(COMMANDS)
+# every command, each declared by its stage, in the order of `hierarchy --help`
+_DECLARED = {c.name: c for module in (synth_command, ingest_command, train_command,
+                                      infer_command, evaluate_command, curate_command,
+                                      serve_command) for c in module.COMMANDS}
+_DECLARED.update((c.name, c) for c in CATALOG_COMMANDS)
+HELP_ORDER = ("synth", "ingest", "train", "predict", "evaluate", "curate", "review", "runs",
+              "metastore", "thriftserver", "serve")
+COMMANDS: Dict[str, Command] = {name: _DECLARED[name] for name in HELP_ORDER}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a bad command line (2)
         if exc.code not in (0, None):
             stage = next((a for a in (argv if argv is not None else sys.argv[1:])
-                          if a in STAGES), None)
+                          if a in COMMANDS), None)
             _emit(job_summary(stage or "hierarchy", "usage", EXIT_USAGE, started,
                               error="bad command line (see the usage message above)"))
         raise

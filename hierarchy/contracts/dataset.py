@@ -239,8 +239,12 @@ class Dataset:
             with storage.staged_folder(folder, staging) as staged:
                 yield staged
         finally:
-            if not storage.list_dir(self.staging().root):
-                storage.remove(self.staging().root)
+            self._drop_empty_staging()
+
+    def _drop_empty_staging(self) -> None:
+        """``_staging/`` goes once nothing is staged in it (the dataset keeps no empty folder)."""
+        if not storage.list_dir(self.staging().root):
+            storage.remove(self.staging().root)
 
     def images_index(self, kind: str, written: Dict[str, int]) -> Dict[str, int]:
         """The row-group count of every part file under images/ once ``kind`` is committed:
@@ -311,8 +315,7 @@ class StagedKind:
         metadata_s = time.perf_counter() - t0
         ds.write_taxonomy(taxonomy)
         storage.remove(self.staging.root)
-        if not storage.list_dir(ds.staging().root):
-            storage.remove(ds.staging().root)
+        ds._drop_empty_staging()
         return metadata_s
 
     def record(self, entry: dict) -> None:

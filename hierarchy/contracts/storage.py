@@ -33,7 +33,7 @@ _MISSING = object()
 # ------------------------------------------------------------------ locations
 def is_remote(url: str) -> bool:
     """True for a URL whose filesystem is not this machine's (``hdfs://``, ``s3://``...)."""
-    return "://" in url and not url.startswith("file://")
+    return is_url(url) and not url.startswith("file://")
 
 
 def is_url(value: str) -> bool:
@@ -59,7 +59,7 @@ def same_location(a: str, b: str) -> bool:
 def resolve(url: str) -> Tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it), for pyarrow APIs that take both. Schemes pyarrow does
     not know itself (``memory://``, ``abfs://``, ...) go through fsspec when it has them."""
-    if "://" not in url:
+    if not is_url(url):
         return pafs.LocalFileSystem(), os.path.abspath(url)
     try:
         return pafs.FileSystem.from_uri(url)
@@ -106,7 +106,7 @@ def local_path(url: str) -> str:
 
 def absolute(url: str) -> str:
     """A URL as it is, a local path made absolute (not relative to whoever reads it)."""
-    return url if "://" in url else os.path.abspath(url)
+    return url if is_url(url) else os.path.abspath(url)
 
 
 def to_url(url: str) -> str:
@@ -114,7 +114,7 @@ def to_url(url: str) -> str:
     own ``file:/path`` spelling, as the catalog reports locations, becomes ``file:///path``)."""
     if url.startswith("file:/") and not url.startswith("file://"):
         return "file://" + url[len("file:"):]
-    return url if "://" in url else "file://" + os.path.abspath(url)
+    return url if is_url(url) else "file://" + os.path.abspath(url)
 
 
 def join(base: str, *parts: str) -> str:

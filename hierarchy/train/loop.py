@@ -48,6 +48,11 @@ class _Worker:
     def tcfg(self) -> dict:
         return self.spec.train
 
+    @property
+    def multi(self) -> bool:
+        """A multi-level model (levels 1, 2 and 3 on one backbone)."""
+        return self.spec.label == "levels"
+
 
 @dataclass
 class _Data:
@@ -96,7 +101,7 @@ def _new_model(w: _Worker, data: _Data, initial_epoch: int):
                  weights=tcfg["weights"] if initial_epoch == 0 else None,
                  dropout=tcfg["dropout"], name=spec.key.replace("/", "_"))
     model = (tmodels.build_multi_model(tcfg["backbone"], data.taxonomy, **build)
-             if spec.label == "levels" else
+             if w.multi else
              tmodels.build_model(tcfg["backbone"], data.n_classes, **build))
     if initial_epoch == 0 and spec.init_from:
         tmodels.copy_backbone(tmodels.load_backbone(spec.init_from), model)
@@ -113,7 +118,7 @@ def _compile(w: _Worker, model, data: _Data, lr: float):
     tcfg = w.tcfg
     opt = tgpu.make_optimizer(w.hvd, lr * w.size, mixed=w.policy == "mixed_float16",
                               distributed=w.size > 1)
-    if w.spec.label == "levels":
+    if w.multi:
         tmodels.compile_multi_model(model, data.taxonomy, lr * w.size, tcfg["label_smoothing"],
                                     tcfg, optimizer=opt, jit_compile=w.jit)
     else:
@@ -135,7 +140,7 @@ def _callbacks(w: _Worker, data: _Data, phase: str, lr: float, history: dict, tr
     hvd, tcfg = w.hvd, w.tcfg
     callbacks = [hvd.callbacks.BroadcastGlobalVariablesCallback(0),
                  hvd.callbacks.MetricAverageCallback()]
-    if w.spec.label == "levels":
+    if w.multi:
         callbacks.append(LevelThreeAliases())  # level 3's figures under every model's names
     if w.size > 1:
         # before any checkpoint: every rank then holds (and rank 0 saves) the same model
