@@ -82,19 +82,19 @@ def main(argv=None) -> int:
     cfg = load_config(overrides=[*args.overrides, f"train.image_size={size}"]
                       + ([f"train.batch_size={args.batch or GPU_BATCH}"] if on_gpu or args.batch
                          else []))
-    tcfg = dict(cfg["train"])
-    policy = tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
-    xla = tgpu.use_xla(tcfg["xla"], on_gpu, workers=1)
+    tcfg = cfg.train
+    policy = tmodels.enable_mixed_precision_if_gpu(tcfg.mixed_precision)
+    xla = tgpu.use_xla(tcfg.xla, on_gpu, workers=1)
     device = (tf.config.experimental.get_device_details(pinned).get("device_name", str(pinned))
               if on_gpu else "no GPU: CPU run with a tiny model")
     cores = len(os.sched_getaffinity(0))
-    say(f"[device] {device}; {cores} cores; batch {tcfg['batch_size']}, {steps} timed steps, "
+    say(f"[device] {device}; {cores} cores; batch {tcfg.batch_size}, {steps} timed steps, "
         f"policy {policy}, xla {'on' if xla else 'off'}")
     data = prepare(args.workdir, args.products, 7)
 
     rows = []
     for name in names:
-        run = {**tcfg, "backbone": name}
+        run = tcfg.model_copy(update={"backbone": name})
         tf.keras.backend.clear_session()
         memory = bench_baseline(run, CLASSES, steps)
         say(f"[{name} {size}px] in-memory  {memory:9.1f} img/s")
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     RESULTS.write_text(json.dumps({
         "machine": {"cores": cores, "platform": platform.platform(), "device": device,
                     "gpu": on_gpu},
-        "batch_size": tcfg["batch_size"], "steps": steps, "policy": policy, "xla": xla,
-        "reader_workers": tcfg["reader_workers"], "results": rows, "anchors": ANCHORS},
+        "batch_size": tcfg.batch_size, "steps": steps, "policy": policy, "xla": xla,
+        "reader_workers": tcfg.reader_workers, "results": rows, "anchors": ANCHORS},
         indent=2) + "\n")
     say(f"saved {RESULTS.relative_to(ROOT)}")
     return 0

@@ -212,7 +212,7 @@ def main(argv=None) -> int:
         described = f"{catalog['products']['train']} products, {catalog['images']['train']} images"
     size = train.stat().st_size
     cores = os.cpu_count() or 1
-    row_group_bytes = int(load_config().get_path("ingest.row_group_mb") * (1 << 20))
+    row_group_bytes = int(load_config().ingest.row_group_mb * (1 << 20))
     say(f"[machine] {cores} cores, {platform.platform()}, Python {platform.python_version()}")
     say(f"[input] {train} : {size / MB:.1f} MB, {described}")
 

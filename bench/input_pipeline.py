@@ -147,7 +147,7 @@ def variants(measure_options: bool):
 
     # cache_mb=0 on every side: this catalog would fit train.input_cache_mb and be read from
     # memory after one pass, which a 58 GB split never is; the bench times the streaming path
-    configured = {**tdata.input_options(load_config()["train"]), "cache_mb": 0}
+    configured = {**tdata.input_options(load_config().train), "cache_mb": 0}
     reference = {"dct_scaling": False, "input_threads": 0, "input_ram_budget_mb": 0,
                  "input_optimizations": False, "cache_mb": 0}
     steps = [("+ dct_scaling", {"dct_scaling": True}),

@@ -79,9 +79,9 @@ def flat_model(cfg, data: str, models: str) -> ModelRef:
         t0 = time.perf_counter()
         run_training(cfg, data, models, RUN_ID, level=3, mode="flat", np_=1)
         say(f"[model] trained in {time.perf_counter() - t0:.1f} s -> {path}")
-    tcfg = run.read().get("config", {}).get(FLAT, cfg["train"])
-    return ModelRef(key="flat", path=path, backbone=tcfg["backbone"],
-                    image_size=int(tcfg["image_size"]))
+    recorded = run.read().get("config", {}).get(FLAT) or cfg.train.model_dump()
+    return ModelRef(key="flat", path=path, backbone=recorded["backbone"],
+                    image_size=int(recorded["image_size"]))
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -200,27 +200,27 @@ def main(argv=None) -> int:
     # ---- spark: the predict job's transform on local[*]
     from hierarchy.spark import get_spark, stop_spark
 
-    pcfg = cfg["predict"]
+    pcfg = cfg.predict
     spark = get_spark(cfg, "bench-predict")
     try:
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg["batch_size"]))
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg.batch_size))
         taxonomy = Dataset(data).taxonomy()
         prior = training_prior(spark, data)
         plan = ScoringPlan(models=ModelSet(run_id=RUN_ID, strategy="flat", flat=ref),
                            taxonomy_json=taxonomy.to_json(), prior_category_id=prior[0],
-                           prior_share=prior[1], top_k=int(pcfg["top_k"]),
-                           blend_weight=float(pcfg["blend_weight"]),
-                           aggregate=pcfg["aggregate"], tta_flip=bool(pcfg["tta_flip"]),
-                           top_n=int(pcfg["top_n"]), threads=int(pcfg["threads"]))
+                           prior_share=prior[1], top_k=pcfg.top_k,
+                           blend_weight=pcfg.blend_weight,
+                           aggregate=pcfg.aggregate, tta_flip=pcfg.tta_flip,
+                           top_n=pcfg.top_n, threads=pcfg.threads)
         images = read_images(spark, data, "train")
         counted = images.count()
         if counted != n:
             say(f"[warning] Spark reads {counted} train pictures, pyarrow {n}")
         read_parts = images.rdd.getNumPartitions()
-        partitions = int(pcfg["partitions"])
+        partitions = pcfg.partitions
         say(f"[spark] {spark.sparkContext.master}, {read_parts} read partitions, scoring in "
-            f"{partitions or read_parts} tasks, Arrow batches of {pcfg['batch_size']}, "
-            f"TF threads {pcfg['threads'] or 'spark.task.cpus'}")
+            f"{partitions or read_parts} tasks, Arrow batches of {pcfg.batch_size}, "
+            f"TF threads {pcfg.threads or 'spark.task.cpus'}")
         sp = bench_spark(spark, images, plan, partitions, n, repeat)
         sp["read_partitions"] = read_parts
         sp["scoring_partitions"] = partitions or read_parts

@@ -35,6 +35,7 @@ from input_pipeline import prepare  # noqa: E402
 
 from hierarchy.contracts import model as cmodel
 from hierarchy.contracts.config import load_config  # noqa: E402
+from hierarchy.contracts.settings import Train  # noqa: E402
 from hierarchy.train import data as tdata  # noqa: E402
 from hierarchy.train import gpu as tgpu  # noqa: E402
 from hierarchy.train import models as tmodels  # noqa: E402
@@ -63,16 +64,16 @@ class _Clock(tf.keras.callbacks.Callback):
 
 def _model(tcfg: dict, classes: int) -> tf.keras.Model:
     # the training loop's switches (auto: mixed precision and XLA on with a GPU, off on CPU)
-    tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
-    model = tmodels.build_model(tcfg["backbone"], classes, tcfg["image_size"], weights=None,
-                                dropout=tcfg["dropout"])
-    tmodels.compile_model(model, tcfg["learning_rate"], tcfg["label_smoothing"],
-                          jit_compile=tgpu.use_xla(tcfg["xla"], tgpu.has_gpu(), workers=1))
+    tmodels.enable_mixed_precision_if_gpu(tcfg.mixed_precision)
+    model = tmodels.build_model(tcfg.backbone, classes, tcfg.image_size, weights=None,
+                                dropout=tcfg.dropout)
+    tmodels.compile_model(model, tcfg.learning_rate, tcfg.label_smoothing,
+                          jit_compile=tgpu.use_xla(tcfg.xla, tgpu.has_gpu(), workers=1))
     return model
 
 
-def bench_baseline(tcfg: dict, classes: int, steps: int) -> float:
-    size, batch = tcfg["image_size"], tcfg["batch_size"]
+def bench_baseline(tcfg: Train, classes: int, steps: int) -> float:
+    size, batch = tcfg.image_size, tcfg.batch_size
     x = tf.random.uniform([batch, size, size, 3])
     y = tf.random.uniform([batch], maxval=classes, dtype=tf.int32)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
@@ -82,16 +83,16 @@ def bench_baseline(tcfg: dict, classes: int, steps: int) -> float:
     return clock.rate(batch)
 
 
-def bench_training(tcfg: dict, data: str, classes: int, steps: int) -> float:
+def bench_training(tcfg: Train, data: str, classes: int, steps: int) -> float:
     clock = _Clock()
     with tdata.make_dataset(data, "train", tdata.InputOptions(
-            label="l1", image_size=tcfg["image_size"], batch_size=tcfg["batch_size"], training=True,
-            augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
-            preprocess=cmodel.preprocess_for(tcfg["backbone"]),
-            reader_workers=tcfg["reader_workers"])) as ds:
+            label="l1", image_size=tcfg.image_size, batch_size=tcfg.batch_size, training=True,
+            augment=tcfg.augment, shuffle_buffer=tcfg.shuffle_buffer,
+            preprocess=cmodel.preprocess_for(tcfg.backbone),
+            reader_workers=tcfg.reader_workers)) as ds:
         _model(tcfg, classes).fit(ds, steps_per_epoch=steps + 1, epochs=1, verbose=0,
                                   callbacks=[clock])
-    return clock.rate(tcfg["batch_size"])
+    return clock.rate(tcfg.batch_size)
 
 
 def main(argv=None) -> int:
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     data = prepare(args.workdir, args.products, 7)
     classes = 4  # the small synthetic taxonomy's level-1 classes
     cores = len(os.sched_getaffinity(0))
-    print(f"[model] {tcfg['backbone']} {tcfg['image_size']}px batch {tcfg['batch_size']}, "
+    print(f"[model] {tcfg.backbone} {tcfg.image_size}px batch {tcfg.batch_size}, "
           f"{cores} cores", flush=True)
     base = bench_baseline(tcfg, classes, args.steps)
     print(f"[baseline] fit on in-memory batch   {base:9.1f} img/s", flush=True)
@@ -121,8 +122,8 @@ def main(argv=None) -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "machine": {"cores": cores, "platform": platform.platform()},
-        "backbone": tcfg["backbone"], "image_size": tcfg["image_size"],
-        "batch_size": tcfg["batch_size"], "steps": args.steps,
+        "backbone": tcfg.backbone, "image_size": tcfg.image_size,
+        "batch_size": tcfg.batch_size, "steps": args.steps,
         "baseline_img_s": round(base, 1), "training_img_s": round(real, 1),
         "ratio": round(real / base, 3)}, indent=2) + "\n")
     print(f"saved {RESULTS.relative_to(ROOT)}")

@@ -63,7 +63,7 @@ def _fill_paths(args, cfg) -> None:
     its executor's own working folder, where a relative path names nothing."""
     for attr, key in COMMANDS[args.stage].paths.items():
         if getattr(args, attr, None) is None:
-            setattr(args, attr, cfg["paths"][key])
+            setattr(args, attr, getattr(cfg.paths, key))
     for attr in PATH_FLAGS:
         value = getattr(args, attr, None)
         if isinstance(value, list):
@@ -108,8 +108,8 @@ def _metastore(args, cfg) -> dict:
     from hierarchy.spark import init_metastore
 
     databases = init_metastore(cfg)
-    print(f"metastore {cfg['catalog']['metastore']} ready: databases {', '.join(databases)}")
-    return {"metastore": cfg["catalog"]["metastore"], "databases": databases}
+    print(f"metastore {cfg.catalog.metastore} ready: databases {', '.join(databases)}")
+    return {"metastore": cfg.catalog.metastore, "databases": databases}
 
 
 def _thriftserver_arguments(p) -> None:

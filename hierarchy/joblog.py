@@ -30,7 +30,7 @@ _current: dict = {}
 
 
 def log_dir(cfg) -> str:
-    return cfg["spark"]["log_dir"] or os.path.join(tempfile.gettempdir(), "hierarchy-logs")
+    return cfg.spark.log_dir or os.path.join(tempfile.gettempdir(), "hierarchy-logs")
 
 
 def start(cfg, stage: str, verbose: bool) -> Optional[str]:

@@ -10,8 +10,8 @@ from typing import Any, Callable, List, Optional
 
 from hierarchy import joblog, spark_cds
 from hierarchy.contracts import storage
-from hierarchy.contracts.config import Config
 from hierarchy.contracts.errors import Refused, UsageError
+from hierarchy.contracts.settings import Catalog, Settings
 
 
 # ------------------------------------------------------------------ SQL text
@@ -35,7 +35,7 @@ def launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = None,
+def get_spark(cfg: Settings, app_suffix: str = "", extra_conf: Optional[dict] = None,
               catalog: bool = True, hold_metastore: bool = False):
     """The session spark-submit already configured, or a local one from ``cfg.spark``;
     ``catalog=False`` for a job that registers no table (no Hive metastore is opened);
@@ -48,24 +48,24 @@ def get_spark(cfg: Config, app_suffix: str = "", extra_conf: Optional[dict] = No
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
-    spark_cfg = cfg["spark"]
+    spark_cfg = cfg.spark
     builder = SparkSession.builder.appName(
-        spark_cfg["app_name"] + (f"-{app_suffix}" if app_suffix else "")
+        spark_cfg.app_name + (f"-{app_suffix}" if app_suffix else "")
     )
     if not launched_by_spark_submit():
-        builder = builder.master(spark_cfg["master"]).config(
-            "spark.driver.memory", spark_cfg["driver_memory"]
+        builder = builder.master(spark_cfg.master).config(
+            "spark.driver.memory", spark_cfg.driver_memory
         )
     # petastorm 0.13.1 on the pinned pyarrow 14 warns about its own legacy-API use from every
     # Python worker; nothing a user can act on, so keep job logs readable
     conf = {"spark.executorEnv.PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
-    derby = catalog and hold_metastore and _derby_path(cfg["catalog"])
+    derby = catalog and hold_metastore and _derby_path(cfg.catalog)
     if derby and not _session_active():
         refuse_busy_derby(derby)
     if catalog:
-        builder, catalog_conf = _with_catalog(builder, cfg["catalog"])
+        builder, catalog_conf = _with_catalog(builder, cfg.catalog)
         conf.update(catalog_conf)
-    conf = _merge_java_options(conf, {**spark_cfg["conf"], **(extra_conf or {})})
+    conf = _merge_java_options(conf, {**spark_cfg.conf, **(extra_conf or {})})
     if not launched_by_spark_submit():
         for option in (spark_cds.java_options(cfg, conf), joblog.java_options()):
             if option:
@@ -119,8 +119,8 @@ def _reap_jvm_at_exit() -> None:
     atexit.register(reap)
 
 
-def _derby_path(catalog: dict) -> Optional[str]:
-    url = catalog["metastore"]
+def _derby_path(catalog: Catalog) -> Optional[str]:
+    url = catalog.metastore
     return os.path.abspath(url) if url and not url.startswith("jdbc:") else None
 
 
@@ -173,11 +173,11 @@ def stop_spark(spark) -> None:
     spark.stop()
 
 
-def metastore_conf(catalog: dict) -> dict:
+def metastore_conf(catalog: Catalog) -> dict:
     """The Spark settings that point the Hive client at ``catalog.metastore``: an embedded
     Derby folder (one process at a time), or a ``jdbc:postgresql://`` database that any number
     of jobs, notebooks and the Thrift server share. Empty for the cluster's hive-site.xml."""
-    url = catalog["metastore"]
+    url = catalog.metastore
     if not url:
         return {}
     if not url.startswith("jdbc:"):
@@ -190,15 +190,15 @@ def metastore_conf(catalog: dict) -> dict:
     if not url.startswith("jdbc:postgresql:"):
         raise UsageError(f"catalog.metastore {url}: only jdbc:postgresql:// databases (or a "
                          f"Derby folder, or '' for hive-site.xml) are supported")
-    jar = catalog["jdbc_driver"]
+    jar = catalog.jdbc_driver
     if not os.path.isfile(jar):
         raise UsageError(f"catalog.jdbc_driver {jar}: no such file (Debian: apt-get install "
                          f"libpostgresql-jdbc-java)")
-    password = os.environ.get(catalog["metastore_password_env"], "")
+    password = os.environ.get(catalog.metastore_password_env, "")
     return {
         "spark.hadoop.javax.jdo.option.ConnectionURL": url,
         "spark.hadoop.javax.jdo.option.ConnectionDriverName": "org.postgresql.Driver",
-        "spark.hadoop.javax.jdo.option.ConnectionUserName": catalog["metastore_user"],
+        "spark.hadoop.javax.jdo.option.ConnectionUserName": catalog.metastore_user,
         "spark.hadoop.javax.jdo.option.ConnectionPassword": password,
         # Hive's tables are created once by `hierarchy metastore init` (METASTORE_INIT): created
         # lazily inside a live transaction, DataNucleus deadlocks itself on PostgreSQL
@@ -221,11 +221,11 @@ METASTORE_INIT = {
 }
 
 
-def init_metastore(cfg: Config) -> List[str]:
+def init_metastore(cfg: Settings) -> List[str]:
     """Create Hive's schema in an empty ``jdbc:`` metastore database (a no-op when it is
     there), from one process, before jobs and the Thrift server use it. The ``default``
     database's location is the warehouse of this call. Returns the databases."""
-    if not cfg["catalog"]["metastore"].startswith("jdbc:"):
+    if not cfg.catalog.metastore.startswith("jdbc:"):
         raise UsageError("hierarchy metastore init: catalog.metastore is not a jdbc: URL "
                          "(Derby creates its own schema; a cluster's metastore is its admins')")
     spark = get_spark(cfg, "metastore-init", METASTORE_INIT)
@@ -235,14 +235,14 @@ def init_metastore(cfg: Config) -> List[str]:
         stop_spark(spark)
 
 
-def _with_catalog(builder, catalog: dict):
+def _with_catalog(builder, catalog: Catalog):
     """Tables go to a Hive metastore (:func:`metastore_conf`): the builder with Hive support,
     and the settings to add to it."""
-    if not catalog["hive"]:
+    if not catalog.hive:
         return builder, {}
     conf = {}
-    if catalog["warehouse"]:
-        conf["spark.sql.warehouse.dir"] = storage.absolute(catalog["warehouse"])
+    if catalog.warehouse:
+        conf["spark.sql.warehouse.dir"] = storage.absolute(catalog.warehouse)
     conf.update(metastore_conf(catalog))
     return builder.enableHiveSupport(), conf
 
@@ -260,25 +260,25 @@ def _merge_java_options(conf: dict, more: dict) -> dict:
 THRIFT_SERVER = "org.apache.spark.sql.hive.thriftserver.HiveThriftServer2"
 
 
-def thriftserver_command(cfg: Config, host: str, port: int, auth: str) -> List[str]:
+def thriftserver_command(cfg: Settings, host: str, port: int, auth: str) -> List[str]:
     """spark-submit of Spark's Thrift server (in the pip pyspark jars) over the configured
     metastore and warehouse: the analysts' SQL endpoint. Refuses embedded Derby, which would
     lock every job out for as long as the server runs."""
     import pyspark
 
-    catalog = cfg["catalog"]
-    if not catalog["hive"] or not catalog["metastore"].startswith("jdbc:"):
+    catalog = cfg.catalog
+    if not catalog.hive or not catalog.metastore.startswith("jdbc:"):
         raise UsageError(
-            f"catalog.metastore {catalog['metastore'] or '(hive-site.xml)'}: the Thrift server "
+            f"catalog.metastore {catalog.metastore or '(hive-site.xml)'}: the Thrift server "
             f"needs a metastore several processes can open: a jdbc:postgresql:// URL (`make "
             f"metastore` starts one), or run it where your cluster's hive-site.xml is")
-    conf = {**cfg["spark"]["conf"], **metastore_conf(catalog)}
-    if catalog["warehouse"]:
-        conf["spark.sql.warehouse.dir"] = storage.absolute(catalog["warehouse"])
+    conf = {**cfg.spark.conf, **metastore_conf(catalog)}
+    if catalog.warehouse:
+        conf["spark.sql.warehouse.dir"] = storage.absolute(catalog.warehouse)
     class_path = conf.pop("spark.driver.extraClassPath", None)
     cmd = [os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-submit"),
-           "--class", THRIFT_SERVER, "--name", f"{cfg['spark']['app_name']}-thriftserver",
-           "--master", cfg["spark"]["master"], "--driver-memory", cfg["spark"]["driver_memory"]]
+           "--class", THRIFT_SERVER, "--name", f"{cfg.spark.app_name}-thriftserver",
+           "--master", cfg.spark.master, "--driver-memory", cfg.spark.driver_memory]
     if class_path:
         cmd += ["--driver-class-path", class_path]
     for key, value in conf.items():

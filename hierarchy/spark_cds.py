@@ -32,8 +32,9 @@ import sys
 import tempfile
 from typing import Optional
 
-from hierarchy.contracts.config import Config, load_config
+from hierarchy.contracts.config import load_config
 from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.settings import Settings
 
 log = logging.getLogger(__name__)
 _warned = set()
@@ -45,10 +46,10 @@ def _spark_version() -> str:
     return __version__
 
 
-def archive_path(cfg: Config) -> Optional[str]:
+def archive_path(cfg: Settings) -> Optional[str]:
     """Where ``spark.cds_archive`` points: ``auto`` is beside this Python environment (a
     venv's, a packed cluster environment's), per Spark version; ``""`` turns CDS off."""
-    value = cfg["spark"]["cds_archive"]
+    value = cfg.spark.cds_archive
     if not value:
         return None
     if value == "auto":
@@ -91,7 +92,7 @@ def _matches(archive: str) -> Optional[bool]:
     return made == now
 
 
-def java_options(cfg: Config, conf: dict) -> Optional[str]:
+def java_options(cfg: Settings, conf: dict) -> Optional[str]:
     """The ``-XX:SharedArchiveFile`` option for a session this process is about to start with
     the Spark ``conf``, or None: no archive, a stale one (warned once, with the fix), or a
     class path the archive was not made with (the JVM would refuse it with a warning)."""
@@ -142,7 +143,7 @@ spark.stop()
 '''
 
 
-def build(cfg: Config, force: bool = False) -> Optional[str]:
+def build(cfg: Settings, force: bool = False) -> Optional[str]:
     """Dump the archive unless a matching one is there; returns its path (None: CDS off)."""
     archive = archive_path(cfg)
     if archive is None:

@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 
+from hierarchy.contracts.config import load_config
 from hierarchy.evaluate import choice
 from hierarchy.evaluate.decisions import calibration_part
 
 pytestmark = pytest.mark.spark
 
-DCFG = {"calibration_share": 0.5}
+DCFG = load_config(overrides=["decide.calibration_share=0.5"]).decide
 
 
 def _table(spark, hit_rates: dict, n: int = 3000, seed: int = 0):

@@ -9,8 +9,8 @@ from hierarchy.contracts.config import ConfigError, load_config
 
 def test_default_is_the_embedded_local_config():
     cfg = load_config()
-    assert cfg["spark"]["master"] == "local[*]"
-    assert cfg.get_path("ingest.val_fraction") == 0.1
+    assert cfg.spark.master == "local[*]"
+    assert cfg.ingest.val_fraction == 0.1
 
 
 def test_overrides_are_typed_and_applied_last(tmp_path):
@@ -18,11 +18,11 @@ def test_overrides_are_typed_and_applied_last(tmp_path):
     f.write_text("ingest:\n  val_fraction: 0.3\n  split_mb: 8\n")
     cfg = load_config(f, ["ingest.val_fraction=0.25", "spark.conf.spark.sql.shuffle.partitions=3",
                           "ingest.progress=false"])
-    assert cfg["ingest"]["val_fraction"] == 0.25
-    assert cfg["ingest"]["split_mb"] == 8
-    assert cfg["ingest"]["progress"] is False
-    assert cfg["spark"]["conf"]["spark.sql.shuffle.partitions"] == "3"
-    assert cfg["spark"]["conf"]["spark.ui.enabled"] == "false"  # merged, not replaced
+    assert cfg.ingest.val_fraction == 0.25
+    assert cfg.ingest.split_mb == 8
+    assert cfg.ingest.progress is False
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "3"
+    assert cfg.spark.conf["spark.ui.enabled"] == "false"  # merged, not replaced
 
 
 @pytest.mark.parametrize("override, message", [
@@ -41,11 +41,73 @@ def test_overrides_are_typed_and_applied_last(tmp_path):
                             "list of distinct levels among 1, 2, 3"),
     ("decide.levels=[]", "'decide.levels'"),
     ("decide.confidence=1.2", "'decide.confidence': 1.2 is not allowed"),
+    ("decide.levels=3", "'decide.levels': 3 is not a list (default [3, 2, 1])"),
+    ("ingest=3", "config key 'ingest' is a section; got 3"),
+    ("synth.plant.nope=1", "unknown config key 'synth.plant.nope' in command line; known keys "
+                           "under 'synth.plant': blank, duplicates, near_duplicates"),
+    ("spark.conf=3", "config key 'spark.conf' is a mapping; got 3"),
+    ("ingest.verify_jpeg=true", "'ingest.verify_jpeg': True is not a string (default 'markers')"),
+    ("train.epochs=2.5", "'train.epochs': 2.5 is not an integer (default 4)"),
+    ("train.weights=", "'train.weights': '' is not allowed; expected null or the path"),
+    ("train.xla=maybe", "'train.xla': 'maybe' is not allowed; expected one of auto, on, off"),
+    ("tune.learning_rate=[0.1,0.01]", "expected [low, high], low <= high, each a number in "
+                                      "(0.0, 10.0]"),
+    ("catalog.database=a-b", "expected a SQL identifier"),
+    ("train.exclude=[blank,foo]", "expected a list of curation flags: blank, placeholder"),
 ])
 def test_bad_keys_and_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
     assert message in str(err.value)
+
+
+def test_settings_are_typed_frozen_and_travel_to_workers():
+    import pickle
+
+    from pydantic import ValidationError
+
+    from hierarchy.contracts.settings import Decide, Settings, Train
+
+    cfg = load_config(overrides=["train.xla=on", "spark.driver_memory=4",
+                                 "spark.conf.spark.speculation=true"])
+    assert isinstance(cfg, Settings) and isinstance(cfg.train, Train)
+    assert isinstance(cfg.decide, Decide) and cfg.decide.levels == (3, 2, 1)
+    assert cfg.train.xla == "on"                        # YAML's boolean on, as the switch means
+    assert cfg.spark.driver_memory == "4"               # a number where a string is expected
+    assert cfg.spark.conf["spark.speculation"] == "true"  # SparkConf takes strings
+    assert isinstance(cfg.ingest.split_mb, float) and isinstance(cfg.train.epochs, int)
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.train.epochs = 9
+    changed = cfg.train.model_copy(update={"epochs": 9})
+    assert changed.epochs == 9 and cfg.train.epochs == 4
+    assert pickle.loads(pickle.dumps(cfg)) == cfg       # horovod.spark.run and Spark closures
+
+
+def test_the_models_and_the_default_file_name_the_same_keys():
+    """The YAML holds every default and nothing else; a model field without a default in the
+    file, or a key the models do not know, fails here rather than at a user's command."""
+    import yaml
+
+    from hierarchy.contracts.config import default_config_text
+    from hierarchy.contracts.settings import Section, Settings
+
+    def walk(model, doc, prefix=""):
+        assert set(model.model_fields) == set(doc), prefix or "top level"
+        for name, info in model.model_fields.items():
+            key = prefix + name
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
+                walk(info.annotation, doc[name], key + ".")
+            elif key != "spark.conf":  # free-form: passed to SparkConf as it is
+                assert not isinstance(doc[name], dict), key
+
+    walk(Settings, yaml.safe_load(default_config_text()))
+
+
+def test_the_example_cluster_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "conf" / "cluster.yaml")
+    assert cfg.train.backbone == "efficientnet_b0" and cfg.paths.data.startswith("hdfs://")
 
 
 def test_bad_config_file_names_file_and_line(tmp_path):
@@ -55,6 +117,10 @@ def test_bad_config_file_names_file_and_line(tmp_path):
         load_config(f)
     f.write_text("ingest:\n  nope: 1\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'ingest.nope' in .*bad.yaml"):
+        load_config(f)
+    f.write_text("train:\n  dropout: 2\n")
+    with pytest.raises(ConfigError, match=r"'train.dropout': 2.0 is not allowed; expected a "
+                                          r"number in \[0.0, 1.0\)"):
         load_config(f)
 
 
@@ -78,10 +144,10 @@ def test_relative_config_paths_resolve_against_the_data_root_not_the_shell(tmp_p
     monkeypatch.chdir(tmp_path)
     cfg = load_config()
     home = str(tmp_path / "home")
-    assert cfg["paths"]["root"] == home and cfg["paths"]["data"] == f"{home}/dataset"
-    assert cfg["catalog"]["warehouse"] == f"{home}/warehouse"
-    assert cfg["catalog"]["metastore"] == f"{home}/warehouse/metastore_db"
-    assert cfg["catalog"]["location"] == ""          # empty: the catalog decides
+    assert cfg.paths.root == home and cfg.paths.data == f"{home}/dataset"
+    assert cfg.catalog.warehouse == f"{home}/warehouse"
+    assert cfg.catalog.metastore == f"{home}/warehouse/metastore_db"
+    assert cfg.catalog.location == ""          # empty: the catalog decides
     # the same from another folder: nothing depends on where a command started
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -91,13 +157,13 @@ def test_relative_config_paths_resolve_against_the_data_root_not_the_shell(tmp_p
                                  "paths.output=hdfs:///out",
                                  "catalog.metastore=jdbc:postgresql://db:5432/metastore",
                                  "catalog.location=tables/predictions"])
-    assert cfg["paths"]["data"] == f"{tmp_path / 'r'}/dataset"
-    assert cfg["paths"]["models"] == "/abs/models" and cfg["paths"]["output"] == "hdfs:///out"
-    assert cfg["catalog"]["metastore"] == "jdbc:postgresql://db:5432/metastore"
-    assert cfg["catalog"]["location"] == f"{tmp_path / 'r'}/tables/predictions"
+    assert cfg.paths.data == f"{tmp_path / 'r'}/dataset"
+    assert cfg.paths.models == "/abs/models" and cfg.paths.output == "hdfs:///out"
+    assert cfg.catalog.metastore == "jdbc:postgresql://db:5432/metastore"
+    assert cfg.catalog.location == f"{tmp_path / 'r'}/tables/predictions"
     monkeypatch.delenv("HIERARCHY_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "user"))
-    assert load_config()["paths"]["root"] == str(tmp_path / "user" / "hierarchy")
+    assert load_config().paths.root == str(tmp_path / "user" / "hierarchy")
 
 
 def test_the_default_config_is_read_from_the_package_even_zipped(tmp_path):
@@ -115,10 +181,22 @@ def test_the_default_config_is_read_from_the_package_even_zipped(tmp_path):
                 z.write(f, Path("hierarchy") / f.relative_to(pkg))
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import hierarchy.contracts.config as c; "
             "assert c.__file__.startswith(sys.argv[1]), c.__file__; "
-            "print(c.load_config()['ingest']['split_mb'])")
+            "print(c.load_config().ingest.split_mb)")
     out = subprocess.run([sys.executable, "-I", "-c", code, str(zipped)], capture_output=True,
                          text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
     from hierarchy.contracts.config import load_config
 
-    assert out.stdout.strip() == str(load_config()["ingest"]["split_mb"])
+    assert out.stdout.strip() == str(load_config().ingest.split_mb)
+
+
+def test_the_names_a_setting_allows_are_the_names_the_code_knows():
+    """settings.py spells these lists out because their homes import TensorFlow or pyarrow,
+    which loading a config must not; this keeps the copies equal."""
+    from hierarchy.contracts import curation, model
+    from hierarchy.contracts import settings as s
+    from hierarchy.infer import modelset
+
+    assert s.FLAGS == curation.FLAGS
+    assert s.STRATEGIES == ("auto", *modelset.STRATEGIES)
+    assert s.BACKBONES == model.BACKBONE_NAMES

@@ -137,7 +137,7 @@ def test_the_table_report_and_catalog(curated, spark):
     assert "comparisons made" in text and "| placeholder |" in text
     for png in ("largest_groups.png", "placeholders.png", "conflicts.png"):
         assert (report / png).stat().st_size > 5000, png
-    db = curated["cfg"]["catalog"]["database"]
+    db = curated["cfg"].catalog.database
     n = spark.sql(f"SELECT count(*) FROM {db}.curation WHERE placeholder").first()[0]
     assert n == sum(r["placeholder"] for r in rows) == summary["counts"]["placeholder"]
 

@@ -10,6 +10,7 @@ tf = pytest.importorskip("tensorflow")
 from test_train_models import _reloads_with_the_same_answers  # noqa: E402
 
 from hierarchy.contracts import model as cmodel  # noqa: E402
+from hierarchy.contracts.config import load_config  # noqa: E402
 from hierarchy.infer.combine import ProductAccumulator  # noqa: E402
 from hierarchy.train import experts, fusion, models  # noqa: E402
 from hierarchy.train import heads as theads  # noqa: E402
@@ -155,9 +156,11 @@ def test_fusion_answers_from_the_front_view_where_the_geometric_mean_fails(tmp_p
     assert capped[1].shape[1] == 2 and (capped[2] == y).all()
 
     kernel, bias = _source_rows()
-    tcfg = {"fusion_hidden": 16, "fusion_dropout": 0.0, "fusion_score_hidden": 8,
-            "fusion_learning_rate": 0.01, "fusion_label_smoothing": 0.0, "fusion_epochs": 8,
-            "fusion_max_views": 4, "batch_size": 64, "shuffle_buffer": 512}
+    tcfg = load_config(overrides=[
+        "train.fusion_hidden=16", "train.fusion_dropout=0.0", "train.fusion_score_hidden=8",
+        "train.fusion_learning_rate=0.01", "train.fusion_label_smoothing=0.0",
+        "train.fusion_epochs=8", "train.fusion_max_views=4", "train.batch_size=64",
+        "train.shuffle_buffer=512"]).train
     trained = fusion.train_fusion_head(root, kernel, bias, tcfg, seed=1)
     head = trained["head"]
     assert trained["val_product_accuracy"] > trained["val_product_accuracy_initial"]
@@ -199,14 +202,16 @@ def test_a_search_trains_beside_a_train_holdout_and_never_reads_val(tmp_path, mo
     _write(root, "train", _products(600, rng)[0])
     _write(root, "val", _products(100, rng)[0])
     kernel, bias = _source_rows()
-    tcfg = {"fusion_hidden": 8, "fusion_dropout": 0.0, "fusion_score_hidden": 8,
-            "fusion_learning_rate": 0.01, "fusion_label_smoothing": 0.0, "fusion_epochs": 2,
-            "fusion_max_views": 4, "expert_hidden": 8, "expert_dropout": 0.0,
-            "expert_learning_rate": 0.01, "expert_epochs": 2, "batch_size": 64,
-            "shuffle_buffer": 256, "seed": 1,
-            "tune": {"trials": 3, "holdout": 0.2, "seed": 3, "learning_rate": [0.001, 0.03],
-                     "hidden": [0, 8], "dropout": [0.0, 0.3], "epochs": [1, 3],
-                     "label_smoothing": [0.0, 0.1]}}
+    cfg = load_config(overrides=[
+        "train.fusion_hidden=8", "train.fusion_dropout=0.0", "train.fusion_score_hidden=8",
+        "train.fusion_learning_rate=0.01", "train.fusion_label_smoothing=0.0",
+        "train.fusion_epochs=2", "train.fusion_max_views=4", "train.expert_hidden=8",
+        "train.expert_dropout=0.0", "train.expert_learning_rate=0.01", "train.expert_epochs=2",
+        "train.batch_size=64", "train.shuffle_buffer=256", "train.seed=1",
+        "tune.trials=3", "tune.holdout=0.2", "tune.seed=3", "tune.learning_rate=[0.001, 0.03]",
+        "tune.hidden=[0, 8]", "tune.dropout=[0.0, 0.3]", "tune.epochs=[1, 3]",
+        "tune.label_smoothing=[0.0, 0.1]"])
+    tcfg, space = cfg.train, cfg.tune
     opened = []
     for name in ("read_table",):
         real = getattr(pq, name)
@@ -217,14 +222,14 @@ def test_a_search_trains_beside_a_train_holdout_and_never_reads_val(tmp_path, mo
                         lambda self, path, *a, **k: (opened.append(path),
                                                      real_open(self, path, *a, **k))[1])
     taxonomy = types.SimpleNamespace(n_l3=N_L3, n_l1=1)
-    got = experts.tune(kind, root, kernel, bias, taxonomy, tcfg)
+    got = experts.tune(kind, root, kernel, bias, taxonomy, tcfg, space)
     monkeypatch.undo()
     assert opened and not [p for p in opened if "split=val" in str(p)]
     assert len(got["trials"]) == 3 and got["holdout"] == 0.2
     # the configured values are the first trial: other values win only by scoring better
     prefix = "fusion_" if kind == "fusion" else "expert_"
     assert got["trials"][0]["values"] == got["untuned"] == {
-        k: v for k, v in tcfg.items() if k in got["untuned"]}
+        k: v for k, v in tcfg.model_dump().items() if k in got["untuned"]}
     assert got["untuned_holdout_accuracy"] == got["trials"][0]["holdout_accuracy"]
     best = max(got["trials"], key=lambda t: t["holdout_accuracy"])
     assert got["best"] == best["values"]
@@ -232,6 +237,6 @@ def test_a_search_trains_beside_a_train_holdout_and_never_reads_val(tmp_path, mo
     assert all(k.startswith(prefix) for k in got["best"])
     assert 1 <= got["best"][prefix + "epochs"] <= 3 and got["best"][prefix + "hidden"] in (0, 8)
     # a hold-out with no product scores nothing: the configured values stay
-    empty = experts.tune(kind, root, kernel, bias, taxonomy,
-                         {**tcfg, "tune": {**tcfg["tune"], "holdout": 1e-12, "trials": 2}})
+    empty = experts.tune(kind, root, kernel, bias, taxonomy, tcfg,
+                         space.model_copy(update={"holdout": 1e-12, "trials": 2}))
     assert empty["best"] == empty["untuned"] and empty["best_holdout_accuracy"] is None

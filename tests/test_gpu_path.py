@@ -65,11 +65,11 @@ def test_policy_switch_and_float32_outputs():
 def test_switches_come_from_the_config():
     from hierarchy.contracts.config import ConfigError, load_config
 
-    train = load_config()["train"]
-    assert (train["mixed_precision"], train["xla"]) == ("auto", "auto")
+    train = load_config().train
+    assert (train.mixed_precision, train.xla) == ("auto", "auto")
     # a bare on/off is a YAML boolean: still the switch's on/off
-    train = load_config(overrides=["train.xla=on", "train.mixed_precision=off"])["train"]
-    assert (train["xla"], train["mixed_precision"]) == ("on", "off")
+    train = load_config(overrides=["train.xla=on", "train.mixed_precision=off"]).train
+    assert (train.xla, train.mixed_precision) == ("on", "off")
     with pytest.raises(ConfigError, match="train.xla.*auto, on, off"):
         load_config(overrides=["train.xla=sometimes"])
 

@@ -337,9 +337,9 @@ def register(rows_file: str, output: str, overrides: List[str]) -> None:
 
     cfg = load_config(overrides=overrides)
     spark = get_spark(cfg, "test-notebook-table")
-    name = f"{cfg['catalog']['database']}.{cfg['catalog']['table']}"
+    name = f"{cfg.catalog.database}.{cfg.catalog.table}"
     df = spark.read.schema(SCHEMA).option("mode", "FAILFAST").json(rows_file)
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg['catalog']['database']}")
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {cfg.catalog.database}")
     (df.write.mode("overwrite").partitionBy(*PARTITIONS).option("path", output)
      .saveAsTable(name))
     got = [(f.name, f.dataType.simpleString()) for f in spark.table(name).schema]

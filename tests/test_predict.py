@@ -221,37 +221,37 @@ def test_two_outputs_fill_one_table_that_lists_and_drops_runs(world, spark, tmp_
     b = run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
                     str(tmp_path / "b"))
     assert a["table"] == b["table"] and a["table_path"] == b["table_path"]
-    db_location = spark.catalog.getDatabase(pcfg["catalog"]["database"]).locationUri
+    db_location = spark.catalog.getDatabase(pcfg.catalog.database).locationUri
     assert a["table_path"] == "file://" + db_location[len("file:"):].rstrip("/") + "/predictions"
     assert (tmp_path / "a" / "submission.csv").exists()
     assert not (tmp_path / "a" / "predictions").exists()
-    runs = {(r["split"], r["strategy"]): r for r in tables.list_runs(spark, pcfg["catalog"])}
+    runs = {(r["split"], r["strategy"]): r for r in tables.list_runs(spark, pcfg.catalog)}
     assert set(runs) == {("test", "flat"), ("val", "flat")}
     assert runs["test", "flat"]["products"] == world["n_test"]
     assert runs["test", "flat"]["accuracy_l3"] is None       # no truth on test
     assert 0 <= runs["val", "flat"]["accuracy_l3"] <= 1
     assert runs["val", "flat"]["products"] == b["products"]
 
-    would = tables.drop_runs(spark, pcfg["catalog"], RUN, "val", dry_run=True)
+    would = tables.drop_runs(spark, pcfg.catalog, RUN, "val", dry_run=True)
     assert [(r["split"], r["strategy"]) for r in would] == [("val", "flat")]
-    assert len(tables.list_runs(spark, pcfg["catalog"])) == 2   # a dry run drops nothing
-    dropped = tables.drop_runs(spark, pcfg["catalog"], RUN, "val")
+    assert len(tables.list_runs(spark, pcfg.catalog)) == 2   # a dry run drops nothing
+    dropped = tables.drop_runs(spark, pcfg.catalog, RUN, "val")
     assert [(r["split"], r["strategy"]) for r in dropped] == [("val", "flat")]
-    left = tables.list_runs(spark, pcfg["catalog"])
+    left = tables.list_runs(spark, pcfg.catalog)
     assert [(r["split"], r["products"]) for r in left] == [("test", world["n_test"])]
     table_dir = a["table_path"][len("file://"):]
     assert (Path(table_dir) / f"run_id={RUN}" / "split=test").is_dir()
     assert not (Path(table_dir) / f"run_id={RUN}" / "split=val").exists()
-    assert tables.drop_runs(spark, pcfg["catalog"], RUN, "val") == []  # twice: nothing to do
+    assert tables.drop_runs(spark, pcfg.catalog, RUN, "val") == []  # twice: nothing to do
     with pytest.raises(UsageError, match="--strategy needs --split"):
-        tables.drop_runs(spark, pcfg["catalog"], RUN, None, "flat")
+        tables.drop_runs(spark, pcfg.catalog, RUN, None, "flat")
 
 
 def test_a_table_registered_elsewhere_than_the_config_says_is_refused(world, spark, tmp_path):
     pcfg = predict_cfg(tmp_path)
     run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
                 str(tmp_path / "a"))
-    pcfg["catalog"]["location"] = str(tmp_path / "elsewhere")
+    pcfg = predict_cfg(tmp_path, [f"catalog.location={tmp_path / 'elsewhere'}"])
     with pytest.raises(PredictError, match="catalog.location"):
         run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
                     str(tmp_path / "a"))
@@ -314,7 +314,7 @@ def test_decisions_agree_in_the_table_the_report_and_the_served_answer(world, sp
     assert d["calibration_products"] > 10 and d["fit_products"] > 5
     assert (tmp_path / "out" / "evaluation" / RUN / "risk_coverage.png").stat().st_size > 0
     assert "## Decisions" in (tmp_path / "out" / "evaluation" / RUN / "report.md").read_text()
-    table = spark.table(f"{cfg['catalog']['database']}.predictions").where(
+    table = spark.table(f"{cfg.catalog.database}.predictions").where(
         f"run_id = '{RUN}' AND split = 'val' AND strategy = 'flat'").toPandas()
     scored = table[~table["fallback"]]
     for level in ("3", "2", "1"):
@@ -346,7 +346,7 @@ def test_decisions_agree_in_the_table_the_report_and_the_served_answer(world, sp
     res = run_predict(spark, cfg, world["data"], models, RUN, "test", "flat",
                       str(tmp_path / "out"))
     assert sum(res["decisions"].values()) == res["products"]
-    queue = spark.table(f"{cfg['catalog']['database']}.review_queue").where(
+    queue = spark.table(f"{cfg.catalog.database}.review_queue").where(
         f"run_id = '{RUN}' AND split = 'test' AND strategy = 'flat'").toPandas()
     assert len(queue) == res["products"] - res["decisions"]["3"]
     assert list(queue["review_priority"]) == sorted(queue["review_priority"], reverse=True)
@@ -485,13 +485,13 @@ def test_a_table_location_with_a_quote_a_space_and_accents_is_quoted_in_sql(worl
     # a second write registers its partition in the existing table (another statement)
     run_predict(spark, pcfg, world["data"], world["models"], RUN, "test", "fusion",
                 str(tmp_path / "out"))
-    assert {r["strategy"] for r in list_runs(spark, pcfg["catalog"], RUN)} == {"flat",
+    assert {r["strategy"] for r in list_runs(spark, pcfg.catalog, RUN)} == {"flat",
                                                                                "fusion"}
-    assert drop_runs(spark, pcfg["catalog"], RUN, "test", "flat")
+    assert drop_runs(spark, pcfg.catalog, RUN, "test", "flat")
     assert spark.table(res["table"]).count() == res["products"]
     # curate's tables go through the same quoting
     spark.range(3).write.parquet(str(place / "curation"))
-    full = _register(spark, pcfg["catalog"], "curation_q", str(place / "curation"), False)
+    full = _register(spark, pcfg.catalog, "curation_q", str(place / "curation"), False)
     assert spark.table(full).count() == 3
 
 

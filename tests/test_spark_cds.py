@@ -102,7 +102,8 @@ def test_missing_or_off():
 
 
 def test_java_options_add_up(tmp_path):
-    derby = metastore_conf({"metastore": str(tmp_path / "metastore_db")})
+    catalog = load_config(None, [f"catalog.metastore={tmp_path / 'metastore_db'}"]).catalog
+    derby = metastore_conf(catalog)
     conf = _merge_java_options(derby, {"spark.driver.extraJavaOptions": "-Dx=1",
                                        "spark.sql.shuffle.partitions": "8"})
     conf = _merge_java_options(conf, {"spark.driver.extraJavaOptions":

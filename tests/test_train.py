@@ -197,7 +197,7 @@ def test_experts_read_only_their_branch_and_start_from_the_multi_model(dataset, 
     trained = experts.train_group(root, tax.branch(2), [2],
                                   np.zeros((dim, tax.n_l3), np.float32),
                                   np.zeros(tax.n_l3, np.float32),
-                                  {**cfg["train"], "expert_epochs": 2}, seed=1)
+                                  cfg.train.model_copy(update={"expert_epochs": 2}), seed=1)
     monkeypatch.undo()
     assert trained is not None and trained["leaves"] == len(tax.branch(2))
     per_l1 = manifest["splits"]

@@ -30,6 +30,7 @@ import time
 from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import Dataset
+from hierarchy.contracts.settings import Catalog, Curate
 from hierarchy.curate.groups import components, near_edges
 from hierarchy.curate.hashing import HASHED, algorithm, hash_batch
 
@@ -116,7 +117,7 @@ def _with_reviews(rows, reviews):
     return rows.join(latest, ["product_id", "img_idx"], "left")
 
 
-def flag(pics, edges_labels, reviews, ccfg: dict):
+def flag(pics, edges_labels, reviews, ccfg: Curate):
     """The curation rows: one per picture, its group, counts, flags and review."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -130,12 +131,12 @@ def flag(pics, edges_labels, reviews, ccfg: dict):
         F.collect_set("category_id").over(Window.partitionBy("phash")))))
     rows = pics.join(_group_stats(pics), "group_hash", "left")
     grouped = F.coalesce(F.col("group_pictures"), F.lit(1)) > 1
-    placeholder = grouped & (F.col("group_products") >= ccfg["placeholder_min_products"]) & \
-        (F.col("group_categories") >= ccfg["placeholder_min_categories"]) & \
-        (F.col("top_category_share") <= ccfg["placeholder_max_share"])
+    placeholder = grouped & (F.col("group_products") >= ccfg.placeholder_min_products) & \
+        (F.col("group_categories") >= ccfg.placeholder_min_categories) & \
+        (F.col("top_category_share") <= ccfg.placeholder_max_share)
     rows = rows.select(
         "*",
-        F.coalesce(F.col("pixel_std") <= ccfg["blank_max_std"], F.lit(False)).alias("blank"),
+        F.coalesce(F.col("pixel_std") <= ccfg.blank_max_std, F.lit(False)).alias("blank"),
         F.coalesce(placeholder, F.lit(False)).alias("placeholder"),
         (F.col("exact_copies") > 1).alias("duplicate"),
         F.coalesce(grouped & (F.col("group_distinct") > 1), F.lit(False)).alias("near_duplicate"),
@@ -161,15 +162,15 @@ def flag(pics, edges_labels, reviews, ccfg: dict):
         F.current_timestamp().alias("curated_at"), "split")
 
 
-def _register(spark, catalog: dict, name: str, location: str, partitioned: bool,
+def _register(spark, catalog: Catalog, name: str, location: str, partitioned: bool,
               schema_ddl: str = "") -> str:
     """An external table over ``location`` (re-pointed when a re-run moved nothing: the
     folder is the same, its partitions are recovered)."""
     from hierarchy.spark import sql_literal, sql_name
 
     storage.require_hadoop_path(location, "--data")
-    full, quoted = f"{catalog['database']}.{name}", sql_name(catalog["database"], name)
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog['database'])}")
+    full, quoted = f"{catalog.database}.{name}", sql_name(catalog.database, name)
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog.database)}")
     if spark.catalog.tableExists(full):
         spark.sql(f"DROP TABLE {quoted}")  # external: the files stay; the schema may have moved
     columns = f"({schema_ddl}) " if schema_ddl else ""
@@ -189,7 +190,7 @@ REVIEW_ORDER = ("conflicting_labels", "placeholder", "leakage", "near_duplicate"
                 "blank")
 
 
-def review_queue(spark, rows, data: str, ccfg: dict, out: str) -> None:
+def review_queue(spark, rows, data: str, ccfg: Curate, out: str) -> None:
     """``review/groups.parquet`` (flagged groups, most urgent first, with every member) and
     ``review/pictures.parquet`` (up to ``review_pictures`` JPEGs a group, bytes as ingested:
     one scan of the JPEG column joined to a few thousand keys)."""
@@ -212,14 +213,14 @@ def review_queue(spark, rows, data: str, ccfg: dict, out: str) -> None:
                           F.collect_list(F.struct("product_id", "img_idx", "split",
                                                   "category_id")).alias("members")))
     top = groups.orderBy("priority", F.desc("pictures"), "review_group") \
-                .limit(int(ccfg["review_max_groups"]))
+                .limit(ccfg.review_max_groups)
     top = top.withColumn("position", F.monotonically_increasing_id()).localCheckpoint()
     top.coalesce(1).orderBy("priority", F.desc("pictures"), "review_group") \
        .write.mode("overwrite").parquet(storage.to_url(storage.join(out, "groups")))
     shown = (flagged.join(top.select("review_group"), "review_group")
                     .withColumn("_n", F.row_number().over(
                         Window.partitionBy("review_group").orderBy("product_id", "img_idx")))
-                    .where(F.col("_n") <= int(ccfg["review_pictures"]))
+                    .where(F.col("_n") <= ccfg.review_pictures)
                     .select("review_group", "product_id", "img_idx", "split", "category_id",
                             "flags"))
     images = spark.read.parquet(Dataset(data).url("images")).select("product_id", "img_idx",
@@ -233,10 +234,10 @@ def check_curate(cfg, data: str) -> dict:
     from hierarchy.contracts.dataset import DatasetNotReady
     from hierarchy.contracts.errors import UsageError
 
-    ccfg = cfg["curate"]
-    if int(ccfg["hash_blocks"]) <= int(ccfg["near_distance"]):
-        raise UsageError(f"curate.hash_blocks ({ccfg['hash_blocks']}) must exceed "
-                         f"curate.near_distance ({ccfg['near_distance']}): two hashes within "
+    ccfg = cfg.curate
+    if ccfg.hash_blocks <= ccfg.near_distance:
+        raise UsageError(f"curate.hash_blocks ({ccfg.hash_blocks}) must exceed "
+                         f"curate.near_distance ({ccfg.near_distance}): two hashes within "
                          f"the distance must agree on at least one block")
     storage.require_dir(data, "--data")
     manifest = Dataset(data).manifest()
@@ -252,7 +253,7 @@ def run_curate(spark, cfg, data: str) -> dict:
     """The whole job; returns its summary (counts per flag, the work the grouping did)."""
     from pyspark.sql import functions as F
 
-    ccfg, catalog = cfg["curate"], cfg["catalog"]
+    ccfg, catalog = cfg.curate, cfg.catalog
     timings = {}
     t0 = time.perf_counter()
     ds = Dataset(data)
@@ -263,11 +264,11 @@ def run_curate(spark, cfg, data: str) -> dict:
         timings["hash"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        edges, grouping = near_edges(spark, pics, int(ccfg["near_distance"]),
-                                     int(ccfg["hash_blocks"]))
+        edges, grouping = near_edges(spark, pics, ccfg.near_distance,
+                                     ccfg.hash_blocks)
         edges = edges.localCheckpoint()
         grouping["edges"] = edges.count()
-        labels, rounds = components(spark, edges, int(ccfg["max_rounds"]))
+        labels, rounds = components(spark, edges, ccfg.max_rounds)
         grouping["rounds"] = rounds
         timings["group"] = time.perf_counter() - t
 
@@ -290,10 +291,10 @@ def run_curate(spark, cfg, data: str) -> dict:
                            *[F.sum(F.col(f).cast("int")).alias(f) for f in ct.FLAGS],
                            F.sum(F.col("review").isNotNull().cast("int")).alias("reviewed")
                            ).first().asDict()
-        tables = {"curation": _register(spark, catalog, catalog["curation_table"],
+        tables = {"curation": _register(spark, catalog, catalog.curation_table,
                                         ct.curation_path(data), partitioned=True)}
         storage.make_dir(ct.reviews_path(data))
-        tables["reviews"] = _register(spark, catalog, catalog["reviews_table"],
+        tables["reviews"] = _register(spark, catalog, catalog.reviews_table,
                                       ct.reviews_path(data), partitioned=False,
                                       schema_ddl=REVIEWS_DDL)
         report_dir = ct.report_path(data)
@@ -304,7 +305,7 @@ def run_curate(spark, cfg, data: str) -> dict:
 
     summary = {"data": data, "counts": {k: int(v or 0) for k, v in counts.items()},
                "grouping": grouping, "hash_algorithm": algorithm(),
-               "config": dict(ccfg), "tables": tables,
+               "config": ccfg.model_dump(mode="json"), "tables": tables,
                "seconds": {k: round(v, 2) for k, v in timings.items()}}
     summary["report"] = write_report(report_dir, summary)
     return summary

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hierarchy.contracts.dataset import VAL, images_in
+from hierarchy.contracts.settings import Calibrate
 from hierarchy.infer import combine
 from hierarchy.infer.modelset import IDENTITY, ModelSet
 from hierarchy.infer.scoring import BatchScorer, ScoringPlan, whole_products
@@ -28,8 +29,8 @@ log = logging.getLogger(__name__)
 STATS_DDL = "hits array<double>, nll array<double>, products long, pictures long"
 
 
-def grid_of(ccfg: dict) -> np.ndarray:
-    return combine.correction_grid(ccfg["temperatures"], ccfg["w"], ccfg["v"])
+def grid_of(ccfg: Calibrate) -> np.ndarray:
+    return combine.correction_grid(ccfg.temperatures, ccfg.w, ccfg.v)
 
 
 def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
@@ -72,19 +73,19 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None,
 
     from hierarchy.infer.pipeline import by_product, read_images
 
-    ccfg = cfg["calibrate"]
+    ccfg = cfg.calibrate
     grid = grid_of(ccfg)
     images = grouped if grouped is not None else read_images(spark, data, VAL)
     if where is not None:
         images = images.where(where)
     total = images_in(manifest, VAL)
     val_products = (manifest.get("splits", {}).get(VAL, {}) or {}).get("products") or total
-    share = min(1.0, ccfg["max_products"] / max(1, val_products))
+    share = min(1.0, ccfg.max_products / max(1, val_products))
     if share < 1.0:
         # a fixed hash sample of products (all of a product's pictures, or none)
         images = images.where((F.abs(F.xxhash64("product_id")) % 1000003) < share * 1000003)
     if grouped is None:
-        images = by_product(images, int(cfg["predict"]["partitions"]))
+        images = by_product(images, cfg.predict.partitions)
     stats = (images.mapInPandas(calibration_partitions(plan, grid), STATS_DDL)
              .collect())  # one small row per partition
     hits = np.sum([r.hits for r in stats], axis=0) if stats else np.zeros(len(grid))
@@ -104,8 +105,8 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None,
             "val_accuracy_l3_uncorrected": float(hits[0] / products),
             "val_nll": float(nlls[best] / products),
             "val_nll_uncorrected": float(nlls[0] / products),
-            "grid": {"temperatures": list(ccfg["temperatures"]), "w": list(ccfg["w"]),
-                     "v": list(ccfg["v"])}}
+            "grid": {"temperatures": list(ccfg.temperatures), "w": list(ccfg.w),
+                     "v": list(ccfg.v)}}
 
 
 def modelset_for_calibration(modelset: ModelSet) -> ModelSet:

@@ -17,19 +17,20 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
+from hierarchy.contracts.settings import Decide
 from hierarchy.evaluate.decisions import calibration_part
 from hierarchy.infer.modelset import PREFERENCE
 
 Z95 = 1.959963984540054
 
 
-def held_out(df, dcfg: dict, strategies: List[str]) -> dict:
+def held_out(df, dcfg: Decide, strategies: List[str]) -> dict:
     """Per strategy, level-3 accuracy on the labelled calibration-part products of ``df``
     (one run's val rows); per ordered pair, the sums of the paired hit differences."""
     from pyspark.sql import functions as F
 
     part = df.where(F.col("true_l3").isNotNull()) \
-        .where(calibration_part(float(dcfg["calibration_share"])) == 1)
+        .where(calibration_part(dcfg.calibration_share) == 1)
     wide = part.groupBy("product_id").pivot("strategy", strategies).agg(
         F.first((F.col("l3") == F.col("true_l3")).cast("int")))
     aggs = []

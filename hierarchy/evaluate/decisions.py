@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from hierarchy.contracts.dataset import VAL
+from hierarchy.contracts.settings import Decide
 from hierarchy.infer import decide
 from hierarchy.infer.scoring import BatchScorer, ScoringPlan, score_products, whole_products
 
@@ -37,10 +38,10 @@ def calibration_part(share: float):
     return (h < F.lit(share * HASH_MOD)).cast("int")
 
 
-def grids_of(dcfg: dict) -> decide.Grids:
-    temps = {float(t) for t in dcfg["temperatures"]} | {1.0}
-    if dcfg["temperature"]:
-        temps.add(float(dcfg["temperature"]))
+def grids_of(dcfg: Decide) -> decide.Grids:
+    temps = set(dcfg.temperatures) | {1.0}
+    if dcfg.temperature:
+        temps.add(dcfg.temperature)
     return decide.Grids(temperatures=tuple(sorted(temps)))
 
 
@@ -83,30 +84,30 @@ def fit(spark, cfg, data: str, plans: Dict[str, ScoringPlan], grouped=None
     notes). ``grouped``: val's pictures already grouped by product (:func:`grouped_split`)."""
     from hierarchy.infer.pipeline import by_product, read_images
 
-    dcfg = cfg["decide"]
+    dcfg = cfg.decide
     grids = grids_of(dcfg)
-    levels = tuple(int(x) for x in dcfg["levels"])
+    levels = dcfg.levels
     images = grouped if grouped is not None else by_product(
-        read_images(spark, data, VAL), int(cfg["predict"]["partitions"]))
+        read_images(spark, data, VAL), cfg.predict.partitions)
     images = images.where("l3 IS NOT NULL") \
-        .withColumn("part", calibration_part(float(dcfg["calibration_share"])))
+        .withColumn("part", calibration_part(dcfg.calibration_share))
     rows = (images.mapInPandas(decision_partitions(plans, grids, levels), STATS_DDL)
             .collect())  # one small row per partition and strategy
     stats = {name: decide.empty_stats(grids) for name in plans}
     for r in rows:
         for k, v in decide.unflatten(r.stats, grids).items():
             stats[r.strategy][k] += v
-    forced = float(dcfg["temperature"]) or None
+    forced = dcfg.temperature or None
     out = {}
     for name in plans:
-        rule, figures = decide.fit_rule(stats[name], grids, float(dcfg["target_precision"]),
-                                        levels, float(dcfg["confidence"]), temperature=forced)
+        rule, figures = decide.fit_rule(stats[name], grids, dcfg.target_precision,
+                                        levels, dcfg.confidence, temperature=forced)
         if rule.threshold is None:
             log.warning("decisions (%s): nothing will be filed — %s", name, rule.reason)
         out[name] = rule, figures
     return out
 
 
-def val_part_filter(dcfg: dict):
+def val_part_filter(dcfg: Decide):
     """Spark column: the val products of the fit part (what calibrate may fit on)."""
-    return calibration_part(float(dcfg["calibration_share"])) == 0
+    return calibration_part(dcfg.calibration_share) == 0

@@ -68,7 +68,7 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     strategies = list(checked)
     run = ModelStore(models).run(run_id)
     prior = training_prior(spark, data)
-    grouped = grouped_split(spark, data, VAL, int(cfg["predict"]["partitions"]))
+    grouped = grouped_split(spark, data, VAL, cfg.predict.partitions)
     try:
         calibration, checked, figures, rules, table = _passes(spark, cfg, data, models, run,
                                                               checked, output, prior, grouped,
@@ -82,7 +82,7 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
         metrics["strategies"].setdefault(s, {})["decisions"] = fig
     scores = {s: metrics["strategies"].get(s, {}).get("accuracy_l3") for s in strategies}
     filed = {s: figures[s]["calibration"]["coverage"] for s in strategies}
-    chosen = choice.choose(choice.held_out(df, cfg["decide"], strategies), filed, scores)
+    chosen = choice.choose(choice.held_out(df, cfg.decide, strategies), filed, scores)
     metrics["recommendation"] = chosen
     recommended = chosen["recommended"]
     run.record_evaluation(recommended=recommended, scores=scores, decisions=rules,
@@ -129,7 +129,7 @@ def _calibrate(spark, cfg, data: str, run, checked, prior: tuple, grouped):
     plan = scoring_plan(spark, cfg, data, checked.taxonomy,
                         calibrate.modelset_for_calibration(checked.modelset), prior)
     calibration = calibrate.fit(spark, cfg, data, checked.manifest, plan,
-                                where=decisions.val_part_filter(cfg["decide"]),
+                                where=decisions.val_part_filter(cfg.decide),
                                 grouped=grouped)
     run.record_evaluation(calibration=calibration)
     fitted = {k: calibration[k] for k in IDENTITY}

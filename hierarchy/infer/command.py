@@ -28,13 +28,13 @@ def predict(args, cfg) -> dict:
     from hierarchy.infer.pipeline import check_predict, run_predict, summary
 
     strategy = resolve_strategy(args.models, args.run_id,
-                                args.strategy or cfg["predict"]["strategy"])
+                                args.strategy or cfg.predict.strategy)
     checked = check_predict(args.data, args.models, args.run_id, args.split, strategy,
-                            args.output, bool(cfg["predict"]["duplicate_lookup"]))
+                            args.output, cfg.predict.duplicate_lookup)
     if args.dry_run:
         print(f"would score split {args.split} with run {args.run_id} ({strategy}, "
               f"{len(checked.modelset.refs())} model file(s) checked) into table "
-              f"{cfg['catalog']['database']}.{cfg['catalog']['table']}"
+              f"{cfg.catalog.database}.{cfg.catalog.table}"
               + (f" and {args.output}/submission.csv" if args.split == "test" else ""))
         return {"run_id": args.run_id, "split": args.split, "strategy": strategy}
     result = with_spark(cfg, "predict", lambda spark: run_predict(
@@ -62,12 +62,12 @@ def _runs_arguments(p) -> None:
 def runs(args, cfg) -> dict:
     from hierarchy.infer import tables
 
-    name = tables.table_name(cfg["catalog"])
+    name = tables.table_name(cfg.catalog)
 
     def job(spark):
         if args.action == "list":
-            return tables.list_runs(spark, cfg["catalog"], args.run_id)
-        return tables.drop_runs(spark, cfg["catalog"], args.run_id, args.split, args.strategy,
+            return tables.list_runs(spark, cfg.catalog, args.run_id)
+        return tables.drop_runs(spark, cfg.catalog, args.run_id, args.split, args.strategy,
                                 dry_run=args.dry_run)
 
     rows = with_spark(cfg, "runs", job)

@@ -20,6 +20,7 @@ from typing import Dict, Optional, Sequence
 from hierarchy.contracts import predictions, storage
 from hierarchy.contracts.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
 from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.settings import Decide
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import decide, tables
 from hierarchy.infer.modelset import ModelSet, PredictError, load_modelset
@@ -222,21 +223,21 @@ def scoring_plan(spark, cfg, data: str, taxonomy: Taxonomy, modelset: ModelSet,
                  prior: Optional[tuple] = None) -> ScoringPlan:
     """What every scoring task gets (and sets the Arrow batch size it is fed with).
     ``prior``: :func:`training_prior`, when the caller already has it."""
-    pcfg = cfg["predict"]
+    pcfg = cfg.predict
     prior = prior or training_prior(spark, data)
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg["batch_size"]))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg.batch_size))
     return ScoringPlan(models=modelset, taxonomy_json=taxonomy.to_json(),
                        prior_category_id=prior[0], prior_share=prior[1],
-                       top_k=int(pcfg["top_k"]), blend_weight=float(pcfg["blend_weight"]),
-                       aggregate=pcfg["aggregate"], tta_flip=bool(pcfg["tta_flip"]),
-                       top_n=int(pcfg["top_n"]), threads=int(pcfg["threads"]))
+                       top_k=pcfg.top_k, blend_weight=pcfg.blend_weight,
+                       aggregate=pcfg.aggregate, tta_flip=pcfg.tta_flip,
+                       top_n=pcfg.top_n, threads=pcfg.threads)
 
 
 def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, strategy: str,
                 output: str, checked: Optional[CheckedPredict] = None) -> dict:
     """``checked``: what :func:`check_predict` already returned for these arguments."""
     checked = checked or check_predict(data, models, run_id, split, strategy, output,
-                                       bool(cfg["predict"]["duplicate_lookup"]))
+                                       cfg.predict.duplicate_lookup)
     return run_scoring(spark, cfg, data, models, run_id, split, {strategy: checked},
                        output)[strategy]
 
@@ -253,7 +254,7 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
 
     from hierarchy.spark import run_with_progress
 
-    pcfg = cfg["predict"]
+    pcfg = cfg.predict
     t0 = time.time()
     strategies = list(checked)
     if split == TEST and len(strategies) != 1:
@@ -261,7 +262,7 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     first = checked[strategies[0]]
     taxonomy = first.taxonomy
     for strategy in strategies:
-        note_decision_rule(cfg["decide"], checked[strategy].modelset, data, models, run_id)
+        note_decision_rule(cfg.decide, checked[strategy].modelset, data, models, run_id)
     products = read_products(spark, data, split)
     # before any scoring: a submission must hold one row per product id
     tables.check_unique_products(products, f"{data} products of split {split}")
@@ -269,11 +270,11 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     plans = {s: scoring_plan(spark, cfg, data, taxonomy, checked[s].modelset, prior)
              for s in strategies}
     images = read_images(spark, data, split)
-    scored = score(images, plans, int(pcfg["partitions"])) if grouped is None else \
+    scored = score(images, plans, pcfg.partitions) if grouped is None else \
         grouped.mapInPandas(score_partitions(plans), predictions.SCORED_BY_STRATEGY_DDL)
     rows = scored.unionByName(
         fallback_rows(products, images, taxonomy, prior, strategies))
-    if pcfg["duplicate_lookup"]:
+    if pcfg.duplicate_lookup:
         rows = apply_duplicates(rows, duplicate_answers(spark, data, split, taxonomy))
     final = finish_rows(rows, run_id, split)
     top_k = next(iter(plans.values())).top_k
@@ -282,10 +283,10 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     partitions = [{"run_id": run_id, "split": split, "strategy": s} for s in strategies]
     name, location = run_with_progress(spark, f"predict {split}",
                                        lambda: tables.write_predictions(spark, final,
-                                                                        cfg["catalog"],
+                                                                        cfg.catalog,
                                                                         partitions),
-                                       enabled=bool(pcfg["progress"]))
-    review_view = tables.create_review_view(spark, cfg["catalog"])
+                                       enabled=pcfg.progress)
+    review_view = tables.create_review_view(spark, cfg.catalog)
     written = spark.table(name).where(
         (F.col("run_id") == run_id) & (F.col("split") == split) &
         F.col("strategy").isin(strategies))
@@ -298,7 +299,7 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
         tables.check_submission_rows(sub, products)
         results[strategy]["submission"] = tables.write_submission(
-            sub, output, bool(pcfg["submission_gzip"]))
+            sub, output, pcfg.submission_gzip)
     seconds = round(time.time() - t0, 2)
     for result in results.values():
         result["seconds"] = seconds
@@ -331,7 +332,7 @@ def _result_counts(st, modelset: ModelSet) -> dict:
              for level in (3, 2, 1, 0)}}
 
 
-def note_decision_rule(dcfg: dict, modelset: ModelSet, data: str, models: str,
+def note_decision_rule(dcfg: Decide, modelset: ModelSet, data: str, models: str,
                        run_id: str) -> None:
     """One line when the table's decision columns will be null (no rule fitted for this
     strategy) or follow a rule fitted for another target than the configuration's."""
@@ -340,12 +341,12 @@ def note_decision_rule(dcfg: dict, modelset: ModelSet, data: str, models: str,
         log.warning("run %s has no decision rule for strategy %s: the decision columns stay "
                     "null — fit one with `hierarchy evaluate --data %s --models %s --run-id %s "
                     "--output DIR`", run_id, modelset.strategy, data, models, run_id)
-    elif (rule.target, set(rule.levels)) != (float(dcfg["target_precision"]),
-                                             {int(x) for x in dcfg["levels"]}):
+    elif (rule.target, set(rule.levels)) != (dcfg.target_precision,
+                                             set(dcfg.levels)):
         log.warning("run %s's decision rule was fitted for precision %g at levels %s, not the "
                     "configured %g at %s: it is applied as fitted — run evaluate again to fit "
                     "the configured one", run_id, rule.target, list(rule.levels),
-                    float(dcfg["target_precision"]), list(dcfg["levels"]))
+                    dcfg.target_precision, list(dcfg.levels))
 
 
 def summary(result: dict) -> str:

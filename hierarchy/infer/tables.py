@@ -21,17 +21,18 @@ from urllib.parse import unquote
 from hierarchy.contracts import storage
 from hierarchy.contracts.errors import UsageError
 from hierarchy.contracts.predictions import ADDED_COLUMNS, PARTITIONS, TABLE_COLUMNS
+from hierarchy.contracts.settings import Catalog
 from hierarchy.infer.modelset import PredictError
 from hierarchy.spark import sql_literal, sql_name
 
 
-def table_name(catalog: dict) -> str:
-    return f"{catalog['database']}.{catalog['table']}"
+def table_name(catalog: Catalog) -> str:
+    return f"{catalog.database}.{catalog.table}"
 
 
-def quoted(catalog: dict) -> str:
+def quoted(catalog: Catalog) -> str:
     """The table's name as SQL text (:func:`table_name` is for the catalog API)."""
-    return sql_name(catalog["database"], catalog["table"])
+    return sql_name(catalog.database, catalog.table)
 
 
 def _existing_location(spark, name: str) -> str:
@@ -44,18 +45,18 @@ def _existing_location(spark, name: str) -> str:
     return ""
 
 
-def table_location(spark, catalog: dict) -> str:
+def table_location(spark, catalog: Catalog) -> str:
     """Where the table's files are: the registered table's own location, else
     ``catalog.location``, else ``<database location>/<table>``. Refuses a table registered
     somewhere else than ``catalog.location`` says (two configs disagreeing on one table)."""
     return _placed(spark, catalog)[0]
 
 
-def _placed(spark, catalog: dict) -> Tuple[str, bool]:
+def _placed(spark, catalog: Catalog) -> Tuple[str, bool]:
     """(:func:`table_location`, whether the table is registered already)."""
     name = table_name(catalog)
     existing = _existing_location(spark, name)
-    wanted = storage.to_url(catalog["location"]) if catalog["location"] else ""
+    wanted = storage.to_url(catalog.location) if catalog.location else ""
     storage.require_hadoop_path(wanted, "catalog.location")
     if existing and wanted and not storage.same_location(existing, wanted):
         raise PredictError(
@@ -66,9 +67,9 @@ def _placed(spark, catalog: dict) -> Tuple[str, bool]:
         return storage.to_url(existing), True
     if wanted:
         return wanted, False
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog['database'])}")
-    return storage.join(storage.to_url(unquote(spark.catalog.getDatabase(catalog["database"])
-                                               .locationUri)), catalog["table"]), False
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog.database)}")
+    return storage.join(storage.to_url(unquote(spark.catalog.getDatabase(catalog.database)
+                                               .locationUri)), catalog.table), False
 
 
 def partition_spec(**values: Optional[str]) -> str:
@@ -76,7 +77,7 @@ def partition_spec(**values: Optional[str]) -> str:
     return ", ".join(f"{k}={sql_literal(values[k])}" for k in PARTITIONS if values.get(k))
 
 
-def write_predictions(spark, df, catalog: dict,
+def write_predictions(spark, df, catalog: Catalog,
                       partitions: Sequence[Dict[str, str]]) -> Tuple[str, str]:
     """Write ``df`` into its partitions of the table (``partitions``: the run_id / split /
     strategy values it holds, named so that no Spark job recomputes ``df`` to find them) and
@@ -86,7 +87,7 @@ def write_predictions(spark, df, catalog: dict,
     (df.select(*TABLE_COLUMNS).write.mode("overwrite")
        .option("partitionOverwriteMode", "dynamic")
        .partitionBy(*PARTITIONS).parquet(location))
-    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog['database'])}")
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog.database)}")
     if not existed:
         # schema and partition columns are inferred from the files just written
         spark.sql(f"CREATE TABLE IF NOT EXISTS {quoted(catalog)} USING parquet LOCATION "
@@ -115,18 +116,18 @@ REVIEW_COLUMNS = ("run_id", "split", "strategy", "product_id", "decision_level",
                   "image_count", "answered_by", "scored_at")
 
 
-def create_review_view(spark, catalog: dict) -> str:
+def create_review_view(spark, catalog: Catalog) -> str:
     """(Re)define the review queue view over the predictions table; returns its name."""
-    name = f"{catalog['database']}.{catalog['review_view']}"
+    name = f"{catalog.database}.{catalog.review_view}"
     cols = ", ".join(REVIEW_COLUMNS)
-    spark.sql(f"CREATE OR REPLACE VIEW {sql_name(catalog['database'], catalog['review_view'])} "
+    spark.sql(f"CREATE OR REPLACE VIEW {sql_name(catalog.database, catalog.review_view)} "
               f"AS SELECT {cols}, confidence AS review_priority "
               f"FROM {quoted(catalog)} WHERE decision_level < 3 "
               f"ORDER BY run_id, split, strategy, review_priority DESC, product_id")
     return name
 
 
-def list_runs(spark, catalog: dict, run_id: Optional[str] = None) -> List[dict]:
+def list_runs(spark, catalog: Catalog, run_id: Optional[str] = None) -> List[dict]:
     """One dict per partition: its rows, pictures, when it was scored and, on val, its
     level-3 accuracy. A small aggregate (partitions, not rows) comes back to the driver."""
     from pyspark.sql import functions as F
@@ -145,7 +146,7 @@ def list_runs(spark, catalog: dict, run_id: Optional[str] = None) -> List[dict]:
     return [r.asDict() for r in rows]
 
 
-def drop_runs(spark, catalog: dict, run_id: str, split: Optional[str] = None,
+def drop_runs(spark, catalog: Catalog, run_id: str, split: Optional[str] = None,
               strategy: Optional[str] = None, dry_run: bool = False) -> List[dict]:
     """Remove a run's partitions (all, or one split / strategy) from the catalog first, then
     their files: a reader never sees a partition whose files are gone. Returns what was

@@ -26,6 +26,7 @@ from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import KIND_SPLITS, Dataset
 from hierarchy.contracts.errors import UsageError
 from hierarchy.contracts.schema import IMAGES_FILE, QUARANTINE_FILE
+from hierarchy.contracts.settings import Ingest
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest import decode as dec
 from hierarchy.ingest import duplicates
@@ -94,7 +95,7 @@ def check_ingest(cfg, inputs: Sequence[str], categories: str, output: str,
     taxonomy = Taxonomy.from_csv(categories)
     storage.require_writable_dir(output, "--output")
     _check_taxonomy(Dataset(output), taxonomy, categories)
-    check_unlocked(Dataset(output), cfg["ingest"]["lock_stale_hours"])
+    check_unlocked(Dataset(output), cfg.ingest.lock_stale_hours)
     return CheckedIngest(files, categories, taxonomy)
 
 
@@ -178,7 +179,7 @@ def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
     ``spark_start_s``: how long the caller took to start the session, for the timings."""
     checked = checked or check_ingest(cfg, inputs, categories, output, kind)
     dataset = Dataset(output)
-    with output_lock(dataset, kind, cfg["ingest"]["lock_stale_hours"]):
+    with output_lock(dataset, kind, cfg.ingest.lock_stale_hours):
         return _ingest_locked(spark, cfg, checked, dataset, kind, spark_start_s)
 
 
@@ -218,12 +219,12 @@ class _WarmWorkers:
         return self.seconds
 
 
-def _context(icfg: dict, staging: Dataset) -> IngestContext:
-    return IngestContext(staging=staging.root, verify_jpeg=icfg["verify_jpeg"],
-                         compression=icfg["compression"],
-                         row_group_bytes=int(icfg["row_group_mb"] * (1 << 20)),
-                         raw_decoder=bool(icfg["raw_decoder"]),
-                         max_picture_pixels=int(icfg["max_picture_pixels"]))
+def _context(icfg: Ingest, staging: Dataset) -> IngestContext:
+    return IngestContext(staging=staging.root, verify_jpeg=icfg.verify_jpeg,
+                         compression=icfg.compression,
+                         row_group_bytes=int(icfg.row_group_mb * (1 << 20)),
+                         raw_decoder=icfg.raw_decoder,
+                         max_picture_pixels=icfg.max_picture_pixels)
 
 
 def _decode(spark, tasks: List[IngestTask], ctx: IngestContext, taxonomy: Taxonomy,
@@ -267,16 +268,16 @@ def _resolve_duplicates(spark, scans, tasks, staging: Dataset, kind: str, files,
             spark, staging, kind, [f.url for f in files]), enabled=progress)
 
 
-def _refuse_too_bad(counts: dict, icfg: dict, staging: Dataset) -> float:
+def _refuse_too_bad(counts: dict, icfg: Ingest, staging: Dataset) -> float:
     """The share of unusable documents and regions; IngestError above the threshold."""
     bad = counts["bad_documents"] + counts["corrupt_regions"]
     units = counts["documents"] + counts["corrupt_regions"]
     fraction = bad / units if units else 0.0
-    if fraction > icfg["max_bad_fraction"]:
+    if fraction > icfg.max_bad_fraction:
         top = ", ".join(f"{k}: {v}" for k, v in Counter(counts["quarantine"]).most_common(5))
         raise IngestError(
             f"{bad} of {units} documents or regions unusable ({fraction:.2%}) is above "
-            f"ingest.max_bad_fraction={icfg['max_bad_fraction']} ({top}); nothing was "
+            f"ingest.max_bad_fraction={icfg.max_bad_fraction} ({top}); nothing was "
             f"committed, the quarantine is in {staging.quarantine()}")
     return fraction
 
@@ -305,17 +306,17 @@ def _timings(marks: Dict[str, float], results: List[dict], metadata_s: float,
 
 def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: str,
                    spark_start_s: Optional[float]) -> dict:
-    icfg = cfg["ingest"]
-    progress = bool(icfg["progress"])
+    icfg = cfg.ingest
+    progress = icfg.progress
     marks = {"start": time.time()}
     taxonomy, files = checked.taxonomy, checked.files
     # again under the lock: another ingest may have committed since the check
     _check_taxonomy(dataset, taxonomy, checked.categories)
 
     warm = _WarmWorkers(spark)  # Python workers start while the driver scans
-    scans = scan_inputs(files, int(icfg["max_document_mb"] * (1 << 20)), progress)
-    tasks = plan_tasks(scans, kind, int(icfg["split_mb"] * (1 << 20)),
-                       icfg["val_fraction"], icfg["split_seed"],
+    scans = scan_inputs(files, int(icfg.max_document_mb * (1 << 20)), progress)
+    tasks = plan_tasks(scans, kind, int(icfg.split_mb * (1 << 20)),
+                       icfg.val_fraction, icfg.split_seed,
                        slots=spark.sparkContext.defaultParallelism)
     marks["scan"] = time.time()
 
@@ -339,7 +340,7 @@ def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: s
     marks["commit"] = time.time()
     counts.pop("by_source")
     entry = {"status": "complete", "inputs": [f.record() for f in files], "counts": counts,
-             "bad_fraction": round(fraction, 6), "config": dict(icfg),
+             "bad_fraction": round(fraction, 6), "config": icfg.model_dump(mode="json"),
              "timings": _timings(marks, results[:decoded], metadata_s, spark_start_s),
              "tasks": len(tasks)}
     staged.record(entry)

@@ -37,6 +37,7 @@ from typing import List, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from hierarchy.contracts.settings import Serve
 from hierarchy.serve.classifier import JPEG_MAGIC, Classifier, MicroBatcher, Product
 from hierarchy.serve.guard import BodyLimit, BodyTooLarge
 
@@ -94,10 +95,10 @@ class Limits:
     (taken as pictures are accepted, so a JSON batch refuses the products past the budget
     and answers the others)."""
 
-    def __init__(self, scfg: dict):
-        self.max_bytes = int(scfg["max_picture_bytes"])
-        self.max_pixels = int(scfg["max_picture_pixels"])
-        self.left = int(scfg["max_request_pixels"])
+    def __init__(self, scfg: Serve):
+        self.max_bytes = scfg.max_picture_bytes
+        self.max_pixels = scfg.max_picture_pixels
+        self.left = scfg.max_request_pixels
 
     def check(self, raw: bytes, where: str) -> bytes:
         if len(raw) > self.max_bytes:
@@ -152,7 +153,7 @@ async def _multipart_products(request: Request, max_pics: int, limits: Limits) -
                    for i, r in enumerate(raws)])]
 
 
-def _json_products(body: bytes, scfg: dict, max_pics: int, limits: Limits) -> List[tuple]:
+def _json_products(body: bytes, scfg: Serve, max_pics: int, limits: Limits) -> List[tuple]:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -164,9 +165,9 @@ def _json_products(body: bytes, scfg: dict, max_pics: int, limits: Limits) -> Li
     if not isinstance(items, list):
         raise BadInput(422, 'expected {"products": [{"id": ..., "pictures": '
                             '[base64 JPEG, ...]}, ...]}')
-    if len(items) > int(scfg["max_products"]):
+    if len(items) > scfg.max_products:
         raise BadInput(413, f"{len(items)} products; the limit is "
-                            f"{scfg['max_products']} (serve.max_products)")
+                            f"{scfg.max_products} (serve.max_products)")
     out = []
     for n, item in enumerate(items):
         pid = str(item.get("id", n)) if isinstance(item, dict) else str(n)
@@ -179,12 +180,12 @@ def _json_products(body: bytes, scfg: dict, max_pics: int, limits: Limits) -> Li
     return out
 
 
-async def _request_products(request: Request, scfg: dict) -> List[tuple]:
+async def _request_products(request: Request, scfg: Serve) -> List[tuple]:
     """[(id, [jpeg bytes] or the product's BadInput)] of the request, checked for count,
     size and format. A request-wide problem raises; in a JSON batch a product's own problem
     is its entry (the others go on)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    max_pics, limits = int(scfg["max_pictures"]), Limits(scfg)
+    max_pics, limits = scfg.max_pictures, Limits(scfg)
     if ctype == "multipart/form-data":
         return await _multipart_products(request, max_pics, limits)
     if ctype == "application/json":
@@ -221,7 +222,7 @@ def _refusal(pid: str, bad: BadInput) -> dict:
     return {"id": pid, "error": {"status": bad.status, "detail": bad.detail}}
 
 
-async def _classify(request: Request, classifier: Classifier, scfg: dict, batcher):
+async def _classify(request: Request, classifier: Classifier, scfg: Serve, batcher):
     """POST /v1/classify: every product of the request answered, or refused by name."""
     t0 = time.perf_counter()
     if not classifier.ready.is_set():
@@ -231,7 +232,7 @@ async def _classify(request: Request, classifier: Classifier, scfg: dict, batche
     try:
         items = await _request_products(request, scfg)
     except BodyTooLarge:
-        raise BadInput(413, f"request body over {scfg['max_body_bytes']} bytes "
+        raise BadInput(413, f"request body over {scfg.max_body_bytes} bytes "
                             f"(serve.max_body_bytes)") from None
     results, products, placed = await _decoded(classifier, items)
     errors = [_refusal(items[n][0], r) for n, r in enumerate(results)
@@ -254,14 +255,14 @@ async def _classify(request: Request, classifier: Classifier, scfg: dict, batche
                           "total": round((time.perf_counter() - t0) * 1000, 2)}}
 
 
-def create_app(classifier: Classifier, scfg: dict, data=None, token: str = ""):
+def create_app(classifier: Classifier, scfg: Serve, data=None, token: str = ""):
     # (FastAPI reads the endpoints' annotations, Request included, from this module's names)
     batcher_box: dict = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        batcher = MicroBatcher(classifier, float(scfg["batch_window_ms"]),
-                               int(scfg["max_batch_pictures"]))
+        batcher = MicroBatcher(classifier, float(scfg.batch_window_ms),
+                               scfg.max_batch_pictures)
         batcher.start()
         batcher_box["b"] = batcher
         # the server answers /health/live at once; ready when the models are in memory
@@ -307,7 +308,7 @@ def create_app(classifier: Classifier, scfg: dict, data=None, token: str = ""):
 
     from hierarchy.serve.review import review_limits
 
-    return BodyLimit(app, int(scfg["max_body_bytes"]), review_limits(scfg) if data else None)
+    return BodyLimit(app, scfg.max_body_bytes, review_limits(scfg) if data else None)
 
 
 def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None,
@@ -318,8 +319,8 @@ def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None,
     from hierarchy.serve import guard
     from hierarchy.serve.review import review_link
 
-    scfg = cfg["serve"]
-    host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
+    scfg = cfg.serve
+    host, port = host or scfg.host, int(port if port is not None else scfg.port)
     guard.check_host(host, allow_remote, "the classify API" + (" and the review page"
                                                                  if data else ""))
     classifier = Classifier(cfg, models, run_id, strategy)

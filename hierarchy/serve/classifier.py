@@ -45,21 +45,21 @@ class Classifier:
     socket opens); :meth:`load` then loads the models (seconds: the server is up, not ready)."""
 
     def __init__(self, cfg, models: str, run_id: str, strategy: Optional[str] = None):
-        scfg = cfg["serve"]
+        scfg = cfg.serve
         run = ModelStore(models).run(run_id)
         if not run.exists():
             raise PredictError(f"{run.path}: no run.json — train run {run_id!r} first "
                                f"(hierarchy train --run-id {run_id})")
         self.taxonomy = run.taxonomy()
-        self.strategy = resolve_strategy(models, run_id, strategy or scfg["strategy"])
+        self.strategy = resolve_strategy(models, run_id, strategy or scfg.strategy)
         self.modelset = load_modelset(models, run_id, self.strategy, self.taxonomy)
         self.run_id = run_id
         self.plan = ScoringPlan(
             models=self.modelset, taxonomy_json=self.taxonomy.to_json(), prior_category_id=0,
-            prior_share=0.0, top_k=int(cfg["predict"]["top_k"]),
-            blend_weight=float(cfg["predict"]["blend_weight"]),
-            aggregate=cfg["predict"]["aggregate"], tta_flip=bool(cfg["predict"]["tta_flip"]),
-            top_n=int(scfg["top_k"]), threads=int(cfg["predict"]["threads"]))
+            prior_share=0.0, top_k=cfg.predict.top_k,
+            blend_weight=cfg.predict.blend_weight,
+            aggregate=cfg.predict.aggregate, tta_flip=cfg.predict.tta_flip,
+            top_n=scfg.top_k, threads=cfg.predict.threads)
         self.scorer: Optional[BatchScorer] = None
         self.ready = threading.Event()
         self.error: Optional[str] = None

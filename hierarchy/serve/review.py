@@ -32,6 +32,7 @@ from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import Dataset
 from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.settings import Serve
 from hierarchy.serve import guard
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -201,9 +202,9 @@ def create_review_router(data: str, token: str) -> APIRouter:
     return router
 
 
-def review_limits(scfg: dict) -> dict:
+def review_limits(scfg: Serve) -> dict:
     """The review API's own body limit, for :class:`hierarchy.serve.guard.BodyLimit`."""
-    return {"/review/": (int(scfg["review_max_body_bytes"]), "serve.review_max_body_bytes")}
+    return {"/review/": (scfg.review_max_body_bytes, "serve.review_max_body_bytes")}
 
 
 def review_link(data: str, host: str, port: int, token: str) -> str:
@@ -213,8 +214,8 @@ def review_link(data: str, host: str, port: int, token: str) -> str:
 def review_server(cfg, data: str, host=None, port=None, allow_remote: bool = False) -> int:
     import uvicorn
 
-    scfg = cfg["serve"]
-    host, port = host or scfg["host"], int(port if port is not None else scfg["port"])
+    scfg = cfg.serve
+    host, port = host or scfg.host, int(port if port is not None else scfg.port)
     guard.check_host(host, allow_remote, "the review page")
     token = guard.new_token()
     app = FastAPI(title="hierarchy review", version="1")
@@ -225,7 +226,7 @@ def review_server(cfg, data: str, host=None, port=None, allow_remote: bool = Fal
         return {"status": "live"}
 
     print(review_link(data, host, port, token), flush=True)
-    app = guard.BodyLimit(app, int(scfg["max_body_bytes"]), review_limits(scfg))
+    app = guard.BodyLimit(app, scfg.max_body_bytes, review_limits(scfg))
     uvicorn.run(guard.local_hosts_only(app, host, allow_remote), host=host, port=port,
                 log_level="warning", access_log=False)
     return 0

@@ -31,20 +31,20 @@ def run(args, cfg) -> dict:
     from hierarchy.synth import generate
     from hierarchy.synth.plant import Plants
 
-    scfg = cfg["synth"]
-    plants = Plants.from_config(scfg["plant"])
+    scfg = cfg.synth
+    plants = Plants.from_config(scfg.plant)
     if sum(plants.shares(True)) > 1:
         raise UsageError(f"synth.plant: the shares sum to {sum(plants.shares(True)):.2f}; at "
                          f"most 1 (one plant per product)")
     stats = generate(
         args.output,
-        products=_given(args.products, scfg["products"]),
-        seed=_given(args.seed, scfg["seed"]),
-        taxonomy=args.taxonomy or scfg["taxonomy"] or None,
-        preset=args.preset or scfg["preset"],
-        test_products=_given(args.test_products, scfg["test_products"]),
-        workers=scfg["workers"] or None,
-        progress=bool(cfg["ingest"]["progress"]),
+        products=_given(args.products, scfg.products),
+        seed=_given(args.seed, scfg.seed),
+        taxonomy=args.taxonomy or scfg.taxonomy or None,
+        preset=args.preset or scfg.preset,
+        test_products=_given(args.test_products, scfg.test_products),
+        workers=scfg.workers or None,
+        progress=cfg.ingest.progress,
         plants=plants,
     )
     print(json.dumps(stats, indent=2, default=str))

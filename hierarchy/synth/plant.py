@@ -30,6 +30,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance
 
+from hierarchy.contracts.settings import Plant
 from hierarchy.synth.images import FAST, SIZE, DrawStyle, make_item, render_view
 
 TRUTH = "curation_truth.csv"
@@ -49,9 +50,9 @@ class Plants:
     blank: float = 0.0
 
     @classmethod
-    def from_config(cls, section: dict) -> Plants:
-        return cls(**{f.name: (int if f.name == "placeholders" else float)(section[f.name])
-                      for f in fields(cls)})
+    def from_config(cls, section: Plant) -> Plants:
+        return cls(**{f.name: (int if f.name == "placeholders" else float)(
+            getattr(section, f.name)) for f in fields(cls)})
 
     @property
     def any(self) -> bool:

@@ -49,6 +49,7 @@ import hierarchy.petastorm_fix  # noqa: F401 - one-pass readers could end with n
 from hierarchy.contracts.dataset import Dataset, images_in
 from hierarchy.contracts.errors import Refused
 from hierarchy.contracts.model import scale_01
+from hierarchy.contracts.settings import Train
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.train.pictures import picture_batches
 from hierarchy.train.shards import RowGroup, petastorm_can_shard, shard_jpeg_bytes, split_row_groups
@@ -381,13 +382,13 @@ def _record_fn(label: str, taxonomy: Optional[Taxonomy], return_keys: bool, rela
     return record
 
 
-def input_options(tcfg: dict) -> dict:
+def input_options(tcfg: Train) -> dict:
     """make_dataset's input-speed arguments from the ``train:`` config section."""
-    return {"dct_scaling": bool(tcfg["dct_scaling"]),
-            "input_threads": int(tcfg["input_threads"]),
-            "input_ram_budget_mb": int(tcfg["input_ram_budget_mb"]),
-            "input_optimizations": bool(tcfg["input_optimizations"]),
-            "cache_mb": int(tcfg["input_cache_mb"])}
+    return {"dct_scaling": tcfg.dct_scaling,
+            "input_threads": tcfg.input_threads,
+            "input_ram_budget_mb": tcfg.input_ram_budget_mb,
+            "input_optimizations": tcfg.input_optimizations,
+            "cache_mb": tcfg.input_cache_mb}
 
 
 def _options(threads: int, ram_budget_mb: int, optimizations: bool) -> tf.data.Options:

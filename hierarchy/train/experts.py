@@ -35,6 +35,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from hierarchy.contracts import modelstore, storage
+from hierarchy.contracts.settings import Train, Tune
 from hierarchy.train.spec import TrainSpec
 
 Select = Callable[[np.ndarray], np.ndarray]  # product ids -> which rows to keep
@@ -172,7 +173,7 @@ def group_row_groups(root: str, split: str, branches) -> List[Tuple[str, int]]:
     return [rg for b in branches for rg in branch_row_groups(root, split, b)]
 
 
-def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: dict,
+def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: Train,
                 seed: int, name: str = "expert", fit_select: Optional[Select] = None,
                 check: Tuple[str, Optional[Select]] = ("val", None)) -> Optional[dict]:
     """Train the head of the leaves ``members`` on the feature rows of the level-1
@@ -190,9 +191,9 @@ def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: di
     if not group_row_groups(root, "train", branches):
         return None
     tf.keras.utils.set_random_seed(seed)
-    head = expert_head(kernel[:, members], bias[members], int(tcfg["expert_hidden"]),
-                       float(tcfg["expert_dropout"]), name=name)
-    head.compile(tf.keras.optimizers.Adam(float(tcfg["expert_learning_rate"])),
+    head = expert_head(kernel[:, members], bias[members], tcfg.expert_hidden,
+                       tcfg.expert_dropout, name=name)
+    head.compile(tf.keras.optimizers.Adam(tcfg.expert_learning_rate),
                  loss=tf.keras.losses.SparseCategoricalCrossentropy(),
                  metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     epoch = [0]
@@ -202,15 +203,15 @@ def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: di
         return seed * 1000003 + epoch[0]
 
     dim = kernel.shape[0]
-    train = _dataset(root, "train", branches, local, dim, int(tcfg["batch_size"]), next_seed,
-                     int(tcfg["shuffle_buffer"]), fit_select)
+    train = _dataset(root, "train", branches, local, dim, tcfg.batch_size, next_seed,
+                     tcfg.shuffle_buffer, fit_select)
     split, select = check
     val_images = sum(branch_rows(root, split, b) for b in branches) if select is None else \
         sum(len(y) for _, y in group_batches(root, split, branches, local, None, select))
     val = _dataset(root, split, branches, local, dim, 1024, None, 0, select) \
         if val_images else None
     before = head.evaluate(val, verbose=0, return_dict=True) if val_images else {}
-    history = head.fit(train, epochs=int(tcfg["expert_epochs"]), verbose=0)
+    history = head.fit(train, epochs=tcfg.expert_epochs, verbose=0)
     after = head.evaluate(val, verbose=0, return_dict=True) if val_images else {}
     return {"weights": head.get_weights(), "leaves": int(len(members)),
             "train_loss": float(history.history["loss"][-1]), "val_images": val_images,
@@ -228,21 +229,21 @@ def _extract_features(spec: TrainSpec, manifest: dict, taxonomy, trunk, root: st
 
     tcfg = spec.train
     extracted = {}
-    exclusion = Exclusion(spec.data, tcfg["exclude"])
-    preprocess = cmodel.preprocess_for(tcfg["backbone"])
+    exclusion = Exclusion(spec.data, tcfg.exclude)
+    preprocess = cmodel.preprocess_for(tcfg.backbone)
     for split in ("train", VAL):
         if not images_in(manifest, split):
             continue
         with tdata.make_dataset(spec.data, split, tdata.InputOptions(
-                label="l3", image_size=tcfg["image_size"], batch_size=tcfg["batch_size"],
+                label="l3", image_size=tcfg.image_size, batch_size=tcfg.batch_size,
                 training=False, repeat=False, return_keys=True, preprocess=preprocess, rank=rank,
-                world_size=size, taxonomy=taxonomy, reader_workers=tcfg["reader_workers"],
+                world_size=size, taxonomy=taxonomy, reader_workers=tcfg.reader_workers,
                 exclusion=exclusion, **tdata.input_options(tcfg))) as ds:
             extracted[split] = _write_features(root, split, rank, trunk, ds, taxonomy.l1_of_l3)
     return extracted
 
 
-def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str, tcfg: dict,
+def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str, tcfg: Train,
                  rank: int, size: int) -> None:
     """This worker's share of the groups' heads (group g on rank g % size), each saved to
     ``heads_dir`` as <g>.json (its figures) and <g>.npz (its weights)."""
@@ -255,7 +256,7 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
             continue  # one leaf: P(l3 | group) = 1, nothing to learn
         branches = sorted(set(taxonomy.l1_of_l3[members].tolist()))
         trained = train_group(root, members, branches, kernel, bias, tcfg,
-                              int(tcfg["seed"]) * 7919 + g, name=f"expert_{g}")
+                              tcfg.seed * 7919 + g, name=f"expert_{g}")
         if trained is not None:
             storage.write_json_atomic(os.path.join(heads_dir, f"{g}.json"),
                                       {k: v for k, v in trained.items() if k != "weights"})
@@ -306,16 +307,16 @@ def train_experts(spec: TrainSpec) -> dict:
     barrier("features")
     os.makedirs(heads_dir, exist_ok=True)
     tuning = None
-    if rank == 0 and int((tcfg.get("tune") or {}).get("trials", 0)):
-        tuning = tune(spec.key, root, kernel, bias, taxonomy, tcfg)
-        tcfg = {**tcfg, **tuning["best"]}  # the final head trains with the best values
+    if rank == 0 and spec.tune is not None and spec.tune.trials:
+        tuning = tune(spec.key, root, kernel, bias, taxonomy, tcfg, spec.tune)
+        tcfg = tcfg.model_copy(update=tuning["best"])  # the final head trains with the best
     if spec.key == modelstore.FUSION:
         from hierarchy.train.fusion import train_fusion_head
 
         result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
                   "images_extracted": extracted}
         if rank == 0:  # one small head: the other workers only shared the feature pass
-            trained = train_fusion_head(root, kernel, bias, tcfg, int(tcfg["seed"]) * 7919)
+            trained = train_fusion_head(root, kernel, bias, tcfg, tcfg.seed * 7919)
             result.update(_assemble_fusion(spec, source, taxonomy, trained, tcfg, tuning))
             _track(spec, result["metrics"], tuning)
         barrier("fusion")
@@ -332,28 +333,27 @@ def train_experts(spec: TrainSpec) -> dict:
     return result
 
 
-def tune(key: str, root: str, kernel, bias, taxonomy, tcfg: dict) -> dict:
+def tune(key: str, root: str, kernel, bias, taxonomy, tcfg: Train, space: Tune) -> dict:
     """The ``tune:`` search of a refit or fusion head (:mod:`hierarchy.train.tuning`):
     trials train beside the train hold-out and are scored on it."""
     from hierarchy.train import tuning
 
-    space = tcfg["tune"]
-    share = float(space["holdout"])
+    share = space.holdout
     fit = lambda pids: ~tuning.in_holdout(pids, share)  # noqa: E731
     held = lambda pids: tuning.in_holdout(pids, share)  # noqa: E731
-    seed = int(tcfg["seed"]) * 7919
+    seed = tcfg.seed * 7919
 
     if key == modelstore.FUSION:
         from hierarchy.train.fusion import train_fusion_head
 
-        def score(cfg: dict):
+        def score(cfg: Train):
             return train_fusion_head(root, kernel, bias, cfg, seed, fit_select=fit,
                                      check=("train", held))["val_product_accuracy"]
     else:
         members = np.arange(taxonomy.n_l3)
         branches = list(range(taxonomy.n_l1))
 
-        def score(cfg: dict):
+        def score(cfg: Train):
             got = train_group(root, members, branches, kernel, bias, cfg, seed,
                               name=f"trial_{key}", fit_select=fit, check=("train", held))
             return None if got is None else got["val_accuracy"]
@@ -392,7 +392,7 @@ def _publish(spec: TrainSpec, model, metrics: dict) -> dict:
     return {"metrics": metrics, "model": final, "checksum": tmodels.weights_checksum(model)}
 
 
-def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: dict,
+def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: Train,
                      tuning: Optional[dict]) -> dict:
 
     from hierarchy.train import heads as theads
@@ -400,13 +400,13 @@ def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: dic
     model = theads.build_fusion_model(source, trained.pop("head"))
     keys = ("fusion_epochs", "fusion_hidden", "fusion_score_hidden", "fusion_dropout",
             "fusion_learning_rate", "fusion_label_smoothing", "fusion_max_views")
-    metrics = {**trained, "source": spec.init_from, **{k: tcfg[k] for k in keys},
+    metrics = {**trained, "source": spec.init_from, **{k: getattr(tcfg, k) for k in keys},
                "classes": taxonomy.n_l3, "taxonomy_fingerprint": taxonomy.fingerprint,
                "label": spec.label, "branch": None, "tuning": tuning}
     return _publish(spec, model, metrics)
 
 
-def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
+def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: Train,
               tuning: Optional[dict] = None) -> dict:
 
     from hierarchy.contracts import model as cmodel
@@ -414,9 +414,9 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
 
     groups = groups_of(spec.key)
     if spec.key == modelstore.REFIT:
-        model = theads.build_refit_model(source, int(tcfg["expert_hidden"]))
+        model = theads.build_refit_model(source, tcfg.expert_hidden)
     else:
-        model = theads.build_experts_model(source, taxonomy, int(tcfg["expert_hidden"]),
+        model = theads.build_experts_model(source, taxonomy, tcfg.expert_hidden,
                                             groups)
     layer = model.get_layer(cmodel.EXPERTS_LAYER)
     per_branch, hits, hits0, seen = {}, 0.0, 0.0, 0
@@ -438,9 +438,9 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: dict,
         # accuracy of P(l3 | true group) on val pictures: the experts' job, and the source's
         "val_conditional_accuracy": hits / seen if seen else None,
         "val_conditional_accuracy_source": hits0 / seen if seen else None,
-        "source": spec.init_from, "expert_epochs": int(tcfg["expert_epochs"]),
+        "source": spec.init_from, "expert_epochs": tcfg.expert_epochs,
         "expert_groups": groups, "groups": per_branch, "classes": taxonomy.n_l3,
         "taxonomy_fingerprint": taxonomy.fingerprint, "label": spec.label, "branch": None,
-        **{k: tcfg[k] for k in ("expert_hidden", "expert_dropout", "expert_learning_rate")},
+        **tcfg.model_dump(include={"expert_hidden", "expert_dropout", "expert_learning_rate"}),
         "tuning": tuning}
     return _publish(spec, model, metrics)

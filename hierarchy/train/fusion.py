@@ -31,6 +31,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from hierarchy.contracts.settings import Train
 from hierarchy.train.experts import Select, feature_files
 
 
@@ -103,7 +104,7 @@ def _dataset(root, split, dim, n_classes, batch, max_views, seed_of_epoch, shuff
     return ds.map(lambda f, m, y: ((f, m), tf.one_hot(y, n_classes))).prefetch(2)
 
 
-def train_fusion_head(root: str, kernel, bias, tcfg: dict, seed: int,
+def train_fusion_head(root: str, kernel, bias, tcfg: Train, seed: int,
                       fit_select: Optional[Select] = None,
                       check: Tuple[str, Optional[Select]] = ("val", None)) -> dict:
     """Train the fusion head over the cached features under ``root``; returns the trained
@@ -116,12 +117,12 @@ def train_fusion_head(root: str, kernel, bias, tcfg: dict, seed: int,
     from hierarchy.train.heads import fusion_product_model, fusion_view_head
 
     tf.keras.utils.set_random_seed(seed)
-    head = fusion_view_head(kernel, bias, int(tcfg["fusion_hidden"]),
-                            float(tcfg["fusion_dropout"]), int(tcfg["fusion_score_hidden"]))
+    head = fusion_view_head(kernel, bias, tcfg.fusion_hidden,
+                            tcfg.fusion_dropout, tcfg.fusion_score_hidden)
     model = fusion_product_model(head)
-    model.compile(tf.keras.optimizers.Adam(float(tcfg["fusion_learning_rate"])),
+    model.compile(tf.keras.optimizers.Adam(tcfg.fusion_learning_rate),
                   loss=tf.keras.losses.CategoricalCrossentropy(
-                      label_smoothing=float(tcfg["fusion_label_smoothing"])),
+                      label_smoothing=tcfg.fusion_label_smoothing),
                   metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy")])
     epoch = [0]
 
@@ -130,16 +131,16 @@ def train_fusion_head(root: str, kernel, bias, tcfg: dict, seed: int,
         return seed * 1000003 + epoch[0]
 
     dim, n = kernel.shape
-    views = int(tcfg["fusion_max_views"])
-    train = _dataset(root, "train", dim, n, int(tcfg["batch_size"]), views, next_seed,
-                     int(tcfg["shuffle_buffer"]), fit_select)
+    views = tcfg.fusion_max_views
+    train = _dataset(root, "train", dim, n, tcfg.batch_size, views, next_seed,
+                     tcfg.shuffle_buffer, fit_select)
     split, select = check
     has_val = any(True for _ in product_batches(root, split, None, None, select)) \
         if select is not None else bool(feature_files(root, split))
     # checked products keep every picture, as predict does
     val = _dataset(root, split, dim, n, 256, None, None, 0, select) if has_val else None
     before = model.evaluate(val, verbose=0, return_dict=True) if has_val else {}
-    history = model.fit(train, epochs=int(tcfg["fusion_epochs"]), verbose=0)
+    history = model.fit(train, epochs=tcfg.fusion_epochs, verbose=0)
     after = model.evaluate(val, verbose=0, return_dict=True) if has_val else {}
     return {"head": head, "train_loss": float(history.history["loss"][-1]),
             "val_product_accuracy_initial": before.get("accuracy"),

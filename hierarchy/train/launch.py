@@ -60,7 +60,7 @@ def source_keys(cfg, mode: str) -> Tuple[str, ...]:
         return (modelstore.MULTI, modelstore.FLAT)
     if mode == modelstore.REFIT:
         return (modelstore.FLAT,)
-    return (cfg["train"]["fusion_source"],)
+    return (cfg.train.fusion_source,)
 
 
 def head_source(cfg, models: str, run_id: Optional[str], mode: str) -> str:
@@ -84,14 +84,14 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
          ) -> Tuple[List[TrainSpec], Dict[int, dict]]:
     """(specs to train, branches recorded without a model)."""
     taxonomy = Dataset(data).taxonomy()
-    tcfg = dict(cfg["train"])
+    tcfg = cfg.train
     store = ModelStore(models)
 
     def spec(key: str, label: str, **extra) -> TrainSpec:
         return TrainSpec(data=data, models=models, run_id=run_id, key=key, label=label,
                          level=level, train=tcfg,
-                         tracking_uri=tcfg["tracking_uri"] or store.mlruns,
-                         experiment=tcfg["experiment"], **extra)
+                         tracking_uri=tcfg.tracking_uri or store.mlruns,
+                         experiment=tcfg.experiment, **extra)
 
     if level == 1:
         return [spec(modelstore.model_key(1), "l1")], {}
@@ -100,12 +100,12 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
     if mode == modelstore.MULTI:
         return [spec(modelstore.model_key(3, mode), "levels")], {}
     if mode in modelstore.HEADS:
-        if mode != modelstore.EXPERTS:  # refit and fusion heads may be tuned (tuning.py)
-            tcfg["tune"] = dict(cfg["tune"])
-        elif int(cfg["tune"]["trials"]):
+        tune = cfg.tune if mode != modelstore.EXPERTS else None  # refit, fusion: tuning.py
+        if mode == modelstore.EXPERTS and cfg.tune.trials:
             log.warning("tune.trials applies to --mode refit and fusion: the experts train "
                         "with train.expert_* as configured")
-        return [spec(mode, "experts", init_from=head_source(cfg, models, run_id, mode))], {}
+        return [spec(mode, "experts", init_from=head_source(cfg, models, run_id, mode),
+                     tune=tune)], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]
     if bad:
@@ -145,7 +145,7 @@ def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
     # shipped ./environment/bin/python on a cluster), not the driver's sys.executable
     executable = sc.getConf().get("spark.pyspark.python", None) or sc.pythonExec
     return horovod.spark.run(train_model, args=(spec,), num_proc=np_, use_gloo=True,
-                             start_timeout=spec.train["start_timeout"], env=env, verbose=1,
+                             start_timeout=spec.train.start_timeout, env=env, verbose=1,
                              executable=executable)
 
 
@@ -156,7 +156,7 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
     """Train every model of the call; returns {model key: rank-0 result}. ``manifest``:
     what :func:`check_training` already returned for these arguments."""
     manifest = manifest or check_training(cfg, data, models, level, mode, branches, run_id)
-    np_ = np_ or cfg["train"]["np"]
+    np_ = np_ or cfg.train.np
     specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest)
     fingerprint = manifest["taxonomy"]["fingerprint"]
     run = ModelStore(models).run(run_id)
@@ -165,7 +165,7 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
     results = {}
     for spec in specs:
         log.info("training %s (%d worker%s, %s)", spec.key, np_, "s" if np_ > 1 else "",
-                 spec.train["backbone"])
+                 spec.train.backbone)
         per_rank = _run_one(spec, np_, spark_factory)
         lead = min(per_rank, key=lambda r: r["rank"])
         lead["ranks"] = [{"rank": r["rank"], "checksum": r["checksum"]} for r in per_rank]
@@ -175,7 +175,7 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
             lead["metrics"] = run.recorded(spec.key).get("metrics", {})
             continue
         if lead["rank"] == 0:  # under horovodrun the other processes write nothing
-            run.record(key=spec.key, config=dict(spec.train), fingerprint=fingerprint,
+            run.record(key=spec.key, config=spec.config(), fingerprint=fingerprint,
                        data=data, manifest=manifest,
                        result={k: v for k, v in lead.items() if k != "ranks"})
     is_lead = int(os.environ.get("HOROVOD_RANK", "0")) == 0
@@ -183,6 +183,6 @@ def run_training(cfg, data: str, models: str, run_id: str, level: int,
         key = modelstore.branch_key(b)
         results[key] = info
         if is_lead:
-            run.record(key=key, config=dict(cfg["train"]), fingerprint=fingerprint, data=data,
-                       manifest=manifest, result=info)
+            run.record(key=key, config=cfg.train.model_dump(mode="json"),
+                       fingerprint=fingerprint, data=data, manifest=manifest, result=info)
     return results

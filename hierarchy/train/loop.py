@@ -16,19 +16,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from hierarchy.contracts import storage
+from hierarchy.contracts.settings import Train
 from hierarchy.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 
 
-def _phases(tcfg: dict) -> list:
+def _phases(tcfg: Train) -> list:
     """[(phase, first epoch, end epoch, learning rate)]: two-phase transfer learning when the
     backbone starts from pretrained weights, one 'full' phase when it starts from scratch."""
-    lr, epochs = tcfg["learning_rate"], tcfg["epochs"]
-    if tcfg["weights"] and tcfg["backbone"] != "small_cnn":
-        head = min(tcfg["head_epochs"], epochs)
+    lr, epochs = tcfg.learning_rate, tcfg.epochs
+    if tcfg.weights and tcfg.backbone != "small_cnn":
+        head = min(tcfg.head_epochs, epochs)
         return [p for p in (("head", 0, head, lr),
-                            ("fine_tune", head, epochs, lr * tcfg["fine_tune_lr_factor"]))
+                            ("fine_tune", head, epochs, lr * tcfg.fine_tune_lr_factor))
                 if p[2] > p[1]]
     return [("full", 0, epochs, lr)]
 
@@ -75,15 +76,15 @@ def _training_data(w: _Worker) -> _Data:
     dataset = Dataset(spec.data)
     manifest = dataset.require_complete(["train"])
     taxonomy = dataset.taxonomy()
-    exclusion = Exclusion(spec.data, tcfg["exclude"])
-    steps = tdata.steps_per_epoch(manifest, "train", tcfg["batch_size"], w.size, branch,
+    exclusion = Exclusion(spec.data, tcfg.exclude)
+    steps = tdata.steps_per_epoch(manifest, "train", tcfg.batch_size, w.size, branch,
                                   left_out=exclusion.count("train", branch))
-    val_steps = tdata.steps_per_epoch(manifest, "val", tcfg["batch_size"], w.size, branch,
+    val_steps = tdata.steps_per_epoch(manifest, "val", tcfg.batch_size, w.size, branch,
                                       left_out=exclusion.count("val", branch))
     has_val = images_in(manifest, VAL, branch) - exclusion.count("val", branch) > 0
     if exclusion.active and w.rank == 0:
         log.info("%s: curation leaves out %s pictures (train.exclude=%s, reviews, val leakage); "
-                 "%d relabelled", spec.key, exclusion.summary()["left_out"], tcfg["exclude"],
+                 "%d relabelled", spec.key, exclusion.summary()["left_out"], list(tcfg.exclude),
                  len(exclusion.relabels))
     return _Data(taxonomy, tdata.class_count(taxonomy, spec.label, branch), exclusion, steps,
                  val_steps, has_val)
@@ -96,13 +97,13 @@ def _new_model(w: _Worker, data: _Data, initial_epoch: int):
 
     tcfg, spec = w.tcfg, w.spec
     if initial_epoch == 0:
-        tmodels.check_weights(tcfg["backbone"], tcfg["weights"])
-    build = dict(image_size=tcfg["image_size"],
-                 weights=tcfg["weights"] if initial_epoch == 0 else None,
-                 dropout=tcfg["dropout"], name=spec.key.replace("/", "_"))
-    model = (tmodels.build_multi_model(tcfg["backbone"], data.taxonomy, **build)
+        tmodels.check_weights(tcfg.backbone, tcfg.weights)
+    build = dict(image_size=tcfg.image_size,
+                 weights=tcfg.weights if initial_epoch == 0 else None,
+                 dropout=tcfg.dropout, name=spec.key.replace("/", "_"))
+    model = (tmodels.build_multi_model(tcfg.backbone, data.taxonomy, **build)
              if w.multi else
-             tmodels.build_model(tcfg["backbone"], data.n_classes, **build))
+             tmodels.build_model(tcfg.backbone, data.n_classes, **build))
     if initial_epoch == 0 and spec.init_from:
         tmodels.copy_backbone(tmodels.load_backbone(spec.init_from), model)
     return model
@@ -119,10 +120,10 @@ def _compile(w: _Worker, model, data: _Data, lr: float):
     opt = tgpu.make_optimizer(w.hvd, lr * w.size, mixed=w.policy == "mixed_float16",
                               distributed=w.size > 1)
     if w.multi:
-        tmodels.compile_multi_model(model, data.taxonomy, lr * w.size, tcfg["label_smoothing"],
+        tmodels.compile_multi_model(model, data.taxonomy, lr * w.size, tcfg.label_smoothing,
                                     tcfg, optimizer=opt, jit_compile=w.jit)
     else:
-        tmodels.compile_model(model, lr * w.size, tcfg["label_smoothing"], optimizer=opt,
+        tmodels.compile_model(model, lr * w.size, tcfg.label_smoothing, optimizer=opt,
                               jit_compile=w.jit)
     return opt
 
@@ -145,14 +146,14 @@ def _callbacks(w: _Worker, data: _Data, phase: str, lr: float, history: dict, tr
     if w.size > 1:
         # before any checkpoint: every rank then holds (and rank 0 saves) the same model
         callbacks.append(SyncNonTrainableCallback())
-    if phase != "fine_tune" and tcfg["warmup_epochs"] > 0:
+    if phase != "fine_tune" and tcfg.warmup_epochs > 0:
         callbacks.append(hvd.callbacks.LearningRateWarmupCallback(
-            initial_lr=lr * w.size, warmup_epochs=tcfg["warmup_epochs"],
+            initial_lr=lr * w.size, warmup_epochs=tcfg.warmup_epochs,
             steps_per_epoch=data.steps, verbose=0))
-    if tcfg["early_stopping_patience"] > 0 and data.has_val:
+    if tcfg.early_stopping_patience > 0 and data.has_val:
         # every worker sees the same averaged val_loss, so all stop together
         callbacks.append(tf.keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=tcfg["early_stopping_patience"],
+            monitor="val_loss", patience=tcfg.early_stopping_patience,
             restore_best_weights=False))
     if w.rank == 0:
         callbacks += [CheckpointCallback(w.spec.run, w.spec.key, history, phase),
@@ -170,20 +171,20 @@ def _fit(w: _Worker, model, data: _Data, state: dict, initial_epoch: int, histor
     from hierarchy.train import models as tmodels
 
     spec, tcfg = w.spec, w.tcfg
-    common = dict(label=spec.label, image_size=tcfg["image_size"],
-                  batch_size=tcfg["batch_size"], preprocess=cmodel.preprocess_for(
-                      tcfg["backbone"]), branch=spec.branch, taxonomy=data.taxonomy,
-                  rank=w.rank, world_size=w.size, reader_workers=tcfg["reader_workers"],
+    common = dict(label=spec.label, image_size=tcfg.image_size,
+                  batch_size=tcfg.batch_size, preprocess=cmodel.preprocess_for(
+                      tcfg.backbone), branch=spec.branch, taxonomy=data.taxonomy,
+                  rank=w.rank, world_size=w.size, reader_workers=tcfg.reader_workers,
                   exclusion=data.exclusion, **tdata.input_options(tcfg))
     with tdata.make_dataset(spec.data, "train", tdata.InputOptions(
-            training=True, augment=tcfg["augment"], shuffle_buffer=tcfg["shuffle_buffer"],
-            seed=tcfg["seed"] + w.rank, **common)) as train_ds, \
+            training=True, augment=tcfg.augment, shuffle_buffer=tcfg.shuffle_buffer,
+            seed=tcfg.seed + w.rank, **common)) as train_ds, \
             tdata.make_dataset(spec.data, "val", tdata.InputOptions(
                 training=False, **common)) as val_ds:
         for phase, first, end, lr in _phases(tcfg):
             if end <= initial_epoch:
                 continue
-            tmodels.set_phase(model, phase, tcfg["fine_tune_layers"])
+            tmodels.set_phase(model, phase, tcfg.fine_tune_layers)
             opt = _compile(w, model, data, lr)
             if initial_epoch > first:
                 # resume inside this phase: weights and optimizer state (moments, step count)
@@ -212,7 +213,7 @@ def train_model(spec: TrainSpec) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from hierarchy.train import gpu as tgpu
 
-    horovod_xla = tgpu.prepare_horovod_xla(spec.train["xla"])  # before horovod loads
+    horovod_xla = tgpu.prepare_horovod_xla(spec.train.xla)  # before horovod loads
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
@@ -223,13 +224,13 @@ def train_model(spec: TrainSpec) -> dict:
     tgpu.pin_gpu(hvd.local_rank(), hvd.local_size())  # one GPU per process, before any use
     w = _Worker(hvd, spec, hvd.rank(), hvd.size())
     tcfg = spec.train
-    tf.keras.utils.set_random_seed(tcfg["seed"] + w.rank)
+    tf.keras.utils.set_random_seed(tcfg.seed + w.rank)
     data = _training_data(w)
-    w.policy = tmodels.enable_mixed_precision_if_gpu(tcfg["mixed_precision"])
-    w.jit = tgpu.use_xla(tcfg["xla"], tgpu.has_gpu(), w.size, horovod_xla)
+    w.policy = tmodels.enable_mixed_precision_if_gpu(tcfg.mixed_precision)
+    w.jit = tgpu.use_xla(tcfg.xla, tgpu.has_gpu(), w.size, horovod_xla)
     state = storage.read_json(spec.run.state_file(spec.key), {}) or {}
     initial_epoch = int(state.get("epoch", 0))
-    if initial_epoch >= tcfg["epochs"]:
+    if initial_epoch >= tcfg.epochs:
         return {"rank": w.rank, "status": "already trained", "epochs": initial_epoch,
                 "checksum": None, "key": spec.key}
     model = _new_model(w, data, initial_epoch)

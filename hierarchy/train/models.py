@@ -31,6 +31,7 @@ from hierarchy.contracts.model import (
     check_backbone,
     custom_objects,
 )
+from hierarchy.contracts.settings import Train
 
 WEIGHTS_KEY = "train.weights"
 
@@ -304,7 +305,7 @@ def build_multi_model(backbone: str, taxonomy, image_size: int,
 
 
 def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
-                        label_smoothing: float, tcfg: dict, optimizer=None,
+                        label_smoothing: float, tcfg: Train, optimizer=None,
                         jit_compile: bool = False) -> None:
     """Level 3 against kinship-smoothed targets; the level-1 and level-2 heads and the summed
     level-3 distribution against their node, weighted by the ``train`` config's
@@ -315,14 +316,14 @@ def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
     from hierarchy.train.targets import kinship_smoothing
 
     node, _ = level2_nodes(taxonomy)
-    if tcfg["kinship_smoothing"]:
-        shares = [float(x) for x in tcfg["kinship_shares"]]
+    if tcfg.kinship_smoothing:
+        shares = [float(x) for x in tcfg.kinship_shares]
         level3 = KinshipCrossentropy(
             kinship_smoothing(taxonomy, label_smoothing, tuple(x / sum(shares) for x in shares)),
             taxonomy.l1_of_l3, node)
     else:
         level3 = SmoothedSparseCrossentropy(label_smoothing)
-    heads, sums = float(tcfg["multi_head_weight"]), float(tcfg["multi_marginal_weight"])
+    heads, sums = tcfg.multi_head_weight, tcfg.multi_marginal_weight
     model.compile(
         optimizer=optimizer if optimizer is not None else tf.keras.optimizers.Adam(learning_rate),
         loss={L3_OUTPUT: level3,
@@ -333,7 +334,7 @@ def compile_multi_model(model: tf.keras.Model, taxonomy, learning_rate: float,
               L2_SUM: SmoothedSparseCrossentropy(0.0),
               CONDITIONAL: BranchCrossentropy(taxonomy.l1_of_l3, label_smoothing)},
         loss_weights={L3_OUTPUT: 1.0, L1_HEAD: heads, L2_HEAD: heads, L1_SUM: sums,
-                      L2_SUM: sums, CONDITIONAL: float(tcfg["multi_conditional_weight"])},
+                      L2_SUM: sums, CONDITIONAL: tcfg.multi_conditional_weight},
         metrics={L3_OUTPUT: [tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
                              tf.keras.metrics.SparseTopKCategoricalAccuracy(
                                  k=min(5, taxonomy.n_l3), name="top5")],

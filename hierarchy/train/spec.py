@@ -5,9 +5,10 @@ ship it to Spark tasks and a resumed run rebuilds the same one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 from hierarchy.contracts import modelstore
+from hierarchy.contracts.settings import Train, Tune
 
 LABELS = ("l1", "l3", "branch", "levels", "experts")
 
@@ -21,18 +22,26 @@ class TrainSpec:
     label: str                     # l1 | l3 | branch (branch-local level-3 ids) | levels |
                                    # experts (heads over init_from's trunk)
     level: int                     # 1 or 3
-    train: Mapping                 # the validated `train:` config section
+    train: Train                   # the validated `train:` config section
     tracking_uri: str              # MLflow
     experiment: str
     branch: Optional[int] = None   # the level-1 branch of a branch model
     init_from: Optional[str] = None  # a model whose backbone starts this one (branch models),
                                      # or whose trunk the experts sit on
+    tune: Optional[Tune] = None    # refit and fusion heads: the search of their knobs
 
     def __post_init__(self):
         if self.label not in LABELS:
             raise ValueError(f"label {self.label!r}: one of {', '.join(LABELS)}")
         if (self.label == "branch") != (self.branch is not None):
             raise ValueError("a branch model, and only one, has a branch")
+
+    def config(self) -> dict:
+        """What run.json and MLflow record of this model's configuration."""
+        recorded = self.train.model_dump(mode="json")
+        if self.tune is not None:
+            recorded["tune"] = self.tune.model_dump(mode="json")
+        return recorded
 
     @property
     def run(self) -> modelstore.Run:

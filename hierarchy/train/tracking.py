@@ -50,7 +50,7 @@ class Tracker:
         if not found:
             mlflow.set_tags({"hierarchy_model": name, "hierarchy_run_id": spec.run_id,
                              "level": spec.level, "label": spec.label})
-            params = _flat("", {"train": dict(spec.train), "branch": spec.branch,
+            params = _flat("", {"train": spec.config(), "branch": spec.branch,
                                 "data": spec.data}, {})
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         if resumed_at:

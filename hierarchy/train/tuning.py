@@ -20,6 +20,8 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+from hierarchy.contracts.settings import Train, Tune
+
 # knob of the search -> (train.* key of each head kind)
 KEYS = {
     "refit": {"learning_rate": "expert_learning_rate", "hidden": "expert_hidden",
@@ -42,18 +44,18 @@ def in_holdout(product_ids: np.ndarray, share: float) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < share
 
 
-def suggest(trial, kind: str, space: dict, configured: Dict[str, object]) -> Dict[str, object]:
+def suggest(trial, kind: str, space: Tune, configured: Dict[str, object]) -> Dict[str, object]:
     """One trial's ``train.*`` values drawn from the ``tune:`` ranges, widened to hold the
     ``configured`` ones (the first trial tries those)."""
     def span(knob: str):
-        lo, hi = space[knob]
+        lo, hi = getattr(space, knob)
         v = configured[KEYS[kind][knob]]
         return min(lo, v), max(hi, v)
 
     values = {"learning_rate": trial.suggest_float("learning_rate", *span("learning_rate"),
                                                    log=True),
               "hidden": trial.suggest_categorical("hidden", sorted(
-                  {int(h) for h in space["hidden"]} | {int(configured[KEYS[kind]["hidden"]])})),
+                  {int(h) for h in space.hidden} | {int(configured[KEYS[kind]["hidden"]])})),
               "dropout": trial.suggest_float("dropout", *span("dropout")),
               "epochs": trial.suggest_int("epochs", *(int(v) for v in span("epochs")))}
     if kind == "fusion":
@@ -62,16 +64,16 @@ def suggest(trial, kind: str, space: dict, configured: Dict[str, object]) -> Dic
     return {KEYS[kind][k]: v for k, v in values.items()}
 
 
-def search(kind: str, tcfg: dict, space: dict,
+def search(kind: str, tcfg: Train, space: Tune,
            score: Callable[[dict], Optional[float]], log_trial=None) -> dict:
-    """Run ``space['trials']`` trials; ``score(train_cfg)`` trains one head and returns its
+    """Run ``space.trials`` trials; ``score(train_cfg)`` trains one head and returns its
     hold-out figure. Returns the best ``train.*`` values and every trial."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=int(space["seed"])))
-    untuned = {k: tcfg[k] for k in KEYS[kind].values()}
+                                sampler=optuna.samplers.TPESampler(seed=space.seed))
+    untuned = {k: getattr(tcfg, k) for k in KEYS[kind].values()}
     # the configured values are trial 0: the search adopts other values only if they beat them
     study.enqueue_trial({k: untuned[KEYS[kind][k]] for k in KEYS[kind]},
                         skip_if_exists=True)
@@ -79,20 +81,20 @@ def search(kind: str, tcfg: dict, space: dict,
 
     def objective(trial) -> float:
         values = suggest(trial, kind, space, untuned)
-        got = score({**tcfg, **values})
+        got = score(tcfg.model_copy(update=values))
         trials.append({"number": trial.number, "values": values, "holdout_accuracy": got})
         if log_trial is not None:
             log_trial(trial.number, values, got)
         return float("-inf") if got is None else float(got)
 
-    study.optimize(objective, n_trials=max(1, int(space["trials"])))
+    study.optimize(objective, n_trials=max(1, space.trials))
     scored = [t for t in trials if t["holdout_accuracy"] is not None]
     if not scored:  # an empty hold-out: nothing to choose by, the configured values stay
         return {"trials": trials, "best": untuned, "best_holdout_accuracy": None,
-                "untuned": untuned, "holdout": float(space["holdout"]), "sampler": "TPE",
-                "seed": int(space["seed"]), "reason": "no hold-out product scored"}
+                "untuned": untuned, "holdout": space.holdout, "sampler": "TPE",
+                "seed": space.seed, "reason": "no hold-out product scored"}
     best = trials[study.best_trial.number]
     return {"trials": trials, "best": best["values"], "best_holdout_accuracy":
             best["holdout_accuracy"], "untuned": untuned,
             "untuned_holdout_accuracy": trials[0]["holdout_accuracy"],
-            "holdout": float(space["holdout"]), "sampler": "TPE", "seed": int(space["seed"])}
+            "holdout": space.holdout, "sampler": "TPE", "seed": space.seed}
