@@ -13,7 +13,9 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
+import time
 from typing import Dict, List, Optional
 
 from hierarchy import joblog
@@ -125,7 +127,6 @@ def _thriftserver_arguments(p) -> None:
 
 
 def _thriftserver(args, cfg) -> dict:
-    import shlex
 
     from hierarchy.spark import thriftserver_command
 
@@ -181,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def job_summary(stage: str, status: str, exit_code: int, started: float, **facts) -> str:
     """The last line a job prints on stdout, for a scheduler's logs: one JSON object."""
-    import time
 
     record = {"job": stage, "status": status, "exit_code": exit_code,
               "seconds": round(time.time() - started, 2), **facts}
@@ -196,7 +196,6 @@ def _emit(line: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one stage; exit codes: 0 done, 2 usage, 3 refused, 1 crash (with its traceback).
     Whatever happens after the arguments parse, the last stdout line is :func:`job_summary`."""
-    import time
 
     started = time.time()
     parser = build_parser()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import os
 import sys
 import threading
@@ -96,7 +98,6 @@ def _reap_jvm_at_exit() -> None:
     for a moment, and the next command of a script (``make demo``: predict, then curate) found
     the embedded Derby metastore locked and was refused. In-process sessions of one Python
     keep sharing the JVM until then."""
-    import atexit
 
     from pyspark import SparkContext
 
@@ -134,7 +135,6 @@ def refuse_busy_derby(path: str) -> None:
     """Refuse, before Spark starts, an embedded Derby metastore another process has open.
     Derby holds a lock on ``dbex.lck`` (Java's FileChannel lock: a POSIX record lock, which
     ``fcntl.lockf`` sees) for as long as a JVM has the database booted."""
-    import fcntl
 
     lock = os.path.join(path, "dbex.lck")
     try:

@@ -22,6 +22,7 @@ never passes an archive that does not match it.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import logging
@@ -196,7 +197,6 @@ def _dump(submit: str, archive: str) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m hierarchy.spark_cds",

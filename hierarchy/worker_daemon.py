@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import zipfile
 import zipimport
 from typing import List, Optional, Sequence
 
@@ -63,7 +64,6 @@ _BUNDLED = {"pyspark": ("pyspark/version.py", re.compile(r"pyspark\.zip$")),
 
 
 def _zip_version(archive: str, member: str) -> Optional[str]:
-    import zipfile
 
     try:
         with zipfile.ZipFile(archive) as z:

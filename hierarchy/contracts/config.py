@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Tuple, get_origin
 
@@ -77,7 +78,6 @@ def _nest(key: str, value: Any) -> dict:
 
 
 def default_config_text() -> str:
-    from importlib.resources import files
 
     return files("hierarchy").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
 

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional
 
 from hierarchy.contracts import storage
 from hierarchy.contracts.errors import Refused, UsageError
+from hierarchy.contracts.taxonomy import Taxonomy
 
 LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
 EXPERTS, REFIT, FUSION = "experts", "refit", "fusion"
@@ -242,7 +243,6 @@ class Run:
     def taxonomy(self):
         """The run's category table: its own copy, else its dataset's (runs trained before
         the copy was kept). RunMismatch when neither exists or it is not the run's."""
-        from hierarchy.contracts.taxonomy import Taxonomy
 
         recorded = self.read()
         own = storage.join(self.path, TAXONOMY_FILE)

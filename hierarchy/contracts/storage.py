@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import tempfile
@@ -79,7 +80,6 @@ def map_local(url: str, start: int = 0, size: Optional[int] = None):
     (map, offset of ``start`` inside it) — the map begins at the allocation granularity at or
     before ``start``; None for a file on another filesystem (read it instead). Raises
     ValueError when the file is shorter than asked."""
-    import mmap
 
     fs, path = resolve(url)
     if not isinstance(fs, pafs.LocalFileSystem):

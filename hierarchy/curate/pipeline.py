@@ -29,7 +29,8 @@ import time
 
 from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
-from hierarchy.contracts.dataset import Dataset
+from hierarchy.contracts.dataset import Dataset, DatasetNotReady
+from hierarchy.contracts.errors import UsageError
 from hierarchy.contracts.settings import Catalog, Curate
 from hierarchy.curate.groups import components, near_edges
 from hierarchy.curate.hashing import HASHED, algorithm, hash_batch
@@ -231,8 +232,6 @@ def review_queue(spark, rows, data: str, ccfg: Curate, out: str) -> None:
 
 def check_curate(cfg, data: str) -> dict:
     """{split: pictures} of the dataset's committed splits; refusals before Spark starts."""
-    from hierarchy.contracts.dataset import DatasetNotReady
-    from hierarchy.contracts.errors import UsageError
 
     ccfg = cfg.curate
     if ccfg.hash_blocks <= ccfg.near_distance:

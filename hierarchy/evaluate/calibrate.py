@@ -13,6 +13,7 @@ multi-level model's own level 3 on val.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -110,6 +111,5 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None,
 
 
 def modelset_for_calibration(modelset: ModelSet) -> ModelSet:
-    from dataclasses import replace
 
     return replace(modelset, strategy="multi", calibration=dict(IDENTITY))

@@ -107,24 +107,9 @@ def two_stage(
     a uniform ``P(l3 | b)``. Returned rows are renormalized (float32 softmaxes drift from 1).
     """
     p_l1 = _as_batch(p_l1, "p_l1", taxonomy.n_l1)
-    rows_n, n_l1 = p_l1.shape
-    if expanded is not None:
-        expanded = np.asarray(expanded, dtype=bool)
-        if expanded.shape != p_l1.shape or not expanded.any(axis=1).all():
-            raise ValueError("expanded: one row per image, at least one branch in each")
-    else:
-        k = n_l1 if k <= 0 or k >= n_l1 else int(k)
-        expanded = np.zeros_like(p_l1, dtype=bool)
-        best, _ = top_n(p_l1, k)
-        np.put_along_axis(expanded, best, True, axis=1)
-    masked = np.where(expanded, np.clip(p_l1, 0.0, None), 0.0)
-    mass = masked.sum(axis=1, keepdims=True)
-    # all expanded branches at zero: weigh them equally (the fallback stays on the top-k)
-    weight = np.where(mass > 0, masked / np.where(mass > 0, mass, 1.0),
-                      expanded / expanded.sum(axis=1, keepdims=True))
-
-    out = np.zeros((rows_n, taxonomy.n_l3), dtype=np.float64)
-    for b in range(n_l1):
+    expanded, weight = _branch_weights(p_l1, k, expanded)
+    out = np.zeros((p_l1.shape[0], taxonomy.n_l3), dtype=np.float64)
+    for b in range(p_l1.shape[1]):
         rows = np.flatnonzero(expanded[:, b]).astype(np.int64)
         leaves = taxonomy.branch(b)
         if rows.size == 0 or leaves.size == 0:
@@ -145,6 +130,26 @@ def two_stage(
                 cond = _normalize_rows(np.clip(got, 0.0, None))
         out[rows[:, None], leaves[None, :]] = weight[rows, b][:, None] * cond
     return out
+
+
+def _branch_weights(p_l1: np.ndarray, k: int, expanded: Optional[np.ndarray]):
+    """(which branches each image expands, each expanded branch's share of its mass)."""
+    n_l1 = p_l1.shape[1]
+    if expanded is not None:
+        expanded = np.asarray(expanded, dtype=bool)
+        if expanded.shape != p_l1.shape or not expanded.any(axis=1).all():
+            raise ValueError("expanded: one row per image, at least one branch in each")
+    else:
+        k = n_l1 if k <= 0 or k >= n_l1 else int(k)
+        expanded = np.zeros_like(p_l1, dtype=bool)
+        best, _ = top_n(p_l1, k)
+        np.put_along_axis(expanded, best, True, axis=1)
+    masked = np.where(expanded, np.clip(p_l1, 0.0, None), 0.0)
+    mass = masked.sum(axis=1, keepdims=True)
+    # all expanded branches at zero: weigh them equally (the fallback stays on the top-k)
+    weight = np.where(mass > 0, masked / np.where(mass > 0, mass, 1.0),
+                      expanded / expanded.sum(axis=1, keepdims=True))
+    return expanded, weight
 
 
 def blend(p_two_stage: np.ndarray, p_flat: np.ndarray, weight: float) -> np.ndarray:

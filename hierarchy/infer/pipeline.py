@@ -269,14 +269,8 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     prior = prior or training_prior(spark, data)
     plans = {s: scoring_plan(spark, cfg, data, taxonomy, checked[s].modelset, prior)
              for s in strategies}
-    images = read_images(spark, data, split)
-    scored = score(images, plans, pcfg.partitions) if grouped is None else \
-        grouped.mapInPandas(score_partitions(plans), predictions.SCORED_BY_STRATEGY_DDL)
-    rows = scored.unionByName(
-        fallback_rows(products, images, taxonomy, prior, strategies))
-    if pcfg.duplicate_lookup:
-        rows = apply_duplicates(rows, duplicate_answers(spark, data, split, taxonomy))
-    final = finish_rows(rows, run_id, split)
+    final = finish_rows(_rows(spark, cfg, data, split, plans, products, taxonomy, prior,
+                              grouped), run_id, split)
     top_k = next(iter(plans.values())).top_k
     log.info("scoring split %s with run %s (%s%s)", split, run_id, ", ".join(strategies),
              f", top-{top_k} branches" if strategies != ["flat"] and top_k else "")
@@ -304,6 +298,20 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     for result in results.values():
         result["seconds"] = seconds
     return results
+
+
+def _rows(spark, cfg, data: str, split: str, plans: Dict[str, ScoringPlan], products,
+          taxonomy: Taxonomy, prior: tuple, grouped):
+    """Every product's row under every strategy of ``plans``: scored from its pictures,
+    the fallback row for a product with none, an exact copy's training label first when
+    ``predict.duplicate_lookup`` is on."""
+    images = read_images(spark, data, split)
+    scored = score(images, plans, cfg.predict.partitions) if grouped is None else \
+        grouped.mapInPandas(score_partitions(plans), predictions.SCORED_BY_STRATEGY_DDL)
+    rows = scored.unionByName(fallback_rows(products, images, taxonomy, prior, list(plans)))
+    if cfg.predict.duplicate_lookup:
+        rows = apply_duplicates(rows, duplicate_answers(spark, data, split, taxonomy))
+    return rows
 
 
 def _written_stats(written) -> dict:

@@ -15,6 +15,7 @@ partition only once it is whole; the runs already there are never touched.
 
 from __future__ import annotations
 
+import uuid
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import unquote
 
@@ -221,7 +222,6 @@ def check_submission_rows(sub, products) -> Tuple[int, int]:
 def write_submission(sub, output: str, gzip: bool) -> str:
     """One CSV file ``_id,category_id`` sorted by ``_id`` (as Kaggle's sample is), written
     by Spark to a staging folder and moved into place, so a reader never sees half a file."""
-    import uuid
 
     name = "submission.csv.gz" if gzip else "submission.csv"
     staging = storage.join(output, f"_staging-submission-{uuid.uuid4().hex}")

@@ -173,6 +173,53 @@ def _label(doc: dict, kind: str, taxonomy: Taxonomy):
             UNKNOWN_CATEGORY, f"category_id {int(value)} is not in the category table")
 
 
+def _product_id(doc: dict, raw: bytes) -> Tuple[Optional[int], Optional[Tuple[str, str]]]:
+    """(the document's product id, None) or (None, (reason, detail))."""
+    if "_id" not in doc:
+        return None, (MISSING_ID, "no _id field")
+    product_id = doc["_id"]
+    if not is_bson_int(product_id):
+        return None, (BAD_ID, f"_id {product_id!r} is {bson_type(product_id)}, not an "
+                              "int32/int64")
+    head = _head_id(raw)
+    if head is not None and head != product_id:
+        # the offset index (and the split) used the first _id; bson kept the last one
+        return None, (BAD_ID, f"two _id fields ({head} and {int(product_id)})")
+    return int(product_id), None
+
+
+def _add_pictures(out: Outcome, pictures: list, product_id: int, labels: dict, where: tuple,
+                  verify_jpeg: str, max_pixels: int) -> None:
+    """Each usable picture of ``imgs`` as an images/ row (``labels``: its product's label
+    and split columns), each other one as a quarantine row saying why."""
+    for idx, pic in enumerate(pictures):
+        if not isinstance(pic, dict):
+            problem = BAD_IMAGE_ENTRY, f"imgs[{idx}] is {bson_type(pic)}, not a document"
+        elif "picture" not in pic:
+            problem = BAD_PICTURE_FIELD, f"imgs[{idx}] has no picture field"
+        else:
+            problem = jpeg_problem(pic["picture"], verify_jpeg, max_pixels)
+        if problem:
+            out.quarantine.append(_q(*where, product_id, idx, IMAGE, *problem))
+            continue
+        data = bytes(pic["picture"])
+        out.images.append({"product_id": product_id, "img_idx": idx, **labels,
+                           "nbytes": len(data), "md5": hashlib.md5(data).hexdigest(),
+                           "jpeg": data})
+
+
+def _unused(out: Outcome, pictures: list, product_id: int, where: tuple) -> Outcome:
+    """A train document with no usable picture: one document-level row says why, pictures
+    keep theirs."""
+    rows = [q for q in out.quarantine if q["level"] == IMAGE]
+    if pictures:
+        rows.append(_q(*where, product_id, None, DOCUMENT, NO_USABLE_PICTURES,
+                       f"none of its {len(pictures)} picture(s) is usable"))
+    else:
+        rows += [{**q, "level": DOCUMENT} for q in out.quarantine if q["level"] == PRODUCT]
+    return Outcome(None, [], rows)
+
+
 def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: str,
                     taxonomy: Taxonomy, verify_jpeg: str = "markers",
                     max_pixels: int = 0) -> Outcome:
@@ -182,76 +229,42 @@ def decode_document(raw: bytes, *, source: str, offset: int, kind: str, split: s
     ``category_id`` an int32/int64 in the taxonomy (train; a test product keeps its row and
     drops an unusable label), ``imgs`` a non-empty array of documents whose ``picture`` is
     binary JPEG data."""
-    length = len(raw)
-
-    def doc_bad(reason: str, detail: str, product_id=None) -> Outcome:
-        return Outcome(None, [], [_q(source, offset, length, product_id, None, DOCUMENT,
-                                     reason, detail)])
-
+    where = (source, offset, len(raw))
     try:
         doc = bson.decode(raw)
     except Exception as exc:  # noqa: BLE001 - bson raises InvalidBSON and others
-        return doc_bad(UNDECODABLE_DOCUMENT, f"bson cannot decode it: {exc}")
-    if "_id" not in doc:
-        return doc_bad(MISSING_ID, "no _id field")
-    product_id = doc["_id"]
-    if not is_bson_int(product_id):
-        return doc_bad(BAD_ID, f"_id {product_id!r} is {bson_type(product_id)}, not an "
-                               "int32/int64")
-    head = _head_id(raw)
-    if head is not None and head != product_id:
-        # the offset index (and the split) used the first _id; bson kept the last one
-        return doc_bad(BAD_ID, f"two _id fields ({head} and {int(product_id)})")
-    product_id = int(product_id)
+        doc, problem = None, (UNDECODABLE_DOCUMENT, f"bson cannot decode it: {exc}")
+    else:
+        product_id, problem = _product_id(doc, raw)
+    if problem is not None:
+        return Outcome(None, [], [_q(*where, None, None, DOCUMENT, *problem)])
 
     out = Outcome(None)
     category_id, levels, problem = _label(doc, kind, taxonomy)
     if problem is not None:
         if kind == "train":
-            return doc_bad(*problem, product_id=product_id)
+            return Outcome(None, [], [_q(*where, product_id, None, DOCUMENT, *problem)])
         # a test product stays (the submission needs its row); its label is dropped, loudly
-        out.quarantine.append(_q(source, offset, length, product_id, None, PRODUCT, *problem))
-    l1, l2, l3 = levels
+        out.quarantine.append(_q(*where, product_id, None, PRODUCT, *problem))
 
     pictures = doc.get("imgs")
     if not isinstance(pictures, list):
         reason = NO_PICTURES if pictures is None else BAD_IMGS
-        out.quarantine.append(_q(source, offset, length, product_id, None, PRODUCT, reason,
+        out.quarantine.append(_q(*where, product_id, None, PRODUCT, reason,
                                  f"imgs is {_describe(pictures)}"))
         pictures = []
     elif not pictures:
-        out.quarantine.append(_q(source, offset, length, product_id, None, PRODUCT,
-                                 NO_PICTURES, "imgs is an empty array"))
-    for idx, pic in enumerate(pictures):
-        if not isinstance(pic, dict):
-            problem = BAD_IMAGE_ENTRY, f"imgs[{idx}] is {bson_type(pic)}, not a document"
-        elif "picture" not in pic:
-            problem = BAD_PICTURE_FIELD, f"imgs[{idx}] has no picture field"
-        else:
-            problem = jpeg_problem(pic["picture"], verify_jpeg, max_pixels)
-        if problem:
-            out.quarantine.append(_q(source, offset, length, product_id, idx, IMAGE, *problem))
-            continue
-        data = bytes(pic["picture"])
-        out.images.append({
-            "product_id": product_id, "img_idx": idx, "category_id": category_id,
-            "l1": l1, "l2": l2, "l3": l3, "split": split, "nbytes": len(data),
-            "md5": hashlib.md5(data).hexdigest(), "jpeg": data,
-        })
-
+        out.quarantine.append(_q(*where, product_id, None, PRODUCT, NO_PICTURES,
+                                 "imgs is an empty array"))
+    l1, l2, l3 = levels
+    _add_pictures(out, pictures, product_id, {"category_id": category_id, "l1": l1, "l2": l2,
+                                              "l3": l3, "split": split},
+                  where, verify_jpeg, max_pixels)
     if not out.images and kind == "train":
-        # the document is not used: one document-level row says why, pictures keep theirs
-        rows = [q for q in out.quarantine if q["level"] == IMAGE]
-        if pictures:
-            rows.append(_q(source, offset, length, product_id, None, DOCUMENT,
-                           NO_USABLE_PICTURES, f"none of its {len(pictures)} picture(s) is "
-                                               "usable"))
-        else:
-            rows += [{**q, "level": DOCUMENT} for q in out.quarantine if q["level"] == PRODUCT]
-        return Outcome(None, [], rows)
+        return _unused(out, pictures, product_id, where)
     # A test product stays even with no usable picture: the submission needs its row.
     out.product = product_row(product_id, category_id, levels, split, len(out.images),
-                              len(pictures) - len(out.images), source, offset, length)
+                              len(pictures) - len(out.images), *where)
     return out
 
 

@@ -14,7 +14,9 @@ load      swap the staged partitions of this kind (train: split=train/val, test:
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -52,7 +54,6 @@ class InputFile:
     mtime: Optional[float]
 
     def record(self) -> dict:
-        import datetime as dt
 
         mtime = dt.datetime.fromtimestamp(self.mtime, dt.UTC).isoformat() if self.mtime \
             else None
@@ -197,7 +198,6 @@ class _WarmWorkers:
     A failure here only costs the overlap: the decode job starts its workers itself."""
 
     def __init__(self, spark):
-        import threading
 
         self.seconds = 0.0
         sc = spark.sparkContext

@@ -23,6 +23,7 @@ in ``errors``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -198,7 +199,6 @@ async def _decoded(classifier: Classifier, items: List[tuple]):
     """(a result per product: its BadInput or None, the products to answer, their places):
     the pictures decoded off the event loop; a product with a picture that does not decode
     is refused, the others go on."""
-    import asyncio
 
     results: list = [raws if isinstance(raws, BadInput) else
                      BadInput(422, f"product {pid} has no pictures") if not raws else None

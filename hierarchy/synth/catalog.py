@@ -224,15 +224,7 @@ def generate(
         raise ValueError(f"preset {preset!r}: one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     tax = _resolve(taxonomy or chosen.taxonomy, seed)
-    plan = Plan(
-        seed=seed,
-        looks=drawn_looks(tax, chosen, seed),
-        category_ids=np.asarray(tax.category_ids, dtype=np.int64),
-        weights=category_weights(tax.n_l3, seed, chosen.zipf, chosen.zipf_offset),
-        preset=chosen,
-        siblings=sibling_table(tax) if chosen.label_noise else (),
-        plants=plants,
-    )
+    plan = _plan(tax, chosen, seed, plants)
     train_ids, test_ids = product_ids(products, test_products, seed)
     n_blocks = -(-products // BLOCK) + -(-test_products // BLOCK)
     workers = max(1, min(workers or os.cpu_count() or 1, n_blocks))
@@ -261,6 +253,19 @@ def generate(
         "seconds": round(seconds, 3),
         "products_per_second": round((products + test_products) / max(seconds, 1e-9), 1),
     }
+
+
+def _plan(tax: Taxonomy, chosen, seed: int, plants: Plants) -> Plan:
+    """What every worker draws products from: looks, category weights, label noise, plants."""
+    return Plan(
+        seed=seed,
+        looks=drawn_looks(tax, chosen, seed),
+        category_ids=np.asarray(tax.category_ids, dtype=np.int64),
+        weights=category_weights(tax.n_l3, seed, chosen.zipf, chosen.zipf_offset),
+        preset=chosen,
+        siblings=sibling_table(tax) if chosen.label_noise else (),
+        plants=plants,
+    )
 
 
 def _write_files(plan: Plan, tax: Taxonomy, output_dir: str, train_ids: np.ndarray,

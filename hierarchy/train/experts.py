@@ -35,6 +35,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from hierarchy.contracts import modelstore, storage
+from hierarchy.contracts.dataset import VAL, Dataset, images_in
 from hierarchy.contracts.settings import Train, Tune
 from hierarchy.train.spec import TrainSpec
 
@@ -224,7 +225,6 @@ def _extract_features(spec: TrainSpec, manifest: dict, taxonomy, trunk, root: st
     (curated pictures left out); pictures extracted per split."""
     from hierarchy.contracts import model as cmodel
     from hierarchy.contracts.curation import Exclusion
-    from hierarchy.contracts.dataset import VAL, images_in
     from hierarchy.train import data as tdata
 
     tcfg = spec.train
@@ -263,15 +263,42 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
             np.savez(os.path.join(heads_dir, f"{g}.npz"), *trained["weights"])
 
 
+def _remove(*folders: str) -> None:
+    for folder in folders:
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+
+
+def _fusion(spec: TrainSpec, source, taxonomy, root: str, kernel, bias, tcfg: Train,
+            tuning: Optional[dict]) -> dict:
+    """The fusion head trained over the cached features, assembled and tracked."""
+    from hierarchy.train.fusion import train_fusion_head
+
+    trained = train_fusion_head(root, kernel, bias, tcfg, tcfg.seed * 7919)
+    done = _assemble_fusion(spec, source, taxonomy, trained, tcfg, tuning)
+    _track(spec, done["metrics"], tuning)
+    return done
+
+
+def _source(path: str, groups: str):
+    """(the model the heads sit on, the rows of its leaf layer each head starts from)."""
+    import tensorflow as tf
+
+    from hierarchy.contracts import model as cmodel
+    from hierarchy.train import heads as theads
+
+    source = tf.keras.models.load_model(storage.copy_to_local(path),
+                                        custom_objects=cmodel.custom_objects(), compile=False)
+    kernel, bias = theads.expert_source_rows(source, groups)
+    return source, kernel, bias
+
+
 def train_experts(spec: TrainSpec) -> dict:
     """The ``experts`` model of ``spec.run`` (see the module notes); a result per worker."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
 
-    from hierarchy.contracts import model as cmodel
-    from hierarchy.contracts.dataset import Dataset
-    from hierarchy.train import heads as theads
     from hierarchy.train.gpu import pin_gpu
 
     hvd.init()
@@ -286,11 +313,9 @@ def train_experts(spec: TrainSpec) -> dict:
     dataset = Dataset(spec.data)
     manifest = dataset.require_complete(["train"])
     taxonomy = dataset.taxonomy()
-    source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
-                                        custom_objects=cmodel.custom_objects(), compile=False)
-    trunk = source.get_layer("backbone")
     groups = groups_of(spec.key)
-    kernel, bias = theads.expert_source_rows(source, groups)
+    source, kernel, bias = _source(spec.init_from, groups)
+    trunk = source.get_layer("backbone")
     root = features_dir(spec)
 
     def barrier(name: str) -> None:
@@ -299,9 +324,7 @@ def train_experts(spec: TrainSpec) -> dict:
 
     heads_dir = os.path.join(storage.local_path(run.model_dir(spec.key)), HEADS)
     if rank == 0:  # a re-run replaces the features and heads, never adds to them
-        for old in (root, heads_dir):
-            if os.path.isdir(old):
-                shutil.rmtree(old)
+        _remove(root, heads_dir)
     barrier("clean")
     extracted = _extract_features(spec, manifest, taxonomy, trunk, root, rank, size)
     barrier("features")
@@ -311,14 +334,10 @@ def train_experts(spec: TrainSpec) -> dict:
         tuning = tune(spec.key, root, kernel, bias, taxonomy, tcfg, spec.tune)
         tcfg = tcfg.model_copy(update=tuning["best"])  # the final head trains with the best
     if spec.key == modelstore.FUSION:
-        from hierarchy.train.fusion import train_fusion_head
-
         result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
                   "images_extracted": extracted}
         if rank == 0:  # one small head: the other workers only shared the feature pass
-            trained = train_fusion_head(root, kernel, bias, tcfg, tcfg.seed * 7919)
-            result.update(_assemble_fusion(spec, source, taxonomy, trained, tcfg, tuning))
-            _track(spec, result["metrics"], tuning)
+            result.update(_fusion(spec, source, taxonomy, root, kernel, bias, tcfg, tuning))
         barrier("fusion")
         result["seconds"] = round(time.time() - t0, 2)
         return result

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hierarchy.contracts import storage
+from hierarchy.contracts.dataset import VAL, Dataset, images_in
 from hierarchy.contracts.settings import Train
 from hierarchy.train.spec import TrainSpec
 
@@ -69,7 +70,6 @@ class _Data:
 
 def _training_data(w: _Worker) -> _Data:
     from hierarchy.contracts.curation import Exclusion
-    from hierarchy.contracts.dataset import VAL, Dataset, images_in
     from hierarchy.train import data as tdata
 
     spec, tcfg, branch = w.spec, w.tcfg, w.spec.branch
