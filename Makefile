@@ -247,6 +247,7 @@ bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/gpu_train.py
 	$(PY) bench/predict_throughput.py
+	$(PY) bench/shared_trunk.py
 	$(PY) bench/evaluate_cost.py
 	$(PY) bench/curate_cost.py
 	$(PY) bench/taxonomy_scale.py

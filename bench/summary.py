@@ -21,7 +21,7 @@ HISTORY = RESULTS / "history.jsonl"
 
 SOURCES = {"ingest": "ingest_throughput", "input": "input_pipeline", "gpu_train": "gpu_train",
            "taxonomy full": "taxonomy_scale", "evaluate": "evaluate_cost",
-           "curate": "curate_cost"}
+           "curate": "curate_cost", "shared trunk": "shared_trunk"}
 
 
 def _load(name: str):
@@ -73,6 +73,11 @@ def figures() -> dict:
     if evaluate and "ratio" in evaluate:
         out["evaluate: every strategy / one predict, same split (x)"] = round(
             evaluate["ratio"], 3)
+    trunk = _load("shared_trunk")
+    if trunk and trunk.get("identical"):
+        a = trunk["args"]
+        out[f"shared trunk: flat + refit + fusion, one trunk pass / three, {a['backbone']} "
+            f"{a['size']}px (x)"] = round(trunk["ratio"], 3)
     curate = _load("curate_cost")
     if curate:
         out[f"curate: curate / ingest, {curate['preset']} preset (x)"] = \

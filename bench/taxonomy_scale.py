@@ -34,7 +34,7 @@ bench/results/taxonomy_scale.json, never asserted):
 - peak memory of a scoring worker with every branch model loaded: VmHWM of the predict job's
   Spark Python workers (children of the worker daemon, read from /proc while the job runs),
   and, as a check, one process that loads every model of the two-stage set through the
-  worker's own loader (:func:`hierarchy.infer.scoring._model`) and calls each once, with its
+  worker's own loader (:func:`hierarchy.infer.loaded.load`) and calls each once, with its
   RSS after each model.
 """
 
@@ -222,7 +222,7 @@ def load_every_model(models: str, run_id: str, data: str) -> dict:
     import numpy as np
 
     from hierarchy.contracts.dataset import Dataset
-    from hierarchy.infer import scoring
+    from hierarchy.infer import loaded, scoring
     from hierarchy.infer.modelset import load_modelset
 
     base = proc_mem(os.getpid())[0]
@@ -232,7 +232,7 @@ def load_every_model(models: str, run_id: str, data: str) -> dict:
     rss, seconds = [], []
     for ref in ms.refs():
         t = time.perf_counter()
-        model = scoring._model(ref)
+        model = loaded.load(ref)
         model.predict_on_batch(np.zeros((8, ref.image_size, ref.image_size, 3), np.float32))
         seconds.append(time.perf_counter() - t)
         rss.append(proc_mem(os.getpid())[0])

@@ -15,6 +15,7 @@ from corrupt import JPEG_OK, split_docs
 from hierarchy.contracts.config import load_config
 from hierarchy.contracts.dataset import Dataset
 from hierarchy.contracts.errors import UsageError
+from hierarchy.infer import loaded
 from hierarchy.infer.modelset import PredictError, load_modelset
 from hierarchy.infer.pipeline import read_images, run_predict, score
 from hierarchy.infer.scoring import ScoringPlan
@@ -516,13 +517,27 @@ def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world,
     calls: dict = {}
     real = scoring.BatchScorer._outputs
 
-    def counted(self, ref, x):
+    def counted(self, ref, x, cache, input_key):
         calls[ref.path] = calls.get(ref.path, 0) + 1
-        return real(self, ref, x)
+        return real(self, ref, x, cache, input_key)
+
+    trunk_runs: dict = {}
+    real_functions = loaded._functions
+
+    def counted_trunk(ref):
+        trunk, head = real_functions(ref)
+        key = loaded.trunk_key(ref)
+
+        def run(x):
+            trunk_runs[key] = trunk_runs.get(key, 0) + 1
+            return trunk(x)
+
+        return (None if trunk is None else run), head
 
     monkeypatch.setattr(scoring.BatchScorer, "_outputs", counted)
+    monkeypatch.setattr(loaded, "_functions", counted_trunk)
     together = pd.concat(list(scoring.score_partitions(plans)(iter(batches))))
-    once = dict(calls)
+    once, trunk_once = dict(calls), dict(trunk_runs)
     assert max(once.values()) <= len(batches), once  # per batch, whatever reads it
     for s in strategies:
         calls.clear()
@@ -534,3 +549,8 @@ def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world,
         assert mine["product_id"].is_unique
     flat = load_modelset(world["models"], RUN, "flat", tax).flat.path
     assert once[flat] == len(batches)  # flat, blend and the others read it: run once a batch
+    # fusion sits on flat's trunk: its pictures' features are computed once for both
+    fusion = load_modelset(world["models"], RUN, "fusion", tax).head
+    assert loaded.trunk_key(fusion) == loaded.trunk_key(
+        load_modelset(world["models"], RUN, "flat", tax).flat)
+    assert trunk_once[loaded.trunk_key(fusion)] == len(batches), trunk_once

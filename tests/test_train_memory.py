@@ -67,7 +67,7 @@ def test_the_scorer_loads_each_model_once_per_worker_across_batches(trained, mon
     import pyarrow.parquet as pq
     import tensorflow as tf
 
-    from hierarchy.infer import scoring
+    from hierarchy.infer import loaded, scoring
     from hierarchy.infer.modelset import load_modelset
 
     tax = Dataset(trained["data"]).taxonomy()
@@ -80,7 +80,7 @@ def test_the_scorer_loads_each_model_once_per_worker_across_batches(trained, mon
         loads[path] = loads.get(path, 0) + 1
         return real_load(path, *args, **kwargs)
 
-    monkeypatch.setattr(scoring, "_CACHE", {})  # a fresh Python worker
+    monkeypatch.setattr(loaded, "_LOADED", {})  # a fresh Python worker
     monkeypatch.setattr(tf.keras.models, "load_model", counting_load)
     images = pq.read_table(Dataset(trained["data"]).url("images"), filters=[
         ("split", "=", "train")], columns=scoring.INPUT_COLUMNS).to_pandas()

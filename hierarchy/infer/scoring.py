@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from hierarchy import joblog
-from hierarchy.contracts import predictions, storage
+from hierarchy.contracts import predictions
 from hierarchy.contracts.taxonomy import Taxonomy
-from hierarchy.infer import combine, decide
+from hierarchy.infer import combine, decide, loaded
 from hierarchy.infer.modelset import ModelRef, ModelSet
 
 INPUT_COLUMNS = ["product_id", "img_idx", "jpeg", "category_id", "l1", "l2", "l3"]
@@ -50,43 +50,7 @@ class ScoringPlan:
 
 
 # ----------------------------------------------------------------------------- per worker
-_CACHE: Dict[str, object] = {}
-
-
-def _model(ref: ModelRef):
-    if ref.path not in _CACHE:
-        import tensorflow as tf
-
-        from hierarchy.contracts.model import custom_objects
-
-        # Keras reads local files only: a model on HDFS/S3 is copied once per worker
-        _CACHE[ref.path] = tf.keras.models.load_model(
-            storage.copy_to_local(ref.path), custom_objects=custom_objects(), compile=False)
-    return _CACHE[ref.path]
-
-
-def _predictor(ref: ModelRef):
-    """The model's inference as one ``tf.function`` traced once per worker for any batch size
-    (the batch dimension is left open). Keras' own predict function is retraced for each new
-    batch size until it relaxes its shapes, and a scoring task's batches, re-cut at product
-    boundaries, all differ in size: with every model of a run in one pass, those traces were
-    a large share of a pass's time."""
-    key = ("predictor", ref.path)
-    if key not in _CACHE:
-        import tensorflow as tf
-
-        model = _model(ref)
-        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
-        _CACHE[key] = tf.function(lambda x: model(x, training=False), input_signature=[spec])
-    return _CACHE[key]
-
-
-def _run_model(ref: ModelRef, x: np.ndarray) -> List[np.ndarray]:
-    """The model's outputs on ``x``, in ``output_names`` order."""
-    out = _predictor(ref)(x)
-    if isinstance(out, dict):
-        return [out[name].numpy() for name in _model(ref).output_names]
-    return [o.numpy() for o in out] if isinstance(out, (list, tuple)) else [out.numpy()]
+_CONFIGURED = []  # TensorFlow's threads are set once per worker process
 
 
 def _task_cpus() -> int:
@@ -104,7 +68,7 @@ def _configure_tf(threads: int) -> None:
     """Spark runs one Python worker per concurrent task: left to itself, TensorFlow in each
     would use every core of the machine, cores x cores threads in all. By default
     (``predict.threads: 0``) each worker gets the cores Spark gave its task."""
-    if _CACHE.get("_configured"):
+    if _CONFIGURED:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -118,7 +82,7 @@ def _configure_tf(threads: int) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:
             pass  # this worker already ran TensorFlow with its own setting
-    _CACHE["_configured"] = True
+    _CONFIGURED.append(True)
 
 
 # ----------------------------------------------------------------------------- one batch
@@ -130,7 +94,7 @@ class BatchScorer:
         self.plan = plan
         self.taxonomy = Taxonomy.from_json(plan.taxonomy_json)
         for ref in plan.models.refs():
-            _model(ref)  # load now: a broken model file fails the first task, not the 1000th
+            loaded.load(ref)  # now: a broken model file fails the first task, not the 1000th
         # decoded once for every model, at the DCT scale the largest input still fits (what
         # validation does: hierarchy.contracts.model.decode_for_model)
         self.min_side = max((ref.image_size for ref in plan.models.refs()), default=None)
@@ -176,21 +140,26 @@ class BatchScorer:
         """:meth:`_outputs` of ``ref`` on ``images`` (or the ``rows`` of them), computed once
         per batch: ``cache`` is shared by the scorers of every strategy scored in one pass
         (flat, blend and a head over the flat trunk read the same flat outputs)."""
-        key = ("outputs", ref.path, None if rows is None else rows.tobytes())
+        picked = None if rows is None else rows.tobytes()
+        key = ("outputs", ref.path, picked)
         if key not in cache:
             x = self._inputs(images, ref, cache)
-            cache[key] = self._outputs(ref, x if rows is None else x[rows])
+            cache[key] = self._outputs(ref, x if rows is None else x[rows], cache,
+                                       (ref.image_size, ref.backbone, picked))
         return cache[key]
 
-    def _outputs(self, ref: ModelRef, x: np.ndarray) -> Dict[str, np.ndarray]:
+    def _outputs(self, ref: ModelRef, x: np.ndarray, cache: dict,
+                 input_key: tuple) -> Dict[str, np.ndarray]:
         """{output name: probabilities} of one model (a flat model has one output, named
-        ``probs`` like a multi-level model's level 3)."""
-        # a compiled function (_predictor): ~30% faster than an eager model(x) call here
-        # (bench/predict_throughput.py)
-        names = _model(ref).output_names
-        out = dict(zip(names, _run_model(ref, x)))
+        ``probs`` like a multi-level model's level 3). Models on the same trunk share its
+        features through ``cache`` (:mod:`hierarchy.infer.loaded`)."""
+        # compiled functions (loaded._compiled): ~30% faster than an eager model(x) call
+        # here (bench/predict_throughput.py)
+        names = loaded.load(ref).output_names
+        out = dict(zip(names, loaded.outputs(ref, x, cache, input_key)))
         if self.plan.tta_flip:
-            flipped = _run_model(ref, np.ascontiguousarray(x[:, :, ::-1, :]))
+            flipped = loaded.outputs(ref, np.ascontiguousarray(x[:, :, ::-1, :]), cache,
+                                     (*input_key, "flipped"))
             # a fusion model's view scores are [N] log-weights: their plain mean
             out = {n: combine.flip_average(out[n], f) if np.ndim(f) == 2 else
                    0.5 * (np.asarray(out[n]) + np.asarray(f)) for n, f in zip(names, flipped)}
@@ -217,7 +186,7 @@ class BatchScorer:
         from hierarchy.contracts.model import EXPERTS_LAYER
 
         if not hasattr(self, "_expert_groups"):
-            model = _model(self.plan.models.multi)
+            model = loaded.load(self.plan.models.multi)
             names = {layer.name for layer in model.layers}
             self._expert_groups = None if EXPERTS_LAYER not in names else np.asarray(
                 model.get_layer(EXPERTS_LAYER).groups, dtype=np.int64)
