@@ -127,7 +127,6 @@ def _thriftserver_arguments(p) -> None:
 
 
 def _thriftserver(args, cfg) -> dict:
-
     from hierarchy.spark import thriftserver_command
 
     cmd = thriftserver_command(cfg, args.host, args.port, args.auth)

@@ -197,7 +197,6 @@ def _dump(submit: str, archive: str) -> None:
 
 
 def main(argv=None) -> int:
-
     parser = argparse.ArgumentParser(
         prog="python -m hierarchy.spark_cds",
         description="Dump the driver JVM's class-data-sharing archive (spark.cds_archive).")

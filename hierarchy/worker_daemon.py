@@ -64,7 +64,6 @@ _BUNDLED = {"pyspark": ("pyspark/version.py", re.compile(r"pyspark\.zip$")),
 
 
 def _zip_version(archive: str, member: str) -> Optional[str]:
-
     try:
         with zipfile.ZipFile(archive) as z:
             found = _VERSION.search(z.read(member))

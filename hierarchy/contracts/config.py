@@ -78,7 +78,6 @@ def _nest(key: str, value: Any) -> dict:
 
 
 def default_config_text() -> str:
-
     return files("hierarchy").joinpath(DEFAULT_CONFIG).read_text(encoding="utf-8")
 
 

@@ -111,5 +111,4 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None,
 
 
 def modelset_for_calibration(modelset: ModelSet) -> ModelSet:
-
     return replace(modelset, strategy="multi", calibration=dict(IDENTITY))

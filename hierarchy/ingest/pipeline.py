@@ -54,7 +54,6 @@ class InputFile:
     mtime: Optional[float]
 
     def record(self) -> dict:
-
         mtime = dt.datetime.fromtimestamp(self.mtime, dt.UTC).isoformat() if self.mtime \
             else None
         return {"path": self.url, "size": self.size, "mtime": mtime}
@@ -198,7 +197,6 @@ class _WarmWorkers:
     A failure here only costs the overlap: the decode job starts its workers itself."""
 
     def __init__(self, spark):
-
         self.seconds = 0.0
         sc = spark.sparkContext
 

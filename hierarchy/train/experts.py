@@ -413,7 +413,6 @@ def _publish(spec: TrainSpec, model, metrics: dict) -> dict:
 
 def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: Train,
                      tuning: Optional[dict]) -> dict:
-
     from hierarchy.train import heads as theads
 
     model = theads.build_fusion_model(source, trained.pop("head"))
@@ -427,7 +426,6 @@ def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: Tra
 
 def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: Train,
               tuning: Optional[dict] = None) -> dict:
-
     from hierarchy.contracts import model as cmodel
     from hierarchy.train import heads as theads
 
