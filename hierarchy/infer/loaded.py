@@ -63,6 +63,7 @@ def _trunk_node(model) -> Optional[int]:
     if TRUNK not in names or len(model.inputs) != 1:
         return None
     body = model.get_layer(TRUNK)
+    # Keras 2.15 has no public count of a layer's calls; get_input_at(i) is the public part
     nodes = [i for i in range(len(body._inbound_nodes))
              if body.get_input_at(i) is model.inputs[0]]
     return nodes[0] if len(nodes) == 1 else None
