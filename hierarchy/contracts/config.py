@@ -127,6 +127,10 @@ def _at(doc: Any, key: str) -> Any:
     return doc
 
 
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def _field(loc: Tuple) -> Tuple[str, Optional[type], Optional[FieldInfo], int]:
     """(dotted key, model holding it, its field or None if unknown, its depth in loc)."""
     model: type = Settings
@@ -135,9 +139,7 @@ def _field(loc: Tuple) -> Tuple[str, Optional[type], Optional[FieldInfo], int]:
         info = model.model_fields.get(str(part))
         if info is None:
             return key, model, None, depth
-        if not (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)):
-            return key, model, info, depth
-        if depth == len(loc):
+        if not _is_section(info.annotation) or depth == len(loc):
             return key, model, info, depth
         model = info.annotation
     return ".".join(map(str, loc)), model, None, len(loc)
@@ -150,7 +152,7 @@ def _kind(annotation: Any) -> Optional[type]:
         return str
     if origin in (tuple, list, dict):
         return origin
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if _is_section(annotation):
         return dict
     return annotation if annotation in _TYPE_NAMES else None
 
@@ -166,8 +168,8 @@ def _message(error: dict, doc: dict, defaults: dict, source: str) -> str:
                 f"{', '.join(sorted(model.model_fields))}")
     value, kind = _at(doc, key), _kind(info.annotation)
     if kind is dict:
-        section = isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
-        return f"config key '{key}' is {'a section' if section else 'a mapping'}; got {value!r}"
+        what = "a section" if _is_section(info.annotation) else "a mapping"
+        return f"config key '{key}' is {what}; got {value!r}"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # as the model holds it
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -182,7 +184,7 @@ def _message(error: dict, doc: dict, defaults: dict, source: str) -> str:
     return f"config key '{key}': {value!r} is not allowed; expected {allowed}"
 
 
-def _validated(doc: dict, defaults: dict, source: str = "") -> Settings:
+def _validated(doc: dict, defaults: dict, source: str) -> Settings:
     try:
         return Settings.model_validate(doc)
     except ValidationError as exc:
@@ -198,15 +200,15 @@ def load_config(path: Optional[os.PathLike] = None, overrides: Iterable[str] = (
     against the project data root (:func:`data_root`)."""
     defaults = _read_yaml(None)
     doc = copy.deepcopy(defaults)
-    _validated(doc, defaults, DEFAULT_CONFIG)
+    settings = _validated(doc, defaults, DEFAULT_CONFIG)
     if path:
         _merge(doc, _read_yaml(Path(path)))
-        _validated(doc, defaults, str(path))
+        settings = _validated(doc, defaults, str(path))
     if overrides:
         for text in overrides:
             key, value = parse_override(text)
             _merge(doc, _nest(key, value))
-        _validated(doc, defaults, "command line")
-    resolved = _validated(doc, defaults).model_dump()
+        settings = _validated(doc, defaults, "command line")
+    resolved = settings.model_dump()
     _resolve_paths(resolved)
     return Settings.model_validate(resolved)

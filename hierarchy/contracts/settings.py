@@ -43,12 +43,15 @@ Text = Annotated[str, BeforeValidator(_numbers_as_text), Strict()]
 Flag = Annotated[bool, Strict()]
 
 
+def _in_range(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    return f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
 def _bound(number: type, lo, hi, lo_open: bool, hi_open: bool):
-    left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
     low = {"gt": lo} if lo_open else {"ge": lo}
     high = {"lt": hi} if hi_open else {"le": hi}
     return Annotated[number, Strict(), Field(**low, **high),
-                     Allowed(f"a number in {left}{lo}, {hi}{right}")]
+                     Allowed(_in_range(lo, hi, lo_open, hi_open))]
 
 
 def Real(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
@@ -86,13 +89,14 @@ Number = Union[Annotated[int, Strict()], Annotated[float, Strict()]]
 
 def Interval(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
     """[low, high] of a search range, both inside the range, low <= high."""
-    inside = _bound(float, lo, hi, lo_open, hi_open).__metadata__[-1].text
-
     def within(x) -> bool:
         return (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
 
-    return Checked(Tuple[Number, Number], lambda v: within(v[0]) and within(v[1])
-                   and v[0] <= v[1], f"[low, high], low <= high, each {inside}")
+    return Checked(Tuple[Number, Number],
+                   lambda v: within(v[0]) and within(v[1]) and v[0] <= v[1],
+                   "[low, high], low <= high, each " + _in_range(lo, hi, lo_open, hi_open))
+
+
 # Spelt out here, not imported: infer/modelset.py sits above the contracts, and
 # contracts/curation.py and contracts/model.py import pyarrow and TensorFlow, which loading a
 # config must not. tests/test_config.py keeps the copies equal.

@@ -50,7 +50,7 @@ class ScoringPlan:
 
 
 # ----------------------------------------------------------------------------- per worker
-_CONFIGURED = []  # TensorFlow's threads are set once per worker process
+_configured = False  # TensorFlow's threads are set once per worker process
 
 
 def _task_cpus() -> int:
@@ -68,7 +68,8 @@ def _configure_tf(threads: int) -> None:
     """Spark runs one Python worker per concurrent task: left to itself, TensorFlow in each
     would use every core of the machine, cores x cores threads in all. By default
     (``predict.threads: 0``) each worker gets the cores Spark gave its task."""
-    if _CONFIGURED:
+    global _configured
+    if _configured:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -82,7 +83,7 @@ def _configure_tf(threads: int) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:
             pass  # this worker already ran TensorFlow with its own setting
-    _CONFIGURED.append(True)
+    _configured = True
 
 
 # ----------------------------------------------------------------------------- one batch
