@@ -28,7 +28,6 @@ bench/quality.py, plus head epochs over D-float feature rows, which cost no imag
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -263,12 +262,6 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
             np.savez(os.path.join(heads_dir, f"{g}.npz"), *trained["weights"])
 
 
-def _remove(*folders: str) -> None:
-    for folder in folders:
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-
-
 def _fusion(spec: TrainSpec, source, taxonomy, root: str, kernel, bias, tcfg: Train,
             tuning: Optional[dict]) -> dict:
     """The fusion head trained over the cached features, assembled and tracked."""
@@ -324,7 +317,8 @@ def train_experts(spec: TrainSpec) -> dict:
 
     heads_dir = os.path.join(storage.local_path(run.model_dir(spec.key)), HEADS)
     if rank == 0:  # a re-run replaces the features and heads, never adds to them
-        _remove(root, heads_dir)
+        for old in (root, heads_dir):
+            storage.remove(old)
     barrier("clean")
     extracted = _extract_features(spec, manifest, taxonomy, trunk, root, rank, size)
     barrier("features")
