@@ -3,7 +3,7 @@
     .venv/bin/python bench/evaluate_cost.py [--products N] [--repeat R] [--workdir DIR]
                                             [--before SRC]
 
-A synthetic catalog (the fast preset, ``--products`` products, 30 % of them in val) is
+A synthetic catalog (``--preset``, fast by default, ``--products`` products, 30 % of them in val) is
 ingested and a run with every model is trained once (small_cnn, 48 px, 2 epochs: level 1,
 flat, the branches, multi, experts, refit, fusion). Then, R times and alternating so that the
 host's drift hits both sides alike, each as a user runs it (a fresh ``hierarchy`` process,
@@ -58,7 +58,7 @@ def hierarchy(*args: str, conf=(), src: str = "") -> float:
     return time.perf_counter() - t0
 
 
-def build(work: Path, products: int, conf: list) -> None:
+def build(work: Path, products: int, conf: list, preset: str) -> None:
     """The catalog and a trained run with every model (skipped when already there)."""
     if (work / "models.trained" / RUN_ID / "fusion" / "model.h5").exists():
         say(f"reusing the trained run in {work}")
@@ -66,7 +66,7 @@ def build(work: Path, products: int, conf: list) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     hierarchy("synth", "--output", str(work / "syn"), "--products", str(products),
-              "--test-products", "0", "--seed", "9")
+              "--test-products", "0", "--seed", "9", "--preset", preset)
     hierarchy("ingest", "--input", str(work / "syn" / "train.bson"), "--categories",
               str(work / "syn" / "category_names.csv"), "--output", str(work / "ds"),
               conf=[*conf, "ingest.val_fraction=0.3"])
@@ -82,12 +82,15 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=600)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/bench-evaluate")
+    ap.add_argument("--preset", default="fast", choices=("fast", "hard", "tangled"),
+                    help="the catalog: fast (decisions mostly at the leaf) or hard (spread "
+                         "over the levels and review)")
     ap.add_argument("--before", default="", help="a checkout of older code to compare with")
     args = ap.parse_args()
     work = Path(args.workdir)
     conf = ["spark.master=local[2]", f"catalog.warehouse={work / 'wh'}",
             f"catalog.metastore={work / 'wh' / 'ms'}"]
-    build(work, args.products, conf)
+    build(work, args.products, conf, args.preset)
     manifest = json.loads((work / "ds" / "manifest.json").read_text())
     val = manifest["splits"]["val"]
     common = ["--data", str(work / "ds"), "--run-id", RUN_ID]

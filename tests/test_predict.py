@@ -1,5 +1,6 @@
 """Predict and evaluate end to end on a tiny synthetic catalog: ingest -> train -> predict."""
 
+import dataclasses
 import json
 import logging
 import re
@@ -554,3 +555,83 @@ def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world,
     assert loaded.trunk_key(fusion) == loaded.trunk_key(
         load_modelset(world["models"], RUN, "flat", tax).flat)
     assert trunk_once[loaded.trunk_key(fusion)] == len(batches), trunk_once
+
+
+def test_evaluate_makes_predicts_rows_from_one_pass_with_no_second_model_run(world, spark,
+                                                                           monkeypatch):
+    """Evaluate scores val once: the pass sums each strategy's decision statistics and keeps
+    what its rows are made of at every grid temperature; once the rules are fitted, the rows
+    come from those summaries with no model run. They are the rows predict's scorer gives
+    with the same rules, to the last digit (a product no picture of which decodes
+    included), and the statistics are those of each batch's products scored alone."""
+    from collections import namedtuple
+
+    from hierarchy.evaluate import decisions
+    from hierarchy.infer import decide, scoring
+    from hierarchy.infer.modelset import available_strategies
+
+    tax = Dataset(world["data"]).taxonomy()
+    strategies = available_strategies(world["models"], RUN)
+    plans = {s: ScoringPlan(models=load_modelset(world["models"], RUN, s, tax),
+                            taxonomy_json=tax.to_json(), prior_category_id=tax.category_ids[0],
+                            prior_share=0.1, top_k=2, blend_weight=0.5, aggregate="log_mean",
+                            tta_flip=False, top_n=5, threads=1) for s in strategies}
+    val = read_images(spark, world["data"], "val").toPandas()
+    broken = read_images(spark, world["data"], "test").toPandas()
+    broken = broken[broken["product_id"] == ALL_BAD_AT_SCORING].assign(
+        category_id=tax.category_ids[0], l1=0, l2=0, l3=0)
+    images = pd.concat([val, broken]).sort_values(["product_id", "img_idx"]) \
+        .reset_index(drop=True)
+    images["part"] = (images["product_id"] % 3 == 0).astype(int)
+    batches = [images.iloc[i:i + 16].reset_index(drop=True) for i in range(0, len(images), 16)]
+    dcfg = predict_cfg(Path("one_pass"), extra=["decide.target_precision=0.6",
+                                                "decide.confidence=0.8"]).decide
+    grids = decisions.grids_of(dcfg)
+    calls: dict = {}
+    real = scoring.BatchScorer._outputs
+
+    def counted(self, ref, x, cache, input_key):
+        calls[ref.path] = calls.get(ref.path, 0) + 1
+        return real(self, ref, x, cache, input_key)
+
+    monkeypatch.setattr(scoring.BatchScorer, "_outputs", counted)
+    out = pd.concat(list(decisions.evaluation_partitions(plans, grids, dcfg.levels)(
+        iter(batches))), ignore_index=True)
+    assert max(calls.values()) <= len(batches), calls  # each model once a batch
+    summaries, stat_rows = out[out["product_id"].notna()], out[out["product_id"].isna()]
+    assert sorted(stat_rows["strategy"]) == sorted(strategies)
+    # the statistics: each batch's products scored alone, as the rule fit always summed them
+    expected = {s: decide.empty_stats(grids) for s in strategies}
+    for pdf in scoring.whole_products(iter(batches)):  # the pass's batches: whole products
+        labelled = pdf.drop_duplicates("product_id").set_index("product_id")
+        for s, plan in plans.items():
+            scorer = scoring.BatchScorer(plan)
+            pics = scorer.decode_for_models(pdf["jpeg"])
+            ok = np.array([p is not None for p in pics])
+            if not ok.any():
+                continue
+            ids, probs, _ = scoring.score_products(scorer, [p for p in pics if p is not None],
+                                                   pdf["product_id"].to_numpy(np.int64)[ok])
+            decide.add_stats(expected[s], probs, labelled.loc[ids, "l3"].to_numpy(np.int64),
+                             labelled.loc[ids, "part"].to_numpy(np.int64),
+                             decide.Nodes.of(tax), grids, dcfg.levels)
+    for r in stat_rows.itertuples():
+        assert decide.flatten(expected[r.strategy]) == list(r.stats), r.strategy
+    Row = namedtuple("Row", "strategy stats")
+    fitted = decisions.fit_rules([Row(r.strategy, r.stats) for r in stat_rows.itertuples()],
+                                 plans, dcfg, grids)
+    assert any(rule.threshold is not None for rule, _ in fitted.values())
+    ruled = {s: dataclasses.replace(p, models=dataclasses.replace(
+        p.models, decision=fitted[s][0].to_dict())) for s, p in plans.items()}
+    calls.clear()
+    rows = pd.concat(list(decisions.rows_from_summaries(ruled, grids)(
+        iter([summaries.iloc[i:i + 50] for i in range(0, len(summaries), 50)]))))
+    assert not calls  # no model ran for the rows
+    scored = pd.concat(list(scoring.score_partitions(ruled)(iter(batches))))
+
+    def norm(df):
+        return df.sort_values(["strategy", "product_id"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(norm(rows), norm(scored), check_exact=True)
+    assert rows["decision_level"].nunique() > 1
+    assert rows[rows["product_id"] == ALL_BAD_AT_SCORING]["fallback"].all()

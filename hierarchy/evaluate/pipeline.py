@@ -58,9 +58,9 @@ class _Phases:
 def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
                  checked: Optional[dict] = None) -> dict:
     """``checked``: what :func:`check_evaluate` already returned for these arguments.
-    Three passes over val whatever the number of strategies: the hierarchical correction,
-    every strategy's decision rule, every strategy's table rows; each model runs once per
-    picture in each."""
+    Two scoring passes over val whatever the number of strategies: the hierarchical
+    correction (on the fit part only), then every strategy's decision rule and the summaries
+    its table rows are made of; each model runs once per picture in each."""
     from pyspark.sql import functions as F
 
     phases = _Phases()
@@ -68,7 +68,9 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     strategies = list(checked)
     run = ModelStore(models).run(run_id)
     prior = training_prior(spark, data)
-    grouped = grouped_split(spark, data, VAL, cfg.predict.partitions)
+    # read twice only when the hierarchical correction is fitted first
+    grouped = grouped_split(spark, data, VAL, cfg.predict.partitions,
+                            persist="hierarchical" in checked)
     try:
         calibration, checked, figures, rules, table = _passes(spark, cfg, data, models, run,
                                                               checked, output, prior, grouped,
@@ -98,26 +100,32 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
 
 def _passes(spark, cfg, data: str, models: str, run, checked: dict, output: str,
             prior: tuple, grouped, phases: _Phases) -> tuple:
-    """The three passes over val; (calibration, checked with the rules, figures, rules,
-    table name)."""
+    """The passes over val; (calibration, checked with the rules, figures, rules, table
+    name)."""
     calibration = None
     if "hierarchical" in checked:
         calibration, checked["hierarchical"] = _calibrate(spark, cfg, data, run,
                                                           checked["hierarchical"], prior,
                                                           grouped)
         phases.done("hierarchical calibration")
-    # each strategy's own rule, fitted before its val rows are written so that the table's
+    # each strategy's own rule, fitted on one scoring pass that also keeps what val's table
+    # rows are made of, so that the rows take the rules with no second model pass and their
     # decision columns are the ones predict will write on test
     plans = {s: scoring_plan(spark, cfg, data, c.taxonomy, replace(c.modelset, decision=None),
                              prior) for s, c in checked.items()}
-    fitted_rules = decisions.fit(spark, cfg, data, plans, grouped)
-    rules = {s: rule.to_dict() for s, (rule, _) in fitted_rules.items()}
-    figures = {s: fig for s, (_, fig) in fitted_rules.items()}
-    phases.done("decision rules")
-    checked = {s: replace(c, modelset=replace(c.modelset, decision=rules[s]))
-               for s, c in checked.items()}
-    scored = run_scoring(spark, cfg, data, models, run.run_id, VAL, checked, output, prior,
-                         grouped)
+    summaries, fitted_rules = decisions.score_and_fit(spark, cfg, plans, grouped)
+    try:
+        rules = {s: rule.to_dict() for s, (rule, _) in fitted_rules.items()}
+        figures = {s: fig for s, (_, fig) in fitted_rules.items()}
+        phases.done("decision rules")
+        checked = {s: replace(c, modelset=replace(c.modelset, decision=rules[s]))
+                   for s, c in checked.items()}
+        ruled = {s: replace(plans[s], models=checked[s].modelset) for s in checked}
+        rows = decisions.table_rows(summaries, ruled, decisions.grids_of(cfg.decide))
+        scored = run_scoring(spark, cfg, data, models, run.run_id, VAL, checked, output,
+                             prior, scored=rows)
+    finally:
+        summaries.unpersist()
     phases.done("table rows")
     return calibration, checked, figures, rules, next(iter(scored.values()))["table"]
 

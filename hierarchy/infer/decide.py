@@ -195,6 +195,13 @@ def decide(p: np.ndarray, nodes: Nodes, rule: DecisionRule) -> List[dict]:
     rule's temperature): ``decision_level`` (3, 2, 1 or 0 = review), ``decision_id``,
     ``decision_name`` (the node's path) and ``decision_probability``."""
     idx, prob = top_nodes(p, nodes)
+    return decisions(idx, prob, nodes, rule)
+
+
+def decisions(idx: np.ndarray, prob: np.ndarray, nodes: Nodes, rule: DecisionRule
+              ) -> List[dict]:
+    """:func:`decide` from the products' best nodes (:func:`top_nodes` of the distributions
+    at the rule's temperature)."""
     col = filed_level(prob, level_mask(rule.levels), rule.threshold)
     out = []
     for i, c in enumerate(col.tolist()):

@@ -68,14 +68,15 @@ def by_product(images, partitions: int):
     return images.repartition(parts, "product_id").sortWithinPartitions("product_id", "img_idx")
 
 
-def grouped_split(spark, data: str, split: str, partitions: int):
-    """A split's pictures grouped by product (:func:`by_product`) once, kept on the executors'
-    disks for several passes (evaluate's three): each pass then skips the read and the
-    shuffle of the JPEG bytes. ``unpersist()`` it after the last."""
+def grouped_split(spark, data: str, split: str, partitions: int, persist: bool = True):
+    """A split's pictures grouped by product (:func:`by_product`); ``persist``: grouped once
+    and kept on the executors' disks for several passes (evaluate's two when it fits the
+    hierarchical strategy), each pass then skipping the read and the shuffle of the JPEG
+    bytes. ``unpersist()`` it after the last."""
     from pyspark import StorageLevel
 
-    return by_product(read_images(spark, data, split), partitions).persist(
-        StorageLevel.DISK_ONLY)
+    grouped = by_product(read_images(spark, data, split), partitions)
+    return grouped.persist(StorageLevel.DISK_ONLY) if persist else grouped
 
 
 def score(images, plans: Dict[str, ScoringPlan], partitions: int):
@@ -244,12 +245,14 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
 
 def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
                 checked: Dict[str, CheckedPredict], output: str,
-                prior: Optional[tuple] = None, grouped=None) -> Dict[str, dict]:
+                prior: Optional[tuple] = None, grouped=None, scored=None) -> Dict[str, dict]:
     """Score ``split`` under every strategy of ``checked`` (each :func:`check_predict`ed) in
     one pass over its pictures, each model run once per picture, into the strategies'
     partitions of the predictions table; {strategy: its result}. A test split also gets
     its submission (predict scores one strategy). ``prior``: :func:`training_prior`, when
-    the caller has it; ``grouped``: the split's pictures from :func:`grouped_split`."""
+    the caller has it; ``grouped``: the split's pictures from :func:`grouped_split`;
+    ``scored``: the split's scored product rows when the caller already made them (evaluate,
+    :func:`hierarchy.evaluate.decisions.table_rows`), written instead of scoring again."""
     from pyspark.sql import functions as F
 
     from hierarchy.spark import run_with_progress
@@ -270,7 +273,7 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     plans = {s: scoring_plan(spark, cfg, data, taxonomy, checked[s].modelset, prior)
              for s in strategies}
     final = finish_rows(_rows(spark, cfg, data, split, plans, products, taxonomy, prior,
-                              grouped), run_id, split)
+                              grouped, scored), run_id, split)
     top_k = next(iter(plans.values())).top_k
     log.info("scoring split %s with run %s (%s%s)", split, run_id, ", ".join(strategies),
              f", top-{top_k} branches" if strategies != ["flat"] and top_k else "")
@@ -301,13 +304,15 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
 
 
 def _rows(spark, cfg, data: str, split: str, plans: Dict[str, ScoringPlan], products,
-          taxonomy: Taxonomy, prior: tuple, grouped):
-    """Every product's row under every strategy of ``plans``: scored from its pictures,
+          taxonomy: Taxonomy, prior: tuple, grouped, scored=None):
+    """Every product's row under every strategy of ``plans``: scored from its pictures
+    (unless ``scored`` already holds these rows),
     the fallback row for a product with none, an exact copy's training label first when
     ``predict.duplicate_lookup`` is on."""
     images = read_images(spark, data, split)
-    scored = score(images, plans, cfg.predict.partitions) if grouped is None else \
-        grouped.mapInPandas(score_partitions(plans), predictions.SCORED_BY_STRATEGY_DDL)
+    if scored is None:
+        scored = score(images, plans, cfg.predict.partitions) if grouped is None else \
+            grouped.mapInPandas(score_partitions(plans), predictions.SCORED_BY_STRATEGY_DDL)
     rows = scored.unionByName(fallback_rows(products, images, taxonomy, prior, list(plans)))
     if cfg.predict.duplicate_lookup:
         rows = apply_duplicates(rows, duplicate_answers(spark, data, split, taxonomy))

@@ -26,7 +26,7 @@ import pandas as pd
 from hierarchy import joblog
 from hierarchy.contracts import predictions
 from hierarchy.contracts.taxonomy import Taxonomy
-from hierarchy.infer import combine, decide, loaded
+from hierarchy.infer import columns, combine, loaded
 from hierarchy.infer.modelset import ModelRef, ModelSet
 
 INPUT_COLUMNS = ["product_id", "img_idx", "jpeg", "category_id", "l1", "l2", "l3"]
@@ -264,40 +264,66 @@ def aggregate_of(plan: ScoringPlan) -> str:
     return "log_mean" if plan.models.strategy == "fusion" else plan.aggregate
 
 
+class PartitionPass:
+    """One partition's products scored under every strategy of ``plans``, batch by batch:
+    each model runs once per picture whatever the number of strategies that read it
+    (:meth:`BatchScorer._cached`), and each strategy's products are aggregated as it gives
+    them scored alone. :func:`score_partitions` makes table rows of them; evaluate's pass
+    (:mod:`hierarchy.evaluate.decisions`) also its decision statistics."""
+
+    def __init__(self, plans: Dict[str, ScoringPlan]):
+        self.plans = plans
+        self.scorers = {name: BatchScorer(plan) for name, plan in plans.items()}
+        self.taxonomy = next(iter(self.scorers.values())).taxonomy
+        self.accs = {name: combine.ProductAccumulator(self.taxonomy.n_l3, aggregate_of(plan))
+                     for name, plan in plans.items()}
+        self.seen: Dict[str, Dict[int, _Product]] = {name: {} for name in plans}
+        self.last: Optional[int] = None
+
+    def add(self, pdf: pd.DataFrame) -> Dict[str, Tuple[np.ndarray, tuple]]:
+        """Score a batch of whole products (sorted, after the previous batch's); {strategy:
+        (the product of each decoded picture, :meth:`BatchScorer.weighted` of them)}, for
+        the strategies with a decoded picture in the batch."""
+        pids = pdf["product_id"].to_numpy(np.int64)
+        if (np.diff(pids) < 0).any() or (self.last is not None and pids[0] < self.last):
+            raise RuntimeError("scoring input must be sorted by product_id within each "
+                               "partition (repartition + sortWithinPartitions)")
+        truth = pdf[["category_id", "l1", "l2", "l3"]].to_numpy(object)
+        decoded: Dict[Optional[int], list] = {}
+        cache: dict = {}  # this batch's model outputs, shared by the strategies
+        out = {}
+        for name, scorer in self.scorers.items():
+            if scorer.min_side not in decoded:
+                decoded[scorer.min_side] = scorer.decode_for_models(pdf["jpeg"])
+            got = _score_batch(scorer, decoded[scorer.min_side], pids, truth, self.seen[name],
+                               self.accs[name], cache)
+            if got is not None:
+                out[name] = got
+        self.last = int(pids[-1])
+        return out
+
+    def finished(self, final: bool = False) -> dict:
+        """{strategy: (ids, distributions, counts)} of the products no later batch can add
+        to (all of them when ``final``)."""
+        return {name: acc.finish() if final else acc.pop_all_except(self.last)
+                for name, acc in self.accs.items()}
+
+
 def score_partitions(plans: Dict[str, ScoringPlan]):
     """The function ``mapInPandas`` runs: an iterator of image batches (sorted by product
     within the partition) -> an iterator of product rows
     (:data:`hierarchy.contracts.predictions.SCORED_DDL` and ``strategy``), one per product and
-    strategy of ``plans``. Every model runs once per picture whatever the number of strategies
-    that read it (:meth:`BatchScorer._cached`); each strategy's rows are the ones it gives
-    scored alone."""
+    strategy of ``plans`` (:class:`PartitionPass`)."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        scorers = {name: BatchScorer(plan) for name, plan in plans.items()}
-        tax = next(iter(scorers.values())).taxonomy
-        accs = {name: combine.ProductAccumulator(tax.n_l3, aggregate_of(plan))
-                for name, plan in plans.items()}
-        seen: Dict[str, Dict[int, _Product]] = {name: {} for name in plans}
-        last: Optional[int] = None
+        scored = PartitionPass(plans)
         for pdf in whole_products(batches):
-            pids = pdf["product_id"].to_numpy(np.int64)
-            if (np.diff(pids) < 0).any() or (last is not None and pids[0] < last):
-                raise RuntimeError("scoring input must be sorted by product_id within each "
-                                   "partition (repartition + sortWithinPartitions)")
-            truth = pdf[["category_id", "l1", "l2", "l3"]].to_numpy(object)
-            decoded: Dict[Optional[int], list] = {}
-            cache: dict = {}  # this batch's model outputs, shared by the strategies
-            for name, scorer in scorers.items():
-                if scorer.min_side not in decoded:
-                    decoded[scorer.min_side] = scorer.decode_for_models(pdf["jpeg"])
-                _score_batch(scorer, decoded[scorer.min_side], pids, truth, seen[name],
-                             accs[name], cache)
-            last = int(pids[-1])
-            out = _strategy_rows(plans, tax, {n: a.pop_all_except(last) for n, a in
-                                              accs.items()}, seen, keep=last)
+            scored.add(pdf)
+            out = _strategy_rows(plans, scored.taxonomy, scored.finished(), scored.seen,
+                                 keep=scored.last)
             if out is not None:
                 yield out
-        out = _strategy_rows(plans, tax, {n: a.finish() for n, a in accs.items()}, seen,
+        out = _strategy_rows(plans, scored.taxonomy, scored.finished(final=True), scored.seen,
                              keep=None)
         if out is not None:
             yield out
@@ -306,19 +332,22 @@ def score_partitions(plans: Dict[str, ScoringPlan]):
 
 
 def _score_batch(scorer: BatchScorer, images: list, pids: np.ndarray, truth: np.ndarray,
-                 seen: Dict[int, _Product], acc, cache: dict) -> None:
+                 seen: Dict[int, _Product], acc, cache: dict
+                 ) -> Optional[Tuple[np.ndarray, tuple]]:
     ok = np.array([im is not None for im in images], dtype=bool)
     for i, pid in enumerate(pids.tolist()):
         p = seen.get(pid)
         if p is None:
-            p = seen[pid] = _Product(truth=tuple(_none(v) for v in truth[i]))
+            p = seen[pid] = _Product(truth=tuple(nullable_int(v) for v in truth[i]))
         if ok[i]:
             p.decoded += 1
         else:
             p.bad += 1
-    if ok.any():
-        acc.add(pids[ok], *scorer.weighted([im for im in images if im is not None], pids[ok],
-                                           cache))
+    if not ok.any():
+        return None
+    weighted = scorer.weighted([im for im in images if im is not None], pids[ok], cache)
+    acc.add(pids[ok], *weighted)
+    return pids[ok], weighted
 
 
 def _strategy_rows(plans: Dict[str, ScoringPlan], tax: Taxonomy, finished: dict,
@@ -351,7 +380,7 @@ def whole_products(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield pending.reset_index(drop=True)
 
 
-def _none(v):
+def nullable_int(v):
     return None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else int(v)
 
 
@@ -363,19 +392,8 @@ def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]
     rule = plan.models.decision_rule()
     if rule is not None and len(probs):
         probs = combine.apply_temperature(probs, rule.temperature)
-        decisions = decide.decide(probs, decide.Nodes.of(tax), rule)
-    else:
-        decisions = [decide.undecided()] * len(probs)
-    top_idx, top_p = combine.top_n(probs, plan.top_n)
-    marg = combine.marginal_l1(probs, tax) if len(probs) else np.zeros((0, tax.n_l1))
-    cat_ids = np.asarray(tax.category_ids, dtype=np.int64)
-    out = []
-    for i in range(len(probs)):
-        l1 = int(np.argmax(marg[i]))
-        out.append({**predictions.leaf_prediction(tax, int(top_idx[i, 0]), top_p[i, 0],
-                                             cat_ids[top_idx[i]], top_p[i], l1, marg[i, l1]),
-                    **decisions[i]})
-    return out
+    return columns.rows(tax, columns.columns_of(tax, probs, plan.top_n, rule is not None),
+                        rule)
 
 
 def score_products(scorer: BatchScorer, images: list, product_ids: np.ndarray,
@@ -395,17 +413,31 @@ def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
     if not done:
         return None
     scored = {int(pid): i for i, pid in enumerate(ids.tolist())}
-    columns = predicted(plan, tax, probs)
-    fallback = predictions.fallback_prediction(tax, plan.prior_category_id, plan.prior_share)
+    columns_ = predicted(plan, tax, probs)
+    fallback = fallback_row(plan, tax)
     records = []
     for pid in sorted(done):
         meta = seen.pop(pid)
         i = scored.get(pid)
-        if i is None:  # no picture decoded: the training prior, flagged
-            row = fallback
-        else:
-            row = {**columns[i], "image_count": meta.decoded, "fallback": False}
-        records.append({"product_id": pid, **row, "bad_image_count": meta.bad,
-                        **dict(zip(predictions.TRUTH, meta.truth))})
+        records.append(product_record(pid, None if i is None else columns_[i], meta.decoded,
+                                      meta.bad, meta.truth, fallback))
+    return product_frame(records)
+
+
+def fallback_row(plan: ScoringPlan, tax: Taxonomy) -> dict:
+    return predictions.fallback_prediction(tax, plan.prior_category_id, plan.prior_share)
+
+
+def product_record(pid: int, columns_: Optional[dict], decoded: int, bad: int, truth: tuple,
+                   fallback: dict) -> dict:
+    """A product's row: its predicted ``columns_``, or ``fallback`` (the training prior) when
+    no picture of it decoded (None)."""
+    row = fallback if columns_ is None else {**columns_, "image_count": decoded,
+                                             "fallback": False}
+    return {"product_id": pid, **row, "bad_image_count": bad,
+            **dict(zip(predictions.TRUTH, truth))}
+
+
+def product_frame(records: List[dict]) -> pd.DataFrame:
     df = pd.DataFrame.from_records(records, columns=predictions.SCORED_COLUMNS)
     return df.astype(predictions.PANDAS_DTYPES)
