@@ -291,6 +291,8 @@ def summary_line(key: str, result: dict) -> str:
              "val product accuracy {:.3f}, source model with the geometric mean {:.3f}")):
         if got in m:
             acc = m[got]
+            if key == "refit":  # its one group is the whole tree: plain leaf accuracy
+                what = what.replace(" within the true group", "")
             return (f"{key}: " + (result.get("status") or "trained") +
                     ("" if acc is None else f" ({what.format(acc, m.get(before))})") +
                     ("" if result.get("status") else
