@@ -381,6 +381,7 @@ def whole_products(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
 
 
 def nullable_int(v):
+    """A label as Arrow hands it to pandas (an int, or NaN / None / NA for null)."""
     return None if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else int(v)
 
 
@@ -413,13 +414,13 @@ def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
     if not done:
         return None
     scored = {int(pid): i for i, pid in enumerate(ids.tolist())}
-    columns_ = predicted(plan, tax, probs)
+    made = predicted(plan, tax, probs)
     fallback = fallback_row(plan, tax)
     records = []
     for pid in sorted(done):
         meta = seen.pop(pid)
         i = scored.get(pid)
-        records.append(product_record(pid, None if i is None else columns_[i], meta.decoded,
+        records.append(product_record(pid, None if i is None else made[i], meta.decoded,
                                       meta.bad, meta.truth, fallback))
     return product_frame(records)
 
@@ -428,12 +429,11 @@ def fallback_row(plan: ScoringPlan, tax: Taxonomy) -> dict:
     return predictions.fallback_prediction(tax, plan.prior_category_id, plan.prior_share)
 
 
-def product_record(pid: int, columns_: Optional[dict], decoded: int, bad: int, truth: tuple,
+def product_record(pid: int, made: Optional[dict], decoded: int, bad: int, truth: tuple,
                    fallback: dict) -> dict:
-    """A product's row: its predicted ``columns_``, or ``fallback`` (the training prior) when
-    no picture of it decoded (None)."""
-    row = fallback if columns_ is None else {**columns_, "image_count": decoded,
-                                             "fallback": False}
+    """A product's row: its predicted columns ``made`` (:func:`predicted`), or ``fallback``
+    (the training prior) when no picture of it decoded (None)."""
+    row = fallback if made is None else {**made, "image_count": decoded, "fallback": False}
     return {"product_id": pid, **row, "bad_image_count": bad,
             **dict(zip(predictions.TRUTH, truth))}
 
