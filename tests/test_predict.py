@@ -584,8 +584,8 @@ def test_evaluate_makes_predicts_rows_from_one_pass_with_no_second_model_run(wor
         .reset_index(drop=True)
     images["part"] = (images["product_id"] % 3 == 0).astype(int)
     batches = [images.iloc[i:i + 16].reset_index(drop=True) for i in range(0, len(images), 16)]
-    dcfg = predict_cfg(Path("one_pass"), extra=["decide.target_precision=0.6",
-                                                "decide.confidence=0.8"]).decide
+    dcfg = load_config(overrides=["decide.target_precision=0.6",
+                                  "decide.confidence=0.8"]).decide
     grids = decisions.grids_of(dcfg)
     calls: dict = {}
     real = scoring.BatchScorer._outputs

@@ -63,12 +63,13 @@ def grids_of(dcfg: Decide) -> decide.Grids:
     return decide.Grids(temperatures=tuple(sorted(temps)))
 
 
-SUMMARY_DDL = (f"strategy string, product_id long, scored boolean, image_count int, "
-               f"bad_image_count int, true_category_id long, true_l1 int, true_l2 int, "
-               f"true_l3 int, {columns.PACKED_DDL}, stats array<double>")
+# what a product's row is made of, its counts and truth typed as the table types them
+_KEPT = ("product_id", "image_count", "bad_image_count", *predictions.TRUTH)
+SUMMARY_DDL = ("strategy string, scored boolean, "
+               + ", ".join(f"{c} {predictions.SCORED_TYPES[c]}" for c in _KEPT)
+               + f", {columns.PACKED_DDL}, stats array<double>")
 SUMMARY_COLUMNS = [c.split()[0] for c in SUMMARY_DDL.split(", ")]
-_TRUTH_DTYPES = {"true_category_id": "Int64", "true_l1": "Int32", "true_l2": "Int32",
-                 "true_l3": "Int32"}
+_TRUTH_DTYPES = {c: predictions.PANDAS_DTYPES[c] for c in predictions.TRUTH}
 
 
 def evaluation_partitions(plans: Dict[str, ScoringPlan], grids: decide.Grids,

@@ -53,10 +53,8 @@ def at_temperatures(tax: Taxonomy, probs: np.ndarray, top_n: int,
                     temperatures: Sequence[float]) -> List[Columns]:
     """:func:`columns_of` at each temperature (the distribution as a rule fitted at that
     temperature sees it, :func:`hierarchy.infer.combine.apply_temperature`)."""
-    if not len(probs):
-        return [columns_of(tax, probs, top_n, True) for _ in temperatures]
-    return [columns_of(tax, combine.apply_temperature(probs, t), top_n, True)
-            for t in temperatures]
+    return [columns_of(tax, combine.apply_temperature(probs, t) if len(probs) else probs,
+                       top_n, True) for t in temperatures]
 
 
 def rows(tax: Taxonomy, cols: Columns, rule: Optional[decide.DecisionRule]) -> List[dict]:
@@ -95,10 +93,9 @@ def unpack(packed: Dict[str, Sequence], temperatures: int, t: int) -> Columns:
     """The :class:`Columns` at temperature index ``t`` of products packed by :func:`pack`."""
     def at(name: str, width: int, dtype) -> np.ndarray:
         flat = np.asarray([np.asarray(v, dtype=dtype) for v in packed[name]], dtype=dtype)
-        flat = flat.reshape(len(packed[name]), temperatures, width)[:, t, :]
-        return flat if width > 1 or name not in ("l1", "l1_p") else flat[:, 0]
+        return flat.reshape(len(packed[name]), temperatures, width)[:, t, :]
 
     n = len(packed["top_idx"][0]) // temperatures if len(packed["top_idx"]) else 0
     return Columns(top_idx=at("top_idx", n, np.int64), top_p=at("top_p", n, np.float64),
-                   l1=at("l1", 1, np.int64), l1_p=at("l1_p", 1, np.float64),
+                   l1=at("l1", 1, np.int64)[:, 0], l1_p=at("l1_p", 1, np.float64)[:, 0],
                    node=at("node", 3, np.int64), node_p=at("node_p", 3, np.float64))
