@@ -256,9 +256,10 @@ class KinshipCrossentropy(tf.keras.losses.Loss):
 
 @tf.keras.utils.register_keras_serializable(package="hierarchy")
 class BranchExperts(tf.keras.layers.Layer):
-    """features [B, D] -> leaf logits [B, n_l3]: every level-1 branch's :func:`expert_head`
-    (before its softmax) in one layer, so one trunk pass feeds all of them. Leaves keep the
-    taxonomy's order; a :class:`BranchSoftmax` after it makes each branch a distribution.
+    """features [B, D] -> leaf logits [B, n_l3]: every level-1 branch's expert head
+    (:func:`~hierarchy.train.heads.expert_head`, before its softmax) in one layer, so one
+    trunk pass feeds all of them. Leaves keep the taxonomy's order; a :class:`BranchSoftmax`
+    after it makes each branch a distribution.
     The residual MLPs run branch by branch: a [B, branches, leaves] product would not fit at
     5270 leaves."""
 

@@ -177,7 +177,7 @@ def fit_rules(rows, plans: Dict[str, ScoringPlan], dcfg: Decide, grids: decide.G
 
 
 def table_rows(summaries, plans: Dict[str, ScoringPlan], grids: decide.Grids):
-    """Val's scored product rows (:data:`SCORED_BY_STRATEGY_DDL`) from the summaries of
+    """Val's scored product rows (:data:`predictions.SCORED_BY_STRATEGY_DDL`) from the summaries of
     :func:`score_and_fit`, each under its strategy's fitted rule (``plans`` carry them)."""
     from pyspark.sql import functions as F
 
