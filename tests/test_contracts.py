@@ -11,6 +11,7 @@ import pytest
 from hierarchy.cli import main
 from hierarchy.contracts import modelstore, predictions, storage
 from hierarchy.contracts.dataset import KIND_SPLITS, SPLITS, Dataset, kind_of_split
+from hierarchy.contracts.manifest import KindStatus, Manifest, ManifestInvalid
 from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.contracts.taxonomy import Taxonomy
 
@@ -35,17 +36,99 @@ def test_dataset_layout_on_a_url_and_a_path():
 def test_manifest_commit_protocol(tmp_path):
     ds = Dataset(str(tmp_path / "ds"))
     manifest = ds.manifest()
-    assert manifest["kinds"] == {}
+    assert manifest.kinds == {}
     ds.begin_kind(manifest, "train", TAX)
     with pytest.raises(Exception, match="the train ingest is committing, not complete"):
         ds.require_complete(["train"])
     entry = {"status": "complete", "counts": {"per_split": {"train": {"images": 3}}}}
     ds.finish_kind(manifest, "train", entry, TAX)
     got = ds.require_complete(["train"])
-    assert got["splits"] == {"train": {"images": 3}}
-    assert got["taxonomy"]["fingerprint"] == TAX.fingerprint
+    assert got.splits_json() == {"train": {"images": 3}}
+    assert got.fingerprint == TAX.fingerprint and got.images("train") == 3
     ds.write_taxonomy(TAX)
     assert ds.taxonomy().fingerprint == TAX.fingerprint
+
+
+def _manifest_of_today() -> dict:
+    """A manifest as ingest writes one: train complete (every key its entry has), test
+    committing."""
+    per_split = {"train": {"products": 7, "images": 9, "images_per_l1": {"0": 4, "1": 5}},
+                 "val": {"products": 2, "images": 3, "images_per_l1": {"1": 3}}}
+    train = {"status": "complete",
+             "inputs": [{"url": "file:///d/train.bson", "size": 1234, "mtime": 1.5}],
+             "counts": {"documents": 10, "bad_documents": 1, "corrupt_regions": 0,
+                        "corrupt_bytes": 0, "input_bytes": 1234, "products": 9, "images": 12,
+                        "image_bytes": 999, "per_split": per_split,
+                        "quarantine": {"bad_jpeg": 1}},
+             "bad_fraction": 0.1, "config": {"val_fraction": 0.2, "split_mb": 64.0},
+             "timings": {"scan_s": 0.25, "total_s": 3.0}, "tasks": 2,
+             "parts": {"images/split=train": [["part-00000.parquet", 9, 4096]],
+                       "images/split=val": [["part-00000.parquet", 3, 2048]],
+                       "products/kind=train": [["part-00000.parquet", 9, 1024]]},
+             "finished": "2024-05-01T10:00:05+00:00"}
+    return {"format": "hierarchy-dataset/1",
+            "kinds": {"train": train,
+                      "test": {"status": "committing", "started": "2024-05-01T10:01:00+00:00"}},
+            "taxonomy": {"fingerprint": TAX.fingerprint, "level1": 2, "level2": 3,
+                         "level3": 3},
+            "splits": per_split, "updated": "2024-05-01T10:01:00+00:00"}
+
+
+def test_a_manifest_round_trips_through_its_record_and_is_read_typed(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    today = _manifest_of_today()
+    storage.write_json_atomic(ds.manifest_path, today)
+    manifest = ds.manifest()
+    assert manifest.to_json() == today
+    assert manifest.kind("train").status is KindStatus.COMPLETE and manifest.kind("x") is None
+    assert manifest.kind("test").status is KindStatus.COMMITTING
+    assert manifest.complete_kinds() == ["train"]
+    assert (manifest.fingerprint, manifest.n_l1) == (TAX.fingerprint, 2)
+    assert manifest.split("val").products == 2 and manifest.split("test").products == 0
+    assert manifest.images("train") == 9 and manifest.images("train", 1) == 5
+    assert manifest.images("val", 0) == 0 and manifest.splits_json() == today["splits"]
+    # rewritten through the record (test committing again): the train entry as it was
+    again = ds.begin_kind(manifest, "test", TAX)
+    written = json.loads(open(ds.manifest_path).read())
+    assert written == again.to_json() and written["kinds"]["train"] == today["kinds"]["train"]
+    assert {k: v for k, v in written.items() if k not in ("kinds", "updated")} == \
+        {k: v for k, v in today.items() if k not in ("kinds", "updated")}
+    # the empty manifest of a folder nothing was committed to
+    assert Dataset(str(tmp_path / "none")).manifest().to_json() == {
+        "format": "hierarchy-dataset/1", "kinds": {}}
+
+
+def test_keys_a_manifest_record_does_not_name_survive_a_rewrite(tmp_path):
+    ds = Dataset(str(tmp_path / "ds"))
+    today = _manifest_of_today()
+    today["note"] = {"by": "a newer version"}
+    today["kinds"]["train"]["checksum"] = "sha256:cc"
+    today["kinds"]["train"]["counts"]["per_split"]["val"]["pictures_mb"] = 1.5
+    storage.write_json_atomic(ds.manifest_path, today)
+    ds.begin_kind(ds.manifest(), "test", TAX)
+    written = json.loads(open(ds.manifest_path).read())
+    assert written["note"] == {"by": "a newer version"}
+    assert written["kinds"]["train"] == today["kinds"]["train"]
+    assert written["splits"]["val"]["pictures_mb"] == 1.5
+
+
+def test_a_kind_status_this_version_does_not_know_is_refused_in_one_line(tmp_path):
+    from hierarchy.contracts.errors import Refused
+
+    ds = Dataset(str(tmp_path / "ds"))
+    today = _manifest_of_today()
+    today["kinds"]["test"]["status"] = "failed"
+    storage.write_json_atomic(ds.manifest_path, today)
+    for read in (ds.manifest, lambda: ds.require_complete(["train"])):
+        with pytest.raises(ManifestInvalid) as got:
+            read()
+        message = str(got.value)
+        assert message.startswith(f"{ds.manifest_path}: kinds.test.status: 'failed' is not "
+                                  f"one of committing, complete — ")
+        assert "\n" not in message and isinstance(got.value, Refused)
+    storage.write_json_atomic(ds.manifest_path, [1])
+    with pytest.raises(ManifestInvalid, match="manifest.json: the file: "):
+        ds.manifest()
 
 
 def test_a_dataset_table_is_replaced_whole_or_not_at_all(tmp_path):
@@ -95,7 +178,7 @@ def test_model_store_layout_and_run_record(tmp_path):
     assert modelstore.train_command("branch/7") == "--level 3 --mode branch --branches 7"
     assert run.read() == {} and not run.exists()
     run.record(key="flat", config={"epochs": 1}, fingerprint="sha256:aa", data="d",
-               manifest={}, result={"metrics": {"val_accuracy": 0.5}})
+               manifest=Manifest(), result={"metrics": {"val_accuracy": 0.5}})
     assert run.recorded("flat")["metrics"] == {"val_accuracy": 0.5}
     with pytest.raises(modelstore.RunMismatch, match="use another --run-id"):
         run.check_taxonomy("sha256:bb")

@@ -124,7 +124,7 @@ def test_the_table_report_and_catalog(curated, spark):
     data, summary = curated["data"], curated["summary"]
     rows = curation_rows(data)
     manifest = Dataset(data).manifest()
-    assert len(rows) == sum(s["images"] for s in manifest["splits"].values())
+    assert len(rows) == sum(s.images for s in manifest.splits.values())
     assert len({(r["product_id"], r["img_idx"]) for r in rows}) == len(rows)
     r = next(r for r in rows if r["placeholder"])
     from importlib.metadata import version

@@ -168,9 +168,10 @@ def test_rerun_gives_the_same_rows_and_test_kind_adds_its_split(
     assert products["kind"].astype(str).value_counts().to_dict() == {"train": 82, "test": 82}
     assert products["category_id"][products.kind.astype(str) == "test"].isna().all()
     manifest = Dataset(str(out)).require_complete(["train", "test"])
-    assert manifest["splits"]["test"] == {"products": 82, "images": 110, "images_per_l1": {}}
-    train_split = manifest["splits"]["train"]
-    assert sum(train_split["images_per_l1"].values()) == train_split["images"]
+    assert manifest.split("test").to_json() == {"products": 82, "images": 110,
+                                                "images_per_l1": {}}
+    train_split = manifest.split("train")
+    assert sum(train_split.images_per_l1.values()) == train_split.images
 
 
 def test_a_different_taxonomy_is_refused(spark, cfg, real_bson, real_categories, tmp_path):
@@ -201,7 +202,7 @@ def test_interrupted_commit_is_not_mistaken_for_complete(spark, cfg, real_bson,
         Dataset(str(out)).require_complete(["train"])
     monkeypatch.undo()
     ingest(spark, cfg, [real_bson], real_categories, out)  # a re-run repairs it
-    assert Dataset(str(out)).require_complete(["train"])["splits"]["train"]["images"] > 0
+    assert Dataset(str(out)).require_complete(["train"]).images("train") > 0
     assert len(images(out, ["product_id"])) == 110
 
 

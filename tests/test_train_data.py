@@ -9,6 +9,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from hierarchy.contracts import model as cmodel  # noqa: E402
+from hierarchy.contracts.manifest import Manifest  # noqa: E402
 from hierarchy.train import augment as taug  # noqa: E402
 from hierarchy.train import data as tdata  # noqa: E402
 from hierarchy.train import pictures as tpic  # noqa: E402
@@ -58,8 +59,8 @@ def collect(data, split, **kwargs):
 
 # ------------------------------------------------------------------------------ pure
 def test_steps_per_epoch():
-    manifest = {"splits": {"train": {"images": 1000, "images_per_l1": {"0": 10, "3": 257}},
-                           "val": {"images": 0}}}
+    manifest = Manifest.parse({"splits": {"train": {"images": 1000, "images_per_l1": {
+        "0": 10, "3": 257}}, "val": {"images": 0}}}, "manifest.json")
     assert tdata.steps_per_epoch(manifest, "train", 32, 1) == 32       # ceil(1000 / 32)
     assert tdata.steps_per_epoch(manifest, "train", 32, 4) == 8        # ceil(1000 / 128)
     assert tdata.steps_per_epoch(manifest, "train", 100, 10) == 1
@@ -187,14 +188,14 @@ def test_one_pass_labels_match_parquet(dataset, label):
     data, manifest, _ = dataset
     expected = parquet_rows(data, "val")
     got = collect(data, "val", label=label)
-    assert len(got) == len(expected) == manifest["splits"]["val"]["images"]
+    assert len(got) == len(expected) == manifest.images("val")
     column = 0 if label == "l1" else 1
     assert got == {k: v[column] for k, v in expected.items()}
 
 
 def test_branch_reads_only_its_rows_with_local_labels(dataset):
     data, manifest, tax = dataset
-    per_l1 = manifest["splits"]["val"]["images_per_l1"]
+    per_l1 = manifest.split("val").images_per_l1
     branch = int(max(per_l1, key=per_l1.get))
     local = tax.local_of_l3()
     expected = {k: int(local[l3]) for k, (l1, l3) in parquet_rows(data, "val").items()
@@ -203,8 +204,8 @@ def test_branch_reads_only_its_rows_with_local_labels(dataset):
     assert got == expected and len(got) == per_l1[str(branch)]
     n_leaves = tdata.class_count(tax, "branch", branch)
     # training stream of another branch: only its rows, local labels in range
-    train_branch = int(max(manifest["splits"]["train"]["images_per_l1"],
-                           key=manifest["splits"]["train"]["images_per_l1"].get))
+    train_branch = int(max(manifest.split("train").images_per_l1,
+                           key=manifest.split("train").images_per_l1.get))
     n_leaves = tdata.class_count(tax, "branch", train_branch)
     with tdata.make_dataset(data, "train", tdata.InputOptions(
             label="branch", branch=train_branch, taxonomy=tax, image_size=SIZE, batch_size=8,
@@ -214,12 +215,12 @@ def test_branch_reads_only_its_rows_with_local_labels(dataset):
     # level-3 labels of a branch reader are leaves of that branch
     got_l3 = collect(data, "train", label="l3", branch=train_branch, taxonomy=tax)
     assert set(got_l3.values()) <= set(tax.branch(train_branch).tolist())
-    assert len(got_l3) == manifest["splits"]["train"]["images_per_l1"][str(train_branch)]
+    assert len(got_l3) == manifest.split("train").images_per_l1[str(train_branch)]
 
 
 def test_branch_without_rows(dataset):
     data, manifest, tax = dataset
-    present = {int(b) for b, n in manifest["splits"]["val"]["images_per_l1"].items() if n}
+    present = {int(b) for b, n in manifest.split("val").images_per_l1.items() if n}
     missing = sorted(set(range(tax.n_l1)) - present)
     if not missing:
         pytest.skip("every branch has validation images in this catalog")
@@ -443,7 +444,7 @@ def test_scaled_decode_keeps_the_training_augmentation(real_bson, size):
 
 
 def _smallest_train_branch(manifest):
-    per_l1 = manifest["splits"]["train"]["images_per_l1"]
+    per_l1 = manifest.split("train").images_per_l1
     branch = min((int(b) for b, n in per_l1.items() if n >= 2), key=lambda b: per_l1[str(b)])
     return branch, per_l1[str(branch)]
 
@@ -491,7 +492,7 @@ def test_a_cached_stream_serves_every_iterator(dataset):
     # Keras iterates a stream anew for each fit phase and each validation run, often stopping
     # before a whole pass: each new iterator must still get the whole stream
     data, manifest, _ = dataset
-    rows = manifest["splits"]["val"]["images"]
+    rows = manifest.images("val")
     with tdata.make_dataset(data, "val", tdata.InputOptions(
             label="l1", image_size=SIZE, batch_size=4, training=False, return_keys=True,
             cache_mb=256)) as ds:
@@ -507,7 +508,7 @@ def test_cached_stream_shards_like_the_endless_one(dataset):
     # a branch with fewer validation rows than workers: tf.data shards the stream; cached or
     # not, each worker gets the same rows in the same order (and none gets nothing)
     data, manifest, tax = dataset
-    per_l1 = manifest["splits"]["val"]["images_per_l1"]
+    per_l1 = manifest.split("val").images_per_l1
     branch = min((int(b) for b, n in per_l1.items() if n), key=lambda b: per_l1[str(b)])
     world = per_l1[str(branch)] + 2
 
@@ -527,7 +528,7 @@ def test_cached_training_passes_change_row_group_order(dataset):
     # the endless reader gives each pass its own row-group order; the cached stream must too
     # (the row shuffle is off here, so only the row-group order can change)
     data, manifest, _ = dataset
-    rows = manifest["splits"]["train"]["images"]
+    rows = manifest.images("train")
     assert len(tshards.split_row_groups(data, "train")) > 2
     with tdata.make_dataset(data, "train", tdata.InputOptions(
             label="l1", image_size=SIZE, batch_size=1, training=True, augment=False,

@@ -17,7 +17,8 @@
 An ingest *kind* (the dump it came from) holds one or more *splits*: a train dump becomes the
 train and val splits, a test dump the test split. A kind is marked ``committing`` in the
 manifest before its partitions are swapped in and ``complete`` after, so an interrupted commit
-is never mistaken for a finished dataset (:meth:`Dataset.require_complete`).
+is never mistaken for a finished dataset (:meth:`Dataset.require_complete`). Stages read the
+manifest as a record (:class:`hierarchy.contracts.manifest.Manifest`), never as a dict.
 
 Every path goes through :mod:`hierarchy.contracts.storage`, so a dataset on HDFS or S3 is the
 same code.
@@ -34,6 +35,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from hierarchy.contracts import storage
 from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.manifest import FORMAT, KindEntry, Manifest
 from hierarchy.contracts.schema import images_key, part_row_groups, read_row_groups, write_metadata
 from hierarchy.contracts.taxonomy import Taxonomy
 
@@ -41,7 +43,6 @@ TRAIN, VAL, TEST = "train", "val", "test"
 SPLITS = (TRAIN, VAL, TEST)           # a split's code in an ingest plan is its index here
 KINDS = ("train", "test")
 KIND_SPLITS: Dict[str, Tuple[str, ...]] = {"train": (TRAIN, VAL), "test": (TEST,)}
-FORMAT = "hierarchy-dataset/1"
 MANIFEST_FILE = "manifest.json"
 TAXONOMY_FILE = "taxonomy.json"
 LOCK_FILE = "_ingest.lock"
@@ -126,24 +127,28 @@ class Dataset:
         storage.write_text_atomic(self.taxonomy_path, taxonomy.to_json())
 
     # ---------------------------------------------------------------- manifest
-    def manifest(self) -> dict:
+    def manifest(self) -> Manifest:
         """The manifest, or an empty one for a folder nothing was committed to."""
         if storage.exists(self.manifest_path):
-            return storage.read_json(self.manifest_path)
-        return {"format": FORMAT, "kinds": {}}
+            return Manifest.parse(storage.read_json(self.manifest_path), self.manifest_path)
+        return Manifest(format=FORMAT, kinds={})
 
-    def require_complete(self, kinds: Iterable[str]) -> dict:
+    def require_complete(self, kinds: Iterable[str]) -> Manifest:
         """The manifest when every kind asked for was committed; else a clear refusal."""
         if not storage.exists(self.manifest_path):
             raise DatasetNotReady(f"{self.root}: no {MANIFEST_FILE} — run `hierarchy ingest` "
                                   "first")
-        manifest = storage.read_json(self.manifest_path)
+        manifest = self.manifest()
         for kind in kinds:
-            status = manifest.get("kinds", {}).get(kind, {}).get("status")
-            if status != "complete":
+            entry = manifest.kind(kind)
+            if entry is None or not entry.complete:
+                status = entry.status.value if entry else "missing"
                 raise DatasetNotReady(
-                    f"{self.root}: the {kind} ingest is {status or 'missing'}, not complete — "
+                    f"{self.root}: the {kind} ingest is {status}, not complete — "
                     f"re-run `hierarchy ingest --kind {kind}` into this folder")
+            if manifest.taxonomy is None:
+                raise DatasetDamaged(f"{self.manifest_path}: no taxonomy recorded — re-run "
+                                     f"`hierarchy ingest --kind {kind}` into this folder")
             self.verify(manifest, kind)
         return manifest
 
@@ -158,21 +163,21 @@ class Dataset:
                          for name, loc in _parquet_parts(self.path(folder)).items()]
                 for folder in self.folders(kind)}
 
-    def verify(self, manifest: dict, kind: str) -> None:
+    def verify(self, manifest: Manifest, kind: str) -> None:
         """Every part of ``kind`` the manifest lists is there, whole (its size, and the rows
         its footer declares), and no other part sits beside them: a damaged dataset is one
         line naming the file and the repair, before any work. A dataset committed before
         parts were recorded is held to its counts instead (each folder's rows)."""
-        entry = manifest["kinds"][kind]
-        stamp = (self.root, kind, entry.get("finished"))
+        entry = manifest.kinds[kind]
+        stamp = (self.root, kind, entry.finished)
         if stamp in _VERIFIED:
             return
         repair = f"re-run `hierarchy ingest --kind {kind}` into {self.root}"
-        if entry.get("parts") is None:
+        if entry.parts is None:
             self._verify_counts(entry, kind, repair)
             _VERIFIED.add(stamp)
             return
-        for folder, parts in entry["parts"].items():
+        for folder, parts in entry.parts.items():
             found = _parquet_parts(self.path(folder))
             for name, rows, size in parts:
                 loc = found.pop(name, None)
@@ -187,13 +192,13 @@ class Dataset:
                                      f"after the commit?) — remove it or {repair}")
         _VERIFIED.add(stamp)
 
-    def _verify_counts(self, entry: dict, kind: str, repair: str) -> None:
-        """Each folder's rows (read from the parts' footers) against the kind's counts: a
-        deleted or added part changes them, a damaged one has no readable footer."""
-        counts = entry.get("counts") or {}
-        want = {f"images/split={s}": c.get("images")
-                for s, c in (counts.get("per_split") or {}).items()}
-        want[f"products/kind={kind}"] = counts.get("products")
+    def _verify_counts(self, entry: KindEntry, kind: str, repair: str) -> None:
+        """Each folder's rows (read from the parts' footers) against the kind's counts (a
+        count the manifest does not hold is not checked): a deleted or added part changes
+        them, a damaged one has no readable footer."""
+        counts = entry.counts
+        want = {f"images/split={s}": c.recorded("images") for s, c in counts.per_split.items()}
+        want[f"products/kind={kind}"] = counts.recorded("products")
         for folder in self.folders(kind):
             if want.get(folder) is None:
                 continue
@@ -261,26 +266,20 @@ class Dataset:
         known.update(part_row_groups(self.images(), unknown))
         return {k: known[k] for k in present}
 
-    def begin_kind(self, manifest: dict, kind: str, taxonomy: Taxonomy) -> None:
-        manifest["kinds"][kind] = {"status": "committing", "started": _now()}
-        self._write_manifest(manifest, taxonomy)
+    def begin_kind(self, manifest: Manifest, kind: str, taxonomy: Taxonomy) -> Manifest:
+        """``kind`` marked ``committing`` in the manifest file; returns what was written."""
+        return self._write_manifest(manifest.begun(kind, _now(), taxonomy))
 
-    def finish_kind(self, manifest: dict, kind: str, entry: dict, taxonomy: Taxonomy) -> None:
-        manifest["kinds"][kind] = {**entry, "parts": self.parts(kind), "finished": _now()}
-        self._write_manifest(manifest, taxonomy)
+    def finish_kind(self, manifest: Manifest, kind: str, entry: dict,
+                    taxonomy: Taxonomy) -> Manifest:
+        """``kind``'s entry (``complete``, with its committed parts) in the manifest file;
+        returns what was written."""
+        return self._write_manifest(manifest.finished(kind, entry, self.parts(kind), _now(),
+                                                      taxonomy))
 
-    def _write_manifest(self, manifest: dict, taxonomy: Taxonomy) -> None:
-        manifest["format"] = FORMAT
-        manifest["taxonomy"] = {"fingerprint": taxonomy.fingerprint,
-                                "level1": taxonomy.n_l1, "level2": taxonomy.n_l2,
-                                "level3": taxonomy.n_l3}
-        splits: dict = {}
-        for entry in manifest["kinds"].values():
-            if entry.get("status") == "complete":
-                splits.update(entry["counts"]["per_split"])
-        manifest["splits"] = dict(sorted(splits.items()))
-        manifest["updated"] = _now()
-        storage.write_json_atomic(self.manifest_path, manifest)
+    def _write_manifest(self, manifest: Manifest) -> Manifest:
+        storage.write_json_atomic(self.manifest_path, manifest.to_json())
+        return manifest
 
 
 @dataclass
@@ -295,7 +294,7 @@ class StagedKind:
     dataset: Dataset
     kind: str
     staging: Dataset
-    _manifest: Optional[dict] = None
+    _manifest: Optional[Manifest] = None
     _taxonomy: Optional[Taxonomy] = None
 
     def commit(self, taxonomy: Taxonomy, row_groups: Dict[str, int]) -> float:
@@ -303,8 +302,8 @@ class StagedKind:
         ``images/_common_metadata`` (from ``row_groups``, the writers' counts per part) and
         the taxonomy written, the staging folder removed. Returns the metadata's seconds."""
         ds, kind = self.dataset, self.kind
-        self._manifest, self._taxonomy = ds.manifest(), taxonomy
-        ds.begin_kind(self._manifest, kind, taxonomy)
+        self._manifest = ds.begin_kind(ds.manifest(), kind, taxonomy)
+        self._taxonomy = taxonomy
         for split in KIND_SPLITS[kind]:
             storage.replace(self.staging.images(split), ds.images(split))
         storage.replace(self.staging.products(kind), ds.products(kind))
@@ -340,11 +339,3 @@ def _part_problem(loc: str, rows: int, size: int) -> Optional[str]:
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         return f"not a readable Parquet file ({exc})"
     return None if got == rows else f"{got} rows, {MANIFEST_FILE} says {rows}"
-
-
-def images_in(manifest: dict, split: str, branch: Optional[int] = None) -> int:
-    """Pictures of a split (or of one level-1 branch in it) by the manifest's counts."""
-    counts = manifest.get("splits", {}).get(split, {})
-    if branch is None:
-        return int(counts.get("images", 0))
-    return int(counts.get("images_per_l1", {}).get(str(int(branch)), 0))

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional
 
 from hierarchy.contracts import storage
 from hierarchy.contracts.errors import Refused, UsageError
+from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.taxonomy import Taxonomy
 
 LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
@@ -192,7 +193,7 @@ class Run:
                 f"{self.run_file}: run {self.run_id} was trained on taxonomy {got[:19]}, this "
                 f"dataset has {fingerprint[:19]}; use another --run-id")
 
-    def record(self, *, key: str, config: dict, fingerprint: str, data: str, manifest: dict,
+    def record(self, *, key: str, config: dict, fingerprint: str, data: str, manifest: Manifest,
                result: dict) -> dict:
         """Merge one trained model into run.json (level-1 and level-3 models share a run)."""
         self.check_taxonomy(fingerprint)
@@ -201,8 +202,8 @@ class Run:
             "run_id": self.run_id,
             "taxonomy_fingerprint": fingerprint,
             "dataset": {"path": data if storage.is_remote(data) else storage.local_path(data),
-                        "manifest_updated": manifest.get("updated"),
-                        "splits": manifest.get("splits")},
+                        "manifest_updated": manifest.updated,
+                        "splits": manifest.splits_json()},
             "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         })
         run.setdefault("models", {})[key] = result

@@ -240,12 +240,12 @@ def check_curate(cfg, data: str) -> dict:
                          f"the distance must agree on at least one block")
     storage.require_dir(data, "--data")
     manifest = Dataset(data).manifest()
-    done = [k for k, e in manifest.get("kinds", {}).items() if e.get("status") == "complete"]
+    done = manifest.complete_kinds()
     if not done:
         raise DatasetNotReady(f"{data}: no committed ingest — run `hierarchy ingest` first")
     for kind in done:
         Dataset(data).verify(manifest, kind)
-    return {s: int(c.get("images", 0)) for s, c in manifest.get("splits", {}).items()}
+    return {s: c.images for s, c in manifest.splits.items()}
 
 
 def run_curate(spark, cfg, data: str) -> dict:

@@ -19,7 +19,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from hierarchy.contracts.dataset import VAL, images_in
+from hierarchy.contracts.dataset import VAL
+from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.settings import Calibrate
 from hierarchy.infer import combine
 from hierarchy.infer.modelset import IDENTITY, ModelSet
@@ -65,7 +66,7 @@ def calibration_partitions(plan: ScoringPlan, grid: np.ndarray):
     return run
 
 
-def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None,
+def fit(spark, cfg, data: str, manifest: Manifest, plan: ScoringPlan, where=None,
         grouped=None) -> dict:
     """The fitted calibration, as run.json records it. ``where``: a Spark column keeping the
     val products it may fit on (evaluate keeps the decisions' calibration part out);
@@ -79,8 +80,8 @@ def fit(spark, cfg, data: str, manifest: dict, plan: ScoringPlan, where=None,
     images = grouped if grouped is not None else read_images(spark, data, VAL)
     if where is not None:
         images = images.where(where)
-    total = images_in(manifest, VAL)
-    val_products = (manifest.get("splits", {}).get(VAL, {}) or {}).get("products") or total
+    total = manifest.images(VAL)
+    val_products = manifest.split(VAL).products or total
     share = min(1.0, ccfg.max_products / max(1, val_products))
     if share < 1.0:
         # a fixed hash sample of products (all of a product's pictures, or none)

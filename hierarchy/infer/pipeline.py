@@ -20,6 +20,7 @@ from typing import Dict, Optional, Sequence
 from hierarchy.contracts import predictions, storage
 from hierarchy.contracts.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
 from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.settings import Decide
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import decide, tables
@@ -191,7 +192,7 @@ def apply_duplicates(rows, answers):
 # ----------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class CheckedPredict:
-    manifest: dict
+    manifest: Manifest
     taxonomy: Taxonomy
     modelset: ModelSet
 
@@ -215,7 +216,7 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
     dataset = Dataset(data)
     manifest = dataset.require_complete([kind_of_split(split)])
     taxonomy = dataset.taxonomy()
-    if manifest["taxonomy"]["fingerprint"] != taxonomy.fingerprint:
+    if manifest.fingerprint != taxonomy.fingerprint:
         raise PredictError(f"{data}: taxonomy.json does not match manifest.json")
     return CheckedPredict(manifest, taxonomy, load_modelset(models, run_id, strategy, taxonomy))
 

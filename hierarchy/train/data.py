@@ -46,8 +46,9 @@ import numpy as np
 import tensorflow as tf
 
 import hierarchy.petastorm_fix  # noqa: F401 - one-pass readers could end with no rows
-from hierarchy.contracts.dataset import Dataset, images_in
+from hierarchy.contracts.dataset import Dataset
 from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.model import scale_01
 from hierarchy.contracts.settings import Train
 from hierarchy.contracts.taxonomy import Taxonomy
@@ -80,7 +81,7 @@ def class_count(taxonomy: Taxonomy, label: str, branch: Optional[int] = None) ->
     raise ValueError(f"unknown label {label!r}: expected one of {', '.join(LABELS)}")
 
 
-def steps_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int,
+def steps_per_epoch(manifest: Manifest, split: str, batch_size: int, world_size: int,
                     branch: Optional[int] = None, left_out: int = 0) -> int:
     """ceil(images / global batch), at least 1; the same for every worker.
 
@@ -89,7 +90,7 @@ def steps_per_epoch(manifest: dict, split: str, batch_size: int, world_size: int
     excludes."""
     if batch_size < 1 or world_size < 1:
         raise ValueError(f"batch_size {batch_size} and world_size {world_size} must be >= 1")
-    images = max(0, images_in(manifest, split, branch) - left_out)
+    images = max(0, manifest.images(split, branch) - left_out)
     return max(1, math.ceil(images / (batch_size * world_size)))
 
 

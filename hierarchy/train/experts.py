@@ -34,7 +34,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from hierarchy.contracts import modelstore, storage
-from hierarchy.contracts.dataset import VAL, Dataset, images_in
+from hierarchy.contracts.dataset import VAL, Dataset
+from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.settings import Train, Tune
 from hierarchy.train.spec import TrainSpec
 
@@ -218,7 +219,7 @@ def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: Tr
             "val_accuracy_initial": before.get("accuracy"), "val_accuracy": after.get("accuracy")}
 
 
-def _extract_features(spec: TrainSpec, manifest: dict, taxonomy, trunk, root: str,
+def _extract_features(spec: TrainSpec, manifest: Manifest, taxonomy, trunk, root: str,
                       rank: int, size: int) -> dict:
     """This worker's share of the trunk's features of train and val, written under ``root``
     (curated pictures left out); pictures extracted per split."""
@@ -231,7 +232,7 @@ def _extract_features(spec: TrainSpec, manifest: dict, taxonomy, trunk, root: st
     exclusion = Exclusion(spec.data, tcfg.exclude)
     preprocess = cmodel.preprocess_for(tcfg.backbone)
     for split in ("train", VAL):
-        if not images_in(manifest, split):
+        if not manifest.images(split):
             continue
         with tdata.make_dataset(spec.data, split, tdata.InputOptions(
                 label="l3", image_size=tcfg.image_size, batch_size=tcfg.batch_size,

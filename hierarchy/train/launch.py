@@ -14,8 +14,9 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from hierarchy.contracts import modelstore, storage
-from hierarchy.contracts.dataset import TRAIN, Dataset, images_in
+from hierarchy.contracts.dataset import TRAIN, Dataset
 from hierarchy.contracts.errors import Refused, UsageError
+from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.train.spec import TrainSpec
 
@@ -27,7 +28,7 @@ class TrainError(Refused, RuntimeError):
 
 
 def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
-                   branches: Optional[Sequence[int]], run_id: Optional[str] = None) -> dict:
+                   branches: Optional[Sequence[int]], run_id: Optional[str] = None) -> Manifest:
     """What can be refused before Spark or Horovod start: the arguments, the folders, a
     dataset that is not complete or has nothing to train on, a run of another taxonomy.
     Returns the manifest."""
@@ -37,16 +38,16 @@ def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
     storage.require_writable_dir(models, "--models")
     manifest = Dataset(data).require_complete(["train"])
     if level == 3 and mode == "branch" and branches:
-        n_l1 = manifest["taxonomy"]["level1"]
+        n_l1 = manifest.n_l1
         bad = [b for b in branches if not 0 <= b < n_l1]
         if bad:
             raise UsageError(f"--branches {','.join(map(str, bad))}: level-1 ids run from 0 "
                              f"to {n_l1 - 1}")
-    if not images_in(manifest, TRAIN):
+    if not manifest.images(TRAIN):
         raise TrainError(f"{data}: the train split has no images to train on (see its "
                          f"manifest.json and quarantine/)")
     if run_id is not None:
-        ModelStore(models).run(run_id).check_taxonomy(manifest["taxonomy"]["fingerprint"])
+        ModelStore(models).run(run_id).check_taxonomy(manifest.fingerprint)
     if level == 3 and mode in modelstore.HEADS:
         head_source(cfg, models, run_id, mode)
     return manifest
@@ -80,7 +81,7 @@ def _under_horovodrun() -> bool:
 
 
 def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[str],
-         branches: Optional[Sequence[int]], manifest: dict
+         branches: Optional[Sequence[int]], manifest: Manifest
          ) -> Tuple[List[TrainSpec], Dict[int, dict]]:
     """(specs to train, branches recorded without a model)."""
     taxonomy = Dataset(data).taxonomy()
@@ -120,7 +121,7 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
             # one leaf: P(l3 | l1) = 1, nothing to learn
             skipped[b] = {"status": "single leaf", "category_id": taxonomy.category_of_l3(
                 int(leaves[0])) if len(leaves) else None}
-        elif not images_in(manifest, TRAIN, b):
+        elif not manifest.images(TRAIN, b):
             skipped[b] = {"status": "no training images"}
         else:
             specs.append(spec(modelstore.model_key(3, "branch", b), "branch", branch=b,
@@ -152,13 +153,13 @@ def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
 def run_training(cfg, data: str, models: str, run_id: str, level: int,
                  mode: Optional[str] = None, branches: Optional[Sequence[int]] = None,
                  np_: Optional[int] = None, spark_factory=None,
-                 manifest: Optional[dict] = None) -> dict:
+                 manifest: Optional[Manifest] = None) -> dict:
     """Train every model of the call; returns {model key: rank-0 result}. ``manifest``:
     what :func:`check_training` already returned for these arguments."""
     manifest = manifest or check_training(cfg, data, models, level, mode, branches, run_id)
     np_ = np_ or cfg.train.np
     specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest)
-    fingerprint = manifest["taxonomy"]["fingerprint"]
+    fingerprint = manifest.fingerprint
     run = ModelStore(models).run(run_id)
     if int(os.environ.get("HOROVOD_RANK", "0")) == 0:
         run.save_taxonomy(Dataset(data).taxonomy())

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hierarchy.contracts import storage
-from hierarchy.contracts.dataset import VAL, Dataset, images_in
+from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.settings import Train
 from hierarchy.train.spec import TrainSpec
 
@@ -81,7 +81,7 @@ def _training_data(w: _Worker) -> _Data:
                                   left_out=exclusion.count("train", branch))
     val_steps = tdata.steps_per_epoch(manifest, "val", tcfg.batch_size, w.size, branch,
                                       left_out=exclusion.count("val", branch))
-    has_val = images_in(manifest, VAL, branch) - exclusion.count("val", branch) > 0
+    has_val = manifest.images(VAL, branch) - exclusion.count("val", branch) > 0
     if exclusion.active and w.rank == 0:
         log.info("%s: curation leaves out %s pictures (train.exclude=%s, reviews, val leakage); "
                  "%d relabelled", spec.key, exclusion.summary()["left_out"], list(tcfg.exclude),
