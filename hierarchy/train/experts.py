@@ -4,8 +4,9 @@
    multi-level model, else its flat model; refit: the flat model; fusion:
    ``train.fusion_source``) over its shard of train and val — the validation input, no
    augmentation — and writes the features beside the model, partitioned by split and
-   level-1 branch (``<key>/features/split=train/l1=7/part-<rank>-*.parquet``). One forward
-   pass over the data, whatever the number of branches.
+   level-1 branch (``<key>/features/split=train/l1=7/part-<rank>-*.parquet``; the layout and
+   its readers: :mod:`hierarchy.train.features`). One forward pass over the data, whatever
+   the number of branches.
 2. **experts: one head per branch** (branch ``b`` on worker ``b mod workers``), reading only
    its own ``l1=b`` folder: the source's rows for the branch's leaves plus a residual MLP
    that starts at zero (:func:`hierarchy.train.heads.expert_head`), so before training the
@@ -16,10 +17,10 @@
    control for what the hierarchy adds). **fusion** trains a head on whole products
    (:mod:`hierarchy.train.fusion`).
 3. **One model.** Rank 0 copies the heads into :class:`~hierarchy.contracts.model.BranchExperts`
-   on the source's trunk (:func:`~hierarchy.train.models.build_experts_model`: the source's
+   on the source's trunk (:func:`~hierarchy.train.heads.build_experts_model`: the source's
    heads too, what the ``hierarchical`` strategy reads from one trunk pass;
-   :func:`~hierarchy.train.models.build_refit_model`; or
-   :func:`~hierarchy.train.models.build_fusion_model`) and publishes ``<key>/model.h5``.
+   :func:`~hierarchy.train.heads.build_refit_model`; or
+   :func:`~hierarchy.train.heads.build_fusion_model`) and publishes ``<key>/model.h5``.
 
 Compute: one forward pass over train (and val) images, counted as one image-epoch of train by
 bench/quality.py, plus head epochs over D-float feature rows, which cost no image-epochs.
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -37,22 +38,23 @@ from hierarchy.contracts import modelstore, storage
 from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.settings import Train, Tune
+from hierarchy.train.features import (
+    Select,
+    branch_folder,
+    branch_rows,
+    features_dir,
+    group_batches,
+    group_row_groups,
+)
+
+# re-exported (the alias says so): tests reach the features' listing through experts
+from hierarchy.train.features import branch_row_groups as branch_row_groups
+from hierarchy.train.features import feature_files as feature_files
+from hierarchy.train.fusion import train_fusion_head
 from hierarchy.train.spec import TrainSpec
 
-Select = Callable[[np.ndarray], np.ndarray]  # product ids -> which rows to keep
-
-FEATURES = "features"
 HEADS = "heads"
 ROWS_PER_FILE = 8192
-
-
-def features_dir(spec: TrainSpec) -> str:
-    return storage.local_path(storage.join(spec.run.model_dir(spec.key), FEATURES))
-
-
-def branch_folder(root: str, split: str, branch: int) -> str:
-    """Where a branch's feature rows of a split live: the only folder its head reads."""
-    return os.path.join(root, f"split={split}", f"l1={int(branch)}")
 
 
 def _write_features(path_root: str, split: str, rank: int, trunk, ds, l1_of_l3) -> int:
@@ -94,66 +96,6 @@ def _write_features(path_root: str, split: str, rank: int, trunk, ds, l1_of_l3) 
     return rows
 
 
-def _branch_files(root: str, split: str, branch: int) -> List[str]:
-    """A branch's feature files of a split: listed from its own folder only."""
-    folder = branch_folder(root, split, branch)
-    if not os.path.isdir(folder):
-        return []
-    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith(".parquet")]
-
-
-def feature_files(root: str, split: str) -> List[str]:
-    """Every feature file of a split, all branches (what a head over every leaf reads)."""
-    folder = os.path.join(root, f"split={split}")
-    if not os.path.isdir(folder):
-        return []
-    return [path for name in sorted(os.listdir(folder)) if name.startswith("l1=")
-            for path in _branch_files(root, split, int(name[3:]))]
-
-
-def branch_row_groups(root: str, split: str, branch: int) -> List[Tuple[str, int]]:
-    """(file, row group) of a branch's feature rows: listed from its own folder only."""
-    import pyarrow.parquet as pq
-
-    return [(path, i) for path in _branch_files(root, split, branch)
-            for i in range(pq.ParquetFile(path).metadata.num_row_groups)]
-
-
-def branch_rows(root: str, split: str, branch: int) -> int:
-    """Feature rows of a branch in a split, from the Parquet footers."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(path).metadata.num_rows
-               for path in _branch_files(root, split, branch))
-
-
-def group_batches(root: str, split: str, branches, local_of_l3: np.ndarray,
-                  seed: Optional[int] = None, select: Optional[Select] = None
-                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """(features float32 [n, D], expert-local labels [n]) per row group of the level-1
-    ``branches``, in a random order when ``seed`` is given; with ``select`` (product ids ->
-    bool), only the rows of the products it keeps. Only their own folders are opened."""
-    import pyarrow.parquet as pq
-
-    groups = group_row_groups(root, split, branches)
-    if seed is not None:
-        np.random.default_rng(seed).shuffle(groups)
-    files = {}  # each file's footer is read once per pass, whatever the order of its groups
-    for path, i in groups:
-        if path not in files:
-            files[path] = pq.ParquetFile(path)
-        columns = ["l3", "features"] + (["product_id"] if select is not None else [])
-        t = files[path].read_row_group(i, columns=columns)
-        col = t.column("features").combine_chunks()
-        d = col.type.list_size
-        feats = col.values.to_numpy(zero_copy_only=False).reshape(-1, d)
-        labels = local_of_l3[t.column("l3").to_numpy()]
-        if select is not None:
-            keep = select(t.column("product_id").to_numpy())
-            feats, labels = feats[keep], labels[keep]
-        yield feats, labels
-
-
 def _dataset(root, split, branches, local, dim, batch, seed_of_epoch, shuffle_buffer,
              select=None):
     import tensorflow as tf
@@ -168,10 +110,6 @@ def _dataset(root, split, branches, local, dim, batch, seed_of_epoch, shuffle_bu
     if seed_of_epoch is not None:
         ds = ds.shuffle(shuffle_buffer)
     return ds.batch(batch).prefetch(2)
-
-
-def group_row_groups(root: str, split: str, branches) -> List[Tuple[str, int]]:
-    return [rg for b in branches for rg in branch_row_groups(root, split, b)]
 
 
 def train_group(root: str, members: np.ndarray, branches, kernel, bias, tcfg: Train,
@@ -266,8 +204,6 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
 def _fusion(spec: TrainSpec, source, taxonomy, root: str, kernel, bias, tcfg: Train,
             tuning: Optional[dict]) -> dict:
     """The fusion head trained over the cached features, assembled and tracked."""
-    from hierarchy.train.fusion import train_fusion_head
-
     trained = train_fusion_head(root, kernel, bias, tcfg, tcfg.seed * 7919)
     done = _assemble_fusion(spec, source, taxonomy, trained, tcfg, tuning)
     _track(spec, done["metrics"], tuning)
@@ -287,8 +223,9 @@ def _source(path: str, groups: str):
     return source, kernel, bias
 
 
-def train_experts(spec: TrainSpec) -> dict:
-    """The ``experts`` model of ``spec.run`` (see the module notes); a result per worker."""
+def train_head(spec: TrainSpec) -> dict:
+    """The head model ``spec.key`` of ``spec.run`` (experts, refit or fusion: see the module
+    notes); a result per worker."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
     import horovod.tensorflow.keras as hvd
     import tensorflow as tf
@@ -358,8 +295,6 @@ def tune(key: str, root: str, kernel, bias, taxonomy, tcfg: Train, space: Tune) 
     seed = tcfg.seed * 7919
 
     if key == modelstore.FUSION:
-        from hierarchy.train.fusion import train_fusion_head
-
         def score(cfg: Train):
             return train_fusion_head(root, kernel, bias, cfg, seed, fit_select=fit,
                                      check=("train", held))["val_product_accuracy"]
@@ -392,7 +327,7 @@ def _track(spec: TrainSpec, metrics: dict, tuning: Optional[dict]) -> None:
 
 def groups_of(key: str) -> str:
     """The experts' groups of a head model: one per level-1 branch for ``experts``, one over
-    every leaf for ``refit`` and ``fusion`` (:func:`hierarchy.train.models.expert_groups`)."""
+    every leaf for ``refit`` and ``fusion`` (:func:`hierarchy.train.heads.expert_groups`)."""
     return "branch" if key == modelstore.EXPERTS else "all"
 
 

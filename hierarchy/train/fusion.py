@@ -2,19 +2,21 @@
 
 A product has one to four pictures (more in the wild), and the geometric mean of their
 distributions lets a packaging shot or a box's back count as much as the front. Over the
-trunk features ``--mode experts`` caches (one forward pass of the source model, counted as one
-image-epoch), a :func:`~hierarchy.train.models.fusion_view_head` gives each picture a leaf
-distribution (the source's level-3 rows plus a residual MLP) and a score; a product's answer
-is the softmax of its pictures' log-probabilities averaged with weights ``softmax(score)``
-(attention pooling whose weights depend on each picture alone, Ilse et al. 2018). It is
-trained on product labels: the rows of a product in a feature file are gathered, at most
-``train.fusion_max_views`` of them (a random subset of more), padded and masked.
+cached trunk features (:mod:`hierarchy.train.features`: one forward pass of the source model,
+counted as one image-epoch), a :func:`~hierarchy.train.heads.fusion_view_head` gives each
+picture a leaf distribution (the source's level-3 rows plus a residual MLP) and a score; a
+product's answer is the softmax of its pictures' log-probabilities averaged with weights
+``softmax(score)`` (attention pooling whose weights depend on each picture alone, Ilse et al.
+2018). It is trained on product labels: the rows of a product in a feature file are
+gathered, at most ``train.fusion_max_views`` of them (a random subset of more), padded and
+masked.
 
 Scoring stays per picture: the published model outputs ``probs`` and ``view_score`` for each
-picture and predict's product accumulator weighs them (:class:`ProductAccumulator`), so any
-number of pictures is answered (nine as well as one) and a product's answer does not depend on
-how its pictures were batched. Before training (zero residual, zero scores) the head *is*
-the source with predict's geometric mean.
+picture and predict's product accumulator weighs them
+(:class:`~hierarchy.infer.combine.ProductAccumulator`), so any number of pictures is answered
+(nine as well as one) and a product's answer does not depend on how its pictures were batched.
+Before training (zero residual, zero scores) the head *is* the source with predict's geometric
+mean.
 
 A product's pictures are gathered within a feature file (one worker's batch of up to
 ``ROWS_PER_FILE`` rows, per branch), so nothing is loaded whole: the few products a file
@@ -32,7 +34,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 
 from hierarchy.contracts.settings import Train
-from hierarchy.train.experts import Select, feature_files
+from hierarchy.train.features import Select, feature_files
 
 
 def product_arrays(path: str, max_views: Optional[int], rng: Optional[np.random.Generator],
@@ -108,7 +110,7 @@ def train_fusion_head(root: str, kernel, bias, tcfg: Train, seed: int,
                       fit_select: Optional[Select] = None,
                       check: Tuple[str, Optional[Select]] = ("val", None)) -> dict:
     """Train the fusion head over the cached features under ``root``; returns the trained
-    :func:`~hierarchy.train.models.fusion_view_head` and its figures on ``check``'s products
+    :func:`~hierarchy.train.heads.fusion_view_head` and its figures on ``check``'s products
     (val whole by default; the initial head's are the source's with predict's geometric
     mean). ``fit_select`` keeps some train products only (tuning trains beside a
     hold-out)."""

@@ -18,7 +18,7 @@ from hierarchy.contracts.dataset import TRAIN, Dataset
 from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.modelstore import ModelStore
-from hierarchy.train.spec import TrainSpec
+from hierarchy.train.spec import HEAD, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[st
         if mode == modelstore.EXPERTS and cfg.tune.trials:
             log.warning("tune.trials applies to --mode refit and fusion: the experts train "
                         "with train.expert_* as configured")
-        return [spec(mode, "experts", init_from=head_source(cfg, models, run_id, mode),
+        return [spec(mode, HEAD, init_from=head_source(cfg, models, run_id, mode),
                      tune=tune)], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]

@@ -18,7 +18,7 @@ from typing import Any
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.settings import Train
-from hierarchy.train.spec import TrainSpec
+from hierarchy.train.spec import HEAD, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +205,10 @@ def _fit(w: _Worker, model, data: _Data, state: dict, initial_epoch: int, histor
 
 def train_model(spec: TrainSpec) -> dict:
     """Train (or resume) the model described by ``spec``; returns a summary per worker."""
-    if spec.label == "experts":
-        from hierarchy.train.experts import train_experts
+    if spec.label == HEAD:
+        from hierarchy.train.experts import train_head
 
-        return train_experts(spec)
+        return train_head(spec)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from hierarchy.train import gpu as tgpu

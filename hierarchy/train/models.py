@@ -284,7 +284,7 @@ def build_multi_model(backbone: str, taxonomy, image_size: int,
     """One backbone, three heads (levels 1, 2 and 3) and the level-3 distribution summed into
     levels 1 and 2: coarse classes learnt from a fine model's sums are better than a coarse
     model's own (Chen et al. 2019), and the heads give the shared features a coarse signal.
-    Outputs, by name: :data:`MULTI_OUTPUTS`."""
+    Outputs, by name: :data:`~hierarchy.contracts.model.MULTI_OUTPUTS`."""
     body = build_backbone(backbone, image_size, weights)
     inputs = tf.keras.Input((image_size, image_size, 3), dtype="float32", name="image")
     features = tf.keras.layers.Dropout(dropout, name="dropout")(body(inputs))

@@ -10,7 +10,11 @@ from typing import Optional
 from hierarchy.contracts import modelstore
 from hierarchy.contracts.settings import Train, Tune
 
-LABELS = ("l1", "l3", "branch", "levels", "experts")
+# what a head over init_from's cached trunk features trains on (--mode experts, refit and
+# fusion: hierarchy.train.experts). Its value is what metrics.json, run.json and MLflow's
+# "label" tag record for those models, and stays so that they do not change.
+HEAD = "experts"
+LABELS = ("l1", "l3", "branch", "levels", HEAD)
 
 
 @dataclass(frozen=True)
@@ -18,16 +22,17 @@ class TrainSpec:
     data: str                      # dataset folder (path or URL)
     models: str                    # model store root (a filesystem every worker sees)
     run_id: str
-    key: str                       # level1 | flat | multi | experts | branch/<l1>
+    key: str                       # level1 | flat | multi | branch/<l1> | a head's mode
+                                   # (experts | refit | fusion)
     label: str                     # l1 | l3 | branch (branch-local level-3 ids) | levels |
-                                   # experts (heads over init_from's trunk)
+                                   # HEAD (a head over init_from's cached trunk features)
     level: int                     # 1 or 3
     train: Train                   # the validated `train:` config section
     tracking_uri: str              # MLflow
     experiment: str
     branch: Optional[int] = None   # the level-1 branch of a branch model
     init_from: Optional[str] = None  # a model whose backbone starts this one (branch models),
-                                     # or whose trunk the experts sit on
+                                     # or whose trunk a head sits on
     tune: Optional[Tune] = None    # refit and fusion heads: the search of their knobs
 
     def __post_init__(self):
