@@ -29,6 +29,7 @@ from hierarchy.contracts.errors import (
     HierarchyError,
     environment_fault,
 )
+from hierarchy.contracts.settings import Settings
 from hierarchy.curate import command as curate_command
 from hierarchy.evaluate import command as evaluate_command
 from hierarchy.infer import command as infer_command
@@ -59,7 +60,7 @@ examples:
 PATH_FLAGS = ("input", "categories", "data", "models", "output")
 
 
-def _fill_paths(args, cfg) -> None:
+def _fill_paths(args, cfg: Settings) -> None:
     """Folder flags a command was not given come from the config's ``paths:`` section; every
     local path becomes absolute here, on the driver: a Spark task or a Horovod worker runs in
     its executor's own working folder, where a relative path names nothing."""
@@ -106,7 +107,7 @@ def _metastore_arguments(p) -> None:
     common(actions.add_parser("init", help="create the schema (idempotent)"))
 
 
-def _metastore(args, cfg) -> dict:
+def _metastore(args, cfg: Settings) -> dict:
     from hierarchy.spark import init_metastore
 
     databases = init_metastore(cfg)
@@ -126,7 +127,7 @@ def _thriftserver_arguments(p) -> None:
     common(p)
 
 
-def _thriftserver(args, cfg) -> dict:
+def _thriftserver(args, cfg: Settings) -> dict:
     from hierarchy.spark import thriftserver_command
 
     cmd = thriftserver_command(cfg, args.host, args.port, args.auth)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hierarchy.arguments import Command, common, dry_run, with_spark
 from hierarchy.contracts.curation import FLAGS
+from hierarchy.contracts.settings import Settings
 
 
 def _arguments(p) -> None:
@@ -13,7 +14,7 @@ def _arguments(p) -> None:
     common(p)
 
 
-def run(args, cfg) -> dict:
+def run(args, cfg: Settings) -> dict:
     from hierarchy.curate.pipeline import check_curate, run_curate
 
     splits = check_curate(cfg, args.data)

@@ -31,7 +31,7 @@ from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import Dataset, DatasetNotReady
 from hierarchy.contracts.errors import UsageError
-from hierarchy.contracts.settings import Catalog, Curate
+from hierarchy.contracts.settings import Catalog, Curate, Settings
 from hierarchy.curate.groups import components, near_edges
 from hierarchy.curate.hashing import HASHED, algorithm, hash_batch
 
@@ -230,7 +230,7 @@ def review_queue(spark, rows, data: str, ccfg: Curate, out: str) -> None:
            .write.mode("overwrite").parquet(storage.to_url(storage.join(out, "pictures"))))
 
 
-def check_curate(cfg, data: str) -> dict:
+def check_curate(cfg: Settings, data: str) -> dict:
     """{split: pictures} of the dataset's committed splits; refusals before Spark starts."""
 
     ccfg = cfg.curate
@@ -248,7 +248,7 @@ def check_curate(cfg, data: str) -> dict:
     return {s: c.images for s, c in manifest.splits.items()}
 
 
-def run_curate(spark, cfg, data: str) -> dict:
+def run_curate(spark, cfg: Settings, data: str) -> dict:
     """The whole job; returns its summary (counts per flag, the work the grouping did)."""
     from pyspark.sql import functions as F
 

@@ -6,6 +6,7 @@ import time
 
 from hierarchy.arguments import Command, common, dry_run
 from hierarchy.contracts.dataset import KINDS
+from hierarchy.contracts.settings import Settings
 
 
 def _arguments(p) -> None:
@@ -20,7 +21,7 @@ def _arguments(p) -> None:
     common(p)
 
 
-def run(args, cfg) -> dict:
+def run(args, cfg: Settings) -> dict:
     from hierarchy.ingest.pipeline import check_ingest, run_ingest
     from hierarchy.ingest.report import summary_lines
 

@@ -28,7 +28,7 @@ from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import KIND_SPLITS, Dataset
 from hierarchy.contracts.errors import UsageError
 from hierarchy.contracts.schema import IMAGES_FILE, QUARANTINE_FILE
-from hierarchy.contracts.settings import Ingest
+from hierarchy.contracts.settings import Ingest, Settings
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest import decode as dec
 from hierarchy.ingest import duplicates
@@ -84,7 +84,7 @@ def describe_inputs(urls: Sequence[str]) -> List[InputFile]:
     return out
 
 
-def check_ingest(cfg, inputs: Sequence[str], categories: str, output: str,
+def check_ingest(cfg: Settings, inputs: Sequence[str], categories: str, output: str,
                  kind: str) -> CheckedIngest:
     """Everything that can be refused without Spark, cheapest first: the kind, the inputs,
     the category table, the output folder, the dataset's taxonomy, another ingest's lock."""
@@ -170,7 +170,7 @@ def corrupt_rows(scans: Sequence[ScanResult]) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------ load
-def run_ingest(spark, cfg, inputs: Sequence[str], categories: str, output: str,
+def run_ingest(spark, cfg: Settings, inputs: Sequence[str], categories: str, output: str,
                kind: str = "train", checked: Optional[CheckedIngest] = None,
                spark_start_s: Optional[float] = None) -> dict:
     """Wire extract, transform and load; returns the manifest entry for this kind. The whole
@@ -302,7 +302,7 @@ def _timings(marks: Dict[str, float], results: List[dict], metadata_s: float,
             "total_s": round(m["commit"] - m["start"], 3)}
 
 
-def _ingest_locked(spark, cfg, checked: CheckedIngest, dataset: Dataset, kind: str,
+def _ingest_locked(spark, cfg: Settings, checked: CheckedIngest, dataset: Dataset, kind: str,
                    spark_start_s: Optional[float]) -> dict:
     icfg = cfg.ingest
     progress = icfg.progress

@@ -6,6 +6,7 @@ import json
 
 from hierarchy.arguments import Command, common, count
 from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.settings import Settings
 
 
 def _arguments(p) -> None:
@@ -27,7 +28,7 @@ def _given(value, default):
     return value if value is not None else default
 
 
-def run(args, cfg) -> dict:
+def run(args, cfg: Settings) -> dict:
     from hierarchy.synth import generate
     from hierarchy.synth.plant import Plants
 

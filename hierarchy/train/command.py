@@ -8,6 +8,7 @@ import time
 from hierarchy.arguments import Command, common, count, dataset_and_models, dry_run
 from hierarchy.contracts import modelstore
 from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.settings import Settings
 
 
 def _arguments(p) -> None:
@@ -44,7 +45,7 @@ def _branches(args):
             from None
 
 
-def _dry_run(args, cfg, run_id, branches, manifest) -> dict:
+def _dry_run(args, cfg: Settings, run_id, branches, manifest) -> dict:
     from hierarchy.train.launch import plan
 
     specs, skipped = plan(cfg, args.data, args.models, run_id, args.level, args.mode,
@@ -56,7 +57,7 @@ def _dry_run(args, cfg, run_id, branches, manifest) -> dict:
     return {"run_id": run_id, "models": keys}
 
 
-def run(args, cfg) -> dict:
+def run(args, cfg: Settings) -> dict:
     from hierarchy.train.launch import check_training, run_training
     from hierarchy.train.loop import summary_line
 

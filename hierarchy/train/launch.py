@@ -18,6 +18,7 @@ from hierarchy.contracts.dataset import TRAIN, Dataset
 from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.modelstore import ModelStore
+from hierarchy.contracts.settings import Settings
 from hierarchy.train.spec import HEAD, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class TrainError(Refused, RuntimeError):
     """Training refused: nothing to train on..."""
 
 
-def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
+def check_training(cfg: Settings, data: str, models: str, level: int, mode: Optional[str],
                    branches: Optional[Sequence[int]], run_id: Optional[str] = None) -> Manifest:
     """What can be refused before Spark or Horovod start: the arguments, the folders, a
     dataset that is not complete or has nothing to train on, a run of another taxonomy.
@@ -53,7 +54,7 @@ def check_training(cfg, data: str, models: str, level: int, mode: Optional[str],
     return manifest
 
 
-def source_keys(cfg, mode: str) -> Tuple[str, ...]:
+def source_keys(cfg: Settings, mode: str) -> Tuple[str, ...]:
     """The models a head of ``mode`` may sit on, the first the run has wins: experts on the
     multi-level model (its per-branch head), else the flat one; refit on the flat model; fusion
     on ``train.fusion_source``."""
@@ -64,7 +65,7 @@ def source_keys(cfg, mode: str) -> Tuple[str, ...]:
     return (cfg.train.fusion_source,)
 
 
-def head_source(cfg, models: str, run_id: Optional[str], mode: str) -> str:
+def head_source(cfg: Settings, models: str, run_id: Optional[str], mode: str) -> str:
     """The model file a head of ``mode`` sits on (:func:`source_keys`)."""
     keys = source_keys(cfg, mode)
     run = ModelStore(models).run(run_id) if run_id is not None else None
@@ -80,7 +81,7 @@ def _under_horovodrun() -> bool:
     return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
-def plan(cfg, data: str, models: str, run_id: str, level: int, mode: Optional[str],
+def plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: Optional[str],
          branches: Optional[Sequence[int]], manifest: Manifest
          ) -> Tuple[List[TrainSpec], Dict[int, dict]]:
     """(specs to train, branches recorded without a model)."""
@@ -150,7 +151,7 @@ def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
                              executable=executable)
 
 
-def run_training(cfg, data: str, models: str, run_id: str, level: int,
+def run_training(cfg: Settings, data: str, models: str, run_id: str, level: int,
                  mode: Optional[str] = None, branches: Optional[Sequence[int]] = None,
                  np_: Optional[int] = None, spark_factory=None,
                  manifest: Optional[Manifest] = None) -> dict:
