@@ -36,6 +36,40 @@ def test_the_import_contracts_hold():
     assert len(kept) == 2, r.stdout
 
 
+CYCLES = """
+import grimp
+g = grimp.build_graph("hierarchy", include_external_packages=False)
+found = set()
+for m in sorted(g.modules):
+    for imported in g.find_modules_directly_imported_by(m):
+        try:
+            if g.chain_exists(importer=imported, imported=m):
+                found.add(" <-> ".join(sorted((m, imported))))
+        except ValueError:  # a package and one of its own modules
+            pass
+print("\\n".join(sorted(found)))
+"""
+
+
+def _cycles(root: Path) -> list:
+    """Pairs of modules that import each other, directly or through others (imports inside
+    functions included)."""
+    r = subprocess.run([sys.executable, "-c", CYCLES], cwd=root, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+def test_no_module_imports_back_what_imports_it(tmp_path):
+    assert _cycles(ROOT) == []
+    # the check sees a circle where there is one
+    shutil.copytree(ROOT / "hierarchy", tmp_path / "hierarchy",
+                    ignore=shutil.ignore_patterns("__pycache__", "static"))
+    with open(tmp_path / "hierarchy" / "contracts" / "errors.py", "a") as fh:
+        fh.write("\nfrom hierarchy.contracts import storage  # noqa\n")
+    assert "hierarchy.contracts.errors" in _cycles(tmp_path)
+
+
 @pytest.mark.parametrize("where, line, broken, edge", [
     # a contract importing a stage: the import that would run up the layers
     ("hierarchy/contracts/taxonomy.py", "from hierarchy.infer import combine",
