@@ -130,7 +130,8 @@ def one(strategy: str, models: Path, n: int, repeat: int) -> dict:
     t0 = time.perf_counter()
     ms = load_modelset(str(models), RUN_ID, strategy, tax)
     plan = ScoringPlan(models=ms, taxonomy_json=tax.to_json(), prior_category_id=0,
-                       prior_share=0.0, top_k=3, blend_weight=0.5, aggregate="log_mean",
+                       prior_share=0.0,
+                       params=(("top_branches", 3), ("blend_weight", 0.5)), aggregate="log_mean",
                        tta_flip=False, top_n=5, threads=0)
     scorer = BatchScorer(plan)  # loads every model of the strategy
     load_s = time.perf_counter() - t0

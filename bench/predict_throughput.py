@@ -79,9 +79,9 @@ def flat_model(cfg, data: str, models: str) -> ModelRef:
         t0 = time.perf_counter()
         run_training(cfg, data, models, RUN_ID, level=3, mode="flat", np_=1)
         say(f"[model] trained in {time.perf_counter() - t0:.1f} s -> {path}")
-    recorded = run.read().get("config", {}).get(FLAT) or cfg.train.model_dump()
-    return ModelRef(key="flat", path=path, backbone=recorded["backbone"],
-                    image_size=int(recorded["image_size"]))
+    recorded = run.read().config.get(FLAT) or cfg.train
+    return ModelRef(key="flat", path=path, backbone=recorded.backbone,
+                    image_size=int(recorded.image_size))
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -208,8 +208,7 @@ def main(argv=None) -> int:
         prior = training_prior(spark, data)
         plan = ScoringPlan(models=ModelSet(run_id=RUN_ID, strategy="flat", flat=ref),
                            taxonomy_json=taxonomy.to_json(), prior_category_id=prior[0],
-                           prior_share=prior[1], top_k=pcfg.top_k,
-                           blend_weight=pcfg.blend_weight,
+                           prior_share=prior[1], params=(),
                            aggregate=pcfg.aggregate, tta_flip=pcfg.tta_flip,
                            top_n=pcfg.top_n, threads=pcfg.threads)
         images = read_images(spark, data, "train")

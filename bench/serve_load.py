@@ -51,7 +51,7 @@ def products(models: str, run_id: str, n: int) -> list:
 
     from hierarchy.contracts.modelstore import ModelStore
 
-    data = ModelStore(models).run(run_id).read()["dataset"]["path"]
+    data = ModelStore(models).run(run_id).read().dataset.path
     ds = pds.dataset(os.path.join(data, "images"), partitioning="hive")
     for split in ("test", "val"):
         t = ds.to_table(filter=pds.field("split") == split,

@@ -10,6 +10,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Callable, Dict
 
+from hierarchy.contracts.settings import Settings
+
 
 @dataclass(frozen=True)
 class Command:
@@ -68,7 +70,7 @@ def allow_remote(p: argparse.ArgumentParser) -> None:
                         "API have no login; review writes still need the printed token)")
 
 
-def with_spark(cfg, stage: str, job):
+def with_spark(cfg: Settings, stage: str, job):
     """Run ``job(spark)`` in a session named after the stage, stopped whatever happens."""
     from hierarchy.spark import get_spark, stop_spark
 

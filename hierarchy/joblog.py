@@ -20,6 +20,8 @@ import tempfile
 import time
 from typing import Optional
 
+from hierarchy.contracts.settings import Settings
+
 LOG_ENV = "HIERARCHY_LOG_FILE"
 LOG4J = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf", "log4j2.properties")
 _HANDLER_MARK = "_hierarchy_job_log"
@@ -29,11 +31,11 @@ _HANDLER_MARK = "_hierarchy_job_log"
 _current: dict = {}
 
 
-def log_dir(cfg) -> str:
+def log_dir(cfg: Settings) -> str:
     return cfg.spark.log_dir or os.path.join(tempfile.gettempdir(), "hierarchy-logs")
 
 
-def start(cfg, stage: str, verbose: bool) -> Optional[str]:
+def start(cfg: Settings, stage: str, verbose: bool) -> Optional[str]:
     """Send the chatter to a new log file for this job (returns its path), or, verbose,
     leave it on the console (None)."""
     root = logging.getLogger()

@@ -33,7 +33,7 @@ from hierarchy.contracts.dataset import DatasetNotReady
 from hierarchy.contracts.errors import Refused
 from hierarchy.contracts.modelstore import RunMismatch
 from hierarchy.contracts.taxonomy import Taxonomy
-from hierarchy.infer.modelset import PredictError
+from hierarchy.infer.modelset import ScoringRefused
 from hierarchy.ingest.decode import decode_document
 from hierarchy.ingest.lock import OutputLocked
 from hierarchy.ingest.pipeline import IngestError, run_ingest
@@ -273,7 +273,7 @@ def test_train_on_an_empty_split_exits_3_with_a_message(tmp_path, capsys, no_spa
 
 def test_the_error_family_maps_every_refusal_to_exit_3():
     for cls in (IngestError, DatasetNotReady, OutputLocked, TrainError, WeightsUnavailable,
-                PredictError, EmptySplitError, RunMismatch):
+                ScoringRefused, EmptySplitError, RunMismatch):
         assert issubclass(cls, Refused) and cls("x").exit_code == 3, cls
 
 

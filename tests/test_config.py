@@ -97,7 +97,7 @@ def test_the_models_and_the_default_file_name_the_same_keys():
             key = prefix + name
             if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
                 walk(info.annotation, doc[name], key + ".")
-            elif key != "spark.conf":  # free-form: passed to SparkConf as it is
+            elif key not in ("spark.conf", "variants"):  # free-form mappings of their own
                 assert not isinstance(doc[name], dict), key
 
     walk(Settings, yaml.safe_load(default_config_text()))
@@ -195,8 +195,6 @@ def test_the_names_a_setting_allows_are_the_names_the_code_knows():
     which loading a config must not; this keeps the copies equal."""
     from hierarchy.contracts import curation, model
     from hierarchy.contracts import settings as s
-    from hierarchy.infer import modelset
 
     assert s.FLAGS == curation.FLAGS
-    assert s.STRATEGIES == ("auto", *modelset.STRATEGIES)
     assert s.BACKBONES == model.BACKBONE_NAMES

@@ -4,6 +4,7 @@ writes on any filesystem, the error family and the command line's defaults."""
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -176,16 +177,54 @@ def test_model_store_layout_and_run_record(tmp_path):
     assert modelstore.model_key(3, "branch", 7) == "branch/7"
     assert modelstore.branch_of("branch/7") == 7 and modelstore.branch_of("flat") is None
     assert modelstore.train_command("branch/7") == "--level 3 --mode branch --branches 7"
-    assert run.read() == {} and not run.exists()
-    run.record(key="flat", config={"epochs": 1}, fingerprint="sha256:aa", data="d",
-               manifest=Manifest(), result={"metrics": {"val_accuracy": 0.5}})
-    assert run.recorded("flat")["metrics"] == {"val_accuracy": 0.5}
+    assert run.read().dump() == {} and not run.exists()
+    run.record(key="flat", config={"epochs": 1, "backbone": "small_cnn", "image_size": 48},
+               fingerprint="sha256:aa", data="d", manifest=Manifest(),
+               result={"metrics": {"val_accuracy": 0.5}, "epochs": 1})
+    assert run.recorded("flat").metrics == {"val_accuracy": 0.5} and run.trained("flat")
+    raw = json.loads(Path(run.run_file).read_text())
+    assert raw["models"]["flat"] == {"metrics": {"val_accuracy": 0.5}, "epochs": 1}
+    assert raw["config"]["flat"]["epochs"] == 1  # keys the record does not name are kept
+    assert run.read().config["flat"].image_size == 48
     with pytest.raises(modelstore.RunMismatch, match="use another --run-id"):
         run.check_taxonomy("sha256:bb")
     for key in ("branch/10", "branch/2", "level1"):
         storage.write_json_atomic(run.history_file(key), {"loss": [1.0]})
     assert list(run.histories()) == ["level1", "branch/2", "branch/10"]
     assert run.branch_ids() == [2, 10]
+
+
+def test_run_json_is_read_as_typed_records_and_refused_in_one_line_when_it_is_not(tmp_path):
+    from hierarchy.contracts.runrecord import DecisionRule, ModelStatus, RunFileInvalid
+
+    run = ModelStore(str(tmp_path)).run("r1")
+    run.record(key="branch/3", config={"backbone": "small_cnn", "image_size": 48},
+               fingerprint="sha256:aa", data="d", manifest=Manifest(),
+               result={"status": "no training images"})
+    assert run.recorded("branch/3").status is ModelStatus.NO_TRAINING_IMAGES
+    assert not run.trained("branch/3")
+    rule = DecisionRule(target=0.9, levels=(3, 2), confidence=0.95, temperature=1.0,
+                        threshold=None)
+    run.record_evaluation(decisions={"flat": rule}, calibration={
+        "temperature": 2.0, "w": 0.5, "v": 0.0, "model": "experts", "products": 9, "grid": {}},
+        recommended="flat", variants={"two-stage-k1": {"strategy": "two-stage",
+                                                       "top_branches": 1}})
+    got = run.read()
+    assert got.rule("flat") == rule and got.calibration.correction() == {
+        "temperature": 2.0, "w": 0.5, "v": 0.0}
+    raw = json.loads(Path(run.run_file).read_text())
+    assert raw["decisions"]["flat"] == {"target": 0.9, "levels": [3, 2], "confidence": 0.95,
+                                        "temperature": 1.0, "threshold": None, "reason": ""}
+    assert raw["calibration"]["grid"] == {} and raw["variants"]["two-stage-k1"]["top_branches"] == 1
+    run.record(key="flat", config={"backbone": "small_cnn", "image_size": 48},
+               fingerprint="sha256:aa", data="d", manifest=Manifest(), result={})
+    assert "decisions" not in json.loads(Path(run.run_file).read_text())  # stale: dropped
+    for text, words in (("", "not JSON"), ("[1]", "a JSON list"),
+                        ('{"models": {"flat": {"status": "weird"}}}', "models.flat.status")):
+        Path(run.run_file).write_text(text)
+        with pytest.raises(RunFileInvalid, match=words) as got_exc:
+            run.read()
+        assert run.run_file in str(got_exc.value) and "\n" not in str(got_exc.value)
 
 
 # ------------------------------------------------------------------ storage
@@ -337,8 +376,8 @@ def test_a_predictions_frame_has_the_declared_pandas_types():
     from hierarchy.infer.modelset import ModelSet
     from hierarchy.infer.scoring import (
         ScoringPlan,  # noqa: F401 - documents the input
+        _finished_frame,
         _Product,
-        _rows,
     )
 
     rule = DecisionRule(target=0.9, levels=(3, 2, 1), confidence=0.95, temperature=1.0,
@@ -346,11 +385,11 @@ def test_a_predictions_frame_has_the_declared_pandas_types():
 
     class Plan:
         top_n, prior_category_id, prior_share = 2, 20, 0.25
-        models = ModelSet(run_id="r", strategy="flat", decision=rule.to_dict())
+        models = ModelSet(run_id="r", strategy="flat", decision=rule)
 
     probs = np.array([[0.1, 0.2, 0.7]])
     seen = {5: _Product(decoded=1, truth=(30, 1, 2, 2)), 6: _Product(bad=2)}
-    df = _rows(Plan(), TAX, (np.array([5]), probs, np.array([1])), seen, keep=None)
+    df = _finished_frame(Plan(), TAX, (np.array([5]), probs, np.array([1])), seen, keep=None)
     assert list(df.columns) == predictions.SCORED_COLUMNS
     assert df.loc[0, "category_id"] == 30 and df.loc[0, "top_category_id"] == [30, 20]
     assert bool(df.loc[1, "fallback"]) and df.loc[1, "category_id"] == 20

@@ -7,6 +7,7 @@ import pytest
 
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import combine, decide
+from hierarchy.infer.rules import fixed_sequence
 
 
 def taxonomy(n_l1=4, l2_per=3, l3_per=4):
@@ -131,8 +132,8 @@ def test_a_val_split_too_small_files_nothing_and_says_why():
     rule, fig = fitted(p, y)
     assert rule.threshold is None
     assert "needs at least 59 filed products" in rule.reason
-    assert decide.needed_products(0.95, 0.95) == 59
-    assert decide.needed_products(0.99, 0.95) == 299
+    assert fixed_sequence.needed_products(0.95, 0.95) == 59
+    assert fixed_sequence.needed_products(0.99, 0.95) == 299
     assert all(d["decision_level"] == 0 for d in decide.decide(p, NODES, rule))
     assert fig["calibration"]["coverage"] == 0.0
 
@@ -197,7 +198,7 @@ def test_the_tests_start_where_the_fit_part_is_surest_and_go_lenient():
             stats["correct"][h, 0, :, 0] = filed - errors[h]
         return decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
 
-    assert decide.test_start(errors[0], filed, 0.95) == 30
+    assert fixed_sequence.test_start(errors[0], filed, 0.95) == 30
     rule, fig = fit()  # 30..59 certified (87, no error), 60 too (14 of 500), 61 not
     assert rule.threshold == pytest.approx(grids.thresholds[60]), rule.reason
     assert fig["calibration"]["precision"] == pytest.approx(486 / 500)

@@ -17,7 +17,7 @@ from hierarchy.contracts.config import load_config
 from hierarchy.contracts.dataset import Dataset
 from hierarchy.contracts.errors import UsageError
 from hierarchy.infer import loaded
-from hierarchy.infer.modelset import PredictError, load_modelset
+from hierarchy.infer.modelset import ScoringRefused, load_modelset
 from hierarchy.infer.pipeline import read_images, run_predict, score
 from hierarchy.infer.scoring import ScoringPlan
 from hierarchy.train.launch import run_training
@@ -28,6 +28,8 @@ RUN = "p1"
 ALL_BAD_AT_INGEST = 990001    # its only picture is not a JPEG: quarantined, no image row
 ALL_BAD_AT_SCORING = 990002   # JPEG markers but no picture: ingested, undecodable later
 NINE_PICTURES = 990003        # more pictures than any training product had
+# what the world's run (level 1, flat, branches, fusion) can serve, in report order
+AVAILABLE = ["flat", "two-stage", "blend", "fusion"]
 
 
 def predict_cfg(tmp_path, extra=(), **predict):
@@ -132,8 +134,9 @@ def test_a_product_spread_over_partitions_and_batches_is_aggregated_once(world, 
     tax = Dataset(world["data"]).taxonomy()
     models = load_modelset(world["models"], RUN, strategy, tax)
     plan = ScoringPlan(models=models, taxonomy_json=tax.to_json(),
-                       prior_category_id=tax.category_ids[0], prior_share=0.1, top_k=0,
-                       blend_weight=0.5, aggregate="log_mean", tta_flip=False, top_n=5,
+                       prior_category_id=tax.category_ids[0], prior_share=0.1,
+                       params=(("top_branches", 0), ("blend_weight", 0.5)),
+                       aggregate="log_mean", tta_flip=False, top_n=5,
                        threads=0)
     images = read_images(spark, world["data"], "val")
     per_product = images.groupBy("product_id").count().toPandas().set_index("product_id")
@@ -167,7 +170,7 @@ def test_models_of_another_taxonomy_are_refused_before_scoring(world, spark, tmp
     run_ingest(spark, load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
                                              "ingest.max_bad_fraction=0.1"]),
                [str(world["syn"] / "test.bson")], str(other), str(data), "test")
-    with pytest.raises(PredictError, match="taxonomy"):
+    with pytest.raises(ScoringRefused, match="taxonomy"):
         run_predict(spark, predict_cfg(tmp_path), str(data), world["models"], RUN,
                     "test", "flat", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # refused before anything was scored or written
@@ -192,7 +195,7 @@ def test_duplicated_product_ids_are_refused_before_scoring_naming_the_ids(
     (data / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.setattr(pipeline, "score",
                         lambda *a, **k: pytest.fail("scored before the duplicate check"))
-    with pytest.raises(PredictError, match=r"product id\(s\) appear more than once \(e\.g\. "
+    with pytest.raises(ScoringRefused, match=r"product id\(s\) appear more than once \(e\.g\. "
                                            + ", ".join(map(str, ids))):
         run_predict(spark, predict_cfg(tmp_path), str(data), world["models"], RUN, "test",
                     "flat", str(tmp_path / "out"))
@@ -204,7 +207,7 @@ def test_the_submission_check_names_the_offending_ids(spark):
     products = spark.createDataFrame([(1,), (2,), (3,), (4,)], "product_id long")
     sub = spark.createDataFrame([(1, 10), (1, 10), (2, 10), (9, 10)],
                                 "_id long, category_id long")
-    with pytest.raises(PredictError, match=r"4 rows for 4 products: 1 duplicated \(e\.g\. 1\);"
+    with pytest.raises(ScoringRefused, match=r"4 rows for 4 products: 1 duplicated \(e\.g\. 1\);"
                                            r" 2 missing \(e\.g\. 3, 4\); 1 unknown \(e\.g\. 9\);"
                                            r" nothing was published"):
         check_submission_rows(sub, products)
@@ -254,7 +257,7 @@ def test_a_table_registered_elsewhere_than_the_config_says_is_refused(world, spa
     run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
                 str(tmp_path / "a"))
     pcfg = predict_cfg(tmp_path, [f"catalog.location={tmp_path / 'elsewhere'}"])
-    with pytest.raises(PredictError, match="catalog.location"):
+    with pytest.raises(ScoringRefused, match="catalog.location"):
         run_predict(spark, pcfg, world["data"], world["models"], RUN, "val", "flat",
                     str(tmp_path / "a"))
 
@@ -263,24 +266,56 @@ def test_two_stage_refuses_a_run_without_its_branch_models(world, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(world["models"], models, ignore=shutil.ignore_patterns("mlruns"))
     shutil.rmtree(models / RUN / "branch" / "1")
-    with pytest.raises(PredictError, match="--mode branch --branches 1"):
+    with pytest.raises(ScoringRefused, match="--mode branch --branches 1"):
         load_modelset(str(models), RUN, "two-stage", Dataset(world["data"]).taxonomy())
 
 
 def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_path):
+    """Every strategy the run can serve, and a variant of one beside it (its own parameters,
+    rule and rows); predict then takes the variant by name from what run.json recorded."""
     from hierarchy.evaluate.pipeline import run_evaluate
+    from hierarchy.infer.modelset import resolve_strategy
+    from hierarchy.infer.pipeline import check_predict, run_scoring
 
-    res = run_evaluate(spark, predict_cfg(tmp_path), world["data"], world["models"],
-                       RUN, str(tmp_path / "out"))
-    assert res["strategies"] == ["flat", "two-stage", "blend", "fusion"]
+    models = str(tmp_path / "models")
+    shutil.copytree(world["models"], models, ignore=shutil.ignore_patterns("mlruns"))
+    variant = "variants={two-stage-k1: {strategy: two-stage, top_branches: 1}}"
+    # at temperature 1 a product's distribution keeps its branches' mass as scored
+    res = run_evaluate(spark, predict_cfg(tmp_path, extra=[variant, "decide.temperature=1"]),
+                       world["data"], models, RUN, str(tmp_path / "out"))
+    assert res["strategies"] == [*AVAILABLE, "two-stage-k1"]
     report = json.loads((tmp_path / "out" / "evaluation" / RUN / "report.json").read_text())
     for name in res["strategies"]:
         m = report["strategies"][name]
         assert m["accuracy_l1"] > 0.5, (name, m)  # four level-1 classes: chance is 0.25
         assert m["accuracy_l1"] >= m["accuracy_l3"]
+        assert "decisions" in m  # each its own rule
     md = (tmp_path / "out" / "evaluation" / RUN / "report.md").read_text()
-    assert "two-stage" in md and "flat" in md
+    assert "two-stage" in md and "flat" in md and "two-stage-k1" in md
     assert (tmp_path / "out" / "evaluation" / RUN / "training_curves.png").stat().st_size > 0
+    run_json = json.loads((Path(models) / RUN / "run.json").read_text())
+    assert run_json["variants"] == {"two-stage-k1": {"strategy": "two-stage", "top_branches": 1}}
+    assert set(run_json["decisions"]) == set(res["strategies"])
+
+    spec = resolve_strategy(models, RUN, "two-stage-k1")  # no configuration names it now
+    assert spec.params == (("top_branches", 1),)
+    with pytest.raises(UsageError, match="strategy 'two-stage-k2': expected one of auto, "):
+        resolve_strategy(models, RUN, "two-stage-k2")
+    pcfg = predict_cfg(tmp_path)
+    checked = check_predict(world["data"], models, RUN, "test", spec, str(tmp_path / "out"))
+    run_scoring(spark, pcfg, world["data"], models, RUN, "test", {spec.name: checked},
+                str(tmp_path / "out"))
+    rows = spark.sql(f"SELECT level1_probability, fallback FROM {pcfg.catalog.database}"
+                     f".predictions WHERE strategy = 'two-stage-k1' AND split = 'test'"
+                     ).toPandas()
+    assert len(rows) == world["n_test"]
+    # one branch expanded, renormalised: the variant's parameter, not predict.top_branches
+    # (3, whose products keep their runner-up branches' mass)
+    assert (rows.loc[~rows.fallback, "level1_probability"] > 1 - 1e-4).all()
+    three = spark.sql(f"SELECT level1_probability FROM {pcfg.catalog.database}.predictions "
+                      f"WHERE strategy = 'two-stage' AND split = 'val' AND NOT fallback"
+                      ).toPandas()
+    assert (three.level1_probability < 1 - 1e-4).any()
 
 
 def test_decisions_agree_in_the_table_the_report_and_the_served_answer(world, spark, tmp_path,
@@ -397,7 +432,6 @@ def test_calibration_scores_the_pictures_predict_scores(world, spark):
     from dataclasses import replace
 
     from hierarchy.evaluate import calibrate
-    from hierarchy.infer import combine
     from hierarchy.infer.pipeline import by_product
 
     run = "p1multi"
@@ -407,10 +441,11 @@ def test_calibration_scores_the_pictures_predict_scores(world, spark):
         "train.augment=false", "train.epochs=2"])
     run_training(tcfg, world["data"], world["models"], run, level=3, mode="multi")
     tax = Dataset(world["data"]).taxonomy()
-    grid = combine.correction_grid([0.75], [0.5], [0.25])  # the identity, then one point
+    grid = calibrate.correction_grid([0.75], [0.5], [0.25])  # the identity, then one point
     modelset = load_modelset(world["models"], run, "hierarchical", tax)
     plan = dict(taxonomy_json=tax.to_json(), prior_category_id=tax.category_ids[0],
-                prior_share=0.1, top_k=0, blend_weight=0.5, aggregate="log_mean",
+                prior_share=0.1,
+                params=(("top_branches", 0), ("blend_weight", 0.5)), aggregate="log_mean",
                 tta_flip=False, top_n=tax.n_l3, threads=0)  # top_n: every leaf's probability
     images = read_images(spark, world["data"], "val")
     fit = ScoringPlan(models=calibrate.modelset_for_calibration(modelset), **plan)
@@ -440,8 +475,9 @@ def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
     tax = Dataset(world["data"]).taxonomy()
     models = load_modelset(world["models"], RUN, "blend", tax)
     plan = dict(models=models, taxonomy_json=tax.to_json(),
-                prior_category_id=tax.category_ids[0], prior_share=0.1, top_k=2,
-                blend_weight=0.3, aggregate="mean", top_n=5, threads=0)
+                prior_category_id=tax.category_ids[0], prior_share=0.1,
+                params=(("top_branches", 2), ("blend_weight", 0.3)), aggregate="mean", top_n=5,
+                threads=0)
     jpegs = read_images(spark, world["data"], "val").limit(6).toPandas()["jpeg"]
     plain = BatchScorer(ScoringPlan(tta_flip=False, **plan))
     images = plain.decode(jpegs)
@@ -453,7 +489,7 @@ def test_flip_averaging_and_a_gzipped_submission(world, spark, tmp_path):
     assert not np.allclose(tta, p)  # the mirrored pictures changed something
     # blend is linear in the flat part; two-stage is not, so only the flat model's share can be
     # checked in closed form: with weight 0 blend is flat, and flat TTA is the mean
-    flat_plan = dict(plan, blend_weight=0.0)
+    flat_plan = dict(plan, params=(("top_branches", 2), ("blend_weight", 0.0)))
     f_plain = BatchScorer(ScoringPlan(tta_flip=False, **flat_plan))
     expected = 0.5 * (f_plain.probs(images, own)
                       + f_plain.probs([im[:, ::-1, :] for im in images], own))
@@ -510,7 +546,9 @@ def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world,
     assert {"flat", "two-stage", "blend", "fusion"} <= set(strategies)
     plans = {s: ScoringPlan(models=load_modelset(world["models"], RUN, s, tax),
                             taxonomy_json=tax.to_json(), prior_category_id=tax.category_ids[0],
-                            prior_share=0.1, top_k=2, blend_weight=0.5, aggregate="log_mean",
+                            prior_share=0.1,
+                            params=(("top_branches", 2), ("blend_weight", 0.5)),
+                            aggregate="log_mean",
                             tta_flip=False, top_n=5, threads=1) for s in strategies}
     images = read_images(spark, world["data"], "test").toPandas() \
         .sort_values(["product_id", "img_idx"]).reset_index(drop=True)
@@ -574,7 +612,9 @@ def test_evaluate_makes_predicts_rows_from_one_pass_with_no_second_model_run(wor
     strategies = available_strategies(world["models"], RUN)
     plans = {s: ScoringPlan(models=load_modelset(world["models"], RUN, s, tax),
                             taxonomy_json=tax.to_json(), prior_category_id=tax.category_ids[0],
-                            prior_share=0.1, top_k=2, blend_weight=0.5, aggregate="log_mean",
+                            prior_share=0.1,
+                            params=(("top_branches", 2), ("blend_weight", 0.5)),
+                            aggregate="log_mean",
                             tta_flip=False, top_n=5, threads=1) for s in strategies}
     val = read_images(spark, world["data"], "val").toPandas()
     broken = read_images(spark, world["data"], "test").toPandas()
@@ -622,7 +662,7 @@ def test_evaluate_makes_predicts_rows_from_one_pass_with_no_second_model_run(wor
                                  plans, dcfg, grids)
     assert any(rule.threshold is not None for rule, _ in fitted.values())
     ruled = {s: dataclasses.replace(p, models=dataclasses.replace(
-        p.models, decision=fitted[s][0].to_dict())) for s, p in plans.items()}
+        p.models, decision=fitted[s][0])) for s, p in plans.items()}
     calls.clear()
     rows = pd.concat(list(decisions.rows_from_summaries(ruled, grids)(
         iter([summaries.iloc[i:i + 50] for i in range(0, len(summaries), 50)]))))

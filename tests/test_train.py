@@ -167,7 +167,7 @@ def test_experts_read_only_their_branch_and_start_from_the_multi_model(dataset, 
     assert m["source"].endswith(os.path.join("r6", "multi", "model.h5"))
     assert 0.0 <= m["val_conditional_accuracy_source"] <= 1.0
     run = ModelStore(models).run("r6")
-    assert run.has_model("experts") and "experts" in run.read()["models"]
+    assert run.has_model("experts") and "experts" in run.read().models
 
     # the features: written once by both workers together, each branch in its own folder
     tax = Dataset(str(dataset)).taxonomy()

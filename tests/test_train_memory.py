@@ -88,9 +88,10 @@ def test_the_scorer_loads_each_model_once_per_worker_across_batches(trained, mon
     batches = [images.iloc[i:i + 16] for i in range(0, len(images), 16)]
     plan = scoring.ScoringPlan(models=models, taxonomy_json=tax.to_json(),
                                prior_category_id=tax.category_ids[0], prior_share=0.1,
-                               top_k=0, blend_weight=0.5, aggregate="log_mean",
+                               params=(("top_branches", 0), ("blend_weight", 0.5)),
+                               aggregate="log_mean",
                                tta_flip=False, top_n=5, threads=1)
-    # two tasks run by the same worker, several Arrow batches each; top_k 0: every branch
+    # two tasks run by the same worker, several Arrow batches each; top_branches 0: every branch
     # model scores every batch
     for _ in range(2):
         rows = pd.concat(list(scoring.score_partitions({"two-stage": plan})(iter(batches))))

@@ -159,6 +159,8 @@ def _kind(annotation: Any) -> Optional[type]:
 
 def _message(error: dict, doc: dict, defaults: dict, source: str) -> str:
     """pydantic's error as the one line a user gets: the key, then what is allowed."""
+    if not error["loc"]:  # a rule across keys (Settings' own validators) words its line
+        return error["msg"].removeprefix("Value error, ")
     key, model, info, depth = _field(error["loc"])
     if info is None:
         prefix = key.rpartition(".")[0]
@@ -167,7 +169,9 @@ def _message(error: dict, doc: dict, defaults: dict, source: str) -> str:
                 f"{' under ' + repr(prefix) if prefix else ''}: "
                 f"{', '.join(sorted(model.model_fields))}")
     value, kind = _at(doc, key), _kind(info.annotation)
-    if kind is dict:
+    checked_mapping = kind is dict and not _is_section(info.annotation) and \
+        error["type"] == "value_error"  # a well-formed mapping its Checked rule refuses
+    if kind is dict and not checked_mapping:
         what = "a section" if _is_section(info.annotation) else "a mapping"
         return f"config key '{key}' is {what}; got {value!r}"
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

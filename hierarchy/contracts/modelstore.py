@@ -41,6 +41,15 @@ from typing import Dict, List, Optional
 from hierarchy.contracts import storage
 from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.manifest import Manifest
+from hierarchy.contracts.runrecord import (
+    Calibration,
+    DecisionRule,
+    Lineage,
+    ModelConfig,
+    ModelEntry,
+    RunFileInvalid,
+    RunRecord,
+)
 from hierarchy.contracts.taxonomy import Taxonomy
 
 LEVEL1, FLAT, MULTI, BRANCH = "level1", "flat", "multi", "branch"
@@ -178,61 +187,74 @@ class Run:
         return storage.join(self.checkpoint_dir(key), STATE_FILE)
 
     # ---------------------------------------------------------------- run.json
-    def read(self) -> dict:
-        """run.json, or {} for a run nothing was recorded in yet."""
-        return storage.read_json(self.run_file, {}) or {}
+    def read(self) -> RunRecord:
+        """run.json as its typed record (:mod:`hierarchy.contracts.runrecord`), empty for a
+        run nothing was recorded in yet."""
+        try:
+            raw = storage.read_json(self.run_file, {}) or {}
+        except ValueError as exc:  # empty, cut short, not JSON
+            raise RunFileInvalid(f"{self.run_file}: not JSON ({exc}) — restore the file or "
+                                 f"train the run again") from None
+        return RunRecord.parse(raw, self.run_file)
+
+    def _write(self, run: RunRecord) -> None:
+        run.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        storage.write_json_atomic(self.run_file, run.dump())
 
     def exists(self) -> bool:
         return storage.exists(self.run_file)
 
     def check_taxonomy(self, fingerprint: str) -> None:
         """Refuse a dataset of another taxonomy than the run's (before anything trains)."""
-        got = self.read().get("taxonomy_fingerprint")
+        got = self.read().taxonomy_fingerprint
         if got not in (None, fingerprint):
             raise RunMismatch(
                 f"{self.run_file}: run {self.run_id} was trained on taxonomy {got[:19]}, this "
                 f"dataset has {fingerprint[:19]}; use another --run-id")
 
     def record(self, *, key: str, config: dict, fingerprint: str, data: str, manifest: Manifest,
-               result: dict) -> dict:
+               result: dict) -> RunRecord:
         """Merge one trained model into run.json (level-1 and level-3 models share a run)."""
         self.check_taxonomy(fingerprint)
         run = self.read()
-        run.update({
-            "run_id": self.run_id,
-            "taxonomy_fingerprint": fingerprint,
-            "dataset": {"path": data if storage.is_remote(data) else storage.local_path(data),
-                        "manifest_updated": manifest.updated,
-                        "splits": manifest.splits_json()},
-            "updated": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        })
-        run.setdefault("models", {})[key] = result
-        run.setdefault("config", {})[key] = config
+        run.run_id = self.run_id
+        run.taxonomy_fingerprint = fingerprint
+        run.dataset = Lineage(path=data if storage.is_remote(data) else storage.local_path(data),
+                              manifest_updated=manifest.updated,
+                              splits=manifest.splits_json())
+        run.models = {**run.models, key: ModelEntry.model_validate(result)}
+        run.config = {**run.config, key: ModelConfig.model_validate(config)}
         # a decision rule certifies the distributions of the models it was fitted on: a model
         # trained since makes every rule stale until evaluate fits them again
-        run.pop("decisions", None)
-        storage.write_json_atomic(self.run_file, run)
+        run.unset("decisions")
+        self._write(run)
         return run
 
     def record_evaluation(self, *, calibration: Optional[dict] = None,
                           recommended: Optional[str] = None, scores: Optional[dict] = None,
-                          decisions: Optional[dict] = None,
-                          recommendation: Optional[dict] = None) -> dict:
+                          decisions: Optional[Dict[str, DecisionRule]] = None,
+                          recommendation: Optional[dict] = None,
+                          variants: Optional[dict] = None) -> RunRecord:
         """What evaluate fitted and chose on the val split: the ``hierarchical`` strategy's
         ``calibration`` (temperature, w, v, the grid and its val figures), the decision rule
         of each strategy (``decisions``) and the ``recommended_strategy`` that predict uses
         unless told otherwise, with why (``recommendation``: the held-out figures)."""
         run = self.read()
         if calibration is not None:
-            run["calibration"] = calibration
+            run.calibration = Calibration.model_validate(calibration)
         if decisions is not None:
-            run["decisions"] = decisions
+            run.decisions = dict(decisions)
         if recommended is not None:
-            run["recommended_strategy"] = recommended
-            run["strategy_scores"] = scores or {}
-            run["recommendation"] = recommendation or {}
-        run["updated"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        storage.write_json_atomic(self.run_file, run)
+            run.recommended_strategy = recommended
+            run.strategy_scores = scores or {}
+            run.recommendation = recommendation or {}
+            # the variants evaluated ({name: {strategy, params}}): their rules were fitted on
+            # these parameters, whatever the configuration says later
+            if variants:
+                run.variants = variants
+            else:
+                run.unset("variants")
+        self._write(run)
         return run
 
     def save_taxonomy(self, taxonomy) -> None:
@@ -247,26 +269,26 @@ class Run:
 
         recorded = self.read()
         own = storage.join(self.path, TAXONOMY_FILE)
-        dataset = (recorded.get("dataset") or {}).get("path")
+        dataset = recorded.dataset.path if recorded.dataset else None
         for path in [own] + ([storage.join(dataset, TAXONOMY_FILE)] if dataset else []):
             if storage.exists(path):
                 taxonomy = Taxonomy.from_json(storage.read_text(path), source=path)
-                if taxonomy.fingerprint != recorded.get("taxonomy_fingerprint"):
+                if taxonomy.fingerprint != recorded.taxonomy_fingerprint:
                     raise RunMismatch(f"{path}: taxonomy {taxonomy.fingerprint[:19]} is not "
                                       f"the one run {self.run_id} was trained on")
                 return taxonomy
         raise RunMismatch(f"run {self.run_id}: no {TAXONOMY_FILE} in {self.path} nor in its "
                           f"dataset ({dataset}); train or evaluate it again to record one")
 
-    def calibration(self) -> Optional[dict]:
-        return self.read().get("calibration")
+    def calibration(self) -> Optional[Calibration]:
+        return self.read().calibration
 
     def recommended_strategy(self) -> Optional[str]:
-        return self.read().get("recommended_strategy")
+        return self.read().recommended_strategy
 
-    def recorded(self, key: str) -> dict:
-        """What run.json holds of model ``key`` ({} when nothing)."""
-        return self.read().get("models", {}).get(key, {})
+    def recorded(self, key: str) -> ModelEntry:
+        """What run.json holds of model ``key`` (an empty entry when nothing)."""
+        return self.read().model(key)
 
     # ---------------------------------------------------------------- models present
     def has_model(self, key: str) -> bool:
@@ -275,8 +297,8 @@ class Run:
     def trained(self, key: str) -> bool:
         """The model is on disk or run.json records it as trained (its file then went
         missing: a strategy that needs it must refuse, never fall back to another model)."""
-        entry = self.read().get("models", {}).get(key)
-        return self.has_model(key) or (entry is not None and not entry.get("status"))
+        entry = self.read().models.get(key)
+        return self.has_model(key) or (entry is not None and entry.trained)
 
     def branch_ids(self) -> List[int]:
         """Level-1 ids with a branch folder, ascending."""

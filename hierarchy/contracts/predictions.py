@@ -39,6 +39,10 @@ SCORED: List[Tuple[str, str]] = [
     ("decision_id", "long"),
     ("decision_name", "string"),
     ("decision_probability", "double"),
+    # pictures scored; pictures of the product not scored: those that failed to decode at
+    # scoring, or, for a product none of whose pictures reached images/ (a fallback row),
+    # those ingest quarantined. A picture ingest quarantined from a product that still has
+    # others is in quarantine/, not counted here.
     ("image_count", "int"),
     ("bad_image_count", "int"),
     ("fallback", "boolean"),

@@ -9,9 +9,21 @@ message and the check cannot drift apart.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Dict, Literal, Optional, Tuple, Union
+from typing import Annotated, Any, Dict, Literal, Optional, Tuple, Union, get_type_hints
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+from hierarchy.contracts import rules, strategies
 
 
 class Allowed:
@@ -97,10 +109,8 @@ def Interval(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False)
                    "[low, high], low <= high, each " + _in_range(lo, hi, lo_open, hi_open))
 
 
-# Spelt out here, not imported: infer/modelset.py sits above the contracts, and
-# contracts/curation.py and contracts/model.py import pyarrow and TensorFlow, which loading a
-# config must not. tests/test_config.py keeps the copies equal.
-STRATEGIES = ("auto", "flat", "two-stage", "blend", "multi", "hierarchical", "refit", "fusion")
+# Spelt out here, not imported: contracts/curation.py and contracts/model.py import pyarrow
+# and TensorFlow, which loading a config must not. tests/test_config.py keeps the copies equal.
 FLAGS = ("blank", "placeholder", "duplicate", "near_duplicate", "conflicting_labels", "leakage")
 BACKBONES = ("small_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "inception_v3")
 
@@ -215,8 +225,7 @@ class Train(Section):
     mixed_precision: Switch()
     xla: Switch()
     exclude: Checked(Tuple[Text, ...], lambda v: all(x in FLAGS for x in v),
-                     "a list of curation flags: blank, placeholder, duplicate, "
-                     "near_duplicate, conflicting_labels")
+                     "a list of curation flags: " + ", ".join(FLAGS))
     np: Whole(1, 4096)
     seed: Annotated[int, Strict()]
     start_timeout: Whole(1, 86400)
@@ -265,6 +274,7 @@ class Curate(Section):
 
 
 class Decide(Section):
+    rule: Choice(*rules.NAMES)
     target_precision: Real(0.0, 1.0, lo_open=True, hi_open=True)
     confidence: Real(0.0, 1.0, lo_open=True, hi_open=True)
     levels: Checked(Tuple[Annotated[int, Strict()], ...],
@@ -288,8 +298,8 @@ class Calibrate(Section):
 class Serve(Section):
     host: Text
     port: Whole(0, 65535)
-    strategy: Choice(*STRATEGIES)
-    top_k: Whole(1, 100)
+    strategy: Text  # checked by Settings: auto, a declared strategy or a variant
+    top_n: Whole(1, 100)
     max_pictures: Whole(1, 64)
     max_products: Whole(1, 100000)
     max_picture_bytes: Whole(1, 2**31)
@@ -302,8 +312,8 @@ class Serve(Section):
 
 
 class Predict(Section):
-    strategy: Choice(*STRATEGIES)
-    top_k: Whole(0, 100000)
+    strategy: Text  # checked by Settings: auto, a declared strategy or a variant
+    top_branches: Whole(0, 100000)
     blend_weight: Real(0.0, 1.0)
     aggregate: Choice("log_mean", "mean")
     tta_flip: Flag
@@ -314,6 +324,40 @@ class Predict(Section):
     submission_gzip: Flag
     progress: Flag
     duplicate_lookup: Flag
+
+
+def _param_types() -> Dict[str, TypeAdapter]:
+    """Each strategy parameter's type: the ``predict:`` key it overrides in a variant."""
+    hints = get_type_hints(Predict, include_extras=True)
+    return {p: TypeAdapter(hints[p]) for p in strategies.PARAMS}
+
+
+def _variant_ok(name: str, v: Any, types: Dict[str, TypeAdapter]) -> bool:
+    if not strategies.VARIANT_NAME.fullmatch(name) or name in (strategies.AUTO,
+                                                                *strategies.NAMES):
+        return False
+    declared = strategies.declared(v.get("strategy")) if isinstance(v, dict) else None
+    if declared is None or not set(v) - {"strategy"} <= set(declared.params):
+        return False
+    try:
+        for key in set(v) - {"strategy"}:
+            types[key].validate_python(v[key])
+    except ValidationError:
+        return False
+    return True
+
+
+VARIANTS_ALLOWED = (
+    "a mapping of new lowercase names (letters, digits, '-') to {strategy: NAME, and only the "
+    "parameters it reads: " + "; ".join(f"{d.name}: {', '.join(d.params)}"
+                                        for d in strategies.DECLARED if d.params) +
+    "}, each value as its predict: key allows")
+
+
+def Variants():
+    return Checked(Dict[str, Dict[str, Any]],
+                   lambda v: all(_variant_ok(n, x, _param_types()) for n, x in v.items()),
+                   VARIANTS_ALLOWED)
 
 
 class Settings(Section):
@@ -331,3 +375,15 @@ class Settings(Section):
     calibrate: Calibrate
     serve: Serve
     predict: Predict
+    # strategies with other parameters, scored by evaluate beside the declared ones
+    # (hierarchy.contracts.strategies)
+    variants: Variants()
+
+    @model_validator(mode="after")
+    def _strategies_known(self) -> Settings:
+        for key, value in (("predict.strategy", self.predict.strategy),
+                           ("serve.strategy", self.serve.strategy)):
+            if value != strategies.AUTO and strategies.spec_of(value, self.variants) is None:
+                raise ValueError(f"config key '{key}': {value!r} is not allowed; expected "
+                                 f"one of {strategies.choices_text(self.variants)}")
+        return self

@@ -6,7 +6,7 @@ Models learn on train only; evaluate fits the rest on val: the hierarchical corr
 on its *calibration part* (:mod:`hierarchy.evaluate.decisions`), which only selects what to
 file and never changes a leaf. So every candidate's leaves on the calibration part are out of
 sample, and the choice is made there: the best level-3 product accuracy, then the most
-products filed at the target precision, then :data:`~hierarchy.infer.modelset.PREFERENCE`.
+products filed at the target precision, then :data:`~hierarchy.contracts.strategies.PREFERENCE`.
 The report says by how much the choice beats each other candidate, with a 95% interval of
 the paired difference over products (normal approximation: Spark sums ``d`` and ``d²`` per
 pair of strategies; one row comes back to the driver, never the products).
@@ -18,8 +18,8 @@ import math
 from typing import Dict, List, Optional
 
 from hierarchy.contracts.settings import Decide
+from hierarchy.contracts.strategies import PREFERENCE
 from hierarchy.evaluate.decisions import calibration_part
-from hierarchy.infer.modelset import PREFERENCE
 
 Z95 = 1.959963984540054
 

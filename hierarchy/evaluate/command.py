@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hierarchy.arguments import Command, common, dataset_and_models, dry_run, with_spark
+from hierarchy.contracts.settings import Settings
 
 
 def _arguments(p) -> None:
@@ -13,10 +14,10 @@ def _arguments(p) -> None:
     common(p)
 
 
-def run(args, cfg) -> dict:
+def run(args, cfg: Settings) -> dict:
     from hierarchy.evaluate.pipeline import check_evaluate, headline, run_evaluate
 
-    checked = check_evaluate(args.data, args.models, args.run_id, args.output)
+    checked = check_evaluate(args.data, args.models, args.run_id, args.output, cfg.variants)
     if args.dry_run:
         print(f"would evaluate run {args.run_id} on val with {', '.join(checked)} into "
               f"{args.output}/evaluation/{args.run_id}")

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from hierarchy.contracts import predictions
-from hierarchy.contracts.settings import Decide
+from hierarchy.contracts.settings import Decide, Settings
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import columns, combine, decide
 from hierarchy.infer.scoring import (
@@ -140,7 +140,7 @@ def _summaries(scored: PartitionPass, finished: dict, grids: decide.Grids,
         if records else None
 
 
-def score_and_fit(spark, cfg, plans: Dict[str, ScoringPlan], grouped
+def score_and_fit(spark, cfg: Settings, plans: Dict[str, ScoringPlan], grouped
                   ) -> Tuple[object, Dict[str, Tuple[decide.DecisionRule, dict]]]:
     """(the summaries, persisted: unpersist them after :func:`table_rows`' rows are written;
     {strategy: (its rule, its val figures)}) of every plan, from one pass over ``grouped``
@@ -169,7 +169,8 @@ def fit_rules(rows, plans: Dict[str, ScoringPlan], dcfg: Decide, grids: decide.G
     out = {}
     for name in plans:
         rule, figures = decide.fit_rule(stats[name], grids, dcfg.target_precision,
-                                        dcfg.levels, dcfg.confidence, temperature=forced)
+                                        dcfg.levels, dcfg.confidence, temperature=forced,
+                                        certifier=dcfg.rule)
         if rule.threshold is None:
             log.warning("decisions (%s): nothing will be filed — %s", name, rule.reason)
         out[name] = rule, figures
@@ -211,7 +212,7 @@ def _strategy_records(name: str, plan: ScoringPlan, tax: Taxonomy, part: pd.Data
         raise RuntimeError(f"strategy {name}: no rule fitted on the grid "
                            f"temperatures {temps}")
     scored = part[part["scored"].to_numpy(bool)]
-    made = iter(columns.rows(tax, columns.unpack({k: scored[k].tolist()
+    made = iter(columns.records(tax, columns.unpack({k: scored[k].tolist()
                                                   for k in columns.PACKED},
                                                  len(temps), temps.index(rule.temperature)),
                              rule) if len(scored) else [])

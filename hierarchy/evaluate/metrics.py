@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+from hierarchy.contracts.strategies import NAMES
 from hierarchy.contracts.taxonomy import Taxonomy
 
 # report order for the strategies the predict job knows; any other name follows, sorted
-STRATEGY_ORDER = ("flat", "two-stage", "blend", "multi", "hierarchical", "refit", "fusion")
 TOP_K = 5
 LABEL_COLUMNS = ("true_category_id", "true_l1", "true_l2", "true_l3")
 COUNTS = ("products", "hit_l1", "hit_l2", "hit_l3", "hit_top5", "hier_hits", "fallback")
 
 
 def strategy_order(names) -> List[str]:
-    known = [s for s in STRATEGY_ORDER if s in names]
-    return known + sorted(s for s in names if s not in STRATEGY_ORDER)
+    known = [s for s in NAMES if s in names]
+    return known + sorted(s for s in names if s not in NAMES)  # variants after the declared
 
 
 def _aggregate(df):

@@ -7,15 +7,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Optional
+from typing import Mapping, Optional
 
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.modelstore import ModelStore
+from hierarchy.contracts.settings import Settings
+from hierarchy.contracts.strategies import Spec, spec_of
 from hierarchy.evaluate import calibrate, choice, decisions
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, write_report
-from hierarchy.infer.modelset import IDENTITY, PredictError, available_strategies
+from hierarchy.infer import strategies
+from hierarchy.infer.modelset import IDENTITY, ScoringRefused, available_strategies
 from hierarchy.infer.pipeline import (
     check_predict,
     grouped_split,
@@ -27,18 +30,29 @@ from hierarchy.infer.pipeline import (
 log = logging.getLogger(__name__)
 
 
-def check_evaluate(data: str, models: str, run_id: str, output: str) -> dict:
-    """{strategy: its checked predict} of the strategies to evaluate, after every check that
-    needs no Spark (paths: exit 2; no model, a model or dataset that cannot be used: exit 3)."""
+def check_evaluate(data: str, models: str, run_id: str, output: str,
+                   variants: Mapping[str, Mapping] = {}) -> dict:  # noqa: B006 - read only
+    """{name: its checked predict} of the strategies to evaluate (every declared one the run
+    can serve, then each configured variant of those), after every check that needs no Spark
+    (paths: exit 2; no model, a model or dataset that cannot be used: exit 3)."""
     storage.require_dir(data, "--data")
     storage.require_dir(models, "--models")
     storage.require_writable_dir(output, "--output")
-    strategies = available_strategies(models, run_id)
-    if not strategies:
-        raise PredictError(f"run {run_id} in {models}: no flat model and no level-1 + branch "
+    available = available_strategies(models, run_id)
+    if not available:
+        raise ScoringRefused(f"run {run_id} in {models}: no flat model and no level-1 + branch "
                            f"models to evaluate — train them first")
-    return {strategy: check_predict(data, models, run_id, VAL, strategy, output)
-            for strategy in strategies}
+    specs = [Spec(name, name) for name in available] + [
+        spec for spec in (spec_of(name, variants) for name in sorted(variants))
+        if spec.strategy in available]
+    return {spec.name: check_predict(data, models, run_id, VAL, spec, output)
+            for spec in specs}
+
+
+def _corrected(checked: dict) -> Optional[str]:
+    """The strategy whose correction evaluate fits before scoring (hierarchical), if any."""
+    return next((s for s, c in checked.items()
+                 if strategies.get(c.modelset.spec.strategy).fits_correction), None)
 
 
 class _Phases:
@@ -55,7 +69,7 @@ class _Phases:
         log.info("evaluate: %s %.1f s", name, self.seconds[name])
 
 
-def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
+def run_evaluate(spark, cfg: Settings, data: str, models: str, run_id: str, output: str,
                  checked: Optional[dict] = None) -> dict:
     """``checked``: what :func:`check_evaluate` already returned for these arguments.
     Two scoring passes over val whatever the number of strategies: the hierarchical
@@ -64,13 +78,13 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     from pyspark.sql import functions as F
 
     phases = _Phases()
-    checked = dict(checked or check_evaluate(data, models, run_id, output))
+    checked = dict(checked or check_evaluate(data, models, run_id, output, cfg.variants))
     strategies = list(checked)
     run = ModelStore(models).run(run_id)
     prior = training_prior(spark, data)
     # read twice only when the hierarchical correction is fitted first
     grouped = grouped_split(spark, data, VAL, cfg.predict.partitions,
-                            persist="hierarchical" in checked)
+                            persist=_corrected(checked) is not None)
     try:
         calibration, checked, figures, rules, table = _passes(spark, cfg, data, models, run,
                                                               checked, output, prior, grouped,
@@ -87,8 +101,10 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
     chosen = choice.choose(choice.held_out(df, cfg.decide, strategies), filed, scores)
     metrics["recommendation"] = chosen
     recommended = chosen["recommended"]
+    variants = {s: c.modelset.spec.record() for s, c in checked.items()
+                if c.modelset.spec.params}
     run.record_evaluation(recommended=recommended, scores=scores, decisions=rules,
-                          recommendation=chosen)
+                          recommendation=chosen, variants=variants)
     phases.done("metrics and choice")
     out_dir = evaluation_dir(output, run_id)
     files = write_report(metrics, run.histories(), out_dir, run_id)
@@ -98,15 +114,14 @@ def run_evaluate(spark, cfg, data: str, models: str, run_id: str, output: str,
             "calibration": calibration, "phases": phases.seconds}
 
 
-def _passes(spark, cfg, data: str, models: str, run, checked: dict, output: str,
+def _passes(spark, cfg: Settings, data: str, models: str, run, checked: dict, output: str,
             prior: tuple, grouped, phases: _Phases) -> tuple:
     """The passes over val; (calibration, checked with the rules, figures, rules, table
     name)."""
-    calibration = None
-    if "hierarchical" in checked:
-        calibration, checked["hierarchical"] = _calibrate(spark, cfg, data, run,
-                                                          checked["hierarchical"], prior,
-                                                          grouped)
+    calibration, corrected = None, _corrected(checked)
+    if corrected is not None:
+        calibration, checked[corrected] = _calibrate(spark, cfg, data, run, checked[corrected],
+                                                     prior, grouped)
         phases.done("hierarchical calibration")
     # each strategy's own rule, fitted on one scoring pass that also keeps what val's table
     # rows are made of, so that the rows take the rules with no second model pass and their
@@ -115,7 +130,7 @@ def _passes(spark, cfg, data: str, models: str, run, checked: dict, output: str,
                              prior) for s, c in checked.items()}
     summaries, fitted_rules = decisions.score_and_fit(spark, cfg, plans, grouped)
     try:
-        rules = {s: rule.to_dict() for s, (rule, _) in fitted_rules.items()}
+        rules = {s: rule for s, (rule, _) in fitted_rules.items()}
         figures = {s: fig for s, (_, fig) in fitted_rules.items()}
         phases.done("decision rules")
         checked = {s: replace(c, modelset=replace(c.modelset, decision=rules[s]))
@@ -130,7 +145,7 @@ def _passes(spark, cfg, data: str, models: str, run, checked: dict, output: str,
     return calibration, checked, figures, rules, next(iter(scored.values()))["table"]
 
 
-def _calibrate(spark, cfg, data: str, run, checked, prior: tuple, grouped):
+def _calibrate(spark, cfg: Settings, data: str, run, checked, prior: tuple, grouped):
     """The hierarchical strategy's correction, fitted before anything is scored, on the fit
     part of val only (the decisions' calibration part must not have shaped the distribution
     it certifies); (the fit as run.json records it, ``checked`` with it applied)."""

@@ -2,7 +2,7 @@
 
 :func:`columns_of` reduces product distributions (already at the decision rule's temperature)
 to the few numbers a table row is made of: the top-n leaves, the best of the level-1 marginal
-and each level's best node. :func:`rows` turns those into the row's columns under a decision
+and each level's best node. :func:`records` turns those into the row's columns under a decision
 rule. predict runs both on each batch (:func:`hierarchy.infer.scoring.predicted`). Evaluate
 runs the first while it scores val, at every temperature of the decision grid
 (:func:`at_temperatures`), because the rule is fitted only after the pass; once it is, it runs
@@ -57,7 +57,7 @@ def at_temperatures(tax: Taxonomy, probs: np.ndarray, top_n: int,
                        top_n, True) for t in temperatures]
 
 
-def rows(tax: Taxonomy, cols: Columns, rule: Optional[decide.DecisionRule]) -> List[dict]:
+def records(tax: Taxonomy, cols: Columns, rule: Optional[decide.DecisionRule]) -> List[dict]:
     """The predicted columns (:func:`hierarchy.contracts.predictions.leaf_prediction`) and the
     decision of each product; ``rule`` None: no decision made (null columns)."""
     if rule is None:

@@ -1,4 +1,5 @@
-"""The predict stage's arithmetic: two-stage combination, blending, TTA, per-product aggregation.
+"""The scoring arithmetic predict, evaluate and serve share: the strategies' combinations
+(two-stage, blend, the hierarchical correction), TTA, temperature, per-product aggregation.
 
 Pure numpy (no TensorFlow, no Spark) so it can be tested in milliseconds and run inside any
 executor. Every function works on a batch of N images at once and returns float64: the
@@ -9,7 +10,6 @@ lose too much in float32 to keep the "rows sum to one" invariant the predictions
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -194,7 +194,7 @@ class ProductAccumulator:
     the result depends only on the set of images, not on how they were batched (up to float
     rounding). Pictures may carry weights (a fusion model's ``exp(view score)``): the means
     are then weighted, which is the fusion head's own pooling
-    (:class:`hierarchy.train.cmodel.ViewPooling`); without, every picture weighs 1. Only
+    (:class:`hierarchy.contracts.model.ViewPooling`); without, every picture weighs 1. Only
     products not yet popped are held, so memory is bounded by the number of open products: a
     caller that reads product ids sorted within a partition calls :meth:`pop_all_except`
     with the batch's last id after each batch and :meth:`finish` at the end, holding at most
@@ -403,44 +403,7 @@ def nll(p: np.ndarray, labels: np.ndarray, eps: float = 1e-7) -> float:
     return float(-np.mean(np.log(np.maximum(p[np.arange(y.size), y], eps))))
 
 
-def fit_temperature(p: np.ndarray, labels: np.ndarray, lo: float = 0.05, hi: float = 20.0,
-                    iters: int = 60) -> float:
-    """The temperature that minimises validation NLL (golden-section search on log T; the
-    NLL of a temperature-scaled softmax is unimodal in it)."""
-    a, b = math.log(lo), math.log(hi)
-    g = (math.sqrt(5) - 1) / 2
-
-    def f(log_t: float) -> float:
-        return nll(apply_temperature(p, math.exp(log_t)), labels)
-
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-    best = math.exp((a + b) / 2)
-    return best if f(math.log(best)) < f(0.0) else 1.0
-
-
-# --------------------------------------------------------------------------- fitted correction
-def correction_grid(temperatures, ws, vs) -> np.ndarray:
-    """Every (temperature, w, v) to try, [G, 3]; (1, 0, 0) — the uncorrected model — first."""
-    grid = [(1.0, 0.0, 0.0)] + [(float(t), float(w), float(v)) for t in temperatures
-                                for w in ws for v in vs]
-    seen, out = set(), []
-    for point in grid:
-        if point not in seen:
-            seen.add(point)
-            out.append(point)
-    return np.asarray(out, dtype=np.float64)
-
-
+# ------------------------------------------------------------------ the hierarchical strategy
 def corrected(p3: np.ndarray, taxonomy: Taxonomy, temperature: float, w: float, v: float,
               p_branch: Optional[np.ndarray] = None, p_l1: Optional[np.ndarray] = None,
               eps: float = 1e-7, expert_groups: Optional[np.ndarray] = None) -> np.ndarray:
@@ -448,34 +411,3 @@ def corrected(p3: np.ndarray, taxonomy: Taxonomy, temperature: float, w: float, 
     ``temperature``, then :func:`hierarchical_correction` by its experts and level-1 head."""
     return hierarchical_correction(apply_temperature(p3, temperature, eps), taxonomy, w, v,
                                    p_branch, p_l1, eps, expert_groups)
-
-
-def correction_stats(p3: np.ndarray, taxonomy: Taxonomy, grid: np.ndarray,
-                     groups: np.ndarray, labels: np.ndarray,
-                     p_branch: Optional[np.ndarray] = None, p_l1: Optional[np.ndarray] = None,
-                     eps: float = 1e-7, expert_groups: Optional[np.ndarray] = None
-                     ) -> Tuple[np.ndarray, np.ndarray, int]:
-    """For every grid point, over the *products* of these pictures (``groups``: a product's
-    pictures must all be here): (level-3 hits [G], summed negative log-likelihood [G],
-    products). Each picture is corrected, then a product's pictures are aggregated as predict
-    does (``log_mean``). Sums, so that Spark tasks' stats add up to the whole split's.
-    ``labels``: the level-3 id of each picture's product."""
-    ids = np.asarray(groups).reshape(-1)
-    _, first = np.unique(ids, return_index=True)
-    y = np.asarray(labels, dtype=np.int64).reshape(-1)[first]
-    hits = np.zeros(len(grid))
-    nlls = np.zeros(len(grid))
-    for g, (t, w, v) in enumerate(grid):
-        per_image = corrected(p3, taxonomy, t, w, v, p_branch, p_l1, eps, expert_groups)
-        product = group_mean_log(per_image, ids, eps)[first]  # predict's log_mean
-        hits[g] = float(np.sum(product.argmax(axis=1) == y))
-        nlls[g] = -float(np.sum(np.log(np.maximum(product[np.arange(y.size), y], eps))))
-    return hits, nlls, int(first.size)
-
-
-def best_correction(grid: np.ndarray, hits: np.ndarray, nlls: np.ndarray) -> int:
-    """The grid point with the most validation hits; among equals, the lowest NLL; among
-    those, the first (the uncorrected model comes first). Picked on accuracy, so the fitted
-    strategy never scores below the uncorrected one on the data it was fitted on."""
-    order = sorted(range(len(grid)), key=lambda g: (-hits[g], nlls[g], g))
-    return int(order[0])

@@ -7,7 +7,9 @@ import json
 from typing import List
 
 from hierarchy.arguments import Command, common, dataset_and_models, dry_run, with_spark
-from hierarchy.infer.modelset import AUTO, STRATEGIES, resolve_strategy
+from hierarchy.contracts.settings import Settings
+from hierarchy.contracts.strategies import AUTO, NAMES
+from hierarchy.infer.modelset import resolve_strategy
 
 RESULT_KEYS = ("run_id", "split", "strategy", "table", "table_path", "products", "images",
                "fallback")
@@ -17,19 +19,21 @@ def _predict_arguments(p) -> None:
     dataset_and_models(p)
     p.add_argument("--run-id", required=True, help="the trained run to score with")
     p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--strategy", choices=(AUTO,) + STRATEGIES,
-                   help="default predict.strategy (auto: the run's recommended strategy)")
+    p.add_argument("--strategy", metavar="NAME",
+                   help=f"default predict.strategy: {AUTO} (the run's recommended strategy), "
+                        f"{', '.join(NAMES)} or a name under the configuration's variants:")
     p.add_argument("--output", metavar="DIR", help="default paths.output")
     dry_run(p)
     common(p)
 
 
-def predict(args, cfg) -> dict:
+def predict(args, cfg: Settings) -> dict:
     from hierarchy.infer.pipeline import check_predict, run_predict, summary
 
-    strategy = resolve_strategy(args.models, args.run_id,
-                                args.strategy or cfg.predict.strategy)
-    checked = check_predict(args.data, args.models, args.run_id, args.split, strategy,
+    spec = resolve_strategy(args.models, args.run_id, args.strategy or cfg.predict.strategy,
+                            cfg.variants)
+    strategy = spec.name
+    checked = check_predict(args.data, args.models, args.run_id, args.split, spec,
                             args.output, cfg.predict.duplicate_lookup)
     if args.dry_run:
         print(f"would score split {args.split} with run {args.run_id} ({strategy}, "
@@ -54,12 +58,13 @@ def _runs_arguments(p) -> None:
     a = actions.add_parser("drop", help="remove a run (or one split / strategy of it)")
     a.add_argument("--run-id", required=True, help="the run to drop")
     a.add_argument("--split", choices=("test", "val"), help="only this split")
-    a.add_argument("--strategy", choices=STRATEGIES, help="only this strategy (with --split)")
+    a.add_argument("--strategy", metavar="NAME",
+                   help="only this strategy or variant (with --split)")
     dry_run(a)
     common(a)
 
 
-def runs(args, cfg) -> dict:
+def runs(args, cfg: Settings) -> dict:
     from hierarchy.infer import tables
 
     name = tables.table_name(cfg.catalog)

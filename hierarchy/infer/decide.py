@@ -16,30 +16,28 @@ Because a node's probability is a sum of the probabilities below it, the best no
 probability never decreases while climbing, so one threshold orders the products and the
 levels at once.
 
-**The fit** (learn-then-test, Angelopoulos et al. 2021): val is cut by a hash of the product id
-into a *fit* part and a *calibration* part. The fit part chooses the temperature (leaf NLL)
-and where the tests start (:func:`test_start`: the threshold it is surest of, its smallest
-p-value); the calibration part then tests, from there to more and more lenient thresholds,
-the hypothesis "precision of the filed products < target" with an exact Clopper-Pearson
-binomial p-value, and stops at the first threshold it cannot reject (fixed sequence testing:
-the family-wise error stays at ``1 - confidence`` without splitting it); the last certified
-threshold files. It therefore has precision >= target with probability >= ``confidence``
-over the draw of val, on any product drawn like val. (Two other starts were measured on the
-hard bench — the threshold most likely to pass, and both starts at half the error each —
-and filed less: bench/README.) A decision is correct when the node is the true leaf or one of its
-ancestors.
+**The fit**: val is cut by a hash of the product id into a *fit* part and a *calibration*
+part. The fit part chooses the temperature (leaf NLL); the threshold is then certified as
+``decide.rule`` says (:mod:`hierarchy.infer.rules`; the default, ``fixed-sequence``, is
+learn-then-test with fixed sequence testing, Angelopoulos et al. 2021: precision >= target with
+probability >= ``confidence`` over the draw of val, on any product drawn like val). (Two other
+starts of its sequence were measured on the hard bench — the threshold most likely to pass,
+and both starts at half the error each — and filed less: bench/README.) A decision is correct
+when the node is the true leaf or one of its ancestors.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hierarchy.contracts import rules as declared_rules
+from hierarchy.contracts.runrecord import DecisionRule
 from hierarchy.contracts.taxonomy import Taxonomy
-from hierarchy.infer import combine
+from hierarchy.infer import combine, rules
+from hierarchy.infer.rules import Curves
 
 LEVELS = (3, 2, 1)      # deepest first
 REVIEW = 0              # decision_level of a product sent to review
@@ -47,13 +45,6 @@ REVIEW = 0              # decision_level of a product sent to review
 # precision targets live (0.9-0.999) and still reach down for an under-confident model
 THRESHOLDS = 1.0 / (1.0 + np.exp(-np.linspace(9.2, -3.0, 128)))
 ECE_BINS = 15
-
-
-def needed_products(target: float, confidence: float) -> int:
-    """The fewest filed calibration products that can certify ``target`` at ``confidence``
-    even with no error among them: the smallest n with target**n <= 1 - confidence
-    (59 for 0.95 at 0.95, 299 for 0.99)."""
-    return int(math.ceil(math.log(1.0 - confidence) / math.log(target) - 1e-12))
 
 
 # --------------------------------------------------------------------------- the tree's nodes
@@ -165,29 +156,7 @@ def filed_levels(prob: np.ndarray, allowed: np.ndarray, thresholds: np.ndarray) 
 
 
 # --------------------------------------------------------------------------- the rule
-@dataclass(frozen=True)
-class DecisionRule:
-    """What evaluate fitted for one strategy and predict applies; ``threshold`` None files
-    nothing (``reason`` says why)."""
-
-    target: float
-    levels: Tuple[int, ...]
-    confidence: float
-    temperature: float
-    threshold: Optional[float]
-    reason: str = ""
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["levels"] = list(self.levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DecisionRule:
-        return cls(target=float(d["target"]), levels=tuple(int(x) for x in d["levels"]),
-                   confidence=float(d["confidence"]), temperature=float(d["temperature"]),
-                   threshold=None if d.get("threshold") is None else float(d["threshold"]),
-                   reason=str(d.get("reason", "")))
+# the rule itself is a run.json record: hierarchy.contracts.runrecord.DecisionRule
 
 
 def decide(p: np.ndarray, nodes: Nodes, rule: DecisionRule) -> List[dict]:
@@ -313,16 +282,6 @@ def unflatten(values: Sequence[float], grids: Grids) -> Dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- the fit
-def p_value(errors: int, filed: int, target: float) -> float:
-    """Exact (Clopper-Pearson) p-value of "precision < target" after ``errors`` wrong among
-    ``filed``: the chance of so few errors if the error rate were 1 - target."""
-    from scipy.stats import binom
-
-    if filed <= 0:
-        return 1.0
-    return float(binom.cdf(errors, filed, 1.0 - target))
-
-
 def ece(count: np.ndarray, conf: np.ndarray, hit: np.ndarray) -> Optional[float]:
     """Expected calibration error of one level from its bins."""
     n = count.sum()
@@ -342,61 +301,30 @@ def fitted_temperature(stats: Dict[str, np.ndarray], grids: Grids,
     return temps.index(1.0) if 1.0 in temps else 0
 
 
-def test_start(errors_fit: np.ndarray, filed_fit: np.ndarray, target: float) -> Optional[int]:
-    """Where the test sequence starts, from the fit part alone (a start that looked at the
-    calibration part would void the bound): the threshold of the fit part's smallest p-value,
-    the one it has the most evidence for. None when the fit part files nothing."""
-    if not filed_fit.any():
-        return None
-    return int(np.argmin([p_value(int(e), int(f), target)
-                          for e, f in zip(errors_fit, filed_fit)]))
-
-
-def fixed_sequence(errors_cal: np.ndarray, filed_cal: np.ndarray, start: int, target: float,
-                   level: float) -> Optional[int]:
-    """The most lenient threshold certified from ``start`` on, or None: "precision < target"
-    tested at ``level`` on the calibration part, from ``start`` to more and more lenient
-    thresholds, stopping at the first not rejected."""
-    chosen = None
-    for j in range(start, len(filed_cal)):
-        if p_value(int(errors_cal[j]), int(filed_cal[j]), target) > level:
-            break
-        chosen = j
-    return chosen
-
-
 def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
              levels: Sequence[int], confidence: float,
-             temperature: Optional[float] = None) -> Tuple[DecisionRule, dict]:
-    """The rule and its val figures from summed :func:`add_stats` (see the module notes).
-    ``temperature`` forces one of ``grids.temperatures`` instead of fitting it."""
+             temperature: Optional[float] = None,
+             certifier: str = declared_rules.NAMES[0]) -> Tuple[DecisionRule, dict]:
+    """The rule and its val figures from summed :func:`add_stats` (see the module notes):
+    the temperature from the fit part (or ``temperature``, one of ``grids.temperatures``),
+    then the threshold as ``certifier`` (:mod:`hierarchy.infer.rules`) certifies it."""
     t = fitted_temperature(stats, grids, temperature)
     n_fit, n_cal = (int(x) for x in stats["products"])
-    need = needed_products(target, confidence)
     filed_fit = stats["filed"][0, t].sum(axis=1)
-    errors_fit = filed_fit - stats["correct"][0, t].sum(axis=1)
     filed_cal = stats["filed"][1, t].sum(axis=1)
-    errors_cal = filed_cal - stats["correct"][1, t].sum(axis=1)
-    start = test_start(errors_fit, filed_fit, target) if n_fit else None
-    chosen, reason = None, ""
-    if n_cal < need:
-        reason = (f"{n_cal} calibration products in val: a precision of {target:g} at "
-                  f"confidence {confidence:g} needs at least {need} filed products — more val "
-                  f"products (ingest.val_fraction) or decide.calibration_share")
-    elif start is None:
-        reason = (f"no threshold files a product of val's fit part ({n_fit} products) at "
-                  f"temperature {grids.temperatures[t]:g}: nothing to order the tests by")
-    else:
-        chosen = fixed_sequence(errors_cal, filed_cal, start, target, 1.0 - confidence)
-        if chosen is None:
-            reason = (f"the calibration part could not certify precision {target:g}: "
-                      f"{int(errors_cal[start])} wrong of {int(filed_cal[start])} filed at the "
-                      f"threshold the fit part was surest of ({grids.thresholds[start]:.4g})")
+    curves = Curves(thresholds=grids.thresholds, filed_fit=filed_fit,
+                    errors_fit=filed_fit - stats["correct"][0, t].sum(axis=1),
+                    filed_cal=filed_cal,
+                    errors_cal=filed_cal - stats["correct"][1, t].sum(axis=1),
+                    n_fit=n_fit, n_cal=n_cal)
+    how = rules.get(certifier)
+    chosen, reason = how.select(curves, target, confidence, float(grids.temperatures[t]))
     rule = DecisionRule(target=target, levels=tuple(sorted(levels, reverse=True)),
                         confidence=confidence, temperature=float(grids.temperatures[t]),
                         threshold=None if chosen is None else float(grids.thresholds[chosen]),
                         reason=reason)
-    return rule, figures(stats, grids, t, chosen, rule, n_fit, n_cal, need)
+    return rule, figures(stats, grids, t, chosen, rule, n_fit, n_cal,
+                         how.needed(target, confidence))
 
 
 def figures(stats: Dict[str, np.ndarray], grids: Grids, t: int, chosen: Optional[int],

@@ -15,17 +15,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Union
 
 from hierarchy.contracts import predictions, storage
 from hierarchy.contracts.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
 from hierarchy.contracts.errors import UsageError
 from hierarchy.contracts.manifest import Manifest
-from hierarchy.contracts.settings import Decide
+from hierarchy.contracts.settings import Decide, Settings
+from hierarchy.contracts.strategies import Spec
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import decide, tables
-from hierarchy.infer.modelset import ModelSet, PredictError, load_modelset
-from hierarchy.infer.scoring import INPUT_COLUMNS, ScoringPlan, score_partitions
+from hierarchy.infer.modelset import ModelSet, ScoringRefused, load_modelset
+from hierarchy.infer.scoring import INPUT_COLUMNS, ScoringPlan, plan_params, score_partitions
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def training_prior(spark, data: str):
     counts = read_products(spark, data, TRAIN).groupBy("category_id").count()
     best = counts.orderBy(F.desc("count"), F.asc("category_id")).first()
     if best is None:
-        raise PredictError(f"{data}: no training products, so no prior for products without "
+        raise ScoringRefused(f"{data}: no training products, so no prior for products without "
                            f"a usable picture — ingest the train dump first")
     total = counts.agg(F.sum("count")).first()[0]
     return int(best.category_id), float(best["count"]) / float(total)
@@ -91,7 +92,7 @@ def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple,
                   strategies: Sequence[str] = ()):
     """Products of the split with no row in images/ (every picture quarantined at ingest):
     the same row the scorer gives a product none of whose pictures decodes
-    (:func:`hierarchy.infer.predictions.fallback_prediction`), once per strategy of
+    (:func:`hierarchy.contracts.predictions.fallback_prediction`), once per strategy of
     ``strategies`` (with a ``strategy`` column) when given. Only the product_id column of
     images/ is read."""
     from pyspark.sql import functions as F
@@ -197,7 +198,7 @@ class CheckedPredict:
     modelset: ModelSet
 
 
-def check_predict(data: str, models: str, run_id: str, split: str, strategy: str,
+def check_predict(data: str, models: str, run_id: str, split: str, strategy: Union[str, Spec],
                   output: str, duplicate_lookup: bool = False) -> CheckedPredict:
     """Everything predict can refuse without Spark: the folders (exit 2), a dataset that is
     not complete, a missing model or one of another taxonomy (exit 3)."""
@@ -207,7 +208,7 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
         from hierarchy.contracts.curation import has_curation
 
         if not has_curation(data):
-            raise PredictError(f"{data}: predict.duplicate_lookup needs the curation table — "
+            raise ScoringRefused(f"{data}: predict.duplicate_lookup needs the curation table — "
                                f"run `hierarchy curate --data {data}` first (or set "
                                f"predict.duplicate_lookup=false)")
     storage.require_dir(data, "--data")
@@ -217,11 +218,11 @@ def check_predict(data: str, models: str, run_id: str, split: str, strategy: str
     manifest = dataset.require_complete([kind_of_split(split)])
     taxonomy = dataset.taxonomy()
     if manifest.fingerprint != taxonomy.fingerprint:
-        raise PredictError(f"{data}: taxonomy.json does not match manifest.json")
+        raise ScoringRefused(f"{data}: taxonomy.json does not match manifest.json")
     return CheckedPredict(manifest, taxonomy, load_modelset(models, run_id, strategy, taxonomy))
 
 
-def scoring_plan(spark, cfg, data: str, taxonomy: Taxonomy, modelset: ModelSet,
+def scoring_plan(spark, cfg: Settings, data: str, taxonomy: Taxonomy, modelset: ModelSet,
                  prior: Optional[tuple] = None) -> ScoringPlan:
     """What every scoring task gets (and sets the Arrow batch size it is fed with).
     ``prior``: :func:`training_prior`, when the caller already has it."""
@@ -230,13 +231,13 @@ def scoring_plan(spark, cfg, data: str, taxonomy: Taxonomy, modelset: ModelSet,
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(pcfg.batch_size))
     return ScoringPlan(models=modelset, taxonomy_json=taxonomy.to_json(),
                        prior_category_id=prior[0], prior_share=prior[1],
-                       top_k=pcfg.top_k, blend_weight=pcfg.blend_weight,
-                       aggregate=pcfg.aggregate, tta_flip=pcfg.tta_flip,
+                       params=plan_params(modelset, pcfg), aggregate=pcfg.aggregate,
+                       tta_flip=pcfg.tta_flip,
                        top_n=pcfg.top_n, threads=pcfg.threads)
 
 
-def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, strategy: str,
-                output: str, checked: Optional[CheckedPredict] = None) -> dict:
+def run_predict(spark, cfg: Settings, data: str, models: str, run_id: str, split: str,
+                strategy: str, output: str, checked: Optional[CheckedPredict] = None) -> dict:
     """``checked``: what :func:`check_predict` already returned for these arguments."""
     checked = checked or check_predict(data, models, run_id, split, strategy, output,
                                        cfg.predict.duplicate_lookup)
@@ -244,7 +245,7 @@ def run_predict(spark, cfg, data: str, models: str, run_id: str, split: str, str
                        output)[strategy]
 
 
-def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
+def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split: str,
                 checked: Dict[str, CheckedPredict], output: str,
                 prior: Optional[tuple] = None, grouped=None, scored=None) -> Dict[str, dict]:
     """Score ``split`` under every strategy of ``checked`` (each :func:`check_predict`ed) in
@@ -273,11 +274,12 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     prior = prior or training_prior(spark, data)
     plans = {s: scoring_plan(spark, cfg, data, taxonomy, checked[s].modelset, prior)
              for s in strategies}
-    final = finish_rows(_rows(spark, cfg, data, split, plans, products, taxonomy, prior,
+    final = finish_rows(_split_rows(spark, cfg, data, split, plans, products, taxonomy, prior,
                               grouped, scored), run_id, split)
-    top_k = next(iter(plans.values())).top_k
+    branches = sorted({dict(p.params)["top_branches"] for p in plans.values()
+                       if "top_branches" in dict(p.params)})
     log.info("scoring split %s with run %s (%s%s)", split, run_id, ", ".join(strategies),
-             f", top-{top_k} branches" if strategies != ["flat"] and top_k else "")
+             f", top-{'/'.join(map(str, branches))} branches" if any(branches) else "")
     partitions = [{"run_id": run_id, "split": split, "strategy": s} for s in strategies]
     name, location = run_with_progress(spark, f"predict {split}",
                                        lambda: tables.write_predictions(spark, final,
@@ -304,8 +306,8 @@ def run_scoring(spark, cfg, data: str, models: str, run_id: str, split: str,
     return results
 
 
-def _rows(spark, cfg, data: str, split: str, plans: Dict[str, ScoringPlan], products,
-          taxonomy: Taxonomy, prior: tuple, grouped, scored=None):
+def _split_rows(spark, cfg: Settings, data: str, split: str, plans: Dict[str, ScoringPlan],
+                products, taxonomy: Taxonomy, prior: tuple, grouped, scored=None):
     """Every product's row under every strategy of ``plans``: scored from its pictures
     (unless ``scored`` already holds these rows),
     the fallback row for a product with none, an exact copy's training label first when

@@ -25,8 +25,10 @@ import pandas as pd
 
 from hierarchy import joblog
 from hierarchy.contracts import predictions
+from hierarchy.contracts import strategies as declared
+from hierarchy.contracts.settings import Predict
 from hierarchy.contracts.taxonomy import Taxonomy
-from hierarchy.infer import columns, combine, loaded
+from hierarchy.infer import columns, combine, loaded, strategies
 from hierarchy.infer.modelset import ModelRef, ModelSet
 
 INPUT_COLUMNS = ["product_id", "img_idx", "jpeg", "category_id", "l1", "l2", "l3"]
@@ -41,12 +43,23 @@ class ScoringPlan:
     taxonomy_json: str
     prior_category_id: int      # most frequent category of the training split
     prior_share: float          # its share of training products (the fallback's confidence)
-    top_k: int
-    blend_weight: float
+    # the strategy's parameters (hierarchy.contracts.strategies.Declared.params): a variant's
+    # own values, else the predict: keys of the same names
+    params: Tuple[Tuple[str, float], ...]
     aggregate: str
     tta_flip: bool
     top_n: int
     threads: int
+
+    def param(self, key: str):
+        return dict(self.params)[key]
+
+
+def plan_params(modelset: ModelSet, pcfg: Predict) -> Tuple[Tuple[str, float], ...]:
+    """The parameters ``modelset``'s strategy reads: its variant's, else the configuration's."""
+    spec = modelset.spec
+    names = declared.declared(spec.strategy).params
+    return tuple((p, spec.param(p, getattr(pcfg, p))) for p in names)
 
 
 # ----------------------------------------------------------------------------- per worker
@@ -88,11 +101,13 @@ def _configure_tf(threads: int) -> None:
 
 # ----------------------------------------------------------------------------- one batch
 class BatchScorer:
-    """Leaf probabilities [n_decoded, n_l3] for a batch of JPEGs under the plan's strategy."""
+    """Leaf probabilities [n_decoded, n_l3] for a batch of JPEGs under the plan's strategy
+    (:mod:`hierarchy.infer.strategies`), which reads the models through :meth:`outputs`."""
 
     def __init__(self, plan: ScoringPlan):
         _configure_tf(plan.threads)
         self.plan = plan
+        self.strategy = strategies.get(plan.models.spec.strategy)
         self.taxonomy = Taxonomy.from_json(plan.taxonomy_json)
         for ref in plan.models.refs():
             loaded.load(ref)  # now: a broken model file fails the first task, not the 1000th
@@ -136,7 +151,7 @@ class BatchScorer:
             cache[key] = tf.cast(preprocess_for(ref.backbone)(x), tf.float32).numpy()
         return cache[key]
 
-    def _cached(self, ref: ModelRef, images: list, cache: dict,
+    def outputs(self, ref: ModelRef, images: list, cache: dict,
                 rows: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
         """:meth:`_outputs` of ``ref`` on ``images`` (or the ``rows`` of them), computed once
         per batch: ``cache`` is shared by the scorers of every strategy scored in one pass
@@ -166,9 +181,10 @@ class BatchScorer:
                    0.5 * (np.asarray(out[n]) + np.asarray(f)) for n, f in zip(names, flipped)}
         return out
 
-    def _predict(self, ref: ModelRef, images: list, cache: dict,
-                 rows: Optional[np.ndarray] = None) -> np.ndarray:
-        return next(iter(self._cached(ref, images, cache, rows).values()))
+    def output(self, ref: ModelRef, images: list, cache: dict,
+               rows: Optional[np.ndarray] = None) -> np.ndarray:
+        """The first (a single-output model's only) output of :meth:`outputs`."""
+        return next(iter(self.outputs(ref, images, cache, rows).values()))
 
     def components(self, images: list, cache: Optional[dict] = None) -> Dict[str, np.ndarray]:
         """The multi-level model's level-3, level-1 head and per-branch conditional outputs
@@ -176,7 +192,7 @@ class BatchScorer:
         the calibration that fits the latter, are computed from."""
         from hierarchy.contracts.model import CONDITIONAL, L1_HEAD, L3_OUTPUT
 
-        out = self._cached(self.plan.models.multi, images, {} if cache is None else cache)
+        out = self.outputs(self.plan.models.multilevel, images, {} if cache is None else cache)
         return {name: np.asarray(out[name], dtype=np.float64)
                 for name in (L3_OUTPUT, L1_HEAD, CONDITIONAL)}
 
@@ -187,7 +203,7 @@ class BatchScorer:
         from hierarchy.contracts.model import EXPERTS_LAYER
 
         if not hasattr(self, "_expert_groups"):
-            model = loaded.load(self.plan.models.multi)
+            model = loaded.load(self.plan.models.multilevel)
             names = {layer.name for layer in model.layers}
             self._expert_groups = None if EXPERTS_LAYER not in names else np.asarray(
                 model.get_layer(EXPERTS_LAYER).groups, dtype=np.int64)
@@ -196,58 +212,16 @@ class BatchScorer:
     def weighted(self, images: list, product_ids: np.ndarray, cache: Optional[dict] = None
                  ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """(:meth:`probs`, each picture's weight in its product or None when all weigh the
-        same): a fusion model weighs a picture by ``exp(view score)``, the pooling it was
-        trained with (:class:`hierarchy.train.cmodel.ViewPooling`). ``cache``: model outputs
-        of this batch shared with other strategies' scorers (see :meth:`_cached`)."""
-        ms = self.plan.models
-        cache = {} if cache is None else cache
-        if ms.strategy != "fusion":
-            return self.probs(images, product_ids, cache), None
-        from hierarchy.contracts.model import L3_OUTPUT, VIEW_SCORE
-
-        out = self._cached(ms.head, images, cache)
-        return (np.asarray(out[L3_OUTPUT], dtype=np.float64),
-                np.exp(np.asarray(out[VIEW_SCORE], dtype=np.float64).reshape(-1)))
+        same, as a fusion model does). ``cache``: model outputs of this batch shared with
+        other strategies' scorers (see :meth:`outputs`)."""
+        return self.strategy.weighted(self, images, product_ids, {} if cache is None else cache)
 
     def probs(self, images: list, product_ids: np.ndarray,
               cache: Optional[dict] = None) -> np.ndarray:
         """``images``: decoded pictures (no None), with the product of each; every picture
         of a product is in the call (two-stage picks a product's branches from all of them).
         Returns float64 [len(images), n_l3]."""
-        plan, cache = self.plan, {} if cache is None else cache
-        ms = plan.models
-        if ms.head is not None:  # refit, fusion: one model over a frozen trunk
-            return np.asarray(self._predict(ms.head, images, cache), dtype=np.float64)
-        if ms.strategy in ("multi", "hierarchical"):
-            from hierarchy.contracts.model import CONDITIONAL, L1_HEAD, L3_OUTPUT
-
-            out = self.components(images, cache)
-            if ms.strategy == "multi":
-                return out[L3_OUTPUT]
-            c = ms.calibration
-            return combine.corrected(out[L3_OUTPUT], self.taxonomy, c["temperature"], c["w"],
-                                     c["v"], out[CONDITIONAL], out[L1_HEAD],
-                                     expert_groups=self.expert_groups())
-        p_flat = p_two = None
-        if ms.flat is not None:
-            p_flat = np.asarray(self._predict(ms.flat, images, cache), dtype=np.float64)
-        if ms.level1 is not None:
-            p_l1 = self._predict(ms.level1, images, cache)
-
-            def branch_probs(b: int, rows: np.ndarray) -> Optional[np.ndarray]:
-                ref = ms.branches.get(b)
-                if ref is None:
-                    return None  # no training images for it: uniform over its leaves
-                return self._predict(ref, images, cache, rows)
-
-            # the product's top-k branches, from the level-1 distribution of all its pictures
-            expanded = combine.product_branches(p_l1, product_ids, plan.top_k)
-            p_two = combine.two_stage(p_l1, branch_probs, self.taxonomy, expanded=expanded)
-        if ms.strategy == "flat":
-            return p_flat
-        if ms.strategy == "two-stage":
-            return p_two
-        return combine.blend(p_two, p_flat, plan.blend_weight)
+        return self.strategy.probs(self, images, product_ids, {} if cache is None else cache)
 
 
 # ----------------------------------------------------------------------------- partitions
@@ -259,15 +233,15 @@ class _Product:
 
 
 def aggregate_of(plan: ScoringPlan) -> str:
-    """How a product's pictures combine: ``predict.aggregate``, except for a fusion model,
-    whose weights belong to the geometric mean it was trained with (ViewPooling)."""
-    return "log_mean" if plan.models.strategy == "fusion" else plan.aggregate
+    """How a product's pictures combine: ``predict.aggregate`` unless the strategy pools its
+    own way (a fusion model's weights belong to the geometric mean it was trained with)."""
+    return strategies.get(plan.models.spec.strategy).pooling(plan.aggregate)
 
 
 class PartitionPass:
     """One partition's products scored under every strategy of ``plans``, batch by batch:
     each model runs once per picture whatever the number of strategies that read it
-    (:meth:`BatchScorer._cached`), and each strategy's products are aggregated as it gives
+    (:meth:`BatchScorer.outputs`), and each strategy's products are aggregated as it gives
     them scored alone. :func:`score_partitions` makes table rows of them; evaluate's pass
     (:mod:`hierarchy.evaluate.decisions`) also its decision statistics."""
 
@@ -355,7 +329,7 @@ def _strategy_rows(plans: Dict[str, ScoringPlan], tax: Taxonomy, finished: dict,
                    ) -> Optional[pd.DataFrame]:
     frames = []
     for name, plan in plans.items():
-        rows = _rows(plan, tax, finished[name], seen[name], keep)
+        rows = _finished_frame(plan, tax, finished[name], seen[name], keep)
         if rows is not None:
             frames.append(rows.assign(strategy=name))
     return pd.concat(frames, ignore_index=True) if frames else None
@@ -393,7 +367,7 @@ def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]
     rule = plan.models.decision_rule()
     if rule is not None and len(probs):
         probs = combine.apply_temperature(probs, rule.temperature)
-    return columns.rows(tax, columns.columns_of(tax, probs, plan.top_n, rule is not None),
+    return columns.records(tax, columns.columns_of(tax, probs, plan.top_n, rule is not None),
                         rule)
 
 
@@ -406,7 +380,7 @@ def score_products(scorer: BatchScorer, images: list, product_ids: np.ndarray,
     return acc.finish()
 
 
-def _rows(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
+def _finished_frame(plan: ScoringPlan, tax: Taxonomy, finished, seen: Dict[int, _Product],
           keep: Optional[int]) -> Optional[pd.DataFrame]:
     """Product rows for every product seen and finished (all but ``keep``)."""
     ids, probs, _ = finished

@@ -23,7 +23,7 @@ from hierarchy.contracts import storage
 from hierarchy.contracts.errors import UsageError
 from hierarchy.contracts.predictions import ADDED_COLUMNS, PARTITIONS, TABLE_COLUMNS
 from hierarchy.contracts.settings import Catalog
-from hierarchy.infer.modelset import PredictError
+from hierarchy.infer.modelset import ScoringRefused
 from hierarchy.spark import sql_literal, sql_name
 
 
@@ -60,7 +60,7 @@ def _placed(spark, catalog: Catalog) -> Tuple[str, bool]:
     wanted = storage.to_url(catalog.location) if catalog.location else ""
     storage.require_hadoop_path(wanted, "catalog.location")
     if existing and wanted and not storage.same_location(existing, wanted):
-        raise PredictError(
+        raise ScoringRefused(
             f"table {name} lives at {existing}, but catalog.location is {wanted}: set "
             f"catalog.location={existing} (or empty), or name another table with "
             f"catalog.table=... / catalog.database=...")
@@ -190,14 +190,14 @@ def check_unique_products(products, what: str) -> None:
     dups = products.groupBy("product_id").count().where(F.col("count") > 1)
     n = dups.count()
     if n:
-        raise PredictError(
+        raise ScoringRefused(
             f"{what}: {n} product id(s) appear more than once (e.g. {_sample(dups, 'product_id')})"
             f"; re-ingest that dump: ingest keeps the first occurrence and quarantines the "
             f"others as duplicate_id")
 
 
 def check_submission_rows(sub, products) -> Tuple[int, int]:
-    """Exactly one row per product of the input: (rows, products), else PredictError naming
+    """Exactly one row per product of the input: (rows, products), else ScoringRefused naming
     the offending ids."""
     from pyspark.sql import functions as F
 
@@ -213,7 +213,7 @@ def check_submission_rows(sub, products) -> Tuple[int, int]:
         if n:
             problems.append(f"{n} {name} (e.g. {_sample(df, '_id')})")
     if problems:
-        raise PredictError(
+        raise ScoringRefused(
             f"submission check failed: {stats.rows} rows for {n_products} products: "
             + "; ".join(problems) + "; nothing was published")
     return stats.rows, n_products

@@ -38,7 +38,7 @@ from typing import List, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from hierarchy.contracts.settings import Serve
+from hierarchy.contracts.settings import Serve, Settings
 from hierarchy.serve.classifier import JPEG_MAGIC, Classifier, MicroBatcher, Product
 from hierarchy.serve.guard import BodyLimit, BodyTooLarge
 
@@ -311,7 +311,7 @@ def create_app(classifier: Classifier, scfg: Serve, data=None, token: str = ""):
     return BodyLimit(app, scfg.max_body_bytes, review_limits(scfg) if data else None)
 
 
-def serve(cfg, models: str, run_id: str, strategy=None, host=None, port=None,
+def serve(cfg: Settings, models: str, run_id: str, strategy=None, host=None, port=None,
           data=None, allow_remote: bool = False) -> int:
     """Check the run (refusals before the socket opens), then run uvicorn until stopped."""
     import uvicorn

@@ -24,9 +24,10 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from hierarchy.contracts.modelstore import ModelStore
+from hierarchy.contracts.settings import Settings
 from hierarchy.infer import decide
-from hierarchy.infer.modelset import PredictError, load_modelset, resolve_strategy
-from hierarchy.infer.scoring import BatchScorer, ScoringPlan, predicted, score_products
+from hierarchy.infer.modelset import ScoringRefused, load_modelset, resolve_strategy
+from hierarchy.infer.scoring import BatchScorer, ScoringPlan, plan_params, predicted, score_products
 
 log = logging.getLogger(__name__)
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -41,25 +42,25 @@ class Product:
 
 
 class Classifier:
-    """Checks the run at once (missing model, other taxonomy: PredictError, before any
+    """Checks the run at once (missing model, other taxonomy: ScoringRefused, before any
     socket opens); :meth:`load` then loads the models (seconds: the server is up, not ready)."""
 
-    def __init__(self, cfg, models: str, run_id: str, strategy: Optional[str] = None):
+    def __init__(self, cfg: Settings, models: str, run_id: str, strategy: Optional[str] = None):
         scfg = cfg.serve
         run = ModelStore(models).run(run_id)
         if not run.exists():
-            raise PredictError(f"{run.path}: no run.json — train run {run_id!r} first "
+            raise ScoringRefused(f"{run.path}: no run.json — train run {run_id!r} first "
                                f"(hierarchy train --run-id {run_id})")
         self.taxonomy = run.taxonomy()
-        self.strategy = resolve_strategy(models, run_id, strategy or scfg.strategy)
-        self.modelset = load_modelset(models, run_id, self.strategy, self.taxonomy)
+        spec = resolve_strategy(models, run_id, strategy or scfg.strategy, cfg.variants)
+        self.strategy = spec.name
+        self.modelset = load_modelset(models, run_id, spec, self.taxonomy)
         self.run_id = run_id
         self.plan = ScoringPlan(
             models=self.modelset, taxonomy_json=self.taxonomy.to_json(), prior_category_id=0,
-            prior_share=0.0, top_k=cfg.predict.top_k,
-            blend_weight=cfg.predict.blend_weight,
+            prior_share=0.0, params=plan_params(self.modelset, cfg.predict),
             aggregate=cfg.predict.aggregate, tta_flip=cfg.predict.tta_flip,
-            top_n=scfg.top_k, threads=cfg.predict.threads)
+            top_n=scfg.top_n, threads=cfg.predict.threads)
         self.scorer: Optional[BatchScorer] = None
         self.ready = threading.Event()
         self.error: Optional[str] = None

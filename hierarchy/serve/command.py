@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from hierarchy.arguments import Command, allow_remote, common, count
 from hierarchy.contracts import storage
-from hierarchy.infer.modelset import AUTO, STRATEGIES
+from hierarchy.contracts.settings import Settings
+from hierarchy.contracts.strategies import AUTO, NAMES
 
 
 def _host_and_port(p) -> None:
@@ -16,8 +17,9 @@ def _host_and_port(p) -> None:
 def _serve_arguments(p) -> None:
     p.add_argument("--models", metavar="DIR", help="model store (default paths.models)")
     p.add_argument("--run-id", required=True, help="the trained run to serve")
-    p.add_argument("--strategy", choices=(AUTO,) + STRATEGIES,
-                   help="default serve.strategy (auto: the run's recommended strategy)")
+    p.add_argument("--strategy", metavar="NAME",
+                   help=f"default serve.strategy: {AUTO} (the run's recommended strategy), "
+                        f"{', '.join(NAMES)} or a name under the configuration's variants:")
     _host_and_port(p)
     p.add_argument("--data", metavar="DIR",
                    help="also serve this curated dataset's review page at /review")
@@ -25,7 +27,7 @@ def _serve_arguments(p) -> None:
     common(p)
 
 
-def serve(args, cfg) -> dict:
+def serve(args, cfg: Settings) -> dict:
     from hierarchy.serve.app import serve
 
     storage.require_dir(args.models, "--models")
@@ -45,7 +47,7 @@ def _review_arguments(p) -> None:
     common(p)
 
 
-def review(args, cfg) -> dict:
+def review(args, cfg: Settings) -> dict:
     from hierarchy.serve.review import review_server
 
     review_server(cfg, args.data, args.host, args.port, allow_remote=args.allow_remote)

@@ -32,7 +32,7 @@ from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import Dataset
 from hierarchy.contracts.errors import Refused
-from hierarchy.contracts.settings import Serve
+from hierarchy.contracts.settings import Serve, Settings
 from hierarchy.serve import guard
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -211,7 +211,8 @@ def review_link(data: str, host: str, port: int, token: str) -> str:
     return f"review page of {data} on http://{host}:{port}/review#token={token}"
 
 
-def review_server(cfg, data: str, host=None, port=None, allow_remote: bool = False) -> int:
+def review_server(cfg: Settings, data: str, host=None, port=None,
+                  allow_remote: bool = False) -> int:
     import uvicorn
 
     scfg = cfg.serve

@@ -174,7 +174,7 @@ def run_training(cfg: Settings, data: str, models: str, run_id: str, level: int,
         results[spec.key] = lead
         if lead.get("status") == "already trained":
             # a re-run of a finished model: run.json keeps what the training recorded
-            lead["metrics"] = run.recorded(spec.key).get("metrics", {})
+            lead["metrics"] = run.recorded(spec.key).metrics or {}
             continue
         if lead["rank"] == 0:  # under horovodrun the other processes write nothing
             run.record(key=spec.key, config=spec.config(), fingerprint=fingerprint,
