@@ -29,7 +29,7 @@ ALL_BAD_AT_INGEST = 990001    # its only picture is not a JPEG: quarantined, no 
 ALL_BAD_AT_SCORING = 990002   # JPEG markers but no picture: ingested, undecodable later
 NINE_PICTURES = 990003        # more pictures than any training product had
 # what the world's run (level 1, flat, branches, fusion) can serve, in report order
-AVAILABLE = ["flat", "two-stage", "blend", "fusion"]
+AVAILABLE = ["flat", "two-stage", "blend", "fusion", "greedy"]
 
 
 def predict_cfg(tmp_path, extra=(), **predict):
@@ -557,7 +557,10 @@ def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world,
     real = scoring.BatchScorer._outputs
 
     def counted(self, ref, x, cache, input_key):
-        calls[ref.path] = calls.get(ref.path, 0) + 1
+        # a model and the pictures asked of it (a branch model serves two-stage's expanded
+        # pictures and greedy's one branch per product: two sets)
+        key = (ref.path, input_key[-1])
+        calls[key] = calls.get(key, 0) + 1
         return real(self, ref, x, cache, input_key)
 
     trunk_runs: dict = {}
@@ -577,7 +580,7 @@ def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world,
     monkeypatch.setattr(loaded, "_functions", counted_trunk)
     together = pd.concat(list(scoring.score_partitions(plans)(iter(batches))))
     once, trunk_once = dict(calls), dict(trunk_runs)
-    assert max(once.values()) <= len(batches), once  # per batch, whatever reads it
+    assert max(once.values()) <= len(batches), once  # per batch, whatever reads them
     for s in strategies:
         calls.clear()
         alone = pd.concat(list(scoring.score_partitions({s: plans[s]})(iter(batches))))
@@ -587,7 +590,7 @@ def test_one_pass_scores_every_strategy_as_each_alone_and_each_model_once(world,
                                       check_exact=True)
         assert mine["product_id"].is_unique
     flat = load_modelset(world["models"], RUN, "flat", tax).flat.path
-    assert once[flat] == len(batches)  # flat, blend and the others read it: run once a batch
+    assert once[(flat, None)] == len(batches)  # flat, blend and others read it: once a batch
     # fusion sits on flat's trunk: its pictures' features are computed once for both
     fusion = load_modelset(world["models"], RUN, "fusion", tax).head
     assert loaded.trunk_key(fusion) == loaded.trunk_key(
@@ -631,13 +634,16 @@ def test_evaluate_makes_predicts_rows_from_one_pass_with_no_second_model_run(wor
     real = scoring.BatchScorer._outputs
 
     def counted(self, ref, x, cache, input_key):
-        calls[ref.path] = calls.get(ref.path, 0) + 1
+        # a model and the pictures asked of it (a branch model serves two-stage's expanded
+        # pictures and greedy's one branch per product: two sets)
+        key = (ref.path, input_key[-1])
+        calls[key] = calls.get(key, 0) + 1
         return real(self, ref, x, cache, input_key)
 
     monkeypatch.setattr(scoring.BatchScorer, "_outputs", counted)
     out = pd.concat(list(decisions.evaluation_partitions(plans, grids, dcfg.levels)(
         iter(batches))), ignore_index=True)
-    assert max(calls.values()) <= len(batches), calls  # each model once a batch
+    assert max(calls.values()) <= len(batches), calls  # each model and pictures once a batch
     summaries, stat_rows = out[out["product_id"].notna()], out[out["product_id"].isna()]
     assert sorted(stat_rows["strategy"]) == sorted(strategies)
     # the statistics: each batch's products scored alone, as the rule fit always summed them

@@ -52,6 +52,7 @@ DECLARED: Tuple[Declared, ...] = (
     Declared("hierarchical", 2),
     Declared("refit", 1),
     Declared("fusion", 0),
+    Declared("greedy", 7),
 )
 NAMES: Tuple[str, ...] = tuple(d.name for d in DECLARED)
 PREFERENCE: Tuple[str, ...] = tuple(d.name for d in sorted(DECLARED, key=lambda d: d.preference))
