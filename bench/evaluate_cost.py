@@ -51,8 +51,11 @@ def hierarchy(*args: str, conf=(), src: str = "") -> float:
     its wall seconds."""
     env = {**os.environ, "PYTHONPATH": src} if src else None
     t0 = time.perf_counter()
+    # run from the tree too: Spark starts its Python workers with `python -m`, which puts the
+    # working directory first on their path, so from another checkout the executors would
+    # import that checkout's hierarchy whatever PYTHONPATH says
     done = subprocess.run([str(BIN / "hierarchy"), *args, "-q", *conf], capture_output=True,
-                          text=True, env=env)
+                          text=True, env=env, cwd=src or None)
     if done.returncode:
         raise SystemExit(f"hierarchy {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - t0
@@ -87,7 +90,7 @@ def main() -> None:
                          "over the levels and review)")
     ap.add_argument("--before", default="", help="a checkout of older code to compare with")
     args = ap.parse_args()
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()  # the commands may run from another checkout
     conf = ["spark.master=local[2]", f"catalog.warehouse={work / 'wh'}",
             f"catalog.metastore={work / 'wh' / 'ms'}"]
     build(work, args.products, conf, args.preset)
