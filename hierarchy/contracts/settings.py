@@ -348,7 +348,8 @@ def _variant_ok(name: str, v: Any, types: Dict[str, TypeAdapter]) -> bool:
 
 
 VARIANTS_ALLOWED = (
-    "a mapping of new lowercase names (letters, digits, '-') to {strategy: NAME, and only the "
+    "a mapping of new lowercase names (letters, digits, '-') to {strategy: one of "
+    + ", ".join(strategies.NAMES) + ", and only the "
     "parameters it reads: " + "; ".join(f"{d.name}: {', '.join(d.params)}"
                                         for d in strategies.DECLARED if d.params) +
     "}, each value as its predict: key allows")
