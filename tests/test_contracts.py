@@ -177,7 +177,7 @@ def test_model_store_layout_and_run_record(tmp_path):
     assert modelstore.model_key(3, "branch", 7) == "branch/7"
     assert modelstore.branch_of("branch/7") == 7 and modelstore.branch_of("flat") is None
     assert modelstore.train_command("branch/7") == "--level 3 --mode branch --branches 7"
-    assert run.read().dump() == {} and not run.exists()
+    assert run.read().to_json() == {} and not run.exists()
     run.record(key="flat", config={"epochs": 1, "backbone": "small_cnn", "image_size": 48},
                fingerprint="sha256:aa", data="d", manifest=Manifest(),
                result={"metrics": {"val_accuracy": 0.5}, "epochs": 1})

@@ -31,9 +31,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Dict, List, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.record import Record
 from hierarchy.contracts.taxonomy import Taxonomy
 
 FORMAT = "hierarchy-dataset/1"
@@ -51,16 +52,8 @@ class KindStatus(str, Enum):
     COMPLETE = "complete"      # committed: readers take the kind from here on
 
 
-class _Part(BaseModel):
+class _Part(Record):
     model_config = ConfigDict(extra="allow", frozen=True)
-
-    def to_json(self) -> dict:
-        """The part as the file holds it: the keys read or set, unknown ones included."""
-        return self.model_dump(mode="json", exclude_unset=True)
-
-    def recorded(self, name: str):
-        """A field's value when the file (or the writer) gave it, else None."""
-        return getattr(self, name) if name in self.model_fields_set else None
 
 
 class SplitCounts(_Part):
@@ -128,19 +121,9 @@ class Manifest(_Part):
     def parse(cls, obj, source: str) -> Manifest:
         """The record of a manifest's JSON; :class:`ManifestInvalid` (one line naming
         ``source``) when it is not one this version can read."""
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            e = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in e["loc"]) or "the file"
-            if e["type"] == "enum":
-                known = ", ".join(s.value for s in KindStatus)
-                why = f"{e['input']!r} is not one of {known}"
-            else:
-                why = e["msg"]
-            raise ManifestInvalid(f"{source}: {where}: {why} — not a manifest this version "
-                                  f"can read; restore it, or ingest again into a new "
-                                  f"folder") from None
+        return cls.validated(obj, source, ManifestInvalid,
+                         "not a manifest this version can read; restore it, or ingest again "
+                         "into a new folder")
 
     def kind(self, name: str) -> Optional[KindEntry]:
         """Kind ``name``'s entry, None when it was never ingested."""

@@ -199,7 +199,7 @@ class Run:
 
     def _write(self, run: RunRecord) -> None:
         run.updated = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        storage.write_json_atomic(self.run_file, run.dump())
+        storage.write_json_atomic(self.run_file, run.to_json())
 
     def exists(self) -> bool:
         return storage.exists(self.run_file)

@@ -3,8 +3,9 @@ hierarchical correction, a decision rule per strategy, the recommendation) and w
 came from. :class:`hierarchy.contracts.modelstore.Run` is the only reader and writer of the
 file; stages get these records, never its dict.
 
-Records keep the keys they do not name (``extra="allow"``) and write back only the keys that
-were present or set, so a run.json written before a field existed reads and writes unchanged.
+Records keep the keys they do not name and write back only the keys that were present or set
+(:class:`hierarchy.contracts.record.Record`), so a run.json written before a field existed
+reads and writes unchanged.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Dict, List, Optional, Tuple
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
+from hierarchy.contracts import record
 from hierarchy.contracts.errors import Refused
 
 
@@ -21,16 +23,11 @@ class RunFileInvalid(Refused, RuntimeError):
     """run.json is not what this version writes (hand-edited, cut short, another tool's)."""
 
 
-class Record(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class Record(record.Record):
     def unset(self, name: str) -> None:
-        """Remove a field from what :meth:`dump` writes (its value back to the default)."""
+        """Remove a field from what :meth:`to_json` writes (its value back to the default)."""
         setattr(self, name, type(self).model_fields[name].default)
         self.model_fields_set.discard(name)
-
-    def dump(self) -> dict:
-        return self.model_dump(mode="json", exclude_unset=True)
 
 
 class ModelStatus(str, Enum):
@@ -125,17 +122,10 @@ class RunRecord(Record):
     variants: Optional[Dict[str, dict]] = None
 
     @classmethod
-    def parse(cls, obj: dict, source: str) -> RunRecord:
-        if not isinstance(obj, dict):
-            raise RunFileInvalid(f"{source}: a JSON {type(obj).__name__}, not an object — not "
-                                 f"a run.json; restore the file or train the run again")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            e = exc.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in e["loc"])
-            raise RunFileInvalid(f"{source}: {where}: {e['msg']} — not a run.json this version "
-                                 f"can read; train the run again or restore the file") from None
+    def parse(cls, obj, source: str) -> RunRecord:
+        return cls.validated(obj, source, RunFileInvalid,
+                         "not a run.json this version can read; train the run again or "
+                         "restore the file")
 
     def model(self, key: str) -> ModelEntry:
         """What training recorded of model ``key`` (an empty entry when nothing)."""
@@ -144,8 +134,8 @@ class RunRecord(Record):
     def rule(self, strategy: str) -> Optional[DecisionRule]:
         return (self.decisions or {}).get(strategy)
 
-    def dump(self) -> dict:
-        out = super().dump()
+    def to_json(self) -> dict:
+        out = super().to_json()
         if self.decisions is not None:  # a rule writes every field, defaults included
             out["decisions"] = {s: r.to_dict() for s, r in self.decisions.items()}
         return out

@@ -8,6 +8,7 @@ message and the check cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Dict, Literal, Optional, Tuple, Union, get_type_hints
 
@@ -326,6 +327,7 @@ class Predict(Section):
     duplicate_lookup: Flag
 
 
+@functools.cache  # built once: loading a config validates several times
 def _param_types() -> Dict[str, TypeAdapter]:
     """Each strategy parameter's type: the ``predict:`` key it overrides in a variant."""
     hints = get_type_hints(Predict, include_extras=True)

@@ -207,7 +207,7 @@ def rows_from_summaries(plans: Dict[str, ScoringPlan], grids: decide.Grids):
 
 def _strategy_records(name: str, plan: ScoringPlan, tax: Taxonomy, part: pd.DataFrame,
                       temps: list) -> List[dict]:
-    rule = plan.models.decision_rule()
+    rule = plan.models.decision
     if rule is None or rule.temperature not in temps:
         raise RuntimeError(f"strategy {name}: no rule fitted on the grid "
                            f"temperatures {temps}")

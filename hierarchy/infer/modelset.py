@@ -63,9 +63,6 @@ class ModelSet:
     def spec(self) -> Spec:
         return Spec(self.strategy, self.base or self.strategy, self.params)
 
-    def decision_rule(self) -> Optional[DecisionRule]:
-        return self.decision
-
     def refs(self) -> List[ModelRef]:
         return [m for m in (self.level1, self.flat, self.multilevel, self.head) if m] + \
             list(self.branches.values())

@@ -352,7 +352,7 @@ def note_decision_rule(dcfg: Decide, modelset: ModelSet, data: str, models: str,
                        run_id: str) -> None:
     """One line when the table's decision columns will be null (no rule fitted for this
     strategy) or follow a rule fitted for another target than the configuration's."""
-    rule = modelset.decision_rule()
+    rule = modelset.decision
     if rule is None:
         log.warning("run %s has no decision rule for strategy %s: the decision columns stay "
                     "null — fit one with `hierarchy evaluate --data %s --models %s --run-id %s "

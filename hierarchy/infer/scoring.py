@@ -364,7 +364,7 @@ def predicted(plan: ScoringPlan, tax: Taxonomy, probs: np.ndarray) -> List[dict]
     decision (:mod:`hierarchy.infer.decide`) of each product distribution: what the predictions
     table holds and what the HTTP API answers, from the same code. With a fitted rule every column
     comes from the distribution at the rule's temperature (the leaf ranking is unchanged)."""
-    rule = plan.models.decision_rule()
+    rule = plan.models.decision
     if rule is not None and len(probs):
         probs = combine.apply_temperature(probs, rule.temperature)
     return columns.records(tax, columns.columns_of(tax, probs, plan.top_n, rule is not None),

@@ -84,7 +84,8 @@ class Classifier:
                 "models": [r.key for r in refs],
                 "backbone": sorted({r.backbone for r in refs}),
                 "image_size": sorted({r.image_size for r in refs}), "ready": self.ready.is_set(),
-                "decision_rule": self.modelset.decision,
+                "decision_rule": None if self.modelset.decision is None else
+                self.modelset.decision.to_dict(),  # as run.json holds it
                 "model_calls": self.calls, "products_answered": self.products}
 
     # ------------------------------------------------------------------ work (a worker thread)
