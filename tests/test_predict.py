@@ -279,11 +279,13 @@ def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_
 
     models = str(tmp_path / "models")
     shutil.copytree(world["models"], models, ignore=shutil.ignore_patterns("mlruns"))
-    variant = "variants={two-stage-k1: {strategy: two-stage, top_branches: 1}}"
+    # two-stage at one branch, and flat under a name of its own (a variant setting nothing)
+    variant = "variants={two-stage-k1: {strategy: two-stage, top_branches: 1}, plain: " \
+        "{strategy: flat}}"
     # at temperature 1 a product's distribution keeps its branches' mass as scored
     res = run_evaluate(spark, predict_cfg(tmp_path, extra=[variant, "decide.temperature=1"]),
                        world["data"], models, RUN, str(tmp_path / "out"))
-    assert res["strategies"] == [*AVAILABLE, "two-stage-k1"]
+    assert res["strategies"] == [*AVAILABLE, "plain", "two-stage-k1"]
     report = json.loads((tmp_path / "out" / "evaluation" / RUN / "report.json").read_text())
     for name in res["strategies"]:
         m = report["strategies"][name]
@@ -294,9 +296,11 @@ def test_evaluate_scores_every_strategy_and_writes_the_report(world, spark, tmp_
     assert "two-stage" in md and "flat" in md and "two-stage-k1" in md
     assert (tmp_path / "out" / "evaluation" / RUN / "training_curves.png").stat().st_size > 0
     run_json = json.loads((Path(models) / RUN / "run.json").read_text())
-    assert run_json["variants"] == {"two-stage-k1": {"strategy": "two-stage", "top_branches": 1}}
+    assert run_json["variants"] == {"two-stage-k1": {"strategy": "two-stage", "top_branches": 1},
+                                    "plain": {"strategy": "flat"}}
     assert set(run_json["decisions"]) == set(res["strategies"])
 
+    assert resolve_strategy(models, RUN, "plain").strategy == "flat"
     spec = resolve_strategy(models, RUN, "two-stage-k1")  # no configuration names it now
     assert spec.params == (("top_branches", 1),)
     with pytest.raises(UsageError, match="strategy 'two-stage-k2': expected one of auto, "):

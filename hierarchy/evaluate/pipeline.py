@@ -101,8 +101,9 @@ def run_evaluate(spark, cfg: Settings, data: str, models: str, run_id: str, outp
     chosen = choice.choose(choice.held_out(df, cfg.decide, strategies), filed, scores)
     metrics["recommendation"] = chosen
     recommended = chosen["recommended"]
+    # a variant is a name of its own (one that sets no parameter included)
     variants = {s: c.modelset.spec.record() for s, c in checked.items()
-                if c.modelset.spec.params}
+                if c.modelset.spec.name != c.modelset.spec.strategy}
     run.record_evaluation(recommended=recommended, scores=scores, decisions=rules,
                           recommendation=chosen, variants=variants)
     phases.done("metrics and choice")
