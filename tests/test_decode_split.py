@@ -84,17 +84,43 @@ def test_splits_are_deterministic_by_product_and_keep_one_train_per_category():
     rng = np.random.default_rng(0)
     pids = rng.permutation(20_000).astype(np.int64)
     cats = rng.integers(0, 300, size=len(pids)).astype(np.int64)
-    a = assign_splits(pids, cats, "train", 0.5, seed=3)
-    b = assign_splits(pids[::-1], cats[::-1], "train", 0.5, seed=3)[::-1]
+    a = assign_splits(pids, cats, "train", 0.5, seed=3, draw="category")
+    b = assign_splits(pids[::-1], cats[::-1], "train", 0.5, seed=3, draw="category")[::-1]
     assert np.array_equal(a, b)  # independent of order and partitioning
     assert 0.46 < (a == VAL).mean() < 0.5
     for c in np.unique(cats):
         assert (a[cats == c] == TRAIN).any()
-    assert not np.array_equal(a, assign_splits(pids, cats, "train", 0.5, seed=4))
+    assert not np.array_equal(a, assign_splits(pids, cats, "train", 0.5, seed=4,
+                                               draw="category"))
     # duplicate product ids never straddle splits
-    dup = assign_splits(np.array([5, 5, 6]), np.array([1, 2, 1]), "train", 0.99, 1)
+    dup = assign_splits(np.array([5, 5, 6]), np.array([1, 2, 1]), "train", 0.99, 1,
+                        draw="category")
     assert dup[0] == dup[1]
     assert (assign_splits(pids, cats, "test", 0.5, 3) == 2).all()
+
+
+def test_product_draw_puts_the_long_tail_in_val_at_its_rate():
+    """The default draw ignores the category: val's products are a hash sample of the dump,
+    so the share of val products whose category has no train product is what a new product
+    drawn like the dump meets (under the category draw it is 0: val never sees the tail)."""
+    rng = np.random.default_rng(1)
+    n = 40_000
+    pids = rng.permutation(n).astype(np.int64)
+    # a long tail: Zipf-like category sizes, thousands of categories with one or two products
+    cats = np.minimum(rng.zipf(1.3, size=n), 50_000).astype(np.int64)
+    a = assign_splits(pids, cats, "train", 0.3, seed=7)
+    assert np.array_equal(a, assign_splits(pids[::-1], cats[::-1], "train", 0.3, 7)[::-1])
+    assert 0.29 < (a == VAL).mean() < 0.31
+    # the same share of val as of a fresh hash sample of the same dump
+    in_train = set(cats[a == TRAIN].tolist())
+    unseen_val = np.mean([c not in in_train for c in cats[a == VAL]])
+    u = rng.random(n) < 0.3
+    fresh_train = set(cats[~u].tolist())
+    unseen_fresh = np.mean([c not in fresh_train for c in cats[u]])
+    assert unseen_val > 0.01 and abs(unseen_val - unseen_fresh) < 0.01
+    old = assign_splits(pids, cats, "train", 0.3, seed=7, draw="category")
+    kept = set(cats[old == TRAIN].tolist())
+    assert not any(c not in kept for c in cats[old == VAL])
 
 
 # ------------------------------------------------------------------ the fast path

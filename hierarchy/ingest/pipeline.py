@@ -143,13 +143,13 @@ def even_split_bytes(total: int, split_bytes: int, slots: int) -> int:
 
 
 def plan_tasks(scans: Sequence[ScanResult], kind: str, split_bytes: int, val_fraction: float,
-               seed: int, slots: int = 1) -> List[IngestTask]:
+               seed: int, slots: int = 1, draw: str = "product") -> List[IngestTask]:
     """One task per byte range; each carries the split code of each of its documents.
     ``slots``: the task slots of the cluster, for :func:`even_split_bytes`."""
     split_bytes = even_split_bytes(sum(int(s.lengths.sum()) for s in scans), split_bytes, slots)
     pids = np.concatenate([s.product_ids for s in scans]) if scans else np.empty(0, np.int64)
     cids = np.concatenate([s.category_ids for s in scans]) if scans else np.empty(0, np.int64)
-    codes = assign_splits(pids, cids, kind, val_fraction, seed)
+    codes = assign_splits(pids, cids, kind, val_fraction, seed, draw)
     tasks, base = [], 0
     for scan in scans:
         for first, end in cut_ranges(scan, split_bytes):
@@ -315,7 +315,7 @@ def _ingest_locked(spark, cfg: Settings, checked: CheckedIngest, dataset: Datase
     scans = scan_inputs(files, int(icfg.max_document_mb * (1 << 20)), progress)
     tasks = plan_tasks(scans, kind, int(icfg.split_mb * (1 << 20)),
                        icfg.val_fraction, icfg.split_seed,
-                       slots=spark.sparkContext.defaultParallelism)
+                       slots=spark.sparkContext.defaultParallelism, draw=icfg.val_draw)
     marks["scan"] = time.time()
 
     staged = dataset.stage(kind)
