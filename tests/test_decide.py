@@ -207,4 +207,4 @@ def test_the_tests_start_where_the_fit_part_is_surest_and_go_lenient():
     errors[1][30:60] = 1  # one mistake among 87 at the start: nothing certified
     rule, _ = fit()
     assert rule.threshold is None and "1 wrong of 87 filed at the threshold the fit part " \
-        "was surest of" in rule.reason
+        "chose to start from" in rule.reason

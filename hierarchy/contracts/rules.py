@@ -12,6 +12,8 @@ from typing import Tuple
 # the first is the default (conf/local.yaml)
 NAMES: Tuple[str, ...] = (
     "fixed-sequence",  # learn-then-test: from the fit part's surest threshold, exact binomial
+    "power-start",     # the same test, started where the fit part expects to file the most
+    "risk-control",    # expected precision (conformal risk control's +1), same start
 )
 
 

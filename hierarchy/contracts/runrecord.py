@@ -76,7 +76,9 @@ IDENTITY = Calibration().correction()  # an uncorrected hierarchical is multi
 
 class DecisionRule(BaseModel):
     """What evaluate fitted for one strategy and predict applies; ``threshold`` None files
-    nothing (``reason`` says why). Every field is always written."""
+    nothing (``reason`` says why); ``certifier``: the ``decide.rule`` that certified it, so
+    what it promises (a rule recorded before there was a choice was a fixed sequence). Every
+    field is always written."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -86,6 +88,7 @@ class DecisionRule(BaseModel):
     temperature: float
     threshold: Optional[float]
     reason: str = ""
+    certifier: str = "fixed-sequence"
 
     def to_dict(self) -> dict:
         return {**self.model_dump(mode="json"), "levels": list(self.levels)}

@@ -322,7 +322,7 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
     rule = DecisionRule(target=target, levels=tuple(sorted(levels, reverse=True)),
                         confidence=confidence, temperature=float(grids.temperatures[t]),
                         threshold=None if chosen is None else float(grids.thresholds[chosen]),
-                        reason=reason)
+                        reason=reason, certifier=certifier)
     return rule, figures(stats, grids, t, chosen, rule, n_fit, n_cal,
                          how.needed(target, confidence))
 
