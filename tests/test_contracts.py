@@ -214,7 +214,8 @@ def test_run_json_is_read_as_typed_records_and_refused_in_one_line_when_it_is_no
         "temperature": 2.0, "w": 0.5, "v": 0.0}
     raw = json.loads(Path(run.run_file).read_text())
     assert raw["decisions"]["flat"] == {"target": 0.9, "levels": [3, 2], "confidence": 0.95,
-                                        "temperature": 1.0, "threshold": None, "reason": ""}
+                                        "temperature": 1.0, "threshold": None, "reason": "",
+                                        "certifier": "fixed-sequence"}
     assert raw["calibration"]["grid"] == {} and raw["variants"]["two-stage-k1"]["top_branches"] == 1
     run.record(key="flat", config={"backbone": "small_cnn", "image_size": 48},
                fingerprint="sha256:aa", data="d", manifest=Manifest(), result={})
