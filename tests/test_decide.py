@@ -208,3 +208,37 @@ def test_the_tests_start_where_the_fit_part_is_surest_and_go_lenient():
     rule, _ = fit()
     assert rule.threshold is None and "1 wrong of 87 filed at the threshold the fit part " \
         "chose to start from" in rule.reason
+
+
+def test_the_figures_by_train_support_and_what_a_bigger_val_buys():
+    """Per band of the true leaf's train products, the figures are the products of that band
+    filed and right at the chosen threshold, recomputed here by hand; a bigger val certifies
+    at least as much as val does, and never more than a threshold fitted on val itself."""
+    p, y = catalog(3000, seed=11)
+    support = np.arange(TAX.n_l3) % 7            # leaves with 0..6 train products
+    grids = decide.Grids(temperatures=(1.0,))
+    stats = decide.empty_stats(grids)
+    part = (np.random.default_rng(0).random(len(y)) < 0.5).astype(int)
+    decide.add_stats(stats, p, y, part, NODES, grids, (3, 2, 1), support=support)
+    rule, fig = decide.fit_rule(stats, grids, 0.9, (3, 2, 1), 0.95)
+    assert rule.threshold is not None and fig["rule"] == "fixed-sequence"
+    _, _, col = realized(p, y, rule)
+    filed = col >= 0
+    ok = decide.correct_nodes(decide.top_nodes(p, NODES)[0], NODES, y)[
+        np.arange(len(y)), np.maximum(col, 0)]
+    band = grids.band_of(support[y])
+    assert [b["band"] for b in fig["by_support"]] == ["0", "1", "2-4", "5+"]
+    for b, got in enumerate(fig["by_support"]):
+        rows = band == b
+        assert got["products"] == rows.sum()
+        assert got["coverage"] == pytest.approx(filed[rows].mean())
+        assert got["precision"] == pytest.approx(ok[rows & filed].sum() / filed[rows].sum())
+    bigger = fig["bigger_val"]
+    for promise in bigger["promises"].values():
+        grown = [promise["coverage_at"][str(k)] for k in decide.GROWTH]
+        assert grown == sorted(grown) and grown[-1] <= bigger["val_fitted_coverage"] + 1e-12
+        assert grown[0] >= fig["calibration"]["coverage"] - 0.1
+    high = bigger["promises"][fig["promise"]]
+    expected = next(v for k, v in bigger["promises"].items() if k != fig["promise"])
+    # the expected promise needs fewer products for the same share
+    assert expected["coverage_at"]["2"] >= high["coverage_at"]["2"]

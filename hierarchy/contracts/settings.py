@@ -284,6 +284,9 @@ class Decide(Section):
                     and len(set(v)) == len(v),
                     "a non-empty list of distinct levels among 1, 2, 3 (3 = leaf)")
     calibration_share: Real(0.0, 1.0, lo_open=True, hi_open=True)
+    support_bands: Checked(Tuple[Annotated[int, Strict()], ...],
+                           lambda v: all(x > 0 for x in v) and list(v) == sorted(set(v)),
+                           "a list of increasing positive counts (the bands' lower edges)")
     temperature: Real(0.0, 100.0)
     temperatures: Checked(Tuple[Number, ...], lambda v: len(v) > 0 and all(0 < x <= 100 for x in v),
                           "a non-empty list of numbers in (0, 100]")

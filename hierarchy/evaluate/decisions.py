@@ -60,7 +60,8 @@ def grids_of(dcfg: Decide) -> decide.Grids:
     temps = set(dcfg.temperatures) | {1.0}
     if dcfg.temperature:
         temps.add(dcfg.temperature)
-    return decide.Grids(temperatures=tuple(sorted(temps)))
+    return decide.Grids(temperatures=tuple(sorted(temps)),
+                        support_edges=tuple(dcfg.support_bands))
 
 
 # what a product's row is made of, its counts and truth typed as the table types them
@@ -73,7 +74,7 @@ _TRUTH_DTYPES = {c: predictions.PANDAS_DTYPES[c] for c in predictions.TRUTH}
 
 
 def evaluation_partitions(plans: Dict[str, ScoringPlan], grids: decide.Grids,
-                          levels: Tuple[int, ...]):
+                          levels: Tuple[int, ...], support: Optional[np.ndarray] = None):
     """``mapInPandas`` function: val image batches (sorted by product, with ``part``) -> the
     summaries of each product under each strategy of ``plans``, then one row of summed
     decision statistics per strategy (see the module notes)."""
@@ -84,7 +85,7 @@ def evaluation_partitions(plans: Dict[str, ScoringPlan], grids: decide.Grids,
         stats = {name: decide.empty_stats(grids) for name in plans}
         for pdf in whole_products(batches):
             got = scored.add(pdf)
-            _add_stats(stats, got, pdf, plans, nodes, grids, levels)
+            _add_stats(stats, got, pdf, plans, nodes, grids, levels, support)
             out = _summaries(scored, scored.finished(), grids, keep=scored.last)
             if out is not None:
                 yield out
@@ -98,7 +99,8 @@ def evaluation_partitions(plans: Dict[str, ScoringPlan], grids: decide.Grids,
 
 
 def _add_stats(stats: dict, got: dict, pdf: pd.DataFrame, plans: Dict[str, ScoringPlan],
-               nodes: decide.Nodes, grids: decide.Grids, levels: Tuple[int, ...]) -> None:
+               nodes: decide.Nodes, grids: decide.Grids, levels: Tuple[int, ...],
+               support: Optional[np.ndarray]) -> None:
     """Each strategy's products of this batch (whole: :func:`whole_products`) into its
     statistics; a product no picture of which decoded is never in the fit (it goes to
     review), nor is one without a label."""
@@ -112,7 +114,7 @@ def _add_stats(stats: dict, got: dict, pdf: pd.DataFrame, plans: Dict[str, Scori
         if not labelled.all():
             probs, truth, part = probs[labelled], truth[labelled], part[labelled]
         decide.add_stats(stats[name], probs, truth.to_numpy(np.int64), part.to_numpy(np.int64),
-                         nodes, grids, levels)
+                         nodes, grids, levels, support)
 
 
 def _summaries(scored: PartitionPass, finished: dict, grids: decide.Grids,
@@ -140,18 +142,21 @@ def _summaries(scored: PartitionPass, finished: dict, grids: decide.Grids,
         if records else None
 
 
-def score_and_fit(spark, cfg: Settings, plans: Dict[str, ScoringPlan], grouped
+def score_and_fit(spark, cfg: Settings, plans: Dict[str, ScoringPlan], grouped,
+                  support: Optional[np.ndarray] = None
                   ) -> Tuple[object, Dict[str, Tuple[decide.DecisionRule, dict]]]:
     """(the summaries, persisted: unpersist them after :func:`table_rows`' rows are written;
     {strategy: (its rule, its val figures)}) of every plan, from one pass over ``grouped``
-    (val's pictures from :func:`hierarchy.infer.pipeline.grouped_split`)."""
+    (val's pictures from :func:`hierarchy.infer.pipeline.grouped_split`); ``support``: train
+    products per leaf (:func:`hierarchy.infer.pipeline.train_support`), for the figures by
+    band."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     dcfg = cfg.decide
     grids = grids_of(dcfg)
     images = grouped.withColumn("part", calibration_part(dcfg.calibration_share))
-    summaries = images.mapInPandas(evaluation_partitions(plans, grids, dcfg.levels),
+    summaries = images.mapInPandas(evaluation_partitions(plans, grids, dcfg.levels, support),
                                    SUMMARY_DDL).persist(StorageLevel.DISK_ONLY)
     rows = (summaries.where(F.col("product_id").isNull()).select("strategy", "stats")
             .collect())  # one small row per partition and strategy

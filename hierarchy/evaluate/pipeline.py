@@ -24,6 +24,7 @@ from hierarchy.infer.pipeline import (
     grouped_split,
     run_scoring,
     scoring_plan,
+    train_support,
     training_prior,
 )
 
@@ -129,7 +130,8 @@ def _passes(spark, cfg: Settings, data: str, models: str, run, checked: dict, ou
     # decision columns are the ones predict will write on test
     plans = {s: scoring_plan(spark, cfg, data, c.taxonomy, replace(c.modelset, decision=None),
                              prior) for s, c in checked.items()}
-    summaries, fitted_rules = decisions.score_and_fit(spark, cfg, plans, grouped)
+    support = train_support(spark, data, next(iter(checked.values())).taxonomy)
+    summaries, fitted_rules = decisions.score_and_fit(spark, cfg, plans, grouped, support)
     try:
         rules = {s: rule for s, (rule, _) in fitted_rules.items()}
         figures = {s: fig for s, (_, fig) in fitted_rules.items()}

@@ -153,7 +153,10 @@ def _decision_lines(metrics: dict, order: List[str], files: dict) -> List[str]:
              f"temperature is fitted on the other part ({first['fit_products']} products), "
              f"which also checks the threshold on products it never saw. A target needs at "
              f"least {first['needed_products']} filed calibration products even with no "
-             f"error. A decision is right when its node is the true leaf or an ancestor.", ""]
+             f"error. A decision is right when its node is the true leaf or an ancestor. "
+             f"The promise (decide.rule {first.get('rule', 'fixed-sequence')}): "
+             f"{first.get('promise') or 'see README, Decisions'}, on products drawn like val.",
+             ""]
     header = ["strategy", "threshold", "temperature", "filed", "leaf", "level 2", "level 1",
               "precision (calibration)", "precision (fit part)", "AURC",
               "ECE L3 before → after", "wrong leaves in the right L2 / L1"]
@@ -175,10 +178,57 @@ def _decision_lines(metrics: dict, order: List[str], files: dict) -> List[str]:
         d = metrics["strategies"][s]["decisions"]
         if d["threshold"] is None:
             lines += [f"- {s}: nothing is filed — {d['reason']}"]
+    lines += _support_lines(metrics, fitted) + _bigger_val_lines(metrics, fitted)
     if files.get("risk_coverage"):
         name = storage.basename(files["risk_coverage"])
         lines += ["", f"![risk-coverage on val]({name})", ""]
     return lines
+
+
+def _support_lines(metrics: dict, fitted: List[str]) -> List[str]:
+    """Realized precision on val by band of the true leaf's train products: where the promise,
+    an average over val, is made of products the model knows well and where of the tail."""
+    first = metrics["strategies"][fitted[0]]["decisions"].get("by_support") or []
+    if not first:
+        return []
+    bands = [b["band"] for b in first]
+    lines = ["", "### By train support of the true leaf", "",
+             "Filed share and realized precision on all of val at each strategy's threshold, "
+             "per band of the number of train products in the product's true leaf (its share "
+             "of val in the header). Val drawn by product (`ingest.val_draw: product`) holds "
+             "the tail at the rate new products do; the promise is over the mix, not per "
+             "band.", ""]
+    header = ["strategy"] + [f"{b} ({_pct(x['share'])})" for b, x in zip(bands, first)]
+    rows = []
+    for s in fitted:
+        got = metrics["strategies"][s]["decisions"].get("by_support") or []
+        rows.append([s] + [f"{_pct(b['coverage'])} at {_pct(b['precision'])}" for b in got])
+    return lines + _table(header, rows, ["---"] + ["---:"] * len(bands)) + [""]
+
+
+def _bigger_val_lines(metrics: dict, fitted: List[str]) -> List[str]:
+    """What a bigger val would buy, per strategy and kind of promise."""
+    lines = []
+    for s in fitted:
+        b = metrics["strategies"][s]["decisions"].get("bigger_val") or {}
+        if not b.get("promises"):
+            continue
+        if not lines:
+            lines = ["", "### What a bigger val would buy", "",
+                     "A threshold fitted on all of val itself (as one fitted on test would be) "
+                     "files the first share at the target; each promise needs the calibration "
+                     "products named to certify it, and would certify the shares given with "
+                     "2, 4, 10 and 100 times val's calibration products (in expectation, "
+                     "val's precision at each threshold taken as the truth).", ""]
+        for promise, p in b["promises"].items():
+            need = p["needed_for_val_fitted"]
+            needs = ("no val size (val is at the target there)" if need is None
+                     else f"~{need:,} calibration products")
+            grow = ", ".join(f"×{k}: {_pct(v)}" for k, v in p["coverage_at"].items())
+            lines.append(f"- {s}, {promise}: files {_pct(b['val_fitted_coverage'])} at the "
+                         f"target fitted on val; certifying that needs {needs} (now "
+                         f"{b['calibration_products']}); {grow}")
+    return lines + ([""] if lines else [])
 
 
 def _training_summary(histories: dict) -> dict:

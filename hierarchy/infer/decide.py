@@ -212,12 +212,28 @@ class Grids:
     temperatures: Tuple[float, ...]
     thresholds: Tuple[float, ...] = tuple(THRESHOLDS.tolist())
     bins: int = ECE_BINS
+    # train products of a product's true leaf: the bands' lower edges after 0 (1, 2, 5 ->
+    # bands 0, 1, 2-4, 5+), where the report shows the realized precision
+    support_edges: Tuple[int, ...] = (1, 2, 5)
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         t, g, b = len(self.temperatures), len(self.thresholds), self.bins
+        s = len(self.support_edges) + 1
         return {"products": (2,), "nll": (2, t), "filed": (2, t, g, 3), "correct": (2, t, g, 3),
                 "bin_count": (2, t, 3, b), "bin_conf": (2, t, 3, b), "bin_hit": (2, t, 3, b),
-                "lca": (2, 3)}
+                "lca": (2, 3), "band_products": (2, s), "band_filed": (2, t, g, s),
+                "band_correct": (2, t, g, s)}
+
+    def support_bands(self) -> List[str]:
+        """The bands' names: ``0``, ``1``, ``2-4``, ``5+``."""
+        edges = (0, *self.support_edges)
+        return [str(lo) if hi == lo + 1 else f"{lo}-{hi - 1}"
+                for lo, hi in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+
+    def band_of(self, support: np.ndarray) -> np.ndarray:
+        """The band of each train-product count."""
+        return np.searchsorted(np.asarray(self.support_edges), np.asarray(support),
+                               side="right")
 
 
 def empty_stats(grids: Grids) -> Dict[str, np.ndarray]:
@@ -225,13 +241,17 @@ def empty_stats(grids: Grids) -> Dict[str, np.ndarray]:
 
 
 def add_stats(stats: Dict[str, np.ndarray], p: np.ndarray, true_l3: np.ndarray,
-              part: np.ndarray, nodes: Nodes, grids: Grids, levels: Sequence[int]) -> None:
+              part: np.ndarray, nodes: Nodes, grids: Grids, levels: Sequence[int],
+              support: Optional[np.ndarray] = None) -> None:
     """Add products (distributions ``p`` [N, n_l3] at temperature 1, their true leaves, and
     their val part: 0 = fit, 1 = calibration) to ``stats``, sums only — so Spark tasks' stats
-    add up to the whole split's and nothing per product reaches the driver."""
+    add up to the whole split's and nothing per product reaches the driver. ``support``:
+    train products per leaf [n_l3], for the figures by band of the true leaf's support."""
     p = np.asarray(p, dtype=np.float64)
     y = np.asarray(true_l3, dtype=np.int64).reshape(-1)
     part = np.asarray(part, dtype=np.int64).reshape(-1)
+    band = None if support is None else grids.band_of(np.asarray(support)[y])
+    n_bands = len(grids.support_edges) + 1
     allowed = level_mask(levels)
     theta = np.asarray(grids.thresholds)
     edges = np.linspace(0.0, 1.0, grids.bins + 1)
@@ -242,6 +262,8 @@ def add_stats(stats: Dict[str, np.ndarray], p: np.ndarray, true_l3: np.ndarray,
             continue
         stats["products"][h] += n
         truth = y[rows]
+        if band is not None:
+            stats["band_products"][h] += np.bincount(band[rows], minlength=n_bands)
         # how deep the lowest common ancestor of the predicted leaf and the truth is
         pred = p[rows].argmax(axis=1)
         wrong = pred != truth
@@ -254,6 +276,12 @@ def add_stats(stats: Dict[str, np.ndarray], p: np.ndarray, true_l3: np.ndarray,
             idx, prob = top_nodes(q, nodes)
             ok = correct_nodes(idx, nodes, truth)
             col = filed_levels(prob, allowed, theta)
+            if band is not None:
+                filed_any = col >= 0
+                right = np.take_along_axis(ok, np.maximum(col, 0), axis=1) & filed_any
+                onehot = np.eye(n_bands)[band[rows]]                       # [n, bands]
+                stats["band_filed"][h, t] += filed_any.T.astype(float) @ onehot
+                stats["band_correct"][h, t] += right.T.astype(float) @ onehot
             for c in range(3):
                 at = col == c
                 stats["filed"][h, t, :, c] += at.sum(axis=0)
@@ -323,8 +351,77 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
                         confidence=confidence, temperature=float(grids.temperatures[t]),
                         threshold=None if chosen is None else float(grids.thresholds[chosen]),
                         reason=reason, certifier=certifier)
-    return rule, figures(stats, grids, t, chosen, rule, n_fit, n_cal,
-                         how.needed(target, confidence))
+    return rule, {**figures(stats, grids, t, chosen, rule, n_fit, n_cal,
+                            how.needed(target, confidence)),
+                  "promise": how.promise, "rule": certifier,
+                  "by_support": by_support(stats, grids, t, chosen),
+                  "bigger_val": bigger_val(stats, t, target, confidence, n_cal)}
+
+
+def by_support(stats: Dict[str, np.ndarray], grids: Grids, t: int, chosen: Optional[int]
+               ) -> List[dict]:
+    """Per band of the true leaf's train products (:meth:`Grids.support_bands`), on all of val
+    at the chosen threshold: how many products, the share filed and how many of those right.
+    Empty when evaluate had no train support to band by."""
+    n = stats["band_products"].sum(axis=0)
+    if not n.sum():
+        return []
+    f = stats["band_filed"][:, t].sum(axis=0)
+    c = stats["band_correct"][:, t].sum(axis=0)
+    out = []
+    for b, name in enumerate(grids.support_bands()):
+        fb = float(f[chosen, b]) if chosen is not None else 0.0
+        cb = float(c[chosen, b]) if chosen is not None else 0.0
+        out.append({"band": name, "products": int(n[b]), "share": float(n[b] / n.sum()),
+                    "coverage": fb / n[b] if n[b] else 0.0,
+                    "precision": cb / fb if fb else None})
+    return out
+
+
+# calibration sizes, as multiples of val's, the report says a bigger val would file at
+GROWTH = (2, 4, 10, 100)
+
+
+def bigger_val(stats: Dict[str, np.ndarray], t: int, target: float, confidence: float,
+               n_cal: int) -> dict:
+    """What a bigger val would buy: the share a threshold fitted on all of val itself files at
+    ``target`` (what a threshold fitted on test would file, if val is drawn like test), how many
+    calibration products each kind of promise needs to certify it, and what each would
+    certify with :data:`GROWTH` times val's calibration products — in expectation, val's
+    precision at each threshold taken as the truth."""
+    filed = stats["filed"][:, t].sum(axis=(0, 2))
+    correct = stats["correct"][:, t].sum(axis=(0, 2))
+    n_all = float(stats["products"].sum())
+    if not n_all or not filed.any():
+        return {}
+    cover = filed / n_all
+    precision = np.where(filed > 0, correct / np.maximum(filed, 1), 0.0)
+    meets = np.flatnonzero((filed > 0) & (precision >= target))
+    out = {"val_fitted_coverage": float(cover[meets].max()) if meets.size else 0.0,
+           "calibration_products": n_cal, "promises": {}}
+    sizes = np.unique(np.round(np.geomspace(10, 1e7, 400)).astype(np.int64))
+    for certifier in {rules.get(n).promise: rules.get(n) for n in declared_rules.NAMES}.values():
+        # per threshold, the fewest calibration products whose expected errors pass it
+        need = np.full(len(filed), np.inf)
+        for j in meets:
+            m = np.round(sizes * cover[j]).astype(np.int64)
+            ok = certifier.max_errors(m, target, confidence) >= np.ceil(
+                m * (1.0 - precision[j]) - 1e-9)
+            ok &= m > 0
+            if ok.any():
+                need[j] = float(sizes[np.argmax(ok)])
+        best = int(np.argmax(np.where(np.isfinite(need), cover, -1.0))) if np.isfinite(
+            need).any() else None
+        out["promises"][certifier.promise] = {
+            "needed_for_val_fitted": None if not meets.size or not np.isfinite(
+                need[meets[np.argmax(cover[meets])]]) else int(need[meets[np.argmax(
+                    cover[meets])]]),
+            "best_coverage": None if best is None else float(cover[best]),
+            "best_needs": None if best is None else int(need[best]),
+            "coverage_at": {str(k): float(max([cover[j] for j in meets
+                                               if need[j] <= k * max(n_cal, 1)], default=0.0))
+                            for k in GROWTH}}
+    return out
 
 
 def figures(stats: Dict[str, np.ndarray], grids: Grids, t: int, chosen: Optional[int],

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
+import numpy as np
+
 from hierarchy.contracts import predictions, storage
 from hierarchy.contracts.dataset import TEST, TRAIN, VAL, Dataset, kind_of_split
 from hierarchy.contracts.errors import UsageError
@@ -59,6 +61,17 @@ def training_prior(spark, data: str):
                            f"a usable picture — ingest the train dump first")
     total = counts.agg(F.sum("count")).first()[0]
     return int(best.category_id), float(best["count"]) / float(total)
+
+
+def train_support(spark, data: str, taxonomy: Taxonomy) -> np.ndarray:
+    """Train products per leaf [n_l3], in the taxonomy's leaf order: what the decisions'
+    figures band products by. An aggregate of one row per category reaches the driver."""
+    counts = np.zeros(taxonomy.n_l3, dtype=np.int64)
+    known = set(taxonomy.category_ids)
+    for row in read_products(spark, data, TRAIN).groupBy("category_id").count().collect():
+        if row.category_id is not None and int(row.category_id) in known:
+            counts[taxonomy.l3_of_category(int(row.category_id))] += int(row["count"])
+    return counts
 
 
 # ----------------------------------------------------------------------------- transform

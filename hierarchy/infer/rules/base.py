@@ -93,7 +93,8 @@ class Sequential(Certifier):
 
 # draws of the calibration part a power estimate averages over (fixed: a refit is repeatable)
 DRAWS = 256
-_PRIOR = 2.0  # pseudo-products that pull a thin shell's error rate towards its neighbours'
+_PRIOR = 5.0   # pseudo-products that pull a thin shell's error rate towards its neighbours'
+_WINDOW = 10   # thresholds either side that make a shell's neighbourhood
 
 
 def simulated_sequences(certifier: Certifier, curves: Curves, target: float,
@@ -101,21 +102,24 @@ def simulated_sequences(certifier: Certifier, curves: Curves, target: float,
     """[draws, thresholds]: the share of the calibration part a sequence started at each
     threshold would file, over calibration parts drawn from what the fit part saw (a
     Bayesian bootstrap: each shell between two thresholds gets a share of the products and an
-    error rate from its posterior given the fit part, pulled towards the running error rate
-    so a thin shell's luck does not count as evidence). Nothing of the calibration part is
-    read but its size."""
+    error rate from its posterior given the fit part, pulled towards its neighbourhood's so a
+    thin shell's luck does not count as evidence). Nothing of the calibration part is read but
+    its size."""
     f = np.maximum.accumulate(np.asarray(curves.filed_fit, dtype=np.float64))
     e = np.minimum(np.maximum.accumulate(np.asarray(curves.errors_fit, dtype=np.float64)), f)
     g = len(f)
     shell = np.diff(np.r_[0.0, f])
     shell_err = np.clip(np.diff(np.r_[0.0, e]), 0.0, shell)
-    running = (e + 0.5) / (f + 1.0)
+    at_ = np.arange(g)
+    lo, hi = np.maximum(at_ - _WINDOW, 0), np.minimum(at_ + _WINDOW + 1, g)
+    cum_f, cum_e = np.r_[0.0, np.cumsum(shell)], np.r_[0.0, np.cumsum(shell_err)]
+    local = (cum_e[hi] - cum_e[lo] + 0.5) / (cum_f[hi] - cum_f[lo] + 1.0)
     rng = np.random.default_rng(0)
     rest = max(float(curves.n_fit) - f[-1], 0.0)
     weights = rng.dirichlet(np.r_[shell, rest] + 0.5, size=draws)          # [D, G+1]
     counts = np.stack([rng.multinomial(curves.n_cal, w) for w in weights])[:, :g]
-    rate = rng.beta(shell_err + _PRIOR * running + 1e-3,
-                    shell - shell_err + _PRIOR * (1 - running) + 1e-3, size=(draws, g))
+    rate = rng.beta(shell_err + _PRIOR * local + 1e-3,
+                    shell - shell_err + _PRIOR * (1 - local) + 1e-3, size=(draws, g))
     wrong = rng.binomial(counts, rate)
     filed, errors = np.cumsum(counts, axis=1), np.cumsum(wrong, axis=1)
     passes = errors <= certifier.max_errors(filed.ravel(), target, confidence).reshape(filed.shape)
