@@ -116,7 +116,10 @@ def simulated_sequences(certifier: Certifier, curves: Curves, target: float,
     local = (cum_e[hi] - cum_e[lo] + 0.5) / (cum_f[hi] - cum_f[lo] + 1.0)
     rng = np.random.default_rng(0)
     rest = max(float(curves.n_fit) - f[-1], 0.0)
-    weights = rng.dirichlet(np.r_[shell, rest] + 0.5, size=draws)          # [D, G+1]
+    # a Bayesian bootstrap over the shells the fit part filed into (an empty shell stays
+    # empty: a pseudo-count there would file phantom products at a strict threshold)
+    cells = np.r_[shell, rest]
+    weights = rng.dirichlet(np.where(cells > 0, cells, 1e-6), size=draws)   # [D, G+1]
     counts = np.stack([rng.multinomial(curves.n_cal, w) for w in weights])[:, :g]
     rate = rng.beta(shell_err + _PRIOR * local + 1e-3,
                     shell - shell_err + _PRIOR * (1 - local) + 1e-3, size=(draws, g))
