@@ -136,6 +136,10 @@ class Scored:
         self.leaf_conf, self.leaf_ok = prob[:, 0], ok[:, 0]
         self.support = npz["support"][truth]
         self.predicted_support = npz["support"][node[:, 0]]
+        # train products under the predicted level-2 node (all its leaves)
+        l2_support = np.bincount(npz["of_leaf2"], weights=npz["support"],
+                                 minlength=int(node[:, 1].max()) + 1)
+        self.predicted_l2_support = l2_support[node[:, 1]].astype(np.int64)
         self.n = len(truth)
 
 
@@ -194,7 +198,9 @@ def simulate(args) -> None:
         strategy = args.strategy or str(npz["recommended"]) or "fusion"
         sc = Scored(npz, strategy)
         band = grid.band_of(sc.support)
-        pred_band = grid.band_of(sc.predicted_support)
+        pred_band = (grid.band_of(sc.predicted_support) if args.band_by == "leaf" else
+                     np.searchsorted(np.asarray(args.l2_bands), sc.predicted_l2_support,
+                                     side="right"))
         print(f"{args.dumps[d]}: {strategy}, {sc.n} products pooled, temperature "
               f"{sc.temperature:g}; bands {grid.support_bands()}: "
               f"{np.bincount(band, minlength=len(edges) + 1).tolist()}")
@@ -288,6 +294,11 @@ def main(argv=None) -> None:
                    default=[False, True],
                    help="off,on: one threshold, and one per band of the predicted leaf's "
                         "train products")
+    s.add_argument("--band-by", choices=("leaf", "level2"), default="leaf",
+                   help="what a band of the by-band rules is: the predicted leaf's train "
+                        "products (--bands), or its level-2 node's (--l2-bands)")
+    s.add_argument("--l2-bands", type=lambda v: [int(x) for x in v.split(",")],
+                   default=[10, 40])
     s.add_argument("--draws", type=int, default=200)
     s.add_argument("--target", type=float, default=0.95)
     s.add_argument("--confidence", type=float, default=0.95)

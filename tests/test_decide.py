@@ -196,7 +196,8 @@ def test_the_tests_start_where_the_fit_part_is_surest_and_go_lenient():
         for h in (0, 1):
             stats["filed"][h, 0, :, 0] = filed
             stats["correct"][h, 0, :, 0] = filed - errors[h]
-        return decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95)
+        return decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95,
+                               certifier="fixed-sequence")
 
     assert fixed_sequence.test_start(errors[0], filed, 0.95) == 30
     rule, fig = fit()  # 30..59 certified (87, no error), 60 too (14 of 500), 61 not
@@ -221,7 +222,7 @@ def test_the_figures_by_train_support_and_what_a_bigger_val_buys():
     part = (np.random.default_rng(0).random(len(y)) < 0.5).astype(int)
     decide.add_stats(stats, p, y, part, NODES, grids, (3, 2, 1), support=support)
     rule, fig = decide.fit_rule(stats, grids, 0.9, (3, 2, 1), 0.95)
-    assert rule.threshold is not None and fig["rule"] == "fixed-sequence"
+    assert rule.threshold is not None and fig["rule"] == "power-start"
     _, _, col = realized(p, y, rule)
     filed = col >= 0
     ok = decide.correct_nodes(decide.top_nodes(p, NODES)[0], NODES, y)[

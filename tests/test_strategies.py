@@ -84,7 +84,7 @@ def test_every_declared_decision_rule_is_one_object_and_an_unknown_one_is_refuse
     for name in declared_rules.NAMES:
         assert rules.get(name).name == name
         assert type(rules.get(name)).__module__ == declared_rules.module(name)
-    with pytest.raises(UsageError, match="decision rule 'nope': expected one of fixed-seq"):
+    with pytest.raises(UsageError, match="decision rule 'nope': expected one of power-start, "):
         rules.get("nope")
     with pytest.raises(ConfigError, match="config key 'decide.rule': 'nope' is not allowed"):
         load_config(overrides=["decide.rule=nope"])

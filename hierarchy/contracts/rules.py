@@ -11,9 +11,10 @@ from typing import Tuple
 
 # the first is the default (conf/local.yaml)
 NAMES: Tuple[str, ...] = (
-    "fixed-sequence",  # learn-then-test: from the fit part's surest threshold, exact binomial
-    "power-start",     # the same test, started where the fit part expects to file the most
-    "risk-control",    # expected precision (conformal risk control's +1), same start
+    "power-start",     # learn-then-test, exact binomial, from where the fit part expects
+                       # the sequence to file the most (bench/README: files the most)
+    "fixed-sequence",  # the same test from the fit part's surest threshold (until 2026-12)
+    "risk-control",    # expected precision (conformal risk control's +1), power-start's start
 )
 
 

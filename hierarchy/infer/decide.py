@@ -18,12 +18,14 @@ levels at once.
 
 **The fit**: val is cut by a hash of the product id into a *fit* part and a *calibration*
 part. The fit part chooses the temperature (leaf NLL); the threshold is then certified as
-``decide.rule`` says (:mod:`hierarchy.infer.rules`; the default, ``fixed-sequence``, is
-learn-then-test with fixed sequence testing, Angelopoulos et al. 2021: precision >= target with
-probability >= ``confidence`` over the draw of val, on any product drawn like val). (Two other
-starts of its sequence were measured on the hard bench — the threshold most likely to pass,
-and both starts at half the error each — and filed less: bench/README.) A decision is correct
-when the node is the true leaf or one of its ancestors.
+``decide.rule`` says (:mod:`hierarchy.infer.rules`): learn-then-test's fixed sequence
+(Angelopoulos et al. 2021) from a start the fit part chose, with an exact binomial test
+(precision >= target with probability >= ``confidence`` over the draw of val) or conformal
+risk control's +1 (precision >= target on average over the draw of val). The promise covers
+products drawn like val: with ``ingest.val_draw: product`` the dump's own mix, long tail and
+unseen leaves included (README "Decisions", what the promise covers; the rules side by side:
+bench/README "Decision rules on the long tail"). A decision is correct when the node is the
+true leaf or one of its ancestors.
 """
 
 from __future__ import annotations
