@@ -88,6 +88,11 @@ def test_a_manifest_round_trips_through_its_record_and_is_read_typed(tmp_path):
     assert manifest.split("val").products == 2 and manifest.split("test").products == 0
     assert manifest.images("train") == 9 and manifest.images("train", 1) == 5
     assert manifest.images("val", 0) == 0 and manifest.splits_json() == today["splits"]
+    # an ingest from before ingest.val_draw drew val by category; a new one says how
+    assert manifest.val_draw() == "category"
+    today["kinds"]["train"]["config"]["val_draw"] = "product"
+    assert Manifest.parse(today, "m").val_draw() == "product"
+    del today["kinds"]["train"]["config"]["val_draw"]
     # rewritten through the record (test committing again): the train entry as it was
     again = ds.begin_kind(manifest, "test", TAX)
     written = json.loads(open(ds.manifest_path).read())

@@ -129,6 +129,16 @@ class Manifest(_Part):
         """Kind ``name``'s entry, None when it was never ingested."""
         return self.kinds.get(name)
 
+    def val_draw(self) -> Optional[str]:
+        """How the train kind's val was drawn (``ingest.val_draw``): ``product`` or
+        ``category`` — an ingest from before the choice drew by category. None without a
+        complete train kind."""
+        entry = self.kind("train")
+        if entry is None or not entry.complete:
+            return None
+        config = (entry.model_extra or {}).get("config") or {}
+        return str(config.get("val_draw", "category"))
+
     def complete_kinds(self) -> List[str]:
         return [k for k, e in self.kinds.items() if e.complete]
 

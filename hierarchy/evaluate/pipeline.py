@@ -130,7 +130,14 @@ def _passes(spark, cfg: Settings, data: str, models: str, run, checked: dict, ou
     # decision columns are the ones predict will write on test
     plans = {s: scoring_plan(spark, cfg, data, c.taxonomy, replace(c.modelset, decision=None),
                              prior) for s, c in checked.items()}
-    support = train_support(spark, data, next(iter(checked.values())).taxonomy)
+    first = next(iter(checked.values()))
+    if first.manifest.val_draw() == "category":
+        log.warning("decisions: val of %s was drawn keeping each category's first product in "
+                    "train (ingest.val_draw: category, or an ingest from before the choice), "
+                    "so it never holds a single-product category: the promise covers only "
+                    "products of categories with several. Re-ingest with ingest.val_draw: "
+                    "product for a val drawn like new products (README, Decisions)", data)
+    support = train_support(spark, data, first.taxonomy)
     summaries, fitted_rules = decisions.score_and_fit(spark, cfg, plans, grouped, support)
     try:
         rules = {s: rule for s, (rule, _) in fitted_rules.items()}
