@@ -102,7 +102,8 @@ def dump(args) -> None:
     nodes = decide.Nodes.of(tax)
     out = {"support": support, "of_leaf2": nodes.of_leaf[2], "of_leaf1": nodes.of_leaf[1],
            "strategies": np.asarray(sorted(plans)),
-           "recommended": np.asarray(run.recommended_strategy or ""), "run": np.asarray(args.run_id)}
+           "recommended": np.asarray(run.recommended_strategy or ""),
+           "run": np.asarray(args.run_id)}
     t_count = len(grids.temperatures)
     for s in sorted(plans):
         part = rows[rows["strategy"] == s].sort_values("product_id")
