@@ -239,7 +239,30 @@ def test_the_figures_by_train_support_and_what_a_bigger_val_buys():
         grown = [promise["coverage_at"][str(k)] for k in decide.GROWTH]
         assert grown == sorted(grown) and grown[-1] <= bigger["val_fitted_coverage"] + 1e-12
         assert grown[0] >= fig["calibration"]["coverage"] - 0.1
+    # every declared rule on the same val, the fitted one among them as fitted
+    assert fig["every_rule"]["power-start"]["threshold"] == rule.threshold
+    assert fig["every_rule"]["risk-control"]["coverage"] >= \
+        fig["every_rule"]["power-start"]["coverage"]
     high = bigger["promises"][fig["promise"]]
     expected = next(v for k, v in bigger["promises"].items() if k != fig["promise"])
     # the expected promise needs fewer products for the same share
     assert expected["coverage_at"]["2"] >= high["coverage_at"]["2"]
+
+
+def test_the_report_shows_every_rule_the_bands_and_a_bigger_val():
+    from hierarchy.evaluate.report import _decision_lines
+
+    p, y = catalog(3000, seed=12)
+    grids = decide.Grids(temperatures=(1.0,))
+    stats = decide.empty_stats(grids)
+    part = (np.random.default_rng(0).random(len(y)) < 0.7).astype(int)
+    decide.add_stats(stats, p, y, part, NODES, grids, (3, 2, 1),
+                     support=np.arange(TAX.n_l3) % 7)
+    _, fig = decide.fit_rule(stats, grids, 0.9, (3, 2, 1), 0.95)
+    md = "\n".join(_decision_lines({"strategies": {"fusion": {"decisions": fig}}},
+                                    ["fusion"], {}))
+    assert "### Every decision rule on the same val" in md
+    assert "| strategy | power-start | fixed-sequence | risk-control |" in md
+    assert "### By train support of the true leaf" in md and "| fusion |" in md
+    assert "### What a bigger val would buy" in md
+    assert "- fusion, precision >= target on average over the draw of val: files" in md

@@ -178,11 +178,31 @@ def _decision_lines(metrics: dict, order: List[str], files: dict) -> List[str]:
         d = metrics["strategies"][s]["decisions"]
         if d["threshold"] is None:
             lines += [f"- {s}: nothing is filed — {d['reason']}"]
-    lines += _support_lines(metrics, fitted) + _bigger_val_lines(metrics, fitted)
+    lines += (_every_rule_lines(metrics, fitted) + _support_lines(metrics, fitted)
+              + _bigger_val_lines(metrics, fitted))
     if files.get("risk_coverage"):
         name = storage.basename(files["risk_coverage"])
         lines += ["", f"![risk-coverage on val]({name})", ""]
     return lines
+
+
+def _every_rule_lines(metrics: dict, fitted: List[str]) -> List[str]:
+    """Each declared rule on the same val, so a team sees what the other promise would file."""
+    first = metrics["strategies"][fitted[0]]["decisions"].get("every_rule") or {}
+    if not first:
+        return []
+    names = list(first)
+    lines = ["", "### Every decision rule on the same val", "",
+             "The share of the calibration part each `decide.rule` would file, and its "
+             "precision there: " + "; ".join(f"`{n}`: {first[n]['promise']}" for n in names)
+             + ".", ""]
+    rows = []
+    for s in fitted:
+        got = metrics["strategies"][s]["decisions"].get("every_rule") or {}
+        rows.append([s] + [f"{_pct(got[n]['coverage'])} at {_pct(got[n]['precision'])}"
+                           if n in got and got[n]["threshold"] is not None else "nothing"
+                           for n in names])
+    return lines + _table(["strategy"] + names, rows, ["---"] + ["---:"] * len(names)) + [""]
 
 
 def _support_lines(metrics: dict, fitted: List[str]) -> List[str]:

@@ -356,8 +356,27 @@ def fit_rule(stats: Dict[str, np.ndarray], grids: Grids, target: float,
     return rule, {**figures(stats, grids, t, chosen, rule, n_fit, n_cal,
                             how.needed(target, confidence)),
                   "promise": how.promise, "rule": certifier,
+                  "every_rule": every_rule(curves, target, confidence,
+                                           float(grids.temperatures[t])),
                   "by_support": by_support(stats, grids, t, chosen),
                   "bigger_val": bigger_val(stats, t, target, confidence, n_cal)}
+
+
+def every_rule(curves: Curves, target: float, confidence: float, temperature: float
+               ) -> Dict[str, dict]:
+    """What each declared rule would certify on the same val: its promise, threshold and the
+    share of the calibration part it files (the report's side-by-side)."""
+    out = {}
+    for name in declared_rules.NAMES:
+        how = rules.get(name)
+        j, reason = how.select(curves, target, confidence, temperature)
+        out[name] = {"promise": how.promise, "reason": reason,
+                     "threshold": None if j is None else float(curves.thresholds[j]),
+                     "coverage": (float(curves.filed_cal[j] / curves.n_cal)
+                                  if j is not None and curves.n_cal else 0.0),
+                     "precision": (float(1 - curves.errors_cal[j] / curves.filed_cal[j])
+                                   if j is not None and curves.filed_cal[j] else None)}
+    return out
 
 
 def by_support(stats: Dict[str, np.ndarray], grids: Grids, t: int, chosen: Optional[int]
