@@ -122,3 +122,15 @@ def test_the_pass_lines():
     k = fs.max_errors(np.array([58, 59, 92, 93]), 0.95, 0.95)
     assert k.tolist() == [-1, 0, 0, 1]
     assert rc.max_errors(np.array([18, 19, 38, 39]), 0.95, 0.95).tolist() == [-1, 0, 0, 1]
+
+
+def test_a_start_nothing_is_likely_to_pass_from_still_gets_tested():
+    """Where the fit part makes every start hopeless, power-start falls back to its surest
+    threshold: the calibration part still tests it, and the reason names that test."""
+    g = len(THRESHOLDS)
+    filed = np.minimum(np.arange(g), 400)
+    c = Curves(thresholds=THRESHOLDS, filed_fit=filed, errors_fit=filed // 2,
+               filed_cal=filed, errors_cal=filed // 2, n_fit=400, n_cal=400)
+    j, reason = rules.get("power-start").select(c, TARGET, CONFIDENCE, 1.0)
+    assert j is None and "filed at the threshold the fit part chose to start from" in reason
+    assert "no threshold files" not in reason

@@ -140,7 +140,8 @@ def likeliest_coverage(certifier: Certifier, curves: Curves, target: float,
                        confidence: float) -> Optional[int]:
     """The start whose sequence is expected to file the most (:func:`simulated_sequences`):
     neither the fit part's surest threshold, which it may only have been lucky on, nor a
-    lenient one whose test is likely to fail at once."""
+    lenient one whose test is likely to fail at once. None when the fit part files nothing or
+    no start is likely to pass at all."""
     if not np.asarray(curves.filed_fit).any():
         return None
     gain = simulated_sequences(certifier, curves, target, confidence).mean(axis=0)

@@ -21,6 +21,7 @@ from hierarchy.infer.rules.fixed_sequence import (
     HIGH_PROBABILITY,
     binomial_max_errors,
     needed_products,
+    test_start,
 )
 
 
@@ -35,7 +36,10 @@ class PowerStart(Sequential):
         return binomial_max_errors(filed, target, confidence)
 
     def start(self, curves: Curves, target: float, confidence: float) -> Optional[int]:
-        return likeliest_coverage(self, curves, target, confidence)
+        # no start likely to pass: the fit part's surest, so the calibration part still tests
+        start = likeliest_coverage(self, curves, target, confidence)
+        return test_start(curves.errors_fit, curves.filed_fit, target) if start is None \
+            else start
 
 
 RULE = PowerStart()

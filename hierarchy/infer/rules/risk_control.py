@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from hierarchy.infer.rules.base import Curves, Sequential, likeliest_coverage
+from hierarchy.infer.rules.fixed_sequence import test_start
 
 EXPECTED = "precision >= target on average over the draw of val"
 
@@ -44,7 +45,10 @@ class RiskControl(Sequential):
         return np.where(n > 0, k, -1).astype(np.int64)
 
     def start(self, curves: Curves, target: float, confidence: float) -> Optional[int]:
-        return likeliest_coverage(self, curves, target, confidence)
+        # no start likely to pass: the fit part's surest, so the calibration part still tests
+        start = likeliest_coverage(self, curves, target, confidence)
+        return test_start(curves.errors_fit, curves.filed_fit, target) if start is None \
+            else start
 
 
 RULE = RiskControl()
