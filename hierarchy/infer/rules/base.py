@@ -105,6 +105,8 @@ def simulated_sequences(certifier: Certifier, curves: Curves, target: float,
     error rate from its posterior given the fit part, pulled towards its neighbourhood's so a
     thin shell's luck does not count as evidence). Nothing of the calibration part is read but
     its size."""
+    # errors can fall as the threshold loosens (a product climbs down to a right leaf): the
+    # running maximum errs towards more errors, never towards a start too lenient
     f = np.maximum.accumulate(np.asarray(curves.filed_fit, dtype=np.float64))
     e = np.minimum(np.maximum.accumulate(np.asarray(curves.errors_fit, dtype=np.float64)), f)
     g = len(f)
