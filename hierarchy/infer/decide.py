@@ -418,7 +418,8 @@ def bigger_val(stats: Dict[str, np.ndarray], t: int, target: float, confidence: 
     cover = filed / n_all
     precision = np.where(filed > 0, correct / np.maximum(filed, 1), 0.0)
     meets = np.flatnonzero((filed > 0) & (precision >= target))
-    out = {"val_fitted_coverage": float(cover[meets].max()) if meets.size else 0.0,
+    widest = int(meets[np.argmax(cover[meets])]) if meets.size else None  # fitted on val
+    out = {"val_fitted_coverage": 0.0 if widest is None else float(cover[widest]),
            "calibration_products": n_cal, "promises": {}}
     sizes = np.unique(np.round(np.geomspace(10, 1e7, 400)).astype(np.int64))
     for certifier in {rules.get(n).promise: rules.get(n) for n in declared_rules.NAMES}.values():
@@ -434,9 +435,8 @@ def bigger_val(stats: Dict[str, np.ndarray], t: int, target: float, confidence: 
         best = int(np.argmax(np.where(np.isfinite(need), cover, -1.0))) if np.isfinite(
             need).any() else None
         out["promises"][certifier.promise] = {
-            "needed_for_val_fitted": None if not meets.size or not np.isfinite(
-                need[meets[np.argmax(cover[meets])]]) else int(need[meets[np.argmax(
-                    cover[meets])]]),
+            "needed_for_val_fitted": (int(need[widest]) if widest is not None
+                                      and np.isfinite(need[widest]) else None),
             "best_coverage": None if best is None else float(cover[best]),
             "best_needs": None if best is None else int(need[best]),
             "coverage_at": {str(k): float(max([cover[j] for j in meets
