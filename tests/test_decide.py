@@ -7,6 +7,7 @@ import pytest
 
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import combine, decide
+from hierarchy.infer.fit import GROWTH, fit_rule
 from hierarchy.infer.rules import fixed_sequence
 
 
@@ -47,7 +48,7 @@ def fitted(p, y, target=0.95, levels=(3, 2, 1), temperature=None, share=0.5, see
     stats = decide.empty_stats(grids)
     part = (np.random.default_rng(seed).random(len(y)) < share).astype(int)
     decide.add_stats(stats, p, y, part, NODES, grids, levels)
-    return decide.fit_rule(stats, grids, target, levels, 0.95, temperature=temperature)
+    return fit_rule(stats, grids, target, levels, 0.95, temperature=temperature)
 
 
 def realized(p, y, rule):
@@ -93,11 +94,11 @@ def test_the_promise_holds_on_unseen_products_and_the_tree_files_more():
 def test_a_miscalibrated_model_files_less_but_keeps_the_promise():
     p_val, y_val = catalog(3000, seed=3)
     p_test, y_test = catalog(20000, seed=4)
-    fit_rule, _ = fitted(p_val, y_val)
+    fitted_rule, _ = fitted(p_val, y_val)
     # forced far below its fitted value: an over-confident model
     forced, fig = fitted(p_val, y_val, temperature=0.3)
-    assert forced.temperature == 0.3 and fit_rule.temperature > 0.5
-    cov_fit, prec_fit, _ = realized(p_test, y_test, fit_rule)
+    assert forced.temperature == 0.3 and fitted_rule.temperature > 0.5
+    cov_fit, prec_fit, _ = realized(p_test, y_test, fitted_rule)
     cov_forced, prec_forced, _ = realized(p_test, y_test, forced)
     assert prec_forced >= 0.94 and prec_fit >= 0.94
     assert cov_forced < cov_fit
@@ -196,7 +197,7 @@ def test_the_tests_start_where_the_fit_part_is_surest_and_go_lenient():
         for h in (0, 1):
             stats["filed"][h, 0, :, 0] = filed
             stats["correct"][h, 0, :, 0] = filed - errors[h]
-        return decide.fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95,
+        return fit_rule(stats, grids, 0.95, (3, 2, 1), 0.95,
                                certifier="fixed-sequence")
 
     assert fixed_sequence.test_start(errors[0], filed, 0.95) == 30
@@ -221,7 +222,7 @@ def test_the_figures_by_train_support_and_what_a_bigger_val_buys():
     stats = decide.empty_stats(grids)
     part = (np.random.default_rng(0).random(len(y)) < 0.5).astype(int)
     decide.add_stats(stats, p, y, part, NODES, grids, (3, 2, 1), support=support)
-    rule, fig = decide.fit_rule(stats, grids, 0.9, (3, 2, 1), 0.95)
+    rule, fig = fit_rule(stats, grids, 0.9, (3, 2, 1), 0.95)
     assert rule.threshold is not None and fig["rule"] == "power-start"
     _, _, col = realized(p, y, rule)
     filed = col >= 0
@@ -236,7 +237,7 @@ def test_the_figures_by_train_support_and_what_a_bigger_val_buys():
         assert got["precision"] == pytest.approx(ok[rows & filed].sum() / filed[rows].sum())
     bigger = fig["bigger_val"]
     for promise in bigger["promises"].values():
-        grown = [promise["coverage_at"][str(k)] for k in decide.GROWTH]
+        grown = [promise["coverage_at"][str(k)] for k in GROWTH]
         assert grown == sorted(grown) and grown[-1] <= bigger["val_fitted_coverage"] + 1e-12
         assert grown[0] >= fig["calibration"]["coverage"] - 0.1
     # every declared rule on the same val, the fitted one among them as fitted
@@ -258,7 +259,7 @@ def test_the_report_shows_every_rule_the_bands_and_a_bigger_val():
     part = (np.random.default_rng(0).random(len(y)) < 0.7).astype(int)
     decide.add_stats(stats, p, y, part, NODES, grids, (3, 2, 1),
                      support=np.arange(TAX.n_l3) % 7)
-    _, fig = decide.fit_rule(stats, grids, 0.9, (3, 2, 1), 0.95)
+    _, fig = fit_rule(stats, grids, 0.9, (3, 2, 1), 0.95)
     md = "\n".join(_decision_lines({"strategies": {"fusion": {"decisions": fig}}},
                                     ["fusion"], {}))
     assert "### Every decision rule on the same val" in md

@@ -40,6 +40,11 @@ from hierarchy.contracts.taxonomy import Taxonomy
 FORMAT = "hierarchy-dataset/1"
 
 
+# how ingest may draw val (ingest.val_draw; hierarchy/ingest/split.py): the first is the
+# default, the second what an ingest from before the choice did
+VAL_DRAWS = ("product", "category")
+
+
 class ManifestInvalid(Refused, RuntimeError):
     """manifest.json is not what this version writes (hand-edited, cut short, another
     version's)."""
@@ -137,7 +142,7 @@ class Manifest(_Part):
         if entry is None or not entry.complete:
             return None
         config = (entry.model_extra or {}).get("config") or {}
-        return str(config.get("val_draw", "category"))
+        return str(config.get("val_draw", VAL_DRAWS[1]))
 
     def complete_kinds(self) -> List[str]:
         return [k for k, e in self.kinds.items() if e.complete]

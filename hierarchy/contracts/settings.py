@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from hierarchy.contracts import rules, strategies
+from hierarchy.contracts.manifest import VAL_DRAWS
 
 
 class Allowed:
@@ -149,7 +150,7 @@ class Ingest(Section):
     split_mb: Real(0.0, 4096, lo_open=True)
     row_group_mb: Real(0.0, 1024, lo_open=True)
     val_fraction: Real(0.0, 1.0, hi_open=True)
-    val_draw: Choice("product", "category")
+    val_draw: Choice(*VAL_DRAWS)
     split_seed: Whole(0, 2**63 - 1)
     max_bad_fraction: Real(0.0, 1.0)
     max_document_mb: Whole(1, 2047)

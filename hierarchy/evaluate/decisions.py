@@ -30,7 +30,7 @@ import pandas as pd
 from hierarchy.contracts import predictions
 from hierarchy.contracts.settings import Decide, Settings
 from hierarchy.contracts.taxonomy import Taxonomy
-from hierarchy.infer import columns, combine, decide
+from hierarchy.infer import columns, combine, decide, fit
 from hierarchy.infer.scoring import (
     PartitionPass,
     ScoringPlan,
@@ -173,7 +173,7 @@ def fit_rules(rows, plans: Dict[str, ScoringPlan], dcfg: Decide, grids: decide.G
     forced = dcfg.temperature or None
     out = {}
     for name in plans:
-        rule, figures = decide.fit_rule(stats[name], grids, dcfg.target_precision,
+        rule, figures = fit.fit_rule(stats[name], grids, dcfg.target_precision,
                                         dcfg.levels, dcfg.confidence, temperature=forced,
                                         certifier=dcfg.rule)
         if rule.threshold is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hierarchy.contracts.manifest import VAL_DRAWS
 from hierarchy.ingest.scan import NO_VALUE
 
 # split codes: indexes into hierarchy.contracts.dataset.SPLITS
@@ -36,13 +37,10 @@ def unit_hash(product_ids: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-VAL_DRAWS = ("product", "category")
-
-
 def assign_splits(product_ids: np.ndarray, category_ids: np.ndarray, kind: str,
                   val_fraction: float, seed: int, draw: str = VAL_DRAWS[0]) -> np.ndarray:
     """Split code (TRAIN/VAL/TEST) per document, aligned with the inputs; ``draw`` one of
-    :data:`VAL_DRAWS` (module notes)."""
+    :data:`hierarchy.contracts.manifest.VAL_DRAWS` (module notes)."""
     n = len(product_ids)
     if kind == "test":
         return np.full(n, TEST, dtype=np.uint8)
