@@ -161,8 +161,8 @@ _DECLARED = {c.name: c for module in (synth_command, ingest_command, train_comma
                                       infer_command, evaluate_command, curate_command,
                                       serve_command) for c in module.COMMANDS}
 _DECLARED.update((c.name, c) for c in CATALOG_COMMANDS)
-HELP_ORDER = ("synth", "ingest", "train", "predict", "evaluate", "curate", "review", "runs",
-              "metastore", "thriftserver", "serve")
+HELP_ORDER = ("synth", "ingest", "compact", "train", "predict", "evaluate", "curate", "review",
+              "runs", "metastore", "thriftserver", "serve")
 COMMANDS: Dict[str, Command] = {name: _DECLARED[name] for name in HELP_ORDER}
 
 

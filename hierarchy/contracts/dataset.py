@@ -15,10 +15,15 @@
 ```
 
 An ingest *kind* (the dump it came from) holds one or more *splits*: a train dump becomes the
-train and val splits, a test dump the test split. A kind is marked ``committing`` in the
-manifest before its partitions are swapped in and ``complete`` after, so an interrupted commit
-is never mistaken for a finished dataset (:meth:`Dataset.require_complete`). Stages read the
-manifest as a record (:class:`hierarchy.contracts.manifest.Manifest`), never as a dict.
+train and val splits, a test dump the test split. ``ingest --append`` and ``compact`` add
+*snapshots* to a kind (:meth:`Dataset.commit_plan`: new parts under new names, the parts they
+replace removed, the plan written into the manifest before the first rename, so a killed
+commit is rolled forward, never left half done). The kind's entry lists the parts of its
+current snapshot, and the integrity check (:meth:`Dataset.verify`) holds every one of them.
+A kind is marked ``committing`` in the manifest before its partitions are swapped in and
+``complete`` after, so an interrupted commit is never mistaken for a finished dataset
+(:meth:`Dataset.require_complete`). Stages read the manifest as a record
+(:class:`hierarchy.contracts.manifest.Manifest`), never as a dict.
 
 Every path goes through :mod:`hierarchy.contracts.storage`, so a dataset on HDFS or S3 is the
 same code.
@@ -35,7 +40,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from hierarchy.contracts import storage
 from hierarchy.contracts.errors import Refused
-from hierarchy.contracts.manifest import FORMAT, KindEntry, Manifest
+from hierarchy.contracts.manifest import FORMAT, CommitPlan, KindEntry, Manifest
 from hierarchy.contracts.schema import images_key, part_row_groups, read_row_groups, write_metadata
 from hierarchy.contracts.taxonomy import Taxonomy
 
@@ -141,6 +146,12 @@ class Dataset:
         manifest = self.manifest()
         for kind in kinds:
             entry = manifest.kind(kind)
+            if entry is not None and entry.plan is not None:
+                raise DatasetNotReady(
+                    f"{self.root}: an append or compaction of the {kind} kind is committing "
+                    f"(since {entry.started}) — wait for it; if that job is gone, any "
+                    f"`hierarchy ingest --append` or `hierarchy compact` into this folder "
+                    f"finishes its commit first")
             if entry is None or not entry.complete:
                 status = entry.status.value if entry else "missing"
                 raise DatasetNotReady(
@@ -169,7 +180,7 @@ class Dataset:
         line naming the file and the repair, before any work. A dataset committed before
         parts were recorded is held to its counts instead (each folder's rows)."""
         entry = manifest.kinds[kind]
-        stamp = (self.root, kind, entry.finished)
+        stamp = (self.root, kind, entry.finished, entry.snapshot)
         if stamp in _VERIFIED:
             return
         repair = f"re-run `hierarchy ingest --kind {kind}` into {self.root}"
@@ -244,20 +255,22 @@ class Dataset:
             with storage.staged_folder(folder, staging) as staged:
                 yield staged
         finally:
-            self._drop_empty_staging()
+            self.drop_empty_staging()
 
-    def _drop_empty_staging(self) -> None:
+    def drop_empty_staging(self) -> None:
         """``_staging/`` goes once nothing is staged in it (the dataset keeps no empty folder)."""
         if not storage.list_dir(self.staging().root):
             storage.remove(self.staging().root)
 
-    def images_index(self, kind: str, written: Dict[str, int]) -> Dict[str, int]:
+    def images_index(self, kind: str, written: Dict[str, int],
+                     keep_own: bool = False) -> Dict[str, int]:
         """The row-group count of every part file under images/ once ``kind`` is committed:
         the kind's own from its writers (``written``), the other kind's kept from the index
-        in place (a footer is read only for a file the index does not know)."""
-        mine = tuple(f"split={s}/" for s in KIND_SPLITS[kind])
+        in place (a footer is read only for a file the index does not know). ``keep_own``:
+        the kind's own entries are kept too (a snapshot whose part names are all new)."""
+        mine = () if keep_own else tuple(f"split={s}/" for s in KIND_SPLITS[kind])
         known = {k: n for k, n in read_row_groups(self.images()).items()
-                 if not k.startswith(mine)}
+                 if not mine or not k.startswith(mine)}
         known.update(written)
         present = [images_key(split, name)
                    for split in SPLITS for name, _, is_file in storage.list_dir(
@@ -265,6 +278,47 @@ class Dataset:
         unknown = [k for k in present if k not in known]
         known.update(part_row_groups(self.images(), unknown))
         return {k: known[k] for k in present}
+
+    # ---------------------------------------------------------------- snapshots
+    def commit_plan(self, kind: str, plan: CommitPlan, taxonomy: Taxonomy) -> Manifest:
+        """A new snapshot of ``kind`` (an append's or a compaction's parts, staged beside the
+        dataset): the plan is written into the manifest first (the kind ``committing``), then
+        carried out (:meth:`roll_forward`). Until the plan is written readers see the snapshot
+        before, whole; once it is, they wait for the commit (a few renames), and a job killed
+        in between leaves a plan the next one finishes, never half a snapshot."""
+        self._write_manifest(self.manifest().begun(kind, _now(), taxonomy, plan))
+        return self.roll_forward(kind)
+
+    def roll_forward(self, kind: str) -> Manifest:
+        """Finish the commit the manifest's plan for ``kind`` describes (nothing when there
+        is none): every staged part moved into place unless it already is, every replaced
+        part removed, Petastorm's row-group index written, the kind's entry ``complete``
+        with the parts now in its folders. Safe to repeat: each step checks before it acts."""
+        manifest = self.manifest()
+        entry = manifest.kind(kind)
+        if entry is None or entry.plan is None:
+            return manifest
+        plan = entry.plan
+        for src, dst in plan.moves:
+            if storage.exists(src):
+                storage.replace(src, dst)  # over what a killed rename left there, if any
+            elif not storage.exists(dst):
+                raise DatasetDamaged(f"{dst}: neither it nor its staged copy {src} exists — "
+                                     f"the interrupted commit cannot finish; re-ingest the "
+                                     f"{kind} kind without --append")
+        for loc in plan.removes:
+            storage.remove(loc)
+        if storage.exists(self.images()):
+            write_metadata(self.images(), self.images_index(kind, {}, keep_own=True))
+        taxonomy = self.taxonomy()
+        done = self._write_manifest(manifest.finished(kind, plan.entry, self.parts(kind),
+                                                      _now(), taxonomy))
+        staged = {src.rsplit(f"/{STAGING}/", 1)[-1].split("/", 1)[0]
+                  for src, _ in plan.moves if f"/{STAGING}/" in src}
+        for name in staged:
+            storage.remove(self.staging(name).root)
+        self.drop_empty_staging()
+        return done
 
     def begin_kind(self, manifest: Manifest, kind: str, taxonomy: Taxonomy) -> Manifest:
         """``kind`` marked ``committing`` in the manifest file; returns what was written."""
@@ -314,7 +368,7 @@ class StagedKind:
         metadata_s = time.perf_counter() - t0
         ds.write_taxonomy(taxonomy)
         storage.remove(self.staging.root)
-        ds._drop_empty_staging()
+        ds.drop_empty_staging()
         return metadata_s
 
     def record(self, entry: dict) -> None:

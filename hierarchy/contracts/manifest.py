@@ -85,6 +85,16 @@ class KindCounts(_Part):
     quarantine: Dict[str, int] = {}
 
 
+class CommitPlan(_Part):
+    """An append's or a compaction's commit, written before its first rename: ``moves``
+    [[staged part, its place in the dataset], ...], ``removes`` (parts of the snapshot
+    before that it replaces), ``entry`` (the kind's entry once done, without its parts)."""
+
+    moves: List[Tuple[str, str]] = []
+    removes: List[str] = []
+    entry: dict
+
+
 class KindEntry(_Part):
     """One kind's ingest: ``committing`` (with ``started``) or ``complete`` (with its inputs,
     counts, committed parts and ``finished``; ``bad_fraction``, ``config``, ``timings``,
@@ -97,6 +107,15 @@ class KindEntry(_Part):
     inputs: List[dict] = []
     counts: KindCounts = KindCounts()
     parts: Optional[Dict[str, List[Tuple[str, int, int]]]] = None
+    # appends (``ingest --append``) and compactions since the kind's full ingest: the
+    # current snapshot's number (0: the full ingest itself) and one record per snapshot
+    snapshot: int = 0
+    snapshots: List[dict] = []
+    # while ``committing`` after an append or a compaction: what the commit does (the
+    # parts it moves in and removes, the entry it writes last), so an interrupted commit
+    # is rolled forward by the next job that takes the lock
+    # (:meth:`hierarchy.contracts.dataset.Dataset.roll_forward`)
+    plan: Optional[CommitPlan] = None
 
     @property
     def complete(self) -> bool:
@@ -174,9 +193,11 @@ class Manifest(_Part):
         return self.to_json().get("splits")
 
     # ------------------------------------------------------------ writing
-    def begun(self, kind: str, now: str, taxonomy: Taxonomy) -> Manifest:
-        """The manifest with ``kind`` marked ``committing``."""
-        entry = KindEntry(status=KindStatus.COMMITTING, started=now)
+    def begun(self, kind: str, now: str, taxonomy: Taxonomy,
+              plan: Optional[CommitPlan] = None) -> Manifest:
+        """The manifest with ``kind`` marked ``committing`` (by ``plan`` when given)."""
+        entry = KindEntry(status=KindStatus.COMMITTING, started=now,
+                          **({"plan": plan} if plan is not None else {}))
         return self._with_kind(kind, entry, now, taxonomy)
 
     def finished(self, kind: str, entry: dict, parts: Dict[str, List[list]], now: str,

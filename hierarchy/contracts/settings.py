@@ -160,6 +160,8 @@ class Ingest(Section):
     compression: Choice("none", "snappy", "zstd", "gzip")
     progress: Flag
     lock_stale_hours: Whole(0.0, 100000, lo_open=True)
+    compact_after: Whole(0, 10**6)
+    compact_small_mb: Real(0.0, 4096, lo_open=True)
 
 
 class Plant(Section):

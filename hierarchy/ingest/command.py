@@ -17,6 +17,10 @@ def _arguments(p) -> None:
     p.add_argument("--output", metavar="DIR", help="dataset folder (default paths.data)")
     p.add_argument("--kind", choices=KINDS, default="train",
                    help="train: labelled, split into train/val; test: the test split")
+    p.add_argument("--append", action="store_true",
+                   help="add the dump to the kind as a new snapshot: new products added, a "
+                        "re-sent product replaced by its new document, an unchanged one left "
+                        "as it is (README \"Nightly runs\")")
     dry_run(p)
     common(p)
 
@@ -29,7 +33,8 @@ def run(args, cfg: Settings) -> dict:
     if args.dry_run:
         size = sum(f.size for f in checked.files)
         tax = checked.taxonomy
-        print(f"would ingest {len(checked.files)} file(s), {size / 1e6:.1f} MB, as {args.kind} "
+        how = "append to" if args.append else "ingest"
+        print(f"would {how} {len(checked.files)} file(s), {size / 1e6:.1f} MB, as {args.kind} "
               f"into {args.output} (taxonomy {tax.n_l1}/{tax.n_l2}/{tax.n_l3})")
         return {"output": args.output, "kind": args.kind, "input_bytes": size}
     from hierarchy.spark import get_spark, stop_spark
@@ -40,13 +45,49 @@ def run(args, cfg: Settings) -> dict:
     spark = get_spark(cfg, "ingest", catalog=False)
     try:
         entry = run_ingest(spark, cfg, args.input, args.categories, args.output, args.kind,
-                           checked, spark_start_s=time.perf_counter() - t0)
+                           checked, spark_start_s=time.perf_counter() - t0,
+                           append=args.append)
     finally:
         stop_spark(spark)
     print("\n".join(summary_lines(args.output, args.kind, entry)))
     c = entry["counts"]
-    return {"output": args.output, "kind": args.kind, "products": c["products"],
-            "images": c["images"], "bad_fraction": entry["bad_fraction"]}
+    out = {"output": args.output, "kind": args.kind, "products": c["products"],
+           "images": c["images"], "bad_fraction": entry["bad_fraction"]}
+    if "append" in entry:
+        a = entry["append"]
+        out.update(snapshot=a["snapshot"], added=a["added"], replaced=a["replaced"],
+                   unchanged=a["unchanged"], committed=a["committed"])
+    return out
+
+
+def _compact_arguments(p) -> None:
+    p.add_argument("--data", metavar="DIR", help="dataset folder (default paths.data)")
+    p.add_argument("--kind", choices=KINDS, action="append",
+                   help="only this kind (repeat for both; default every complete kind)")
+    common(p)
+
+
+def compact(args, cfg: Settings) -> dict:
+    from hierarchy.contracts import storage
+    from hierarchy.contracts.dataset import Dataset
+    from hierarchy.ingest.pipeline import run_compact
+    from hierarchy.spark import get_spark, stop_spark
+
+    storage.require_dir(args.data, "--data")
+    kinds = args.kind or Dataset(args.data).manifest().complete_kinds()
+    Dataset(args.data).require_complete(kinds)
+    spark = get_spark(cfg, "compact", catalog=False)
+    try:
+        done = run_compact(spark, cfg, args.data, kinds)
+    finally:
+        stop_spark(spark)
+    for kind, record in done.items():
+        print(f"compact {kind}: " + (f"{record['compacted']} small part(s) merged into "
+                                     f"{record['into']}, {record['rows']:,} rows -> snapshot "
+                                     f"{record['snapshot']}" if record else
+                                     "nothing to merge"))
+    return {"data": args.data, "compacted": {k: (r or {}).get("compacted", 0)
+                                             for k, r in done.items()}}
 
 
 COMMANDS = (Command(
@@ -54,4 +95,11 @@ COMMANDS = (Command(
     description="Decode Cdiscount BSON dumps in parallel with Spark into OUTPUT/images "
                 "(Petastorm), products/, quarantine/ and manifest.json. Re-running replaces "
                 "this kind's partitions.",
-    add_arguments=_arguments, run=run, paths={"output": "data"}),)
+    add_arguments=_arguments, run=run, paths={"output": "data"}),
+    Command(
+    "compact", help="merge a dataset's small parts (after many appends)",
+    description="Merge the parts of DATA smaller than ingest.compact_small_mb into parts of "
+                "about ingest.split_mb, as the kind's next snapshot: every row kept, picture "
+                "bytes copied, never decoded. An append runs it by itself past "
+                "ingest.compact_after small parts.",
+    add_arguments=_compact_arguments, run=compact, paths={"data": "data"}),)

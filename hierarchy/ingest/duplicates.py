@@ -110,10 +110,11 @@ def find_cross_range(spark, products_url: str, sources: Sequence[str]):
                     .drop("rank", "file_order"))
 
 
-def _filter_part(url: str, drop: set) -> Dict[str, int]:
-    """Rewrite a part file without the rows of ``drop`` product ids, row group by row group;
-    returns {"rows": removed, "bytes": their nbytes, "row_groups": left in the file, or None
-    when nothing was written because none match}."""
+def filter_part(url: str, drop: set, out: Optional[str] = None) -> Dict[str, int]:
+    """Rewrite a part file without the rows of ``drop`` product ids, row group by row group
+    (bytes copied, never decoded), in place or, given ``out``, as a new file there (none
+    when no row is left); returns {"rows": removed, "bytes": their nbytes, "row_groups":
+    left in the file, or None when nothing was written because none match}."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -128,7 +129,8 @@ def _filter_part(url: str, drop: set) -> Dict[str, int]:
         if not pc.any(pc.is_in(column, value_set=ids)).as_py():
             return {"rows": 0, "bytes": 0, "row_groups": None}
         removed = {"rows": 0, "bytes": 0, "row_groups": 0}
-        out = storage.atomic_output(url)  # a retried task finds the old or the filtered file
+        target = out
+        out = storage.atomic_output(target or url)  # a retry finds the old or the new file
         writer: Optional[pq.ParquetWriter] = None
         try:
             for i in range(pf.metadata.num_row_groups):
@@ -156,7 +158,10 @@ def _filter_part(url: str, drop: set) -> Dict[str, int]:
             out.discard()
             raise
         writer.close()
-    out.commit()
+    if target is not None and not removed["row_groups"]:
+        out.discard()  # every row dropped: the new snapshot has no such part
+    else:
+        out.commit()
     return removed
 
 
@@ -177,11 +182,11 @@ def drop_in_range(range_id: int, rows: Iterable[dict], staging: Dataset, kind: s
 
     image_bytes, row_groups = 0, {}
     for split in KIND_SPLITS[kind]:
-        done = _filter_part(storage.join(staging.images(split), part_name(range_id)), drop)
+        done = filter_part(storage.join(staging.images(split), part_name(range_id)), drop)
         image_bytes += done["bytes"]
         if done["row_groups"] is not None:
             row_groups[images_key(split, part_name(range_id))] = done["row_groups"]
-    _filter_part(storage.join(staging.products(kind), part_name(range_id)), drop)
+    filter_part(storage.join(staging.products(kind), part_name(range_id)), drop)
     products: Counter = Counter()
     images: Counter = Counter()
     images_l1: Counter = Counter()

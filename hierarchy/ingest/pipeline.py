@@ -32,6 +32,8 @@ from hierarchy.contracts.settings import Ingest, Settings
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.ingest import decode as dec
 from hierarchy.ingest import duplicates
+from hierarchy.ingest.append import commit_append, split_config
+from hierarchy.ingest.compact import compact, needs_compaction
 from hierarchy.ingest.lock import check_unlocked, output_lock
 from hierarchy.ingest.scan import ScanResult, cut_ranges, scan_stream
 from hierarchy.ingest.split import assign_splits
@@ -170,17 +172,41 @@ def corrupt_rows(scans: Sequence[ScanResult]) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------ load
+def run_compact(spark, cfg: Settings, data: str, kinds: Sequence[str]) -> Dict[str, Optional[dict]]:
+    """``hierarchy compact``: each complete kind of ``kinds`` compacted under the dataset's
+    lock (an interrupted commit rolled forward first); {kind: its snapshot's record, None
+    when nothing was small enough to merge}."""
+    dataset = Dataset(data)
+    out: Dict[str, Optional[dict]] = {}
+    for kind in kinds:
+        with output_lock(dataset, kind, cfg.ingest.lock_stale_hours):
+            dataset.roll_forward(kind)
+            dataset.require_complete([kind])
+            out[kind] = compact(spark, dataset, kind, cfg.ingest)
+    return out
+
+
 def run_ingest(spark, cfg: Settings, inputs: Sequence[str], categories: str, output: str,
                kind: str = "train", checked: Optional[CheckedIngest] = None,
-               spark_start_s: Optional[float] = None) -> dict:
+               spark_start_s: Optional[float] = None, append: bool = False) -> dict:
     """Wire extract, transform and load; returns the manifest entry for this kind. The whole
     job holds the output folder's lock (:mod:`hierarchy.ingest.lock`). ``checked``: what
     :func:`check_ingest` already returned for these arguments (else it runs here);
-    ``spark_start_s``: how long the caller took to start the session, for the timings."""
+    ``spark_start_s``: how long the caller took to start the session, for the timings;
+    ``append``: add the dump to the kind as a new snapshot (:mod:`hierarchy.ingest.append`)
+    instead of replacing it (a kind not yet complete is ingested whole)."""
     checked = checked or check_ingest(cfg, inputs, categories, output, kind)
     dataset = Dataset(output)
     with output_lock(dataset, kind, cfg.ingest.lock_stale_hours):
-        return _ingest_locked(spark, cfg, checked, dataset, kind, spark_start_s)
+        if append:
+            # an append or compaction killed mid-commit is finished before anything else
+            dataset.roll_forward(kind)
+            entry = dataset.manifest().kind(kind)
+            if entry is None or not entry.complete:
+                log.info("no complete %s kind in %s yet: ingesting the dump whole", kind,
+                         output)
+                append = False
+        return _ingest_locked(spark, cfg, checked, dataset, kind, spark_start_s, append)
 
 
 def _load_task_modules(_) -> int:
@@ -303,7 +329,7 @@ def _timings(marks: Dict[str, float], results: List[dict], metadata_s: float,
 
 
 def _ingest_locked(spark, cfg: Settings, checked: CheckedIngest, dataset: Dataset, kind: str,
-                   spark_start_s: Optional[float]) -> dict:
+                   spark_start_s: Optional[float], append: bool = False) -> dict:
     icfg = cfg.ingest
     progress = icfg.progress
     marks = {"start": time.time()}
@@ -311,11 +337,13 @@ def _ingest_locked(spark, cfg: Settings, checked: CheckedIngest, dataset: Datase
     # again under the lock: another ingest may have committed since the check
     _check_taxonomy(dataset, taxonomy, checked.categories)
 
+    current = dataset.manifest().kind(kind) if append else None
+    val_fraction, seed, draw = split_config(current, icfg) if append else \
+        (icfg.val_fraction, icfg.split_seed, icfg.val_draw)
     warm = _WarmWorkers(spark)  # Python workers start while the driver scans
     scans = scan_inputs(files, int(icfg.max_document_mb * (1 << 20)), progress)
-    tasks = plan_tasks(scans, kind, int(icfg.split_mb * (1 << 20)),
-                       icfg.val_fraction, icfg.split_seed,
-                       slots=spark.sparkContext.defaultParallelism, draw=icfg.val_draw)
+    tasks = plan_tasks(scans, kind, int(icfg.split_mb * (1 << 20)), val_fraction, seed,
+                       slots=spark.sparkContext.defaultParallelism, draw=draw)
     marks["scan"] = time.time()
 
     staged = dataset.stage(kind)
@@ -334,6 +362,22 @@ def _ingest_locked(spark, cfg: Settings, checked: CheckedIngest, dataset: Datase
     counts = summarize(results, scans, region_rows)
     _refuse_empty_inputs(files, counts, staged.staging.quarantine())
     fraction = _refuse_too_bad(counts, icfg, staged.staging)
+    if current is not None:
+        counts.pop("by_source")
+        marks["commit"] = marks["dedup"]
+        record = {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                  "inputs": [f.record() for f in files], "bad_fraction": round(fraction, 6),
+                  "documents": counts["documents"], "quarantined": sum(
+                      counts["quarantine"].values())}
+        done = commit_append(spark, dataset, staged.staging, kind, current, counts, record,
+                             taxonomy)
+        if done["append"]["committed"] and \
+                needs_compaction(dataset.manifest().kinds[kind], icfg):
+            done["compaction"] = compact(spark, dataset, kind, icfg)
+            done["snapshot"] = done["compaction"]["snapshot"]
+        marks["commit"] = time.time()
+        return {**done, "bad_fraction": round(fraction, 6), "tasks": len(tasks),
+                "timings": _timings(marks, results[:decoded], 0.0, spark_start_s)}
     metadata_s = staged.commit(taxonomy, written)
     marks["commit"] = time.time()
     counts.pop("by_source")
