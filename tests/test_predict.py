@@ -685,3 +685,90 @@ def test_evaluate_makes_predicts_rows_from_one_pass_with_no_second_model_run(wor
     pd.testing.assert_frame_equal(norm(rows), norm(scored), check_exact=True)
     assert rows["decision_level"].nunique() > 1
     assert rows[rows["product_id"] == ALL_BAD_AT_SCORING]["fallback"].all()
+
+
+def test_a_nightly_predict_scores_only_new_and_changed_products(world, spark, tmp_path):
+    """After a day's append to the test kind, predict scores the new and re-sent products and
+    reuses the other rows; every answer is what scoring everything gives; a changed model
+    makes every row stale."""
+    import os
+
+    from hierarchy.infer.incremental import scored_with
+    from hierarchy.ingest.pipeline import run_ingest
+
+    data = tmp_path / "ds"
+    shutil.copytree(world["data"], data)
+    out = str(tmp_path / "out")
+    pcfg = predict_cfg(tmp_path)
+    n = world["n_test"]
+    first = run_predict(spark, pcfg, str(data), world["models"], RUN, "test", "flat", out)
+    assert (first["scored"], first["reused"]) == (n, 0)
+    again = run_predict(spark, pcfg, str(data), world["models"], RUN, "test", "flat", out)
+    # the two products on the training prior are redone every time: the prior moves with data
+    assert (again["scored"], again["reused"]) == (2, n - 2)
+
+    docs = [bson.decode(d) for d in split_docs((world["syn"] / "test.bson").read_bytes())]
+    good = [d for d in docs if d["_id"] < 990000]
+    new = [{**d, "_id": d["_id"] + 5_000_000} for d in good[:5]]
+    resent = [{**d, "imgs": good[-1 - i]["imgs"]} for i, d in enumerate(good[5:8])]
+    day = tmp_path / "day.bson"
+    day.write_bytes(b"".join(bson.encode(d) for d in new + resent + good[8:10]))
+    icfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false"])
+    entry = run_ingest(spark, icfg, [str(day)], str(world["syn"] / "category_names.csv"),
+                       str(data), "test", append=True)
+    assert (entry["append"]["added"], entry["append"]["replaced"]) == (5, 3)
+    before = spark.table(first["table"]).where("split = 'test'").select(
+        "product_id", "input_digest", "scored_at").toPandas().set_index("product_id")
+
+    night = run_predict(spark, pcfg, str(data), world["models"], RUN, "test", "flat", out)
+    assert (night["products"], night["scored"], night["reused"]) == (n + 5, 5 + 3 + 2, n - 5)
+    table = spark.table(night["table"]).where("split = 'test' AND strategy = 'flat'") \
+        .toPandas().set_index("product_id")
+    assert len(table) == n + 5 and table.index.is_unique
+    for d in resent:  # a re-sent product: its new pictures' digest, scored again
+        assert table.loc[d["_id"], "input_digest"] != before.loc[d["_id"], "input_digest"]
+    kept = [d["_id"] for d in good[10:]]
+    assert (table.loc[kept, "scored_at"] == before.loc[kept, "scored_at"]).all()
+
+    # every answer is what scoring the whole union gives
+    full_cfg = predict_cfg(tmp_path, ["catalog.table=everything"])
+    full = run_predict(spark, full_cfg, str(data), world["models"], RUN, "test", "flat",
+                       str(tmp_path / "full"), rescore_all=True)
+    assert full["scored"] == n + 5
+    whole = spark.table(full["table"]).toPandas().set_index("product_id")
+    assert (whole.loc[table.index, "category_id"] == table["category_id"]).all()
+    np.testing.assert_allclose(whole.loc[table.index, "confidence"], table["confidence"],
+                               rtol=1e-5)
+    assert pd.read_csv(Path(out) / "submission.csv")["_id"].is_unique
+
+    # a retrained model (here: its file written again) makes every row stale
+    plan_key = scored_with(loaded_plan := _plan(world, data, "flat"))
+    flat = Path(world["models"]) / RUN / "flat" / "model.h5"
+    stat = flat.stat()
+    os.utime(flat, (stat.st_atime, stat.st_mtime + 60))
+    try:
+        assert scored_with(loaded_plan) != plan_key
+        stale = run_predict(spark, pcfg, str(data), world["models"], RUN, "test", "flat", out)
+        assert (stale["scored"], stale["reused"]) == (n + 5, 0)
+    finally:
+        os.utime(flat, (stat.st_atime, stat.st_mtime))
+    # so does a new rule (a new evaluate), or another calibration
+    from hierarchy.contracts.runrecord import DecisionRule
+
+    def key(**changes):
+        return scored_with(dataclasses.replace(
+            loaded_plan, models=dataclasses.replace(loaded_plan.models, **changes)))
+
+    rule = DecisionRule(target=0.9, levels=(3, 2, 1), confidence=0.9, temperature=1.0,
+                        threshold=0.5, certifier="power-start")
+    keys = {key(decision=None), key(decision=rule),
+            key(decision=rule.model_copy(update={"threshold": 0.6})),
+            key(calibration={**loaded_plan.models.calibration, "temperature": 2.0})}
+    assert len(keys) == 4
+
+
+def _plan(world, data, strategy):
+    tax = Dataset(str(data)).taxonomy()
+    return ScoringPlan(models=load_modelset(world["models"], RUN, strategy, tax),
+                       taxonomy_json=tax.to_json(), prior_category_id=1, prior_share=0.1,
+                       params=(), aggregate="mean", tta_flip=False, top_n=5, threads=1)

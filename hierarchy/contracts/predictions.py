@@ -65,11 +65,16 @@ TRUTH = ("true_category_id", "true_l1", "true_l2", "true_l3")   # null outside v
 ANSWERED_BY = ("model", "prior", "duplicate")
 TABLE_COLUMNS = [
     *SCORED_COLUMNS[:SCORED_COLUMNS.index(TOP[0])], "top5",
-    *SCORED_COLUMNS[SCORED_COLUMNS.index(TOP[1]) + 1:], "answered_by", "scored_at", *PARTITIONS,
+    *SCORED_COLUMNS[SCORED_COLUMNS.index(TOP[1]) + 1:], "answered_by",
+    # what makes a row current (hierarchy/infer/incremental.py): the product's content digest
+    # (hierarchy/contracts/digest.py) and a fingerprint of the models, rule and options
+    "input_digest", "scored_with",
+    "scored_at", *PARTITIONS,
 ]
 # columns added to the table after its first release: an older table gains them on a write
 ADDED_COLUMNS = {"answered_by": "STRING", "decision_level": "INT", "decision_id": "BIGINT",
-                 "decision_name": "STRING", "decision_probability": "DOUBLE"}
+                 "decision_name": "STRING", "decision_probability": "DOUBLE",
+                 "input_digest": "STRING", "scored_with": "STRING"}
 DECISION = ("decision_level", "decision_id", "decision_name", "decision_probability")
 # nullable integers in pandas (the truth of a test product is null)
 PANDAS_DTYPES = {"true_category_id": "Int64", "true_l1": "Int32", "true_l2": "Int32",

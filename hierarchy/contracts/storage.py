@@ -298,6 +298,18 @@ class AtomicOutput:
             self.discard()
 
 
+@contextlib.contextmanager
+def scratch_folder(parent: str, job: str) -> Iterator[str]:
+    """A private folder ``parent/_staging-<job>-<token>`` for a job's intermediate files,
+    removed when the block ends, whatever happens (Spark skips ``_`` names when it lists
+    ``parent``)."""
+    folder = join(parent, f"_staging-{job}-{uuid.uuid4().hex[:12]}")
+    try:
+        yield folder
+    finally:
+        remove(folder)
+
+
 def atomic_output(url: str) -> AtomicOutput:
     return AtomicOutput(url)
 

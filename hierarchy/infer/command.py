@@ -12,7 +12,7 @@ from hierarchy.contracts.strategies import AUTO, NAMES
 from hierarchy.infer.modelset import resolve_strategy
 
 RESULT_KEYS = ("run_id", "split", "strategy", "table", "table_path", "products", "images",
-               "fallback")
+               "fallback", "scored", "reused")
 
 
 def _predict_arguments(p) -> None:
@@ -23,6 +23,9 @@ def _predict_arguments(p) -> None:
                    help=f"default predict.strategy: {AUTO} (the run's recommended strategy), "
                         f"{', '.join(NAMES)} or a name under the configuration's variants:")
     p.add_argument("--output", metavar="DIR", help="default paths.output")
+    p.add_argument("--rescore-all", action="store_true",
+                   help="score every product; by default a product whose row is current "
+                        "(same run, strategy, rule, models and pictures) is reused as it is")
     dry_run(p)
     common(p)
 
@@ -43,7 +46,7 @@ def predict(args, cfg: Settings) -> dict:
         return {"run_id": args.run_id, "split": args.split, "strategy": strategy}
     result = with_spark(cfg, "predict", lambda spark: run_predict(
         spark, cfg, args.data, args.models, args.run_id, args.split, strategy, args.output,
-        checked))
+        checked, rescore_all=args.rescore_all))
     print(summary(result))
     return {k: result[k] for k in RESULT_KEYS if k in result} | \
         ({"submission": result["submission"]} if result.get("submission") else {})

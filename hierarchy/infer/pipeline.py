@@ -27,6 +27,7 @@ from hierarchy.contracts.settings import Decide, Settings
 from hierarchy.contracts.strategies import Spec
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import decide, tables
+from hierarchy.infer import incremental as incremental_
 from hierarchy.infer.modelset import ModelSet, ScoringRefused, load_modelset
 from hierarchy.infer.scoring import INPUT_COLUMNS, ScoringPlan, plan_params, score_partitions
 
@@ -136,8 +137,11 @@ def finish_rows(rows, run_id: str, split: str, strategy: Optional[str] = None):
     if "answered_by" not in rows.columns:
         rows = rows.withColumn("answered_by", F.when(F.col("fallback"), F.lit("prior"))
                                .otherwise(F.lit("model")))
+    # a reused row keeps the time it was scored
+    scored_at = F.coalesce(F.col("scored_at"), F.current_timestamp()) \
+        if "scored_at" in rows.columns else F.current_timestamp()
     return (rows.withColumn("top5", top5)
-                .withColumn("scored_at", F.current_timestamp())
+                .withColumn("scored_at", scored_at)
                 .withColumn("run_id", F.lit(run_id))
                 .withColumn("split", F.lit(split))
                 .withColumn("strategy", F.col("strategy") if strategy is None
@@ -250,29 +254,29 @@ def scoring_plan(spark, cfg: Settings, data: str, taxonomy: Taxonomy, modelset: 
 
 
 def run_predict(spark, cfg: Settings, data: str, models: str, run_id: str, split: str,
-                strategy: str, output: str, checked: Optional[CheckedPredict] = None) -> dict:
-    """``checked``: what :func:`check_predict` already returned for these arguments."""
+                strategy: str, output: str, checked: Optional[CheckedPredict] = None,
+                rescore_all: bool = False) -> dict:
+    """``checked``: what :func:`check_predict` already returned for these arguments;
+    ``rescore_all``: score every product, even one whose row is current
+    (:mod:`hierarchy.infer.incremental`)."""
     checked = checked or check_predict(data, models, run_id, split, strategy, output,
                                        cfg.predict.duplicate_lookup)
     return run_scoring(spark, cfg, data, models, run_id, split, {strategy: checked},
-                       output)[strategy]
+                       output, incremental=not rescore_all)[strategy]
 
 
 def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split: str,
                 checked: Dict[str, CheckedPredict], output: str,
-                prior: Optional[tuple] = None, grouped=None, scored=None) -> Dict[str, dict]:
+                prior: Optional[tuple] = None, grouped=None, scored=None,
+                incremental: bool = False) -> Dict[str, dict]:
     """Score ``split`` under every strategy of ``checked`` (each :func:`check_predict`ed) in
     one pass over its pictures, each model run once per picture, into the strategies'
     partitions of the predictions table; {strategy: its result}. A test split also gets
     its submission (predict scores one strategy). ``prior``: :func:`training_prior`, when
     the caller has it; ``grouped``: the split's pictures from :func:`grouped_split`;
     ``scored``: the split's scored product rows when the caller already made them (evaluate,
-    :func:`hierarchy.evaluate.decisions.table_rows`), written instead of scoring again."""
-    from pyspark.sql import functions as F
-
-    from hierarchy.spark import run_with_progress
-
-    pcfg = cfg.predict
+    :func:`hierarchy.evaluate.decisions.table_rows`), written instead of scoring again;
+    ``incremental``: a single strategy's current rows reused (predict's default)."""
     t0 = time.time()
     strategies = list(checked)
     if split == TEST and len(strategies) != 1:
@@ -287,8 +291,31 @@ def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split
     prior = prior or training_prior(spark, data)
     plans = {s: scoring_plan(spark, cfg, data, taxonomy, checked[s].modelset, prior)
              for s in strategies}
-    final = finish_rows(_split_rows(spark, cfg, data, split, plans, products, taxonomy, prior,
-                              grouped, scored), run_id, split)
+    keys = {s: incremental_.scored_with(plans[s]) for s in strategies}
+    digests = incremental_.digests(spark, data, split, products)
+    with storage.scratch_folder(output, "predict") as scratch:
+        kept = None
+        if incremental and scored is None and grouped is None and len(strategies) == 1:
+            kept = incremental_.current_rows(spark, cfg.catalog, run_id, split, strategies[0],
+                                             keys[strategies[0]], digests, scratch)
+        rows = _split_rows(spark, cfg, data, split, plans, products, taxonomy, prior, grouped,
+                           scored, kept)
+        final = finish_rows(incremental_.keyed(rows, digests, keys), run_id, split)
+        return _publish(spark, cfg, run_id, split, checked, output, final, products, plans,
+                        kept, t0)
+
+
+def _publish(spark, cfg: Settings, run_id: str, split: str, checked: Dict[str, CheckedPredict],
+             output: str, final, products, plans: Dict[str, ScoringPlan], kept,
+             t0: float) -> Dict[str, dict]:
+    """Write the rows into the strategies' partitions, check and write the submission;
+    {strategy: its result}."""
+    from pyspark.sql import functions as F
+
+    from hierarchy.spark import run_with_progress
+
+    pcfg = cfg.predict
+    strategies = list(checked)
     branches = sorted({dict(p.params)["top_branches"] for p in plans.values()
                        if "top_branches" in dict(p.params)})
     log.info("scoring split %s with run %s (%s%s)", split, run_id, ", ".join(strategies),
@@ -304,9 +331,12 @@ def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split
         (F.col("run_id") == run_id) & (F.col("split") == split) &
         F.col("strategy").isin(strategies))
     stats = _written_stats(written)
+    reused = kept.count() if kept is not None else 0
     results = {s: {"run_id": run_id, "split": split, "strategy": s, "table": name,
                    "review_view": review_view, "table_path": location,
                    **_result_counts(stats.get(s), checked[s].modelset)} for s in strategies}
+    for r in results.values():
+        r["reused"], r["scored"] = reused, r["products"] - reused
     if split == TEST:
         (strategy,) = strategies
         sub = written.select(F.col("product_id").alias("_id"), "category_id")
@@ -320,16 +350,29 @@ def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split
 
 
 def _split_rows(spark, cfg: Settings, data: str, split: str, plans: Dict[str, ScoringPlan],
-                products, taxonomy: Taxonomy, prior: tuple, grouped, scored=None):
+                products, taxonomy: Taxonomy, prior: tuple, grouped, scored=None, kept=None):
     """Every product's row under every strategy of ``plans``: scored from its pictures
-    (unless ``scored`` already holds these rows),
-    the fallback row for a product with none, an exact copy's training label first when
-    ``predict.duplicate_lookup`` is on."""
-    images = read_images(spark, data, split)
+    (unless ``scored`` already holds these rows, or ``kept`` a current one: then only the
+    part files holding the other products are read), the fallback row for a product with
+    none, an exact copy's training label first when ``predict.duplicate_lookup`` is on."""
+    from pyspark.sql import functions as F
+
+    if kept is not None:
+        products = products.join(kept.select("product_id"), "product_id", "left_anti")
+        todo = products.select("product_id")
+        files = incremental_.files_holding(spark, data, split, todo)
+        images = incremental_.read_image_files(spark, data, split, files, INPUT_COLUMNS) \
+            .join(todo, "product_id", "left_semi") if files else \
+            read_images(spark, data, split).limit(0)
+    else:
+        images = read_images(spark, data, split)
     if scored is None:
         scored = score(images, plans, cfg.predict.partitions) if grouped is None else \
             grouped.mapInPandas(score_partitions(plans), predictions.SCORED_BY_STRATEGY_DDL)
     rows = scored.unionByName(fallback_rows(products, images, taxonomy, prior, list(plans)))
+    rows = rows.withColumn("scored_at", F.lit(None).cast("timestamp"))
+    if kept is not None:
+        rows = rows.unionByName(incremental_.as_scored(kept, next(iter(plans))))
     if cfg.predict.duplicate_lookup:
         rows = apply_duplicates(rows, duplicate_answers(spark, data, split, taxonomy))
     return rows
@@ -389,6 +432,9 @@ def summary(result: dict) -> str:
     if d:
         lines.append(f"decisions: {d['3']} filed at a leaf, {d['2']} at level 2, {d['1']} at "
                      f"level 1, {d['0']} to review (view {result.get('review_view', '')})")
+    if "reused" in result:
+        lines.append(f"scored {result['scored']} product(s), reused {result['reused']} "
+                     f"current row(s)")
     if result.get("submission"):
         lines.append(f"submission: {result['submission']}")
     if result.get("untrained_branches"):
