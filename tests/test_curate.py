@@ -482,3 +482,61 @@ def test_bad_input_gets_one_line_and_costs_nothing_else(curated, tmp_path, capsy
     with pytest.raises(LookupError):
         queue.decide({"reviewer": "a", "decision": "drop", "group": "nope"})
     assert not list(Path(ct.reviews_path(curated["data"])).glob("*.parquet"))
+
+
+def test_a_nightly_curate_decodes_only_new_pictures_and_keeps_reviews(curated, spark,
+                                                                       tmp_path):
+    """After an append, curate decodes only the pictures no earlier curate hashed (by MD5);
+    its table is the one hashing everything again gives, and reviews stay."""
+    import io
+    import shutil
+
+    import bson
+    from corrupt import split_docs
+    from PIL import Image
+
+    from hierarchy.curate.pipeline import run_curate
+    from hierarchy.ingest.pipeline import run_ingest
+
+    data = tmp_path / "ds"
+    shutil.copytree(curated["data"], data)
+    cfg = curate_cfg(tmp_path)
+    docs = [bson.decode(d) for d in split_docs((curated["syn"] / "test.bson").read_bytes())]
+
+    def reencoded(doc):  # the same photo, other bytes: a picture no curate has seen
+        out = []
+        for p in doc["imgs"]:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(p["picture"])).save(buf, "JPEG", quality=61)
+            out.append({"picture": buf.getvalue()})
+        return out
+
+    new = [{**d, "_id": d["_id"] + 7_000_000, "imgs": reencoded(d)} for d in docs[:10]]
+    copies = [{**d, "_id": d["_id"] + 8_000_000} for d in docs[10:14]]  # bytes seen before
+    resent = [{**d, "imgs": reencoded(docs[20 + i])} for i, d in enumerate(docs[14:16])]
+    day = tmp_path / "day.bson"
+    day.write_bytes(b"".join(bson.encode(d) for d in new + copies + resent))
+    run_ingest(spark, cfg, [str(day)], str(curated["syn"] / "category_names.csv"), str(data),
+               "test", append=True)
+    unseen = sum(len(d["imgs"]) for d in new + resent)
+    pid, idx = next((r["product_id"], r["img_idx"]) for r in curation_rows(str(data))
+                    if r["split"] == "train")
+    ct.append_reviews(str(data), [{"target": "picture", "product_id": pid, "img_idx": idx,
+                                   "decision": "drop", "reviewer": "night"}])
+
+    night = run_curate(spark, cfg, str(data))
+    pictures = night["counts"]["pictures"]
+    assert night["hashing"] == {"decoded": unseen, "reused": pictures - unseen}
+    rows = {(r["product_id"], r["img_idx"]): r for r in curation_rows(str(data))}
+    assert len(rows) == pictures
+    assert rows[(pid, idx)]["review"] == "drop"  # the reviewer's decision kept
+    assert all((d["_id"], 0) in rows for d in new + copies)
+
+    full = run_curate(spark, cfg, str(data), rehash=True)
+    assert full["hashing"] == {"decoded": pictures, "reused": 0}
+    again = {(r["product_id"], r["img_idx"]): r for r in curation_rows(str(data))}
+    columns = ("md5", "phash", "pixel_std", "hash_error", "group_pictures", "flags", "review")
+    assert {k: tuple(r[c] for c in columns) for k, r in rows.items()} == \
+        {k: tuple(r[c] for c in columns) for k, r in again.items()}
+    # a curate of an unchanged dataset decodes nothing
+    assert run_curate(spark, cfg, str(data))["hashing"]["decoded"] == 0

@@ -5,6 +5,7 @@ training reads from them.
 <data>/curation/split=train|val|test/part-*.parquet   one row per picture: hash, stats, flags
 <data>/reviews/part-<time>-<id>.parquet               review decisions, append-only
 <data>/curation_report/                               report.md, *.png, summary.json, review/
+<data>/curation_hashes/part-*.parquet                 each distinct picture's hash, by MD5
 ```
 
 Both are registered in the Spark catalog (``catalog.curation_table``, ``catalog.reviews_table``)
@@ -15,6 +16,10 @@ picture wins.
 
 Training (:class:`Exclusion`) reads the flags and the reviews with pyarrow, a few columns per
 file, on each worker — never the pictures, never through the driver.
+
+``curation_hashes/`` is curate's own memory: the perceptual hash and statistics of every
+distinct picture (by its MD5, with the hash algorithm and version that made them), so a
+later curate decodes only pictures it has never seen.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import pyarrow as pa
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import Dataset
 
-CURATION, REVIEWS, REPORT = "curation", "reviews", "curation_report"
+CURATION, REVIEWS, REPORT, HASHES = "curation", "reviews", "curation_report", "curation_hashes"
 FLAGS = ("blank", "placeholder", "duplicate", "near_duplicate", "conflicting_labels", "leakage")
 DECISIONS = ("keep", "drop", "relabel")
 KEY_BITS = 16  # a picture's key: product_id << 16 | img_idx (Cdiscount products hold <= 4)
@@ -58,6 +63,10 @@ def reviews_path(data: str) -> str:
 
 def report_path(data: str) -> str:
     return Dataset(data).path(REPORT)
+
+
+def hashes_path(data: str) -> str:
+    return Dataset(data).path(HASHES)
 
 
 def has_curation(data: str) -> bool:

@@ -2,7 +2,8 @@
 review queue.
 
 extract   the pictures of ``images/`` (every committed split), hashed on the executors
-          (:mod:`hierarchy.curate.hashing`): the only pass that reads the JPEG bytes
+          (:mod:`hierarchy.curate.hashing`): the only pass that reads the JPEG bytes, and only
+          of pictures no earlier curate hashed (``curation_hashes/``, by MD5 and algorithm)
 transform exact groups (ingest's MD5), near groups (:mod:`hierarchy.curate.groups`), group
           statistics, the flags, the reviewers' latest decisions
 load      ``curation/`` (replaced whole), the catalog tables, the review queue and the report
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import unquote
 
 from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
@@ -46,15 +48,49 @@ def _hex(col):
     return F.lower(F.lpad(F.hex(col), 16, "0"))
 
 
-def extract(spark, data: str):
-    """Pictures of every split with their hash and stats (no JPEG bytes past this point)."""
+def extract(spark, data: str, known=None):
+    """Pictures of every split with their hash and stats (no JPEG bytes past this point), and
+    how many were decoded. ``known``: (md5, hash columns) of pictures hashed before by this
+    hash algorithm: those are not decoded again, and only the part files holding another
+    picture (found from the small columns) are read for their JPEG bytes."""
+    from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_type
     from pyspark.sql.types import StructField, StructType
 
-    images = spark.read.parquet(Dataset(data).url("images")).select(*PICTURE_COLUMNS, "jpeg")
-    fields = [f for f in images.schema.fields if f.name != "jpeg"]
+    images = spark.read.parquet(Dataset(data).url("images"))
+    fields = [f for f in images.select(*PICTURE_COLUMNS).schema.fields]
     fields += [StructField(f.name, from_arrow_type(f.type), True) for f in HASHED]
-    return images.mapInArrow(lambda batches: map(hash_batch, batches), StructType(fields))
+    schema = StructType(fields)
+    if known is None:
+        pics = images.select(*PICTURE_COLUMNS, "jpeg")
+        return pics.mapInArrow(lambda batches: map(hash_batch, batches), schema), None
+    meta = images.select(*PICTURE_COLUMNS, F.input_file_name().alias("_file"))
+    hit = meta.join(known, "md5").select(*schema.names)
+    miss = meta.join(known.select("md5"), "md5", "left_anti").localCheckpoint()
+    files = sorted(unquote(r._file) for r in miss.select("_file").distinct().collect())
+    if not files:
+        return hit, 0
+    jpegs = (spark.read.option("basePath", Dataset(data).url("images")).parquet(*files)
+                  .select(*PICTURE_COLUMNS, "jpeg")
+                  .join(miss.select("product_id", "img_idx"), ["product_id", "img_idx"],
+                        "left_semi"))
+    new = jpegs.mapInArrow(lambda batches: map(hash_batch, batches), schema)
+    return hit.unionByName(new), miss.count()
+
+
+def known_hashes(spark, data: str):
+    """(md5, hash columns) of every picture an earlier curate hashed with this version's
+    algorithm; None when there is none (the first curate, or the algorithm changed)."""
+    from pyspark.sql import functions as F
+
+    path = ct.hashes_path(data)
+    if not storage.list_files(path, ".parquet"):
+        return None
+    known = spark.read.parquet(storage.to_url(path))
+    if set(known.columns) < {"md5", "hash_algorithm", *HASHED.names}:
+        return None
+    known = known.where(F.col("hash_algorithm") == algorithm()).select("md5", *HASHED.names)
+    return known if known.take(1) else None
 
 
 def _group_stats(pics):
@@ -248,8 +284,9 @@ def check_curate(cfg: Settings, data: str) -> dict:
     return {s: c.images for s, c in manifest.splits.items()}
 
 
-def run_curate(spark, cfg: Settings, data: str) -> dict:
-    """The whole job; returns its summary (counts per flag, the work the grouping did)."""
+def run_curate(spark, cfg: Settings, data: str, rehash: bool = False) -> dict:
+    """The whole job; returns its summary (counts per flag, the work the grouping did, the
+    pictures decoded and reused). ``rehash``: decode every picture, whatever was hashed."""
     from pyspark.sql import functions as F
 
     ccfg, catalog = cfg.curate, cfg.catalog
@@ -258,8 +295,12 @@ def run_curate(spark, cfg: Settings, data: str) -> dict:
     ds = Dataset(data)
     with ds.scratch("curate") as staging:
         hashed_path = staging.path("hashes")
-        extract(spark, data).write.parquet(storage.to_url(hashed_path))
+        pics, decoded = extract(spark, data, None if rehash else known_hashes(spark, data))
+        pics.write.parquet(storage.to_url(hashed_path))
         pics = spark.read.parquet(storage.to_url(hashed_path))
+        with ds.replacing(ct.hashes_path(data)) as staged:
+            (pics.select("md5", F.lit(algorithm()).alias("hash_algorithm"), *HASHED.names)
+                 .dropDuplicates(["md5"]).write.parquet(storage.to_url(staged)))
         timings["hash"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -302,7 +343,10 @@ def run_curate(spark, cfg: Settings, data: str) -> dict:
 
     from hierarchy.curate.report import write_report
 
+    pictures = int(counts["pictures"] or 0)
     summary = {"data": data, "counts": {k: int(v or 0) for k, v in counts.items()},
+               "hashing": {"decoded": pictures if decoded is None else int(decoded),
+                           "reused": 0 if decoded is None else pictures - int(decoded)},
                "grouping": grouping, "hash_algorithm": algorithm(),
                "config": ccfg.model_dump(mode="json"), "tables": tables,
                "seconds": {k: round(v, 2) for k, v in timings.items()}}
