@@ -284,23 +284,43 @@ def check_curate(cfg: Settings, data: str) -> dict:
     return {s: c.images for s, c in manifest.splits.items()}
 
 
+def _hash(spark, data: str, scratch: str, rehash: bool):
+    """(every picture with its hash, read back from ``scratch``; pictures decoded), and
+    ``curation_hashes/`` rewritten with every distinct picture's hash for the next run."""
+    from pyspark.sql import functions as F
+
+    pics, decoded = extract(spark, data, None if rehash else known_hashes(spark, data))
+    pics.write.parquet(storage.to_url(scratch))
+    pics = spark.read.parquet(storage.to_url(scratch))
+    with Dataset(data).replacing(ct.hashes_path(data)) as staged:
+        (pics.select("md5", F.lit(algorithm()).alias("hash_algorithm"), *HASHED.names)
+             .dropDuplicates(["md5"]).write.parquet(storage.to_url(staged)))
+    return pics, decoded
+
+
+def _counts(table) -> dict:
+    """The curation table's pictures, flags, groups and reviews (one aggregate row)."""
+    from pyspark.sql import functions as F
+
+    return table.agg(F.count("*").alias("pictures"),
+                     F.sum(F.col("hash_error").isNotNull().cast("int")).alias("undecodable"),
+                     F.sum((F.size("flags") > 0).cast("int")).alias("flagged"),
+                     F.countDistinct(F.when(F.col("group_pictures") > 1, F.col("group_id")))
+                     .alias("groups"),
+                     *[F.sum(F.col(f).cast("int")).alias(f) for f in ct.FLAGS],
+                     F.sum(F.col("review").isNotNull().cast("int")).alias("reviewed")
+                     ).first().asDict()
+
+
 def run_curate(spark, cfg: Settings, data: str, rehash: bool = False) -> dict:
     """The whole job; returns its summary (counts per flag, the work the grouping did, the
     pictures decoded and reused). ``rehash``: decode every picture, whatever was hashed."""
-    from pyspark.sql import functions as F
-
     ccfg, catalog = cfg.curate, cfg.catalog
     timings = {}
     t0 = time.perf_counter()
     ds = Dataset(data)
     with ds.scratch("curate") as staging:
-        hashed_path = staging.path("hashes")
-        pics, decoded = extract(spark, data, None if rehash else known_hashes(spark, data))
-        pics.write.parquet(storage.to_url(hashed_path))
-        pics = spark.read.parquet(storage.to_url(hashed_path))
-        with ds.replacing(ct.hashes_path(data)) as staged:
-            (pics.select("md5", F.lit(algorithm()).alias("hash_algorithm"), *HASHED.names)
-                 .dropDuplicates(["md5"]).write.parquet(storage.to_url(staged)))
+        pics, decoded = _hash(spark, data, staging.path("hashes"), rehash)
         timings["hash"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -323,14 +343,7 @@ def run_curate(spark, cfg: Settings, data: str, rehash: bool = False) -> dict:
 
         t = time.perf_counter()
         table = spark.read.parquet(storage.to_url(ct.curation_path(data)))
-        counts = table.agg(F.count("*").alias("pictures"),
-                           F.sum(F.col("hash_error").isNotNull().cast("int")).alias("undecodable"),
-                           F.sum((F.size("flags") > 0).cast("int")).alias("flagged"),
-                           F.countDistinct(F.when(F.col("group_pictures") > 1, F.col("group_id")))
-                           .alias("groups"),
-                           *[F.sum(F.col(f).cast("int")).alias(f) for f in ct.FLAGS],
-                           F.sum(F.col("review").isNotNull().cast("int")).alias("reviewed")
-                           ).first().asDict()
+        counts = _counts(table)
         tables = {"curation": _register(spark, catalog, catalog.curation_table,
                                         ct.curation_path(data), partitioned=True)}
         storage.make_dir(ct.reviews_path(data))
