@@ -61,20 +61,22 @@ def scored_with(plan: ScoringPlan) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def digests(spark, data: str, split: str, products):
-    """(product_id, input_digest) of the split's products: the small md5 column of images/."""
+def digests(spark, data: str, split: str, products, scratch: str):
+    """(product_id, input_digest) of the split's products, from the small md5 column of
+    images/, computed once into ``scratch`` (the reuse test and every row read them)."""
     from pyspark.sql import functions as F
 
     images = spark.read.parquet(Dataset(data).url("images")) \
         .where(F.col("split") == split).select("product_id", "img_idx", "md5")
-    return product_digests(products, images)
+    product_digests(products, images).write.parquet(storage.to_url(scratch))
+    return spark.read.parquet(storage.to_url(scratch))
 
 
 def current_rows(spark, catalog: Catalog, run_id: str, split: str, strategy: str, key: str,
                  product_digests_df, scratch: str):
     """The partition's rows still current for this snapshot and ``key`` (module notes),
     copied to ``scratch`` (the write that follows replaces the partition they are read
-    from); None when the table or the partition does not exist yet."""
+    from); None when the table does not exist yet or predates the keys."""
     from pyspark.sql import functions as F
 
     from hierarchy.infer import tables

@@ -292,12 +292,14 @@ def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split
     plans = {s: scoring_plan(spark, cfg, data, taxonomy, checked[s].modelset, prior)
              for s in strategies}
     keys = {s: incremental_.scored_with(plans[s]) for s in strategies}
-    digests = incremental_.digests(spark, data, split, products)
     with storage.scratch_folder(output, "predict") as scratch:
+        digests = incremental_.digests(spark, data, split, products,
+                                       storage.join(scratch, "digests"))
         kept = None
         if incremental and scored is None and grouped is None and len(strategies) == 1:
             kept = incremental_.current_rows(spark, cfg.catalog, run_id, split, strategies[0],
-                                             keys[strategies[0]], digests, scratch)
+                                             keys[strategies[0]], digests,
+                                             storage.join(scratch, "current"))
         rows = _split_rows(spark, cfg, data, split, plans, products, taxonomy, prior, grouped,
                            scored, kept)
         final = finish_rows(incremental_.keyed(rows, digests, keys), run_id, split)

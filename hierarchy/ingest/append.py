@@ -116,21 +116,36 @@ def classify(spark, dataset: Dataset, staging: Dataset, kind: str) -> Delta:
     statuses = {r.status: int(r["count"]) for r in status.groupBy("status").count().collect()}
     unchanged = status.where(F.col("status") == UNCHANGED).select("product_id")
     replaced = status.where(F.col("status") == REPLACED).select("product_id")
-    removed = _removed_counts(staged_p.join(unchanged, "product_id", "left_semi"),
-                              cur_p.join(replaced, "product_id", "left_semi"))
+    # one collect: the parts and product rows each drop touches (the dump's size at most)
+    rows = _touched(staged_p, staged_i, unchanged, "staged").unionByName(
+        _touched(cur_p, cur_i, replaced, "current")).collect()
+    drops: Dict[str, Dict[str, set]] = {"staged": {}, "current": {}}
+    removed = {"products": Counter(), "images": Counter(), "images_l1": Counter()}
+    for r in rows:
+        drops[r._where].setdefault(_folder_name(r._file), set()).add(int(r.product_id))
+        if r.split is not None:  # a products row: what the drop takes from the counts
+            removed["products"][r.split] += 1
+            removed["images"][r.split] += int(r.n_images)
+            if r.l1 is not None:
+                removed["images_l1"][(r.split, int(r.l1))] += int(r.n_images)
     return Delta(statuses=statuses,
-                 drop_staged=_files_of(staged_p, staged_i, unchanged),
-                 drop_current=_files_of(cur_p, cur_i, replaced),
+                 drop_staged={f: sorted(ids) for f, ids in drops["staged"].items()},
+                 drop_current={f: sorted(ids) for f, ids in drops["current"].items()},
                  removed=removed)
 
 
-def _files_of(products, images, ids) -> Dict[str, List[int]]:
-    both = products.select("product_id", "_file").unionByName(images.select("product_id",
-                                                                            "_file"))
-    out: Dict[str, List[int]] = {}
-    for r in both.join(ids, "product_id", "left_semi").distinct().collect():
-        out.setdefault(_folder_name(r._file), []).append(int(r.product_id))
-    return out
+def _touched(products, images, ids, where: str):
+    """(where, part, product_id, split, l1, n_images) of every row of ``ids`` in the parts:
+    a products row with its counts, a picture row with nulls."""
+    from pyspark.sql import functions as F
+
+    cols = ["split", "l1", "n_images"]
+    p = products.join(ids, "product_id", "left_semi").select(
+        F.lit(where).alias("_where"), "_file", "product_id", *cols)
+    i = images.join(ids, "product_id", "left_semi").select(
+        F.lit(where).alias("_where"), "_file", "product_id",
+        *[F.lit(None).cast(t).alias(c) for c, t in zip(cols, ("string", "int", "int"))])
+    return p.unionByName(i)
 
 
 def _folder_name(file: str) -> str:
@@ -138,17 +153,6 @@ def _folder_name(file: str) -> str:
     folder, name = unquote(file).split("/")
     table = "images" if folder.startswith("split=") else "products"
     return f"{table}/{folder}/{name}"
-
-
-def _removed_counts(*products) -> dict:
-    out = {"products": Counter(), "images": Counter(), "images_l1": Counter()}
-    for df in products:
-        for r in df.select("split", "l1", "n_images").collect():
-            out["products"][r.split] += 1
-            out["images"][r.split] += int(r.n_images)
-            if r.l1 is not None:
-                out["images_l1"][(r.split, int(r.l1))] += int(r.n_images)
-    return out
 
 
 def _filter(item) -> Tuple[str, int]:
