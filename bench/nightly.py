@@ -5,7 +5,8 @@ day 0's full ``ingest`` + ``predict`` + ``curate`` of the same catalog, side by 
                                       [--delta 1 --delta 6 --delta 20] [--workdir DIR]
 
 A synthetic catalog (fast preset) is generated once: its train dump is ingested and a flat
-model trained on it (a few minutes; the night does not train). Then, for each delta d (a
+model trained on it for one epoch (``--backbone``, ``--image-size``: what a picture costs to
+score; the night does not train). Then, for each delta d (a
 share of the test products), from the same train-only dataset:
 
 day 0   ``ingest --kind test`` (whole), ``predict --split test --strategy flat``, ``curate``;
@@ -80,6 +81,10 @@ def main() -> None:
     ap.add_argument("--delta", type=float, action="append",
                     help="the day's dump as %% of the test products (repeat; default 1, 6, 20)")
     ap.add_argument("--workdir", default="data/bench/nightly")
+    ap.add_argument("--backbone", default="small_cnn",
+                    help="the scoring model's backbone (small_cnn: the demo's; mobilenet_v2 "
+                         "costs per picture what a real deployment's models do)")
+    ap.add_argument("--image-size", type=int, default=64)
     args = ap.parse_args()
     deltas = args.delta or [1.0, 6.0, 20.0]
     work = Path(args.workdir).resolve()
@@ -101,7 +106,8 @@ def main() -> None:
         run([hierarchy, "ingest", "--input", "syn/train.bson", "--categories",
              "syn/category_names.csv", "--output", "train_ds", *common], work)
         run([hierarchy, "train", "--data", "train_ds", "--models", "models", "--run-id", RUN,
-             "--level", "3", "--mode", "flat", "train.epochs=2", "train.image_size=48",
+             "--level", "3", "--mode", "flat", "train.epochs=1",
+             f"train.image_size={args.image_size}", f"train.backbone={args.backbone}",
              *common], work)
     test = list(bson.decode_file_iter(open(work / "syn" / "day0.bson", "rb")))
     pool = list(bson.decode_file_iter(open(work / "syn" / "pool.bson", "rb")))

@@ -229,8 +229,8 @@ REVIEW_ORDER = ("conflicting_labels", "placeholder", "leakage", "near_duplicate"
 
 def review_queue(spark, rows, data: str, ccfg: Curate, out: str) -> None:
     """``review/groups.parquet`` (flagged groups, most urgent first, with every member) and
-    ``review/pictures.parquet`` (up to ``review_pictures`` JPEGs a group, bytes as ingested:
-    one scan of the JPEG column joined to a few thousand keys)."""
+    ``review/pictures.parquet`` (up to ``review_pictures`` JPEGs a group, bytes as ingested,
+    read from the part files that hold them only)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -260,9 +260,18 @@ def review_queue(spark, rows, data: str, ccfg: Curate, out: str) -> None:
                     .where(F.col("_n") <= ccfg.review_pictures)
                     .select("review_group", "product_id", "img_idx", "split", "category_id",
                             "flags"))
-    images = spark.read.parquet(Dataset(data).url("images")).select("product_id", "img_idx",
-                                                                    "jpeg")
-    (images.join(F.broadcast(shown), ["product_id", "img_idx"]).coalesce(1)
+    shown = shown.localCheckpoint()
+    # the JPEG bytes of only the part files holding a shown picture (found from the small
+    # columns): a nightly curate must not read the whole catalog's pictures for a few hundred
+    images = spark.read.parquet(Dataset(data).url("images"))
+    files = sorted(unquote(r._file) for r in images.select(
+        "product_id", "img_idx", F.input_file_name().alias("_file"))
+        .join(F.broadcast(shown.select("product_id", "img_idx")), ["product_id", "img_idx"])
+        .select("_file").distinct().collect())
+    if files:
+        images = spark.read.option("basePath", Dataset(data).url("images")).parquet(*files)
+    (images.select("product_id", "img_idx", "jpeg")
+           .join(F.broadcast(shown), ["product_id", "img_idx"]).coalesce(1)
            .write.mode("overwrite").parquet(storage.to_url(storage.join(out, "pictures"))))
 
 
