@@ -163,6 +163,10 @@ def test_a_killed_commit_is_refused_to_readers_and_rolled_forward_by_the_next_ap
     with pytest.raises(DatasetNotReady, match="append or compaction of the train kind is "
                                               "committing"):
         Dataset(str(out)).require_complete(["train"])
+    from hierarchy.curate.pipeline import check_curate
+
+    with pytest.raises(DatasetNotReady, match="committing"):  # not curated without the kind
+        check_curate(config(), str(out))
     # the next append (here the same dump, re-run) finishes the commit, then has nothing to add
     again = ingest(spark, [tmp_path / "day.bson"], cats, out, append=True)["append"]
     assert (again["added"], again["replaced"], again["committed"]) == (0, 0, False)

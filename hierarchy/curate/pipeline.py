@@ -285,6 +285,8 @@ def check_curate(cfg: Settings, data: str) -> dict:
                          f"the distance must agree on at least one block")
     storage.require_dir(data, "--data")
     manifest = Dataset(data).manifest()
+    # a kind whose append is committing is refused, not skipped: the table is rewritten whole
+    Dataset(data).require_complete([k for k, e in manifest.kinds.items() if e.plan is not None])
     done = manifest.complete_kinds()
     if not done:
         raise DatasetNotReady(f"{data}: no committed ingest — run `hierarchy ingest` first")

@@ -94,7 +94,9 @@ COMMANDS = (Command(
     "ingest", help="BSON dumps -> Petastorm Parquet (images, products, quarantine, manifest)",
     description="Decode Cdiscount BSON dumps in parallel with Spark into OUTPUT/images "
                 "(Petastorm), products/, quarantine/ and manifest.json. Re-running replaces "
-                "this kind's partitions.",
+                "this kind's partitions; --append adds the dump to the kind as its next "
+                "snapshot instead (new products added, re-sent ones replaced, unchanged ones "
+                "left as they are).",
     add_arguments=_arguments, run=run, paths={"output": "data"}),
     Command(
     "compact", help="merge a dataset's small parts (after many appends)",
