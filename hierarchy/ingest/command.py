@@ -74,8 +74,11 @@ def compact(args, cfg: Settings) -> dict:
     from hierarchy.spark import get_spark, stop_spark
 
     storage.require_dir(args.data, "--data")
-    kinds = args.kind or Dataset(args.data).manifest().complete_kinds()
-    Dataset(args.data).require_complete(kinds)
+    manifest = Dataset(args.data).manifest()
+    # a kind whose commit was interrupted is taken too: compact finishes that commit first
+    kinds = args.kind or [k for k, e in manifest.kinds.items() if e.complete or e.plan]
+    if not kinds:
+        Dataset(args.data).require_complete(["train"])  # the one-line "run ingest first"
     spark = get_spark(cfg, "compact", catalog=False)
     try:
         done = run_compact(spark, cfg, args.data, kinds)
