@@ -286,7 +286,9 @@ def check_curate(cfg: Settings, data: str) -> dict:
     storage.require_dir(data, "--data")
     manifest = Dataset(data).manifest()
     # a kind whose append is committing is refused, not skipped: the table is rewritten whole
-    Dataset(data).require_complete([k for k, e in manifest.kinds.items() if e.plan is not None])
+    pending = [k for k, e in manifest.kinds.items() if e.plan is not None]
+    if pending:
+        Dataset(data).require_complete(pending)
     done = manifest.complete_kinds()
     if not done:
         raise DatasetNotReady(f"{data}: no committed ingest — run `hierarchy ingest` first")
