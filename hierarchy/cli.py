@@ -27,6 +27,7 @@ from hierarchy.contracts.errors import (
     EXIT_REFUSED,
     EXIT_USAGE,
     HierarchyError,
+    damaged_file,
     environment_fault,
 )
 from hierarchy.contracts.settings import Settings
@@ -161,8 +162,8 @@ _DECLARED = {c.name: c for module in (synth_command, ingest_command, train_comma
                                       infer_command, evaluate_command, curate_command,
                                       serve_command) for c in module.COMMANDS}
 _DECLARED.update((c.name, c) for c in CATALOG_COMMANDS)
-HELP_ORDER = ("synth", "ingest", "compact", "train", "predict", "evaluate", "curate", "review",
-              "runs", "metastore", "thriftserver", "serve")
+HELP_ORDER = ("synth", "ingest", "compact", "verify", "train", "predict", "evaluate", "curate",
+              "review", "runs", "metastore", "thriftserver", "serve")
 COMMANDS: Dict[str, Command] = {name: _DECLARED[name] for name in HELP_ORDER}
 
 
@@ -230,9 +231,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                           error=str(exc)))
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - a full disk is the machine's, not a bug
-        fault = environment_fault(exc, next((getattr(args, a) for a in ("output", "models",
-                                                                        "data")
-                                            if getattr(args, a, None)), None))
+        fault = damaged_file(exc) or environment_fault(
+            exc, next((getattr(args, a) for a in ("output", "models", "data")
+                       if getattr(args, a, None)), None))
         if fault is None:
             _emit(job_summary(args.stage, "crash", 1, started, dry_run=dry, **log,
                               error=f"{type(exc).__name__}: {exc}"))

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hierarchy import joblog, spark_cds
 from hierarchy.contracts import storage
@@ -63,6 +63,7 @@ def get_spark(cfg: Settings, app_suffix: str = "", extra_conf: Optional[dict] = 
     conf = {"spark.executorEnv.PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
     derby = catalog and hold_metastore and _derby_path(cfg.catalog)
     if derby and not _session_active():
+        claim_derby(derby)
         refuse_busy_derby(derby)
     if catalog:
         builder, catalog_conf = _with_catalog(builder, cfg.catalog)
@@ -131,6 +132,39 @@ def _session_active() -> bool:
     return SparkContext._active_spark_context is not None
 
 
+_CLAIMED: Dict[str, int] = {}  # metastore path -> the open lock file this process holds
+
+
+def claim_derby(path: str) -> None:
+    """Take this process's claim on an embedded Derby metastore before Spark starts, or
+    refuse. Derby's own lock (:func:`refuse_busy_derby`) is taken only once the JVM boots the
+    database, seconds later: two jobs started in the same second both passed that check and
+    one died at its first table write. The claim is an ``flock`` on a file beside the
+    database, taken atomically and held until this process exits (the kernel releases it
+    even after a kill -9)."""
+    if path in _CLAIMED:
+        return
+    lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.hierarchy-lock")
+    try:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return  # a folder this process cannot write: Derby itself will say so
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise MetastoreBusy(_busy(path)) from None
+    _CLAIMED[path] = fd
+
+
+def _busy(path: str) -> str:
+    return (f"catalog.metastore {path}: another job has this embedded Derby metastore open, "
+            f"and Derby lets one process in at a time — wait for it, or share a PostgreSQL "
+            f"metastore between concurrent jobs (`make metastore`, then catalog.metastore="
+            f"jdbc:postgresql://...)")
+
+
 def refuse_busy_derby(path: str) -> None:
     """Refuse, before Spark starts, an embedded Derby metastore another process has open.
     Derby holds a lock on ``dbex.lck`` (Java's FileChannel lock: a POSIX record lock, which
@@ -145,11 +179,7 @@ def refuse_busy_derby(path: str) -> None:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.lockf(fd, fcntl.LOCK_UN)
     except OSError:
-        raise MetastoreBusy(
-            f"catalog.metastore {path}: another job has this embedded Derby metastore open, "
-            f"and Derby lets one process in at a time — wait for it, or share a PostgreSQL "
-            f"metastore between concurrent jobs (`make metastore`, then catalog.metastore="
-            f"jdbc:postgresql://...)") from None
+        raise MetastoreBusy(_busy(path)) from None
     finally:
         os.close(fd)
 

@@ -486,7 +486,8 @@ def test_a_damaged_dataset_part_is_one_line_exit_3_before_any_work(spark, tmp_pa
 
     assert main(["train", "--data", data, "--models", models, "--level", "1", "--dry-run"]) == 0
     monkeypatch.setattr(hierarchy.spark, "get_spark", lambda *a, **k: pytest.fail("started"))
-    name, rows, size = parts["images/split=train"][0]
+    name, rows, size, digest = parts["images/split=train"][0]
+    assert digest.startswith("sha256:")
     part = os.path.join(data, "images", "split=train", name)
     original = open(part, "rb").read()
     try:
@@ -524,6 +525,61 @@ def test_a_damaged_dataset_part_is_one_line_exit_3_before_any_work(spark, tmp_pa
         hd._VERIFIED.clear()
         assert main(["train", "--data", data, "--models", models, "--level", "1",
                      "--dry-run"]) == 0
+    # weights that are not there: the dry run says so, as the real run would, and nothing
+    # (no run folder, no taxonomy.json) is left behind by either
+    capsys.readouterr()
+    for extra in (["--dry-run"], []):
+        assert main(["train", "--data", data, "--models", models, "--level", "1",
+                     "--run-id", "w", "train.weights=/no/such/weights.h5", *extra]) == 3
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "/no/such/weights.h5" in err[0] and "does not exist" in err[0]
+        assert not os.path.exists(os.path.join(models, "w"))
+
+
+def test_a_part_damaged_at_the_same_size_is_named_by_verify_and_by_the_job_that_reads_it(
+        spark, tmp_path):
+    """Bytes flipped inside a part, its size and footer intact: every check before a job
+    passes (they read sizes and footers), so `hierarchy verify` reads every part against the
+    digest its commit recorded, and a job whose Spark read cannot decode it ends in one line
+    naming the part (it once died after 38 s with a 144-line traceback). An append or a
+    compaction refuses to copy it into a part with a fresh digest."""
+    from conftest import ingested_synth
+
+    from hierarchy.contracts.dataset import Dataset, require_digest
+
+    data = ingested_synth(spark, tmp_path, products=120, seed=4, test_products=0,
+                          overrides=("split_mb=0.2",))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    over = [f"catalog.warehouse={tmp_path / 'wh'}",
+            f"catalog.metastore={tmp_path / 'wh' / 'ms'}", "spark.master=local[1]"]
+
+    def job(*cmd: str):
+        proc = subprocess.run([str(BIN / "hierarchy"), *cmd, "--data", data, "-q", *over],
+                              env=env, capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stdout, proc.stderr.strip().splitlines()
+
+    rc, out, err = job("verify")
+    assert rc == 0 and "every digest as committed" in out, (out, err)
+    manifest = json.loads(open(os.path.join(data, "manifest.json")).read())
+    name, _, size, digest = manifest["kinds"]["train"]["parts"]["images/split=train"][0]
+    part = os.path.join(data, "images", "split=train", name)
+    whole = open(part, "rb").read()
+    # the first page header after the magic: what a reader decodes first
+    open(part, "wb").write(whole[:4] + bytes(b ^ 0x5A for b in whole[4:68]) + whole[68:])
+    assert os.path.getsize(part) == size
+    assert main(["train", "--data", data, "--models", str(tmp_path / "m"), "--level", "1",
+                 "--dry-run"]) == 0  # sizes and footers: it looks whole
+    rc, out, err = job("verify")
+    assert rc == 3 and len(err) == 1 and f"{part}: content digest" in out, (out, err)
+    assert "1 of" in err[0] and part in err[0] and "re-run `hierarchy ingest --kind train`" \
+        in err[0]
+    rc, out, err = job("curate")
+    assert rc == 3 and len(err) == 1, err
+    assert f"{part}: cannot be decoded" in err[0] and "damaged" in err[0], err
+    with pytest.raises(OSError, match="its content digest is not the"):
+        require_digest(part, Dataset(data).recorded_digests("train")[part])
+    open(part, "wb").write(whole)
+    require_digest(part, digest)
 
 
 def test_a_second_job_on_a_busy_derby_metastore_is_refused_at_its_start(tmp_path, capsys,
@@ -556,6 +612,26 @@ def test_a_second_job_on_a_busy_derby_metastore_is_refused_at_its_start(tmp_path
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_two_jobs_started_in_the_same_moment_on_one_derby_metastore_one_is_refused(tmp_path):
+    """Derby's own lock is taken only once a JVM boots the database: two jobs started in the
+    same second both passed the busy check and one died at its first table write with a
+    traceback. The claim taken before Spark starts lets exactly one in."""
+    wh = tmp_path / "wh"
+    over = [f"catalog.warehouse={wh}", f"catalog.metastore={wh / 'ms'}", "spark.master=local[1]"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    jobs = [subprocess.Popen([sys.executable, "-m", "hierarchy.cli", "runs", "list", "-q",
+                              *over], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env) for _ in range(2)]
+    done = [(job.wait(timeout=300), job.stderr.read()) for job in jobs]
+    assert sorted(rc for rc, _ in done) == [0, 3], done
+    err = next(e for rc, e in done if rc == 3).strip().splitlines()
+    assert len(err) == 1 and f"catalog.metastore {wh / 'ms'}" in err[0], err
+    # once the first has finished, the next job gets in
+    proc = subprocess.run([sys.executable, "-m", "hierarchy.cli", "runs", "list", "-q", *over],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_finished_command_has_let_go_of_the_derby_metastore(tmp_path):

@@ -115,6 +115,13 @@ def test_bad_config_file_names_file_and_line(tmp_path):
     f.write_text("ingest:\n  val_fraction: [0.1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: not valid YAML"):
         load_config(f)
+    f.write_text("train:\n  epochs: 3\n  batch_size: 8\n  epochs: 5\n")  # the last won
+    with pytest.raises(ConfigError, match=r"bad.yaml:4:3: not valid YAML \(duplicate key "
+                                          r"'epochs' \(first on line 2\)\)"):
+        load_config(f)
+    f.write_text("train:\n  epochs: 3\npredict:\n  top_n: 3\ntrain:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:5:1: .*duplicate key 'train'"):
+        load_config(f)
     f.write_text("ingest:\n  nope: 1\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'ingest.nope' in .*bad.yaml"):
         load_config(f)

@@ -290,6 +290,13 @@ def test_review_writes_only_from_its_page_with_the_token_and_within_the_queue(cu
             "another origin": (dict(data=text, headers={**json_type, "x-review-token": token,
                                                         "origin": "http://evil.example"}),
                                403, "cross-origin"),
+            "the same host and port under https": (
+                dict(data=text, headers={**json_type, "x-review-token": token,
+                                         "origin": url.replace("http://", "https://")}),
+                403, "cross-origin"),
+            "a sandboxed page (Origin: null)": (
+                dict(data=text, headers={**json_type, "x-review-token": token,
+                                         "origin": "null"}), 403, "cross-origin"),
             "no token": (dict(data=text, headers=json_type), 403, "x-review-token"),
             "a wrong token": (dict(data=text, headers={**json_type, "x-review-token": "x"}),
                               403, "x-review-token"),
@@ -299,6 +306,22 @@ def test_review_writes_only_from_its_page_with_the_token_and_within_the_queue(cu
             "a 2 MB body": (dict(json={**body, "note": "x" * 2_000_000},
                                  headers={"x-review-token": token}), 413,
                             "serve.review_max_body_bytes"),
+            "Infinity as a product id": (
+                dict(data='{"reviewer": "eve", "decision": "drop", "pictures": [[Infinity, 0]]}',
+                     headers={**json_type, "x-review-token": token}), 422, "not JSON"),
+            "1e400 as a product id": (
+                dict(data='{"reviewer": "eve", "decision": "drop", "pictures": [[1e400, 0]]}',
+                     headers={**json_type, "x-review-token": token}), 422, "integers"),
+            "a fractional picture index": (
+                dict(json={"reviewer": "eve", "decision": "drop",
+                           "pictures": [[shown["product_id"], shown["img_idx"] + 0.5]]},
+                     headers={"x-review-token": token}), 422, "integers"),
+            "Infinity as a relabel's category": (
+                dict(data=text.replace('"drop"', '"relabel"')[:-1] + ', "category_id": Infinity}',
+                     headers={**json_type, "x-review-token": token}), 422, "not JSON"),
+            "1e400 as a relabel's category": (
+                dict(data=text.replace('"drop"', '"relabel"')[:-1] + ', "category_id": 1e400}',
+                     headers={**json_type, "x-review-token": token}), 422, "an integer"),
             "JSON nested 30,000 deep": (dict(data="[" * 30_000 + "]" * 30_000,
                                               headers={**json_type, "x-review-token": token}),
                                          422, "nested too deep"),

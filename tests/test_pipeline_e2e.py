@@ -223,6 +223,11 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS (Linux >= 4.0)
 
 
+# short enough for a test to wait them out; the defaults are 10 s and 60 s
+SLOW_CLIENT_LIMITS = ("serve.header_timeout_s=3", "serve.body_timeout_s=4",
+                      "serve.max_connections=32")
+
+
 @pytest.fixture(scope="module")
 def server(pipeline):
     import time
@@ -232,7 +237,8 @@ def server(pipeline):
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([str(BIN / "hierarchy"), "serve", "--models", "models", "--run-id",
-                             "e2e", "--port", str(port), "-q", *pipeline["conf"]],
+                             "e2e", "--port", str(port), "-q", *pipeline["conf"],
+                             *SLOW_CLIENT_LIMITS],
                             cwd=pipeline["root"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -473,6 +479,53 @@ def test_64_header_bombs_leave_the_server_under_1_gb(pipeline, server):
     assert requests.get(f"{server}/health/ready", timeout=30).status_code == 200
 
 
+def test_slow_clients_are_let_go_and_connections_are_bounded(server):
+    """40 clients trickling header bytes (slowloris) and one trickling its body: the headers
+    are cut off after serve.header_timeout_s (uvicorn's keep-alive timer restarts on every
+    byte, so 300 such clients were once held 25 s and more), the body is answered 408 after
+    serve.body_timeout_s, and while more than serve.max_connections are open a new request is
+    answered 503 at once instead of queueing its buffers."""
+    import socket
+    import time
+
+    import requests
+
+    host, port = "127.0.0.1", int(server.rsplit(":", 1)[1])
+    body = socket.create_connection((host, port), timeout=10)
+    body.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: 1000\r\n\r\n{\"products\": [")
+    slow = []
+    for _ in range(40):
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        slow.append(sock)
+    assert requests.get(f"{server}/health/live", timeout=10).status_code == 503
+    t0 = time.time()
+    closed = set()
+    while time.time() - t0 < 8 and len(closed) < len(slow):
+        for i, sock in enumerate(slow):
+            if i in closed:
+                continue
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")  # a byte now and then: never the end
+                sock.settimeout(0.01)
+                if sock.recv(1) == b"":
+                    closed.add(i)
+            except (BlockingIOError, TimeoutError):
+                pass
+            except OSError:
+                closed.add(i)
+        time.sleep(0.5)
+    assert len(closed) == len(slow), f"{len(slow) - len(closed)} slow clients still held"
+    assert time.time() - t0 < 7
+    body.settimeout(10)
+    answer = body.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "serve.body_timeout_s" in answer, answer
+    for sock in slow + [body]:
+        sock.close()
+    assert requests.get(f"{server}/health/ready", timeout=10).status_code == 200
+
+
 def test_the_openapi_documents_both_bodies_of_classify(server):
     import requests
 
@@ -510,6 +563,15 @@ def test_a_damaged_or_deleted_model_is_refused_in_one_line_never_replaced(pipeli
     line = refused(*predict, "--strategy", "flat")
     assert f"{flat}: {len(whole) // 3} bytes where its header says {len(whole)}" in line
     assert "truncated" in refused("serve", "--strategy", "flat", "--port", str(free_port()))
+    # the same size, 4 KiB flipped in the middle: only the digest recorded at training tells
+    middle = len(whole) // 2
+    flat.write_bytes(whole[:middle] + bytes(b ^ 0x5A for b in whole[middle:middle + 4096])
+                     + whole[middle + 4096:])
+    for cmd in (predict + ("--strategy", "flat"),
+                ("serve", "--strategy", "flat", "--port", str(free_port())),
+                ("evaluate", "--data", "ds", "--output", str(tmp_path / "o"), "--dry-run")):
+        line = refused(*cmd)
+        assert f"{flat}: content digest" in line and "recorded when it was written" in line
     flat.write_bytes(whole)
     (models / "e2e" / "experts" / "model.h5").unlink()
     assert "model experts is missing" in refused(*predict, "--strategy", "hierarchical")
@@ -601,6 +663,9 @@ def test_dry_runs_check_models_and_inputs_and_write_nothing(pipeline):
                               "--dry-run", cwd=root, conf=conf)
     assert code == 0 and summary["status"] == "dry-run" and summary["job"] == "predict"
     assert "would score split test with run e2e" in out
+    # where it would write: the table inside the configured warehouse, said before any work
+    assert summary["table_location"] == f"file://{root / 'wh' / 'predictions'}"
+    assert f"at file://{root / 'wh' / 'predictions'}" in out
     code, out, summary = _job("train", *models, "--level", "3", "--mode", "branch", "--dry-run",
                               cwd=root, conf=conf)
     assert code == 0 and summary["status"] == "dry-run"

@@ -132,6 +132,23 @@ def test_unknown_taxonomy_is_refused():
         make_taxonomy("/no/such/category_names.csv", 0)
 
 
+def test_synth_taxonomy_naming_a_folder_a_missing_or_an_unreadable_file_is_one_line(
+        tmp_path, capsys):
+    from hierarchy.cli import main
+
+    unreadable = tmp_path / "cats.csv"
+    unreadable.write_text("category_id\n")
+    unreadable.chmod(0)
+    cases = {str(tmp_path): "a folder", str(tmp_path / "nope.csv"): "no such file"}
+    if os.geteuid() != 0:  # root reads any file
+        cases[str(unreadable)] = "cannot read it"
+    for taxonomy, why in cases.items():
+        rc = main(["synth", "--output", str(tmp_path / "out"), "--taxonomy", taxonomy, "-q"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and why in err[0] and taxonomy in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.real_data
 def test_csv_taxonomy_supplies_the_categories(tmp_path):
     if not os.path.exists(REAL_CSV):

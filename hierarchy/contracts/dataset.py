@@ -36,10 +36,10 @@ import datetime as dt
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from hierarchy.contracts import storage
-from hierarchy.contracts.errors import Refused
+from hierarchy.contracts.errors import Refused, repair_of
 from hierarchy.contracts.manifest import FORMAT, CommitPlan, KindEntry, Manifest
 from hierarchy.contracts.schema import images_key, part_row_groups, read_row_groups, write_metadata
 from hierarchy.contracts.taxonomy import Taxonomy
@@ -167,12 +167,46 @@ class Dataset:
         """The partition folders an ingest of ``kind`` commits (relative to the root)."""
         return [f"images/split={s}" for s in KIND_SPLITS[kind]] + [f"products/kind={kind}"]
 
-    def parts(self, kind: str) -> Dict[str, List[list]]:
-        """{folder: [[part name, rows, bytes], ...]} of a kind's committed folders: what the
-        manifest records at commit and :meth:`verify` compares against."""
-        return {folder: [[name, storage.parquet_rows(loc), storage.file_info(loc).size]
-                         for name, loc in _parquet_parts(self.path(folder)).items()]
-                for folder in self.folders(kind)}
+    def parts(self, kind: str, known: Optional[Dict[Tuple[str, str, int], str]] = None,
+              digests: Optional[Digests] = None) -> Dict[str, List[list]]:
+        """{folder: [[part name, rows, bytes, content digest], ...]} of a kind's committed
+        folders: what the manifest records at commit, :meth:`verify` compares sizes and rows
+        against and :meth:`damaged_parts` digests. ``known``: {(folder, name, bytes): digest}
+        of parts a snapshot carries over unchanged (not read again); ``digests``: how the
+        others are hashed (urls -> digests; a Spark job when the caller has a session, else
+        one after another here)."""
+        known = known or {}
+        listed = {folder: [(name, loc, storage.file_info(loc).size)
+                           for name, loc in _parquet_parts(self.path(folder)).items()]
+                  for folder in self.folders(kind)}
+        todo = [loc for folder, items in listed.items() for name, loc, size in items
+                if (folder, name, size) not in known]
+        hashed = dict(zip(todo, (digests or serial_digests)(todo)))
+        return {folder: [[name, storage.parquet_rows(loc), size,
+                          known.get((folder, name, size)) or hashed[loc]]
+                         for name, loc, size in items]
+                for folder, items in listed.items()}
+
+    def recorded_digests(self, kind: str) -> Dict[str, str]:
+        """{part url: the content digest its commit recorded} of the kind's current parts
+        (those committed before digests were kept have none)."""
+        entry = self.manifest().kind(kind)
+        return {self.path(folder, part[0]): part[3]
+                for folder, parts in ((entry.parts if entry else None) or {}).items()
+                for part in parts if len(part) > 3}
+
+    def damaged_parts(self, kind: str, digests: Optional[Digests] = None) -> List[str]:
+        """One line per committed part of ``kind`` whose bytes are not the ones its commit
+        recorded (a copy or a disk that damaged it at the same size, which sizes and footers
+        do not show): every part is read whole, through ``digests``."""
+        entry = self.manifest().kinds[kind]
+        recorded = [(self.path(folder, part[0]), part[3])
+                    for folder, parts in (entry.parts or {}).items() for part in parts
+                    if len(part) > 3]
+        got = (digests or serial_digests)([loc for loc, _ in recorded])
+        return [f"{loc}: content digest {now[:19]}... is not the {want[:19]}... its commit "
+                f"recorded — {repair_of(loc)}"
+                for (loc, want), now in zip(recorded, got) if now != want]
 
     def verify(self, manifest: Manifest, kind: str) -> None:
         """Every part of ``kind`` the manifest lists is there, whole (its size, and the rows
@@ -190,7 +224,7 @@ class Dataset:
             return
         for folder, parts in entry.parts.items():
             found = _parquet_parts(self.path(folder))
-            for name, rows, size in parts:
+            for name, rows, size, *_ in parts:
                 loc = found.pop(name, None)
                 if loc is None:
                     raise DatasetDamaged(f"{self.path(folder, name)}: missing ({rows} rows in "
@@ -286,7 +320,14 @@ class Dataset:
         carried out (:meth:`roll_forward`). Until the plan is written readers see the snapshot
         before, whole; once it is, they wait for the commit (a few renames), and a job killed
         in between leaves a plan the next one finishes, never half a snapshot."""
-        self._write_manifest(self.manifest().begun(kind, _now(), taxonomy, plan))
+        manifest = self.manifest()
+        current = manifest.kind(kind)
+        moved = {dst for _, dst in plan.moves}
+        kept = {f"{folder}/{part[0]}": part[3]
+                for folder, parts in ((current.parts if current else None) or {}).items()
+                for part in parts if len(part) > 3 and self.path(folder, part[0]) not in moved}
+        plan = plan.model_copy(update={"digests": kept})
+        self._write_manifest(manifest.begun(kind, _now(), taxonomy, plan))
         return self.roll_forward(kind)
 
     def roll_forward(self, kind: str) -> Manifest:
@@ -311,8 +352,13 @@ class Dataset:
         if storage.exists(self.images()):
             write_metadata(self.images(), self.images_index(kind, {}, keep_own=True))
         taxonomy = self.taxonomy()
-        done = self._write_manifest(manifest.finished(kind, plan.entry, self.parts(kind),
-                                                      _now(), taxonomy))
+        known = {}
+        for key, digest in plan.digests.items():
+            folder, name = key.rsplit("/", 1)
+            if storage.exists(self.path(folder, name)):
+                known[(folder, name, storage.file_info(self.path(folder, name)).size)] = digest
+        done = self._write_manifest(manifest.finished(kind, plan.entry,
+                                                      self.parts(kind, known), _now(), taxonomy))
         staged = {src.rsplit(f"/{STAGING}/", 1)[-1].split("/", 1)[0]
                   for src, _ in plan.moves if f"/{STAGING}/" in src}
         for name in staged:
@@ -324,12 +370,13 @@ class Dataset:
         """``kind`` marked ``committing`` in the manifest file; returns what was written."""
         return self._write_manifest(manifest.begun(kind, _now(), taxonomy))
 
-    def finish_kind(self, manifest: Manifest, kind: str, entry: dict,
-                    taxonomy: Taxonomy) -> Manifest:
-        """``kind``'s entry (``complete``, with its committed parts) in the manifest file;
+    def finish_kind(self, manifest: Manifest, kind: str, entry: dict, taxonomy: Taxonomy,
+                    known: Optional[Dict[Tuple[str, str, int], str]] = None) -> Manifest:
+        """``kind``'s entry (``complete``, with its committed parts and their digests:
+        ``known``, as :meth:`parts` takes it, the rest hashed here) in the manifest file;
         returns what was written."""
-        return self._write_manifest(manifest.finished(kind, entry, self.parts(kind), _now(),
-                                                      taxonomy))
+        return self._write_manifest(manifest.finished(kind, entry, self.parts(kind, known),
+                                                      _now(), taxonomy))
 
     def _write_manifest(self, manifest: Manifest) -> Manifest:
         storage.write_json_atomic(self.manifest_path, manifest.to_json())
@@ -350,6 +397,15 @@ class StagedKind:
     staging: Dataset
     _manifest: Optional[Manifest] = None
     _taxonomy: Optional[Taxonomy] = None
+    _digests: Optional[Dict[Tuple[str, str, int], str]] = None
+
+    def hash_parts(self, digests: Optional[Digests] = None) -> None:
+        """Every staged part's content digest (through ``digests``), taken before
+        :meth:`commit` so that readers do not wait on it: :meth:`record` writes them."""
+        self._digests = {(folder, name, size): digest
+                         for folder, parts in self.staging.parts(self.kind,
+                                                                 digests=digests).items()
+                         for name, _, size, digest in parts}
 
     def commit(self, taxonomy: Taxonomy, row_groups: Dict[str, int]) -> float:
         """The kind marked ``committing``, its staged partitions swapped in, Petastorm's
@@ -375,7 +431,25 @@ class StagedKind:
         """The kind's manifest entry, ``complete``: readers take the kind from here on."""
         if self._manifest is None:
             raise RuntimeError(f"{self.staging.root}: record() before commit()")
-        self.dataset.finish_kind(self._manifest, self.kind, entry, self._taxonomy)
+        self.dataset.finish_kind(self._manifest, self.kind, entry, self._taxonomy,
+                                 known=self._digests)
+
+
+Digests = Callable[[List[str]], List[str]]  # part urls -> their content digests, in order
+
+
+def require_digest(url: str, expected: Optional[str]) -> None:
+    """Refuse to copy a part whose bytes are not the ones its commit recorded (a compaction
+    or an append rewriting it would otherwise carry the damage into a part with a fresh
+    digest). The words are the ones :func:`hierarchy.contracts.errors.damaged_file` maps
+    to one line when a Spark task raises them."""
+    if expected and storage.file_digest(url) != expected:
+        raise OSError(f"cannot read Parquet file {url}: its content digest is not the "
+                      f"{expected[:19]}... its commit recorded")
+
+
+def serial_digests(urls: List[str]) -> List[str]:
+    return [storage.file_digest(u) for u in urls]
 
 
 def _parquet_parts(folder: str) -> Dict[str, str]:

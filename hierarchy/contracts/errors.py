@@ -86,3 +86,44 @@ def _fault_path(err: BaseException, words: tuple, writing: Optional[str]) -> str
     if path:
         return f"{path}: "
     return f"writing under {writing}: " if writing else ""
+
+
+# ------------------------------------------------------------------ a damaged input file
+# Spark's words when a task cannot decode a Parquet file it reads (a part damaged at the same
+# size passes every check that reads only sizes and footers); the root cause is the chain's last
+_SPARK_READ = re.compile(r"Encountered error while reading file (\S+?)\.? Details:")
+_CAUSE = re.compile(r"^Caused by: (\S+?)(?::\s*(.*))?$", re.MULTILINE)
+# the words a Python task raises for a part it refuses to read (a digest that is not the one
+# its commit recorded: hierarchy.contracts.dataset.require_digest)
+_ARROW_READ = re.compile(r"cannot read Parquet file (\S+): (.+)")
+
+
+def damaged_file(exc: BaseException) -> Optional[str]:
+    """One line naming a file a job could not decode and the repair, when ``exc`` is a read
+    of a damaged file (Spark's Parquet reader, or a part an append or a compaction refused
+    to copy); else None."""
+    for err in _chain(exc):
+        text = str(err)
+        found = _SPARK_READ.search(text) or _ARROW_READ.search(text)
+        if not found:
+            continue
+        path = found.group(1)
+        if found.re is _ARROW_READ:
+            why = found.group(2).strip()
+        else:
+            causes = [m for m in _CAUSE.finditer(text[found.end():])]
+            cause = next((c for c in causes if c.group(2)), causes[-1] if causes else None)
+            why = (f"{cause.group(1).rsplit('.', 1)[-1]}: {cause.group(2) or ''}".rstrip(": ")
+                   if cause else "unreadable")
+        return f"{path}: cannot be decoded ({why}) — the file is damaged: {repair_of(path)}"
+    return None
+
+
+def repair_of(path: str) -> str:
+    """What mends a damaged file of a dataset folder, from where it sits."""
+    kind = re.search(r"/images/split=(\w+)/|/products/kind=(\w+)/", path)
+    if kind:
+        which = kind.group(2) or ("test" if kind.group(1) == "test" else "train")
+        return (f"restore it from a copy of the dataset, or re-run `hierarchy ingest --kind "
+                f"{which}` into its dataset (`hierarchy verify` checks every part's digest)")
+    return "restore it from a copy, or make it again with the job that wrote it"

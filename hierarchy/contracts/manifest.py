@@ -4,7 +4,7 @@
 {"format": "hierarchy-dataset/1",
  "kinds": {"train": {"status": "complete", "inputs": [...], "counts": {..., "per_split":
            {"train": {"products", "images", "images_per_l1": {"<l1>": n}}, "val": ...}},
-           "parts": {"<folder>": [[name, rows, bytes], ...]}, "finished": ..., ...},
+           "parts": {"<folder>": [[name, rows, bytes, digest], ...]}, "finished": ..., ...},
            "test": {"status": "committing", "started": ...}},
  "taxonomy": {"fingerprint", "level1", "level2", "level3"},
  "splits": {<split>: the per_split counts of every complete kind},
@@ -29,7 +29,7 @@ rewrite the manifest knowing what it carries over.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from pydantic import ConfigDict, ValidationError
 
@@ -93,6 +93,9 @@ class CommitPlan(_Part):
     moves: List[Tuple[str, str]] = []
     removes: List[str] = []
     entry: dict
+    # {"<folder>/<name>": digest} of the parts the snapshot keeps as they are (recorded when
+    # the plan is written, so the commit hashes only the parts it moves in)
+    digests: Dict[str, str] = {}
 
 
 class KindEntry(_Part):
@@ -106,7 +109,10 @@ class KindEntry(_Part):
     finished: Optional[str] = None
     inputs: List[dict] = []
     counts: KindCounts = KindCounts()
-    parts: Optional[Dict[str, List[Tuple[str, int, int]]]] = None
+    # [name, rows, bytes, content digest] (the digest since integrity checks: a part
+    # committed before has three fields, and is held to its size and footer only)
+    parts: Optional[Dict[str, List[Union[Tuple[str, int, int], Tuple[str, int, int, str]]]]] \
+        = None
     # appends (``ingest --append``) and compactions since the kind's full ingest: the
     # current snapshot's number (0: the full ingest itself) and one record per snapshot
     snapshot: int = 0

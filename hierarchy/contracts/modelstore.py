@@ -101,6 +101,27 @@ def model_file_problem(url: str) -> Optional[str]:
     return None
 
 
+DIGEST = "sha256"  # metrics.json (and run.json's copy): the published model file's digest
+
+
+_DIGESTS: Dict[tuple, str] = {}
+
+
+def digest_problem(url: str, expected: Optional[str]) -> Optional[str]:
+    """Why a model file is not the one training published: its bytes' digest differs from
+    the one recorded when it was written (a copy damaged at the same size, a file swapped).
+    None when they agree or nothing was recorded (runs trained before digests were kept)."""
+    if not expected:
+        return None
+    info = storage.file_info(url)
+    stamp = (url, info.size, info.mtime_ns)  # evaluate checks a model once per strategy
+    got = _DIGESTS.get(stamp) or _DIGESTS.setdefault(stamp, storage.file_digest(url))
+    if got != expected:
+        return (f"content digest {got[:19]}... is not the {expected[:19]}... recorded when it "
+                f"was written: the file changed since")
+    return None
+
+
 class RunMismatch(Refused, RuntimeError):
     """A model would join a run it does not belong to (another taxonomy)."""
 
@@ -291,6 +312,28 @@ class Run:
         return self.read().model(key)
 
     # ---------------------------------------------------------------- models present
+    def metrics(self, key: str) -> Optional[dict]:
+        """The model's own metrics.json (written beside model.h5), else run.json's copy."""
+        try:
+            own = storage.read_json(self.metrics_file(key), None)
+        except ValueError:
+            raise ModelDamaged(f"{self.metrics_file(key)}: not JSON — train model {key} "
+                               f"again (`hierarchy train ... --run-id {self.run_id} "
+                               f"{train_command(key)}`)") from None
+        return own if isinstance(own, dict) else self.read().model(key).metrics
+
+    def verified_model_file(self, key: str) -> str:
+        """The model's file, refused (:class:`ModelDamaged`, naming it) when it cannot be the
+        one training published: cut short, not HDF5, or other bytes than its recorded digest."""
+        url = self.model_file(key)
+        problem = model_file_problem(url) or digest_problem(
+            url, (self.metrics(key) or {}).get(DIGEST))
+        if problem:
+            raise ModelDamaged(f"{url}: {problem} — copy it again or train it again: delete "
+                               f"its folder, then `hierarchy train ... --run-id {self.run_id} "
+                               f"{train_command(key)}`")
+        return url
+
     def has_model(self, key: str) -> bool:
         return storage.exists(self.model_file(key))
 

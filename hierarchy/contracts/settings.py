@@ -257,13 +257,17 @@ class Catalog(Section):
     metastore_user: Text
     metastore_password_env: Text
     jdbc_driver: Text
-    warehouse: Text
+    warehouse: Checked(Text, lambda v: "\\" not in v,
+                       "a folder without a backslash (Spark's Hadoop paths read it as a "
+                       "separator)")
     database: _identifier()
     table: _identifier()
     curation_table: _identifier()
     reviews_table: _identifier()
     review_view: _identifier()
-    location: Text
+    location: Checked(Text, lambda v: "\\" not in v,
+                      "a folder without a backslash (Spark's Hadoop paths read it as a "
+                      "separator)")
 
 
 class Curate(Section):
@@ -317,6 +321,9 @@ class Serve(Section):
     review_max_body_bytes: Whole(64, 2**30)
     batch_window_ms: Whole(0, 10000)
     max_batch_pictures: Whole(1, 100000)
+    max_connections: Whole(1, 100000)
+    header_timeout_s: Real(0.0, 3600.0, lo_open=True)
+    body_timeout_s: Real(0.0, 3600.0, lo_open=True)
 
 
 class Predict(Section):

@@ -57,6 +57,17 @@ def same_location(a: str, b: str) -> bool:
     return plain(a) == plain(b)
 
 
+def within(url: str, folder: str) -> bool:
+    """Whether ``url`` is ``folder`` or lies under it (Hadoop's spellings of a local path
+    compared as :func:`same_location` does; a remote URL against its own scheme and host)."""
+    def plain(u: str) -> str:
+        u = to_url(u)
+        return (u[len("file://"):] if u.startswith("file://") else u).rstrip("/")
+
+    inner, outer = plain(url), plain(folder)
+    return inner == outer or inner.startswith(outer + "/")
+
+
 def resolve(url: str) -> Tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it), for pyarrow APIs that take both. Schemes pyarrow does
     not know itself (``memory://``, ``abfs://``, ...) go through fsspec when it has them."""
@@ -222,6 +233,22 @@ def read_bytes(url: str) -> bytes:
     fs, path = resolve(url)
     with fs.open_input_stream(path) as fh:
         return fh.read()
+
+
+def file_digest(url: str, chunk: int = 1 << 20) -> str:
+    """``sha256:<hex>`` of a file's bytes, read in chunks (any filesystem): what tells a file
+    changed at the same size."""
+    import hashlib
+
+    fs, path = resolve(url)
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def read_head(url: str, n: int) -> bytes:

@@ -60,8 +60,11 @@ class Taxonomy:
     @classmethod
     def from_csv(cls, path: str) -> Taxonomy:
         """Parse ``category_names.csv`` and refuse a malformed table with line and reason."""
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        try:
+            with open(path, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            raise TaxonomyError(f"{path}: cannot read it ({exc.strerror})") from None
         return cls.from_csv_bytes(raw, source=str(path))
 
     @classmethod

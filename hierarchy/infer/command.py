@@ -39,11 +39,15 @@ def predict(args, cfg: Settings) -> dict:
     checked = check_predict(args.data, args.models, args.run_id, args.split, spec,
                             args.output, cfg.predict.duplicate_lookup)
     if args.dry_run:
+        from hierarchy.infer.tables import planned_location
+
+        location = planned_location(cfg.catalog)
         print(f"would score split {args.split} with run {args.run_id} ({strategy}, "
               f"{len(checked.modelset.refs())} model file(s) checked) into table "
-              f"{cfg.catalog.database}.{cfg.catalog.table}"
+              f"{cfg.catalog.database}.{cfg.catalog.table} at {location}"
               + (f" and {args.output}/submission.csv" if args.split == "test" else ""))
-        return {"run_id": args.run_id, "split": args.split, "strategy": strategy}
+        return {"run_id": args.run_id, "split": args.split, "strategy": strategy,
+                "table_location": location}
     result = with_spark(cfg, "predict", lambda spark: run_predict(
         spark, cfg, args.data, args.models, args.run_id, args.split, strategy, args.output,
         checked, rescore_all=args.rescore_all))
@@ -53,7 +57,7 @@ def predict(args, cfg: Settings) -> dict:
 
 
 def _runs_arguments(p) -> None:
-    actions = p.add_subparsers(dest="action", required=True, metavar="list|drop")
+    actions = p.add_subparsers(dest="action", required=True, metavar="list|drop|relocate")
     a = actions.add_parser("list", help="one line per run/split/strategy partition")
     a.add_argument("--run-id", help="only this run")
     a.add_argument("--json", action="store_true", help="one JSON object per partition")
@@ -63,6 +67,11 @@ def _runs_arguments(p) -> None:
     a.add_argument("--split", choices=("test", "val"), help="only this split")
     a.add_argument("--strategy", metavar="NAME",
                    help="only this strategy or variant (with --split)")
+    dry_run(a)
+    common(a)
+    a = actions.add_parser("relocate", help="register the table where the configuration puts "
+                                             "it (a data root copied or moved with its "
+                                             "metastore)")
     dry_run(a)
     common(a)
 
@@ -75,10 +84,17 @@ def runs(args, cfg: Settings) -> dict:
     def job(spark):
         if args.action == "list":
             return tables.list_runs(spark, cfg.catalog, args.run_id)
+        if args.action == "relocate":
+            return tables.relocate(spark, cfg.catalog, dry_run=args.dry_run)
         return tables.drop_runs(spark, cfg.catalog, args.run_id, args.split, args.strategy,
                                 dry_run=args.dry_run)
 
     rows = with_spark(cfg, "runs", job)
+    if args.action == "relocate":
+        old, new = rows
+        verb = "would register" if args.dry_run else "registered"
+        print(f"{name}: {verb} at {new}" + (f" (was {old})" if old and old != new else ""))
+        return {"table": name, "action": "relocate", "location": new, "was": old or None}
     if args.action == "drop":
         verb = "would drop" if args.dry_run else "dropped"
         print(f"{verb} {len(rows)} partition(s) of run {args.run_id} from {name}, "

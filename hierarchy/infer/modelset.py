@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from hierarchy.contracts import modelstore, runrecord, storage
+from hierarchy.contracts import modelstore, runrecord
 from hierarchy.contracts import strategies as declared
 from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.modelstore import ModelStore, Run
@@ -151,17 +151,12 @@ class _Models:
 def _ref(run: Run, recorded: RunRecord, key: str, fingerprint: str) -> ModelRef:
     # the model's own folder describes it (metrics.json is written beside model.h5); run.json
     # is the run's summary of its models
-    metrics = storage.read_json(run.metrics_file(key), None) or recorded.model(key).metrics
+    metrics = run.metrics(key)
     if not metrics or not run.has_model(key):
         raise ModelMissing(f"run {run.run_id}: model {key} is missing ({run.model_file(key)}); "
                            f"train it with `hierarchy train ... --run-id {run.run_id} "
                            f"{modelstore.train_command(key)}`")
-    problem = modelstore.model_file_problem(run.model_file(key))
-    if problem:
-        raise modelstore.ModelDamaged(
-            f"{run.model_file(key)}: {problem} — copy it again or train it again: delete its "
-            f"folder, then `hierarchy train ... --run-id {run.run_id} "
-            f"{modelstore.train_command(key)}`")
+    run.verified_model_file(key)
     got = metrics.get("taxonomy_fingerprint") or recorded.taxonomy_fingerprint
     if got != fingerprint:
         raise ScoringRefused(

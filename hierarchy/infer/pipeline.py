@@ -285,6 +285,7 @@ def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split
     taxonomy = first.taxonomy
     for strategy in strategies:
         note_decision_rule(cfg.decide, checked[strategy].modelset, data, models, run_id)
+    tables.table_location(spark, cfg.catalog)  # a table registered elsewhere: refused first
     products = read_products(spark, data, split)
     # before any scoring: a submission must hold one row per product id
     tables.check_unique_products(products, f"{data} products of split {split}")

@@ -46,31 +46,103 @@ def _existing_location(spark, name: str) -> str:
     return ""
 
 
+def _table_type(spark, name: str) -> str:
+    return spark.catalog.getTable(name).tableType
+
+
 def table_location(spark, catalog: Catalog) -> str:
     """Where the table's files are: the registered table's own location, else
-    ``catalog.location``, else ``<database location>/<table>``. Refuses a table registered
-    somewhere else than ``catalog.location`` says (two configs disagreeing on one table)."""
+    ``catalog.location``, else ``<warehouse>/<table>``. Refuses a table registered somewhere
+    else than the configuration says (:func:`_placed`)."""
     return _placed(spark, catalog)[0]
 
 
+def warehouse(spark) -> str:
+    """The warehouse this session writes managed tables into (``catalog.warehouse``, or the
+    metastore's own when that is empty)."""
+    return storage.to_url(unquote(spark.conf.get("spark.sql.warehouse.dir")))
+
+
+def configured_location(spark, catalog: Catalog) -> str:
+    """Where the configuration puts the table: ``catalog.location``, else where Spark puts a
+    managed table of the database, inside the warehouse."""
+    if catalog.location:
+        wanted = storage.to_url(catalog.location)
+        storage.require_hadoop_path(wanted, "catalog.location")
+        return wanted
+    folder = warehouse(spark)
+    if catalog.database != "default":
+        folder = storage.join(folder, f"{catalog.database}.db")
+    return storage.join(folder, catalog.table)
+
+
+def planned_location(catalog: Catalog) -> str:
+    """:func:`configured_location` without a session (what --dry-run prints): the metastore
+    may still hold the table elsewhere, which the job itself refuses."""
+    if catalog.location:
+        return storage.to_url(catalog.location)
+    if not catalog.warehouse:
+        return f"<the metastore's warehouse>/{catalog.table}"
+    folder = storage.to_url(catalog.warehouse)
+    if catalog.database != "default":
+        folder = storage.join(folder, f"{catalog.database}.db")
+    return storage.join(folder, catalog.table)
+
+
 def _placed(spark, catalog: Catalog) -> Tuple[str, bool]:
-    """(:func:`table_location`, whether the table is registered already)."""
+    """(:func:`table_location`, whether the table is registered already). A table registered
+    elsewhere than :func:`configured_location` is refused, naming both places: two configs
+    disagreeing on one table, or a data root copied with its metastore, whose table still
+    points into the original project (writing there would replace the original's rows)."""
     name = table_name(catalog)
     existing = _existing_location(spark, name)
-    wanted = storage.to_url(catalog.location) if catalog.location else ""
-    storage.require_hadoop_path(wanted, "catalog.location")
-    if existing and wanted and not storage.same_location(existing, wanted):
+    if not existing:
+        return configured_location(spark, catalog), False
+    existing = storage.to_url(existing)
+    if catalog.location:
+        wanted = configured_location(spark, catalog)
+        if not storage.same_location(existing, wanted):
+            raise ScoringRefused(
+                f"table {name} lives at {existing}, but catalog.location is {wanted}: set "
+                f"catalog.location={existing} (or empty), run `hierarchy runs relocate` to "
+                f"register the table at {wanted}, or name another table with "
+                f"catalog.table=... / catalog.database=...")
+    elif not storage.within(existing, warehouse(spark)):
         raise ScoringRefused(
-            f"table {name} lives at {existing}, but catalog.location is {wanted}: set "
-            f"catalog.location={existing} (or empty), or name another table with "
-            f"catalog.table=... / catalog.database=...")
-    if existing:
-        return storage.to_url(existing), True
-    if wanted:
-        return wanted, False
+            f"table {name} is registered at {existing}, outside catalog.warehouse "
+            f"{warehouse(spark)} (a data root copied or moved with its metastore?): writing "
+            f"would change that other place. Run `hierarchy runs relocate` to register the "
+            f"table at {configured_location(spark, catalog)}, or set "
+            f"catalog.location={existing} if that place is meant")
+    return existing, True
+
+
+def relocate(spark, catalog: Catalog, dry_run: bool = False) -> Tuple[str, str]:
+    """Register the table at :func:`configured_location` (where a copied or moved data root
+    keeps its files): the old registration is dropped (an external table: no file is
+    touched, here or there) and the partitions found in the new place are recovered.
+    Returns (old location or "", new location)."""
+    name = table_name(catalog)
+    old, new = _existing_location(spark, name), configured_location(spark, catalog)
+    if old and storage.same_location(old, new):
+        return old, new
+    if not storage.exists(new):
+        raise ScoringRefused(f"table {name}: nothing at {new} to register (catalog.location "
+                             f"or catalog.warehouse names the place its files are)")
+    if old and _table_type(spark, name) != "EXTERNAL":
+        # dropping a managed table deletes its files, the very rows the copy came from
+        raise ScoringRefused(f"table {name} at {old} is not an external table: relocating "
+                             f"it would delete its files; name another table with "
+                             f"catalog.table=... / catalog.database=...")
+    if dry_run:
+        return old, new
+    if old:
+        spark.sql(f"DROP TABLE {quoted(catalog)}")
     spark.sql(f"CREATE DATABASE IF NOT EXISTS {sql_name(catalog.database)}")
-    return storage.join(storage.to_url(unquote(spark.catalog.getDatabase(catalog.database)
-                                               .locationUri)), catalog.table), False
+    spark.sql(f"CREATE TABLE {quoted(catalog)} USING parquet LOCATION {sql_literal(new)}")
+    spark.sql(f"ALTER TABLE {quoted(catalog)} RECOVER PARTITIONS")
+    spark.sql(f"REFRESH TABLE {quoted(catalog)}")
+    return old, new
 
 
 def partition_spec(**values: Optional[str]) -> str:

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
 from hierarchy.contracts import storage
-from hierarchy.contracts.dataset import KIND_SPLITS, Dataset
+from hierarchy.contracts.dataset import KIND_SPLITS, KINDS, Dataset, require_digest
 from hierarchy.contracts.digest import DIGEST, product_digests
 from hierarchy.contracts.manifest import CommitPlan, KindEntry
 from hierarchy.contracts.schema import IMAGES_FILE, PRODUCTS_FILE
@@ -156,7 +156,8 @@ def _folder_name(file: str) -> str:
 
 
 def _filter(item) -> Tuple[str, int]:
-    src, out, ids = item
+    src, out, ids, digest = item
+    require_digest(src, digest)
     return src, int(filter_part(src, set(ids), out)["bytes"])
 
 
@@ -174,11 +175,13 @@ def rewrite(spark, dataset: Dataset, staging: Dataset, delta: Delta,
     snapshot)."""
     moves, removes, tasks = [], [], []
     for rel, ids in sorted(delta.drop_staged.items()):
-        tasks.append((staging.path(rel), None, ids))
+        tasks.append((staging.path(rel), None, ids, None))
+    recorded = {url: d for kind in KINDS for url, d in dataset.recorded_digests(kind).items()}
     for i, (rel, ids) in enumerate(sorted(delta.drop_current.items())):
         folder = rel.rsplit("/", 1)[0]
         new = f"part-a{snapshot:04d}-r{i:05d}.parquet"
-        tasks.append((dataset.path(rel), staging.path("rewritten", folder, new), ids))
+        tasks.append((dataset.path(rel), staging.path("rewritten", folder, new), ids,
+                      recorded.get(dataset.path(rel))))
         moves.append((staging.path("rewritten", folder, new), dataset.path(folder, new)))
         removes.append(dataset.path(rel))
     removed_bytes = 0

@@ -16,7 +16,7 @@ import logging
 from typing import Dict, List, Optional, Tuple
 
 from hierarchy.contracts import storage
-from hierarchy.contracts.dataset import Dataset
+from hierarchy.contracts.dataset import Dataset, require_digest
 from hierarchy.contracts.manifest import CommitPlan, KindEntry
 from hierarchy.contracts.settings import Ingest
 
@@ -27,7 +27,7 @@ def small_parts(entry: KindEntry, small_bytes: int) -> Dict[str, List[Tuple[str,
     """{folder: [(part, bytes), ...]} of the kind's parts under ``small_bytes``, by name."""
     out: Dict[str, List[Tuple[str, int]]] = {}
     for folder, parts in (entry.parts or {}).items():
-        small = sorted((name, size) for name, _, size in parts if size < small_bytes)
+        small = sorted((p[0], p[2]) for p in parts if p[2] < small_bytes)
         if small:
             out[folder] = small
     return out
@@ -59,7 +59,9 @@ def merge_parts(item) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sources, target = item
+    sources, target, digests = item
+    for src, digest in zip(sources, digests):  # a damaged part is refused, not merged
+        require_digest(src, digest)
     out = storage.atomic_output(target)
     writer: Optional[pq.ParquetWriter] = None
     rows = 0
@@ -102,10 +104,12 @@ def compact(spark, dataset: Dataset, kind: str, icfg: Ingest) -> Optional[dict]:
     storage.remove(staging.root)
     tasks, moves, removes = [], [], []
     small = small_parts(entry, int(icfg.compact_small_mb * (1 << 20)))
+    recorded = dataset.recorded_digests(kind)
     for folder, parts in sorted(small.items()):
         for i, group in enumerate(bins(parts, int(icfg.split_mb * (1 << 20)))):
             name = f"part-c{snapshot:04d}-{i:05d}.parquet"
-            tasks.append(([dataset.path(folder, p) for p in group], staging.path(folder, name)))
+            tasks.append(([dataset.path(folder, p) for p in group], staging.path(folder, name),
+                          [recorded.get(dataset.path(folder, p)) for p in group]))
             moves.append((staging.path(folder, name), dataset.path(folder, name)))
             removes += [dataset.path(folder, p) for p in group]
     if not tasks:

@@ -308,7 +308,8 @@ def create_app(classifier: Classifier, scfg: Serve, data=None, token: str = ""):
 
     from hierarchy.serve.review import review_limits
 
-    return BodyLimit(app, scfg.max_body_bytes, review_limits(scfg) if data else None)
+    return BodyLimit(app, scfg.max_body_bytes, review_limits(scfg) if data else None,
+                     timeout=scfg.body_timeout_s)
 
 
 def serve(cfg: Settings, models: str, run_id: str, strategy=None, host=None, port=None,
@@ -331,5 +332,5 @@ def serve(cfg: Settings, models: str, run_id: str, strategy=None, host=None, por
     if data:
         print(review_link(data, host, port, token), flush=True)
     uvicorn.run(guard.local_hosts_only(app, host, allow_remote), host=host, port=port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, **guard.server_limits(scfg))
     return 0

@@ -11,6 +11,7 @@ never grants).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -33,6 +34,67 @@ class RemoteRefused(Refused, ValueError):
 
 class BodyTooLarge(Exception):
     pass
+
+
+class BodyTimedOut(BodyTooLarge):
+    """A body still arriving after ``serve.body_timeout_s``: unwound like one too large (the
+    408 is already answered)."""
+
+
+def server_limits(scfg) -> dict:
+    """uvicorn's options that bound what clients can hold: ``serve.max_connections``
+    connections at once (more are answered 503 at once: what bounds the server's memory
+    under many clients) and ``serve.header_timeout_s`` for a request's headers."""
+    return {"limit_concurrency": scfg.max_connections + 1,  # uvicorn refuses at >= its limit
+            "http": header_timeout_protocol(scfg.header_timeout_s),
+            "timeout_keep_alive": min(5, int(scfg.header_timeout_s) or 1)}
+
+
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection whose request headers are not whole
+    ``seconds`` after it opened or after its last answer. uvicorn's own keep-alive timer
+    restarts on every byte received, so a client sending a header byte every few seconds
+    (slowloris) held its connection forever: 300 of them were held 25 s and more."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeout(H11Protocol):
+        _awaiting = None
+        _timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._awaiting = self.cycle  # headers are whole once a new cycle starts
+            self._timer = self.loop.call_later(seconds, self._late)
+
+        def _disarm(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _late(self) -> None:
+            self._timer = None
+            if self.cycle is self._awaiting and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._timer is not None and self.cycle is not self._awaiting:
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+    return HeaderTimeout
 
 
 def new_token() -> str:
@@ -71,12 +133,17 @@ def local_hosts_only(app, host: str, allow_remote: bool):
                                                             host.strip("[]").lower()}))
 
 
-def write_refusal(headers, token: str) -> Optional[tuple]:
-    """(status, detail) that refuses a write, or None: same origin, JSON, the token."""
+def write_refusal(headers, token: str, url: str = "http://") -> Optional[tuple]:
+    """(status, detail) that refuses a write, or None: same origin (scheme, host and port:
+    an http page is another origin than the https one a proxy serves; ``url``: the
+    request's own), JSON, the token."""
     origin = headers.get("origin")
-    if origin is not None and urlsplit(origin).netloc.lower() != headers.get("host",
-                                                                             "").lower():
-        return 403, "cross-origin request refused: decisions come from the review page itself"
+    if origin is not None:
+        sent, own = urlsplit(origin), urlsplit(url)
+        if (sent.scheme.lower(), sent.netloc.lower()) != (own.scheme.lower(),
+                                                          headers.get("host", "").lower()):
+            return 403, ("cross-origin request refused: decisions come from the review page "
+                         "itself")
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         return 415, f"content type {ctype or 'missing'}: decisions are application/json"
@@ -89,12 +156,14 @@ def write_refusal(headers, token: str) -> Optional[tuple]:
 
 class BodyLimit:
     """ASGI middleware: a request body over its limit ends in 413 as soon as it is read past
-    it (a missing or lying Content-Length changes nothing). ``limits`` gives a path prefix
-    its own, smaller limit (the review page's decisions are a few hundred bytes)."""
+    it (a missing or lying Content-Length changes nothing), and one still not whole
+    ``timeout`` seconds after its headers in 408 (a client trickling bytes would otherwise
+    hold a connection, and its buffers, for as long as it likes). ``limits`` gives a path
+    prefix its own, smaller limit (the review page's decisions are a few hundred bytes)."""
 
     def __init__(self, app, limit: int, limits: Optional[Dict[str, tuple]] = None,
-                 key: str = "serve.max_body_bytes"):
-        self.app, self.limit, self.key = app, limit, key
+                 key: str = "serve.max_body_bytes", timeout: Optional[float] = None):
+        self.app, self.limit, self.key, self.timeout = app, limit, key, timeout
         self.limits = limits or {}
 
     def _limit_of(self, path: str) -> tuple:
@@ -108,23 +177,34 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit, key = self._limit_of(scope.get("path", ""))
         seen = 0
-        started = refused = False
+        started = refused = whole = False
+        deadline = None if self.timeout is None else \
+            asyncio.get_running_loop().time() + self.timeout
 
-        async def refuse():
+        async def refuse(status: int = 413, detail: str = ""):
             # answered here, not by the app: a route that reads the body would otherwise let
             # Starlette's error middleware turn the exception into a 500 first
             nonlocal refused
             refused = True
-            body = json.dumps({"detail": f"request body over {limit} bytes ({key})"}).encode()
-            await send({"type": "http.response.start", "status": 413,
+            body = json.dumps({"detail": detail or f"request body over {limit} bytes "
+                                                   f"({key})"}).encode()
+            await send({"type": "http.response.start", "status": status,
                         "headers": [(b"content-type", b"application/json"),
                                     (b"connection", b"close")]})
             await send({"type": "http.response.body", "body": body})
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, whole
+            try:
+                message = await (receive() if deadline is None or whole else asyncio.wait_for(
+                    receive(), max(0.0, deadline - asyncio.get_running_loop().time())))
+            except TimeoutError:
+                if not started and not refused:
+                    await refuse(408, f"request body not received within {self.timeout:g} s "
+                                      f"(serve.body_timeout_s)")
+                raise BodyTimedOut(self.timeout) from None
             if message["type"] == "http.request":
+                whole = not message.get("more_body", False)  # later receives: a disconnect
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     if not started and not refused:

@@ -115,10 +115,7 @@ class ReviewQueue:
             raise ValueError(f"decision {decision!r}: one of {', '.join(ct.DECISIONS)}")
         category = body.get("category_id")
         if decision == "relabel":
-            try:
-                category = int(category)
-            except (TypeError, ValueError):
-                raise ValueError("relabel needs 'category_id', an integer") from None
+            category = _whole(category, "relabel needs 'category_id', an integer")
             if category not in self.known:
                 raise ValueError(f"category {category} is not in the dataset's taxonomy")
         else:
@@ -134,10 +131,11 @@ class ReviewQueue:
             pics = body.get("pictures")
             if not isinstance(pics, list) or not pics:
                 raise ValueError("send 'group' or 'pictures': [[product_id, img_idx], ...]")
-            try:
-                members = list(dict.fromkeys((int(p[0]), int(p[1])) for p in pics))
-            except (TypeError, ValueError, IndexError, KeyError):
-                raise ValueError("'pictures' must be [[product_id, img_idx], ...]") from None
+            shape = "'pictures' must be [[product_id, img_idx], ...] (integers)"
+            if not all(isinstance(p, list) and len(p) == 2 for p in pics):
+                raise ValueError(shape)
+            members = list(dict.fromkeys((_whole(p[0], shape), _whole(p[1], shape))
+                                         for p in pics))
             outside = [m for m in members if m not in self.queued]
             if outside:
                 raise LookupError(f"picture {outside[0][0]}/{outside[0][1]} is not in the "
@@ -152,6 +150,25 @@ class ReviewQueue:
             ct.append_reviews(self.data, rows)
         # (no file name in the answer: a server's paths are nobody's business on the page)
         return {"written": len(rows), "decision": decision, "target": target}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _whole(value, refusal: str) -> int:
+    """An id sent as a JSON integer (or its digits as a string); a float, a bool, an infinite
+    or a fractional number is refused with ``refusal`` rather than truncated to another id."""
+    if isinstance(value, bool):
+        raise ValueError(refusal)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python converts
+            raise ValueError(refusal) from None
+    raise ValueError(refusal)
 
 
 def create_review_router(data: str, token: str) -> APIRouter:
@@ -180,13 +197,14 @@ def create_review_router(data: str, token: str) -> APIRouter:
 
     @router.post("/review/api/decisions")
     async def decisions(request: Request):
-        refused = guard.write_refusal(request.headers, token)
+        refused = guard.write_refusal(request.headers, token, str(request.url))
         if refused:
             return JSONResponse({"detail": refused[1]}, status_code=refused[0])
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await request.body(), parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError):
-            return JSONResponse({"detail": "body is not JSON"}, status_code=422)
+            return JSONResponse({"detail": "body is not JSON (NaN and Infinity are not "
+                                           "JSON either)"}, status_code=422)
         except RecursionError:
             return JSONResponse({"detail": "body is JSON nested too deep: expected one "
                                            "object of a decision"}, status_code=422)
@@ -227,7 +245,8 @@ def review_server(cfg: Settings, data: str, host=None, port=None,
         return {"status": "live"}
 
     print(review_link(data, host, port, token), flush=True)
-    app = guard.BodyLimit(app, scfg.max_body_bytes, review_limits(scfg))
+    app = guard.BodyLimit(app, scfg.max_body_bytes, review_limits(scfg),
+                          timeout=scfg.body_timeout_s)
     uvicorn.run(guard.local_hosts_only(app, host, allow_remote), host=host, port=port,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, **guard.server_limits(scfg))
     return 0

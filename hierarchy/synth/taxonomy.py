@@ -13,7 +13,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from hierarchy.contracts.taxonomy import Taxonomy
+from hierarchy.contracts.taxonomy import Taxonomy, TaxonomyError
 
 # (level-1, level-2, leaves, lognormal sigma of level-2 per level-1, of leaves per level-2)
 SHAPES = {
@@ -63,9 +63,12 @@ def make_taxonomy(kind: str = "small", seed: int = 0) -> Taxonomy:
     category_names.csv path."""
     if kind in SHAPES:
         return Taxonomy.from_rows(tree_rows(*SHAPES[kind], seed=seed))
+    if os.path.isdir(kind):
+        raise TaxonomyError(f"--taxonomy {kind}: a folder; expected one of {', '.join(SHAPES)} "
+                            f"or the path of a category_names.csv")
     if os.path.exists(kind):
         return Taxonomy.from_csv(kind)
-    raise ValueError(
-        f"taxonomy {kind!r}: expected one of {', '.join(SHAPES)} or the path of a "
+    raise TaxonomyError(
+        f"--taxonomy {kind!r}: expected one of {', '.join(SHAPES)} or the path of a "
         "category_names.csv (no such file)"
     )

@@ -337,6 +337,7 @@ def _publish(spec: TrainSpec, model, metrics: dict) -> dict:
     final = spec.run.model_file(spec.key)
     with storage.atomic_local_file(final) as tmp:
         model.save(tmp, include_optimizer=False)
+    metrics = {**metrics, modelstore.DIGEST: storage.file_digest(final)}
     storage.write_json_atomic(spec.run.metrics_file(spec.key), metrics)
     return {"metrics": metrics, "model": final, "checksum": tmodels.weights_checksum(model)}
 

@@ -51,6 +51,10 @@ def check_training(cfg: Settings, data: str, models: str, level: int, mode: Opti
         ModelStore(models).run(run_id).check_taxonomy(manifest.fingerprint)
     if level == 3 and mode in modelstore.HEADS:
         head_source(cfg, models, run_id, mode)
+    elif cfg.train.weights and not os.path.isfile(cfg.train.weights):
+        from hierarchy.train.models import check_weights  # TensorFlow: only to refuse
+
+        check_weights(cfg.train.backbone, cfg.train.weights)
     return manifest
 
 
@@ -71,7 +75,7 @@ def head_source(cfg: Settings, models: str, run_id: Optional[str], mode: str) ->
     run = ModelStore(models).run(run_id) if run_id is not None else None
     for key in keys:
         if run is not None and run.has_model(key):
-            return run.model_file(key)
+            return run.verified_model_file(key)  # a damaged source is refused before work
     raise TrainError(f"--mode {mode} trains a head over a trained model's trunk, and run "
                      f"{run_id} has no {' or '.join(keys)} model: train `--level 3 --mode "
                      f"{keys[0]}` with --run-id {run_id} first")
@@ -114,7 +118,8 @@ def plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: O
         raise UsageError(f"--branches {','.join(map(str, bad))}: level-1 ids run from 0 to "
                          f"{taxonomy.n_l1 - 1}")
     run = store.run(run_id)
-    init_from = run.model_file(modelstore.LEVEL1) if run.has_model(modelstore.LEVEL1) else None
+    init_from = (run.verified_model_file(modelstore.LEVEL1) if run.has_model(modelstore.LEVEL1)
+                 else None)
     specs, skipped = [], {}
     for b in wanted:
         leaves = taxonomy.branch(b)

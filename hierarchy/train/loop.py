@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hierarchy.contracts import storage
+from hierarchy.contracts import modelstore, storage
 from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.settings import Train
 from hierarchy.train.spec import HEAD, TrainSpec
@@ -275,7 +275,8 @@ def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker
                     "classes": n_classes, "steps_per_epoch": steps,
                     "taxonomy_fingerprint": taxonomy.fingerprint,
                     "label": spec.label, "branch": spec.branch,
-                    "curation": curation})
+                    "curation": curation,
+                    modelstore.DIGEST: storage.file_digest(final)})
     storage.write_json_atomic(run.metrics_file(spec.key), metrics)
     tracker.log_final(metrics, [run.history_file(spec.key), run.metrics_file(spec.key)])
     return {"metrics": metrics, "model": final}
