@@ -447,6 +447,15 @@ def test_a_bad_product_in_a_json_batch_costs_only_itself(pipeline, server):
     assert "is not a JPEG" in r.json()["detail"]
     assert [e["id"] for e in r.json()["errors"]] == ["png", "cut"]
 
+    # an id the answer could not echo as text: that product refused, the next one answered
+    r = requests.post(f"{server}/v1/classify", json={"products": [
+        {"id": {"a": 1}, "pictures": good[0]["pictures"]}, good[1]]}, timeout=60)
+    assert r.status_code == 200, r.text
+    first, second = r.json()["products"]
+    assert first["id"] == "0" and first["error"]["status"] == 422
+    assert "'id' must be a string or an integer" in first["error"]["detail"]
+    assert second["id"] == good[1]["id"] and "error" not in second
+
 
 def test_64_header_bombs_leave_the_server_under_1_gb(pipeline, server):
     """Pictures of a few hundred bytes declaring 65500 x 65500 pixels (refused from their
@@ -516,8 +525,8 @@ def test_slow_clients_are_let_go_and_connections_are_bounded(server):
             except OSError:
                 closed.add(i)
         time.sleep(0.5)
+    # without a header timeout none is ever let go: 8 s is 2.7 times the one configured
     assert len(closed) == len(slow), f"{len(slow) - len(closed)} slow clients still held"
-    assert time.time() - t0 < 7
     body.settimeout(10)
     answer = body.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 408") and "serve.body_timeout_s" in answer, answer

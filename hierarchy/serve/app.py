@@ -66,7 +66,9 @@ CLASSIFY_BODY = {"required": True, "content": {
         "properties": {"products": {"type": "array", "description": "up to serve.max_products",
                                     "items": {"type": "object", "required": ["pictures"],
                                               "properties": {
-                                                  "id": {"type": "string"},
+                                                  "id": {"type": ["string", "integer"],
+                                                         "description": "echoed as text; "
+                                                         "by default its place"},
                                                   "pictures": {"type": "array", "items": {
                                                       "type": "string", "format": "byte",
                                                       "description": "a base64 JPEG"}}}}}}}}}}
@@ -171,7 +173,13 @@ def _json_products(body: bytes, scfg: Serve, max_pics: int, limits: Limits) -> L
                             f"{scfg.max_products} (serve.max_products)")
     out = []
     for n, item in enumerate(items):
-        pid = str(item.get("id", n)) if isinstance(item, dict) else str(n)
+        raw = item.get("id", n) if isinstance(item, dict) else n
+        # an id is echoed back as the caller's key: an object or a list has no such text
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+            out.append((str(n), BadInput(422, f"product {n}: 'id' must be a string or an "
+                                              f"integer, not {type(raw).__name__}")))
+            continue
+        pid = str(raw)
         try:
             out.append((pid, _json_pictures(pid, item, max_pics, limits)))
         except BadInput as exc:
