@@ -547,8 +547,8 @@ def test_the_openapi_documents_both_bodies_of_classify(server):
 def test_a_damaged_or_deleted_model_is_refused_in_one_line_never_replaced(pipeline, tmp_path):
     """A truncated model file: predict's --dry-run and serve's start refuse (exit 3, the file
     named) instead of an h5py traceback minutes into the job or a server answering 503
-    forever. A deleted experts model: hierarchical refuses instead of scoring the multi model
-    in its place."""
+    forever; at the same size, its digest. An empty or invalid run.json: one line. A deleted
+    experts model: hierarchical refuses instead of scoring the multi model in its place."""
     import shutil
 
     models = tmp_path / "models"
@@ -582,6 +582,18 @@ def test_a_damaged_or_deleted_model_is_refused_in_one_line_never_replaced(pipeli
         line = refused(*cmd)
         assert f"{flat}: content digest" in line and "recorded when it was written" in line
     flat.write_bytes(whole)
+    # an empty or invalid run.json: one line naming it from every command that reads it
+    # (each once died with a JSONDecodeError traceback, exit 1)
+    run_json = models / "e2e" / "run.json"
+    record = run_json.read_bytes()
+    for text in (b"", b"{", b"[]"):
+        run_json.write_bytes(text)
+        for cmd in (predict + ("--strategy", "flat"),
+                    ("serve", "--strategy", "flat", "--port", str(free_port())),
+                    ("evaluate", "--data", "ds", "--output", str(tmp_path / "o"), "--dry-run"),
+                    ("train", "--data", "ds", "--level", "3", "--mode", "refit", "--dry-run")):
+            assert f"{run_json}:" in refused(*cmd)
+    run_json.write_bytes(record)
     (models / "e2e" / "experts" / "model.h5").unlink()
     assert "model experts is missing" in refused(*predict, "--strategy", "hierarchical")
 

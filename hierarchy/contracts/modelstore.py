@@ -212,7 +212,8 @@ class Run:
         """run.json as its typed record (:mod:`hierarchy.contracts.runrecord`), empty for a
         run nothing was recorded in yet."""
         try:
-            raw = storage.read_json(self.run_file, {}) or {}
+            # no `or {}`: a run.json of [] or null is damage, not a run nothing was recorded in
+            raw = storage.read_json(self.run_file, {})
         except ValueError as exc:  # empty, cut short, not JSON
             raise RunFileInvalid(f"{self.run_file}: not JSON ({exc}) — restore the file or "
                                  f"train the run again") from None
@@ -289,6 +290,9 @@ class Run:
         the copy was kept). RunMismatch when neither exists or it is not the run's."""
 
         recorded = self.read()
+        if recorded.taxonomy_fingerprint is None:
+            raise RunMismatch(f"{self.run_file}: records no taxonomy (no model was trained in "
+                              f"run {self.run_id}, or the file was emptied) — train it again")
         own = storage.join(self.path, TAXONOMY_FILE)
         dataset = recorded.dataset.path if recorded.dataset else None
         for path in [own] + ([storage.join(dataset, TAXONOMY_FILE)] if dataset else []):
