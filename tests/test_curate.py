@@ -507,6 +507,27 @@ def test_bad_input_gets_one_line_and_costs_nothing_else(curated, tmp_path, capsy
     assert not list(Path(ct.reviews_path(curated["data"])).glob("*.parquet"))
 
 
+def test_a_managed_table_of_the_curation_tables_name_is_refused_not_dropped(curated, spark):
+    """Curate re-creates its tables by dropping them: dropping a managed table of that name
+    (another project's, in a shared metastore) would delete its files."""
+    from hierarchy.contracts.errors import Refused
+    from hierarchy.curate.pipeline import run_curate
+
+    cfg = curate_cfg(curated["root"], "catalog.reviews_table=someone_elses")
+    name = f"{cfg.catalog.database}.someone_elses"
+    spark.sql(f"CREATE TABLE {name} (a INT) USING parquet")
+    spark.sql(f"INSERT INTO {name} VALUES (7)")
+    before = sorted(p.name for p in Path(ct.curation_path(curated["data"])).rglob("*"))
+    try:
+        with pytest.raises(Refused, match=f"table {name} exists and is not an external"):
+            run_curate(spark, cfg, curated["data"])
+        assert [r.a for r in spark.table(name).collect()] == [7]
+        assert sorted(p.name for p in Path(ct.curation_path(curated["data"])).rglob("*")) \
+            == before
+    finally:
+        spark.sql(f"DROP TABLE {name}")
+
+
 def test_a_nightly_curate_decodes_only_new_pictures_and_keeps_reviews(curated, spark,
                                                                        tmp_path):
     """After an append, curate decodes only the pictures no earlier curate hashed (by MD5);

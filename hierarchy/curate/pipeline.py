@@ -32,7 +32,7 @@ from urllib.parse import unquote
 from hierarchy.contracts import curation as ct
 from hierarchy.contracts import storage
 from hierarchy.contracts.dataset import Dataset, DatasetNotReady
-from hierarchy.contracts.errors import UsageError
+from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.settings import Catalog, Curate, Settings
 from hierarchy.curate.groups import components, near_edges
 from hierarchy.curate.hashing import HASHED, algorithm, hash_batch
@@ -199,6 +199,18 @@ def flag(pics, edges_labels, reviews, ccfg: Curate):
         F.current_timestamp().alias("curated_at"), "split")
 
 
+def _require_external(spark, catalog: Catalog, name: str) -> None:
+    """:func:`_register` re-creates its tables by dropping them, which deletes a managed
+    table's files: a table of that name that is not external (another project's, in a shared
+    metastore) is refused before any work."""
+    full = f"{catalog.database}.{name}"
+    if spark.catalog.tableExists(full) and spark.catalog.getTable(full).tableType != "EXTERNAL":
+        raise Refused(f"table {full} exists and is not an external table: curate would "
+                      f"replace it and delete its files; name another with "
+                      f"catalog.{'curation' if name == catalog.curation_table else 'reviews'}"
+                      f"_table=... or catalog.database=...")
+
+
 def _register(spark, catalog: Catalog, name: str, location: str, partitioned: bool,
               schema_ddl: str = "") -> str:
     """An external table over ``location`` (re-pointed when a re-run moved nothing: the
@@ -332,6 +344,8 @@ def run_curate(spark, cfg: Settings, data: str, rehash: bool = False) -> dict:
     timings = {}
     t0 = time.perf_counter()
     ds = Dataset(data)
+    for name in (catalog.curation_table, catalog.reviews_table):
+        _require_external(spark, catalog, name)
     with ds.scratch("curate") as staging:
         pics, decoded = _hash(spark, data, staging.path("hashes"), rehash)
         timings["hash"] = time.perf_counter() - t0
