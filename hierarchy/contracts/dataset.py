@@ -199,14 +199,11 @@ class Dataset:
         """One line per committed part of ``kind`` whose bytes are not the ones its commit
         recorded (a copy or a disk that damaged it at the same size, which sizes and footers
         do not show): every part is read whole, through ``digests``."""
-        entry = self.manifest().kinds[kind]
-        recorded = [(self.path(folder, part[0]), part[3])
-                    for folder, parts in (entry.parts or {}).items() for part in parts
-                    if len(part) > 3]
-        got = (digests or serial_digests)([loc for loc, _ in recorded])
+        recorded = self.recorded_digests(kind)
+        got = (digests or serial_digests)(list(recorded))
         return [f"{loc}: content digest {now[:19]}... is not the {want[:19]}... its commit "
                 f"recorded — {repair_of(loc)}"
-                for (loc, want), now in zip(recorded, got) if now != want]
+                for (loc, want), now in zip(recorded.items(), got) if now != want]
 
     def verify(self, manifest: Manifest, kind: str) -> None:
         """Every part of ``kind`` the manifest lists is there, whole (its size, and the rows

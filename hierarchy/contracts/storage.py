@@ -48,23 +48,21 @@ def is_location(value: str) -> bool:
     return is_url(value) or value.startswith("jdbc:") or os.path.isabs(value)
 
 
-def same_location(a: str, b: str) -> bool:
-    """Whether two spellings name one local folder: Hadoop's ``file:/d``, ``file:///d/`` and
-    ``/d`` are the same place."""
-    def plain(u: str) -> str:
-        return u.replace("file://", "").replace("file:", "").rstrip("/")
+def _plain(u: str) -> str:
+    """A local folder's one spelling: Hadoop's ``file:/d``, ``file:///d/`` and ``/d`` -> ``/d``
+    (a remote URL keeps its scheme and host)."""
+    return u.replace("file://", "").replace("file:", "").rstrip("/")
 
-    return plain(a) == plain(b)
+
+def same_location(a: str, b: str) -> bool:
+    """Whether two spellings name one local folder (:func:`_plain`)."""
+    return _plain(a) == _plain(b)
 
 
 def within(url: str, folder: str) -> bool:
     """Whether ``url`` is ``folder`` or lies under it (Hadoop's spellings of a local path
     compared as :func:`same_location` does; a remote URL against its own scheme and host)."""
-    def plain(u: str) -> str:
-        u = to_url(u)
-        return (u[len("file://"):] if u.startswith("file://") else u).rstrip("/")
-
-    inner, outer = plain(url), plain(folder)
+    inner, outer = _plain(to_url(url)), _plain(to_url(folder))
     return inner == outer or inner.startswith(outer + "/")
 
 
