@@ -37,6 +37,7 @@ from hierarchy.infer import command as infer_command
 from hierarchy.ingest import command as ingest_command
 from hierarchy.serve import command as serve_command
 from hierarchy.synth import command as synth_command
+from hierarchy.taxonomy import command as taxonomy_command
 from hierarchy.train import command as train_command
 
 EPILOG = """\
@@ -160,10 +161,11 @@ CATALOG_COMMANDS = (
 # every command, each declared by its stage, in the order of `hierarchy --help`
 _DECLARED = {c.name: c for module in (synth_command, ingest_command, train_command,
                                       infer_command, evaluate_command, curate_command,
-                                      serve_command) for c in module.COMMANDS}
+                                      serve_command, taxonomy_command)
+              for c in module.COMMANDS}
 _DECLARED.update((c.name, c) for c in CATALOG_COMMANDS)
 HELP_ORDER = ("synth", "ingest", "compact", "verify", "train", "predict", "evaluate", "curate",
-              "review", "runs", "metastore", "thriftserver", "serve")
+              "review", "runs", "taxonomy", "metastore", "thriftserver", "serve")
 COMMANDS: Dict[str, Command] = {name: _DECLARED[name] for name in HELP_ORDER}
 
 

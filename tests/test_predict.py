@@ -160,21 +160,52 @@ def test_a_product_spread_over_partitions_and_batches_is_aggregated_once(world, 
     assert (many.loc[one.index, "category_id"] == one["category_id"]).all()
 
 
-def test_models_of_another_taxonomy_are_refused_before_scoring(world, spark, tmp_path):
+def _ingest_test_under(spark, world, tmp_path, csv_lines, name):
     from hierarchy.ingest.pipeline import run_ingest
 
+    table = tmp_path / f"{name}.csv"
+    table.write_text("\n".join(csv_lines) + "\n")
+    data = tmp_path / name
+    icfg = load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
+                                  "ingest.max_bad_fraction=0.1"])
+    for kind in ("train", "test"):
+        run_ingest(spark, icfg, [str(world["syn"] / f"{kind}.bson")], str(table), str(data),
+                   kind)
+    return str(data)
+
+
+def test_a_model_whose_outputs_this_version_changed_is_refused_by_name(world, spark, tmp_path):
     csv = (world["syn"] / "category_names.csv").read_text().splitlines()
-    csv[1] = csv[1].rsplit(",", 1)[0] + ",Renamed leaf"
-    other = tmp_path / "other.csv"
-    other.write_text("\n".join(csv) + "\n")
-    data = tmp_path / "ds"
-    run_ingest(spark, load_config(overrides=["spark.master=local[2]", "ingest.progress=false",
-                                             "ingest.max_bad_fraction=0.1"]),
-               [str(world["syn"] / "test.bson")], str(other), str(data), "test")
-    with pytest.raises(ScoringRefused, match="taxonomy"):
-        run_predict(spark, predict_cfg(tmp_path), str(data), world["models"], RUN,
+    ids = sorted(int(line.split(",")[0]) for line in csv[1:])
+    middle = next(c for c in range(ids[0] + 1, ids[-1]) if c not in ids)
+    l1, l2 = csv[1].split(",")[1:3]
+    data = _ingest_test_under(spark, world, tmp_path, csv + [f"{middle},{l1},{l2},New leaf"],
+                              "added")
+    # a leaf added in the middle of the id range: the flat model has no output for it
+    with pytest.raises(ScoringRefused, match=rf"model flat .*no output for \({middle}\)"):
+        run_predict(spark, predict_cfg(tmp_path), data, world["models"], RUN,
                     "test", "flat", str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # refused before anything was scored or written
+
+
+def test_a_renamed_leaf_keeps_its_identity_and_its_models(world, spark, tmp_path):
+    csv = (world["syn"] / "category_names.csv").read_text().splitlines()
+    renamed = int(csv[1].split(",")[0])
+    csv[1] = csv[1].rsplit(",", 1)[0] + ",Renamed leaf"
+    data = _ingest_test_under(spark, world, tmp_path, csv, "renamed")
+    pcfg = predict_cfg(tmp_path)
+    same = run_predict(spark, pcfg, world["data"], world["models"], RUN, "test", "flat",
+                       str(tmp_path / "same"))
+    other = run_predict(spark, pcfg, data, world["models"], RUN, "test", "flat",
+                        str(tmp_path / "other"))
+    assert same["products"] == other["products"]
+    a = pd.read_csv(tmp_path / "same" / "submission.csv").set_index("_id")
+    b = pd.read_csv(tmp_path / "other" / "submission.csv").set_index("_id")
+    # a leaf is its category_id: the same model answers the same ids under the new table
+    assert (a.loc[b.index, "category_id"] == b["category_id"]).all()
+    names = spark.sql(f"SELECT DISTINCT category_level3 FROM {pcfg.catalog.database}."
+                      f"{pcfg.catalog.table} WHERE category_id = {renamed}").collect()
+    assert names, "the renamed leaf was never predicted: pick a run that files it"
 
 
 def test_duplicated_product_ids_are_refused_before_scoring_naming_the_ids(

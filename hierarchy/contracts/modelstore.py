@@ -44,6 +44,7 @@ from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.runrecord import (
     Calibration,
     DecisionRule,
+    FromRun,
     Lineage,
     ModelConfig,
     ModelEntry,
@@ -235,10 +236,13 @@ class Run:
                 f"dataset has {fingerprint[:19]}; use another --run-id")
 
     def record(self, *, key: str, config: dict, fingerprint: str, data: str, manifest: Manifest,
-               result: dict) -> RunRecord:
-        """Merge one trained model into run.json (level-1 and level-3 models share a run)."""
+               result: dict, from_run: Optional[FromRun] = None) -> RunRecord:
+        """Merge one trained model into run.json (level-1 and level-3 models share a run);
+        ``from_run``: the run whose trunk the model sits on, when it is another one."""
         self.check_taxonomy(fingerprint)
         run = self.read()
+        if from_run is not None:
+            run.from_run = from_run
         run.run_id = self.run_id
         run.taxonomy_fingerprint = fingerprint
         run.dataset = Lineage(path=data if storage.is_remote(data) else storage.local_path(data),

@@ -69,12 +69,16 @@ TABLE_COLUMNS = [
     # what makes a row current (hierarchy/infer/incremental.py): the product's content digest
     # (hierarchy/contracts/digest.py) and a fingerprint of the models, rule and options
     "input_digest", "scored_with",
+    # the taxonomy version (hierarchy/contracts/versions.py: the category table's
+    # fingerprint) the row's ids and names are of: a run's old rows stay tied to theirs
+    "taxonomy_version",
     "scored_at", *PARTITIONS,
 ]
 # columns added to the table after its first release: an older table gains them on a write
 ADDED_COLUMNS = {"answered_by": "STRING", "decision_level": "INT", "decision_id": "BIGINT",
                  "decision_name": "STRING", "decision_probability": "DOUBLE",
-                 "input_digest": "STRING", "scored_with": "STRING"}
+                 "input_digest": "STRING", "scored_with": "STRING",
+                 "taxonomy_version": "STRING"}
 DECISION = ("decision_level", "decision_id", "decision_name", "decision_probability")
 # nullable integers in pandas (the truth of a test product is null)
 PANDAS_DTYPES = {"true_category_id": "Int64", "true_l1": "Int32", "true_l2": "Int32",

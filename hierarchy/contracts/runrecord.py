@@ -107,12 +107,23 @@ class Lineage(Record):
     splits: Optional[dict] = None
 
 
+class FromRun(Record):
+    """The run whose frozen trunk this run's heads sit on (``train --from-run``): its id, its
+    taxonomy version and the model whose trunk was reused."""
+
+    run_id: str
+    taxonomy_fingerprint: Optional[str] = None
+    model: Optional[str] = None
+
+
 class RunRecord(Record):
-    """The whole of run.json."""
+    """The whole of run.json. ``taxonomy_fingerprint`` is the run's taxonomy version
+    (:mod:`hierarchy.contracts.versions`)."""
 
     run_id: Optional[str] = None
     taxonomy_fingerprint: Optional[str] = None
     dataset: Optional[Lineage] = None
+    from_run: Optional[FromRun] = None
     updated: Optional[str] = None
     models: Dict[str, ModelEntry] = {}
     config: Dict[str, ModelConfig] = {}

@@ -377,6 +377,14 @@ def Variants():
                    VARIANTS_ALLOWED)
 
 
+class TaxonomyVersions(Section):
+    """``hierarchy taxonomy``: comparing two versions of the category tree."""
+
+    # a leaf is split (or merged) when at least this share of its products went to (came
+    # from) each of two or more leaves; fewer moves are label fixes
+    min_share: Real(0, 1, lo_open=True)
+
+
 class Settings(Section):
     """The whole configuration, as ``hierarchy.contracts.config.load_config`` returns it."""
 
@@ -392,6 +400,7 @@ class Settings(Section):
     calibrate: Calibrate
     serve: Serve
     predict: Predict
+    taxonomy: TaxonomyVersions
     # strategies with other parameters, scored by evaluate beside the declared ones
     # (hierarchy.contracts.strategies)
     variants: Variants()

@@ -14,6 +14,7 @@ from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.contracts.settings import Settings
 from hierarchy.contracts.strategies import Spec, spec_of
+from hierarchy.evaluate import against as against_
 from hierarchy.evaluate import calibrate, choice, decisions
 from hierarchy.evaluate.metrics import evaluate_predictions
 from hierarchy.evaluate.report import evaluation_dir, write_report
@@ -71,14 +72,17 @@ class _Phases:
 
 
 def run_evaluate(spark, cfg: Settings, data: str, models: str, run_id: str, output: str,
-                 checked: Optional[dict] = None) -> dict:
-    """``checked``: what :func:`check_evaluate` already returned for these arguments.
+                 checked: Optional[dict] = None, against: Optional[str] = None) -> dict:
+    """``checked``: what :func:`check_evaluate` already returned for these arguments;
+    ``against``: a run of an older taxonomy version to gate this one on
+    (:mod:`hierarchy.evaluate.against`).
     Two scoring passes over val whatever the number of strategies: the hierarchical
     correction (on the fit part only), then every strategy's decision rule and the summaries
     its table rows are made of; each model runs once per picture in each."""
     from pyspark.sql import functions as F
 
     phases = _Phases()
+    old_strategy = against_.old_strategy(models, against) if against else None
     checked = dict(checked or check_evaluate(data, models, run_id, output, cfg.variants))
     strategies = list(checked)
     run = ModelStore(models).run(run_id)
@@ -94,7 +98,12 @@ def run_evaluate(spark, cfg: Settings, data: str, models: str, run_id: str, outp
         grouped.unpersist()
     df = spark.table(table).where((F.col("run_id") == run_id) & (F.col("split") == VAL)
                                   & F.col("strategy").isin(strategies))
-    metrics = evaluate_predictions(df, Dataset(data).taxonomy())
+    taxonomy = Dataset(data).taxonomy()
+    metrics = evaluate_predictions(df, taxonomy)
+    if against:
+        metrics["against"] = against_.compare(
+            spark, table, run_id, strategies, against, old_strategy,
+            ModelStore(models).run(against).taxonomy(), taxonomy)
     for s, fig in figures.items():
         metrics["strategies"].setdefault(s, {})["decisions"] = fig
     scores = {s: metrics["strategies"].get(s, {}).get("accuracy_l3") for s in strategies}

@@ -107,6 +107,7 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
                       ""]
 
     lines += _decision_lines(metrics, order, files)
+    lines += _against_lines(metrics.get("against"), order)
     lines += ["## Training curves", ""]
     if histories:
         lines.append("Models: " + ", ".join(f"`{k}`" for k in histories) + ".")
@@ -116,6 +117,27 @@ def _markdown(metrics: dict, histories: dict, run_id: str, files: dict) -> str:
     name = storage.basename(files["training_curves"])
     lines += [f"[{name}]({name})", "", f"![training curves]({name})", ""]
     return "\n".join(lines)
+
+
+def _against_lines(against: Optional[dict], order: List[str]) -> List[str]:
+    """The release gate against an older run (hierarchy.evaluate.against)."""
+    if not against:
+        return []
+    lines = [f"## Against run `{against['run_id']}` ({against['strategy']}, taxonomy "
+             f"{against['taxonomy_version'][:19]})", "",
+             "Negative flips: val products whose label both versions share, right under the old "
+             "run and wrong under this one. Changed leaves: leaves new in this version or whose "
+             f"products were relabelled ({len(against['changed_leaves'])}).", ""]
+    rows = []
+    for s in order:
+        m = against["strategies"].get(s) or {}
+        rows.append([s, str(m.get("products_compared", 0)), _pct(m.get("negative_flip_rate")),
+                     _pct(m.get("positive_flip_rate")), _pct(m.get("old_accuracy_same_label")),
+                     f"{_pct(m.get('changed_leaf_accuracy'))} "
+                     f"({m.get('changed_leaf_products', 0)})"])
+    return lines + _table(["strategy", "same-label products", "negative flips",
+                           "positive flips", "old run right", "changed leaves (products)"],
+                          rows) + [""]
 
 
 def _recommendation_lines(chosen: Optional[dict]) -> List[str]:

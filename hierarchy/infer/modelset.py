@@ -1,12 +1,14 @@
 """Which trained models a predict strategy needs, found in the model store and checked before
-any scoring starts: every model must exist and carry the dataset's taxonomy fingerprint."""
+any scoring starts: every model must exist and its outputs stand for the ids the dataset's
+taxonomy version has for them (:mod:`hierarchy.contracts.versions`)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from hierarchy.contracts import modelstore, runrecord
+from hierarchy.contracts import modelstore, runrecord, versions
 from hierarchy.contracts import strategies as declared
 from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.modelstore import ModelStore, Run
@@ -15,6 +17,7 @@ from hierarchy.contracts.strategies import AUTO, Spec
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer import strategies
 
+log = logging.getLogger(__name__)
 IDENTITY = runrecord.IDENTITY  # an uncalibrated hierarchical is multi
 
 
@@ -112,7 +115,7 @@ class _Models:
         self.taxonomy = taxonomy
 
     def ref(self, key: str) -> ModelRef:
-        return _ref(self.run, self.recorded, key, self.fingerprint)
+        return _ref(self.run, self.recorded, key, self.taxonomy)
 
     def calibration(self, key: str) -> Dict[str, float]:
         fitted = self.recorded.calibration
@@ -148,7 +151,7 @@ class _Models:
         return branches, untrained
 
 
-def _ref(run: Run, recorded: RunRecord, key: str, fingerprint: str) -> ModelRef:
+def _ref(run: Run, recorded: RunRecord, key: str, taxonomy: Taxonomy) -> ModelRef:
     # the model's own folder describes it (metrics.json is written beside model.h5); run.json
     # is the run's summary of its models
     metrics = run.metrics(key)
@@ -157,12 +160,13 @@ def _ref(run: Run, recorded: RunRecord, key: str, fingerprint: str) -> ModelRef:
                            f"train it with `hierarchy train ... --run-id {run.run_id} "
                            f"{modelstore.train_command(key)}`")
     run.verified_model_file(key)
-    got = metrics.get("taxonomy_fingerprint") or recorded.taxonomy_fingerprint
-    if got != fingerprint:
-        raise ScoringRefused(
-            f"run {run.run_id}: model {key} was trained on taxonomy {str(got)[:19]}, but the "
-            f"dataset has {fingerprint[:19]}: its class ids would mean other categories. "
-            f"Score with a run trained on this dataset's category table.")
+    why = versions.unusable(taxonomy, key, {**metrics, "taxonomy_fingerprint": metrics.get(
+        "taxonomy_fingerprint") or recorded.taxonomy_fingerprint})
+    if why:
+        raise ScoringRefused(f"run {run.run_id}: {why}: its outputs would mean other "
+                             f"categories. Score with a run trained on this dataset's category "
+                             f"table, or make one from this run's trunk with `hierarchy train "
+                             f"--level 3 --mode refit --from-run {run.run_id} --run-id NEW`")
     cfg = recorded.config.get(key)
     if cfg is None:
         raise RunFileInvalid(f"{run.run_file}: config.{key} is missing — run.json does not say "
@@ -183,11 +187,14 @@ def load_modelset(models: str, run_id: str, strategy: Union[str, Spec],
                            f"first (hierarchy train --run-id {run_id})")
     recorded = run.read()
     fingerprint = taxonomy.fingerprint
-    if recorded.taxonomy_fingerprint not in (None, fingerprint):
-        raise ScoringRefused(
-            f"run {run_id} was trained on taxonomy {recorded.taxonomy_fingerprint[:19]}, "
-            f"but the dataset has {fingerprint[:19]}: refusing to score with another category "
-            f"table")
+    decision = recorded.rule(spec.name)
+    if recorded.taxonomy_fingerprint not in (None, fingerprint) and decision is not None:
+        # each model is checked by the ids its outputs stand for (_ref); a rule certified
+        # on another version's val is not a promise about this one
+        log.warning("run %s was evaluated on taxonomy version %s, the dataset has %s: its "
+                    "decision rules are not applied; evaluate it on this dataset to fit them",
+                    run_id, recorded.taxonomy_fingerprint[:19], fingerprint[:19])
+        decision = None
     found = impl.models(_Models(run, recorded, fingerprint, taxonomy))
     return ModelSet(run_id=run_id, strategy=spec.name, base=spec.strategy, params=spec.params,
-                    decision=recorded.rule(spec.name), **found)
+                    decision=decision, **found)

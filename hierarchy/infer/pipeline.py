@@ -127,8 +127,11 @@ def fallback_rows(products, images, taxonomy: Taxonomy, prior: tuple,
         [(s,) for s in strategies], "strategy string")))
 
 
-def finish_rows(rows, run_id: str, split: str, strategy: Optional[str] = None):
-    """The table's columns; ``strategy`` None: the rows carry their own."""
+def finish_rows(rows, run_id: str, split: str, taxonomy: Taxonomy,
+                strategy: Optional[str] = None):
+    """The table's columns; ``strategy`` None: the rows carry their own. Every row names
+    ``taxonomy``'s version: a reused row is current only under the same table
+    (:mod:`hierarchy.infer.incremental`), so it is this one too."""
     from pyspark.sql import functions as F
 
     top5 = F.expr("transform(arrays_zip(top_category_id, top_probability), "
@@ -142,6 +145,7 @@ def finish_rows(rows, run_id: str, split: str, strategy: Optional[str] = None):
         if "scored_at" in rows.columns else F.current_timestamp()
     return (rows.withColumn("top5", top5)
                 .withColumn("scored_at", scored_at)
+                .withColumn("taxonomy_version", F.lit(taxonomy.fingerprint))
                 .withColumn("run_id", F.lit(run_id))
                 .withColumn("split", F.lit(split))
                 .withColumn("strategy", F.col("strategy") if strategy is None
@@ -303,7 +307,8 @@ def run_scoring(spark, cfg: Settings, data: str, models: str, run_id: str, split
                                              storage.join(scratch, "current"))
         rows = _split_rows(spark, cfg, data, split, plans, products, taxonomy, prior, grouped,
                            scored, kept)
-        final = finish_rows(incremental_.keyed(rows, digests, keys), run_id, split)
+        final = finish_rows(incremental_.keyed(rows, digests, keys), run_id, split,
+                            taxonomy)
         return _publish(spark, cfg, run_id, split, checked, output, final, products, plans,
                         kept, t0)
 

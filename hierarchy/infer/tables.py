@@ -186,7 +186,7 @@ def write_predictions(spark, df, catalog: Catalog,
 REVIEW_COLUMNS = ("run_id", "split", "strategy", "product_id", "decision_level",
                   "decision_id", "decision_name", "decision_probability", "category_id",
                   "category_level1", "category_level2", "category_level3", "top5",
-                  "image_count", "answered_by", "scored_at")
+                  "image_count", "answered_by", "taxonomy_version", "scored_at")
 
 
 def create_review_view(spark, catalog: Catalog) -> str:

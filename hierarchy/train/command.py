@@ -26,6 +26,11 @@ def _arguments(p) -> None:
     p.add_argument("--np", type=count(1), help="Horovod workers (default train.np); > 1 runs "
                                          "them as Spark tasks via horovod.spark.run")
     p.add_argument("--run-id", help="model run id (default: a timestamp)")
+    p.add_argument("--from-run", metavar="RUN_ID",
+                   help="refit and fusion: sit the head on this other run's frozen trunk "
+                        "(its flat model, or train.fusion_source) instead of this run's; the "
+                        "dataset may have another taxonomy version: the head's rows are "
+                        "carried by leaf id, new leaves start from their siblings'")
     dry_run(p)
     common(p)
 
@@ -49,7 +54,7 @@ def _dry_run(args, cfg: Settings, run_id, branches, manifest) -> dict:
     from hierarchy.train.launch import plan
 
     specs, skipped = plan(cfg, args.data, args.models, run_id, args.level, args.mode,
-                          branches, manifest)
+                          branches, manifest, args.from_run)
     keys = [s.key for s in specs]
     print(f"would train {len(keys)} model(s) of run {run_id} into {args.models}: "
           f"{', '.join(keys) or 'none'}" + (f" ({len(skipped)} branch(es) without a "
@@ -64,7 +69,7 @@ def run(args, cfg: Settings) -> dict:
     branches = _branches(args)
     run_id = args.run_id or time.strftime("%Y%m%d-%H%M%S")
     manifest = check_training(cfg, args.data, args.models, args.level, args.mode, branches,
-                              run_id)
+                              run_id, args.from_run)
     if args.dry_run:
         return _dry_run(args, cfg, run_id, branches, manifest)
     spark = {}
@@ -77,7 +82,7 @@ def run(args, cfg: Settings) -> dict:
 
     try:
         results = run_training(cfg, args.data, args.models, run_id, args.level, args.mode,
-                               branches, args.np, spark_factory, manifest)
+                               branches, args.np, spark_factory, manifest, args.from_run)
     finally:
         if "s" in spark:
             from hierarchy.spark import stop_spark

@@ -34,7 +34,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from hierarchy.contracts import modelstore, storage
+from hierarchy.contracts import modelstore, storage, versions
 from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.settings import Train, Tune
@@ -202,25 +202,31 @@ def _train_heads(root: str, heads_dir: str, kernel, bias, taxonomy, groups: str,
 
 
 def _fusion(spec: TrainSpec, source, taxonomy, root: str, kernel, bias, tcfg: Train,
-            tuning: Optional[dict]) -> dict:
+            tuning: Optional[dict], carried: Optional[int]) -> dict:
     """The fusion head trained over the cached features, assembled and tracked."""
     trained = train_fusion_head(root, kernel, bias, tcfg, tcfg.seed * 7919)
-    done = _assemble_fusion(spec, source, taxonomy, trained, tcfg, tuning)
+    done = _assemble_fusion(spec, source, taxonomy, trained, tcfg, tuning, carried)
     _track(spec, done["metrics"], tuning)
     return done
 
 
-def _source(path: str, groups: str):
-    """(the model the heads sit on, the rows of its leaf layer each head starts from)."""
+def _source(spec: TrainSpec, groups: str, taxonomy):
+    """(the model the heads sit on, the rows of its leaf layer each head starts from, leaves
+    whose rows were carried from another taxonomy version or None). Another run's trunk
+    (``--from-run``) was trained on that run's version: its rows are carried to this one's
+    leaves by id (:func:`hierarchy.contracts.versions.carry_rows`)."""
     import tensorflow as tf
 
     from hierarchy.contracts import model as cmodel
     from hierarchy.train import heads as theads
 
-    source = tf.keras.models.load_model(storage.copy_to_local(path),
+    source = tf.keras.models.load_model(storage.copy_to_local(spec.init_from),
                                         custom_objects=cmodel.custom_objects(), compile=False)
     kernel, bias = theads.expert_source_rows(source, groups)
-    return source, kernel, bias
+    if spec.from_run is None:
+        return source, kernel, bias, None
+    old = modelstore.ModelStore(spec.models).run(spec.from_run).taxonomy()
+    return (source, *versions.carry_rows(kernel, bias, old, taxonomy))
 
 
 def train_head(spec: TrainSpec) -> dict:
@@ -242,10 +248,9 @@ def train_head(spec: TrainSpec) -> dict:
     if run.has_model(spec.key) and storage.exists(run.metrics_file(spec.key)):
         return {"rank": rank, "status": "already trained", "checksum": None, "key": spec.key}
     dataset = Dataset(spec.data)
-    manifest = dataset.require_complete(["train"])
-    taxonomy = dataset.taxonomy()
+    manifest, taxonomy = dataset.require_complete(["train"]), dataset.taxonomy()
     groups = groups_of(spec.key)
-    source, kernel, bias = _source(spec.init_from, groups)
+    source, kernel, bias, carried = _source(spec, groups, taxonomy)
     trunk = source.get_layer("backbone")
     root = features_dir(spec)
 
@@ -269,7 +274,8 @@ def train_head(spec: TrainSpec) -> dict:
         result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
                   "images_extracted": extracted}
         if rank == 0:  # one small head: the other workers only shared the feature pass
-            result.update(_fusion(spec, source, taxonomy, root, kernel, bias, tcfg, tuning))
+            result.update(_fusion(spec, source, taxonomy, root, kernel, bias, tcfg, tuning,
+                                  carried))
         barrier("fusion")
         result["seconds"] = round(time.time() - t0, 2)
         return result
@@ -278,7 +284,8 @@ def train_head(spec: TrainSpec) -> dict:
     result = {"rank": rank, "size": size, "key": spec.key, "checksum": None,
               "images_extracted": extracted, "seconds": round(time.time() - t0, 2)}
     if rank == 0:
-        result.update(_assemble(spec, source, taxonomy, heads_dir, tcfg, tuning))
+        result.update(_assemble(spec, source, taxonomy, heads_dir, tcfg, (kernel, bias),
+                                tuning, carried))
         _track(spec, result["metrics"], tuning)
         result["seconds"] = round(time.time() - t0, 2)
     return result
@@ -342,27 +349,37 @@ def _publish(spec: TrainSpec, model, metrics: dict) -> dict:
     return {"metrics": metrics, "model": final, "checksum": tmodels.weights_checksum(model)}
 
 
+def _versions(spec: TrainSpec, taxonomy, carried: Optional[int]) -> dict:
+    """What a head's metrics.json says of its taxonomy version: the ids of its outputs, and
+    for a head over another run's trunk, that run and how many leaves kept their rows."""
+    got = {"taxonomy_fingerprint": taxonomy.fingerprint,
+           versions.OUTPUT_IDS: versions.output_ids(taxonomy, spec.key)}
+    if spec.from_run is not None:
+        got.update(from_run=spec.from_run, leaves_carried=carried)
+    return got
+
+
 def _assemble_fusion(spec: TrainSpec, source, taxonomy, trained: dict, tcfg: Train,
-                     tuning: Optional[dict]) -> dict:
+                     tuning: Optional[dict], carried: Optional[int]) -> dict:
     from hierarchy.train import heads as theads
 
     model = theads.build_fusion_model(source, trained.pop("head"))
     keys = ("fusion_epochs", "fusion_hidden", "fusion_score_hidden", "fusion_dropout",
             "fusion_learning_rate", "fusion_label_smoothing", "fusion_max_views")
     metrics = {**trained, "source": spec.init_from, **{k: getattr(tcfg, k) for k in keys},
-               "classes": taxonomy.n_l3, "taxonomy_fingerprint": taxonomy.fingerprint,
+               "classes": taxonomy.n_l3, **_versions(spec, taxonomy, carried),
                "label": spec.label, "branch": None, "tuning": tuning}
     return _publish(spec, model, metrics)
 
 
-def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: Train,
-              tuning: Optional[dict] = None) -> dict:
+def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: Train, rows,
+              tuning: Optional[dict] = None, carried: Optional[int] = None) -> dict:
     from hierarchy.contracts import model as cmodel
     from hierarchy.train import heads as theads
 
     groups = groups_of(spec.key)
     if spec.key == modelstore.REFIT:
-        model = theads.build_refit_model(source, tcfg.expert_hidden)
+        model = theads.build_refit_model(source, tcfg.expert_hidden, *rows)
     else:
         model = theads.build_experts_model(source, taxonomy, tcfg.expert_hidden,
                                             groups)
@@ -388,7 +405,7 @@ def _assemble(spec: TrainSpec, source, taxonomy, heads_dir: str, tcfg: Train,
         "val_conditional_accuracy_source": hits0 / seen if seen else None,
         "source": spec.init_from, "expert_epochs": tcfg.expert_epochs,
         "expert_groups": groups, "groups": per_branch, "classes": taxonomy.n_l3,
-        "taxonomy_fingerprint": taxonomy.fingerprint, "label": spec.label, "branch": None,
+        **_versions(spec, taxonomy, carried), "label": spec.label, "branch": None,
         **tcfg.model_dump(include={"expert_hidden", "expert_dropout", "expert_learning_rate"}),
         "tuning": tuning}
     return _publish(spec, model, metrics)

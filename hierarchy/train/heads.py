@@ -128,11 +128,15 @@ def build_experts_model(source: tf.keras.Model, taxonomy, hidden: int, groups: s
     return tf.keras.Model(inputs, [p3, p1, cond], name=name)
 
 
-def build_refit_model(source: tf.keras.Model, hidden: int, name: str = "refit") -> tf.keras.Model:
+def build_refit_model(source: tf.keras.Model, hidden: int, kernel=None, bias=None,
+                      name: str = "refit") -> tf.keras.Model:
     """The source's trunk with one :class:`BranchExperts` group over every leaf, from the
-    source's level-3 rows (the trained head is copied in by :func:`set_expert`):
-    ``--mode refit``'s model, whose only output, ``probs``, is read as a flat model's is."""
-    kernel, bias = expert_source_rows(source, "all")
+    leaf rows the head started from (the source's level 3 by default; carried to another
+    taxonomy version by ``--from-run``) — the trained head is copied in by
+    :func:`set_expert`: ``--mode refit``'s model, whose only output, ``probs``, is read as a
+    flat model's is."""
+    if kernel is None:
+        kernel, bias = expert_source_rows(source, "all")
     inputs = tf.keras.Input(source.input_shape[1:], dtype="float32", name="image")
     features = source.get_layer("backbone")(inputs)
     experts = BranchExperts([0] * bias.shape[0], 1, hidden, name=EXPERTS_LAYER)

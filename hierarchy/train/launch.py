@@ -18,6 +18,7 @@ from hierarchy.contracts.dataset import TRAIN, Dataset
 from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.modelstore import ModelStore
+from hierarchy.contracts.runrecord import FromRun
 from hierarchy.contracts.settings import Settings
 from hierarchy.train.spec import HEAD, TrainSpec
 
@@ -29,10 +30,11 @@ class TrainError(Refused, RuntimeError):
 
 
 def check_training(cfg: Settings, data: str, models: str, level: int, mode: Optional[str],
-                   branches: Optional[Sequence[int]], run_id: Optional[str] = None) -> Manifest:
+                   branches: Optional[Sequence[int]], run_id: Optional[str] = None,
+                   from_run: Optional[str] = None) -> Manifest:
     """What can be refused before Spark or Horovod start: the arguments, the folders, a
-    dataset that is not complete or has nothing to train on, a run of another taxonomy.
-    Returns the manifest."""
+    dataset that is not complete or has nothing to train on, a run of another taxonomy, a
+    ``from_run`` whose trunk cannot be reused. Returns the manifest."""
     if level == 3 and mode not in modelstore.MODES:
         raise UsageError(f"--level 3 needs --mode {' or '.join(modelstore.MODES)}")
     storage.require_dir(data, "--data")
@@ -47,15 +49,51 @@ def check_training(cfg: Settings, data: str, models: str, level: int, mode: Opti
     if not manifest.images(TRAIN):
         raise TrainError(f"{data}: the train split has no images to train on (see its "
                          f"manifest.json and quarantine/)")
+    if from_run is not None:
+        check_from_run(cfg, models, run_id, from_run, level, mode)
     if run_id is not None:
         ModelStore(models).run(run_id).check_taxonomy(manifest.fingerprint)
     if level == 3 and mode in modelstore.HEADS:
-        head_source(cfg, models, run_id, mode)
+        head_source(cfg, models, from_run or run_id, mode)
     elif cfg.train.weights and not os.path.isfile(cfg.train.weights):
         from hierarchy.train.models import check_weights  # TensorFlow: only to refuse
 
         check_weights(cfg.train.backbone, cfg.train.weights)
     return manifest
+
+
+FROM_RUN_MODES = (modelstore.REFIT, modelstore.FUSION)
+
+
+def check_from_run(cfg: Settings, models: str, run_id: Optional[str], from_run: str,
+                   level: int, mode: Optional[str]) -> None:
+    """``--from-run``: a head of this run over another run's frozen trunk (the taxonomy may
+    have changed in between: the head's rows are carried by leaf id). Refused before any work
+    when the mode trains no head, the run is this one or has no trunk of the mode's source, or
+    that trunk takes another input than ``train:`` sets."""
+    if level != 3 or mode not in FROM_RUN_MODES:
+        raise UsageError(f"--from-run trains a head over another run's trunk: it needs --level 3 "
+                         f"--mode {' or '.join(FROM_RUN_MODES)}")
+    modelstore.check_run_id(from_run)
+    if from_run == run_id:
+        raise UsageError(f"--from-run {from_run} is the run being trained: name a new --run-id")
+    old = ModelStore(models).run(from_run)
+    if not old.exists():
+        raise TrainError(f"--from-run {from_run}: {old.run_file} not found — no such run in "
+                         f"{models}")
+    key = next((k for k in source_keys(cfg, mode) if old.has_model(k)), None)
+    if key is None:
+        raise TrainError(f"--from-run {from_run}: run {from_run} has no "
+                         f"{' or '.join(source_keys(cfg, mode))} trunk to reuse ({old.path}); "
+                         f"train one there first or name another run")
+    got = old.read().config.get(key)
+    want = (cfg.train.backbone, cfg.train.image_size)
+    if got is None or (got.backbone, got.image_size) != want:
+        seen = "no recorded input" if got is None else f"{got.backbone} at {got.image_size} px"
+        raise UsageError(f"--from-run {from_run}: its {key} trunk takes {seen}, train: sets "
+                         f"{want[0]} at {want[1]} px; set train.backbone and "
+                         f"train.image_size to the trunk's")
+    old.taxonomy()  # the version its outputs are of: refused here when unreadable
 
 
 def source_keys(cfg: Settings, mode: str) -> Tuple[str, ...]:
@@ -86,8 +124,8 @@ def _under_horovodrun() -> bool:
 
 
 def plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: Optional[str],
-         branches: Optional[Sequence[int]], manifest: Manifest
-         ) -> Tuple[List[TrainSpec], Dict[int, dict]]:
+         branches: Optional[Sequence[int]], manifest: Manifest,
+         from_run: Optional[str] = None) -> Tuple[List[TrainSpec], Dict[int, dict]]:
     """(specs to train, branches recorded without a model)."""
     taxonomy = Dataset(data).taxonomy()
     tcfg = cfg.train
@@ -110,8 +148,8 @@ def plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: O
         if mode == modelstore.EXPERTS and cfg.tune.trials:
             log.warning("tune.trials applies to --mode refit and fusion: the experts train "
                         "with train.expert_* as configured")
-        return [spec(mode, HEAD, init_from=head_source(cfg, models, run_id, mode),
-                     tune=tune)], {}
+        return [spec(mode, HEAD, init_from=head_source(cfg, models, from_run or run_id, mode),
+                     tune=tune, from_run=from_run)], {}
     wanted = list(range(taxonomy.n_l1)) if not branches else list(branches)
     bad = [b for b in wanted if not 0 <= b < taxonomy.n_l1]
     if bad:
@@ -133,6 +171,17 @@ def plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: O
             specs.append(spec(modelstore.model_key(3, "branch", b), "branch", branch=b,
                               init_from=init_from))
     return specs, skipped
+
+
+def _lineage(models: str, from_run: Optional[str], specs: List[TrainSpec]
+             ) -> Optional[FromRun]:
+    if from_run is None:
+        return None
+    old = ModelStore(models).run(from_run)
+    key = next((k for k in modelstore.SINGLE if specs and specs[0].init_from ==
+                old.model_file(k)), None)
+    return FromRun(run_id=from_run, taxonomy_fingerprint=old.read().taxonomy_fingerprint,
+                   model=key)
 
 
 def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
@@ -159,12 +208,15 @@ def _run_one(spec: TrainSpec, np_: int, spark_factory) -> List[dict]:
 def run_training(cfg: Settings, data: str, models: str, run_id: str, level: int,
                  mode: Optional[str] = None, branches: Optional[Sequence[int]] = None,
                  np_: Optional[int] = None, spark_factory=None,
-                 manifest: Optional[Manifest] = None) -> dict:
+                 manifest: Optional[Manifest] = None, from_run: Optional[str] = None) -> dict:
     """Train every model of the call; returns {model key: rank-0 result}. ``manifest``:
-    what :func:`check_training` already returned for these arguments."""
-    manifest = manifest or check_training(cfg, data, models, level, mode, branches, run_id)
+    what :func:`check_training` already returned for these arguments; ``from_run``: the run
+    whose trunk a head sits on (:func:`check_from_run`)."""
+    manifest = manifest or check_training(cfg, data, models, level, mode, branches, run_id,
+                                          from_run)
     np_ = np_ or cfg.train.np
-    specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest)
+    specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest, from_run)
+    lineage = _lineage(models, from_run, specs)
     fingerprint = manifest.fingerprint
     run = ModelStore(models).run(run_id)
     if int(os.environ.get("HOROVOD_RANK", "0")) == 0:
@@ -184,7 +236,8 @@ def run_training(cfg: Settings, data: str, models: str, run_id: str, level: int,
         if lead["rank"] == 0:  # under horovodrun the other processes write nothing
             run.record(key=spec.key, config=spec.config(), fingerprint=fingerprint,
                        data=data, manifest=manifest,
-                       result={k: v for k, v in lead.items() if k != "ranks"})
+                       result={k: v for k, v in lead.items() if k != "ranks"},
+                       from_run=lineage)
     is_lead = int(os.environ.get("HOROVOD_RANK", "0")) == 0
     for b, info in skipped.items():
         key = modelstore.branch_key(b)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hierarchy.contracts import modelstore, storage
+from hierarchy.contracts import modelstore, storage, versions
 from hierarchy.contracts.dataset import VAL, Dataset
 from hierarchy.contracts.settings import Train
 from hierarchy.train.spec import HEAD, TrainSpec
@@ -274,6 +274,7 @@ def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker
     metrics.update({"best_epoch": best_epoch + 1, "epochs": len(history.get("loss", [])),
                     "classes": n_classes, "steps_per_epoch": steps,
                     "taxonomy_fingerprint": taxonomy.fingerprint,
+                    versions.OUTPUT_IDS: versions.output_ids(taxonomy, spec.key),
                     "label": spec.label, "branch": spec.branch,
                     "curation": curation,
                     modelstore.DIGEST: storage.file_digest(final)})

@@ -34,6 +34,8 @@ class TrainSpec:
     init_from: Optional[str] = None  # a model whose backbone starts this one (branch models),
                                      # or whose trunk a head sits on
     tune: Optional[Tune] = None    # refit and fusion heads: the search of their knobs
+    from_run: Optional[str] = None  # a head over another run's trunk (train --from-run):
+                                    # its rows are carried to this taxonomy by leaf id
 
     def __post_init__(self):
         if self.label not in LABELS:

@@ -1,0 +1,1 @@
+"""Taxonomy versions: how two versions of the category tree relate (``hierarchy taxonomy``)."""
