@@ -307,3 +307,21 @@ def test_evaluate_against_the_old_run_reports_the_gate(world, spark, cfg, tmp_pa
     assert {(r[0], r[1]) for r in rows} == {
         ("v1", Dataset(world["data1"]).taxonomy().fingerprint),
         ("v2", Dataset(world["data2"]).taxonomy().fingerprint)}
+
+
+@pytest.mark.parametrize("rows, reason", [
+    (["10,A,A1,a", "10,B,B1,a"], "leaf category_id 10 under two parents"),
+    (["10,A,A1,a", "10,A,A1,a"], "duplicate category_id 10"),
+    (["10,A,,a"], "empty category_level2 for category_id 10"),
+])
+def test_a_table_that_contradicts_itself_is_refused_by_diff_in_one_line(
+        tmp_path, capsys, rows, reason):
+    from hierarchy.cli import main
+
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    header = "category_id,category_level1,category_level2,category_level3"
+    good.write_text(f"{header}\n10,A,A1,a\n")
+    bad.write_text("\n".join([header, *rows]) + "\n")
+    assert main(["taxonomy", "diff", "--old", str(good), "--new", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and reason in err[0], err
