@@ -325,3 +325,12 @@ def test_a_table_that_contradicts_itself_is_refused_by_diff_in_one_line(
     assert main(["taxonomy", "diff", "--old", str(good), "--new", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and reason in err[0], err
+
+
+def test_evaluate_refuses_a_run_of_another_version_before_scoring(world, tmp_path):
+    from hierarchy.evaluate.pipeline import check_evaluate
+    from hierarchy.infer.modelset import ScoringRefused
+
+    # its rules would be certified on v2's val and applied by its predicts on v1
+    with pytest.raises(ScoringRefused, match="run v1 is of taxonomy version .*--from-run v1"):
+        check_evaluate(world["data2"], world["models"], "v1", str(tmp_path))

@@ -40,6 +40,7 @@ def check_evaluate(data: str, models: str, run_id: str, output: str,
     storage.require_dir(data, "--data")
     storage.require_dir(models, "--models")
     storage.require_writable_dir(output, "--output")
+    _same_version(data, models, run_id)
     available = available_strategies(models, run_id)
     if not available:
         raise ScoringRefused(f"run {run_id} in {models}: no flat model and no level-1 + branch "
@@ -49,6 +50,20 @@ def check_evaluate(data: str, models: str, run_id: str, output: str,
         if spec.strategy in available]
     return {spec.name: check_predict(data, models, run_id, VAL, spec, output)
             for spec in specs}
+
+
+def _same_version(data: str, models: str, run_id: str) -> None:
+    """Evaluate fits the run's decision rules and records them in its run.json: only on a
+    dataset of the run's own taxonomy version, or the rules a run's predict applies would have
+    been certified on another tree."""
+    run = ModelStore(models).run(run_id)
+    version = run.read().taxonomy_fingerprint if run.exists() else None
+    have = Dataset(data).taxonomy().fingerprint
+    if version not in (None, have):
+        raise ScoringRefused(
+            f"run {run_id} is of taxonomy version {version[:19]}, {data} of {have[:19]}: "
+            f"evaluate a run on a dataset of its own version; for this one, make a run of it "
+            f"with `hierarchy train --level 3 --mode refit --from-run {run_id} --run-id NEW`")
 
 
 def _corrected(checked: dict) -> Optional[str]:
