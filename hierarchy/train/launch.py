@@ -116,7 +116,8 @@ def head_source(cfg: Settings, models: str, run_id: Optional[str], mode: str) ->
             return run.verified_model_file(key)  # a damaged source is refused before work
     raise TrainError(f"--mode {mode} trains a head over a trained model's trunk, and run "
                      f"{run_id} has no {' or '.join(keys)} model: train `--level 3 --mode "
-                     f"{keys[0]}` with --run-id {run_id} first")
+                     f"{keys[0]}` with --run-id {run_id} first, or sit the head on another "
+                     f"run's trunk with --from-run")
 
 
 def _under_horovodrun() -> bool:
