@@ -16,7 +16,7 @@ export PYSPARK_PYTHON := $(abspath $(PY))
 export PYSPARK_DRIVER_PYTHON := $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test lint audit bench bench-quality clean help dist metastore metastore-stop os-packages \
+.PHONY: setup demo test lint audit bench bench-quality bench-taxonomy clean help dist metastore metastore-stop os-packages \
 	setup-gpu check-gpu-deps
 
 # Horovod is built once into a wheel (with Gloo, against the pinned TensorFlow): `make setup`
@@ -33,6 +33,7 @@ help:
 	@echo "make test   - set up and run the test suite"
 	@echo "make bench  - ingest, input-pipeline, training and scoring throughput against baselines"
 	@echo "make bench-quality - every strategy at equal image-epochs on the hard preset, 3 training seeds (~30 min)"
+	@echo "make bench-taxonomy - a taxonomy change: refit --from-run against a full retrain, 3 training seeds (~15 min)"
 	@echo "make lint   - ruff, lint-imports (the layers), and make audit: the installed stack against the local advisories"
 	@echo "make setup  - only create $(VENV)/ with the pinned stack and horovod (idempotent)"
 	@echo "make setup-gpu - on a GPU node instead of setup: CUDA TensorFlow, horovod with NCCL (README: GPU cluster)"
@@ -256,6 +257,9 @@ bench: setup
 # every strategy trained at the same image-epochs on the hard preset, scored on its test dump
 bench-quality: setup
 	$(PY) bench/quality.py
+
+bench-taxonomy: setup
+	$(PY) bench/taxonomy_versions.py
 
 clean:
 	rm -rf data/demo .pytest_cache bench/results dist $(DIST_ENV)

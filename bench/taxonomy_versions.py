@@ -117,37 +117,62 @@ def one_seed(args, work: Path, conf: list, seed: int) -> dict:
              "full": predict(work, conf, "v2", full)}
     say(f"[seed {seed}] update {sum(took['update'].values()):.0f} s, full retrain "
         f"{sum(took['full'].values()):.0f} s")
-    return {"seconds": took, "predictions": {k: {str(p): c for p, c in v.items()}
-                                             for k, v in preds.items()}}
+    return {"seconds": took, "predictions": preds}
 
 
-def figures(work: Path, changes: dict, run: dict) -> dict:
+def submissions(work: Path, seed: str) -> dict:
+    """The three test submissions of a training seed, as predict left them."""
+    return {k: read_csv(work / "output" / f"{k}-{seed}" / "submission.csv")
+            for k in ("v1", "update", "full")}
+
+
+def figures(work: Path, changes: dict, run: dict, hits: dict) -> dict:
     """Per side: level-3 accuracy on v2 test, on the changed leaves' products, negative flip
-    rate against v1 (percent)."""
+    rate against v1 (percent); each product's hits are added to ``hits`` (for the bootstrap
+    over products)."""
     truth = {v: read_csv(work / "versions" / v / "test_solution.csv") for v in ("v1", "v2")}
     changed = {int(c) for ids in changes["split"].values() for c in ids}
     changed |= {int(m) for m in changes["merged"]} | set(changes["added_under_new_node"])
     ids = np.array(sorted(truth["v2"]))
     t2 = np.array([truth["v2"][p] for p in ids])
     t1 = np.array([truth["v1"].get(p, -1) for p in ids])
-    pred = {k: np.array([int(run["predictions"][k].get(str(p), -1)) for p in ids])
+    pred = {k: np.array([run["predictions"][k].get(p, -1) for p in ids])
             for k in ("update", "full")}
-    p1 = np.array([int(run["predictions"]["v1"].get(str(p), -2)) for p in ids])
+    p1 = np.array([run["predictions"]["v1"].get(p, -2) for p in ids])
     same = t1 == t2
     old_right = same & (p1 == t1)
     on_changed = np.isin(t2, sorted(changed))
+    kinds = {"split": [int(c) for ids in changes["split"].values() for c in ids],
+             "merged": [int(m) for m in changes["merged"]],
+             "added": list(changes["added_under_new_node"])}
     out = {}
     for k, p in pred.items():
         out[k] = {"accuracy": 100 * (p == t2).mean(),
                   "changed_accuracy": 100 * (p[on_changed] == t2[on_changed]).mean(),
+                  **{f"{kind}_accuracy": 100 * (p[np.isin(t2, c)] == t2[np.isin(t2, c)]).mean()
+                     for kind, c in kinds.items()},
                   "negative_flip_rate": 100 * (old_right & (p != t2)).sum() / same.sum(),
                   "seconds": sum(run["seconds"][k].values())}
+        hits.setdefault(k, []).append(p == t2)
+    hits["changed"] = on_changed
     out["products"] = {"test": int(len(ids)), "changed": int(on_changed.sum()),
-                       "same_label": int(same.sum())}
+                       "same_label": int(same.sum()),
+                       **{kind: int(np.isin(t2, c).sum()) for kind, c in kinds.items()}}
     return out
 
 
-def report(args, prepared: dict, per_seed: dict) -> dict:
+def by_products(hits: dict, draws: int) -> dict:
+    """update - full in points, each product's hits averaged over the seeds, with a paired
+    bootstrap 95% interval over products: overall and on the changed leaves."""
+    from quality import paired_bootstrap
+
+    upd, full = (np.mean(hits[k], axis=0) for k in ("update", "full"))
+    on = hits["changed"]
+    return {"accuracy": [100 * x for x in paired_bootstrap(upd, full, draws)],
+            "changed_accuracy": [100 * x for x in paired_bootstrap(upd[on], full[on], draws)]}
+
+
+def report(args, prepared: dict, per_seed: dict, hits: dict) -> dict:
     seeds = sorted(per_seed)
     rows = {k: {m: [per_seed[s][k][m] for s in seeds] for m in
                 ("accuracy", "changed_accuracy", "negative_flip_rate", "seconds")}
@@ -172,8 +197,17 @@ def report(args, prepared: dict, per_seed: dict) -> dict:
         f"leaves {interval(diff['changed_accuracy'])}, negative flips "
         f"{interval(diff['negative_flip_rate'])}")
     say(f"update / full training wall time: {interval([100 * r for r in ratio])} %")
+    for kind in ("split", "merged", "added"):
+        say(f"  {kind} leaves ({n[kind]} test products): update "
+            f"{interval([per_seed[s]['update'][f'{kind}_accuracy'] for s in seeds])}, full "
+            f"{interval([per_seed[s]['full'][f'{kind}_accuracy'] for s in seeds])}")
+    b = by_products(hits, args.bootstrap)
+    say("update - full, points, products resampled (each product's hits averaged over the "
+        "seeds): " + ", ".join(f"{name} {d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]" for name, d in
+                              (("L3", b["accuracy"]), ("changed leaves",
+                                                       b["changed_accuracy"]))))
     return {"rows": rows, "difference": diff, "wall_ratio": ratio, "image_epochs": epochs,
-            "products": n}
+            "products": n, "bootstrap": b}
 
 
 def main() -> None:
@@ -188,19 +222,30 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=2)
     ap.add_argument("--merges", type=int, default=1)
     ap.add_argument("--new-products", type=int, default=8)
+    ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "results" / "taxonomy_versions"))
+    ap.add_argument("--score-only", action="store_true",
+                    help="score DIR's runs again from their submissions (no training)")
     ap.add_argument("overrides", nargs="*", help="section.key=value for every command")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     conf = [f"paths.root={work}", "ingest.progress=false", "predict.progress=false",
             *args.overrides]
-    prepared = prepare(args, work, conf)
-    per_seed = {}
-    for seed in args.train_seeds:
-        run = one_seed(args, work, conf, seed)
-        per_seed[str(seed)] = figures(work, prepared["changes"], run)
-    summary = report(args, prepared, per_seed)
+    per_seed, hits = {}, {}
+    if args.score_only:
+        saved = json.loads((work / "taxonomy_versions.json").read_text())
+        prepared = {k: saved[k] for k in ("changes", "images")}
+        for seed, got in saved["per_seed"].items():
+            run = {"seconds": {k: {"all": got[k]["seconds"]} for k in ("update", "full")},
+                   "predictions": submissions(work, seed)}
+            per_seed[seed] = figures(work, prepared["changes"], run, hits)
+    else:
+        prepared = prepare(args, work, conf)
+        for seed in args.train_seeds:
+            run = one_seed(args, work, conf, seed)
+            per_seed[str(seed)] = figures(work, prepared["changes"], run, hits)
+    summary = report(args, prepared, per_seed, hits)
     (work / "taxonomy_versions.json").write_text(json.dumps(
         {"args": vars(args), **prepared, "per_seed": per_seed, "summary": summary}, indent=1))
 
