@@ -186,7 +186,7 @@ def test_from_run_that_cannot_be_used_is_refused_in_one_line_before_any_work(
                                           "--from-run", "empty")
     assert "takes small_cnn at 32 px, train: sets small_cnn at 48 px" in refused(
         2, "--mode", "refit", "--run-id", "n", "--from-run", "v1", sets=["train.image_size=48"])
-    assert "needs --level 3 --mode refit or fusion" in refused(
+    assert "needs --level 1, or --level 3 --mode refit, fusion, branch" in refused(
         2, "--mode", "flat", "--run-id", "n", "--from-run", "v1")
     assert "is the run being trained" in refused(2, "--mode", "refit", "--run-id", "v1",
                                                  "--from-run", "v1")
@@ -334,3 +334,47 @@ def test_evaluate_refuses_a_run_of_another_version_before_scoring(world, tmp_pat
     # its rules would be certified on v2's val and applied by its predicts on v1
     with pytest.raises(ScoringRefused, match="run v1 is of taxonomy version .*--from-run v1"):
         check_evaluate(world["data2"], world["models"], "v1", str(tmp_path))
+
+
+def test_a_two_stage_run_takes_over_the_models_the_change_left_alone(world, spark, tmp_path):
+    from hierarchy.contracts import storage
+    from hierarchy.contracts.config import load_config
+    from hierarchy.contracts.dataset import Dataset
+    from hierarchy.contracts.modelstore import ModelStore
+    from hierarchy.infer.modelset import load_modelset
+    from hierarchy.ingest.pipeline import run_ingest
+    from hierarchy.train.launch import TrainError, check_training, run_training
+
+    cfg, models = load_config(overrides=TRAIN), world["models"]
+    run_training(cfg, world["data1"], models, "two1", level=1)
+    run_training(cfg, world["data1"], models, "two1", level=3, mode="branch")
+    new = Dataset(world["data2"]).taxonomy()
+    changed = int(new.l1_of_l3[new.l3_of_category(world["middle"])])
+    got = run_training(cfg, world["data2"], models, "two2", level=1, from_run="two1")
+    assert got["level1"]["reused_from"] == {"run_id": "two1", "model": "level1"}
+    got = run_training(cfg, world["data2"], models, "two2", level=3, mode="branch",
+                       from_run="two1")
+    store = ModelStore(models)
+    old, run = store.run("two1"), store.run("two2")
+    for b in range(new.n_l1):
+        key = f"branch/{b}"
+        if len(new.branch(b)) < 2:
+            continue
+        same = storage.file_digest(old.model_file(key)) == storage.file_digest(
+            run.model_file(key))
+        # only the branch that gained a leaf trained; the others are the old files
+        assert same == (b != changed), (key, got[key])
+        assert ("reused_from" in got[key]) == (b != changed)
+    assert run.metrics(f"branch/{changed}")["output_ids"] == [
+        int(new.category_ids[i]) for i in new.branch(changed)]
+    refs = load_modelset(models, "two2", "two-stage", new)  # every model checked by its ids
+    assert refs.level1 is not None and len(refs.branches) >= 2
+    # a new level-1 node: the old level-1 model has no output for it
+    lines = world["table"].read_text().splitlines()
+    table = tmp_path / "v3.csv"
+    table.write_text("\n".join(lines + ["99999999,A NEW FAMILY,A NEW FAMILY / X,leaf"]) + "\n")
+    run_ingest(spark, load_config(overrides=["spark.master=local[2]", "ingest.progress=false"]),
+               [str(world["root"] / "synth" / "train.bson")], str(table), str(tmp_path / "d3"),
+               "train")
+    with pytest.raises(TrainError, match="model level1 .*no output for \\(A NEW FAMILY\\)"):
+        check_training(cfg, str(tmp_path / "d3"), models, 1, None, None, "two3", "two1")

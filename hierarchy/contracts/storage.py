@@ -287,6 +287,19 @@ def copy_to_local(url: str) -> str:
     return target
 
 
+def copy_file(src: str, dst: str, chunk: int = 1 << 22) -> None:
+    """``src``'s bytes at ``dst`` (any filesystems), streamed in chunks and published whole
+    or not at all (:class:`AtomicOutput`)."""
+    sfs, spath = resolve(src)
+    with atomic_output(dst) as (fs, tmp), sfs.open_input_stream(spath) as inp, \
+            fs.open_output_stream(tmp) as out:
+        while True:
+            block = inp.read(chunk)
+            if not block:
+                break
+            out.write(block)
+
+
 # ------------------------------------------------------------------ atomic writing
 def _temp_beside(path: str) -> str:
     head, name = path.rsplit("/", 1) if "/" in path else ("", path)

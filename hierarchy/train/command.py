@@ -27,10 +27,12 @@ def _arguments(p) -> None:
                                          "them as Spark tasks via horovod.spark.run")
     p.add_argument("--run-id", help="model run id (default: a timestamp)")
     p.add_argument("--from-run", metavar="RUN_ID",
-                   help="refit and fusion: sit the head on this other run's frozen trunk "
-                        "(its flat model, or train.fusion_source) instead of this run's; the "
-                        "dataset may have another taxonomy version: the head's rows are "
-                        "carried by leaf id, new leaves start from their siblings'")
+                   help="make this run from another one, whose dataset may have another "
+                        "taxonomy version: refit and fusion sit the head on its frozen trunk "
+                        "(its flat model, or train.fusion_source; the head's rows carried by "
+                        "leaf id, new leaves start from their siblings'); level 1 and branch "
+                        "take over its models whose outputs the change left alone and train "
+                        "only the branches it touched")
     dry_run(p)
     common(p)
 
@@ -53,13 +55,15 @@ def _branches(args):
 def _dry_run(args, cfg: Settings, run_id, branches, manifest) -> dict:
     from hierarchy.train.launch import plan
 
-    specs, skipped = plan(cfg, args.data, args.models, run_id, args.level, args.mode,
-                          branches, manifest, args.from_run)
+    specs, skipped, reused = plan(cfg, args.data, args.models, run_id, args.level, args.mode,
+                                  branches, manifest, args.from_run)
     keys = [s.key for s in specs]
     print(f"would train {len(keys)} model(s) of run {run_id} into {args.models}: "
           f"{', '.join(keys) or 'none'}" + (f" ({len(skipped)} branch(es) without a "
-                                          f"model)" if skipped else ""))
-    return {"run_id": run_id, "models": keys}
+                                          f"model)" if skipped else "") +
+          (f"; would reuse {len(reused)} of run {args.from_run}: {', '.join(reused)}"
+           if reused else ""))
+    return {"run_id": run_id, "models": keys, "reused": list(reused)}
 
 
 def run(args, cfg: Settings) -> dict:
@@ -92,8 +96,10 @@ def run(args, cfg: Settings) -> dict:
         print(f"run {run_id} -> {args.models}/{run_id}")
         for key, result in results.items():
             print("  " + summary_line(key, result))
-    return {"run_id": run_id, "models": {k: r.get("status", "trained")
-                                         for k, r in results.items()}}
+    def status(r: dict) -> str:
+        return r.get("status") or ("reused" if r.get("reused_from") else "trained")
+
+    return {"run_id": run_id, "models": {k: status(r) for k, r in results.items()}}
 
 
 COMMANDS = (Command(

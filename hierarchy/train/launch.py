@@ -13,13 +13,14 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from hierarchy.contracts import modelstore, storage
+from hierarchy.contracts import modelstore, storage, versions
 from hierarchy.contracts.dataset import TRAIN, Dataset
 from hierarchy.contracts.errors import Refused, UsageError
 from hierarchy.contracts.manifest import Manifest
 from hierarchy.contracts.modelstore import ModelStore
 from hierarchy.contracts.runrecord import FromRun
 from hierarchy.contracts.settings import Settings
+from hierarchy.train import reuse
 from hierarchy.train.spec import HEAD, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def check_training(cfg: Settings, data: str, models: str, level: int, mode: Opti
         raise TrainError(f"{data}: the train split has no images to train on (see its "
                          f"manifest.json and quarantine/)")
     if from_run is not None:
-        check_from_run(cfg, models, run_id, from_run, level, mode)
+        check_from_run(cfg, data, models, run_id, from_run, level, mode)
     if run_id is not None:
         ModelStore(models).run(run_id).check_taxonomy(manifest.fingerprint)
     if level == 3 and mode in modelstore.HEADS:
@@ -62,18 +63,20 @@ def check_training(cfg: Settings, data: str, models: str, level: int, mode: Opti
     return manifest
 
 
-FROM_RUN_MODES = (modelstore.REFIT, modelstore.FUSION)
+FROM_RUN_MODES = (modelstore.REFIT, modelstore.FUSION, modelstore.BRANCH)
 
 
-def check_from_run(cfg: Settings, models: str, run_id: Optional[str], from_run: str,
-                   level: int, mode: Optional[str]) -> None:
-    """``--from-run``: a head of this run over another run's frozen trunk (the taxonomy may
-    have changed in between: the head's rows are carried by leaf id). Refused before any work
-    when the mode trains no head, the run is this one or has no trunk of the mode's source, or
-    that trunk takes another input than ``train:`` sets."""
-    if level != 3 or mode not in FROM_RUN_MODES:
-        raise UsageError(f"--from-run trains a head over another run's trunk: it needs --level 3 "
-                         f"--mode {' or '.join(FROM_RUN_MODES)}")
+def check_from_run(cfg: Settings, data: str, models: str, run_id: Optional[str],
+                   from_run: str, level: int, mode: Optional[str]) -> None:
+    """``--from-run``: a run of this dataset's taxonomy version made from another run: a head
+    over its frozen trunk (the head's rows carried by leaf id), or its level-1 and branch
+    models taken over where the change left their outputs alone. Refused before any work when
+    the mode is neither, the run is this one or does not exist, its level-1 model does not
+    answer for this version's level-1 nodes, or it has no trunk of the head's source or that
+    trunk takes another input than ``train:`` sets."""
+    if level != 1 and mode not in FROM_RUN_MODES:
+        raise UsageError(f"--from-run makes a run from another run: it needs --level 1, or "
+                         f"--level 3 --mode {', '.join(FROM_RUN_MODES)}")
     modelstore.check_run_id(from_run)
     if from_run == run_id:
         raise UsageError(f"--from-run {from_run} is the run being trained: name a new --run-id")
@@ -81,6 +84,21 @@ def check_from_run(cfg: Settings, models: str, run_id: Optional[str], from_run: 
     if not old.exists():
         raise TrainError(f"--from-run {from_run}: {old.run_file} not found — no such run in "
                          f"{models}")
+    if level == 1:
+        why = ("it has no level-1 model" if not old.has_model(modelstore.LEVEL1) else
+               versions.unusable(Dataset(data).taxonomy(), modelstore.LEVEL1,
+                                 old.metrics(modelstore.LEVEL1) or {}))
+        if why:
+            raise TrainError(f"--from-run {from_run}: {why}; train --level 1 on this dataset "
+                             f"without --from-run")
+    elif mode != modelstore.BRANCH:  # a branch the change touched trains as any other
+        _check_trunk(cfg, old, mode)
+    old.taxonomy()  # the version its outputs are of: refused here when unreadable
+
+
+def _check_trunk(cfg: Settings, old: modelstore.Run, mode: str) -> None:
+    """The run a head comes from has the head's source, taking the input ``train:`` sets."""
+    from_run = old.run_id
     key = next((k for k in source_keys(cfg, mode) if old.has_model(k)), None)
     if key is None:
         raise TrainError(f"--from-run {from_run}: run {from_run} has no "
@@ -93,7 +111,6 @@ def check_from_run(cfg: Settings, models: str, run_id: Optional[str], from_run: 
         raise UsageError(f"--from-run {from_run}: its {key} trunk takes {seen}, train: sets "
                          f"{want[0]} at {want[1]} px; set train.backbone and "
                          f"train.image_size to the trunk's")
-    old.taxonomy()  # the version its outputs are of: refused here when unreadable
 
 
 def source_keys(cfg: Settings, mode: str) -> Tuple[str, ...]:
@@ -125,9 +142,22 @@ def _under_horovodrun() -> bool:
 
 
 def plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: Optional[str],
-         branches: Optional[Sequence[int]], manifest: Manifest,
-         from_run: Optional[str] = None) -> Tuple[List[TrainSpec], Dict[int, dict]]:
-    """(specs to train, branches recorded without a model)."""
+         branches: Optional[Sequence[int]], manifest: Manifest, from_run: Optional[str] = None
+         ) -> Tuple[List[TrainSpec], Dict[int, dict], Dict[str, str]]:
+    """(specs to train, branches recorded without a model, {key: the ``from_run`` model it
+    is copied from}): with ``from_run``, a level-1 or branch model whose outputs the new
+    taxonomy version left alone is reused, not trained (:mod:`hierarchy.train.reuse`)."""
+    specs, skipped = _plan(cfg, data, models, run_id, level, mode, branches, manifest,
+                           from_run)
+    reused = reuse.reuse_plan(models, from_run, [s.key for s in specs
+                                                 if s.label in ("l1", "branch")],
+                              Dataset(data).taxonomy())
+    return [s for s in specs if s.key not in reused], skipped, reused
+
+
+def _plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: Optional[str],
+          branches: Optional[Sequence[int]], manifest: Manifest,
+          from_run: Optional[str]) -> Tuple[List[TrainSpec], Dict[int, dict]]:
     taxonomy = Dataset(data).taxonomy()
     tcfg = cfg.train
     store = ModelStore(models)
@@ -216,13 +246,18 @@ def run_training(cfg: Settings, data: str, models: str, run_id: str, level: int,
     manifest = manifest or check_training(cfg, data, models, level, mode, branches, run_id,
                                           from_run)
     np_ = np_ or cfg.train.np
-    specs, skipped = plan(cfg, data, models, run_id, level, mode, branches, manifest, from_run)
+    specs, skipped, reused = plan(cfg, data, models, run_id, level, mode, branches, manifest,
+                                  from_run)
     lineage = _lineage(models, from_run, specs)
     fingerprint = manifest.fingerprint
     run = ModelStore(models).run(run_id)
+    results = {}
     if int(os.environ.get("HOROVOD_RANK", "0")) == 0:
         run.save_taxonomy(Dataset(data).taxonomy())
-    results = {}
+        for key, old_key in reused.items():  # copied before the branches train on level 1
+            results[key], config = reuse.reuse(models, from_run, old_key, run_id, key)
+            run.record(key=key, config=config, fingerprint=fingerprint, data=data,
+                       manifest=manifest, result=results[key], from_run=lineage)
     for spec in specs:
         log.info("training %s (%d worker%s, %s)", spec.key, np_, "s" if np_ > 1 else "",
                  spec.train.backbone)

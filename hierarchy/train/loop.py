@@ -299,6 +299,9 @@ def summary_line(key: str, result: dict) -> str:
                     ("" if acc is None else f" ({what.format(acc, m.get(before))})") +
                     ("" if result.get("status") else
                      f", {result.get('seconds', 0):.0f} s -> {result.get('model')}"))
+    if result.get("reused_from"):  # train --from-run: taken over, not trained
+        src = result["reused_from"]
+        return f"{key}: reused from run {src['run_id']} ({src['model']}), not trained"
     if result.get("status"):
         acc = m.get("val_accuracy")
         return f"{key}: {result['status']}" + ("" if acc is None else
