@@ -182,6 +182,8 @@ def test_from_run_that_cannot_be_used_is_refused_in_one_line_before_any_work(
         return err[0]
 
     assert "no such run" in refused(3, "--mode", "refit", "--run-id", "n", "--from-run", "nope")
+    assert "--from-run '../v1': use letters" in refused(2, "--mode", "refit", "--run-id", "n",
+                                                        "--from-run", "../v1")
     assert "has no flat trunk" in refused(3, "--mode", "refit", "--run-id", "n",
                                           "--from-run", "empty")
     assert "takes small_cnn at 32 px, train: sets small_cnn at 48 px" in refused(
@@ -230,10 +232,13 @@ def test_taxonomy_diff_names_split_merged_and_added_leaves_of_an_evolved_catalog
         str(tmp_path / "ds-v2" / "taxonomy.json"), "--new"), spark, *data, min_share=0.05)
     assert got["split"] == {a: split_into} and got["merged"] == {m: merged_from}
     assert got["added"] == added and got["products_compared"] > 0
-    assert main(["taxonomy", "diff", "--old", tables[0], "--new", tables[1],
-                 "--old-data", data[0]]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--old-data and --new-data go together" in err[0]
+    for argv, reason in ((["--old-data", data[0]], "--old-data and --new-data go together"),
+                         (["--old-data", data[1], "--new-data", data[0]],
+                          f"--old-data {data[1]}: ingested under taxonomy version")):
+        # refused before Spark starts (the test session's own would be stopped by it)
+        assert main(["taxonomy", "diff", "--old", tables[0], "--new", tables[1], *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0], err
 
 
 def test_negative_flip_rate_counts_a_planted_regression_exactly(spark):

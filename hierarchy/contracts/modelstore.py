@@ -161,10 +161,10 @@ def train_command(key: str) -> str:
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def check_run_id(run_id: str) -> str:
+def check_run_id(run_id: str, flag: str = "--run-id") -> str:
     """A run id names a folder and a table partition: letters, digits, '.', '_', '-'."""
     if not RUN_ID.fullmatch(run_id or ""):
-        raise UsageError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (at "
+        raise UsageError(f"{flag} {run_id!r}: use letters, digits, '.', '_' and '-' (at "
                          f"most 128, starting with a letter or digit)")
     return run_id
 

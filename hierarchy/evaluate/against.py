@@ -20,13 +20,14 @@ from typing import List, Optional
 
 from hierarchy.contracts import versions
 from hierarchy.contracts.dataset import VAL
-from hierarchy.contracts.modelstore import ModelStore
+from hierarchy.contracts.modelstore import ModelStore, check_run_id
 from hierarchy.contracts.taxonomy import Taxonomy
 from hierarchy.infer.modelset import ScoringRefused
 
 
 def old_strategy(models: str, old_run: str) -> str:
     """The strategy OLD ships (its recommendation); refused when OLD was never evaluated."""
+    check_run_id(old_run, "--against")
     run = ModelStore(models).run(old_run)
     if not run.exists():
         raise ScoringRefused(f"--against {old_run}: {run.run_file} not found — no such run "

@@ -23,7 +23,7 @@ def _arguments(p) -> None:
 
 
 def run(args, cfg: Settings) -> dict:
-    from hierarchy.taxonomy.diff import diff, read_version
+    from hierarchy.taxonomy.diff import check_data, diff, read_version
 
     if (args.old_data is None) != (args.new_data is None):
         raise UsageError("--old-data and --new-data go together: split and merged leaves are "
@@ -32,6 +32,8 @@ def run(args, cfg: Settings) -> dict:
     if args.old_data is None:
         got = diff(old, new)
     else:
+        check_data(args.old_data, "--old-data", old, "--old")
+        check_data(args.new_data, "--new-data", new, "--new")
         got = with_spark(cfg, "taxonomy", lambda spark: diff(
             old, new, spark, args.old_data, args.new_data, cfg.taxonomy.min_share))
     # the job's summary line, stdout's one JSON object, is the diff itself

@@ -31,11 +31,19 @@ def read_version(path: str, flag: str) -> Taxonomy:
     return Taxonomy.from_csv(path)
 
 
-def _labelled(spark, data: str, flag: str, column: str):
+def check_data(data: str, flag: str, version: Taxonomy, table_flag: str) -> None:
+    """Before Spark starts: a complete dataset, ingested under the version it stands for."""
+    storage.require_dir(data, flag)
+    have = Dataset(data).require_complete([TRAIN]).fingerprint
+    if have != version.fingerprint:
+        raise UsageError(f"{flag} {data}: ingested under taxonomy version {have[:19]}, but "
+                         f"{table_flag} is {version.fingerprint[:19]}: name the dataset of "
+                         f"that version")
+
+
+def _labelled(spark, data: str, column: str):
     from pyspark.sql import functions as F
 
-    storage.require_dir(data, flag)
-    Dataset(data).require_complete([TRAIN])
     return (spark.read.parquet(Dataset(data).url("products"))
                  .where((F.col("kind") == TRAIN) & F.col("category_id").isNotNull())
                  .select("product_id", F.col("category_id").alias(column)))
@@ -49,8 +57,8 @@ def product_moves(spark, old_data: str, new_data: str, min_share: float
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    both = _labelled(spark, old_data, "--old-data", "old").join(
-        _labelled(spark, new_data, "--new-data", "new"), "product_id")
+    both = _labelled(spark, old_data, "old").join(_labelled(spark, new_data, "new"),
+                                                   "product_id")
     pairs = both.groupBy("old", "new").count().persist()
     try:
         totals = [{int(r[0]): int(r[1]) for r in pairs.groupBy(side).agg(F.sum("count"))

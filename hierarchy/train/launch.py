@@ -77,7 +77,7 @@ def check_from_run(cfg: Settings, data: str, models: str, run_id: Optional[str],
     if level != 1 and mode not in FROM_RUN_MODES:
         raise UsageError(f"--from-run makes a run from another run: it needs --level 1, or "
                          f"--level 3 --mode {', '.join(FROM_RUN_MODES)}")
-    modelstore.check_run_id(from_run)
+    modelstore.check_run_id(from_run, "--from-run")
     if from_run == run_id:
         raise UsageError(f"--from-run {from_run} is the run being trained: name a new --run-id")
     old = ModelStore(models).run(from_run)
