@@ -48,6 +48,13 @@ def output_ids(taxonomy: Taxonomy, key: str) -> Optional[list]:
     return None
 
 
+def recorded(taxonomy: Taxonomy, key: str) -> dict:
+    """What a model's metrics.json says of its taxonomy version: the table's fingerprint and
+    the ids of its outputs (what :func:`unusable` reads back)."""
+    return {"taxonomy_fingerprint": taxonomy.fingerprint,
+            OUTPUT_IDS: output_ids(taxonomy, key)}
+
+
 def _sample(ids: Sequence, n: int = 5) -> str:
     shown = ", ".join(str(i) for i in list(ids)[:n])
     return shown + (f" and {len(ids) - n} more" if len(ids) > n else "")

@@ -110,9 +110,8 @@ def resolve_strategy(models: str, run_id: str, strategy: str,
 class _Models:
     """:class:`hierarchy.infer.strategies.base.Models` over one run's store."""
 
-    def __init__(self, run: Run, recorded: RunRecord, fingerprint: str, taxonomy: Taxonomy):
-        self.run, self.recorded, self.fingerprint = run, recorded, fingerprint
-        self.taxonomy = taxonomy
+    def __init__(self, run: Run, recorded: RunRecord, taxonomy: Taxonomy):
+        self.run, self.recorded, self.taxonomy = run, recorded, taxonomy
 
     def ref(self, key: str) -> ModelRef:
         return _ref(self.run, self.recorded, key, self.taxonomy)
@@ -195,6 +194,6 @@ def load_modelset(models: str, run_id: str, strategy: Union[str, Spec],
                     "decision rules are not applied; evaluate it on this dataset to fit them",
                     run_id, recorded.taxonomy_fingerprint[:19], fingerprint[:19])
         decision = None
-    found = impl.models(_Models(run, recorded, fingerprint, taxonomy))
+    found = impl.models(_Models(run, recorded, taxonomy))
     return ModelSet(run_id=run_id, strategy=spec.name, base=spec.strategy, params=spec.params,
                     decision=decision, **found)

@@ -352,8 +352,7 @@ def _publish(spec: TrainSpec, model, metrics: dict) -> dict:
 def _versions(spec: TrainSpec, taxonomy, carried: Optional[int]) -> dict:
     """What a head's metrics.json says of its taxonomy version: the ids of its outputs, and
     for a head over another run's trunk, that run and how many leaves kept their rows."""
-    got = {"taxonomy_fingerprint": taxonomy.fingerprint,
-           versions.OUTPUT_IDS: versions.output_ids(taxonomy, spec.key)}
+    got = versions.recorded(taxonomy, spec.key)
     if spec.from_run is not None:
         got.update(from_run=spec.from_run, leaves_carried=carried)
     return got

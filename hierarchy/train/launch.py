@@ -147,18 +147,17 @@ def plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: O
     """(specs to train, branches recorded without a model, {key: the ``from_run`` model it
     is copied from}): with ``from_run``, a level-1 or branch model whose outputs the new
     taxonomy version left alone is reused, not trained (:mod:`hierarchy.train.reuse`)."""
+    taxonomy = Dataset(data).taxonomy()
     specs, skipped = _plan(cfg, data, models, run_id, level, mode, branches, manifest,
-                           from_run)
+                           from_run, taxonomy)
     reused = reuse.reuse_plan(models, from_run, [s.key for s in specs
-                                                 if s.label in ("l1", "branch")],
-                              Dataset(data).taxonomy())
+                                                 if s.label in ("l1", "branch")], taxonomy)
     return [s for s in specs if s.key not in reused], skipped, reused
 
 
 def _plan(cfg: Settings, data: str, models: str, run_id: str, level: int, mode: Optional[str],
-          branches: Optional[Sequence[int]], manifest: Manifest,
-          from_run: Optional[str]) -> Tuple[List[TrainSpec], Dict[int, dict]]:
-    taxonomy = Dataset(data).taxonomy()
+          branches: Optional[Sequence[int]], manifest: Manifest, from_run: Optional[str],
+          taxonomy) -> Tuple[List[TrainSpec], Dict[int, dict]]:
     tcfg = cfg.train
     store = ModelStore(models)
 

@@ -273,8 +273,7 @@ def _finish(model, spec: TrainSpec, history, taxonomy, n_classes, steps, tracker
     metrics = {k: v[best_epoch] for k, v in history.items() if k.startswith("val_") and v}
     metrics.update({"best_epoch": best_epoch + 1, "epochs": len(history.get("loss", [])),
                     "classes": n_classes, "steps_per_epoch": steps,
-                    "taxonomy_fingerprint": taxonomy.fingerprint,
-                    versions.OUTPUT_IDS: versions.output_ids(taxonomy, spec.key),
+                    **versions.recorded(taxonomy, spec.key),
                     "label": spec.label, "branch": spec.branch,
                     "curation": curation,
                     modelstore.DIGEST: storage.file_digest(final)})

@@ -28,23 +28,21 @@ def _old_key(key: str, old: Taxonomy, new: Taxonomy) -> Optional[str]:
     return modelstore.branch_key(old.l1_names.index(name)) if name in old.l1_names else None
 
 
-def reusable(models: str, from_run: str, key: str, taxonomy: Taxonomy) -> Optional[str]:
-    """The old run's model that can stand as ``key`` under ``taxonomy`` unchanged, or None."""
-    old = ModelStore(models).run(from_run)
-    old_key = _old_key(key, old.taxonomy(), taxonomy)
-    if old_key is None or not old.has_model(old_key):
-        return None
-    metrics = old.metrics(old_key) or {}
-    return old_key if versions.unusable(taxonomy, key, metrics) is None else None
-
-
 def reuse_plan(models: str, from_run: Optional[str], keys: List[str], taxonomy: Taxonomy
                ) -> Dict[str, str]:
-    """{new key: the old run's key it is copied from} for the ``keys`` that can be reused."""
-    if from_run is None:
+    """{new key: the old run's key it is copied from} for the ``keys`` whose old model can
+    stand under ``taxonomy`` unchanged."""
+    if from_run is None or not keys:
         return {}
-    found = {k: reusable(models, from_run, k, taxonomy) for k in keys}
-    return {k: v for k, v in found.items() if v is not None}
+    old = ModelStore(models).run(from_run)
+    old_tax = old.taxonomy()
+    found = {}
+    for key in keys:
+        old_key = _old_key(key, old_tax, taxonomy)
+        if old_key is not None and old.has_model(old_key) and versions.unusable(
+                taxonomy, key, old.metrics(old_key) or {}) is None:
+            found[key] = old_key
+    return found
 
 
 def reuse(models: str, from_run: str, old_key: str, run_id: str, key: str
